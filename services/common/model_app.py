@@ -1,0 +1,81 @@
+"""Lifecycle shared by the model services: bind, load, warm up, serve, drain.
+
+The server starts before the model loads, so health answers NOT_SERVING
+while weights load; it turns SERVING only after a warm-up forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.errors import Unavailable
+from services.common.model_service import ModelServiceConfig, load_report
+from services.common.server import Health, new_server
+from services.common.stats_service import StatsServicer
+from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
+from services.engine.build import LoadedModel, build_engine
+
+log = logging.getLogger(__name__)
+
+
+class ModelApp:
+    """One model service process: its server, its engine once loaded, its health."""
+
+    def __init__(self, config: ModelServiceConfig, role: int, service_key: str,
+                 servicer_factory: Callable[["ModelApp"], object],
+                 add_servicer: Callable[[object, grpc.aio.Server], None],
+                 provider: TracerProvider) -> None:
+        self.config = config
+        self.role = role
+        self.provider = provider
+        self.server, self.port, self.health = new_server(
+            config, [SERVICE_NAMES[service_key], SERVICE_NAMES["stats"]], provider)
+        self.instance_id = config.instance_id or f"{service_key}@{config.host}:{self.port}"
+        self.loaded: LoadedModel | None = None
+        self.servicer = servicer_factory(self)
+        add_servicer(self.servicer, self.server)
+        stats_pb2_grpc.add_StatsServicer_to_server(
+            StatsServicer(self.report, config.stats_interval_s), self.server)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def require_loaded(self) -> LoadedModel:
+        if self.loaded is None:
+            raise Unavailable("the model is still loading; retry in a few seconds")
+        return self.loaded
+
+    def report(self) -> stats_pb2.LoadReport:
+        if self.loaded is None:
+            return stats_pb2.LoadReport(instance_id=self.instance_id, role=self.role, timestamp=time.time())
+        return load_report(self.loaded.engine.load(), self.instance_id, self.role, time.time())
+
+    async def start(self) -> None:
+        """Starts serving RPCs (NOT_SERVING), loads and warms the model, then SERVING."""
+        await self.server.start()
+        await self.health.set(False)
+        c = self.config
+        self.loaded = await asyncio.to_thread(
+            build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
+            max_context=c.max_context, metrics_window_s=c.metrics_window_s, model_name=c.model_name)
+        if c.warmup:
+            await asyncio.to_thread(self.loaded.engine.runner.warmup)
+        self.loaded.engine.start()
+        await self.health.set(True)
+        log.info("%s serving %s on %s", self.instance_id, self.loaded.model_name, self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.health.shutdown()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        self.close_engine()
+
+    def close_engine(self) -> None:
+        if self.loaded is not None:
+            self.loaded.engine.stop()

@@ -1,0 +1,95 @@
+"""Config and wire encodings shared by the two model services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import BaseConfig, ConfigError, field
+from services.common.stubs import model_pb2, stats_pb2
+from services.engine.build import LoadedModel
+from services.engine.engine import EngineLoad
+from services.engine.metrics import Summary
+from services.engine.settings import EngineSettings
+
+
+@dataclass
+class ModelServiceConfig(BaseConfig):
+    """Knobs every model service has."""
+
+    model: str = field("", "model directory (any Hugging Face causal LM); default: the built default model")
+    model_name: str = field("", "name reported in GetInfo (default: the directory name)")
+    device: str = field("auto", "torch device: auto, cpu, cuda, cuda:N")
+    dtype: str = field("float32", "weights and KV-cache dtype: float32, bfloat16, float16")
+    threads: int = field(0, "torch intra-op threads for this process (0: torch's default)")
+    max_context: int = field(0, "most tokens per sequence (0: the model's max_position_embeddings)")
+    max_batch_size: int = field(32, "most sequences in the running batch")
+    max_wait_ms: float = field(2.0, "how long a new request may wait for companions before its prefill is forced")
+    max_batch_tokens: int = field(2048, "token budget per engine step (prefill chunks counted)")
+    max_queue: int = field(256, "waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
+    num_slots: int = field(64, "KV-cache slots (sequences holding a cache at once)")
+    metrics_window_s: float = field(10.0, "window of the rates and percentiles in load reports")
+    warmup: bool = field(True, "run a warm-up forward pass before reporting SERVING")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        try:
+            self.engine_settings().validate()
+        except Exception as exc:  # InvalidArgument names the field
+            raise ConfigError(str(exc)) from None
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                              max_batch_tokens=self.max_batch_tokens, max_queue=self.max_queue,
+                              num_slots=max(self.num_slots, self.max_batch_size))
+
+
+def summary_pb(s: Summary) -> stats_pb2.LatencySummary:
+    return stats_pb2.LatencySummary(p50_ms=s.p50, p95_ms=s.p95, p99_ms=s.p99, mean_ms=s.mean, count=s.count)
+
+
+def load_report(load: EngineLoad, instance_id: str, role: int, timestamp: float,
+                utilization: tuple[float, int] | None = None) -> stats_pb2.LoadReport:
+    """A LoadReport from the engine's state. ``utilization`` overrides the
+    engine busy fraction (NVML on a GPU)."""
+    m = load.metrics
+    util, source = utilization or (m.busy_fraction, stats_pb2.UTILIZATION_SOURCE_ENGINE_BUSY)
+    c = m.counters
+    return stats_pb2.LoadReport(
+        instance_id=instance_id, role=role, timestamp=timestamp, window_s=m.window_s,
+        queue_length=load.queue_length, running=load.running, in_flight=load.queue_length + load.running,
+        max_batch_size=load.max_batch_size, mean_batch_size=m.mean_batch_size,
+        batch_fill=m.mean_batch_size / load.max_batch_size if load.max_batch_size else 0.0,
+        token_efficiency=m.token_efficiency, accelerator_utilization=util, utilization_source=source,
+        kv_cache_used_tokens=load.kv_used_tokens, kv_cache_capacity_tokens=load.kv_capacity_tokens,
+        kv_cache_usage=load.kv_used_tokens / load.kv_capacity_tokens if load.kv_capacity_tokens else 0.0,
+        ttft=summary_pb(m.ttft_ms), tpot=summary_pb(m.tpot_ms), e2e=summary_pb(m.e2e_ms),
+        queue_time=summary_pb(m.queue_ms), tokens_per_second=m.tokens_per_second,
+        requests_per_second=m.requests_per_second, acceptance_rate=m.acceptance_rate,
+        mean_accepted_length=m.mean_accepted_length, **{k: c[k] for k in (
+            "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
+            "proposed_tokens_total", "accepted_tokens_total", "speculation_rounds_total", "steps_total")},
+    )
+
+
+def settings_pb(settings: EngineSettings, **extra) -> model_pb2.EngineSettings:
+    return model_pb2.EngineSettings(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                                    max_batch_tokens=settings.max_batch_tokens, max_queue=settings.max_queue,
+                                    **extra)
+
+
+def model_info(loaded: LoadedModel, instance_id: str, role: int, settings: model_pb2.EngineSettings
+               ) -> model_pb2.ModelInfo:
+    engine = loaded.engine
+    return model_pb2.ModelInfo(
+        instance_id=instance_id, role=role, model_name=loaded.model_name, model_path=loaded.model_path,
+        vocab_size=engine.vocab_size, max_context=engine.max_context, eos_token_ids=loaded.eos_token_ids,
+        num_parameters=engine.runner.num_parameters, dtype=loaded.dtype, device=loaded.device,
+        settings=settings, tokenizer_hash=loaded.tokenizer_hash)
+
+
+def configure_changes(request: model_pb2.ConfigureRequest) -> dict:
+    """The engine knobs a ConfigureRequest sets."""
+    return {name: getattr(request, name) for name in ("max_batch_size", "max_wait_ms", "max_batch_tokens", "max_queue")
+            if request.HasField(name)}

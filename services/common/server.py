@@ -1,0 +1,110 @@
+"""Server bootstrap shared by every service.
+
+Every server gets, in this order: the OpenTelemetry aio interceptor (trace
+context in, span per call), the error interceptor (the one place where
+exceptions become status codes), the standard ``grpc.health.v1`` service
+(NOT_SERVING until the service says it is ready), server reflection, and a
+graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common import telemetry
+from services.common.config import BaseConfig
+from services.common.status import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+#: Large enough for dense draft distributions and long prompts.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class Health:
+    """The service's standard health servicer and the names it reports on."""
+
+    def __init__(self, service_names: Iterable[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.names = ["", *service_names]
+
+    async def set(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+    async def shutdown(self) -> None:
+        """Marks every name NOT_SERVING for good (later set() calls are ignored)."""
+        await self.servicer.enter_graceful_shutdown()
+
+
+def new_server(config: BaseConfig, service_names: Iterable[str],
+               provider: TracerProvider) -> tuple[grpc.aio.Server, int, Health]:
+    """A server bound to ``config.host:config.port`` with health and reflection.
+
+    Returns the server (not started), the bound port (the real one when the
+    config asks for port 0) and the health handle, NOT_SERVING.
+    """
+    names = list(service_names)
+    server = grpc.aio.server(
+        interceptors=[*telemetry.server_interceptors(provider), ErrorInterceptor()],
+        options=CHANNEL_OPTIONS,
+    )
+    health_handle = Health(names)
+    health_pb2_grpc.add_HealthServicer_to_server(health_handle.servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    return server, port, health_handle
+
+
+def insecure_channel(address: str, provider: TracerProvider | None = None) -> grpc.aio.Channel:
+    """A client channel that propagates trace context when given a provider."""
+    interceptors = telemetry.client_interceptors(provider) if provider is not None else None
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, grace_s: float,
+                             on_stop: Callable[[], Awaitable[None]] | None = None,
+                             stop_event: asyncio.Event | None = None) -> None:
+    """Serves until SIGTERM/SIGINT (or ``stop_event``), then shuts down gracefully.
+
+    Health turns NOT_SERVING first (load balancers stop sending), then the
+    server stops taking new calls and gives running ones ``grace_s`` seconds.
+    """
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
+    await stop.wait()
+    log.info("shutting down: finishing running calls within %.1f s", grace_s)
+    await health_handle.shutdown()
+    await server.stop(grace_s)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

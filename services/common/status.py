@@ -1,0 +1,101 @@
+"""The one place where domain errors become gRPC status codes.
+
+:class:`ErrorInterceptor` wraps every handler of a server. Domain errors
+(:mod:`services.common.errors`) become their status code with the error's own
+message; anything else is logged with its traceback and becomes ``INTERNAL``
+with an incident id, so no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+_CODES: list[tuple[type[errors.LlmeshError], grpc.StatusCode]] = [
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+]
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, client-safe message and trailing metadata for an exception."""
+    if isinstance(exc, errors.LlmeshError):
+        for cls, code in _CODES:
+            if isinstance(exc, cls):
+                trailers: tuple[tuple[str, str], ...] = ()
+                if isinstance(exc, errors.ResourceExhausted):
+                    trailers = ((RETRY_AFTER_KEY, str(int(exc.retry_after_s * 1000))),)
+                return code, exc.message, trailers
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error (incident %s)", incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the service log", ()
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message, trailers = status_of(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(code, message)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # AbortError is how context.abort() unwinds; cancellation must propagate.
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
+
+
+def _wrap_unary(behavior):
+    async def handler(request_or_iterator, context):
+        try:
+            return await behavior(request_or_iterator, context)
+        except BaseException as exc:  # noqa: BLE001 - every error is mapped here
+            if _passes_through(exc):
+                raise
+            await _abort(context, exc)
+
+    return handler
+
+
+def _wrap_stream(behavior):
+    async def handler(request_or_iterator, context):
+        try:
+            async for response in behavior(request_or_iterator, context):
+                yield response
+        except BaseException as exc:  # noqa: BLE001 - every error is mapped here
+            if _passes_through(exc) or isinstance(exc, GeneratorExit):
+                raise
+            await _abort(context, exc)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by any handler to a gRPC status."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+        return handler

@@ -1,0 +1,73 @@
+"""Builds an engine from a model directory (shared by the target and draft services)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.engine.engine import Engine
+from services.engine.model_runner import ModelRunner, configure_threads, load_model
+from services.engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMESH_HOME", Path.home() / ".cache" / "llmesh"))
+
+
+def default_model_path(name: str) -> str:
+    return str(default_home() / "models" / name)
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    model_name: str
+    model_path: str
+    eos_token_ids: list[int]
+    tokenizer_hash: str
+    dtype: str
+    device: str
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
+                 threads: int = 0, max_context: int = 0, metrics_window_s: float = 10.0,
+                 model_name: str = "") -> LoadedModel:
+    """Loads the model with transformers' own path and wraps it in an engine (not started)."""
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {model_path}: build the default models with `llmesh models build` "
+            f"or pass --model PATH to a Hugging Face causal LM directory")
+    configure_threads(threads)
+    device = resolve_device(device)
+    model, tokenizer = load_model(model_path, DTYPES[dtype], device)
+    runner = ModelRunner(model, settings.num_slots, max_context or None)
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    engine = Engine(runner, tokenizer, settings, eos_token_ids=eos_ids, metrics_window_s=metrics_window_s)
+    log.info("loaded %s (%.1fM parameters) on %s, context %d", model_path,
+             runner.num_parameters / 1e6, device, runner.max_len)
+    return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
+                       tokenizer_hash(tokenizer), dtype, device)

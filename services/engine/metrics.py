@@ -1,0 +1,119 @@
+"""Sliding-window engine metrics (pure; the servicer encodes a snapshot)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+@dataclass
+class Summary:
+    p50: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+    mean: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Summary":
+        if not values:
+            return cls()
+        s = sorted(values)
+        return cls(percentile(s, 50), percentile(s, 95), percentile(s, 99), sum(s) / len(s), len(s))
+
+
+@dataclass
+class MetricsSnapshot:
+    window_s: float
+    mean_batch_size: float
+    token_efficiency: float
+    busy_fraction: float
+    tokens_per_second: float
+    requests_per_second: float
+    ttft_ms: Summary
+    tpot_ms: Summary
+    e2e_ms: Summary
+    queue_ms: Summary
+    acceptance_rate: float
+    mean_accepted_length: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class EngineMetrics:
+    """Records steps and finished requests; summarises the last ``window_s``."""
+
+    def __init__(self, window_s: float = 10.0, started_at: float = 0.0) -> None:
+        self.window_s = window_s
+        self.started_at = started_at
+        self._steps: deque[tuple[float, int, int, int, float]] = deque()
+        self._requests: deque[tuple[float, float | None, float | None, float, float]] = deque()
+        self._tokens: deque[tuple[float, int]] = deque()
+        self._spec: deque[tuple[float, int, int, int]] = deque()
+        self.counters = {"requests_total": 0, "tokens_generated_total": 0, "errors_total": 0,
+                         "rejected_total": 0, "proposed_tokens_total": 0, "accepted_tokens_total": 0,
+                         "speculation_rounds_total": 0, "steps_total": 0}
+
+    def record_step(self, now: float, batch_size: int, useful: int, computed: int, busy_s: float) -> None:
+        self._steps.append((now, batch_size, useful, computed, busy_s))
+        self.counters["steps_total"] += 1
+
+    def record_tokens(self, now: float, n: int) -> None:
+        if n:
+            self._tokens.append((now, n))
+            self.counters["tokens_generated_total"] += n
+
+    def record_request(self, now: float, ttft_s: float | None, tpot_s: float | None,
+                       e2e_s: float, queue_s: float, error: bool = False) -> None:
+        self._requests.append((now, ttft_s, tpot_s, e2e_s, queue_s))
+        self.counters["requests_total"] += 1
+        if error:
+            self.counters["errors_total"] += 1
+
+    def record_rejected(self) -> None:
+        self.counters["rejected_total"] += 1
+
+    def record_speculation(self, now: float, rounds: int, proposed: int, accepted: int) -> None:
+        self._spec.append((now, rounds, proposed, accepted))
+        self.counters["speculation_rounds_total"] += rounds
+        self.counters["proposed_tokens_total"] += proposed
+        self.counters["accepted_tokens_total"] += accepted
+
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
+        for q in (self._steps, self._requests, self._tokens, self._spec):
+            while q and q[0][0] < horizon:
+                q.popleft()
+
+    def snapshot(self, now: float) -> MetricsSnapshot:
+        self._trim(now)
+        span = max(1e-9, min(self.window_s, now - self.started_at))
+        steps = list(self._steps)
+        reqs = list(self._requests)
+        computed = sum(s[3] for s in steps)
+        rounds = sum(s[1] for s in self._spec)
+        proposed = sum(s[2] for s in self._spec)
+        accepted = sum(s[3] for s in self._spec)
+        ms = lambda xs: [x * 1000.0 for x in xs if x is not None]  # noqa: E731
+        return MetricsSnapshot(
+            window_s=span,
+            mean_batch_size=sum(s[1] for s in steps) / len(steps) if steps else 0.0,
+            token_efficiency=sum(s[2] for s in steps) / computed if computed else 1.0,
+            busy_fraction=min(1.0, sum(s[4] for s in steps) / span),
+            tokens_per_second=sum(n for _, n in self._tokens) / span,
+            requests_per_second=len(reqs) / span,
+            ttft_ms=Summary.of(ms(r[1] for r in reqs)),
+            tpot_ms=Summary.of(ms(r[2] for r in reqs)),
+            e2e_ms=Summary.of(ms(r[3] for r in reqs)),
+            queue_ms=Summary.of(ms(r[4] for r in reqs)),
+            acceptance_rate=accepted / proposed if proposed else 0.0,
+            mean_accepted_length=(accepted + rounds) / rounds if rounds else 0.0,
+            counters=dict(self.counters),
+        )

@@ -1,0 +1,177 @@
+"""Runs a Hugging Face causal LM over a step's rows against the slot KV cache.
+
+The model is loaded by transformers' own ``from_pretrained`` path; only its
+attention is routed, through transformers' ``AttentionInterface``, to a
+function that writes each row's new keys and values into its slot and
+attends over the slot's cached prefix. Rows of different lengths and
+positions share one forward pass: positions are per token (so rotary
+embeddings are right) and a 4-D boolean mask says what each query sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+from services.engine.kv_cache import SlotKVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardRow:
+    """Feed ``tokens`` at positions ``start..`` of ``slot``; return logits at the
+    last ``keep`` of them (1 for a decode or prefill, gamma+1 to verify)."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+    keep: int = 1
+
+
+@dataclass
+class _StepContext:
+    cache: SlotKVCache
+    write_row: torch.Tensor
+    write_t: torch.Tensor
+    write_slot: torch.Tensor
+    write_pos: torch.Tensor
+    slots: torch.Tensor
+    #: When the rows' slots are s0, s0+1, ..., read the cache as a view.
+    contiguous_from: int | None
+    kv_len: int
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Model and tokenizer from a directory, as any real checkpoint is loaded."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the step context the attention reads."""
+
+    def __init__(self, model, num_slots: int, max_len: int | None = None) -> None:
+        self.model = model
+        cfg = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = cfg.vocab_size
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.cache = SlotKVCache(cfg.num_hidden_layers, num_slots, self.max_len, kv_heads, head_dim,
+                                 dtype=self.dtype, device=self.device)
+        self._ctx: _StepContext | None = None
+        # A name per runner: the registry is global, the step context is ours.
+        self._attn_name = f"llmesh_slots_{id(self):x}"
+        AttentionInterface.register(self._attn_name, self._attention)
+        model.set_attn_implementation(self._attn_name)
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+
+    # -- attention ------------------------------------------------------------
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        ctx = self._ctx
+        k_cache, v_cache = ctx.cache.layers[module.layer_idx]
+        k_new = key.transpose(1, 2)  # [B, T, kv_heads, D]
+        v_new = value.transpose(1, 2)
+        k_cache[ctx.write_slot, ctx.write_pos] = k_new[ctx.write_row, ctx.write_t]
+        v_cache[ctx.write_slot, ctx.write_pos] = v_new[ctx.write_row, ctx.write_t]
+        if ctx.contiguous_from is not None:
+            s0, n = ctx.contiguous_from, query.shape[0]
+            keys = k_cache[s0:s0 + n, : ctx.kv_len]
+            values = v_cache[s0:s0 + n, : ctx.kv_len]
+        else:
+            keys = k_cache.index_select(0, ctx.slots)[:, : ctx.kv_len]
+            values = v_cache.index_select(0, ctx.slots)[:, : ctx.kv_len]
+        out = F.scaled_dot_product_attention(
+            query, keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    # -- forward ----------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
+        """Logits (float32, ``[keep, vocab]``) for each row, in order."""
+        if not rows:
+            return []
+        dev = self.device
+        n = len(rows)
+        width = max(len(r.tokens) for r in rows)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        starts = torch.tensor([r.start for r in rows])
+        lens = torch.tensor([len(r.tokens) for r in rows])
+        for i, r in enumerate(rows):
+            ids[i, : len(r.tokens)] = torch.tensor(r.tokens)
+        t = torch.arange(width)
+        positions = (starts[:, None] + t[None, :]).clamp(max=self.max_len - 1)
+        valid = t[None, :] < lens[:, None]  # [n, width]
+        write_row, write_t = valid.nonzero(as_tuple=True)
+        slots = torch.tensor([r.slot for r in rows])
+        kv_len = int((starts + lens).max())
+        j = torch.arange(kv_len)
+        mask = j[None, None, :] <= positions[:, :, None]  # causal within each row's own positions
+        # Padded queries see only position 0, so softmax stays finite; their output is dropped.
+        mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)[:, None]
+        s0 = rows[0].slot
+        contiguous = bool((slots == torch.arange(s0, s0 + n)).all())
+        self._ctx = _StepContext(
+            cache=self.cache, write_row=write_row.to(dev), write_t=write_t.to(dev),
+            write_slot=slots[write_row].to(dev), write_pos=positions[write_row, write_t].to(dev),
+            slots=slots.to(dev), contiguous_from=s0 if contiguous else None, kv_len=kv_len,
+        )
+        try:
+            hidden = self._decoder(input_ids=ids.to(dev), position_ids=positions.to(dev),
+                                   attention_mask=mask.to(dev)).last_hidden_state
+        finally:
+            self._ctx = None
+        keep_idx = [(i, p) for i, r in enumerate(rows) for p in range(len(r.tokens) - r.keep, len(r.tokens))]
+        ri = torch.tensor([i for i, _ in keep_idx], device=dev)
+        pi = torch.tensor([p for _, p in keep_idx], device=dev)
+        logits = self._lm_head(hidden[ri, pi]).float()
+        return list(logits.split([r.keep for r in rows]))
+
+    def timed_forward(self, rows: list[ForwardRow]) -> tuple[list[torch.Tensor], float]:
+        t0 = time.perf_counter()
+        out = self.forward(rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out, time.perf_counter() - t0
+
+    def warmup(self) -> None:
+        """Runs a small prefill and decode so first requests don't pay for lazy init."""
+        rows = [ForwardRow(slot=0, start=0, tokens=[0] * 4)]
+        self.forward(rows)
+        self.forward([ForwardRow(slot=0, start=4, tokens=[0])])
+
+
+def configure_threads(num_threads: int) -> None:
+    """One intra-op pool per process, sized from config, so processes sharing a
+    machine don't oversubscribe it."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def bytes_per_token(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
+
+
+__all__ = ["ForwardRow", "ModelRunner", "bytes_per_token", "configure_threads", "load_model"]

@@ -1,0 +1,171 @@
+"""Iteration-level scheduling: which sequences run in the next step.
+
+Pure Python over a heap and lists (no torch). At every step: drop cancelled
+and expired sequences (their slots are free for this very step), give each
+running sequence its row (one token when decoding, a chunk when it has
+several pending: a prefill, or tokens appended to a paused draft stream),
+then admit waiting requests by priority (higher first, then arrival) while
+the batch has room, slots are free and the token budget lasts. A lone
+request waits up to ``max_wait_ms`` for companions before its prefill is
+forced, unless enough are waiting to fill the batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from services.engine.sequence import FinishReason, Sequence, Status
+from services.engine.settings import EngineSettings
+
+
+class SlotAllocator:
+    """Hands out KV-cache slots, lowest first (keeps the batch's slots compact)."""
+
+    def __init__(self, num_slots: int) -> None:
+        self._free = list(range(num_slots))
+        heapq.heapify(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+
+@dataclass
+class Row:
+    """One sequence's part of a step: ``chunk`` tokens from ``start``."""
+
+    seq: Sequence
+    start: int
+    chunk: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk feeds every pending token, so a next token is sampled."""
+        return self.start + self.chunk == len(self.seq.tokens)
+
+
+@dataclass
+class StepPlan:
+    rows: list[Row] = field(default_factory=list)
+    #: Sequences dropped this step (cancelled or past their deadline).
+    dropped: list[Sequence] = field(default_factory=list)
+    #: Sequences admitted from the waiting queue this step.
+    admitted: list[Sequence] = field(default_factory=list)
+    #: When to look again if nothing runs now (a lone request's max_wait).
+    wake_at: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.chunk for r in self.rows)
+
+
+class Scheduler:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.slots = SlotAllocator(settings.num_slots)
+        self._waiting: list[tuple[int, int, Sequence]] = []
+        self._order = itertools.count()
+        self.running: list[Sequence] = []
+        self.paused: list[Sequence] = []
+
+    # -- queue --------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        heapq.heappush(self._waiting, (-seq.priority, next(self._order), seq))
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    # -- the step -----------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        self._drop_dead(now, plan)
+        budget = self.settings.max_batch_tokens
+        # Decode rows first: they are cheap and keep every stream moving.
+        for seq in sorted(self.running, key=lambda s: s.pending):
+            if budget <= 0:
+                break
+            chunk = min(seq.pending, budget)
+            if chunk > 0:
+                plan.rows.append(Row(seq, seq.num_cached, chunk))
+                budget -= chunk
+        self._admit(now, plan, budget)
+        return plan
+
+    def _drop_dead(self, now: float, plan: StepPlan) -> None:
+        if any(s.cancelled or s.expired(now) for _, _, s in self._waiting):
+            keep = [e for e in self._waiting if not (e[2].cancelled or e[2].expired(now))]
+            plan.dropped += [e[2] for e in self._waiting if e not in keep]
+            self._waiting = keep
+            heapq.heapify(self._waiting)
+        for group in (self.running, self.paused):
+            for seq in [s for s in group if s.cancelled or s.expired(now)]:
+                self.finish(seq)
+                plan.dropped.append(seq)
+        for seq in plan.dropped:
+            seq.status = Status.FINISHED
+
+    def _admit(self, now: float, plan: StepPlan, budget: int) -> None:
+        if not self._waiting:
+            return
+        room = min(self.settings.max_batch_size - len(self.running), self.slots.free)
+        if room <= 0 or budget <= 0:
+            return
+        oldest = min(e[2].arrival for e in self._waiting)
+        waited_enough = (now - oldest) * 1000.0 >= self.settings.max_wait_ms
+        if not waited_enough and len(self._waiting) < room:
+            plan.wake_at = oldest + self.settings.max_wait_ms / 1000.0
+            return
+        while self._waiting and room > 0 and budget > 0:
+            _, _, seq = heapq.heappop(self._waiting)
+            seq.slot = self.slots.allocate()
+            seq.status = Status.RUNNING
+            seq.admitted_at = now
+            self.running.append(seq)
+            plan.admitted.append(seq)
+            chunk = min(seq.pending, budget)
+            plan.rows.append(Row(seq, seq.num_cached, chunk))
+            budget -= chunk
+            room -= 1
+
+    # -- transitions ----------------------------------------------------------
+    def finish(self, seq: Sequence) -> None:
+        """Removes a running or paused sequence and frees its slot."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.paused:
+            self.paused.remove(seq)
+        if seq.slot is not None:
+            self.slots.release(seq.slot)
+            seq.slot = None
+        seq.status = Status.FINISHED
+
+    def pause(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.paused.append(seq)
+        seq.status = Status.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        """A paused sequence runs again (it keeps its slot: no admission needed)."""
+        self.paused.remove(seq)
+        self.running.append(seq)
+        seq.status = Status.RUNNING
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.num_cached for s in self.running) + sum(s.num_cached for s in self.paused)
+
+
+__all__ = ["FinishReason", "Row", "Scheduler", "SlotAllocator", "StepPlan"]

@@ -1,0 +1,122 @@
+"""A sequence's state inside the engine, and the events it emits."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, no KV slot yet
+    RUNNING = "running"    # holds a slot, scheduled every step
+    PAUSED = "paused"      # holds a slot and its cache, waits for more work (draft streams)
+    FINISHED = "finished"  # slot freed
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick each next token. temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """What a caller asks of the engine (already decoded from the wire)."""
+
+    prompt_ids: list[int]
+    sampling: SamplingOptions
+    request_id: str = ""
+    priority: int = 0
+    #: Absolute time.monotonic() after which the request is cancelled.
+    deadline: float | None = None
+    #: Tokens already generated elsewhere (failover resume): appended to the
+    #: prompt and counted toward max_new_tokens, never emitted again.
+    resume_ids: list[int] = field(default_factory=list)
+    #: Keep the sequence (and its KV cache) after ``budget`` tokens instead of
+    #: finishing: the draft service's streams.
+    persistent: bool = False
+    #: Return the sampling distribution of each generated token.
+    want_probs: bool = False
+
+
+@dataclass
+class SequenceEvent:
+    """What a step produced for one sequence. Delivered in step order."""
+
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    #: Per generated token: its distribution (dense probs tensor) when asked.
+    probs: list[Any] = field(default_factory=list)
+    #: Persistent sequences: the budget is spent and the sequence waits.
+    paused: bool = False
+    error: BaseException | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens, cache position and bookkeeping (engine-thread owned)."""
+
+    request: GenerationRequest
+    sink: Callable[[SequenceEvent], None]
+    arrival: float
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    #: Tokens of ``tokens`` whose keys and values are in the cache.
+    num_cached: int = 0
+    slot: int | None = None
+    status: Status = Status.WAITING
+    #: Tokens this sequence may still generate before finishing (or pausing).
+    budget: int = 0
+    generated: int = 0
+    cancelled: bool = False
+    #: Seed of every draw of this sequence (the request's, or a random one).
+    base_seed: int = 0
+    detok: Any = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.request.prompt_ids) + list(self.request.resume_ids)
+        self.prompt_len = len(self.tokens)
+        self.generated = len(self.request.resume_ids)
+        self.budget = self.request.sampling.max_new_tokens - self.generated
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def pending(self) -> int:
+        """Tokens to feed through the model before the next one can be sampled."""
+        return len(self.tokens) - self.num_cached
+
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now >= self.request.deadline

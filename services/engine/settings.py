@@ -1,0 +1,34 @@
+"""The engine's knobs (pure; each service exposes them as flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+
+
+@dataclass
+class EngineSettings:
+    #: Most sequences in the running batch.
+    max_batch_size: int = 32
+    #: How long a new request may wait for companions before its prefill is forced.
+    max_wait_ms: float = 2.0
+    #: Token budget per step (decode tokens plus prefill chunks).
+    max_batch_tokens: int = 2048
+    #: Waiting requests beyond which new ones are refused.
+    max_queue: int = 256
+    #: KV-cache slots: sequences that may hold a cache at once (running or paused).
+    num_slots: int = 64
+
+    def validate(self) -> None:
+        checks = [
+            ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
+            ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
+            ("max_batch_tokens", self.max_batch_tokens >= self.max_batch_size,
+             f"must be >= max_batch_size ({self.max_batch_size})"),
+            ("max_queue", self.max_queue >= 0, "must be >= 0"),
+            ("num_slots", self.num_slots >= self.max_batch_size, f"must be >= max_batch_size ({self.max_batch_size})"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidArgument(name, f"{message}, got {getattr(self, name)}")

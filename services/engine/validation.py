@@ -1,0 +1,35 @@
+"""Checks a generation request against the model it will run on (pure)."""
+
+from __future__ import annotations
+
+import math
+
+from services.common.errors import InvalidArgument, OutOfRange
+from services.engine.sequence import GenerationRequest
+
+
+def validate(request: GenerationRequest, vocab_size: int, max_context: int) -> None:
+    """Raises InvalidArgument / OutOfRange naming the offending field."""
+    s = request.sampling
+    if not request.prompt_ids:
+        raise InvalidArgument("prompt", "must not be empty")
+    bad = [t for t in [*request.prompt_ids, *request.resume_ids] if not 0 <= t < vocab_size]
+    if bad:
+        raise OutOfRange("prompt.tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if not (math.isfinite(s.temperature) and s.temperature >= 0):
+        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+    if not (0 < s.top_p <= 1):  # also rejects NaN
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
+    if s.max_new_tokens <= 0:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    prompt_len = len(request.prompt_ids)
+    if prompt_len >= max_context:
+        raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}")
+    if prompt_len + s.max_new_tokens > max_context:
+        raise OutOfRange("sampling.max_new_tokens",
+                         f"prompt ({prompt_len} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
+                         f"the model's context of {max_context}; ask for at most {max_context - prompt_len}")
+    if len(request.resume_ids) >= s.max_new_tokens:
+        raise InvalidArgument("resume_tokens", "must be fewer than max_new_tokens")

@@ -1,0 +1,33 @@
+"""The target-model service's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, field
+from services.common.model_service import ModelServiceConfig
+from services.engine.build import default_model_path
+
+
+@dataclass
+class TargetConfig(ModelServiceConfig):
+    """llmesh target-model service: serves a causal LM with continuous batching."""
+
+    SERVICE = "target"
+
+    port: int = field(50061, "port to listen on (0: any free port)")
+    draft_address: str = field("", "default draft instance (host:port) for speculative decoding")
+    speculation_default: bool = field(False, "speculate for requests that do not say")
+    gamma: int = field(4, "draft tokens proposed per round (starting value)")
+    gamma_min: int = field(1, "lowest adaptive gamma")
+    gamma_max: int = field(8, "highest adaptive gamma")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            self.model = default_model_path("target")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.gamma_min <= self.gamma <= self.gamma_max <= 16:
+            raise ConfigError(f"gamma: need 1 <= gamma_min <= gamma <= gamma_max <= 16, got "
+                              f"{self.gamma_min}, {self.gamma}, {self.gamma_max}")

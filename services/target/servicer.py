@@ -1,0 +1,76 @@
+"""TargetModel RPCs: decode the request, run it in the engine, encode events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from services.common import generation_codec as codec
+from services.common.errors import InvalidArgument
+from services.common.model_service import configure_changes, model_info, settings_pb
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
+from services.engine.async_engine import AsyncEngine
+
+
+class TargetServicer(model_pb2_grpc.TargetModelServicer):
+    def __init__(self, app) -> None:
+        self.app = app
+        self.config = app.config
+
+    @property
+    def instance_id(self) -> str:
+        return self.app.instance_id
+
+    async def Generate(self, request, context):
+        loaded = self.app.require_loaded()
+        engine = AsyncEngine(loaded.engine)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        encode = lambda text: loaded.engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        req = codec.request_of(request, encode, deadline)
+        request_id = request.request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
+                          completion_tokens=len(req.resume_ids))
+        first_at = None
+        async for event in engine.generate(req):
+            now = time.monotonic()
+            if event.token_ids and first_at is None:
+                first_at = now
+            usage.completion_tokens += len(event.token_ids)
+            chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=event.text,
+                                      usage=usage, instance_id=self.instance_id)
+            if event.finish_reason is not None:
+                if event.error is not None:
+                    raise event.error
+                chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
+                chunk.timing.CopyFrom(self._timing(started, first_at, now, usage.completion_tokens - len(req.resume_ids)))
+            yield chunk
+
+    @staticmethod
+    def _timing(started: float, first_at: float | None, now: float, new_tokens: int) -> gen.Timing:
+        ttft = (first_at - started) * 1000 if first_at else 0.0
+        tpot = ((now - first_at) * 1000 / (new_tokens - 1)) if first_at and new_tokens > 1 else 0.0
+        return gen.Timing(ttft_ms=ttft, tpot_ms=tpot, elapsed_ms=(now - started) * 1000)
+
+    async def GetInfo(self, request, context):
+        return model_info(self.app.require_loaded(), self.instance_id, stats_pb2.ROLE_TARGET, self._settings())
+
+    async def Configure(self, request, context):
+        changes = configure_changes(request)
+        spec = {name: getattr(request, name) for name in
+                ("speculation_default", "gamma", "gamma_min", "gamma_max", "draft_address") if request.HasField(name)}
+        g = {k: spec.get(k, getattr(self.config, k)) for k in ("gamma_min", "gamma", "gamma_max")}
+        if not 1 <= g["gamma_min"] <= g["gamma"] <= g["gamma_max"] <= 16:
+            raise InvalidArgument("gamma", f"need 1 <= gamma_min <= gamma <= gamma_max <= 16, got {g}")
+        engine = self.app.require_loaded().engine
+        settings = engine.update_settings(**changes) if changes else engine.settings
+        for name, value in spec.items():
+            setattr(self.config, name, value)
+        return model_pb2.ConfigureResponse(settings=self._settings(settings))
+
+    def _settings(self, settings=None) -> model_pb2.EngineSettings:
+        c = self.config
+        return settings_pb(settings or self.app.require_loaded().engine.settings, speculation_default=c.speculation_default, gamma=c.gamma,
+                           gamma_min=c.gamma_min, gamma_max=c.gamma_max, draft_address=c.draft_address)

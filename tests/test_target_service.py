@@ -1,0 +1,134 @@
+"""The target-model service over a real gRPC channel, on port 0, with a tiny model."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.target.config import TargetConfig
+from services.target.main import create_server
+from tests.conftest import hf_greedy
+
+
+@pytest.fixture(scope="module")
+async def target(tiny_models):
+    config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "max_batch_size": 8,
+                                          "max_queue": 64}, env={})
+    app = create_server(config)
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    yield app, model_pb2_grpc.TargetModelStub(channel), channel
+    await channel.close()
+    await app.stop(0)
+
+
+def request(ids=None, text=None, **sampling):
+    sampling.setdefault("max_new_tokens", 8)
+    prompt = gen.Prompt(text=text) if text is not None else gen.Prompt(tokens=gen.TokenIds(ids=ids))
+    return gen.GenerateRequest(prompt=prompt, sampling=gen.SamplingParams(**sampling))
+
+
+async def collect(stub, req, **kw):
+    chunks = [c async for c in stub.Generate(req, **kw)]
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+
+async def test_health_is_serving_after_load(target):
+    _, _, channel = target
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "llmesh.v1.TargetModel", "llmesh.v1.Stats"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_greedy_matches_transformers(target, reference_model):
+    _, stub, _ = target
+    prompt = [5, 17, 42, 99, 3]
+    tokens, _, last = await collect(stub, request(prompt, max_new_tokens=12, ignore_eos=True))
+    assert tokens == hf_greedy(reference_model, prompt, 12)
+    assert last.finish_reason == gen.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == 5 and last.usage.completion_tokens == 12
+    assert last.timing.ttft_ms > 0
+
+
+async def test_text_prompt_streams_text(target, tiny_models):
+    _, stub, _ = target
+    tokens, text, _ = await collect(stub, request(text="The meaning of", max_new_tokens=10, ignore_eos=True))
+    assert len(tokens) == 10
+    assert text == tiny_models.tokenizer.decode(tokens)
+
+
+async def test_seeded_sampling_is_reproducible(target):
+    _, stub, _ = target
+    req = request([7, 8, 9], max_new_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    a, _, _ = await collect(stub, req)
+    b, _, _ = await collect(stub, req)
+    other, _, _ = await collect(stub, request([7, 8, 9], max_new_tokens=16, temperature=1.0, seed=99, ignore_eos=True))
+    assert a == b
+    assert a != other
+
+
+async def test_concurrent_requests_match_solo_runs(target, reference_model):
+    import asyncio
+
+    _, stub, _ = target
+    prompts = [[3 + i, 40 + 2 * i, 7] + [i + 1] * (i % 4) for i in range(12)]
+    lengths = [4 + (i * 3) % 11 for i in range(12)]
+    results = await asyncio.gather(*[collect(stub, request(p, max_new_tokens=n, ignore_eos=True))
+                                     for p, n in zip(prompts, lengths)])
+    for p, n, (tokens, _, _) in zip(prompts, lengths, results):
+        assert tokens == hf_greedy(reference_model, p, n)
+
+
+@pytest.mark.parametrize("req, code, field", [
+    (request(ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (request(text=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (gen.GenerateRequest(sampling=gen.SamplingParams(max_new_tokens=4)), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (request([1, 2], max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (request([1, 2], max_new_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (request([1, 2], max_new_tokens=10_000), grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
+    (request([1, 2], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (request([1, 2], temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (request([1, 2], top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (request([1, 2], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (request([1, 999_999]), grpc.StatusCode.OUT_OF_RANGE, "tokens"),
+    (request([1] * 300), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
+    (gen.GenerateRequest(prompt=gen.Prompt(text="hi"), sampling=gen.SamplingParams(max_new_tokens=2), priority=42),
+     grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+])
+async def test_bad_input_gets_a_clear_status_and_service_stays_up(target, req, code, field):
+    _, stub, channel = target
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, req)
+    assert err.value.code() == code
+    assert field in err.value.details()
+    assert "Traceback" not in err.value.details()
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_get_info_and_configure(target, tiny_models):
+    _, stub, _ = target
+    info = await stub.GetInfo(model_pb2.GetInfoRequest())
+    assert info.vocab_size == tiny_models.vocab_size and info.max_context == 256
+    assert info.role == stats_pb2.ROLE_TARGET and info.num_parameters > 0
+    reply = await stub.Configure(model_pb2.ConfigureRequest(max_wait_ms=3.0))
+    assert reply.settings.max_wait_ms == 3.0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Configure(model_pb2.ConfigureRequest(max_batch_size=0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stats_watch_reports_engine_figures(target):
+    _, stub, channel = target
+    await collect(stub, request([1, 2, 3], max_new_tokens=5, ignore_eos=True))
+    stats = stats_pb2_grpc.StatsStub(channel)
+    call = stats.Watch(stats_pb2.WatchStatsRequest(interval_s=0.05))
+    report = await call.read()
+    call.cancel()
+    assert report.role == stats_pb2.ROLE_TARGET
+    assert report.tokens_generated_total >= 5 and report.requests_total >= 1
+    assert report.max_batch_size == 8 and report.kv_cache_capacity_tokens > 0
