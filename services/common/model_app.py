@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.errors import Unavailable
 from services.common.model_service import ModelServiceConfig, load_report
-from services.common.server import Health, new_server
+from services.common.server import Health, new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
 from services.engine.build import LoadedModel, build_engine
@@ -79,3 +79,22 @@ class ModelApp:
     def close_engine(self) -> None:
         if self.loaded is not None:
             self.loaded.engine.stop()
+
+
+async def serve_app(app: ModelApp, label: str) -> None:
+    """Starts the app and serves until SIGTERM/SIGINT."""
+    await app.start()
+    print(f"{label} serving on {app.address}", flush=True)
+
+    async def close() -> None:
+        app.close_engine()
+
+    await serve_until_signal(app.server, app.health, app.config.grace_period_s, on_stop=close)
+
+
+def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, argv) -> int:
+    """A model service's ``main``: config from flags and environment, then serve."""
+    config = config_cls.from_args(argv, prog=f"llmesh serve {label.split('-')[0]}")
+    setup_logging(config.log_level)
+    asyncio.run(serve_app(create_server(config), label))
+    return 0

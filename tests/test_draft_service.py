@@ -1,0 +1,111 @@
+"""The draft-model service's Propose stream, over a real channel, with tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2, model_pb2_grpc
+from services.draft.codec import distribution_of
+from services.draft.config import DraftConfig
+from services.draft.main import create_server
+from transformers import LlamaForCausalLM
+from tests.conftest import hf_greedy
+
+
+@pytest.fixture(scope="module")
+async def draft(tiny_models):
+    app = create_server(DraftConfig.from_namespace({"model": str(tiny_models.draft), "port": 0}, env={}))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    yield model_pb2_grpc.DraftModelStub(channel)
+    await channel.close()
+    await app.stop(0)
+
+
+@pytest.fixture(scope="module")
+def draft_reference(tiny_models):
+    return LlamaForCausalLM.from_pretrained(tiny_models.draft).eval()
+
+
+class Conversation:
+    """Drives one Propose stream the way a target does."""
+
+    def __init__(self, stub):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.call = stub.Propose(self._requests())
+
+    async def _requests(self):
+        while True:
+            msg = await self.queue.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def round(self, **fields):
+        await self.queue.put(model_pb2.ProposeRequest(**fields))
+        return await self.call.read()
+
+    async def close(self):
+        await self.queue.put(None)
+        self.call.cancel()
+
+
+async def test_rounds_keep_the_cache_and_roll_back(draft, draft_reference):
+    ctx = [5, 6, 7, 8]
+    conv = Conversation(draft)
+    r1 = await conv.round(append_tokens=ctx, gamma=4)
+    assert list(r1.tokens) == hf_greedy(draft_reference, ctx, 4)
+    assert not r1.distributions  # greedy: no distributions unless asked
+    # The target accepted 2 of 4 and corrected the third with its own token 99.
+    ctx = ctx + list(r1.tokens[:2]) + [99]
+    r2 = await conv.round(append_tokens=[99], discard=2, gamma=3)
+    assert list(r2.tokens) == hf_greedy(draft_reference, ctx, 3)
+    # All 3 accepted plus a bonus token 17.
+    ctx = ctx + list(r2.tokens) + [17]
+    r3 = await conv.round(append_tokens=[17], discard=0, gamma=5)
+    assert list(r3.tokens) == hf_greedy(draft_reference, ctx, 5)
+    await conv.close()
+
+
+async def test_sampled_proposals_carry_distributions(draft, tiny_models):
+    conv = Conversation(draft)
+    r = await conv.round(append_tokens=[1, 2, 3], gamma=3,
+                         sampling=gen.SamplingParams(temperature=0.8, top_k=20, seed=7))
+    assert len(r.tokens) == 3 and len(r.distributions) == 3
+    for token, d in zip(r.tokens, r.distributions):
+        q = distribution_of(d, tiny_models.vocab_size)
+        assert len(d.ids) == 20  # top-k truncated: sent sparse, exactly
+        assert torch.isclose(q.sum(), torch.tensor(1.0), atol=1e-5)
+        assert q[token] > 0
+    await conv.close()
+
+
+async def test_many_streams_batched_each_matches_solo(draft, draft_reference):
+    contexts = [[3 + i, 9, 27 + i] for i in range(10)]
+    convs = [Conversation(draft) for _ in contexts]
+    replies = await asyncio.gather(*[c.round(append_tokens=ctx, gamma=4) for c, ctx in zip(convs, contexts)])
+    for ctx, r in zip(contexts, replies):
+        assert list(r.tokens) == hf_greedy(draft_reference, ctx, 4)
+    for c in convs:
+        await c.close()
+
+
+@pytest.mark.parametrize("first, second, field", [
+    ({"append_tokens": [1, 2], "gamma": 0}, None, "gamma"),
+    ({"append_tokens": [1, 2], "gamma": 17}, None, "gamma"),
+    ({"append_tokens": [], "gamma": 2}, None, "append_tokens"),
+    ({"append_tokens": [1, 2], "gamma": 2}, {"append_tokens": [3], "discard": 5, "gamma": 2}, "discard"),
+])
+async def test_bad_messages_end_the_stream_with_invalid_argument(draft, first, second, field):
+    conv = Conversation(draft)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await conv.round(**first)
+        await conv.round(**second)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    await conv.close()
