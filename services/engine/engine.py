@@ -130,6 +130,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def run_once(self) -> bool:
+        """Applies pending commands and runs one step (for callers that drive the
+        engine themselves instead of :meth:`start`)."""
+        self._apply_commands()
+        return self.step()
+
     def _run(self) -> None:
         wake_at = None
         while not self._stopping:

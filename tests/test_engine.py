@@ -1,0 +1,183 @@
+"""The engine with a tiny model, driven step by step (no thread, no sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.errors import ResourceExhausted
+from services.engine.build import build_engine
+from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
+from services.engine.settings import EngineSettings
+from tests.conftest import hf_greedy
+
+
+class Recorder:
+    def __init__(self):
+        self.tokens, self.finish = [], None
+
+    def __call__(self, ev):
+        self.tokens += ev.token_ids
+        if ev.finish_reason is not None:
+            self.finish = ev.finish_reason
+
+
+def make_engine(tiny_models, **kw):
+    base = dict(max_batch_size=4, max_wait_ms=0.0, max_batch_tokens=256, max_queue=64, num_slots=8)
+    base.update(kw)
+    return build_engine(str(tiny_models.target), EngineSettings(**base)).engine
+
+
+def greedy(prompt, n, **kw):
+    return GenerationRequest(prompt_ids=prompt, sampling=SamplingOptions(max_new_tokens=n, ignore_eos=True), **kw)
+
+
+def drain(engine, limit=500):
+    for _ in range(limit):
+        if not engine.run_once() and not engine.scheduler.has_work():
+            return
+    raise AssertionError("engine did not finish")
+
+
+def test_batch_invariant_with_staggered_arrivals(tiny_models, reference_model):
+    """Greedy tokens of each request equal its solo run, whatever joins or leaves."""
+    engine = make_engine(tiny_models, max_batch_size=3, max_batch_tokens=12)  # chunked prefills too
+    prompts = [[(7 * i + j) % 300 + 1 for j in range(3 + (5 * i) % 17)] for i in range(9)]
+    lengths = [3 + (4 * i) % 13 for i in range(9)]
+    recs = [Recorder() for _ in prompts]
+    pending = list(zip(prompts, lengths, recs))
+    steps = 0
+    while pending or engine.scheduler.has_work():
+        if pending and steps % 2 == 0:  # a new arrival every other step
+            p, n, r = pending.pop(0)
+            engine.submit(greedy(p, n), r)
+        engine.run_once()
+        steps += 1
+        assert len(engine.scheduler.running) <= 3
+    for p, n, r in zip(prompts, lengths, recs):
+        assert r.tokens == hf_greedy(reference_model, p, n)
+        assert r.finish is FinishReason.LENGTH
+
+
+def test_join_at_step_boundary_and_leave_frees_cache(tiny_models):
+    engine = make_engine(tiny_models)
+    a, b = Recorder(), Recorder()
+    engine.submit(greedy([1, 2, 3], 6), a)
+    engine.run_once()
+    assert len(engine.scheduler.running) == 1
+    engine.submit(greedy([4, 5, 6], 2), b)
+    engine.run_once()
+    assert len(engine.scheduler.running) == 2  # b joined while a was decoding
+    while b.finish is None:
+        engine.run_once()
+    assert len(engine.scheduler.running) == 1  # b left in the step it finished
+    assert engine.scheduler.slots.free == 7
+    drain(engine)
+    assert engine.scheduler.slots.free == 8 and engine.scheduler.cached_tokens == 0
+
+
+def test_cancel_leaves_the_batch_next_step_and_frees_its_slot(tiny_models):
+    engine = make_engine(tiny_models)
+    recs = [Recorder() for _ in range(3)]
+    seqs = [engine.submit(greedy([9, 8, 7 + i], 50), r) for i, r in enumerate(recs)]
+    engine.run_once()
+    engine.run_once()
+    assert len(engine.scheduler.running) == 3 and engine.scheduler.slots.free == 5
+    engine.cancel(seqs[1])
+    engine.run_once()
+    assert len(engine.scheduler.running) == 2 and engine.scheduler.slots.free == 6
+    assert recs[1].finish is FinishReason.CANCELLED
+
+
+def test_deadline_passed_cancels(tiny_models):
+    engine = make_engine(tiny_models)
+    rec = Recorder()
+    now = engine.clock()
+    engine.submit(greedy([1, 2], 50, deadline=now + 3600), rec)
+    engine.run_once()
+    engine.scheduler.running[0].request.deadline = engine.clock()  # expires now
+    engine.run_once()
+    assert rec.finish is FinishReason.CANCELLED and not engine.scheduler.running
+
+
+def test_priority_orders_admission(tiny_models):
+    engine = make_engine(tiny_models, max_batch_size=1)
+    order = []
+
+    def rec(name):
+        def sink(ev):
+            if ev.finish_reason is not None:
+                order.append(name)
+        return sink
+
+    for name, prio in [("batch", 1), ("normal", 2), ("interactive", 3), ("normal2", 2)]:
+        engine.submit(greedy([1, 2, 3], 2, priority=prio), rec(name))
+    drain(engine)
+    assert order == ["interactive", "normal", "normal2", "batch"]
+
+
+def test_queue_bound_refuses_at_once_and_keeps_accepted(tiny_models):
+    engine = make_engine(tiny_models, max_queue=2, max_batch_size=1)
+    accepted = [Recorder(), Recorder()]
+    for r in accepted:
+        engine.submit(greedy([1, 2], 3), r)
+    with pytest.raises(ResourceExhausted) as err:
+        engine.submit(greedy([1, 2], 3), Recorder())
+    assert err.value.retry_after_s > 0
+    drain(engine)
+    assert all(r.finish is FinishReason.LENGTH and len(r.tokens) == 3 for r in accepted)
+
+
+def test_eos_ends_the_sequence_unless_ignored(tiny_models, reference_model):
+    engine = make_engine(tiny_models)
+    prompt = [10, 20, 30]
+    first = hf_greedy(reference_model, prompt, 1)[0]
+    engine.eos_token_ids = {first}
+    stopped, ignored = Recorder(), Recorder()
+    engine.submit(GenerationRequest(prompt_ids=prompt, sampling=SamplingOptions(max_new_tokens=5)), stopped)
+    engine.submit(greedy(prompt, 5), ignored)
+    drain(engine)
+    assert stopped.finish is FinishReason.EOS and stopped.tokens == []
+    assert ignored.tokens == hf_greedy(reference_model, prompt, 5)
+
+
+def test_seeded_sampling_is_batch_invariant(tiny_models):
+    def run(batch_mates):
+        engine = make_engine(tiny_models)
+        target = Recorder()
+        opts = SamplingOptions(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=42, ignore_eos=True)
+        engine.submit(GenerationRequest(prompt_ids=[3, 1, 4], sampling=opts), target)
+        for i in range(batch_mates):
+            engine.submit(greedy([i + 1] * (i + 2), 8), Recorder())
+        drain(engine)
+        return target.tokens
+
+    assert run(0) == run(3)
+
+
+def test_metrics_report_batches_and_tokens(tiny_models):
+    engine = make_engine(tiny_models)
+    for i in range(4):
+        engine.submit(greedy([i + 1, 2, 3], 5), Recorder())
+    drain(engine)
+    load = engine.load()
+    m = load.metrics
+    assert m.counters["tokens_generated_total"] == 20 and m.counters["requests_total"] == 4
+    assert m.mean_batch_size > 1 and 0 < m.busy_fraction <= 1
+    assert m.ttft_ms.count == 4 and m.tpot_ms.p50 > 0
+
+
+def test_forward_error_fans_out_and_engine_keeps_serving(tiny_models, monkeypatch):
+    engine = make_engine(tiny_models)
+    recs = [Recorder(), Recorder()]
+    for r in recs:
+        engine.submit(greedy([1, 2, 3], 4), r)
+    original = engine.runner.timed_forward
+    monkeypatch.setattr(engine.runner, "timed_forward", lambda rows: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.run_once()
+    assert all(r.finish is FinishReason.ERROR for r in recs) and engine.scheduler.slots.free == 8
+    monkeypatch.setattr(engine.runner, "timed_forward", original)
+    after = Recorder()
+    engine.submit(greedy([1, 2, 3], 4), after)
+    drain(engine)
+    assert after.finish is FinishReason.LENGTH

@@ -1,0 +1,110 @@
+"""The scheduler alone: pure Python, no model, no clock patching (``now`` is passed)."""
+
+from __future__ import annotations
+
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
+from services.engine.settings import EngineSettings
+
+
+def seq(prompt_len=4, priority=0, arrival=0.0, max_new=8):
+    req = GenerationRequest(prompt_ids=list(range(1, prompt_len + 1)), priority=priority,
+                            sampling=SamplingOptions(max_new_tokens=max_new))
+    return Sequence(request=req, sink=lambda ev: None, arrival=arrival)
+
+
+def settings(**kw):
+    base = dict(max_batch_size=4, max_wait_ms=0.0, max_batch_tokens=64, max_queue=100, num_slots=8)
+    base.update(kw)
+    return EngineSettings(**base)
+
+
+def test_priority_then_arrival_order():
+    s = Scheduler(settings(max_batch_size=1))
+    low, high, normal, high2 = seq(priority=1, arrival=0), seq(priority=3, arrival=1), seq(priority=2, arrival=2), \
+        seq(priority=3, arrival=3)
+    for x in (low, high, normal, high2):
+        s.add(x)
+    order = []
+    for _ in range(4):
+        plan = s.schedule(now=10.0)
+        (row,) = plan.rows
+        order.append(row.seq)
+        s.finish(row.seq)
+    assert order == [high, high2, normal, low]
+
+
+def test_batch_size_and_slots_bound_the_running_set():
+    s = Scheduler(settings(max_batch_size=3, num_slots=8))
+    seqs = [seq(arrival=i) for i in range(5)]
+    for x in seqs:
+        s.add(x)
+    plan = s.schedule(now=1.0)
+    assert len(plan.rows) == 3 and len(s.running) == 3 and s.num_waiting == 2
+    assert sorted(r.seq.slot for r in plan.rows) == [0, 1, 2]
+
+
+def test_token_budget_chunks_long_prefills():
+    s = Scheduler(settings(max_batch_tokens=10, max_batch_size=4))
+    long, short = seq(prompt_len=25, arrival=0), seq(prompt_len=3, arrival=1)
+    s.add(long)
+    s.add(short)
+    plan = s.schedule(now=1.0)
+    assert [(r.seq, r.chunk) for r in plan.rows] == [(long, 10)]
+    assert not plan.rows[0].completes
+    long.num_cached = 10  # as the engine records after the forward
+    plan = s.schedule(now=1.1)
+    assert [(r.seq, r.start, r.chunk) for r in plan.rows] == [(long, 10, 10)]
+    long.num_cached = 20
+    plan = s.schedule(now=1.2)
+    assert [(r.seq, r.chunk) for r in plan.rows] == [(long, 5), (short, 3)]
+    assert all(r.completes for r in plan.rows)
+
+
+def test_lone_request_waits_max_wait_for_companions():
+    s = Scheduler(settings(max_wait_ms=5.0, max_batch_size=4))
+    a = seq(arrival=0.0)
+    s.add(a)
+    plan = s.schedule(now=0.001)
+    assert not plan.rows and plan.wake_at == 0.005
+    s.add(seq(arrival=0.002))
+    assert not s.schedule(now=0.003).rows
+    plan = s.schedule(now=0.0051)
+    assert len(plan.rows) == 2
+
+
+def test_a_full_batch_of_waiters_does_not_wait():
+    s = Scheduler(settings(max_wait_ms=1000.0, max_batch_size=2))
+    s.add(seq(arrival=0.0))
+    s.add(seq(arrival=0.0))
+    assert len(s.schedule(now=0.0).rows) == 2
+
+
+def test_cancelled_and_expired_sequences_leave_and_free_their_slot():
+    s = Scheduler(settings(max_batch_size=2, num_slots=2))
+    a, b, c = seq(arrival=0), seq(arrival=1), seq(arrival=2)
+    c.request.deadline = 5.0
+    for x in (a, b, c):
+        s.add(x)
+    s.schedule(now=1.0)
+    assert s.slots.free == 0
+    a.cancelled = True
+    plan = s.schedule(now=2.0)
+    assert a in plan.dropped and a.status is Status.FINISHED and a.slot is None
+    assert c in [r.seq for r in plan.rows]  # c took a's slot in the same step
+    plan = s.schedule(now=6.0)  # c's deadline passed
+    assert c in plan.dropped and s.slots.free == 1
+
+
+def test_paused_sequences_keep_their_slot_and_resume():
+    s = Scheduler(settings())
+    a = seq()
+    s.add(a)
+    s.schedule(now=1.0)
+    slot = a.slot
+    s.pause(a)
+    assert not s.schedule(now=1.1).rows and a.slot == slot and s.slots.free == 7
+    a.tokens.append(5)
+    s.resume(a)
+    plan = s.schedule(now=1.2)
+    assert [r.seq for r in plan.rows] == [a] and a.slot == slot
