@@ -64,7 +64,8 @@ class ModelApp:
         c = self.config
         self.loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
-            max_context=c.max_context, metrics_window_s=c.metrics_window_s, model_name=c.model_name)
+            max_context=c.max_context, metrics_window_s=c.metrics_window_s, model_name=c.model_name,
+            speculation=c.speculation_settings() if hasattr(c, "speculation_settings") else None)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
         self.loaded.engine.start()

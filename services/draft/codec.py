@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
-
 from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2
+from services.common.distributions import distribution_of, distribution_pb  # noqa: F401 - re-exported
 from services.draft.config import MAX_GAMMA
 from services.engine.sequence import SamplingOptions
 
@@ -32,22 +30,3 @@ def draft_sampling(s: gen.SamplingParams, gamma: int) -> SamplingOptions:
         raise InvalidArgument("sampling.top_k", f"must be >= 0, got {top_k}")
     return SamplingOptions(temperature=s.temperature, top_p=top_p, top_k=top_k, max_new_tokens=gamma,
                            seed=s.seed if s.HasField("seed") else None, ignore_eos=True)
-
-
-def distribution_pb(probs: torch.Tensor) -> model_pb2.TokenDistribution:
-    """Dense when every token has mass; sparse (exact) when top-k/top-p truncated it."""
-    p = probs.detach().float().cpu().numpy()
-    nonzero = np.flatnonzero(p)
-    if len(nonzero) < len(p) // 2:
-        return model_pb2.TokenDistribution(ids=nonzero.tolist(), probs=p[nonzero].astype("<f4").tobytes())
-    return model_pb2.TokenDistribution(probs=p.astype("<f4").tobytes())
-
-
-def distribution_of(d: model_pb2.TokenDistribution, vocab_size: int) -> torch.Tensor:
-    """The dense distribution a TokenDistribution stands for."""
-    values = torch.from_numpy(np.frombuffer(d.probs, dtype="<f4").copy())
-    if not d.ids:
-        return values
-    dense = torch.zeros(vocab_size)
-    dense[torch.tensor(list(d.ids), dtype=torch.long)] = values
-    return dense

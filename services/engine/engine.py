@@ -27,6 +27,8 @@ from services.engine.scheduler import Row, Scheduler
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status
 from services.engine.settings import EngineSettings
 from services.engine.validation import validate
+from services.speculative.acceptance import accept_greedy, accept_sampled
+from services.speculative.gamma import SpeculationSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ class EngineLoad:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 speculation: SpeculationSettings | None = None) -> None:
         settings.validate()
+        self.speculation = speculation or SpeculationSettings()
         self.runner = runner
         self.tokenizer = tokenizer
         self.settings = settings
@@ -90,6 +94,8 @@ class Engine:
         if not request.persistent:
             seq.detok = Detokenizer(self.tokenizer, seq.tokens, request.sampling.stop)
         seq.base_seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        if request.speculation is not None:
+            seq.spec = request.speculation.state()
         self._command(lambda: self._add(seq))
         return seq
 
@@ -168,7 +174,8 @@ class Engine:
     _computed: int = 0
 
     def _forward(self, rows: list[Row]) -> tuple[list[torch.Tensor], float]:
-        """Decode rows and multi-token rows run as two forwards (no padding of decodes)."""
+        """Decode and verify rows run in one forward, prefill chunks in another
+        (so decodes are not padded to a prompt's length)."""
         groups = [[i for i, r in enumerate(rows) if r.chunk == 1], [i for i, r in enumerate(rows) if r.chunk > 1]]
         out: list[torch.Tensor | None] = [None] * len(rows)
         busy = 0.0
@@ -177,7 +184,8 @@ class Engine:
             if not group:
                 continue
             fwd = [ForwardRow(rows[i].seq.slot, rows[i].start,
-                              rows[i].seq.tokens[rows[i].start:rows[i].start + rows[i].chunk]) for i in group]
+                              rows[i].seq.tokens[rows[i].start:rows[i].start + rows[i].chunk] + rows[i].draft,
+                              keep=1 + len(rows[i].draft)) for i in group]
             try:
                 logits, took = self.runner.timed_forward(fwd)
             except Exception as exc:  # noqa: BLE001 - fans out to every sequence in the batch
@@ -201,11 +209,81 @@ class Engine:
             seq.num_cached = row.start + row.chunk
             if not row.completes:
                 continue  # a partial prefill chunk: nothing to sample yet
-            opts = seq.request.sampling
-            token, probs = sampler.sample(lg[-1], opts, seq.base_seed, len(seq.tokens), seq.request.want_probs)
-            produced += 1
-            self._emit_token(seq, token, probs, now)
+            if row.draft:
+                produced += self._verify(seq, row, lg, now)
+            else:
+                opts = seq.request.sampling
+                token, probs = sampler.sample(lg[-1], opts, seq.base_seed, len(seq.tokens), seq.request.want_probs)
+                produced += 1
+                self._emit_token(seq, token, probs, now)
+            if seq.spec is not None and seq.status is Status.RUNNING:
+                self._maybe_propose(seq, now)
         self.metrics.record_tokens(now, produced)
+
+    # -- speculative decoding ----------------------------------------------------------------
+    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, now: float) -> int:
+        """Accepts a prefix of the draft's proposal by the rejection-sampling rule,
+        rolls the cache back past the rejected part, emits the new tokens."""
+        opts = seq.request.sampling
+        gamma = len(row.draft)
+        if opts.greedy:
+            n, token = accept_greedy(logits, row.draft)
+        else:
+            p = sampler.warp(logits, opts)
+            n, token = accept_sampled(p, row.q, row.draft, seq.base_seed, len(seq.tokens))
+        seq.num_cached = row.start + row.chunk + n  # keys of rejected proposals are overwritten later
+        seq.spec.kept = n
+        seq.spec.stats.record(n, gamma)
+        seq.spec.control.update(n, gamma)
+        self.metrics.record_speculation(now, 1, gamma, n)
+        emitted = 0
+        for t in [*row.draft[:n], token]:
+            if seq.status is not Status.RUNNING:
+                break
+            self._emit_token(seq, t, None, now)
+            emitted += 1
+        return emitted
+
+    def _maybe_propose(self, seq: Sequence, now: float) -> None:
+        """Asks the drafter for the next proposal, unless speculation does not pay now."""
+        spec = seq.spec
+        if not spec.active or spec.waiting or spec.proposal:
+            return
+        if not spec.control.worth_it(self.speculation):
+            spec.disable(f"acceptance {spec.control.ema:.2f} below {self.speculation.min_acceptance}")
+            return
+        if len(self.scheduler.running) > self.speculation.max_batch:
+            return  # the batch is large enough that verifying costs more than it saves
+        gamma = min(spec.control.gamma, seq.budget - 1, self.max_context - len(seq.tokens) - 1)
+        if gamma < 1:
+            return
+        discard = spec.proposal_len - spec.kept
+        append = seq.tokens[spec.synced + spec.kept:]
+        spec.synced, spec.proposal_len, spec.kept = len(seq.tokens), gamma, 0
+        spec.round_id += 1
+        spec.waiting = True
+        spec.deadline = now + self.speculation.draft_timeout_ms / 1000.0
+        round_id = spec.round_id
+        spec.link.propose(round_id, discard, append, gamma,
+                          lambda rid, tokens, q, error: self._command(
+                              lambda: self._on_proposal(seq, rid, tokens, q, error)))
+
+    def _on_proposal(self, seq: Sequence, round_id: int, tokens, q, error) -> None:
+        spec = seq.spec
+        if seq.status is not Status.RUNNING or round_id != spec.round_id or not spec.waiting:
+            return  # finished, or a late answer to a round that timed out
+        spec.waiting = False
+        if error is not None:
+            spec.disable(f"draft unavailable: {error}")
+            return
+        if not tokens:
+            return
+        needs_q = not seq.request.sampling.greedy
+        if needs_q and (q is None or len(q) != len(tokens)):
+            spec.disable("the draft sent no distributions for sampled speculation")
+            return
+        spec.proposal_len = len(tokens)
+        spec.proposal, spec.q = list(tokens), q
 
     def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
         seq.tokens.append(token)
@@ -238,6 +316,8 @@ class Engine:
                 error: BaseException | None = None) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
+        if seq.spec is not None:
+            seq.spec.disable(seq.spec.stats.disabled_reason)
         now = self.clock()
         if seq.admitted_at is None:  # dropped while waiting
             self._dequeued()
@@ -248,7 +328,8 @@ class Engine:
         tpot = ((seq.last_token_at - first) / (new_tokens - 1)) if first and new_tokens > 1 else None
         self.metrics.record_request(now, (first - seq.arrival) if first else None, tpot, now - seq.arrival,
                                     (seq.admitted_at or now) - seq.arrival, error=error is not None)
-        seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error))
+        seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
+                               spec=seq.spec.stats if seq.spec is not None else None))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._finish(seq, FinishReason.ERROR, [], error=exc)

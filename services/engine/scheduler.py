@@ -45,6 +45,10 @@ class Row:
     seq: Sequence
     start: int
     chunk: int
+    #: Proposed draft tokens to verify after the chunk (speculative decoding).
+    draft: list[int] = field(default_factory=list)
+    #: The draft's distributions for them (sampled speculation), else None.
+    q: object = None
 
     @property
     def completes(self) -> bool:
@@ -64,7 +68,7 @@ class StepPlan:
 
     @property
     def tokens(self) -> int:
-        return sum(r.chunk for r in self.rows)
+        return sum(r.chunk + len(r.draft) for r in self.rows)
 
 
 class Scheduler:
@@ -97,12 +101,32 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.pending):
             if budget <= 0:
                 break
+            if self._awaits_draft(seq, now, plan):
+                continue
             chunk = min(seq.pending, budget)
-            if chunk > 0:
-                plan.rows.append(Row(seq, seq.num_cached, chunk))
-                budget -= chunk
+            if chunk <= 0:
+                continue
+            row = Row(seq, seq.num_cached, chunk)
+            if seq.spec is not None and seq.spec.proposal and chunk == seq.pending:
+                row.draft, row.q = seq.spec.take_proposal()
+            plan.rows.append(row)
+            budget -= chunk + len(row.draft)
         self._admit(now, plan, budget)
         return plan
+
+    @staticmethod
+    def _awaits_draft(seq: Sequence, now: float, plan: StepPlan) -> bool:
+        """A speculating sequence waits for its proposal until the round's deadline,
+        then decodes without it."""
+        spec = seq.spec
+        if spec is None or not spec.waiting:
+            return False
+        if now < spec.deadline:
+            plan.wake_at = spec.deadline if plan.wake_at is None else min(plan.wake_at, spec.deadline)
+            return True
+        spec.waiting = False
+        spec.timeouts += 1
+        return False
 
     def _drop_dead(self, now: float, plan: StepPlan) -> None:
         if any(s.cancelled or s.expired(now) for _, _, s in self._waiting):
@@ -126,7 +150,8 @@ class Scheduler:
         oldest = min(e[2].arrival for e in self._waiting)
         waited_enough = (now - oldest) * 1000.0 >= self.settings.max_wait_ms
         if not waited_enough and len(self._waiting) < room:
-            plan.wake_at = oldest + self.settings.max_wait_ms / 1000.0
+            wake = oldest + self.settings.max_wait_ms / 1000.0
+            plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
             return
         while self._waiting and room > 0 and budget > 0:
             _, _, seq = heapq.heappop(self._waiting)

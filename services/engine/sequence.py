@@ -59,6 +59,8 @@ class GenerationRequest:
     persistent: bool = False
     #: Return the sampling distribution of each generated token.
     want_probs: bool = False
+    #: Speculative decoding with a drafter (None: plain decoding).
+    speculation: Any = None
 
 
 @dataclass
@@ -73,6 +75,8 @@ class SequenceEvent:
     #: Persistent sequences: the budget is spent and the sequence waits.
     paused: bool = False
     error: BaseException | None = None
+    #: Speculation counts so far (services.speculative.state.SpecStats), if speculating.
+    spec: Any = None
 
 
 _ids = itertools.count()
@@ -99,6 +103,8 @@ class Sequence:
     #: Seed of every draw of this sequence (the request's, or a random one).
     base_seed: int = 0
     detok: Any = None
+    #: services.speculative.state.SpecState while the sequence speculates.
+    spec: Any = None
     admitted_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None

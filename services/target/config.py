@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.common.config import ConfigError, field
 from services.common.model_service import ModelServiceConfig
 from services.engine.build import default_model_path
+from services.speculative.gamma import SpeculationSettings
 
 
 @dataclass
@@ -21,6 +22,13 @@ class TargetConfig(ModelServiceConfig):
     gamma: int = field(4, "draft tokens proposed per round (starting value)")
     gamma_min: int = field(1, "lowest adaptive gamma")
     gamma_max: int = field(8, "highest adaptive gamma")
+    draft_timeout_ms: float = field(500.0, "longest wait for a draft round before decoding without it")
+    speculation_max_batch: int = field(8, "no speculation while more sequences run (the measured break-even)")
+    speculation_min_acceptance: float = field(0.25, "a sequence below this acceptance stops speculating")
+
+    def speculation_settings(self) -> SpeculationSettings:
+        return SpeculationSettings(draft_timeout_ms=self.draft_timeout_ms, max_batch=self.speculation_max_batch,
+                                   min_acceptance=self.speculation_min_acceptance)
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -11,12 +11,15 @@ from services.common.model_service import configure_changes, model_info, setting
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
+from services.speculative.remote import DraftClient
+from services.speculative.state import SpecStats, SpeculationRequest
 
 
 class TargetServicer(model_pb2_grpc.TargetModelServicer):
     def __init__(self, app) -> None:
         self.app = app
         self.config = app.config
+        self.drafts = DraftClient(app.provider)
 
     @property
     def instance_id(self) -> str:
@@ -30,6 +33,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         encode = lambda text: loaded.engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         req = codec.request_of(request, encode, deadline)
         request_id = request.request_id or uuid.uuid4().hex
+        req.speculation = self._speculation(request, request_id, loaded.engine.vocab_size)
         started = time.monotonic()
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
@@ -45,8 +49,33 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                 if event.error is not None:
                     raise event.error
                 chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
+                if event.spec is not None:
+                    chunk.speculation.CopyFrom(self._spec_pb(event.spec))
                 chunk.timing.CopyFrom(self._timing(started, first_at, now, usage.completion_tokens - len(req.resume_ids)))
             yield chunk
+
+    def _speculation(self, request, request_id: str, vocab_size: int) -> SpeculationRequest | None:
+        """A draft link when this request speculates (its own setting, else the default)."""
+        s = request.speculation
+        enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
+        if s.HasField("gamma") and not 1 <= s.gamma <= 16:
+            raise InvalidArgument("speculation.gamma", f"must be in [1, 16], got {s.gamma}")
+        address = request.draft_address or self.config.draft_address
+        if not enabled or not address:
+            return None
+        c = self.config
+        link = self.drafts.link(address, request_id, request.sampling, vocab_size)
+        if s.HasField("gamma"):
+            return SpeculationRequest(link, s.gamma, s.gamma, s.gamma, fixed=True)
+        return SpeculationRequest(link, c.gamma, c.gamma_min, c.gamma_max)
+
+    @staticmethod
+    def _spec_pb(stats: SpecStats) -> gen.SpeculationStats:
+        return gen.SpeculationStats(rounds=stats.rounds, proposed_tokens=stats.proposed,
+                                    accepted_tokens=stats.accepted,
+                                    accepted_per_position=stats.accepted_per_position,
+                                    mean_accepted_length=stats.mean_accepted_length,
+                                    disabled_reason=stats.disabled_reason)
 
     @staticmethod
     def _timing(started: float, first_at: float | None, now: float, new_tokens: int) -> gen.Timing:

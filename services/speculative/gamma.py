@@ -1,0 +1,49 @@
+"""Per-sequence speculation control: adaptive gamma and switching itself off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpeculationSettings:
+    """Engine-wide speculation knobs."""
+
+    #: Longest wait for a draft round before the sequence decodes without it.
+    draft_timeout_ms: float = 500.0
+    #: No speculation while more sequences than this are running: past this
+    #: batch size, verifying costs more than it saves (measured by
+    #: ``llmesh bench --scenario speculative``).
+    max_batch: int = 8
+    #: A sequence whose acceptance (moving average) falls below this after
+    #: ``min_rounds`` rounds stops speculating.
+    min_acceptance: float = 0.25
+    min_rounds: int = 4
+
+
+@dataclass
+class GammaController:
+    """Gamma for the next round from the last ones (more when all were
+    accepted, fewer when few were), within ``[lo, hi]``. ``fixed`` pins it."""
+
+    gamma: int
+    lo: int
+    hi: int
+    fixed: bool = False
+    ema: float = 1.0
+    rounds: int = 0
+    _alpha: float = field(default=0.3, repr=False)
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self.rounds += 1
+        rate = accepted / proposed if proposed else 0.0
+        self.ema = (1 - self._alpha) * self.ema + self._alpha * rate
+        if self.fixed:
+            return
+        if accepted == proposed:
+            self.gamma = min(self.hi, self.gamma + 1)
+        elif accepted < proposed / 2:
+            self.gamma = max(self.lo, self.gamma - 1)
+
+    def worth_it(self, settings: SpeculationSettings) -> bool:
+        return self.rounds < settings.min_rounds or self.ema >= settings.min_acceptance

@@ -1,0 +1,124 @@
+"""The draft-stream client: a DraftLink over one ``DraftModel.Propose`` stream.
+
+The engine thread calls :meth:`RemoteDraftLink.propose`; the round runs on
+the asyncio loop (write the request, read the proposal) and the result goes
+back through the callback. Rounds of a sequence are sent in order on its
+stream; a failure ends the link and is reported once, so the sequence goes on
+without speculation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from services.common.distributions import distribution_of
+from services.common.errors import Unavailable
+from services.common.server import insecure_channel
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2, model_pb2_grpc
+from services.speculative.state import ProposalCallback
+
+log = logging.getLogger(__name__)
+
+
+class DraftClient:
+    """One channel per draft address, shared by every sequence that uses it."""
+
+    def __init__(self, provider=None) -> None:
+        self._provider = provider
+        self._stubs: dict[str, model_pb2_grpc.DraftModelStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def link(self, address: str, request_id: str, sampling: gen.SamplingParams, vocab_size: int
+             ) -> "RemoteDraftLink":
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = insecure_channel(address, self._provider)
+            self._channels.append(channel)
+            stub = self._stubs[address] = model_pb2_grpc.DraftModelStub(channel)
+        draft_sampling = gen.SamplingParams(temperature=sampling.temperature)
+        for name in ("top_p", "top_k", "seed"):
+            if sampling.HasField(name):
+                setattr(draft_sampling, name, getattr(sampling, name))
+        return RemoteDraftLink(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+class RemoteDraftLink:
+    def __init__(self, stub: model_pb2_grpc.DraftModelStub, loop: asyncio.AbstractEventLoop, request_id: str,
+                 sampling: gen.SamplingParams, vocab_size: int) -> None:
+        self._stub = stub
+        self._loop = loop
+        self._request_id = request_id
+        self._sampling = sampling
+        self._vocab_size = vocab_size
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    # -- called from the engine thread -------------------------------------------
+    def propose(self, round_id: int, discard: int, append: list[int], gamma: int,
+                on_result: ProposalCallback) -> None:
+        self._loop.call_soon_threadsafe(self._enqueue, (round_id, discard, list(append), gamma, on_result))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._cancel)
+
+    # -- on the loop ---------------------------------------------------------------------
+    def _enqueue(self, item) -> None:
+        if self._closed:
+            return
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = self._loop.create_task(self._run())
+        self._queue.put_nowait(item)
+
+    def _cancel(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        call = self._stub.Propose()
+        first = True
+        pending = None
+        try:
+            while True:
+                pending = await self._queue.get()
+                round_id, discard, append, gamma, on_result = pending
+                msg = model_pb2.ProposeRequest(append_tokens=append, discard=discard, gamma=gamma)
+                if first:
+                    msg.request_id = self._request_id
+                    msg.sampling.CopyFrom(self._sampling)
+                    first = False
+                await call.write(msg)
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    raise Unavailable("the draft closed the stream")
+                q = None
+                if reply.distributions:
+                    q = torch.stack([distribution_of(d, self._vocab_size) for d in reply.distributions])
+                pending = None
+                on_result(round_id, list(reply.tokens), q, None)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
+            log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
+            if pending is not None:
+                pending[-1](pending[0], None, None, Unavailable(_describe(exc)))
+        finally:
+            self._closed = True
+            call.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
