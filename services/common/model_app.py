@@ -82,8 +82,10 @@ class ModelApp:
             self.loaded.engine.stop()
 
 
-async def serve_app(app: ModelApp, label: str) -> None:
-    """Starts the app and serves until SIGTERM/SIGINT."""
+async def serve_app(make_app: Callable[[], ModelApp], label: str) -> None:
+    """Builds the app inside the running loop (grpc.aio binds to it), starts it
+    and serves until SIGTERM/SIGINT."""
+    app = make_app()
     await app.start()
     print(f"{label} serving on {app.address}", flush=True)
 
@@ -97,5 +99,5 @@ def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, arg
     """A model service's ``main``: config from flags and environment, then serve."""
     config = config_cls.from_args(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
-    asyncio.run(serve_app(create_server(config), label))
+    asyncio.run(serve_app(lambda: create_server(config), label))
     return 0

@@ -1,0 +1,82 @@
+"""Services a scenario starts for itself: local processes on free ports."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from services.cli.healthcheck import check
+from services.cli.launcher import Fleet
+from services.cli.plan import ServiceSpec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def target_spec(model: Path, threads: int, draft: str = "", name: str = "target", **flags) -> ServiceSpec:
+    port = free_port()
+    args = ["--model", str(model), "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+    if draft:
+        args += ["--draft-address", draft]
+    for key, value in flags.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return ServiceSpec(name, "services.target.main", port, tuple(args), env=_env(threads))
+
+
+def draft_spec(model: Path, threads: int, name: str = "draft") -> ServiceSpec:
+    port = free_port()
+    args = ["--model", str(model), "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+    return ServiceSpec(name, "services.draft.main", port, tuple(args), env=_env(threads))
+
+
+def router_spec(targets: list[str], drafts: list[str] = ()) -> ServiceSpec:
+    port = free_port()
+    args = ["--port", str(port), "--targets", ",".join(targets), "--log-level", "warning"]
+    if drafts:
+        args += ["--drafts", ",".join(drafts)]
+    return ServiceSpec("router", "router.main", port, tuple(args), env=_env(1))
+
+
+def _env(threads: int) -> dict[str, str]:
+    return {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, threads))}
+
+
+def wait_routable(router: str, timeout_s: float = 60.0) -> None:
+    """Waits until the router sees every registered instance as SERVING."""
+    import grpc
+
+    from services.common.stubs import router_pb2, router_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while True:
+            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5).instances
+            if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{i.spec.id}: {router_pb2.InstanceHealth.Name(i.health)}" for i in listed)
+                raise TimeoutError(f"the router at {router} does not see its instances as healthy: {states}")
+            time.sleep(0.1)
+
+
+@contextmanager
+def running(specs: list[ServiceSpec], log_dir: Path, timeout_s: float = 180.0):
+    """Starts the processes, waits until each is SERVING (and the router sees
+    them so), stops them at the end."""
+    fleet = Fleet(specs, log_dir, python=sys.executable)
+    fleet.start()
+    try:
+        fleet.wait_ready(timeout_s, lambda address: check(address) == "SERVING")
+        addresses = {spec.name: spec.address for spec in specs}
+        if "router" in addresses:
+            wait_routable(addresses["router"])
+        yield addresses
+    finally:
+        fleet.stop(10.0)

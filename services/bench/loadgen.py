@@ -1,0 +1,143 @@
+"""Load generation: closed loop at a concurrency, or open loop at a request rate.
+
+Each request is timed from the client's side: time to first token, time per
+output token after the first, end to end. Works against anything that serves
+``Generate`` (the router or a target directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from tqdm import tqdm
+
+from services.common.stubs import generation_pb2 as gen
+from services.engine.metrics import percentile
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    tokens: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    error: str = ""
+    accepted: int = 0
+    proposed: int = 0
+    rounds: int = 0
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.tokens)
+        return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else None
+
+
+@dataclass
+class RunResult:
+    """One measured run: its requests and wall time."""
+
+    results: list[RequestResult]
+    wall_s: float
+
+    @property
+    def errors(self) -> int:
+        return sum(not r.ok for r in self.results)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.results if r.ok)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(v for r in self.results if r.ok and (v := getattr(r, attr)) is not None)
+        return percentile(values, q) * 1000.0
+
+    def summary(self) -> dict:
+        ok = [r for r in self.results if r.ok]
+        proposed = sum(r.proposed for r in ok)
+        rounds = sum(r.rounds for r in ok)
+        return {"requests": len(self.results), "errors": self.errors, "tokens": self.tokens,
+                "wall_s": round(self.wall_s, 3), "tokens_per_s": round(self.tokens_per_s, 1),
+                "ttft_p50_ms": round(self.pct("ttft_s", 50), 2), "ttft_p99_ms": round(self.pct("ttft_s", 99), 2),
+                "tpot_p50_ms": round(self.pct("tpot_s", 50), 2), "tpot_p99_ms": round(self.pct("tpot_s", 99), 2),
+                "e2e_p50_ms": round(self.pct("e2e_s", 50), 2), "e2e_p99_ms": round(self.pct("e2e_s", 99), 2),
+                "acceptance_rate": round(sum(r.accepted for r in ok) / proposed, 4) if proposed else None,
+                "mean_accepted_len": round((sum(r.accepted for r in ok) + rounds) / rounds, 3) if rounds else None}
+
+
+async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | None = None) -> RequestResult:
+    started = time.perf_counter()
+    result = RequestResult(ok=False)
+    try:
+        async for chunk in stub.Generate(request, timeout=timeout_s):
+            if chunk.token_ids and not result.tokens:
+                result.ttft_s = time.perf_counter() - started
+            result.tokens.extend(chunk.token_ids)
+            if chunk.finish_reason:
+                s = chunk.speculation
+                result.accepted, result.proposed, result.rounds = s.accepted_tokens, s.proposed_tokens, s.rounds
+        result.ok = True
+    except grpc.aio.AioRpcError as exc:
+        result.error = f"{exc.code().name}: {exc.details()}"
+    result.e2e_s = time.perf_counter() - started
+    return result
+
+
+async def closed_loop(stub, make_request: Callable[[int], gen.GenerateRequest], concurrency: int, total: int,
+                      label: str = "", progress: bool = True) -> RunResult:
+    """``concurrency`` workers, each sending its next request when the last one ends."""
+    results: list[RequestResult | None] = [None] * total
+    counter = iter(range(total))
+    bar = tqdm(total=total, desc=label or f"c={concurrency}", leave=False, disable=not progress, unit="req")
+
+    async def worker() -> None:
+        for i in counter:
+            results[i] = await one_request(stub, make_request(i))
+            bar.update(1)
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - started
+    bar.close()
+    return RunResult([r for r in results if r is not None], wall)
+
+
+async def open_loop(stub, make_request: Callable[[int], gen.GenerateRequest], rate: float, total: int,
+                    seed: int = 0, label: str = "", progress: bool = True) -> RunResult:
+    """Poisson arrivals at ``rate`` requests/s, whatever the latency."""
+    rng = random.Random(seed)
+    bar = tqdm(total=total, desc=label or f"rate={rate}/s", leave=False, disable=not progress, unit="req")
+
+    async def timed(i: int) -> RequestResult:
+        r = await one_request(stub, make_request(i))
+        bar.update(1)
+        return r
+
+    started = time.perf_counter()
+    tasks = []
+    for i in range(total):
+        tasks.append(asyncio.create_task(timed(i)))
+        await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - started
+    bar.close()
+    return RunResult(list(results), wall)
+
+
+def greedy_request(prompt: str, new_tokens: int, speculate: bool | None = None, gamma: int | None = None,
+                   request_id: str = "") -> gen.GenerateRequest:
+    req = gen.GenerateRequest(request_id=request_id, prompt=gen.Prompt(text=prompt),
+                              sampling=gen.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    if speculate is not None:
+        req.speculation.enabled = speculate
+    if gamma is not None:
+        req.speculation.gamma = gamma
+    return req

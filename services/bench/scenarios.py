@@ -1,0 +1,144 @@
+"""Benchmark scenarios. Each returns a JSON-able dict with the figures its issue names."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.bench import fleet, offline
+from services.bench.loadgen import RunResult, closed_loop, greedy_request
+from services.common.stubs import router_pb2_grpc
+from services.models.corpus import heldout_prompts
+
+
+@dataclass
+class BenchOptions:
+    home: Path
+    model: str = "target-large"
+    draft: str = "draft"
+    router: str = ""          # a running suite; empty: start what the scenario needs
+    repeats: int = 3
+    threads: int = 2
+    progress: bool = True
+
+    def model_dir(self, name: str) -> Path:
+        return self.home / "models" / name
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def _suite(opts: BenchOptions, specs_fn):
+    """The router address: the given one, or one of a fleet started now."""
+    if opts.router:
+        return nullcontext({"router": opts.router})
+    log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
+    return fleet.running(specs_fn(), log_dir)
+
+
+def _prompts(n: int) -> list[str]:
+    return heldout_prompts(n, seed=0)
+
+
+async def _measure(address: str, make, concurrency: int, total: int, repeats: int, label: str,
+                   progress: bool) -> list[RunResult]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        await closed_loop(stub, make, min(concurrency, 4), min(total, 4), label=f"{label} warm-up",
+                          progress=False)
+        runs = []
+        for r in range(repeats):
+            runs.append(await closed_loop(stub, make, concurrency, total, label=f"{label} run {r + 1}",
+                                          progress=progress))
+        return runs
+
+
+def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int = 64) -> dict:
+    """Served tokens/s through the router at each concurrency vs HF generate at batch 32."""
+    prompts = _prompts(256)
+    model_dir = opts.model_dir(opts.model)
+    offline_tps = offline.hf_generate_tps(model_dir, prompts, new_tokens, 32, opts.repeats)
+
+    def specs():
+        target = fleet.target_spec(model_dir, opts.threads, max_batch_size=max(concurrencies))
+        return [target, fleet.router_spec([target.address])]
+
+    make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
+    points = {}
+    with _suite(opts, specs) as addrs:
+        for c in concurrencies:
+            runs = asyncio.run(_measure(addrs["router"], make, c, max(4, 2 * c), opts.repeats, f"c={c}",
+                                        opts.progress))
+            points[c] = runs
+    served = {c: median([r.tokens_per_s for r in runs]) for c, runs in points.items()}
+    mid = {c: sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2] for c, runs in points.items()}
+    cmax, cmin = max(concurrencies), min(concurrencies)
+    off = median(offline_tps)
+    return {
+        "scenario": "batching", "model": opts.model, "new_tokens": new_tokens, "repeats": opts.repeats,
+        "served_tps": {str(c): round(v, 1) for c, v in served.items()},
+        "offline_hf_tps_b32": round(off, 1),
+        "offline_hf_tps_b32_runs": [round(x, 1) for x in offline_tps],
+        f"ratio_c{cmax}_vs_offline": round(served[cmax] / off, 3) if off else None,
+        f"ratio_c{cmax}_vs_c{cmin}": round(served[cmax] / served[cmin], 2) if served[cmin] else None,
+        "ttft_p50_ms": {str(c): r.summary()["ttft_p50_ms"] for c, r in mid.items()},
+        "ttft_p99_ms": {str(c): r.summary()["ttft_p99_ms"] for c, r in mid.items()},
+        "tpot_p50_ms": {str(c): r.summary()["tpot_p50_ms"] for c, r in mid.items()},
+        "e2e_p50_ms": {str(c): r.summary()["e2e_p50_ms"] for c, r in mid.items()},
+        "e2e_p99_ms": {str(c): r.summary()["e2e_p99_ms"] for c, r in mid.items()},
+        "errors": sum(r.errors for runs in points.values() for r in runs),
+    }
+
+
+def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, gamma: int | None = None) -> dict:
+    """Target-only vs speculation through the suite vs HF assisted generation, at
+    concurrency 1, and speculation on/off at concurrency 16."""
+    prompts = _prompts(64)
+    target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
+    hf_rates, hf_outputs = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats)
+
+    def specs():
+        draft = fleet.draft_spec(draft_dir, 1)
+        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address)
+        return [draft, target, fleet.router_spec([target.address], [draft.address])]
+
+    def make(spec: bool, n: int):
+        return lambda i: greedy_request(prompts[i % n], new_tokens, speculate=spec, gamma=gamma)
+
+    with _suite(opts, specs) as addrs:
+        router = addrs["router"]
+        off = asyncio.run(_measure(router, make(False, prompts_n), 1, prompts_n, opts.repeats, "target-only",
+                                   opts.progress))
+        on = asyncio.run(_measure(router, make(True, prompts_n), 1, prompts_n, opts.repeats, "speculative",
+                                  opts.progress))
+        off16 = asyncio.run(_measure(router, make(False, 32), 16, 32, opts.repeats, "c16 off", opts.progress))
+        on16 = asyncio.run(_measure(router, make(True, 32), 16, 32, opts.repeats, "c16 on", opts.progress))
+    target_only = median([r.tokens_per_s for r in off])
+    spec = median([r.tokens_per_s for r in on])
+    hf = median(hf_rates)
+    identical = all([r.tokens for r in a.results] == [r.tokens for r in b.results] for a, b in zip(off, on))
+    spec_summary = sorted(on, key=lambda r: r.tokens_per_s)[len(on) // 2].summary()
+    return {
+        "scenario": "speculative", "model": opts.model, "draft": opts.draft, "new_tokens": new_tokens,
+        "prompts": prompts_n, "repeats": opts.repeats, "gamma": gamma or "adaptive",
+        "target_only_tps": round(target_only, 1), "spec_tps": round(spec, 1), "hf_assisted_tps": round(hf, 1),
+        "speedup_vs_target_only": round(spec / target_only, 3) if target_only else None,
+        "ratio_vs_hf_assisted": round(spec / hf, 3) if hf else None,
+        "acceptance_rate": spec_summary["acceptance_rate"], "mean_accepted_len": spec_summary["mean_accepted_len"],
+        "identical_greedy": identical,
+        "hf_assisted_matches_target_only": [r.tokens for r in off[0].results] == hf_outputs,
+        "c16_off_tps": round(median([r.tokens_per_s for r in off16]), 1),
+        "c16_on_tps": round(median([r.tokens_per_s for r in on16]), 1),
+        "load_ratio_c16": round(median([r.tokens_per_s for r in on16]) / median([r.tokens_per_s for r in off16]), 3),
+        "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
+    }
+
+
+SCENARIOS = {"batching": batching, "speculative": speculative}

@@ -1,0 +1,97 @@
+"""`llmesh bench`: load scenarios with their baselines, JSON, plots, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="run a benchmark scenario (starts the services it needs)",
+                              description=__doc__)
+    p.add_argument("--scenario", choices=["batching", "speculative"], help="the scenario to run")
+    p.add_argument("--all", action="store_true", help="every scenario, as `make bench` runs them")
+    p.add_argument("--model", default="target-large", help="target model name under HOME/models")
+    p.add_argument("--draft", default="draft", help="draft model name under HOME/models")
+    p.add_argument("--home", type=Path, default=None, help="llmesh home (default $LLMESH_HOME or ~/.cache/llmesh)")
+    p.add_argument("--router", default="", help="use a running suite at this address instead of starting one")
+    p.add_argument("--repeats", type=int, default=3, help="runs per point; the median is reported")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the target process")
+    p.add_argument("--concurrency", default="1,4,16,32", help="batching: concurrencies to measure")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (scenario default)")
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="with --all: JSON and plots go here")
+    p.add_argument("--markdown", type=Path, default=None, help="with --all: write this BENCHMARKS.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.bench import report
+    from services.bench.scenarios import BenchOptions, batching, speculative
+    from services.engine.build import default_home
+
+    home = args.home or default_home()
+    missing = [m for m in {args.model, args.draft, "target"} if not (home / "models" / m / "config.json").is_file()]
+    if missing:
+        print(f"llmesh bench: models {', '.join(sorted(missing))} are missing under {home}/models; "
+              f"run `llmesh models build`", file=sys.stderr)
+        return 2
+    opts = BenchOptions(home=home, model=args.model, draft=args.draft, router=args.router, repeats=args.repeats,
+                        threads=args.threads, progress=not args.no_progress)
+    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    if not args.all:
+        if not args.scenario:
+            print("llmesh bench: give --scenario NAME or --all", file=sys.stderr)
+            return 2
+        result = _one(args.scenario, opts, concurrencies, args.new_tokens)
+        print(report.json.dumps(result, indent=2))
+        if args.json:
+            report.write_json(result, args.json)
+        if args.plot:
+            report.plot(result, args.plot)
+        return 0 if not result.get("errors") else 1
+    return _all(args, opts, concurrencies)
+
+
+def _one(name, opts, concurrencies, new_tokens):
+    from services.bench.scenarios import batching, speculative
+
+    if name == "batching":
+        return batching(opts, concurrencies, **({"new_tokens": new_tokens} if new_tokens else {}))
+    return speculative(opts, **({"new_tokens": new_tokens} if new_tokens else {}))
+
+
+def _all(args, opts, concurrencies) -> int:
+    """Every scenario: batching on target-large and target, speculative on target-large."""
+    from dataclasses import replace
+
+    from services.bench import report
+
+    out = args.out_dir
+    runs = [("batching", replace(opts, model="target-large")), ("batching", replace(opts, model="target")),
+            ("speculative", replace(opts, model="target-large"))]
+    sections, errors = [], 0
+    for name, o in runs:
+        stem = f"{name}-{o.model}"
+        json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+        command = (f"llmesh bench --scenario {name} --model {o.model} --repeats {o.repeats} "
+                   f"--json {json_path} --plot {png_path}")
+        print(f"== {command}", flush=True)
+        result = _one(name, o, concurrencies, args.new_tokens)
+        report.write_json(result, json_path)
+        report.plot(result, png_path)
+        errors += result.get("errors") or 0
+        sections.append(report.markdown_section(result, command, str(png_path)))
+    if args.markdown:
+        text = ["# llmesh benchmarks", "", f"Machine: {report.machine()}", "",
+                "Regenerate with `make bench` (every scenario) or the command above each table. "
+                "`target-large` is the trained `target` embedded in a larger shape with unchanged predictions; "
+                "it stands in for a real large checkpoint.", "", *sections]
+        args.markdown.write_text("\n".join(text))
+        print(f"wrote {args.markdown}")
+    return 0 if not errors else 1
