@@ -181,3 +181,18 @@ def test_forward_error_fans_out_and_engine_keeps_serving(tiny_models, monkeypatc
     engine.submit(greedy([1, 2, 3], 4), after)
     drain(engine)
     assert after.finish is FinishReason.LENGTH
+
+
+def test_stale_cache_memory_never_leaks_into_outputs(tiny_models, reference_model):
+    """Rows of different lengths read each other's window (masked); memory the
+    cache was given may hold NaN from earlier use, and must not matter."""
+    engine = make_engine(tiny_models)
+    for k, v in engine.runner.cache.layers:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    short, long = Recorder(), Recorder()
+    engine.submit(greedy([5, 6], 6), short)
+    engine.submit(greedy(list(range(1, 30)), 6), long)
+    drain(engine)
+    assert short.tokens == hf_greedy(reference_model, [5, 6], 6)
+    assert long.tokens == hf_greedy(reference_model, list(range(1, 30)), 6)

@@ -9,6 +9,7 @@ with an incident id, so no traceback ever reaches a client.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 
@@ -71,6 +72,9 @@ def _wrap_unary(behavior):
 
 
 def _wrap_stream(behavior):
+    if not inspect.isasyncgenfunction(behavior):
+        return _wrap_writer(behavior)
+
     async def handler(request_or_iterator, context):
         try:
             async for response in behavior(request_or_iterator, context):
@@ -79,6 +83,23 @@ def _wrap_stream(behavior):
             if _passes_through(exc) or isinstance(exc, GeneratorExit):
                 raise
             await _abort(context, exc)
+
+    return handler
+
+
+def _wrap_writer(behavior):
+    """A streaming handler written as a coroutine that calls context.write()
+    (grpc's own HealthServicer.Watch), presented as an async generator that
+    yields nothing, since interceptors outside this one iterate it."""
+    async def handler(request_or_iterator, context):
+        try:
+            await behavior(request_or_iterator, context)
+        except BaseException as exc:  # noqa: BLE001 - every error is mapped here
+            if _passes_through(exc):
+                raise
+            await _abort(context, exc)
+        return
+        yield  # pragma: no cover - makes this an async generator
 
     return handler
 

@@ -194,6 +194,8 @@ class Engine:
                     self._fail(rows[i].seq, exc)
                 continue
             busy += took
+            for i in group:
+                rows[i].forward_s = took
             self._computed += len(group) * max(len(r.tokens) for r in fwd)
             for i, lg in zip(group, logits):
                 out[i] = lg
@@ -234,6 +236,7 @@ class Engine:
         seq.num_cached = row.start + row.chunk + n  # keys of rejected proposals are overwritten later
         seq.spec.kept = n
         seq.spec.stats.record(n, gamma)
+        seq.spec.stats.verify_ms += row.forward_s * 1000.0
         seq.spec.control.update(n, gamma)
         self.metrics.record_speculation(now, 1, gamma, n)
         emitted = 0
@@ -262,13 +265,14 @@ class Engine:
         spec.synced, spec.proposal_len, spec.kept = len(seq.tokens), gamma, 0
         spec.round_id += 1
         spec.waiting = True
+        spec.requested_at = now
         spec.deadline = now + self.speculation.draft_timeout_ms / 1000.0
         round_id = spec.round_id
         spec.link.propose(round_id, discard, append, gamma,
-                          lambda rid, tokens, q, error: self._command(
-                              lambda: self._on_proposal(seq, rid, tokens, q, error)))
+                          lambda rid, proposal, error: self._command(
+                              lambda: self._on_proposal(seq, rid, proposal, error)))
 
-    def _on_proposal(self, seq: Sequence, round_id: int, tokens, q, error) -> None:
+    def _on_proposal(self, seq: Sequence, round_id: int, proposal, error) -> None:
         spec = seq.spec
         if seq.status is not Status.RUNNING or round_id != spec.round_id or not spec.waiting:
             return  # finished, or a late answer to a round that timed out
@@ -276,14 +280,16 @@ class Engine:
         if error is not None:
             spec.disable(f"draft unavailable: {error}")
             return
-        if not tokens:
+        spec.stats.draft_wait_ms += (self.clock() - spec.requested_at) * 1000.0
+        spec.stats.draft_compute_ms += proposal.compute_ms
+        if not proposal.tokens:
             return
         needs_q = not seq.request.sampling.greedy
-        if needs_q and (q is None or len(q) != len(tokens)):
+        if needs_q and (proposal.q is None or len(proposal.q) != len(proposal.tokens)):
             spec.disable("the draft sent no distributions for sampled speculation")
             return
-        spec.proposal_len = len(tokens)
-        spec.proposal, spec.q = list(tokens), q
+        spec.proposal_len = len(proposal.tokens)
+        spec.proposal, spec.q = list(proposal.tokens), proposal.q
 
     def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
         seq.tokens.append(token)

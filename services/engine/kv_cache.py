@@ -1,7 +1,11 @@
 """A slot KV cache: one fixed row of positions per sequence, per layer.
 
 Keys and values live in ``[num_slots, max_len, kv_heads, head_dim]`` tensors
-allocated with ``torch.empty``, so untouched pages cost no memory. A sequence
+allocated with ``torch.empty``, so untouched pages cost no memory. A batch
+reads every row's slot up to the longest row's length, so positions a row has
+not written are read too (and masked): they are zeroed before first use, in
+chunks, because stale memory may hold NaN, which a mask applied by addition
+does not remove. A sequence
 owns one slot from admission to finish (the scheduler hands slots out);
 rolling back (speculation) is just lowering its cached length, since
 positions past it are overwritten.
@@ -20,7 +24,20 @@ class SlotKVCache:
         shape = (num_slots, max_len, kv_heads, head_dim)
         self.layers = [(torch.empty(shape, dtype=dtype, device=device),
                         torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        self._clean = [0] * num_slots  # positions [0, clean) of each slot are finite
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_slots * self.max_len
+
+    def ensure_clean(self, slots: list[int], upto: int, chunk: int = 256) -> None:
+        """Positions below ``upto`` of each slot hold finite values."""
+        for slot in slots:
+            start = self._clean[slot]
+            if start >= upto:
+                continue
+            end = min(self.max_len, max(upto, start + chunk))
+            for k, v in self.layers:
+                k[slot, start:end].zero_()
+                v[slot, start:end].zero_()
+            self._clean[slot] = end

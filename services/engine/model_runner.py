@@ -123,6 +123,7 @@ class ModelRunner:
         mask = j[None, None, :] <= positions[:, :, None]  # causal within each row's own positions
         # Padded queries see only position 0, so softmax stays finite; their output is dropped.
         mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)[:, None]
+        self.cache.ensure_clean([r.slot for r in rows], kv_len)
         s0 = rows[0].slot
         contiguous = bool((slots == torch.arange(s0, s0 + n)).all())
         self._ctx = _StepContext(

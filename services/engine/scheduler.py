@@ -49,6 +49,8 @@ class Row:
     draft: list[int] = field(default_factory=list)
     #: The draft's distributions for them (sampled speculation), else None.
     q: object = None
+    #: Seconds of the forward pass this row rode in (set by the engine).
+    forward_s: float = 0.0
 
     @property
     def completes(self) -> bool:
@@ -125,7 +127,7 @@ class Scheduler:
             plan.wake_at = spec.deadline if plan.wake_at is None else min(plan.wake_at, spec.deadline)
             return True
         spec.waiting = False
-        spec.timeouts += 1
+        spec.stats.draft_timeouts += 1
         return False
 
     def _drop_dead(self, now: float, plan: StepPlan) -> None:

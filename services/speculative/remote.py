@@ -20,7 +20,7 @@ from services.common.errors import Unavailable
 from services.common.server import insecure_channel
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc
-from services.speculative.state import ProposalCallback
+from services.speculative.state import Proposal, ProposalCallback
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,13 @@ class RemoteDraftLink:
                 if reply.distributions:
                     q = torch.stack([distribution_of(d, self._vocab_size) for d in reply.distributions])
                 pending = None
-                on_result(round_id, list(reply.tokens), q, None)
+                on_result(round_id, Proposal(list(reply.tokens), q, reply.compute_ms), None)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
             log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
             if pending is not None:
-                pending[-1](pending[0], None, None, Unavailable(_describe(exc)))
+                pending[-1](pending[0], None, Unavailable(_describe(exc)))
         finally:
             self._closed = True
             call.cancel()

@@ -8,8 +8,20 @@ from typing import Any, Protocol
 
 from services.speculative.gamma import GammaController
 
-#: on_result(round_id, tokens or None, q ([gamma, vocab]) or None, error or None)
-ProposalCallback = Callable[[int, "list[int] | None", Any, "BaseException | None"], None]
+
+
+@dataclass
+class Proposal:
+    """A drafter's answer: tokens, their distributions q (``[gamma, vocab]``, for
+    sampled speculation) and the milliseconds it spent computing them."""
+
+    tokens: list[int]
+    q: Any = None
+    compute_ms: float = 0.0
+
+
+#: on_result(round_id, proposal or None, error or None)
+ProposalCallback = Callable[[int, "Proposal | None", "BaseException | None"], None]
 
 
 class DraftLink(Protocol):
@@ -29,6 +41,10 @@ class SpecStats:
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     disabled_reason: str = ""
+    draft_wait_ms: float = 0.0
+    draft_compute_ms: float = 0.0
+    verify_ms: float = 0.0
+    draft_timeouts: int = 0
 
     def record(self, accepted: int, proposed: int) -> None:
         self.rounds += 1
@@ -53,6 +69,7 @@ class SpecState:
     control: GammaController
     round_id: int = 0
     waiting: bool = False
+    requested_at: float = 0.0
     deadline: float = 0.0
     proposal: list[int] | None = None
     q: Any = None
@@ -60,7 +77,6 @@ class SpecState:
     proposal_len: int = 0
     kept: int = 0
     active: bool = True
-    timeouts: int = 0
     stats: SpecStats = field(default_factory=SpecStats)
 
     def disable(self, reason: str) -> None:

@@ -75,7 +75,9 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     accepted_tokens=stats.accepted,
                                     accepted_per_position=stats.accepted_per_position,
                                     mean_accepted_length=stats.mean_accepted_length,
-                                    disabled_reason=stats.disabled_reason)
+                                    disabled_reason=stats.disabled_reason, draft_wait_ms=stats.draft_wait_ms,
+                                    draft_compute_ms=stats.draft_compute_ms, verify_ms=stats.verify_ms,
+                                    draft_timeouts=stats.draft_timeouts)
 
     @staticmethod
     def _timing(started: float, first_at: float | None, now: float, new_tokens: int) -> gen.Timing:

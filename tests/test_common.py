@@ -1,0 +1,100 @@
+"""Config parsing and validation, and the one error->status mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import errors
+from services.common.config import BaseConfig, ConfigError, field
+from services.common.status import RETRY_AFTER_KEY, status_of
+from services.target.config import TargetConfig
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SAFE = "safe"
+
+
+@dataclass
+class DemoConfig(BaseConfig):
+    SERVICE = "demo"
+    size: int = field(4, "a size")
+    ratio: float = field(0.5, "a ratio")
+    names: list[str] = field([], "names")
+    mode: Mode = field(Mode.SAFE, "a mode")
+    flag: bool = field(False, "a flag")
+
+
+def test_flags_override_service_env_which_overrides_generic_env_and_defaults():
+    env = {"LLMESH_SIZE": "7", "LLMESH_DEMO_RATIO": "0.25", "LLMESH_RATIO": "0.9", "LLMESH_DEMO_NAMES": "a, b"}
+    c = DemoConfig.from_args(["--size", "9", "--mode", "fast", "--flag", "true"], env=env)
+    assert (c.size, c.ratio, c.names, c.mode, c.flag) == (9, 0.25, ["a", "b"], Mode.FAST, True)
+    assert DemoConfig.from_args([], env={}).size == 4
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="LLMESH_DEMO_MODE"):
+        DemoConfig.from_args([], env={"LLMESH_DEMO_MODE": "turbo"})
+
+
+def test_bad_flag_value_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        DemoConfig.from_args(["--size", "many"], env={})
+    assert "--size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, field_name", [
+    ({"port": 70000}, "port"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_batch_tokens": 2, "max_batch_size": 4}, "max_batch_tokens"),
+    ({"dtype": "int3"}, "dtype"),
+    ({"gamma": 20}, "gamma"),
+    ({"grace_period_s": -1.0}, "grace_period_s"),
+])
+def test_target_config_validation_names_the_field(overrides, field_name):
+    with pytest.raises(ConfigError, match=field_name):
+        TargetConfig.from_namespace({"model": "/nowhere", **overrides}, env={})
+
+
+@pytest.mark.parametrize("exc, code", [
+    (errors.InvalidArgument("x", "bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.OutOfRange("x", "too long"), grpc.StatusCode.OUT_OF_RANGE),
+    (errors.ResourceExhausted("full", 2.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable("down"), grpc.StatusCode.UNAVAILABLE),
+    (errors.NotFound("who"), grpc.StatusCode.NOT_FOUND),
+    (errors.DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Unauthenticated("token"), grpc.StatusCode.UNAUTHENTICATED),
+])
+def test_domain_errors_map_to_their_status(exc, code):
+    got, message, trailers = status_of(exc)
+    assert got == code and message == exc.message
+    if isinstance(exc, errors.ResourceExhausted):
+        assert dict(trailers)[RETRY_AFTER_KEY] == "2500"
+
+
+def test_unexpected_errors_become_internal_without_a_traceback():
+    code, message, _ = status_of(ZeroDivisionError("secret detail"))
+    assert code == grpc.StatusCode.INTERNAL
+    assert "secret" not in message and "Traceback" not in message and "incident" in message
+
+
+async def test_health_watch_streams_through_the_error_interceptor(tiny_models):
+    """grpc's HealthServicer.Watch is a coroutine that writes; the interceptor must not break it."""
+    from services.target.main import create_server
+
+    app = create_server(TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0}, env={}))
+    await app.start()
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(app.stop(1.0))
+        second = await asyncio.wait_for(call.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
