@@ -1,0 +1,221 @@
+"""Bottleneck rules and alert hysteresis (pure: no gRPC, no stubs, no clock).
+
+:func:`analyze` is a function of a store snapshot, a window, a scope and
+``now``; each rule looks at the figures of :mod:`monitor.metrics` and says
+what limits the system, what to change and what that should bring.
+:class:`AlertTracker` turns successive analyses into alerts that fire after
+a condition has held ``for_s`` and clear after it has been gone ``clear_s``
+(the two delays are the hysteresis: a figure hovering at a threshold does
+not make alerts flap).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from monitor.metrics import Scope, Throughput, ThroughputResult, scope_keys, serving_keys, throughput
+from monitor.store import InstanceInfo, Role, Snapshot
+
+
+class Severity(enum.IntEnum):
+    INFO = 1
+    WARNING = 2
+    CRITICAL = 3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    #: Below this accelerator utilisation an instance with a queue is admission-bound.
+    low_utilization: float = 0.5
+    #: Below this batch fill an instance with a queue leaves batch slots unused.
+    min_batch_efficiency: float = 0.7
+    error_rate_warning: float = 0.05
+    error_rate_critical: float = 0.25
+    #: Below this acceptance rate speculation costs more than it brings.
+    low_acceptance: float = 0.5
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    rule: str
+    severity: Severity
+    bottleneck: str
+    action: str
+    expected_effect: str
+    #: The instance or pool concerned; empty for the fleet.
+    subject: str
+    #: The figure that crossed ``threshold`` (for alerts).
+    value: float
+    threshold: float
+    evidence: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    result: ThroughputResult
+    #: Most severe first.
+    recommendations: list[Recommendation]
+
+
+def analyze(snapshot: Snapshot, window_s: float, scope: Scope, now: float,
+            thresholds: Thresholds = Thresholds()) -> Analysis:
+    result = throughput(snapshot, window_s, scope, now)
+    infos = [snapshot.instances[k] for k in scope_keys(snapshot, scope)]
+    recs = no_healthy_instances(infos, scope, snapshot.listed_at, now)
+    for key, m in sorted(result.per_instance.items()):
+        if snapshot.instances[key].role in (Role.TARGET, Role.DRAFT):
+            for rule in (low_utilization_with_queue, low_batch_efficiency, high_error_rate, low_acceptance_rate):
+                rec = rule(key, m, thresholds)
+                if rec is not None:
+                    recs.append(rec)
+    recs.sort(key=lambda r: (-r.severity, r.rule, r.subject))
+    return Analysis(result, recs)
+
+
+def no_healthy_instances(infos: list[InstanceInfo], scope: Scope, listed_at: float | None,
+                         now: float) -> list[Recommendation]:
+    """CRITICAL per pool (and for an empty fleet) when no serving instance is healthy."""
+    evidence_age = {"router_list_age_s": now - listed_at if listed_at is not None else -1.0}
+    if scope.instance_id:
+        groups = {i.key: [i] for i in infos if i.role in (Role.TARGET, Role.DRAFT)}
+    else:
+        pools = sorted({i.pool for i in infos if i.role in (Role.TARGET, Role.DRAFT)})
+        groups = {p: [i for i in infos if i.pool == p] for p in pools}
+        if not pools:
+            where = "the router has not been reached yet" if listed_at is None else "the router lists none"
+            return [Recommendation(
+                "no_healthy_instances", Severity.CRITICAL, f"no model instance is known: {where}",
+                "start a target instance and register it with the router (or check the router's address)",
+                "requests can be served at all", scope.pool or scope.instance_id, 0.0, 1.0,
+                {"instances": 0.0, "healthy": 0.0, **evidence_age})]
+    recs = []
+    for subject, group in groups.items():
+        serving = [i for i in group if i.key in serving_keys(group)]
+        healthy = sum(i.healthy for i in serving)
+        if healthy == 0:
+            recs.append(Recommendation(
+                "no_healthy_instances", Severity.CRITICAL,
+                f"none of the {len(serving)} {serving[0].role.value} instance(s) of {subject} is healthy",
+                "check the instances' health and logs; start or register a healthy instance",
+                f"requests to {subject} are served again", subject, 0.0, 1.0,
+                {"instances": float(len(serving)), "healthy": 0.0, **evidence_age}))
+    return recs
+
+
+def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    """Work waits while the accelerator idles: admission, not compute, is the limit."""
+    if m.queue_length < 1 or m.accelerator_utilization >= t.low_utilization:
+        return None
+    kv_full = m.kv_cache_usage >= 0.9
+    action = ("raise num_slots (or free KV cache: shorter max_context) on " if kv_full
+              else "raise max_batch_size and max_batch_tokens on ") + key
+    return Recommendation(
+        "low_utilization_with_queue", Severity.WARNING,
+        "requests queue while the accelerator is idle: the batch bounds"
+        + (" (the KV cache is full)" if kv_full else "") + " keep them out",
+        action, "queued requests join the running batch: higher tokens/s, shorter queue time",
+        key, m.accelerator_utilization, t.low_utilization,
+        {"accelerator_utilization": m.accelerator_utilization, "queue_length": float(m.queue_length),
+         "kv_cache_usage": m.kv_cache_usage, "batch_efficiency": m.batch_efficiency})
+
+
+def low_batch_efficiency(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    """The batch runs part-empty although requests wait."""
+    if m.queue_length < 1 or m.batch_efficiency >= t.min_batch_efficiency:
+        return None
+    return Recommendation(
+        "low_batch_efficiency", Severity.WARNING,
+        f"the batch is {m.batch_efficiency:.0%} full while {m.queue_length} request(s) wait: "
+        "the per-step token budget or the KV-cache slots admit too few",
+        f"raise max_batch_tokens (so queued prefills fit in a step) or num_slots on {key}",
+        "fuller batches: more tokens per step at the same step time",
+        key, m.batch_efficiency, t.min_batch_efficiency,
+        {"batch_efficiency": m.batch_efficiency, "queue_length": float(m.queue_length),
+         "kv_cache_usage": m.kv_cache_usage})
+
+
+def high_error_rate(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    if m.requests_per_second <= 0 or m.error_rate < t.error_rate_warning:
+        return None
+    critical = m.error_rate >= t.error_rate_critical
+    return Recommendation(
+        "high_error_rate", Severity.CRITICAL if critical else Severity.WARNING,
+        f"{m.error_rate:.0%} of the requests finished by {key} failed",
+        f"read {key}'s log; drain it (Router.DrainInstance) if it keeps failing",
+        "the router stops sending work to a failing instance",
+        key, m.error_rate, t.error_rate_critical if critical else t.error_rate_warning,
+        {"error_rate": m.error_rate, "errors_per_second": m.errors_per_second,
+         "requests_per_second": m.requests_per_second})
+
+
+def low_acceptance_rate(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    if m.proposed_per_second <= 0 or m.acceptance_rate >= t.low_acceptance:
+        return None
+    return Recommendation(
+        "low_acceptance_rate", Severity.INFO,
+        f"only {m.acceptance_rate:.0%} of the draft's tokens are accepted on {key}",
+        "lower gamma (or gamma_max), use a draft closer to the target, or turn speculation off for this load",
+        "fewer wasted draft and verification tokens: lower per-token latency",
+        key, m.acceptance_rate, t.low_acceptance,
+        {"acceptance_rate": m.acceptance_rate, "proposed_per_second": m.proposed_per_second})
+
+
+# -- alerts -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Alert:
+    rule: str
+    severity: Severity
+    firing: bool
+    subject: str
+    value: float
+    threshold: float
+    message: str
+    timestamp: float
+
+
+@dataclass
+class _Condition:
+    since: float
+    last_seen: float
+    rec: Recommendation
+    firing: bool = False
+
+
+class AlertTracker:
+    """Alerts from successive analyses, one per (rule, subject), with time hysteresis."""
+
+    def __init__(self, for_s: float, clear_s: float) -> None:
+        self.for_s = for_s
+        self.clear_s = clear_s
+        self._conditions: dict[tuple[str, str], _Condition] = {}
+
+    def update(self, recommendations: list[Recommendation], now: float) -> list[Alert]:
+        """The alerts that fired or cleared at ``now``."""
+        out: list[Alert] = []
+        present = {(r.rule, r.subject): r for r in recommendations}
+        for key, rec in present.items():
+            c = self._conditions.setdefault(key, _Condition(since=now, last_seen=now, rec=rec))
+            escalated = c.firing and rec.severity != c.rec.severity
+            c.last_seen, c.rec = now, rec
+            if (not c.firing and now - c.since >= self.for_s) or escalated:
+                c.firing = True
+                out.append(self._alert(c, True, now))
+        for key in [k for k in self._conditions if k not in present]:
+            c = self._conditions[key]
+            if not c.firing:
+                del self._conditions[key]  # pending, never fired: forget it
+            elif now - c.last_seen >= self.clear_s:
+                del self._conditions[key]
+                out.append(self._alert(c, False, now))
+        return out
+
+    def firing(self) -> list[Alert]:
+        return [self._alert(c, True, c.last_seen) for c in self._conditions.values() if c.firing]
+
+    @staticmethod
+    def _alert(c: _Condition, firing: bool, now: float) -> Alert:
+        r = c.rec
+        message = f"{r.bottleneck}; {r.action}" if firing else f"cleared: {r.bottleneck}"
+        return Alert(r.rule, r.severity, firing, r.subject, r.value, r.threshold, message, now)

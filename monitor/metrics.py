@@ -1,0 +1,225 @@
+"""Throughput of an instance, a pool or the fleet over a window (pure).
+
+Rates come from the cumulative ``*_total`` counters: the difference between
+an instance's newest report and its report at the window start, divided by
+the difference of the sender's timestamps. That is exact whatever window the
+instance uses for its own rates. Gauges (queue, in flight) are the newest
+report's; batch fill and utilisation are averaged over the reports in the
+window; latency percentiles are the newest report's (they cover the
+instance's own window, typically 10 s).
+
+Aggregates count the scope's *serving* instances: the targets, or the drafts
+of a scope that holds no target. Drafts, the router and the others appear in
+``per_instance`` but are left out of the sums, so that a request is not
+counted once by the router, once by the target and again by the draft.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from monitor.store import InstanceInfo, Latency, Report, Role, Snapshot, UtilizationSource
+from services.common.errors import InvalidArgument, NotFound
+
+#: GetThroughput's largest window (monitor.proto); the store keeps reports a little longer.
+MAX_WINDOW_S = 300.0
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One instance, one pool, or (both empty) the whole fleet."""
+
+    instance_id: str = ""
+    pool: str = ""
+
+    def describe(self) -> str:
+        if self.instance_id:
+            return f"instance {self.instance_id}"
+        return f"pool {self.pool}" if self.pool else "fleet"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """llmesh.v1.ThroughputMetrics, plus figures the analysis needs that are not on the wire."""
+
+    window_s: float = 0.0
+    requests_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+    batch_efficiency: float = 0.0
+    accelerator_utilization: float = 0.0
+    utilization_source: UtilizationSource = UtilizationSource.UNSPECIFIED
+    concurrent_users: int = 0
+    ttft: Latency = Latency()
+    tpot: Latency = Latency()
+    e2e: Latency = Latency()
+    queue_time: Latency = Latency()
+    acceptance_rate: float = 0.0
+    error_rate: float = 0.0
+    instances: int = 0
+    queue_length: int = 0
+    # -- not in ThroughputMetrics ------------------------------------------
+    errors_per_second: float = 0.0
+    rejected_per_second: float = 0.0
+    proposed_per_second: float = 0.0
+    kv_cache_usage: float = 0.0
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    metrics: Throughput
+    #: Every instance of the scope with a report in the window, serving or not.
+    per_instance: dict[str, Throughput] = field(default_factory=dict)
+    #: The keys behind ``metrics``.
+    counted: tuple[str, ...] = ()
+
+
+def resolve_window(window_s: float, default_s: float) -> float:
+    """The window a request asks for: 0 means ``default_s``; at most MAX_WINDOW_S."""
+    if window_s == 0:
+        return default_s
+    if not (math.isfinite(window_s) and 0 < window_s <= MAX_WINDOW_S):
+        raise InvalidArgument("window_s", f"must be in (0, {MAX_WINDOW_S:g}] seconds (or 0 for the default), "
+                                          f"got {window_s}")
+    return window_s
+
+
+def scope_keys(snapshot: Snapshot, scope: Scope) -> list[str]:
+    """The keys of the instances a scope names; NotFound for an unknown instance or pool."""
+    if scope.instance_id:
+        key = snapshot.find(scope.instance_id)
+        if key is None:
+            raise NotFound(f"instance_id: no instance {scope.instance_id!r} is known to the monitor")
+        return [key]
+    if scope.pool:
+        keys = [k for k, i in snapshot.instances.items() if i.pool == scope.pool]
+        if not keys:
+            raise NotFound(f"pool: no instance of pool {scope.pool!r} is known to the monitor")
+        return sorted(keys)
+    return sorted(snapshot.instances)
+
+
+def serving_keys(infos: Iterable[InstanceInfo]) -> list[str]:
+    """The instances whose work an aggregate counts: targets, else drafts."""
+    infos = list(infos)
+    for role in (Role.TARGET, Role.DRAFT):
+        keys = [i.key for i in infos if i.role == role]
+        if keys:
+            return keys
+    return []
+
+
+def throughput(snapshot: Snapshot, window_s: float, scope: Scope, now: float) -> ThroughputResult:
+    """Metrics of ``scope`` over ``[now - window_s, now]`` (monitor time)."""
+    keys = scope_keys(snapshot, scope)
+    windows = {k: w for k in keys if (w := _window(snapshot.reports.get(k, ()), window_s, now)) is not None}
+    per_instance = {k: _instance_metrics(w, window_s) for k, w in windows.items()}
+    if scope.instance_id:
+        counted = list(windows)
+    else:
+        counted = [k for k in serving_keys(snapshot.instances[k] for k in keys) if k in windows]
+    metrics = _aggregate([windows[k] for k in counted], [per_instance[k] for k in counted], window_s)
+    return ThroughputResult(metrics, per_instance, tuple(counted))
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One instance's reports in the window, reduced to rates and a newest report."""
+
+    newest: Report
+    in_window: tuple[Report, ...]
+    #: Counter increments per second; None when the window holds a single report.
+    rates: dict[str, float] | None
+
+
+def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | None:
+    """None when the instance sent nothing in the window (it is stale or gone)."""
+    received = [r.received_at for r in ring]
+    end = bisect.bisect_right(received, now)
+    start = now - window_s
+    if end == 0 or received[end - 1] <= start:
+        return None
+    newest = ring[end - 1]
+    first_inside = bisect.bisect_right(received, start)
+    # The report at the window start: the newest one at or before it, else the oldest kept.
+    base = ring[first_inside - 1] if first_inside > 0 else ring[0]
+    span = newest.timestamp - base.timestamp
+    rates = None
+    if base is not newest and span > 0:
+        rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in (
+            "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
+            "proposed_tokens_total", "accepted_tokens_total")}
+    return _Window(newest, tuple(ring[first_inside:end]), rates)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _instance_metrics(w: _Window, window_s: float) -> Throughput:
+    r = w.newest
+    if w.rates is not None:
+        requests, tokens = w.rates["requests_total"], w.rates["tokens_generated_total"]
+        errors, rejected = w.rates["errors_total"], w.rates["rejected_total"]
+        proposed, accepted = w.rates["proposed_tokens_total"], w.rates["accepted_tokens_total"]
+        acceptance = accepted / proposed if proposed > 0 else 0.0
+        error_rate = errors / requests if requests > 0 else 0.0
+    else:
+        # A single report (the instance just appeared): its own windowed rates are all there is.
+        requests, tokens, errors, rejected, proposed = r.requests_per_second, r.tokens_per_second, 0.0, 0.0, 0.0
+        acceptance, error_rate = r.acceptance_rate, 0.0
+    return Throughput(
+        window_s=window_s, requests_per_second=requests, tokens_per_second=tokens,
+        batch_efficiency=_mean([x.batch_fill for x in w.in_window]),
+        accelerator_utilization=_mean([x.accelerator_utilization for x in w.in_window]),
+        utilization_source=r.utilization_source, concurrent_users=r.in_flight,
+        ttft=r.ttft, tpot=r.tpot, e2e=r.e2e, queue_time=r.queue_time,
+        acceptance_rate=acceptance, error_rate=error_rate, instances=1, queue_length=r.queue_length,
+        errors_per_second=errors, rejected_per_second=rejected, proposed_per_second=proposed,
+        kv_cache_usage=r.kv_cache_usage, running=r.running,
+    )
+
+
+def merge_latency(summaries: Iterable[Latency]) -> Latency:
+    """A conservative merge of per-instance summaries (percentiles cannot be merged exactly
+    without the samples): p50 and mean are count-weighted means, p95 and p99 the maxima,
+    so the fleet's tail is never reported better than its worst instance's."""
+    parts = [s for s in summaries if s.count > 0]
+    n = sum(s.count for s in parts)
+    if not n:
+        return Latency()
+    return Latency(p50_ms=sum(s.p50_ms * s.count for s in parts) / n,
+                   p95_ms=max(s.p95_ms for s in parts), p99_ms=max(s.p99_ms for s in parts),
+                   mean_ms=sum(s.mean_ms * s.count for s in parts) / n, count=n)
+
+
+def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float) -> Throughput:
+    if not parts:
+        return Throughput(window_s=window_s)
+    requests = sum(p.requests_per_second for p in parts)
+    errors = sum(p.errors_per_second for p in parts)
+    proposed = sum(p.proposed_per_second for p in parts)
+    accepted = sum(w.rates["accepted_tokens_total"] for w in windows if w.rates is not None)
+    batched = [p.batch_efficiency for p, w in zip(parts, windows) if w.newest.max_batch_size > 0]
+    measured = [p for p in parts if p.utilization_source != UtilizationSource.UNSPECIFIED]
+    sources = {p.utilization_source for p in measured}
+    return Throughput(
+        window_s=window_s, requests_per_second=requests,
+        tokens_per_second=sum(p.tokens_per_second for p in parts),
+        batch_efficiency=_mean(batched),
+        accelerator_utilization=_mean([p.accelerator_utilization for p in measured]),
+        # One source when every instance measures the same way; a mix has no single name.
+        utilization_source=sources.pop() if len(sources) == 1 else UtilizationSource.UNSPECIFIED,
+        concurrent_users=sum(p.concurrent_users for p in parts),
+        ttft=merge_latency(p.ttft for p in parts), tpot=merge_latency(p.tpot for p in parts),
+        e2e=merge_latency(p.e2e for p in parts), queue_time=merge_latency(p.queue_time for p in parts),
+        acceptance_rate=accepted / proposed if proposed > 0 else 0.0,
+        error_rate=errors / requests if requests > 0 else 0.0,
+        instances=len(parts), queue_length=sum(p.queue_length for p in parts),
+        errors_per_second=errors, rejected_per_second=sum(p.rejected_per_second for p in parts),
+        proposed_per_second=proposed, kv_cache_usage=_mean([p.kv_cache_usage for p in parts]),
+        running=sum(p.running for p in parts),
+    )

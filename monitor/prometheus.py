@@ -1,0 +1,116 @@
+"""Prometheus exposition of the fleet, computed from the store at each scrape.
+
+A custom collector on the exporter's own registry (never the process-global
+one) turns a store snapshot into metric families, so an instance that leaves
+the fleet leaves the exposition too. Names are prefixed ``llmesh_``; every
+instance series carries ``instance``, ``pool`` and ``role`` labels. Because
+Prometheus sets its own ``instance`` label (the scrape target), scrape the
+monitor with ``honor_labels: true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from monitor.analysis import Alert
+from monitor.metrics import Scope, Throughput, throughput
+from monitor.store import COUNTERS, Snapshot
+
+log = logging.getLogger(__name__)
+
+LABELS = ["instance", "pool", "role"]
+_GAUGES: list[tuple[str, str, Callable[[Throughput], float]]] = [
+    ("requests_per_second", "Finished requests per second over the window.", lambda m: m.requests_per_second),
+    ("tokens_per_second", "Generated tokens per second over the window.", lambda m: m.tokens_per_second),
+    ("concurrent_requests", "Requests in flight (queued + running).", lambda m: m.concurrent_users),
+    ("queue_length", "Requests waiting to be admitted.", lambda m: m.queue_length),
+    ("running", "Sequences in the running batch.", lambda m: m.running),
+    ("batch_efficiency", "Mean batch size / max batch size over the window.", lambda m: m.batch_efficiency),
+    ("accelerator_utilization", "Accelerator utilisation in [0, 1] over the window.",
+     lambda m: m.accelerator_utilization),
+    ("kv_cache_usage", "KV-cache tokens in use / capacity.", lambda m: m.kv_cache_usage),
+    ("acceptance_rate", "Accepted / proposed draft tokens over the window.", lambda m: m.acceptance_rate),
+    ("error_rate", "Errors / finished requests over the window.", lambda m: m.error_rate),
+]
+_LATENCIES = [("ttft", "Time to first token"), ("tpot", "Time per output token after the first"),
+              ("e2e", "Arrival to last token"), ("queue_time", "Arrival to admission")]
+
+
+class FleetCollector(Collector):
+    """Metric families of every instance in the store."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], window_s: float, clock: Callable[[], float],
+                 firing: Callable[[], list[Alert]] = list) -> None:
+        self._snapshot = snapshot
+        self._window_s = window_s
+        self._clock = clock
+        self._firing = firing
+
+    def collect(self) -> Iterator:
+        snap = self._snapshot()
+        result = throughput(snap, self._window_s, Scope(), self._clock())
+
+        def labels(key: str) -> list[str]:
+            info = snap.instances[key]
+            return [key, info.pool, info.role.value]
+
+        up = GaugeMetricFamily("llmesh_up", f"1 when the instance reported in the last {self._window_s:g} s.",
+                               labels=LABELS)
+        for key in sorted(snap.instances):
+            up.add_metric(labels(key), 1.0 if key in result.per_instance else 0.0)
+        yield up
+        for name, doc, get in _GAUGES:
+            family = GaugeMetricFamily(f"llmesh_{name}", doc, labels=LABELS)
+            for key, m in sorted(result.per_instance.items()):
+                family.add_metric(labels(key), float(get(m)))
+            yield family
+        for name, doc in _LATENCIES:
+            family = GaugeMetricFamily(f"llmesh_{name}_seconds", f"{doc}, as the instance's percentiles.",
+                                       labels=[*LABELS, "quantile"])
+            for key, m in sorted(result.per_instance.items()):
+                s = getattr(m, name)
+                for q, value in (("0.5", s.p50_ms), ("0.95", s.p95_ms), ("0.99", s.p99_ms)):
+                    family.add_metric([*labels(key), q], value / 1000.0)
+            yield family
+        for counter in COUNTERS:
+            family = CounterMetricFamily(f"llmesh_{counter}", f"Cumulative {counter.removesuffix('_total')} "
+                                         "since the instance started.", labels=LABELS)
+            for key in sorted(result.per_instance):
+                family.add_metric(labels(key), float(getattr(snap.reports[key][-1], counter)))
+            yield family
+        alerts = GaugeMetricFamily("llmesh_alert_firing", "1 for each firing alert.",
+                                   labels=["rule", "subject", "severity"])
+        for a in self._firing():
+            alerts.add_metric([a.rule, a.subject, a.severity.name.lower()], 1.0)
+        yield alerts
+
+
+class PrometheusExporter:
+    """Serves ``/metrics`` over HTTP from a daemon thread (prometheus-client's own server)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self._server.server_port if self._server is not None else None
+
+    def start(self, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = self._thread = None

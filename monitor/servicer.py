@@ -1,0 +1,40 @@
+"""Monitor RPCs: decode, compute from a store snapshot, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from monitor import codec
+from monitor.alerts import AlertHub
+from monitor.analysis import Thresholds, analyze
+from monitor.metrics import resolve_window, throughput
+from monitor.store import ReportStore
+from services.common.stubs import monitor_pb2, monitor_pb2_grpc
+
+
+class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
+    def __init__(self, store: ReportStore, alerts: AlertHub, default_window_s: float,
+                 clock: Callable[[], float], thresholds: Thresholds = Thresholds()) -> None:
+        self.store = store
+        self.alerts = alerts
+        self.default_window_s = default_window_s
+        self.clock = clock
+        self.thresholds = thresholds
+
+    async def GetThroughput(self, request, context):
+        window = resolve_window(request.window_s, self.default_window_s)
+        scope = codec.scope_of(request.scope)
+        result = throughput(self.store.snapshot(), window, scope, self.clock())
+        return codec.throughput_response(result, scope)
+
+    async def Analyze(self, request, context):
+        window = resolve_window(request.window_s, self.default_window_s)
+        scope = codec.scope_of(request.scope)
+        analysis = analyze(self.store.snapshot(), window, scope, self.clock(), self.thresholds)
+        return monitor_pb2.AnalyzeResponse(metrics=codec.throughput_pb(analysis.result.metrics),
+                                           recommendations=[codec.recommendation_pb(r)
+                                                            for r in analysis.recommendations])
+
+    async def WatchAlerts(self, request, context):
+        async for alert in self.alerts.watch(codec.severity_of(request.min_severity)):
+            yield codec.alert_pb(alert)

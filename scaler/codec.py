@@ -1,0 +1,63 @@
+"""The scaler's protobuf ⇄ domain translations (no I/O)."""
+
+from __future__ import annotations
+
+from scaler.policy import Policy
+from scaler.state import Event, Instance, ManagedState, PoolView, Role
+from services.common.errors import InvalidArgument
+from services.common.stubs import router_pb2, scaler_pb2, stats_pb2
+
+ROLES = {stats_pb2.ROLE_TARGET: Role.TARGET, stats_pb2.ROLE_DRAFT: Role.DRAFT}
+ROLES_PB = {Role.TARGET: stats_pb2.ROLE_TARGET, Role.DRAFT: stats_pb2.ROLE_DRAFT,
+            Role.UNSPECIFIED: stats_pb2.ROLE_UNSPECIFIED}
+STATES_PB = {
+    ManagedState.STARTING: scaler_pb2.MANAGED_STATE_STARTING, ManagedState.WARMING: scaler_pb2.MANAGED_STATE_WARMING,
+    ManagedState.SERVING: scaler_pb2.MANAGED_STATE_SERVING, ManagedState.DRAINING: scaler_pb2.MANAGED_STATE_DRAINING,
+    ManagedState.STOPPED: scaler_pb2.MANAGED_STATE_STOPPED, ManagedState.EXTERNAL: scaler_pb2.MANAGED_STATE_EXTERNAL,
+}
+
+
+def instance_of(pb: router_pb2.InstanceStatus) -> Instance:
+    """A registered instance the scaler did not start."""
+    spec = pb.spec
+    return Instance(id=spec.id or spec.address, address=spec.address,
+                    role=ROLES.get(spec.role, Role.UNSPECIFIED), pool=spec.pool or "default",
+                    state=ManagedState.EXTERNAL, active=pb.state == router_pb2.INSTANCE_STATE_ACTIVE)
+
+
+def pool_name(value: str) -> str:
+    if not value.strip():
+        raise InvalidArgument("pool", "must not be empty")
+    return value
+
+
+def policy_of(pb: scaler_pb2.ScalingPolicy) -> Policy:
+    """The fields as sent; :func:`scaler.policy.checked` applies defaults and validates."""
+    return Policy(min_instances=pb.min_instances, max_instances=pb.max_instances,
+                  target_utilization=pb.target_utilization, tolerance=pb.tolerance,
+                  scale_up_window_s=pb.scale_up_window_s, scale_down_window_s=pb.scale_down_window_s,
+                  drain_timeout_s=pb.drain_timeout_s, manual_instances=pb.manual_instances)
+
+
+def policy_pb(p: Policy) -> scaler_pb2.ScalingPolicy:
+    return scaler_pb2.ScalingPolicy(
+        min_instances=p.min_instances, max_instances=p.max_instances, target_utilization=p.target_utilization,
+        tolerance=p.tolerance, scale_up_window_s=p.scale_up_window_s, scale_down_window_s=p.scale_down_window_s,
+        drain_timeout_s=p.drain_timeout_s, manual_instances=p.manual_instances)
+
+
+def instance_pb(i: Instance) -> scaler_pb2.ManagedInstance:
+    return scaler_pb2.ManagedInstance(id=i.id, address=i.address, role=ROLES_PB[i.role], pool=i.pool,
+                                      state=STATES_PB[i.state], backend_ref=i.backend_ref, started_at=i.started_at)
+
+
+def pool_pb(v: PoolView) -> scaler_pb2.PoolStatus:
+    return scaler_pb2.PoolStatus(pool=v.pool, role=ROLES_PB[v.role], desired=v.desired, current=v.current,
+                                 reason=v.reason, policy=policy_pb(v.policy),
+                                 instances=[instance_pb(i) for i in v.instances])
+
+
+def event_pb(e: Event) -> scaler_pb2.ScalingEvent:
+    return scaler_pb2.ScalingEvent(timestamp=e.timestamp, pool=e.pool, from_instances=e.from_instances,
+                                   to_instances=e.to_instances, reason=e.reason, figures=e.figures, kind=e.kind,
+                                   instance_id=e.instance_id)

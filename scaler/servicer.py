@@ -1,0 +1,46 @@
+"""Scaler RPCs: refresh the fleet from the router, apply the change, encode the pools."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scaler import codec
+from scaler.fleet import RouterFleet
+from scaler.policy import checked
+from scaler.state import ScalerState
+from services.common.errors import InvalidArgument
+from services.common.stubs import scaler_pb2, scaler_pb2_grpc
+
+
+class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
+    def __init__(self, state: ScalerState, fleet: RouterFleet, clock: Callable[[], float]) -> None:
+        self.state = state
+        self.fleet = fleet
+        self.clock = clock
+
+    async def GetStatus(self, request, context):
+        await self.fleet.refresh()
+        return scaler_pb2.GetStatusResponse(pools=[codec.pool_pb(v) for v in self.state.pools(self.clock())],
+                                            backend=self.state.backend)
+
+    async def SetPolicy(self, request, context):
+        pool = codec.pool_name(request.pool)
+        if not request.HasField("policy"):
+            raise InvalidArgument("policy", "must be set")
+        policy = checked(codec.policy_of(request.policy))
+        await self.fleet.refresh()
+        return scaler_pb2.SetPolicyResponse(pool=codec.pool_pb(self.state.set_policy(pool, policy, self.clock())))
+
+    async def ScaleTo(self, request, context):
+        pool = codec.pool_name(request.pool)
+        await self.fleet.refresh()
+        return scaler_pb2.ScaleToResponse(
+            pool=codec.pool_pb(self.state.scale_to(pool, request.instances, self.clock())))
+
+    async def GetHistory(self, request, context):
+        return scaler_pb2.GetHistoryResponse(
+            events=[codec.event_pb(e) for e in self.state.history(request.pool, request.since)])
+
+    async def WatchEvents(self, request, context):
+        async for event in self.state.watch(request.pool):
+            yield codec.event_pb(event)
