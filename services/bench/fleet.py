@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from services.cli.healthcheck import check
-from services.cli.launcher import Fleet
+from services.cli.launcher import Fleet, wait_routable
 from services.cli.plan import ServiceSpec
 
 
@@ -45,25 +44,6 @@ def router_spec(targets: list[str], drafts: list[str] = ()) -> ServiceSpec:
 
 def _env(threads: int) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, threads))}
-
-
-def wait_routable(router: str, timeout_s: float = 60.0) -> None:
-    """Waits until the router sees every registered instance as SERVING."""
-    import grpc
-
-    from services.common.stubs import router_pb2, router_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        while True:
-            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5).instances
-            if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
-                return
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{i.spec.id}: {router_pb2.InstanceHealth.Name(i.health)}" for i in listed)
-                raise TimeoutError(f"the router at {router} does not see its instances as healthy: {states}")
-            time.sleep(0.1)
 
 
 @contextmanager

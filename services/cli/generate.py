@@ -1,0 +1,107 @@
+"""`llmesh generate PROMPT`: one generation through the router, streamed.
+
+Text goes to stdout as it arrives (flushed per chunk); a one-line summary
+(tokens, time to first token, tokens/s, finish reason) goes to stderr. A
+failed call prints its gRPC status code and details and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from services.cli.plan import DEFAULT_ADDRESSES
+
+PRIORITIES = ("interactive", "normal", "batch")
+
+
+def build_request(args: argparse.Namespace):
+    """The GenerateRequest the flags describe (unset flags stay unset)."""
+    from services.common.stubs import generation_pb2 as gen
+
+    sampling = gen.SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens,
+                                  stop=args.stop or [], ignore_eos=args.ignore_eos)
+    for name in ("top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(sampling, name, getattr(args, name))
+    speculation = gen.SpeculationParams()
+    if args.speculate is not None:
+        speculation.enabled = args.speculate
+    if args.gamma is not None:
+        speculation.gamma = args.gamma
+    return gen.GenerateRequest(prompt=gen.Prompt(text=args.prompt), sampling=sampling,
+                               priority=gen.Priority.Value(f"PRIORITY_{args.priority.upper()}"),
+                               speculation=speculation)
+
+
+def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
+    """One line about a finished stream; tokens/s is over the whole request."""
+    from services.common.stubs import generation_pb2 as gen
+
+    parts = [f"{tokens} tokens",
+             f"TTFT {ttft_s * 1000:.0f} ms" if ttft_s is not None else "TTFT -",
+             f"{tokens / elapsed_s:.1f} tokens/s" if elapsed_s > 0 else "- tokens/s",
+             "finish " + (gen.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+                          if last is not None else "none")]
+    if last is not None and last.instance_id:
+        parts.append(f"instance {last.instance_id}")
+    if last is not None and last.speculation.proposed_tokens:
+        s = last.speculation
+        parts.append(f"accepted {s.accepted_tokens}/{s.proposed_tokens} draft tokens")
+    if last is not None and last.cached:
+        parts.append("cached")
+    return " · ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.common.stubs import router_pb2_grpc
+
+    request = build_request(args)
+    tokens, first_at, last, ends_with_newline = 0, None, None, True
+    started = time.monotonic()
+    with grpc.insecure_channel(args.router) as channel:
+        try:
+            for chunk in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=args.timeout):
+                if chunk.token_ids and first_at is None:
+                    first_at = time.monotonic()
+                tokens += len(chunk.token_ids)
+                if chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    ends_with_newline = chunk.text.endswith("\n")
+                last = chunk
+        except grpc.RpcError as exc:
+            if not ends_with_newline:
+                print(flush=True)
+            print(f"llmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if not ends_with_newline:
+        print(flush=True)
+    ttft = first_at - started if first_at is not None else None
+    print(summary(tokens, ttft, time.monotonic() - started, last), file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text through the router",
+                              description="Streams a generation through the router: text to stdout, a "
+                                          "summary (tokens, TTFT, tokens/s, finish reason) to stderr.")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    p.add_argument("--stop", nargs="+", action="extend", metavar="S", help="stop sequence(s); repeatable")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence tokens")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal", help="scheduling class (default: %(default)s)")
+    p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the draft model (default: the target's setting)")
+    p.add_argument("--gamma", type=int, help="draft tokens per round (default: adaptive)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,312 @@
+"""`llmesh up`: the whole suite as five local processes.
+
+Executes the plan of :mod:`services.cli.plan`: checks the models and ports,
+starts every service (`python -m MODULE ...`, its own session, its output in
+``HOME/logs/NAME.log``), waits until each answers SERVING on
+``grpc.health.v1``, prints one line per service (name, address, pid), then
+supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
+them (SIGKILL after a grace period). If a service dies, its log tail is
+printed and the rest are stopped (or, with ``--keep-going``, left running).
+
+Exit status: 0 when stopped on request and every service exited with 0;
+1 when a service failed to start, died, or did not stop cleanly; 2 for a
+usage error (models or ports missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.cli.plan import DEFAULT_BASE_PORT, SERVICES, ServiceSpec, UpOptions, model_paths, plan, ports
+
+POLL_S = 0.2
+TAIL_LINES = 25
+
+
+class LaunchError(RuntimeError):
+    """A service did not come up; the message names it and shows its log tail."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LLMESH_HOME") or Path.home() / ".cache" / "llmesh")
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines of a log file ("" if there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def connect_address(spec: ServiceSpec) -> str:
+    """Where a client on this machine reaches a service bound to ``spec.host``."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(spec.host, spec.host)
+    return f"{host}:{spec.port}"
+
+
+def busy_ports(host: str, ports: Sequence[int]) -> list[int]:
+    """The ports that cannot be bound on ``host`` right now.
+
+    gRPC servers set SO_REUSEPORT, so a second suite would bind next to a
+    running one and its health checks would reach the old processes; a
+    plain bind (no SO_REUSEPORT) fails on any port a server holds.
+    """
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when the
+    launcher dies, so a killed launcher leaves no orphaned services."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    spec: ServiceSpec
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def describe_exit(self) -> str:
+        rc = self.proc.returncode
+        how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
+        text = tail(self.log_path)
+        return f"{self.name} (pid {self.proc.pid}) {how}; last lines of {self.log_path}:\n{text}"
+
+
+class Fleet:
+    """The processes of a plan: start them, wait for health, stop them."""
+
+    def __init__(self, specs: Sequence[ServiceSpec], log_dir: Path, python: str = sys.executable,
+                 base_env: dict[str, str] | None = None) -> None:
+        self.specs = list(specs)
+        self.log_dir = log_dir
+        self.python = python
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.children: list[Child] = []
+
+    def start(self) -> None:
+        """Spawns every process, each in its own session (a terminal's Ctrl-C
+        reaches only the launcher, which stops them in order) and bound to
+        the launcher's life."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        preexec = _die_with_launcher()
+        for spec in self.specs:
+            log_path = self.log_dir / f"{spec.name}.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env={**self.base_env, **spec.env},
+                                        start_new_session=True, preexec_fn=preexec)
+            self.children.append(Child(spec, proc, log_path))
+
+    def wait_ready(self, timeout_s: float, is_serving: Callable[[str], bool],
+                   on_ready: Callable[[Child, float], None] = lambda child, waited: None,
+                   stop: threading.Event | None = None) -> bool:
+        """Waits until ``is_serving(address)`` holds for every child.
+
+        Returns False if ``stop`` was set first. Raises :class:`LaunchError`
+        when a child exits or the timeout passes.
+        """
+        stop = stop or threading.Event()
+        started = time.monotonic()
+        pending = list(self.children)
+        while pending:
+            for child in list(pending):
+                if child.proc.poll() is not None:
+                    raise LaunchError(f"{child.describe_exit()}\n{child.name} exited before it was ready")
+                if is_serving(connect_address(child.spec)):
+                    pending.remove(child)
+                    on_ready(child, time.monotonic() - started)
+            if not pending:
+                return True
+            if time.monotonic() - started > timeout_s:
+                child = pending[0]
+                raise LaunchError(f"{child.name} at {child.spec.address} (pid {child.proc.pid}) was not SERVING "
+                                  f"after {timeout_s:.0f} s; last lines of {child.log_path}:\n{tail(child.log_path)}")
+            if stop.wait(POLL_S):
+                return False
+        return True
+
+    def exited(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+    def stop(self, grace_s: float) -> dict[str, int]:
+        """SIGTERM to every live child (last started first), SIGKILL to any
+        still running after ``grace_s``; returns each child's exit code."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"llmesh up: {child.name} (pid {child.proc.pid}) ignored SIGTERM for {grace_s:.0f} s; "
+                      "killing it", file=sys.stderr, flush=True)
+                child.proc.kill()
+                child.proc.wait()
+        return {c.name: c.proc.returncode for c in self.children}
+
+
+def supervise(fleet: Fleet, stop: threading.Event, keep_going: bool = False) -> bool:
+    """Blocks until ``stop`` is set or a child dies (with ``keep_going``:
+    until ``stop`` or every child is gone). Reports each death on stderr.
+    Returns True when no child died."""
+    reported: set[str] = set()
+    while not stop.wait(POLL_S):
+        for child in fleet.exited():
+            if child.name not in reported:
+                reported.add(child.name)
+                then = "the others keep running" if keep_going else "stopping the others"
+                print(f"llmesh up: {child.describe_exit()}\nllmesh up: {then}", file=sys.stderr, flush=True)
+        if reported and (not keep_going or len(reported) == len(fleet.children)):
+            break
+    return not reported
+
+
+def wait_routable(router: str, timeout_s: float = 60.0) -> None:
+    """Waits until the router sees every registered instance as SERVING."""
+    import grpc
+
+    from services.common.stubs import router_pb2, router_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while True:
+            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5).instances
+            if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{i.spec.id}: {router_pb2.InstanceHealth.Name(i.health)}" for i in listed)
+                raise TimeoutError(f"the router at {router} does not see its instances as healthy: {states}")
+            time.sleep(0.1)
+
+
+def _is_serving(address: str) -> bool:
+    from services.cli.healthcheck import check
+
+    return check(address, timeout=1.0) == "SERVING"
+
+
+def options_of(args: argparse.Namespace) -> UpOptions:
+    return UpOptions(home=Path(args.home) if args.home else default_home(), host=args.host,
+                     base_port=args.base_port, threads=args.threads, log_level=args.log_level,
+                     target_model=Path(args.target_model) if args.target_model else None,
+                     draft_model=Path(args.draft_model) if args.draft_model else None,
+                     prometheus_port=args.prometheus_port)
+
+
+def preflight(options: UpOptions) -> str | None:
+    """Why the suite cannot start (models or ports missing), or None."""
+    for role, path in model_paths(options).items():
+        if not (path / "config.json").is_file():
+            explicit = options.target_model if role == "target" else options.draft_model
+            hint = (f"pass --{role}-model a Hugging Face causal LM directory" if explicit
+                    else f"run `llmesh models build` (or pass --{role}-model DIR)")
+            return f"no {role} model at {path}: {hint}"
+    wanted = {port: name for name, port in ports(options.base_port, options.prometheus_port).items()}
+    busy = busy_ports(options.host, list(wanted))
+    if busy:
+        names = ", ".join(f"{p} ({wanted[p]})" for p in busy)
+        return f"port(s) already in use on {options.host}: {names}; stop the other suite or pass --base-port"
+    return None
+
+
+def _say(text: str, error: bool = False) -> None:
+    print(f"llmesh up: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_of(args)
+    try:
+        specs = plan(options)
+    except ValueError as exc:
+        _say(str(exc), error=True)
+        return 2
+    problem = preflight(options)
+    if problem:
+        _say(problem, error=True)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet = Fleet(specs, options.home / "logs")
+    _say(f"starting {len(specs)} services; logs in {fleet.log_dir}")
+    healthy = False
+    try:
+        fleet.start()
+        ready = fleet.wait_ready(args.timeout, _is_serving, stop=stop, on_ready=lambda c, waited: print(
+            f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
+        if ready:
+            router = specs[SERVICES.index("router")]
+            wait_routable(connect_address(router), args.timeout)  # the router sees its targets
+            _say(f"ready; router at {router.address} (Ctrl-C stops every service)")
+            healthy = supervise(fleet, stop, args.keep_going)
+        else:
+            healthy = True  # stopped on request before the suite was ready
+    except (LaunchError, TimeoutError) as exc:
+        _say(str(exc), error=True)
+    finally:
+        _say("stopping every service")
+        codes = fleet.stop(args.grace_period)
+    unclean = {name: rc for name, rc in codes.items() if rc != 0}
+    if healthy and unclean:
+        _say(f"did not stop cleanly (exit codes): {unclean}", error=True)
+    _say("stopped")
+    return 0 if healthy and not unclean else 1
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "up", help="run the whole suite as local processes",
+        description="Starts router, target, draft, monitor and scaler as local processes, waits until each "
+                    "is SERVING, and stops them all on Ctrl-C or SIGTERM.")
+    p.add_argument("--home", help="llmesh home holding models/ and logs/ (default: $LLMESH_HOME or ~/.cache/llmesh)")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help="router port; target +10, draft +20, monitor +30, scaler +40 (default: %(default)s)")
+    p.add_argument("--prometheus-port", type=int,
+                   help="monitor's Prometheus port (default: 9464, or base + 31 with another base)")
+    p.add_argument("--target-model", help="target model directory (default: HOME/models/target)")
+    p.add_argument("--draft-model", help="draft model directory (default: HOME/models/draft)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="target's torch threads; the draft gets a quarter (default: every core)")
+    p.add_argument("--log-level", default="info", help="every service's logging level (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds the suite gets to report SERVING (default: %(default)s)")
+    p.add_argument("--grace-period", type=float, default=20.0,
+                   help="seconds between SIGTERM and SIGKILL on stop (default: %(default)s)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a service dies, report it but keep the others running")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,55 @@
+"""The `llmesh` command.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)``,
+which registers its parser and sets ``func`` (``func(args) -> int``). A
+module may also set ``passthrough=True``: the arguments the parser does not
+know are handed on as ``args.rest`` (``serve``, ``models build``) instead of
+being an error. Modules import their heavy dependencies inside ``func`` so
+``llmesh --help`` stays fast. To add a subcommand, add its module to
+:data:`COMMANDS`; a listed module that does not exist yet is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+#: Subcommand modules, in the order `llmesh --help` lists them.
+COMMANDS = (
+    "services.cli.launcher",   # up
+    "services.cli.generate",
+    "services.cli.status",
+    "services.cli.models",
+    "services.cli.serve",
+    "services.cli.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmesh", description="llmesh: LLM serving as gRPC microservices (router, target, draft, "
+                                   "monitor, scaler).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`llmesh models build [...]`: builds the default models offline.
+
+Delegates to ``services.models.build`` (``add_arguments(parser)`` and
+``run(args) -> int``), imported only when the command runs so that
+`llmesh --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action is None:
+        args.parser.print_help()
+        return 2
+    build = importlib.import_module("services.models.build")
+    parser = argparse.ArgumentParser(prog="llmesh models build", description=build.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_arguments(parser)
+    return build.run(parser.parse_args(args.rest)) or 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("models", help="build the default target and draft models offline", add_help=False,
+                              description="Subcommands: build (see `llmesh models build --help`).")
+    p.add_argument("action", nargs="?", choices=["build"], help="what to do")
+    p.set_defaults(func=run, passthrough=True, parser=p)
+    return p

@@ -1,0 +1,139 @@
+"""The plan of a local suite: which processes `llmesh up` starts, with what.
+
+Pure: no processes, no network, no environment reads. :func:`plan` turns the
+options of `llmesh up` into one :class:`ServiceSpec` per service; the
+launcher only executes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The five services, in start order (model services first: they load longest).
+SERVICES = ("draft", "target", "router", "monitor", "scaler")
+
+#: The module each service runs as (`python -m MODULE`); each has `main(argv) -> int`.
+MODULES = {
+    "router": "router.main",
+    "target": "services.target.main",
+    "draft": "services.draft.main",
+    "monitor": "monitor.main",
+    "scaler": "scaler.main",
+}
+
+DEFAULT_BASE_PORT = 50051
+DEFAULT_PROMETHEUS_PORT = 9464
+#: Port of each service relative to the base port (the router's).
+PORT_OFFSETS = {"router": 0, "target": 10, "draft": 20, "monitor": 30, "scaler": 40}
+#: With a non-default base, the monitor's Prometheus exposition sits next to it.
+PROMETHEUS_OFFSET = 31
+
+#: Default addresses of a suite started with the default ports.
+DEFAULT_ADDRESSES = {name: f"127.0.0.1:{DEFAULT_BASE_PORT + off}" for name, off in PORT_OFFSETS.items()}
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `llmesh up` was asked for. ``threads`` 0 means "every core"."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    base_port: int = DEFAULT_BASE_PORT
+    target_model: Path | None = None
+    draft_model: Path | None = None
+    threads: int = 0
+    log_level: str = "info"
+    prometheus_port: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One process of the suite.
+
+    ``env`` holds only the variables this process sets on top of the
+    launcher's own environment.
+    """
+
+    name: str
+    module: str
+    port: int
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self, python: str) -> list[str]:
+        return [python, "-m", self.module, *self.args]
+
+
+def ports(base_port: int = DEFAULT_BASE_PORT, prometheus_port: int | None = None) -> dict[str, int]:
+    """Every service's port, plus ``"prometheus"``.
+
+    The default base gives the documented ports (router 50051, target 50061,
+    draft 50071, monitor 50081 with Prometheus on 9464, scaler 50091); any
+    other base offsets all of them from it, Prometheus at base + 31.
+    """
+    out = {name: base_port + off for name, off in PORT_OFFSETS.items()}
+    if prometheus_port is None:
+        prometheus_port = (DEFAULT_PROMETHEUS_PORT if base_port == DEFAULT_BASE_PORT
+                           else base_port + PROMETHEUS_OFFSET)
+    out["prometheus"] = prometheus_port
+    if not all(0 < p <= 65535 for p in out.values()):
+        raise ValueError(f"base port {base_port} puts a port out of range: {out}")
+    return out
+
+
+def thread_counts(threads: int, cpus: int) -> dict[str, int]:
+    """Intra-op threads per process.
+
+    The target gets ``threads`` (0: every core), the draft a quarter of that
+    (at least one): while speculating they mostly take turns, and idle
+    threads sleep (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning on the
+    cores the other needs. Services that run no model get one.
+    """
+    target = threads if threads > 0 else max(1, cpus)
+    return {"target": target, "draft": max(1, target // 4), "router": 1, "monitor": 1, "scaler": 1}
+
+
+def _env(home: Path, threads: int) -> dict[str, str]:
+    n = str(threads)
+    return {"LLMESH_HOME": str(home), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": n,
+            "MKL_NUM_THREADS": n, "PYTHONUNBUFFERED": "1"}
+
+
+def model_paths(options: UpOptions) -> dict[str, Path]:
+    """The target and draft model directories (defaults under HOME/models)."""
+    return {"target": options.target_model or options.home / "models" / "target",
+            "draft": options.draft_model or options.home / "models" / "draft"}
+
+
+def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
+    """The five processes of a local suite, in :data:`SERVICES` order."""
+    cpus = cpus or os.cpu_count() or 1
+    port = ports(options.base_port, options.prometheus_port)
+    threads = thread_counts(options.threads, cpus)
+    models = model_paths(options)
+
+    def addr(name: str) -> str:
+        return f"{options.host}:{port[name]}"
+
+    extra = {
+        "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"])),
+        "target": ("--model", str(models["target"]), "--threads", str(threads["target"]),
+                   "--draft-address", addr("draft")),
+        "router": ("--targets", addr("target"), "--drafts", addr("draft")),
+        "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
+        "scaler": ("--router", addr("router"), "--monitor", addr("monitor")),
+    }
+    return [ServiceSpec(name=name, module=MODULES[name], port=port[name], host=options.host,
+                        args=("--host", options.host, "--port", str(port[name]),
+                              "--log-level", options.log_level, *extra[name]),
+                        env=_env(options.home, threads[name]))
+            for name in SERVICES]
+

@@ -1,0 +1,380 @@
+"""The `llmesh` command: the launcher's plan (pure), argument parsing, the
+process supervisor on throwaway processes, the gRPC healthcheck against an
+in-process health server, and `status` against nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.cli import healthcheck, launcher, status
+from services.cli.generate import build_request
+from services.cli.main import build_parser, main
+from services.cli.plan import MODULES, SERVICES, ServiceSpec, UpOptions, plan, ports, thread_counts
+from services.common.stubs import generation_pb2 as gen
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def arg(spec: ServiceSpec, flag: str) -> str:
+    """The value following ``flag`` in a spec's arguments."""
+    return spec.args[spec.args.index(flag) + 1]
+
+
+# -- the plan (pure) ---------------------------------------------------------
+
+def test_default_plan_starts_five_services_on_the_documented_ports():
+    specs = {s.name: s for s in plan(UpOptions(home=Path("/h")), cpus=2)}
+    assert list(specs) == list(SERVICES) and set(SERVICES) == set(MODULES)
+    assert {n: s.port for n, s in specs.items()} == {
+        "router": 50051, "target": 50061, "draft": 50071, "monitor": 50081, "scaler": 50091}
+    for name, s in specs.items():
+        assert s.module == MODULES[name]
+        assert s.command("py")[:3] == ["py", "-m", MODULES[name]]
+        assert arg(s, "--host") == "127.0.0.1" and arg(s, "--port") == str(s.port)
+        assert arg(s, "--log-level") == "info"
+        assert s.env["OMP_WAIT_POLICY"] == "PASSIVE" and s.env["LLMESH_HOME"] == "/h"
+    assert arg(specs["target"], "--model") == "/h/models/target"
+    assert arg(specs["draft"], "--model") == "/h/models/draft"
+    assert arg(specs["target"], "--draft-address") == "127.0.0.1:50071"
+    assert arg(specs["router"], "--targets") == "127.0.0.1:50061"
+    assert arg(specs["router"], "--drafts") == "127.0.0.1:50071"
+    assert arg(specs["monitor"], "--router") == "127.0.0.1:50051"
+    assert arg(specs["monitor"], "--prometheus-port") == "9464"
+    assert arg(specs["scaler"], "--router") == "127.0.0.1:50051"
+    assert arg(specs["scaler"], "--monitor") == "127.0.0.1:50081"
+
+
+def test_plan_shares_two_cores_between_the_model_processes():
+    specs = {s.name: s for s in plan(UpOptions(home=Path("/h")), cpus=2)}
+    assert arg(specs["target"], "--threads") == specs["target"].env["OMP_NUM_THREADS"] == "2"
+    assert arg(specs["draft"], "--threads") == specs["draft"].env["OMP_NUM_THREADS"] == "1"
+    for name in ("router", "monitor", "scaler"):
+        assert specs[name].env["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 64])
+@pytest.mark.parametrize("threads", [0, 1, 2, 5])
+def test_every_process_gets_at_least_one_thread_and_the_draft_no_more_than_the_target(cpus, threads):
+    counts = thread_counts(threads, cpus)
+    assert all(n >= 1 for n in counts.values())
+    assert counts["draft"] <= counts["target"] == (threads or cpus)
+
+
+def test_a_base_port_offsets_every_port_and_options_reach_the_processes():
+    options = UpOptions(home=Path("/h"), host="0.0.0.0", base_port=20000, threads=3, log_level="debug",
+                        target_model=Path("/m/t"), draft_model=Path("/m/d"))
+    specs = {s.name: s for s in plan(options, cpus=2)}
+    assert {n: s.port for n, s in specs.items()} == {
+        "router": 20000, "target": 20010, "draft": 20020, "monitor": 20030, "scaler": 20040}
+    assert arg(specs["monitor"], "--prometheus-port") == "20031"
+    assert arg(specs["target"], "--model") == "/m/t" and arg(specs["draft"], "--model") == "/m/d"
+    assert arg(specs["target"], "--threads") == "3"
+    assert all(arg(s, "--host") == "0.0.0.0" and arg(s, "--log-level") == "debug" for s in specs.values())
+    assert len(set(ports(20000).values())) == 6
+
+
+def test_ports_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="out of range"):
+        ports(65500)
+
+
+# -- argument parsing ----------------------------------------------------------
+
+def test_generate_flags_become_a_request_and_unset_ones_stay_unset():
+    args = build_parser().parse_args(["generate", "hello", "--max-tokens", "9", "--temperature", "0.7",
+                                      "--top-k", "5", "--stop", "a", "b", "--stop", "c", "--priority", "batch",
+                                      "--no-speculate", "--gamma", "3"])
+    req = build_request(args)
+    assert req.prompt.text == "hello" and req.sampling.max_new_tokens == 9
+    assert req.sampling.temperature == pytest.approx(0.7) and req.sampling.top_k == 5
+    assert not req.sampling.HasField("top_p") and not req.sampling.HasField("seed")
+    assert list(req.sampling.stop) == ["a", "b", "c"]
+    assert req.priority == gen.PRIORITY_BATCH
+    assert req.speculation.HasField("enabled") and req.speculation.enabled is False
+    assert req.speculation.gamma == 3
+
+    plain = build_request(build_parser().parse_args(["generate", "hi"]))
+    assert plain.sampling.temperature == 0.0 and plain.priority == gen.PRIORITY_NORMAL
+    assert not plain.speculation.HasField("enabled") and not plain.speculation.HasField("gamma")
+
+
+def test_up_flags_become_options(tmp_path):
+    args = build_parser().parse_args(["up", "--home", str(tmp_path), "--base-port", "30000", "--threads", "1",
+                                      "--target-model", "/t", "--keep-going"])
+    options = launcher.options_of(args)
+    assert options.home == tmp_path and options.base_port == 30000 and options.threads == 1
+    assert options.target_model == Path("/t") and options.draft_model is None and args.keep_going
+
+
+def test_unknown_flags_are_an_error_except_for_pass_through_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["status", "--bogus"])
+    assert exc.value.code == 2 and "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "target", "--help"])  # the target's own help
+    assert exc.value.code == 0 and "--draft-address" in capsys.readouterr().out
+
+
+def test_models_build_and_serve_hand_their_arguments_on(monkeypatch):
+    seen = {}
+
+    def add_arguments(parser):
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--force", action="store_true")
+
+    def run_build(args):
+        seen["build"] = vars(args)
+        return 0
+
+    def run_service(argv):
+        seen["serve"] = argv
+        return 0
+
+    build = types.ModuleType("services.models.build")
+    build.add_arguments, build.run = add_arguments, run_build
+    service = types.ModuleType("fake_service_main")
+    service.main = run_service
+    monkeypatch.setitem(sys.modules, "services.models.build", build)
+    monkeypatch.setitem(sys.modules, "fake_service_main", service)
+    monkeypatch.setitem(MODULES, "scaler", "fake_service_main")
+    assert main(["models", "build", "--seed", "3", "--force"]) == 0
+    assert main(["serve", "scaler", "--port", "7", "--router", "r:1"]) == 0
+    assert seen == {"build": {"seed": 3, "force": True}, "serve": ["--port", "7", "--router", "r:1"]}
+
+
+def test_llmesh_help_lists_the_commands_without_loading_torch_or_grpc():
+    code = ("import sys, contextlib, io\n"
+            "from services.cli.main import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    try: main(['--help'])\n"
+            "    except SystemExit as e: assert e.code == 0\n"
+            "print(out.getvalue())\n"
+            "print('heavy:', sorted(m for m in ('torch', 'grpc', 'transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("up", "generate", "status", "models", "serve"):
+        assert f"    {command} " in result.stdout
+    assert "heavy: []" in result.stdout
+
+
+# -- preflight -------------------------------------------------------------------
+
+def test_up_without_models_says_to_build_them(tmp_path, capsys):
+    assert main(["up", "--home", str(tmp_path)]) == 2
+    assert "run `llmesh models build`" in capsys.readouterr().err
+
+
+def test_up_refuses_a_busy_port(tmp_path, capsys):
+    for role in ("target", "draft"):
+        (tmp_path / "models" / role).mkdir(parents=True)
+        (tmp_path / "models" / role / "config.json").write_text("{}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+        assert launcher.busy_ports("127.0.0.1", [taken]) == [taken]
+        assert main(["up", "--home", str(tmp_path), "--base-port", str(taken - 10)]) == 2
+    assert f"{taken} (target)" in capsys.readouterr().err
+
+
+# -- the supervisor, on throwaway processes ----------------------------------------
+
+CHILD = textwrap.dedent("""
+    import signal, sys, time
+    mode = sys.argv[1]
+    print("child", mode, "started", flush=True)
+    if mode == "crash":
+        sys.exit(3)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def fleet_of(tmp_path, *modes: str) -> launcher.Fleet:
+    (tmp_path / "llmesh_test_child.py").write_text(CHILD)
+    specs = [ServiceSpec(name=f"{mode}{i}", module="llmesh_test_child", port=1 + i, args=(mode,),
+                         env={"PYTHONPATH": str(tmp_path)}) for i, mode in enumerate(modes)]
+    return launcher.Fleet(specs, tmp_path / "logs")
+
+
+def wait_for_log(fleet, text):
+    deadline = time.monotonic() + 30
+    while not all(text in launcher.tail(c.log_path) for c in fleet.children):
+        assert time.monotonic() < deadline, "children did not start"
+        time.sleep(0.05)
+
+
+def test_a_child_that_dies_before_it_is_ready_is_named_with_its_log(tmp_path):
+    fleet = fleet_of(tmp_path, "calm", "crash")
+    fleet.start()
+    try:
+        with pytest.raises(launcher.LaunchError) as exc:
+            fleet.wait_ready(30, is_serving=lambda address: False)
+        assert "crash1" in str(exc.value) and "exited with code 3" in str(exc.value)
+        assert "child crash started" in str(exc.value)
+    finally:
+        assert fleet.stop(5)["calm0"] == 0
+
+
+def test_a_child_that_is_never_ready_times_out(tmp_path):
+    fleet = fleet_of(tmp_path, "calm")
+    fleet.start()
+    try:
+        with pytest.raises(launcher.LaunchError, match="calm0 .* was not SERVING after 0 s"):
+            fleet.wait_ready(0.3, is_serving=lambda address: False)
+    finally:
+        fleet.stop(5)
+
+
+def test_a_stop_request_during_start_up_ends_the_wait(tmp_path):
+    fleet = fleet_of(tmp_path, "calm")
+    fleet.start()
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    try:
+        assert fleet.wait_ready(30, is_serving=lambda address: False, stop=stop) is False
+    finally:
+        assert fleet.stop(5) == {"calm0": 0}
+
+
+def test_a_death_stops_the_rest_and_a_stubborn_child_is_killed(tmp_path, capsys):
+    fleet = fleet_of(tmp_path, "calm", "calm", "stubborn")
+    fleet.start()
+    ready = []
+    assert fleet.wait_ready(30, is_serving=lambda address: True, on_ready=lambda c, w: ready.append(c.name))
+    assert ready == ["calm0", "calm1", "stubborn2"]
+    wait_for_log(fleet, "started")
+    os.kill(fleet.children[0].proc.pid, signal.SIGKILL)
+    assert launcher.supervise(fleet, threading.Event()) is False
+    assert "calm0 (pid" in capsys.readouterr().err
+    codes = fleet.stop(0.5)
+    assert codes == {"calm0": -signal.SIGKILL, "calm1": 0, "stubborn2": -signal.SIGKILL}
+
+
+def test_keep_going_leaves_the_others_running_until_stopped(tmp_path):
+    fleet = fleet_of(tmp_path, "calm", "calm")
+    fleet.start()
+    wait_for_log(fleet, "started")
+    stop = threading.Event()
+    os.kill(fleet.children[1].proc.pid, signal.SIGKILL)
+    threading.Timer(1.0, stop.set).start()
+    assert launcher.supervise(fleet, stop, keep_going=True) is False
+    assert fleet.children[0].proc.poll() is None
+    assert fleet.stop(5)["calm0"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_services_do_not_outlive_a_killed_launcher(tmp_path):
+    (tmp_path / "llmesh_test_child.py").write_text(CHILD)
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from services.cli.launcher import Fleet
+        from services.cli.plan import ServiceSpec
+        spec = ServiceSpec(name="calm", module="llmesh_test_child", port=1, args=("calm",),
+                           env={{"PYTHONPATH": {str(tmp_path)!r}}})
+        fleet = Fleet([spec], Path({str(tmp_path / "logs")!r}))
+        fleet.start()
+        print(fleet.children[0].proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while running(child):
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the service outlived its launcher")
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# -- healthcheck and status against real servers -------------------------------------
+
+@pytest.fixture
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_healthcheck_exits_0_only_when_serving(health_server, capsys):
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("llmesh.v1.Router", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert healthcheck.main([address]) == 0
+    assert capsys.readouterr().out.strip() == f"{address}: SERVING"
+    assert healthcheck.main([address, "--service", "llmesh.v1.Router"]) == 1
+    assert healthcheck.check(address, "llmesh.v1.Nope") == "SERVICE_UNKNOWN"
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert healthcheck.main([address]) == 1
+    assert healthcheck.check(f"127.0.0.1:{free_port()}", timeout=0.5) == healthcheck.UNREACHABLE
+
+
+def test_healthcheck_module_runs_as_a_container_command(health_server):
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    result = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "SERVING" in result.stdout
+
+
+def test_status_shows_unreachable_services_without_a_traceback(health_server, capsys):
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    nowhere = f"127.0.0.1:{free_port()}"
+    assert main(["status", "--router", nowhere, "--monitor", address, "--scaler", nowhere, "--timeout", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"router   {nowhere}  UNREACHABLE" in out and f"monitor  {address}  SERVING" in out
+    assert "model instances: unknown (router: UNAVAILABLE" in out
+    assert "fleet throughput: unknown (monitor: UNIMPLEMENTED" in out
+    assert "Traceback" not in out
+
+
+def test_status_renders_instances_and_throughput():
+    snapshot = {
+        "services": [{"name": "router", "address": "r:1", "health": "SERVING"}],
+        "instances": [{"id": "t@1", "address": "t:1", "role": "target", "pool": "default", "health": "serving",
+                       "state": "active", "queue": 2, "running": 3, "tokens_per_second": 41.5,
+                       "utilization": 0.5}],
+        "throughput": {"window_s": 10.0, "requests_per_second": 1.5, "tokens_per_second": 41.5,
+                       "accelerator_utilization": 0.5, "queue_length": 2, "concurrent_users": 5, "instances": 1},
+    }
+    lines = status.render(snapshot).splitlines()
+    assert lines[:3] == ["SERVICE  ADDRESS  HEALTH", "router   r:1      SERVING", ""]
+    assert lines[3].split() == ["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING",
+                                "TOK/S", "UTIL"]
+    assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%"]
+    assert lines[-1].startswith("fleet over 10 s: 1.50 req/s · 41.5 tokens/s · utilisation 50%")

@@ -1,0 +1,120 @@
+"""The container deployment, checked as data: docker-compose.yml, the
+Dockerfile, the Prometheus config and .dockerignore (no Docker needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LLMESH = ("router", "target", "draft", "monitor", "scaler")
+PORTS = {"router": 50051, "target": 50061, "draft": 50071, "monitor": 50081, "scaler": 50091}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_the_suite_and_its_observability_are_all_there(services):
+    assert set(LLMESH) | {"models", "jaeger", "prometheus", "grafana"} <= set(services)
+    assert services["jaeger"]["image"].startswith("jaegertracing/all-in-one")
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_each_service_is_llmesh_serve_on_all_interfaces(services, name):
+    command = services[name]["command"]
+    assert command[:2] == ["serve", name]
+    assert flag(command, "--host") == "0.0.0.0" and flag(command, "--port") == str(PORTS[name])
+    assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_each_service_is_healthy_when_grpc_health_says_serving(services, name):
+    check = services[name]["healthcheck"]
+    assert check["test"] == ["CMD", "python", "-m", "services.cli.healthcheck", f"127.0.0.1:{PORTS[name]}"]
+    assert check["start_period"] and check["interval"] and check["retries"] >= 1
+    assert importlib.util.find_spec("services.cli.healthcheck") is not None
+
+
+def test_only_the_router_is_published_among_the_llmesh_services(services):
+    assert services["router"]["ports"] == ["50051:50051"]
+    assert [name for name in LLMESH if services[name].get("ports")] == ["router"]
+
+
+def test_models_are_built_once_into_a_volume_the_model_services_mount(compose, services):
+    assert "models" in compose["volumes"]
+    assert services["models"]["command"] == ["models", "build"]
+    assert services["models"]["restart"] == "no"
+    assert "models:/data" in services["models"]["volumes"]
+    home = services["models"]["environment"]["LLMESH_HOME"]
+    for name in ("target", "draft"):
+        assert any(v.split(":")[:2] == ["models", home] for v in services[name]["volumes"])
+        assert services[name]["environment"]["LLMESH_HOME"] == home
+        assert services[name]["depends_on"]["models"] == {"condition": "service_completed_successfully"}
+
+
+def test_start_order_waits_for_health(services):
+    def needs(name):
+        return {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
+
+    assert needs("router")["target"] == needs("router")["draft"] == "service_healthy"
+    assert needs("monitor")["router"] == "service_healthy"
+    assert needs("scaler")["router"] == needs("scaler")["monitor"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", LLMESH)
+def test_traces_go_to_jaeger_over_otlp(services, name):
+    endpoint = urlparse(services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert endpoint.hostname == "jaeger" and endpoint.port == 4317
+    assert services[name]["environment"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_every_address_in_a_command_names_a_service_and_its_port(services):
+    for name in LLMESH:
+        for word in services[name]["command"]:
+            for host, port in re.findall(r"([a-z][a-z0-9-]*):(\d+)", word):
+                assert host in LLMESH, f"{name}: {word}"
+                assert flag(services[host]["command"], "--port") == port, f"{name}: {word}"
+
+
+def test_prometheus_scrapes_the_monitor_exposition_port(services):
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert f"monitor:{flag(services['monitor']['command'], '--prometheus-port')}" in targets
+    assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+def test_the_dockerfile_installs_cpu_torch_first_then_the_project_and_runs_llmesh():
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()
+             and not line.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+
+    def first(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+    torch = first(r"pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cpu")
+    stubs = first(r"grpc_tools\.protoc -I protos .*--grpc_python_out=build/gen")
+    project = first(r"pip install (--no-deps )?\.(\s|$)")
+    assert torch < stubs < project
+    assert lines[-2] == 'ENTRYPOINT ["llmesh"]'
+
+
+def test_dockerignore_keeps_local_environments_out():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "build", ".git", "**/__pycache__"} <= set(ignored)
