@@ -53,3 +53,13 @@ class FailedPrecondition(LlmeshError):
 
 class Unauthenticated(LlmeshError):
     """The caller did not present valid credentials."""
+
+
+class Relayed(LlmeshError):
+    """A status another service returned, passed on unchanged: its code's
+    name (e.g. "OUT_OF_RANGE"), details and trailing metadata (such as
+    ``retry-after-ms``)."""
+
+    def __init__(self, code: str, details: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers

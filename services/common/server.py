@@ -75,10 +75,12 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
     return server, port, health_handle
 
 
-def insecure_channel(address: str, provider: TracerProvider | None = None) -> grpc.aio.Channel:
-    """A client channel that propagates trace context when given a provider."""
+def insecure_channel(address: str, provider: TracerProvider | None = None,
+                     options: list[tuple[str, object]] = ()) -> grpc.aio.Channel:
+    """A client channel that propagates trace context when given a provider;
+    ``options`` add to (or override) the message-size limits."""
     interceptors = telemetry.client_interceptors(provider) if provider is not None else None
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options], interceptors=interceptors)
 
 
 async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, grace_s: float,

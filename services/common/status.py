@@ -35,6 +35,8 @@ _CODES: list[tuple[type[errors.LlmeshError], grpc.StatusCode]] = [
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status code, client-safe message and trailing metadata for an exception."""
+    if isinstance(exc, errors.Relayed):
+        return grpc.StatusCode[exc.code], exc.details, exc.trailers
     if isinstance(exc, errors.LlmeshError):
         for cls, code in _CODES:
             if isinstance(exc, cls):

@@ -1,0 +1,142 @@
+"""Protobuf ⇄ router types (no I/O)."""
+
+from __future__ import annotations
+
+from services.common import generation_codec
+from services.common.errors import InvalidArgument
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import router_pb2, stats_pb2
+from services.engine.metrics import MetricsSnapshot, Summary
+from router.config import valid_address
+from router.policy import Snapshot, score
+from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, Load, Role, State
+
+ROLES = {Role.TARGET: stats_pb2.ROLE_TARGET, Role.DRAFT: stats_pb2.ROLE_DRAFT}
+ROLE_OF_PB = {v: k for k, v in ROLES.items()}
+STATES = {State.ACTIVE: router_pb2.INSTANCE_STATE_ACTIVE, State.DRAINING: router_pb2.INSTANCE_STATE_DRAINING,
+          State.EJECTED: router_pb2.INSTANCE_STATE_EJECTED}
+HEALTHS = {Health.SERVING: router_pb2.INSTANCE_HEALTH_SERVING,
+           Health.NOT_SERVING: router_pb2.INSTANCE_HEALTH_NOT_SERVING,
+           Health.UNKNOWN: router_pb2.INSTANCE_HEALTH_UNKNOWN}
+MAX_GAMMA = 16
+
+
+# -- requests ---------------------------------------------------------------
+def validate_request(req: gen.GenerateRequest) -> None:
+    """Refuses what is wrong without a model (the target checks context and
+    vocabulary); raises InvalidArgument naming the field."""
+    if not req.HasField("sampling"):
+        raise InvalidArgument("sampling", "must be set (at least sampling.max_new_tokens)")
+    generation_codec.prompt_ids_of(req.prompt, lambda text: [])
+    generation_codec.priority_of(req.priority)
+    generation_codec.sampling_of(req.sampling)
+    if req.speculation.HasField("gamma") and not 1 <= req.speculation.gamma <= MAX_GAMMA:
+        raise InvalidArgument("speculation.gamma", f"must be in [1, {MAX_GAMMA}], got {req.speculation.gamma}")
+    if req.draft_address and not valid_address(req.draft_address):
+        raise InvalidArgument("draft_address", f"must be host:port, got {req.draft_address!r}")
+    if len(req.resume_tokens) >= req.sampling.max_new_tokens:
+        raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
+
+
+def wants_draft(req: gen.GenerateRequest) -> bool:
+    """Should the router pick a draft instance for the request?"""
+    return not req.draft_address and not (req.speculation.HasField("enabled") and not req.speculation.enabled)
+
+
+class Collector:
+    """Folds a stream of chunks into one CompleteResponse (Router.Complete)."""
+
+    def __init__(self) -> None:
+        self.response = router_pb2.CompleteResponse()
+        self._text: list[str] = []
+
+    def add(self, chunk: gen.GenerateChunk) -> None:
+        r = self.response
+        r.request_id = chunk.request_id
+        r.token_ids.extend(chunk.token_ids)
+        self._text.append(chunk.text)
+        r.instance_id = chunk.instance_id
+        r.cached = chunk.cached
+        if chunk.HasField("usage"):
+            r.usage.CopyFrom(chunk.usage)
+        if chunk.HasField("timing"):
+            r.timing.CopyFrom(chunk.timing)
+        if chunk.HasField("speculation"):
+            r.speculation.CopyFrom(chunk.speculation)
+        if chunk.finish_reason:
+            r.finish_reason = chunk.finish_reason
+
+    def result(self) -> router_pb2.CompleteResponse:
+        self.response.text = "".join(self._text)
+        return self.response
+
+
+# -- instances --------------------------------------------------------------
+def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
+    if not valid_address(pb.address):
+        raise InvalidArgument("instance.address", f"must be host:port, got {pb.address!r}")
+    if pb.role not in ROLE_OF_PB:
+        given = stats_pb2.Role.Name(pb.role) if pb.role in stats_pb2.Role.values() else pb.role
+        raise InvalidArgument("instance.role", f"must be ROLE_TARGET or ROLE_DRAFT, got {given}")
+    return InstanceSpec(id=pb.id or pb.address, address=pb.address, role=ROLE_OF_PB[pb.role],
+                        pool=pb.pool or DEFAULT_POOL, labels=tuple(sorted(pb.labels.items())))
+
+
+def spec_pb(spec: InstanceSpec) -> router_pb2.InstanceSpec:
+    return router_pb2.InstanceSpec(id=spec.id, address=spec.address, role=ROLES[spec.role], pool=spec.pool,
+                                   labels=dict(spec.labels))
+
+
+def role_filter(role: int) -> Role | None:
+    if role == stats_pb2.ROLE_UNSPECIFIED:
+        return None
+    if role not in ROLE_OF_PB:
+        raise InvalidArgument("role", "must be ROLE_TARGET, ROLE_DRAFT or ROLE_UNSPECIFIED")
+    return ROLE_OF_PB[role]
+
+
+def status_pb(inst: Instance, snapshot: Snapshot) -> router_pb2.InstanceStatus:
+    status = router_pb2.InstanceStatus(
+        spec=spec_pb(inst.spec), state=STATES[inst.state],
+        health=HEALTHS[inst.effective_health(snapshot.now, snapshot.stale_after_s)],
+        score=score(inst, snapshot), in_flight=inst.in_flight, consecutive_failures=inst.consecutive_failures)
+    if inst.load is not None:
+        status.load.CopyFrom(load_pb(inst.load, inst.id, ROLES[inst.spec.role]))
+        status.load_age_s = inst.load_age(snapshot.now) or 0.0
+    return status
+
+
+# -- load reports -----------------------------------------------------------
+def load_of(r: stats_pb2.LoadReport) -> Load:
+    return Load(queue_length=r.queue_length, running=r.running, in_flight=r.in_flight,
+                max_batch_size=r.max_batch_size, batch_fill=r.batch_fill,
+                accelerator_utilization=r.accelerator_utilization, kv_cache_usage=r.kv_cache_usage,
+                ttft_p50_ms=r.ttft.p50_ms, tpot_p50_ms=r.tpot.p50_ms, e2e_p50_ms=r.e2e.p50_ms,
+                tokens_per_second=r.tokens_per_second, requests_per_second=r.requests_per_second,
+                timestamp=r.timestamp)
+
+
+def load_pb(load: Load, instance_id: str, role: int) -> stats_pb2.LoadReport:
+    return stats_pb2.LoadReport(
+        instance_id=instance_id, role=role, timestamp=load.timestamp, queue_length=load.queue_length,
+        running=load.running, in_flight=load.in_flight, max_batch_size=load.max_batch_size,
+        batch_fill=load.batch_fill, accelerator_utilization=load.accelerator_utilization,
+        kv_cache_usage=load.kv_cache_usage, ttft=stats_pb2.LatencySummary(p50_ms=load.ttft_p50_ms),
+        tpot=stats_pb2.LatencySummary(p50_ms=load.tpot_p50_ms), e2e=stats_pb2.LatencySummary(p50_ms=load.e2e_p50_ms),
+        tokens_per_second=load.tokens_per_second, requests_per_second=load.requests_per_second)
+
+
+def _summary_pb(s: Summary) -> stats_pb2.LatencySummary:
+    return stats_pb2.LatencySummary(p50_ms=s.p50, p95_ms=s.p95, p99_ms=s.p99, mean_ms=s.mean, count=s.count)
+
+
+def router_report(m: MetricsSnapshot, in_flight: int, instance_id: str, timestamp: float) -> stats_pb2.LoadReport:
+    """The router's own load report: what it forwarded over the window."""
+    c = m.counters
+    return stats_pb2.LoadReport(
+        instance_id=instance_id, role=stats_pb2.ROLE_ROUTER, timestamp=timestamp, window_s=m.window_s,
+        running=in_flight, in_flight=in_flight, ttft=_summary_pb(m.ttft_ms), tpot=_summary_pb(m.tpot_ms),
+        e2e=_summary_pb(m.e2e_ms), tokens_per_second=m.tokens_per_second,
+        requests_per_second=m.requests_per_second, requests_total=c["requests_total"],
+        tokens_generated_total=c["tokens_generated_total"], errors_total=c["errors_total"],
+        rejected_total=c["rejected_total"])

@@ -1,0 +1,88 @@
+"""The router's composition root: ``python -m router.main``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from router import codec
+from router.config import RouterConfig
+from router.fleet import Fleet
+from router.forwarder import Forwarder
+from router.registry import InstanceSpec, Role
+from router.servicer import RouterServicer
+from services.common import telemetry
+from services.common.server import new_server, serve_until_signal, setup_logging
+from services.common.stats_service import StatsServicer
+from services.common.stubs import SERVICE_NAMES, router_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.engine.metrics import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RouterApp:
+    """One router process: its server, fleet, forwarder and health."""
+
+    def __init__(self, config: RouterConfig, provider: TracerProvider) -> None:
+        self.config = config
+        self.provider = provider
+        self.server, self.port, self.health = new_server(
+            config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
+        self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
+        self.metrics = EngineMetrics(config.metrics_window_s, started_at=time.monotonic())
+        self.fleet = Fleet(config, provider)
+        self.forwarder = Forwarder(self.fleet, config, self.metrics)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.fleet, self.forwarder), self.server)
+        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def report(self) -> stats_pb2.LoadReport:
+        return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,
+                                   self.instance_id, time.time())
+
+    async def start(self) -> None:
+        """Serves, registers the configured instances, and turns SERVING (the
+        router serves even before any target is healthy)."""
+        await self.server.start()
+        for role, addresses in ((Role.TARGET, self.config.targets), (Role.DRAFT, self.config.drafts)):
+            for address in addresses:
+                self.fleet.register(InstanceSpec(id=address, address=address, role=role, pool=self.config.pool))
+        await self.health.set(True)
+        log.info("%s routing on %s (%s)", self.instance_id, self.address, self.config.policy.value)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.health.shutdown()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self.fleet.close()
+
+
+def create_server(config: RouterConfig, provider: TracerProvider | None = None) -> RouterApp:
+    """The router, bound (``app.port``) but not started; ``await app.start()`` serves."""
+    provider = provider or telemetry.make_tracer_provider("llmesh-router", config.instance_id)
+    return RouterApp(config, provider)
+
+
+async def serve(config: RouterConfig) -> None:
+    app = create_server(config)
+    await app.start()
+    print(f"router serving on {app.address}", flush=True)
+    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.fleet.close)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = RouterConfig.from_args(argv, prog="llmesh-router")
+    setup_logging(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

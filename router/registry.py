@@ -1,0 +1,238 @@
+"""The fleet as the router sees it: instances, their health and their load (pure).
+
+The registry is plain data plus the transitions the router's loops apply to
+it (a health change, a load report, a failed request). It knows no gRPC; the
+watchers and the forwarder translate what they see on the wire into these
+calls. Times are ``time.monotonic()`` seconds passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument, NotFound
+
+DEFAULT_POOL = "default"
+
+
+class Role(enum.Enum):
+    TARGET = "target"
+    DRAFT = "draft"
+
+
+class State(enum.Enum):
+    """Lifecycle in the registry."""
+
+    ACTIVE = "active"        # receives requests when healthy
+    DRAINING = "draining"    # finishes running requests, receives no new ones
+    EJECTED = "ejected"      # failed repeatedly; out of rotation for a while
+
+
+class Health(enum.Enum):
+    """Health as last seen through ``grpc.health.v1``."""
+
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Load:
+    """The part of an instance's load report that routing reads."""
+
+    queue_length: int = 0
+    running: int = 0
+    in_flight: int = 0
+    max_batch_size: int = 0
+    batch_fill: float = 0.0
+    accelerator_utilization: float = 0.0
+    kv_cache_usage: float = 0.0
+    ttft_p50_ms: float = 0.0
+    tpot_p50_ms: float = 0.0
+    e2e_p50_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    requests_per_second: float = 0.0
+    #: The sender's wall clock (seconds since the epoch); staleness uses the receive time instead.
+    timestamp: float = 0.0
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What RegisterInstance says about an instance."""
+
+    id: str
+    address: str
+    role: Role = Role.TARGET
+    pool: str = DEFAULT_POOL
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Instance:
+    spec: InstanceSpec
+    state: State = State.ACTIVE
+    health: Health = Health.UNKNOWN
+    #: Why the instance is not SERVING, in a few words ("unreachable: connection refused").
+    problem: str = ""
+    load: Load | None = None
+    #: When ``load`` arrived (monotonic).
+    load_at: float | None = None
+    #: Requests this router has in flight on the instance.
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    #: EJECTED until this time (monotonic).
+    ejected_until: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    def load_age(self, now: float) -> float | None:
+        return None if self.load_at is None else max(0.0, now - self.load_at)
+
+    def fresh_load(self, now: float, stale_after_s: float) -> Load | None:
+        """The latest load report, or None when there is none or it is stale."""
+        age = self.load_age(now)
+        return self.load if age is not None and age <= stale_after_s else None
+
+    def effective_health(self, now: float, stale_after_s: float) -> Health:
+        """SERVING only with a fresh load report: a silent instance counts as unknown."""
+        if self.health is Health.SERVING and self.fresh_load(now, stale_after_s) is None:
+            return Health.UNKNOWN
+        return self.health
+
+    def routable(self, now: float, stale_after_s: float) -> bool:
+        """May receive a new request: active, serving and reporting."""
+        return self.state is State.ACTIVE and self.effective_health(now, stale_after_s) is Health.SERVING
+
+    def describe(self, now: float, stale_after_s: float) -> str:
+        """Why the instance is (not) routable, for error messages."""
+        if self.state is State.DRAINING:
+            return f"{self.id} draining"
+        if self.state is State.EJECTED:
+            return f"{self.id} ejected after {self.consecutive_failures} failures"
+        if self.health is Health.NOT_SERVING:
+            return f"{self.id} {self.problem or 'NOT_SERVING'}"
+        if self.health is Health.UNKNOWN:
+            return f"{self.id} health unknown ({self.problem or 'no answer yet'})"
+        age = self.load_age(now)
+        if age is None:
+            return f"{self.id} no load report yet"
+        if age > stale_after_s:
+            return f"{self.id} load report stale ({age:.1f} s old)"
+        return f"{self.id} SERVING"
+
+
+class Registry:
+    """Instances by id. Every mutation is one method; none does I/O."""
+
+    def __init__(self, eject_after_failures: int = 0, eject_for_s: float = 0.0) -> None:
+        self._instances: dict[str, Instance] = {}
+        self.eject_after_failures = eject_after_failures
+        self.eject_for_s = eject_for_s
+
+    def __contains__(self, instance_id: str) -> bool:
+        return instance_id in self._instances
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._instances.values()))
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def get(self, instance_id: str) -> Instance:
+        try:
+            return self._instances[instance_id]
+        except KeyError:
+            raise NotFound(f"no instance with id {instance_id!r}") from None
+
+    def find(self, instance_id: str) -> Instance | None:
+        return self._instances.get(instance_id)
+
+    def upsert(self, spec: InstanceSpec) -> tuple[Instance, Instance | None]:
+        """Adds an instance or updates the one with the same id (which becomes
+        ACTIVE again). Returns it and, when the address changed, the replaced
+        instance (its connections must go)."""
+        if not spec.id:
+            raise InvalidArgument("instance.id", "must not be empty")
+        old = self._instances.get(spec.id)
+        if old is not None and old.address == spec.address:
+            old.spec = spec
+            old.state = State.ACTIVE
+            old.consecutive_failures = 0
+            return old, None
+        inst = Instance(spec)
+        self._instances[spec.id] = inst
+        return inst, old
+
+    def remove(self, instance_id: str) -> Instance:
+        inst = self.get(instance_id)
+        del self._instances[instance_id]
+        return inst
+
+    def drain(self, instance_id: str) -> Instance:
+        inst = self.get(instance_id)
+        inst.state = State.DRAINING
+        return inst
+
+    def select(self, role: Role | None = None, pool: str | None = None) -> list[Instance]:
+        """Instances of a role and pool (None: any), ordered by id."""
+        return sorted((i for i in self._instances.values()
+                       if (role is None or i.spec.role is role) and (pool is None or i.spec.pool == pool)),
+                      key=lambda i: i.id)
+
+    # -- what the loops observe -------------------------------------------
+    def set_health(self, instance_id: str, health: Health, problem: str = "") -> None:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return
+        inst.health = health
+        inst.problem = "" if health is Health.SERVING else (problem or health.name)
+
+    def record_load(self, instance_id: str, load: Load, now: float) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            inst.load, inst.load_at = load, now
+
+    def started(self, instance_id: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            inst.in_flight += 1
+
+    def finished(self, instance_id: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            inst.in_flight = max(0, inst.in_flight - 1)
+
+    def record_success(self, instance_id: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None:
+            inst.consecutive_failures = 0
+
+    def record_failure(self, instance_id: str, now: float, unreachable: str | None = None) -> None:
+        """A request failed on the instance. ``unreachable`` (the reason) marks
+        it NOT_SERVING at once: its health watcher restores it on reconnect."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return
+        inst.consecutive_failures += 1
+        if unreachable is not None:
+            self.set_health(instance_id, Health.NOT_SERVING, f"unreachable ({unreachable})")
+        if (self.eject_after_failures and inst.consecutive_failures >= self.eject_after_failures
+                and inst.state is State.ACTIVE):
+            inst.state = State.EJECTED
+            inst.ejected_until = now + self.eject_for_s
+
+    def readmit(self, now: float) -> list[Instance]:
+        """Ejected instances whose time is up become ACTIVE again (half-open:
+        the next failure ejects them again, since the failure count stays)."""
+        back = [i for i in self._instances.values() if i.state is State.EJECTED and i.ejected_until <= now]
+        for inst in back:
+            inst.state = State.ACTIVE
+        return back

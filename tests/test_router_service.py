@@ -1,0 +1,547 @@
+"""The router over real gRPC channels on port 0, in front of real tiny target
+services and small fake targets (real servers that proxy to a real target and
+fail in chosen ways)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from router.config import RouterConfig
+from router.main import create_server as create_router
+from services.common.config import BaseConfig
+from services.common.server import new_server
+from services.common.stats_service import StatsServicer
+from services.common.stubs import SERVICE_NAMES
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2_grpc, router_pb2, router_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.target.config import TargetConfig
+from services.target.main import create_server as create_target
+from tests.conftest import hf_greedy
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+# -- helpers ----------------------------------------------------------------
+async def eventually(predicate, timeout: float = 5.0, what: str = "condition"):
+    """Polls an (async or sync) predicate until it holds; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def start_target(tiny_models, **overrides):
+    config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "max_batch_size": 8,
+                                          "warmup": False, **overrides}, env={})
+    app = create_target(config)
+    await app.start()
+    return app
+
+
+@contextlib.asynccontextmanager
+async def running_router(targets=(), provider=None, **overrides):
+    config = RouterConfig.from_namespace({"port": 0, "targets": list(targets), "load_interval_s": 0.1,
+                                          **overrides}, env={})
+    app = create_router(config, provider)
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        yield app, router_pb2_grpc.RouterStub(channel), channel
+    finally:
+        await channel.close()
+        await app.stop(0)
+
+
+async def routable(stub, ids) -> bool:
+    reply = await stub.ListInstances(router_pb2.ListInstancesRequest())
+    serving = {i.spec.id for i in reply.instances
+               if i.health == router_pb2.INSTANCE_HEALTH_SERVING and i.state == router_pb2.INSTANCE_STATE_ACTIVE}
+    return set(ids) <= serving
+
+
+async def wait_routable(stub, ids):
+    await eventually(lambda: routable(stub, ids), what=f"{ids} to be routable")
+
+
+async def register(stub, instance_id, address, role=stats_pb2.ROLE_TARGET, pool=""):
+    reply = await stub.RegisterInstance(router_pb2.RegisterInstanceRequest(
+        instance=router_pb2.InstanceSpec(id=instance_id, address=address, role=role, pool=pool)))
+    return reply.instance
+
+
+def request(ids=None, text=None, **sampling):
+    sampling.setdefault("max_new_tokens", 8)
+    sampling.setdefault("ignore_eos", True)
+    prompt = gen.Prompt(text=text) if text is not None else gen.Prompt(tokens=gen.TokenIds(ids=ids))
+    return gen.GenerateRequest(prompt=prompt, sampling=gen.SamplingParams(**sampling))
+
+
+async def collect(stub, req, **kw):
+    chunks = [c async for c in stub.Generate(req, **kw)]
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+class FakeTarget(model_pb2_grpc.TargetModelServicer):
+    """TargetModel.Generate that proxies to a real target, and can fail before
+    the first token (``fail``), break with UNAVAILABLE after ``break_after``
+    tokens, hang after ``hold_after`` tokens until its server is stopped, or
+    break just before the last chunk's finish reason (``lose_finish``)."""
+
+    def __init__(self, upstream: str | None = None, fail: grpc.StatusCode | None = None,
+                 break_after: int | None = None, hold_after: int | None = None, lose_finish: bool = False) -> None:
+        self.upstream, self.fail, self.break_after, self.hold_after = upstream, fail, break_after, hold_after
+        self.lose_finish = lose_finish
+        self.requests: list[gen.GenerateRequest] = []
+        self.time_remaining: list[float | None] = []
+        self.held = 0
+        self.cancelled = 0
+        self._channel = None
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        self.time_remaining.append(context.time_remaining())
+        if self.fail is not None:
+            await context.abort(self.fail, "fake failure before the first token")
+        self._channel = self._channel or grpc.aio.insecure_channel(self.upstream)
+        call = model_pb2_grpc.TargetModelStub(self._channel).Generate(request)
+        sent = 0
+        try:
+            async for chunk in call:
+                if self.lose_finish and chunk.finish_reason:
+                    chunk.finish_reason = gen.FINISH_REASON_UNSPECIFIED
+                    yield chunk
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake break before the finish")
+                yield chunk
+                sent += len(chunk.token_ids)
+                if chunk.finish_reason:
+                    return
+                if self.break_after is not None and sent >= self.break_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake break mid-stream")
+                if self.hold_after is not None and sent >= self.hold_after:
+                    self.held += 1
+                    await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def fake_target(servicer: FakeTarget, provider: TracerProvider | None = None):
+    server, port, health = new_server(BaseConfig(port=0), [SERVICE_NAMES["target"], SERVICE_NAMES["stats"]],
+                                      provider or TracerProvider())
+    model_pb2_grpc.add_TargetModelServicer_to_server(servicer, server)
+    report = lambda: stats_pb2.LoadReport(role=stats_pb2.ROLE_TARGET, timestamp=time.time())  # noqa: E731
+    stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(report, 0.1), server)
+    await server.start()
+    await health.set(True)
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+        if servicer._channel is not None:
+            await servicer._channel.close()
+
+
+# -- fixtures ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+async def targets(tiny_models):
+    apps = [await start_target(tiny_models) for _ in range(2)]
+    channel = grpc.aio.insecure_channel(apps[0].address)
+    yield apps, model_pb2_grpc.TargetModelStub(channel)
+    await channel.close()
+    for app in apps:
+        await app.stop(0)
+
+
+@pytest.fixture(scope="module")
+async def router(targets):
+    apps, _ = targets
+    async with running_router([a.address for a in apps]) as (app, stub, channel):
+        await wait_routable(stub, [a.address for a in apps])
+        yield app, stub, channel
+
+
+# -- tests ------------------------------------------------------------------
+async def test_serving_without_targets_and_unavailable_says_why():
+    async with running_router() as (_, stub, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "llmesh.v1.Router", "llmesh.v1.Stats"):
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=name))).status == SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2, 3]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no target instance registered in pool 'default'" in err.value.details()
+
+
+async def test_greedy_through_router_equals_direct_and_round_robin_spreads(router, targets, reference_model):
+    _, stub, _ = router
+    apps, direct = targets
+    used = []
+    for i in range(4):
+        prompt = [5 + i, 17, 42, 99]
+        tokens, chunks = await collect(stub, request(prompt, max_new_tokens=10))
+        direct_tokens, _ = await collect(direct, request(prompt, max_new_tokens=10))
+        assert tokens == direct_tokens == hf_greedy(reference_model, prompt, 10)
+        assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.prompt_tokens == 4 and chunks[-1].usage.completion_tokens == 10
+        assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
+        used.append(chunks[-1].instance_id)
+    assert sorted(used) == sorted([a.address for a in apps] * 2)
+
+
+async def test_complete_collects_the_stream(router, targets):
+    _, stub, _ = router
+    _, direct = targets
+    req = request(text="The meaning of", max_new_tokens=9)
+    req.request_id = "complete-1"
+    reply = await stub.Complete(req)
+    tokens, chunks = await collect(direct, req)
+    assert list(reply.token_ids) == tokens
+    assert reply.text == "".join(c.text for c in chunks)
+    assert reply.request_id == "complete-1" and reply.finish_reason == gen.FINISH_REASON_LENGTH
+    assert reply.usage.completion_tokens == 9 and reply.instance_id
+
+
+async def test_seeded_sampling_through_router_equals_direct(router, targets):
+    _, stub, _ = router
+    _, direct = targets
+    req = request([7, 8, 9], max_new_tokens=12, temperature=1.0, seed=1234)
+    assert (await collect(stub, req))[0] == (await collect(direct, req))[0]
+
+
+@pytest.mark.parametrize("req, code, field", [
+    (request(ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (request(text=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (gen.GenerateRequest(prompt=gen.Prompt(text="hi")), grpc.StatusCode.INVALID_ARGUMENT, "sampling"),
+    (request([1, 2], max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (request([1, 2], temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (request([1, 2], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (gen.GenerateRequest(prompt=gen.Prompt(text="hi"), sampling=gen.SamplingParams(max_new_tokens=2), priority=42),
+     grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    # Only the target knows its context and vocabulary: its status passes through.
+    (request([1, 2], max_new_tokens=10_000), grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
+    (request([1, 999_999]), grpc.StatusCode.OUT_OF_RANGE, "tokens"),
+    (request([1] * 300), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
+])
+async def test_bad_input_gets_the_right_status_and_router_stays_up(router, targets, req, code, field):
+    _, stub, channel = router
+    apps, _ = targets
+    for rpc in (lambda: collect(stub, req), lambda: stub.Complete(req)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rpc()
+        assert err.value.code() == code
+        assert field in err.value.details() and "Traceback" not in err.value.details()
+    assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status == SERVING
+    assert await routable(stub, [a.address for a in apps])  # a client's mistake is not the instance's fault
+
+
+async def test_register_list_drain_deregister(targets):
+    apps, _ = targets
+    a, b = apps
+    async with running_router(policy="least_loaded") as (_, stub, _):
+        status = await register(stub, "a", a.address)
+        assert status.spec.id == "a" and status.spec.pool == "default"
+        assert status.state == router_pb2.INSTANCE_STATE_ACTIVE
+        await register(stub, "b", b.address)
+        await register(stub, "d", "127.0.0.1:1", role=stats_pb2.ROLE_DRAFT, pool="other")
+        await wait_routable(stub, ["a", "b"])
+        listed = await stub.ListInstances(router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_TARGET))
+        assert [i.spec.id for i in listed.instances] == ["a", "b"] and listed.policy == "least_loaded"
+        for inst in listed.instances:
+            assert inst.load.role == stats_pb2.ROLE_TARGET and 0 <= inst.load_age_s < 2.0 and inst.score > 0
+        drafts = await stub.ListInstances(router_pb2.ListInstancesRequest(pool="other"))
+        assert [i.spec.id for i in drafts.instances] == ["d"]
+        assert drafts.instances[0].health != router_pb2.INSTANCE_HEALTH_SERVING
+
+        drained = await stub.DrainInstance(router_pb2.DrainInstanceRequest(id="a"))
+        assert drained.instance.state == router_pb2.INSTANCE_STATE_DRAINING
+        for i in range(3):
+            _, chunks = await collect(stub, request([3, 4, i], max_new_tokens=2))
+            assert chunks[-1].instance_id == "b"
+
+        await stub.DeregisterInstance(router_pb2.DeregisterInstanceRequest(id="a"))
+        listed = await stub.ListInstances(router_pb2.ListInstancesRequest())
+        assert [i.spec.id for i in listed.instances] == ["b", "d"]
+        for rpc, req in ((stub.DeregisterInstance, router_pb2.DeregisterInstanceRequest(id="a")),
+                         (stub.DrainInstance, router_pb2.DrainInstanceRequest(id="zzz"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await rpc(req)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # Registering again puts a drained instance back in rotation.
+        await stub.DrainInstance(router_pb2.DrainInstanceRequest(id="b"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "b draining" in err.value.details()
+        await register(stub, "b", b.address)
+        assert (await collect(stub, request([1, 2])))[1][-1].instance_id == "b"
+
+
+@pytest.mark.parametrize("spec, field", [
+    (router_pb2.InstanceSpec(address="nope", role=stats_pb2.ROLE_TARGET), "address"),
+    (router_pb2.InstanceSpec(address="127.0.0.1:5"), "role"),
+    (router_pb2.InstanceSpec(address="127.0.0.1:5", role=stats_pb2.ROLE_ROUTER), "role"),
+])
+async def test_register_refuses_bad_specs(router, spec, field):
+    _, stub, _ = router
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RegisterInstance(router_pb2.RegisterInstanceRequest(instance=spec))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
+async def test_unavailable_within_a_second_when_the_only_target_stops(tiny_models):
+    target = await start_target(tiny_models)
+    async with running_router([target.address]) as (_, stub, channel):
+        await wait_routable(stub, [target.address])
+        assert len((await collect(stub, request([1, 2, 3], max_new_tokens=3)))[0]) == 3
+        await target.stop(0)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2, 3], max_new_tokens=3), timeout=5)
+        assert time.monotonic() - started < 1.0
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = err.value.details()
+        assert "no healthy target instance in pool 'default' (1 registered:" in details
+        assert target.address in details
+        assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status == SERVING
+
+
+async def test_resource_exhausted_passes_through_with_retry_after_or_goes_elsewhere(tiny_models, targets):
+    apps, _ = targets
+    full = await start_target(tiny_models, max_queue=0)  # refuses every request
+    try:
+        async with running_router() as (_, stub, _):
+            await register(stub, "1-full", full.address)
+            await wait_routable(stub, ["1-full"])
+            for rpc in (lambda: collect(stub, request([1, 2, 3])), lambda: stub.Complete(request([1, 2, 3]))):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await rpc()
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
+                assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) > 0
+            await register(stub, "2-real", apps[0].address)
+            await wait_routable(stub, ["2-real"])
+            for i in range(2):
+                tokens, chunks = await collect(stub, request([1, 2, i], max_new_tokens=3))
+                assert len(tokens) == 3 and chunks[-1].instance_id == "2-real"
+    finally:
+        await full.stop(0)
+
+
+async def collect_call(call):
+    return [t async for c in call for t in c.token_ids]
+
+
+async def test_retry_before_first_token_on_another_instance(targets, reference_model):
+    apps, _ = targets
+    failing = FakeTarget(fail=grpc.StatusCode.UNAVAILABLE)
+    async with fake_target(failing) as (_, address), running_router() as (app, stub, _):
+        await register(stub, "1-failing", address)
+        await register(stub, "2-real", apps[0].address)
+        await wait_routable(stub, ["1-failing", "2-real"])
+        for i in range(2):  # round robin sends one of the two requests to the failing one first
+            prompt = [11, 12, 13 + i]
+            tokens, chunks = await collect(stub, request(prompt, max_new_tokens=6))
+            assert tokens == hf_greedy(reference_model, prompt, 6)
+            assert {c.instance_id for c in chunks} == {"2-real"}
+        assert len(failing.requests) == 1
+        assert app.fleet.registry.get("1-failing").consecutive_failures == 1
+
+
+async def test_retries_are_bounded_by_max_attempts(targets):
+    fakes = [FakeTarget(fail=grpc.StatusCode.UNAVAILABLE) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        addresses = [(await stack.enter_async_context(fake_target(f)))[1] for f in fakes]
+        _, stub, _ = await stack.enter_async_context(running_router(addresses, max_attempts=2))
+        await wait_routable(stub, addresses)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "gave up after 2 attempt(s)" in err.value.details()
+        assert sum(len(f.requests) for f in fakes) == 2
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 77}, {"temperature": 0.8, "top_k": 20}])
+async def test_mid_stream_resume_is_exact(targets, sampling):
+    apps, direct = targets
+    breaking = FakeTarget(upstream=apps[0].address, break_after=3)
+    async with fake_target(breaking) as (_, address), running_router() as (_, stub, _):
+        await register(stub, "1-breaking", address)
+        await register(stub, "2-real", apps[1].address)
+        await wait_routable(stub, ["1-breaking", "2-real"])
+        req = request([21, 22, 23], max_new_tokens=12, **sampling)
+        tokens, chunks = await collect(stub, req)
+        assert [c.instance_id for c in chunks if c.token_ids][0] == "1-breaking"
+        assert chunks[-1].instance_id == "2-real" and chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.prompt_tokens == 3 and chunks[-1].usage.completion_tokens == 12
+        assert len(tokens) == 12
+        if "seed" in sampling or not sampling:
+            assert tokens == (await collect(direct, req))[0]
+        else:  # the router seeded the request: every attempt got the same seed
+            assert breaking.requests[0].sampling.HasField("seed")
+
+
+async def test_a_stream_broken_after_its_last_token_just_finishes(targets, reference_model):
+    apps, _ = targets
+    breaking = FakeTarget(upstream=apps[0].address, lose_finish=True)
+    async with fake_target(breaking) as (_, address), running_router([address]) as (_, stub, _):
+        await wait_routable(stub, [address])
+        tokens, chunks = await collect(stub, request([4, 5, 6], max_new_tokens=5))
+    assert tokens == hf_greedy(reference_model, [4, 5, 6], 5)
+    assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH and len(breaking.requests) == 1
+
+
+async def test_streams_resume_when_their_target_is_killed(targets, reference_model):
+    apps, _ = targets
+    holding = FakeTarget(upstream=apps[0].address, hold_after=2)
+    n = 4
+    async with running_router() as (app, stub, _):
+        async with fake_target(holding) as (server, address):
+            await register(stub, "1-dying", address)
+            await register(stub, "2-real", apps[1].address)
+            await wait_routable(stub, ["1-dying", "2-real"])
+            prompts = [[30 + i, 31, 32] for i in range(2 * n)]
+            calls = [stub.Generate(request(p, max_new_tokens=10)) for p in prompts]
+            results = [asyncio.create_task(collect_chunks(c)) for c in calls]
+            await eventually(lambda: holding.held >= n, what="streams to hang on the dying target")
+            await server.stop(0)
+        outputs = await asyncio.gather(*results)
+    for prompt, chunks in zip(prompts, outputs):
+        assert [t for c in chunks for t in c.token_ids] == hf_greedy(reference_model, prompt, 10)
+        assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    resumed = [chunks for chunks in outputs if chunks[0].instance_id == "1-dying"]
+    assert len(resumed) == n and all(chunks[-1].instance_id == "2-real" for chunks in resumed)
+
+
+async def collect_chunks(call):
+    return [c async for c in call]
+
+
+async def test_client_cancel_cancels_the_upstream_call(targets):
+    apps, _ = targets
+    holding = FakeTarget(upstream=apps[0].address, hold_after=1)
+    async with fake_target(holding) as (_, address), running_router() as (app, stub, _):
+        await register(stub, "only", address)
+        await wait_routable(stub, ["only"])
+        call = stub.Generate(request([1, 2, 3], max_new_tokens=10), timeout=30)
+        await call.read()
+        await eventually(lambda: holding.held == 1, what="the upstream stream to hang")
+        assert app.fleet.registry.get("only").in_flight == 1
+        call.cancel()
+        await eventually(lambda: holding.cancelled == 1, what="the upstream call to be cancelled")
+        await eventually(lambda: app.forwarder.in_flight == 0 and app.fleet.registry.get("only").in_flight == 0,
+                         what="in-flight counts to drop")
+        # The deadline travelled with the request.
+        assert holding.time_remaining[0] is not None and 0 < holding.time_remaining[0] <= 30.5  # the wire rounds up
+
+
+async def test_trace_context_reaches_the_target(targets):
+    apps, _ = targets
+    router_spans, target_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    router_provider, target_provider = TracerProvider(), TracerProvider()
+    router_provider.add_span_processor(SimpleSpanProcessor(router_spans))
+    target_provider.add_span_processor(SimpleSpanProcessor(target_spans))
+    proxy = FakeTarget(upstream=apps[0].address)
+    async with fake_target(proxy, target_provider) as (_, address), \
+            running_router([address], provider=router_provider) as (_, stub, _):
+        await wait_routable(stub, [address])
+        await collect(stub, request([1, 2], max_new_tokens=2))
+        served = lambda: [s for s in target_spans.get_finished_spans()  # noqa: E731
+                          if s.name.endswith("TargetModel/Generate")]
+        await eventually(served, what="the target's span")
+    served = served()[0]
+    routed = [s for s in router_spans.get_finished_spans() if s.name.endswith("Router/Generate")][0]
+    assert served.context.trace_id == routed.context.trace_id
+
+
+async def test_router_stats_report_what_it_forwarded(router):
+    app, stub, channel = router
+    for i in range(3):
+        await collect(stub, request([2, 3, i], max_new_tokens=5))
+    call = stats_pb2_grpc.StatsStub(channel).Watch(stats_pb2.WatchStatsRequest(interval_s=0.05))
+    report = await call.read()
+    call.cancel()
+    assert report.role == stats_pb2.ROLE_ROUTER and report.instance_id == app.instance_id
+    assert report.requests_total >= 3 and report.tokens_generated_total >= 15
+    assert report.e2e.count >= 3 and report.ttft.p50_ms > 0 and report.tokens_per_second > 0
+    assert report.in_flight == 0
+
+
+async def test_admission_bound(targets):
+    apps, _ = targets
+    holding = FakeTarget(upstream=apps[0].address, hold_after=1)
+    async with fake_target(holding) as (_, address), running_router([address], max_in_flight=1) as (_, stub, _):
+        await wait_routable(stub, [address])
+        call = stub.Generate(request([1, 2, 3], max_new_tokens=10))
+        await call.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(err.value.trailing_metadata()).get("retry-after-ms")
+        call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def bare_instance(role=stats_pb2.ROLE_TARGET):
+    """A server with only the library's health servicer (no llmesh interceptors) and Stats."""
+    from grpc_health.v1 import health
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    report = lambda: stats_pb2.LoadReport(role=role, timestamp=time.time())  # noqa: E731
+    stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(report, 0.1), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("", SERVING)
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_health_watch_changes_reach_the_registry_at_once():
+    async with bare_instance() as (servicer, address), running_router(health_interval_s=30.0) as (app, stub, _):
+        await register(stub, "w", address)
+        await wait_routable(stub, ["w"])
+        started = time.monotonic()
+        await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await eventually(lambda: not app.fleet.registry.get("w").routable(time.monotonic(), 2.0),
+                         what="NOT_SERVING to arrive")
+        assert time.monotonic() - started < 1.0  # streamed, not polled (the poll interval is 30 s)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert "w NOT_SERVING" in err.value.details()
+        await servicer.set("", SERVING)
+        await wait_routable(stub, ["w"])
+
+
+async def test_a_healthy_draft_is_sent_with_the_request(targets):
+    apps, _ = targets
+    proxy = FakeTarget(upstream=apps[0].address)
+    async with bare_instance(stats_pb2.ROLE_DRAFT) as (_, draft), fake_target(proxy) as (_, address), \
+            running_router([address], drafts=[draft]) as (_, stub, _):
+        await wait_routable(stub, [address, draft])
+        await collect(stub, request([1, 2], max_new_tokens=2))
+        no_spec = request([1, 2], max_new_tokens=2)
+        no_spec.speculation.enabled = False
+        await collect(stub, no_spec)
+        chosen = request([1, 2], max_new_tokens=2)
+        chosen.draft_address = "127.0.0.1:9"
+        await collect(stub, chosen)
+    assert [r.draft_address for r in proxy.requests] == [draft, "", "127.0.0.1:9"]
