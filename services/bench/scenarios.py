@@ -141,4 +141,21 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
     }
 
 
+#: name -> function(opts, **kw) -> result dict. Scenarios in other modules add themselves here.
 SCENARIOS = {"batching": batching, "speculative": speculative}
+
+#: What `make bench` runs: (scenario, model) pairs, in order.
+ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large")]
+
+
+def registry() -> dict:
+    """Every scenario, those defined in their own modules included."""
+    import importlib
+
+    for module in ("services.bench.router_scenario", "services.bench.autoscale"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return SCENARIOS

@@ -11,7 +11,7 @@ from pathlib import Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="run a benchmark scenario (starts the services it needs)",
                               description=__doc__)
-    p.add_argument("--scenario", choices=["batching", "speculative"], help="the scenario to run")
+    p.add_argument("--scenario", help="the scenario to run: batching, speculative, router, autoscale")
     p.add_argument("--all", action="store_true", help="every scenario, as `make bench` runs them")
     p.add_argument("--model", default="target-large", help="target model name under HOME/models")
     p.add_argument("--draft", default="draft", help="draft model name under HOME/models")
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from services.bench import report
-    from services.bench.scenarios import BenchOptions, batching, speculative
+    from services.bench.scenarios import BenchOptions
     from services.engine.build import default_home
 
     home = args.home or default_home()
@@ -59,11 +59,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one(name, opts, concurrencies, new_tokens):
-    from services.bench.scenarios import batching, speculative
+    from services.bench.scenarios import registry
 
+    scenarios = registry()
+    if name not in scenarios:
+        raise SystemExit(f"llmesh bench: unknown scenario {name!r}; choose from {', '.join(scenarios)}")
+    kw = {"new_tokens": new_tokens} if new_tokens else {}
     if name == "batching":
-        return batching(opts, concurrencies, **({"new_tokens": new_tokens} if new_tokens else {}))
-    return speculative(opts, **({"new_tokens": new_tokens} if new_tokens else {}))
+        kw["concurrencies"] = concurrencies
+    return scenarios[name](opts, **kw)
 
 
 def _all(args, opts, concurrencies) -> int:
@@ -71,10 +75,11 @@ def _all(args, opts, concurrencies) -> int:
     from dataclasses import replace
 
     from services.bench import report
+    from services.bench.scenarios import ALL_RUNS, registry
 
+    registry()
     out = args.out_dir
-    runs = [("batching", replace(opts, model="target-large")), ("batching", replace(opts, model="target")),
-            ("speculative", replace(opts, model="target-large"))]
+    runs = [(name, replace(opts, model=model)) for name, model in ALL_RUNS]
     sections, errors = [], 0
     for name, o in runs:
         stem = f"{name}-{o.model}"
