@@ -130,6 +130,7 @@ class Forwarder:
             error = None
             self.fleet.registry.started(inst.id)
             call = model_pb2_grpc.TargetModelStub(self.fleet.channel(inst.id)).Generate(attempt, timeout=remaining)
+            finished = False
             try:
                 async for chunk in call:
                     chunk.instance_id = inst.id
@@ -138,8 +139,12 @@ class Forwarder:
                     streamed.extend(chunk.token_ids)
                     yield chunk
                     if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                        # Read on to the stream's end (it follows at once), so the call
+                        # and its client span close normally instead of being cancelled.
+                        finished = True
                         self.fleet.registry.record_success(inst.id)
-                        return
+                if finished:
+                    return
                 error = UpstreamError("UNAVAILABLE", "the stream ended before its last chunk", (), inst.id)
             except grpc.aio.AioRpcError as exc:
                 error = UpstreamError.of(exc, inst.id)

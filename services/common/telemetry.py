@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
@@ -46,3 +47,18 @@ def server_interceptors(provider: TracerProvider) -> list:
 
 def client_interceptors(provider: TracerProvider) -> list:
     return list(aio_client_interceptors(tracer_provider=provider))
+
+
+def record_phases(tracer, phases: list[tuple[str, float | None, float | None]], attributes: dict | None = None
+                  ) -> None:
+    """Spans for phases that already happened, as children of the current span.
+
+    ``phases`` holds (name, start, end) in ``time.monotonic()`` seconds, as the
+    engine thread recorded them; a phase with a missing end is skipped.
+    """
+    offset_ns = time.time_ns() - int(time.monotonic() * 1e9)
+    for name, start, end in phases:
+        if start is None or end is None:
+            continue
+        span = tracer.start_span(name, start_time=offset_ns + int(start * 1e9), attributes=attributes or {})
+        span.end(end_time=offset_ns + int(end * 1e9))

@@ -24,7 +24,7 @@ from services.engine.detokenizer import Detokenizer
 from services.engine.metrics import EngineMetrics, MetricsSnapshot
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.scheduler import Row, Scheduler
-from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status
+from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
 from services.engine.settings import EngineSettings
 from services.engine.validation import validate
 from services.speculative.acceptance import accept_greedy, accept_sampled
@@ -335,7 +335,8 @@ class Engine:
         self.metrics.record_request(now, (first - seq.arrival) if first else None, tpot, now - seq.arrival,
                                     (seq.admitted_at or now) - seq.arrival, error=error is not None)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
-                               spec=seq.spec.stats if seq.spec is not None else None))
+                               spec=seq.spec.stats if seq.spec is not None else None,
+                               timeline=Timeline(seq.arrival, seq.admitted_at, first, now)))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._finish(seq, FinishReason.ERROR, [], error=exc)

@@ -77,6 +77,17 @@ class SequenceEvent:
     error: BaseException | None = None
     #: Speculation counts so far (services.speculative.state.SpecStats), if speculating.
     spec: Any = None
+    #: On the finishing event: when the sequence arrived, was admitted, made its
+    #: first token and finished (time.monotonic() seconds; None if it never did).
+    timeline: "Timeline | None" = None
+
+
+@dataclass(frozen=True)
+class Timeline:
+    arrival: float
+    admitted: float | None
+    first_token: float | None
+    finished: float
 
 
 _ids = itertools.count()

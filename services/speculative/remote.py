@@ -10,6 +10,7 @@ without speculation.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 
 import grpc
@@ -62,6 +63,9 @@ class RemoteDraftLink:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        # The stream's span joins the trace of the request that opened the link,
+        # not the engine thread's (empty) context the rounds are requested from.
+        self._context = contextvars.copy_context()
 
     # -- called from the engine thread -------------------------------------------
     def propose(self, round_id: int, discard: int, append: list[int], gamma: int,
@@ -69,7 +73,7 @@ class RemoteDraftLink:
         self._loop.call_soon_threadsafe(self._enqueue, (round_id, discard, list(append), gamma, on_result))
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._cancel)
+        self._loop.call_soon_threadsafe(self._finish)
 
     # -- on the loop ---------------------------------------------------------------------
     def _enqueue(self, item) -> None:
@@ -77,13 +81,17 @@ class RemoteDraftLink:
             return
         if self._queue is None:
             self._queue = asyncio.Queue()
-            self._task = self._loop.create_task(self._run())
+            self._task = self._loop.create_task(self._run(), context=self._context)
         self._queue.put_nowait(item)
 
-    def _cancel(self) -> None:
+    def _finish(self) -> None:
+        """Ends the stream the way a client should: no more requests, then read
+        to the server's end (the draft frees the sequence's cache)."""
+        if self._closed:
+            return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        if self._queue is not None:
+            self._queue.put_nowait(None)
 
     async def _run(self) -> None:
         call = self._stub.Propose()
@@ -92,6 +100,11 @@ class RemoteDraftLink:
         try:
             while True:
                 pending = await self._queue.get()
+                if pending is None:
+                    await call.done_writing()
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                    return
                 round_id, discard, append, gamma, on_result = pending
                 msg = model_pb2.ProposeRequest(append_tokens=append, discard=discard, gamma=gamma)
                 if first:

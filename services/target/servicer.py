@@ -6,6 +6,7 @@ import time
 import uuid
 
 from services.common import generation_codec as codec
+from services.common.telemetry import record_phases
 from services.common.errors import InvalidArgument
 from services.common.model_service import configure_changes, model_info, settings_pb
 from services.common.stubs import generation_pb2 as gen
@@ -20,6 +21,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         self.app = app
         self.config = app.config
         self.drafts = DraftClient(app.provider)
+        self.tracer = app.provider.get_tracer("llmesh.target")
 
     @property
     def instance_id(self) -> str:
@@ -34,14 +36,9 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         req = codec.request_of(request, encode, deadline)
         request_id = request.request_id or uuid.uuid4().hex
         req.speculation = self._speculation(request, request_id, loaded.engine.vocab_size)
-        started = time.monotonic()
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
-        first_at = None
         async for event in engine.generate(req):
-            now = time.monotonic()
-            if event.token_ids and first_at is None:
-                first_at = now
             usage.completion_tokens += len(event.token_ids)
             chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=event.text,
                                       usage=usage, instance_id=self.instance_id)
@@ -51,7 +48,8 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                 chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
                 if event.spec is not None:
                     chunk.speculation.CopyFrom(self._spec_pb(event.spec))
-                chunk.timing.CopyFrom(self._timing(started, first_at, now, usage.completion_tokens - len(req.resume_ids)))
+                chunk.timing.CopyFrom(self._timing(event.timeline, usage.completion_tokens - len(req.resume_ids)))
+                self._trace(event, len(req.prompt_ids), usage.completion_tokens)
             yield chunk
 
     def _speculation(self, request, request_id: str, vocab_size: int) -> SpeculationRequest | None:
@@ -80,10 +78,23 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     draft_timeouts=stats.draft_timeouts)
 
     @staticmethod
-    def _timing(started: float, first_at: float | None, now: float, new_tokens: int) -> gen.Timing:
-        ttft = (first_at - started) * 1000 if first_at else 0.0
-        tpot = ((now - first_at) * 1000 / (new_tokens - 1)) if first_at and new_tokens > 1 else 0.0
-        return gen.Timing(ttft_ms=ttft, tpot_ms=tpot, elapsed_ms=(now - started) * 1000)
+    def _timing(t, new_tokens: int) -> gen.Timing:
+        ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else 0.0  # noqa: E731
+        tpot = ms(t.first_token, t.finished) / (new_tokens - 1) if new_tokens > 1 else 0.0
+        return gen.Timing(queue_ms=ms(t.arrival, t.admitted), ttft_ms=ms(t.arrival, t.first_token), tpot_ms=tpot,
+                          elapsed_ms=ms(t.arrival, t.finished))
+
+    def _trace(self, event, prompt_tokens: int, completion_tokens: int) -> None:
+        """Spans for the engine's phases of this request, under the call's span."""
+        t = event.timeline
+        attributes = {"llmesh.prompt_tokens": prompt_tokens, "llmesh.completion_tokens": completion_tokens,
+                      "llmesh.finish_reason": event.finish_reason.value}
+        if event.spec is not None:
+            attributes.update({"llmesh.spec.rounds": event.spec.rounds, "llmesh.spec.proposed": event.spec.proposed,
+                               "llmesh.spec.accepted": event.spec.accepted})
+        record_phases(self.tracer, [("llmesh.queue", t.arrival, t.admitted),
+                                    ("llmesh.prefill", t.admitted, t.first_token),
+                                    ("llmesh.decode", t.first_token, t.finished)], attributes)
 
     async def GetInfo(self, request, context):
         return model_info(self.app.require_loaded(), self.instance_id, stats_pb2.ROLE_TARGET, self._settings())
