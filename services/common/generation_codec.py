@@ -29,25 +29,28 @@ def priority_of(value: int) -> int:
     return gen.PRIORITY_NORMAL if value == gen.PRIORITY_UNSPECIFIED else value
 
 
-def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
-    """Checks what needs no model (the engine checks context and vocabulary)."""
-    if math.isnan(s.temperature) or s.temperature < 0:
+def distribution_params(s: gen.SamplingParams) -> dict:
+    """temperature, top_p, top_k and seed of a SamplingParams, checked."""
+    if not (math.isfinite(s.temperature) and s.temperature >= 0):
         raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
-    if not math.isfinite(s.temperature):
-        raise InvalidArgument("sampling.temperature", f"must be finite, got {s.temperature}")
     top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:  # also rejects NaN
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
     top_k = s.top_k if s.HasField("top_k") else 0
     if top_k < 0:
         raise InvalidArgument("sampling.top_k", f"must be >= 0, got {top_k}")
+    return {"temperature": s.temperature, "top_p": top_p, "top_k": top_k,
+            "seed": s.seed if s.HasField("seed") else None}
+
+
+def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
+    """Checks what needs no model (the engine checks context and vocabulary)."""
+    params = distribution_params(s)
     if s.max_new_tokens <= 0:
         raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
     if len(s.stop) > MAX_STOP_SEQUENCES:
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(s.stop)}")
-    return SamplingOptions(temperature=s.temperature, top_p=top_p, top_k=top_k, max_new_tokens=s.max_new_tokens,
-                           stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None,
-                           ignore_eos=s.ignore_eos)
+    return SamplingOptions(**params, max_new_tokens=s.max_new_tokens, stop=tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
 def prompt_ids_of(prompt: gen.Prompt, encode: Callable[[str], list[int]]) -> list[int]:

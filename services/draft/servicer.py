@@ -7,6 +7,7 @@ import time
 from services.common.errors import InvalidArgument
 from services.common.model_service import configure_changes, model_info, settings_pb
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
+from services.common.distributions import distribution_pb
 from services.draft import codec
 from services.engine.async_engine import AsyncEngine
 from services.engine.sequence import GenerationRequest
@@ -43,7 +44,7 @@ class DraftServicer(model_pb2_grpc.DraftModelServicer):
                 tokens = [t for e in events for t in e.token_ids]
                 proposed = len(tokens)
                 yield model_pb2.ProposeResponse(
-                    tokens=tokens, distributions=[codec.distribution_pb(p) for e in events for p in e.probs],
+                    tokens=tokens, distributions=[distribution_pb(p) for e in events for p in e.probs],
                     compute_ms=(time.perf_counter() - started) * 1000)
         finally:
             if session is not None:
