@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
 from services.common.model_service import ModelServiceConfig, load_report
 from services.common.server import Health, new_server, serve_until_signal, setup_logging
@@ -38,6 +39,7 @@ class ModelApp:
             config, [SERVICE_NAMES[service_key], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"{service_key}@{config.host}:{self.port}"
         self.loaded: LoadedModel | None = None
+        self._nvml = None
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(
@@ -55,7 +57,8 @@ class ModelApp:
     def report(self) -> stats_pb2.LoadReport:
         if self.loaded is None:
             return stats_pb2.LoadReport(instance_id=self.instance_id, role=self.role, timestamp=time.time())
-        return load_report(self.loaded.engine.load(), self.instance_id, self.role, time.time())
+        utilization = (self._nvml.read(), stats_pb2.UTILIZATION_SOURCE_NVML) if self._nvml else None
+        return load_report(self.loaded.engine.load(), self.instance_id, self.role, time.time(), utilization)
 
     async def start(self) -> None:
         """Starts serving RPCs (NOT_SERVING), loads and warms the model, then SERVING."""
@@ -66,6 +69,7 @@ class ModelApp:
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, metrics_window_s=c.metrics_window_s, model_name=c.model_name,
             speculation=c.speculation_settings() if hasattr(c, "speculation_settings") else None)
+        self._nvml = nvml_for(self.loaded.device)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
         self.loaded.engine.start()
