@@ -91,8 +91,9 @@ class ModelRunner:
             keys = k_cache[s0:s0 + n, : ctx.kv_len]
             values = v_cache[s0:s0 + n, : ctx.kv_len]
         else:
-            keys = k_cache.index_select(0, ctx.slots)[:, : ctx.kv_len]
-            values = v_cache.index_select(0, ctx.slots)[:, : ctx.kv_len]
+            # Slice before gathering: copy kv_len positions per row, not max_len.
+            keys = k_cache[:, : ctx.kv_len].index_select(0, ctx.slots)
+            values = v_cache[:, : ctx.kv_len].index_select(0, ctx.slots)
         out = F.scaled_dot_product_attention(
             query, keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
