@@ -12,6 +12,7 @@ not make alerts flap).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from monitor.metrics import Scope, Throughput, ThroughputResult, scope_keys, serving_keys, throughput
@@ -34,6 +35,12 @@ class Thresholds:
     error_rate_critical: float = 0.25
     #: Below this acceptance rate speculation costs more than it brings.
     low_acceptance: float = 0.5
+    #: Finished requests/s a pool should reach; 0: no target (only growing queues call for more instances).
+    target_requests_per_second: float = 0.0
+    #: A pool's queue counts as growing when it rose over the window and holds at least this many requests.
+    growing_queue_min: int = 4
+    #: Time to first token (p95) above which a lightly used instance lacks prefill budget.
+    high_ttft_ms: float = 2000.0
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,29 @@ class Analysis:
 
 def analyze(snapshot: Snapshot, window_s: float, scope: Scope, now: float,
             thresholds: Thresholds = Thresholds()) -> Analysis:
+    """Every rule over the scope's instances (and, for a pool or the fleet, its pools)."""
     result = throughput(snapshot, window_s, scope, now)
     infos = [snapshot.instances[k] for k in scope_keys(snapshot, scope)]
     recs = no_healthy_instances(infos, scope, snapshot.listed_at, now)
+    dead_pools = {r.subject for r in recs}
+    for info in sorted(infos, key=lambda i: i.key):
+        if info.role in (Role.TARGET, Role.DRAFT) and info.pool not in dead_pools:
+            rec = unhealthy_instance(info)
+            if rec is not None:
+                recs.append(rec)
     for key, m in sorted(result.per_instance.items()):
         if snapshot.instances[key].role in (Role.TARGET, Role.DRAFT):
-            for rule in (low_utilization_with_queue, low_batch_efficiency, high_error_rate, low_acceptance_rate):
+            for rule in (low_utilization_with_queue, low_batch_efficiency, high_error_rate, low_acceptance_rate,
+                         high_ttft_at_low_utilization):
                 rec = rule(key, m, thresholds)
                 if rec is not None:
                     recs.append(rec)
+    if not scope.instance_id:
+        pools = sorted({i.pool for i in infos if i.role in (Role.TARGET, Role.DRAFT)} - dead_pools)
+        for pool in pools:
+            rec = scale_out(pool, throughput(snapshot, window_s, Scope(pool=pool), now).metrics, thresholds)
+            if rec is not None:
+                recs.append(rec)
     recs.sort(key=lambda r: (-r.severity, r.rule, r.subject))
     return Analysis(result, recs)
 
@@ -103,8 +124,24 @@ def no_healthy_instances(infos: list[InstanceInfo], scope: Scope, listed_at: flo
     return recs
 
 
+def unhealthy_instance(info: InstanceInfo) -> Recommendation | None:
+    """The router ejected an instance after repeated failures, or sees an active one as not SERVING."""
+    ejected = info.state == "ejected"
+    if not ejected and (info.state != "active" or info.serving):
+        return None
+    why = (f"the router ejected {info.key} after {info.consecutive_failures} consecutive failed requests"
+           if ejected else f"{info.key} is registered and active but its health is not SERVING")
+    return Recommendation(
+        "unhealthy_instance", Severity.WARNING, f"{why}: the pool serves with one instance less",
+        f"read {info.key}'s log and restart it; Router.DeregisterInstance {info.key} if it cannot be fixed",
+        f"pool {info.pool} has its full capacity again and no request is retried away from {info.key}",
+        info.key, float(info.consecutive_failures), 0.0,
+        {"ejected": float(ejected), "serving": float(info.serving),
+         "consecutive_failures": float(info.consecutive_failures)})
+
+
 def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
-    """Work waits while the accelerator idles: admission, not compute, is the limit."""
+    """Work waits while the accelerator idles: the host side (admission), not compute, is the limit."""
     if m.queue_length < 1 or m.accelerator_utilization >= t.low_utilization:
         return None
     kv_full = m.kv_cache_usage >= 0.9
@@ -112,7 +149,7 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
               else "raise max_batch_size and max_batch_tokens on ") + key
     return Recommendation(
         "low_utilization_with_queue", Severity.WARNING,
-        "requests queue while the accelerator is idle: the batch bounds"
+        "host-side bottleneck: requests queue while the accelerator is idle; the batch bounds"
         + (" (the KV cache is full)" if kv_full else "") + " keep them out",
         action, "queued requests join the running batch: higher tokens/s, shorter queue time",
         key, m.accelerator_utilization, t.low_utilization,
@@ -127,12 +164,14 @@ def low_batch_efficiency(key: str, m: Throughput, t: Thresholds) -> Recommendati
     return Recommendation(
         "low_batch_efficiency", Severity.WARNING,
         f"the batch is {m.batch_efficiency:.0%} full while {m.queue_length} request(s) wait: "
-        "the per-step token budget or the KV-cache slots admit too few",
-        f"raise max_batch_tokens (so queued prefills fit in a step) or num_slots on {key}",
-        "fuller batches: more tokens per step at the same step time",
+        "admission holds them back",
+        f"on {key}: lower max_wait_ms (queued requests wait for companions that do not come), raise "
+        "max_batch_tokens (so queued prefills fit in a step) or num_slots when the KV cache is full; "
+        "if the batch never fills, lower max_batch_size to the batch it reaches",
+        "fuller batches: more tokens per step at the same step time, shorter queue time",
         key, m.batch_efficiency, t.min_batch_efficiency,
         {"batch_efficiency": m.batch_efficiency, "queue_length": float(m.queue_length),
-         "kv_cache_usage": m.kv_cache_usage})
+         "queue_time_p50_ms": m.queue_time.p50_ms, "kv_cache_usage": m.kv_cache_usage})
 
 
 def high_error_rate(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
@@ -141,7 +180,7 @@ def high_error_rate(key: str, m: Throughput, t: Thresholds) -> Recommendation | 
     critical = m.error_rate >= t.error_rate_critical
     return Recommendation(
         "high_error_rate", Severity.CRITICAL if critical else Severity.WARNING,
-        f"{m.error_rate:.0%} of the requests finished by {key} failed",
+        f"{m.error_rate:.0%} of the requests finished by {key} failed: an unhealthy instance",
         f"read {key}'s log; drain it (Router.DrainInstance) if it keeps failing",
         "the router stops sending work to a failing instance",
         key, m.error_rate, t.error_rate_critical if critical else t.error_rate_warning,
@@ -159,6 +198,54 @@ def low_acceptance_rate(key: str, m: Throughput, t: Thresholds) -> Recommendatio
         "fewer wasted draft and verification tokens: lower per-token latency",
         key, m.acceptance_rate, t.low_acceptance,
         {"acceptance_rate": m.acceptance_rate, "proposed_per_second": m.proposed_per_second})
+
+
+def high_ttft_at_low_utilization(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    """Prompts wait long for their first token although the accelerator has room: the per-step
+    prefill budget spreads each prompt over many steps."""
+    if m.ttft.count == 0 or m.ttft.p95_ms < t.high_ttft_ms or m.accelerator_utilization >= t.low_utilization:
+        return None
+    return Recommendation(
+        "high_ttft_at_low_utilization", Severity.WARNING,
+        f"time to first token p95 is {m.ttft.p95_ms:.0f} ms while the accelerator is "
+        f"{m.accelerator_utilization:.0%} busy: the prefill budget per step is too small",
+        f"raise max_batch_tokens on {key} (more prompt tokens per step); lower max_wait_ms if queue time "
+        "is a large part of the TTFT",
+        "prompts are prefilled in fewer steps: lower TTFT, using accelerator time that is idle now",
+        key, m.ttft.p95_ms, t.high_ttft_ms,
+        {"ttft_p95_ms": m.ttft.p95_ms, "ttft_p50_ms": m.ttft.p50_ms, "queue_time_p95_ms": m.queue_time.p95_ms,
+         "accelerator_utilization": m.accelerator_utilization})
+
+
+def scale_out(pool: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+    """A busy pool whose queues grow, or that serves fewer requests/s than its target while work waits."""
+    if m.instances == 0 or m.accelerator_utilization < t.low_utilization:
+        return None  # nothing measured, or admission-bound (low_utilization_with_queue says what to change)
+    growing = m.queue_growth_per_second > 0 and m.queue_length >= t.growing_queue_min
+    below = (t.target_requests_per_second > 0 and m.requests_per_second < t.target_requests_per_second
+             and (m.queue_length > 0 or m.saturation >= 0.5))
+    if not (growing or below):
+        return None
+    why = []
+    if growing:
+        why.append(f"queues grow by {m.queue_growth_per_second:.2f} request(s)/s ({m.queue_length} waiting)")
+    if below:
+        why.append(f"{m.requests_per_second:.2f} requests/s is below the target of "
+                   f"{t.target_requests_per_second:g}")
+    more = max(1, math.ceil(m.instances * t.target_requests_per_second / m.requests_per_second) - m.instances) \
+        if below and m.requests_per_second > 0 else 1
+    return Recommendation(
+        "scale_out", Severity.WARNING,
+        f"pool {pool} is at capacity with {m.instances} instance(s), "
+        f"{m.accelerator_utilization:.0%} utilised: " + "; ".join(why),
+        f"add {more} instance(s) to pool {pool} (Scaler.ScaleTo, or raise its max_instances)",
+        "the queue drains and requests/s rises with the added capacity",
+        pool, m.requests_per_second if below else m.queue_growth_per_second,
+        t.target_requests_per_second if below else 0.0,
+        {"requests_per_second": m.requests_per_second, "target_requests_per_second": t.target_requests_per_second,
+         "queue_length": float(m.queue_length), "queue_growth_per_second": m.queue_growth_per_second,
+         "accelerator_utilization": m.accelerator_utilization, "saturation": m.saturation,
+         "instances": float(m.instances)})
 
 
 # -- alerts -------------------------------------------------------------------

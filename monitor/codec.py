@@ -49,12 +49,17 @@ def report_of(pb: stats_pb2.LoadReport, received_at: float) -> Report:
     )
 
 
+STATES = {router_pb2.INSTANCE_STATE_ACTIVE: "active", router_pb2.INSTANCE_STATE_DRAINING: "draining",
+          router_pb2.INSTANCE_STATE_EJECTED: "ejected"}
+
+
 def instance_of(pb: router_pb2.InstanceStatus) -> InstanceInfo:
     spec = pb.spec
+    serving = pb.health == router_pb2.INSTANCE_HEALTH_SERVING
     return InstanceInfo(
         key=spec.id or spec.address, address=spec.address, role=ROLES.get(spec.role, Role.UNSPECIFIED),
-        pool=spec.pool or "default",
-        healthy=(pb.health == router_pb2.INSTANCE_HEALTH_SERVING and pb.state == router_pb2.INSTANCE_STATE_ACTIVE),
+        pool=spec.pool or "default", healthy=serving and pb.state == router_pb2.INSTANCE_STATE_ACTIVE,
+        state=STATES.get(pb.state, "unspecified"), serving=serving, consecutive_failures=pb.consecutive_failures,
     )
 
 
@@ -78,12 +83,15 @@ def throughput_pb(m: Throughput) -> monitor_pb2.ThroughputMetrics:
         utilization_source=SOURCES_PB[m.utilization_source], concurrent_users=m.concurrent_users,
         ttft=latency_pb(m.ttft), tpot=latency_pb(m.tpot), e2e=latency_pb(m.e2e),
         queue_time=latency_pb(m.queue_time), acceptance_rate=m.acceptance_rate, error_rate=m.error_rate,
-        instances=m.instances, queue_length=m.queue_length,
+        instances=m.instances, queue_length=m.queue_length, running=m.running, kv_cache_usage=m.kv_cache_usage,
+        saturation=m.saturation, queue_growth_per_second=m.queue_growth_per_second,
     )
 
 
-def throughput_response(result: ThroughputResult, scope: Scope) -> monitor_pb2.GetThroughputResponse:
-    reply = monitor_pb2.GetThroughputResponse(metrics=throughput_pb(result.metrics))
+def throughput_response(result: ThroughputResult, scope: Scope,
+                        windows: list[Throughput] = ()) -> monitor_pb2.GetThroughputResponse:
+    reply = monitor_pb2.GetThroughputResponse(metrics=throughput_pb(result.metrics),
+                                              windows=[throughput_pb(w) for w in windows])
     if not scope.instance_id:
         for key, m in result.per_instance.items():
             reply.per_instance[key].CopyFrom(throughput_pb(m))

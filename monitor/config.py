@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from monitor.metrics import MAX_WINDOW_S
+from monitor.analysis import Thresholds
+from monitor.metrics import MAX_WINDOW_S, STANDARD_WINDOWS_S
 from services.common.config import BaseConfig, field
 
 
@@ -23,6 +24,11 @@ class MonitorConfig(BaseConfig):
     reconnect_initial_s: float = field(0.5, "first retry delay after a lost stream or a failed call")
     reconnect_max_s: float = field(10.0, "longest retry delay (the delay doubles, with jitter, up to this)")
     default_window_s: float = field(10.0, "window of GetThroughput/Analyze when the request says 0")
+    windows_s: list[float] = field(list(STANDARD_WINDOWS_S), "windows every GetThroughput answer also covers "
+                                   "(seconds, comma-separated)")
+    target_requests_per_second: float = field(0.0, "finished requests/s each pool should reach; below it, with "
+                                              "work waiting, Analyze recommends scaling out (0: no target)")
+    high_ttft_ms: float = field(2000.0, "TTFT p95 above which a lightly used instance lacks prefill budget")
     analysis_interval_s: float = field(2.0, "seconds between evaluations of the alert rules")
     alert_for_s: float = field(5.0, "a condition must hold this long before its alert fires")
     alert_clear_s: float = field(10.0, "a firing alert clears after its condition has been gone this long")
@@ -44,6 +50,15 @@ class MonitorConfig(BaseConfig):
             value = getattr(self, name)
             self.require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
         self.require(0 <= self.prometheus_port <= 65535, "prometheus_port", "must be in [0, 65535]")
+        self.require(bool(self.windows_s) and all(0 < w <= MAX_WINDOW_S for w in self.windows_s), "windows_s",
+                     f"must be one or more windows in (0, {MAX_WINDOW_S:g}]")
+        self.require(math.isfinite(self.target_requests_per_second) and self.target_requests_per_second >= 0,
+                     "target_requests_per_second", "must be a finite number >= 0")
+        self.require(math.isfinite(self.high_ttft_ms) and self.high_ttft_ms > 0, "high_ttft_ms",
+                     "must be a finite number > 0")
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(target_requests_per_second=self.target_requests_per_second, high_ttft_ms=self.high_ttft_ms)
 
     @property
     def retention_s(self) -> float:

@@ -43,12 +43,15 @@ class MonitorApp:
             list_interval_s=config.list_interval_s, rpc_timeout_s=config.rpc_timeout_s,
             reconnect_initial_s=config.reconnect_initial_s, reconnect_max_s=config.reconnect_max_s,
             channel_factory=insecure_channel, clock=clock)
+        thresholds = config.thresholds()
         self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s),
-                               window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock)
+                               window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,
+                               thresholds=thresholds)
         self.exporter = PrometheusExporter(FleetCollector(self.store.snapshot, config.default_window_s, clock,
                                                           lambda: list(self.alerts.firing)))
         monitor_pb2_grpc.add_MonitorServicer_to_server(
-            MonitorServicer(self.store, self.alerts, config.default_window_s, clock), self.server)
+            MonitorServicer(self.store, self.alerts, config.default_window_s, clock, thresholds,
+                            tuple(config.windows_s)), self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 
     @property

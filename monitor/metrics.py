@@ -6,7 +6,10 @@ the difference of the sender's timestamps. That is exact whatever window the
 instance uses for its own rates. Gauges (queue, in flight) are the newest
 report's; batch fill and utilisation are averaged over the reports in the
 window; latency percentiles are the newest report's (they cover the
-instance's own window, typically 10 s).
+instance's own window, typically 10 s). Saturation is the fraction of the
+window's reports in which the instance could take no more work (requests
+queued, or the batch nearly full): the scaler measures an instance's
+capacity as its tokens/s over windows it spent saturated.
 
 Aggregates count the scope's *serving* instances: the targets, or the drafts
 of a scope that holds no target. Drafts, the router and the others appear in
@@ -26,6 +29,10 @@ from services.common.errors import InvalidArgument, NotFound
 
 #: GetThroughput's largest window (monitor.proto); the store keeps reports a little longer.
 MAX_WINDOW_S = 300.0
+#: The windows every GetThroughput answer also covers, unless configured otherwise.
+STANDARD_WINDOWS_S = (10.0, 60.0, 300.0)
+#: A report whose batch holds at least this fraction of max_batch_size counts as saturated.
+SATURATED_BATCH_FILL = 0.85
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class Throughput:
     proposed_per_second: float = 0.0
     kv_cache_usage: float = 0.0
     running: int = 0
+    saturation: float = 0.0
+    queue_growth_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,16 @@ def throughput(snapshot: Snapshot, window_s: float, scope: Scope, now: float) ->
     return ThroughputResult(metrics, per_instance, tuple(counted))
 
 
+def standard_windows(snapshot: Snapshot, windows_s: Sequence[float], scope: Scope, now: float) -> list[Throughput]:
+    """The scope's aggregate metrics over each window, shortest first."""
+    return [throughput(snapshot, w, scope, now).metrics for w in sorted(windows_s)]
+
+
+def saturated(r: Report) -> bool:
+    """The instance could take no more work when it sent ``r``: requests waited, or its batch was nearly full."""
+    return r.queue_length > 0 or (r.max_batch_size > 0 and r.running >= SATURATED_BATCH_FILL * r.max_batch_size)
+
+
 @dataclass(frozen=True)
 class _Window:
     """One instance's reports in the window, reduced to rates and a newest report."""
@@ -133,6 +152,8 @@ class _Window:
     in_window: tuple[Report, ...]
     #: Counter increments per second; None when the window holds a single report.
     rates: dict[str, float] | None
+    #: Change of the queue length per second since the window start (0 with a single report).
+    queue_growth: float = 0.0
 
 
 def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | None:
@@ -147,12 +168,13 @@ def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | No
     # The report at the window start: the newest one at or before it, else the oldest kept.
     base = ring[first_inside - 1] if first_inside > 0 else ring[0]
     span = newest.timestamp - base.timestamp
-    rates = None
+    rates, growth = None, 0.0
     if base is not newest and span > 0:
         rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in (
             "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
             "proposed_tokens_total", "accepted_tokens_total")}
-    return _Window(newest, tuple(ring[first_inside:end]), rates)
+        growth = (newest.queue_length - base.queue_length) / span
+    return _Window(newest, tuple(ring[first_inside:end]), rates, growth)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -180,6 +202,8 @@ def _instance_metrics(w: _Window, window_s: float) -> Throughput:
         acceptance_rate=acceptance, error_rate=error_rate, instances=1, queue_length=r.queue_length,
         errors_per_second=errors, rejected_per_second=rejected, proposed_per_second=proposed,
         kv_cache_usage=r.kv_cache_usage, running=r.running,
+        saturation=_mean([1.0 if saturated(x) else 0.0 for x in w.in_window]),
+        queue_growth_per_second=w.queue_growth,
     )
 
 
@@ -221,5 +245,6 @@ def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float)
         instances=len(parts), queue_length=sum(p.queue_length for p in parts),
         errors_per_second=errors, rejected_per_second=sum(p.rejected_per_second for p in parts),
         proposed_per_second=proposed, kv_cache_usage=_mean([p.kv_cache_usage for p in parts]),
-        running=sum(p.running for p in parts),
+        running=sum(p.running for p in parts), saturation=_mean([p.saturation for p in parts]),
+        queue_growth_per_second=sum(p.queue_growth_per_second for p in parts),
     )

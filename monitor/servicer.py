@@ -7,15 +7,17 @@ from collections.abc import Callable
 from monitor import codec
 from monitor.alerts import AlertHub
 from monitor.analysis import Thresholds, analyze
-from monitor.metrics import resolve_window, throughput
+from monitor.metrics import STANDARD_WINDOWS_S, resolve_window, standard_windows, throughput
 from monitor.store import ReportStore
 from services.common.stubs import monitor_pb2, monitor_pb2_grpc
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     def __init__(self, store: ReportStore, alerts: AlertHub, default_window_s: float,
-                 clock: Callable[[], float], thresholds: Thresholds = Thresholds()) -> None:
+                 clock: Callable[[], float], thresholds: Thresholds = Thresholds(),
+                 windows_s: tuple[float, ...] = STANDARD_WINDOWS_S) -> None:
         self.store = store
+        self.windows_s = windows_s
         self.alerts = alerts
         self.default_window_s = default_window_s
         self.clock = clock
@@ -24,8 +26,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     async def GetThroughput(self, request, context):
         window = resolve_window(request.window_s, self.default_window_s)
         scope = codec.scope_of(request.scope)
-        result = throughput(self.store.snapshot(), window, scope, self.clock())
-        return codec.throughput_response(result, scope)
+        snapshot, now = self.store.snapshot(), self.clock()
+        result = throughput(snapshot, window, scope, now)
+        return codec.throughput_response(result, scope, standard_windows(snapshot, self.windows_s, scope, now))
 
     async def Analyze(self, request, context):
         window = resolve_window(request.window_s, self.default_window_s)

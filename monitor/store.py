@@ -98,6 +98,12 @@ class InstanceInfo:
     healthy: bool = True
     #: Came from Router.ListInstances (False for the router itself).
     listed: bool = True
+    #: The router's state of the instance: "active", "draining" or "ejected".
+    state: str = "active"
+    #: Health SERVING as the router last saw it (whatever the state).
+    serving: bool = True
+    #: Consecutive failed requests the router saw on it.
+    consecutive_failures: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from scaler.policy import Policy
+from scaler.policy import InstanceLoad, Policy, WindowLoad
 from scaler.state import Event, Instance, ManagedState, PoolView, Role
 from services.common.errors import InvalidArgument
-from services.common.stubs import router_pb2, scaler_pb2, stats_pb2
+from services.common.stubs import monitor_pb2, router_pb2, scaler_pb2, stats_pb2
 
 ROLES = {stats_pb2.ROLE_TARGET: Role.TARGET, stats_pb2.ROLE_DRAFT: Role.DRAFT}
 ROLES_PB = {Role.TARGET: stats_pb2.ROLE_TARGET, Role.DRAFT: stats_pb2.ROLE_DRAFT,
@@ -18,11 +18,23 @@ STATES_PB = {
 
 
 def instance_of(pb: router_pb2.InstanceStatus) -> Instance:
-    """A registered instance the scaler did not start."""
+    """A registered instance as the router lists it (the state records whether the scaler started it)."""
     spec = pb.spec
     return Instance(id=spec.id or spec.address, address=spec.address,
                     role=ROLES.get(spec.role, Role.UNSPECIFIED), pool=spec.pool or "default",
-                    state=ManagedState.EXTERNAL, active=pb.state == router_pb2.INSTANCE_STATE_ACTIVE)
+                    state=ManagedState.EXTERNAL, active=pb.state == router_pb2.INSTANCE_STATE_ACTIVE,
+                    draining=pb.state == router_pb2.INSTANCE_STATE_DRAINING, in_flight=pb.in_flight,
+                    load_in_flight=pb.load.in_flight if pb.HasField("load") else 0)
+
+
+def window_load(pb: monitor_pb2.ThroughputMetrics) -> WindowLoad:
+    return WindowLoad(window_s=pb.window_s, tokens_per_second=pb.tokens_per_second,
+                      concurrent_users=pb.concurrent_users, running=pb.running)
+
+
+def instance_loads(reply: monitor_pb2.GetThroughputResponse, targets: set[str]) -> tuple[InstanceLoad, ...]:
+    return tuple(InstanceLoad(key, m.tokens_per_second, m.saturation)
+                 for key, m in sorted(reply.per_instance.items()) if key in targets)
 
 
 def pool_name(value: str) -> str:
@@ -36,14 +48,16 @@ def policy_of(pb: scaler_pb2.ScalingPolicy) -> Policy:
     return Policy(min_instances=pb.min_instances, max_instances=pb.max_instances,
                   target_utilization=pb.target_utilization, tolerance=pb.tolerance,
                   scale_up_window_s=pb.scale_up_window_s, scale_down_window_s=pb.scale_down_window_s,
-                  drain_timeout_s=pb.drain_timeout_s, manual_instances=pb.manual_instances)
+                  drain_timeout_s=pb.drain_timeout_s, manual_instances=pb.manual_instances,
+                  capacity_tokens_per_second=pb.capacity_tokens_per_second, panic_threshold=pb.panic_threshold)
 
 
 def policy_pb(p: Policy) -> scaler_pb2.ScalingPolicy:
     return scaler_pb2.ScalingPolicy(
         min_instances=p.min_instances, max_instances=p.max_instances, target_utilization=p.target_utilization,
         tolerance=p.tolerance, scale_up_window_s=p.scale_up_window_s, scale_down_window_s=p.scale_down_window_s,
-        drain_timeout_s=p.drain_timeout_s, manual_instances=p.manual_instances)
+        drain_timeout_s=p.drain_timeout_s, manual_instances=p.manual_instances,
+        capacity_tokens_per_second=p.capacity_tokens_per_second, panic_threshold=p.panic_threshold)
 
 
 def instance_pb(i: Instance) -> scaler_pb2.ManagedInstance:
@@ -52,9 +66,14 @@ def instance_pb(i: Instance) -> scaler_pb2.ManagedInstance:
 
 
 def pool_pb(v: PoolView) -> scaler_pb2.PoolStatus:
-    return scaler_pb2.PoolStatus(pool=v.pool, role=ROLES_PB[v.role], desired=v.desired, current=v.current,
-                                 reason=v.reason, policy=policy_pb(v.policy),
-                                 instances=[instance_pb(i) for i in v.instances])
+    d = v.decision
+    return scaler_pb2.PoolStatus(
+        pool=v.pool, role=ROLES_PB[v.role], desired=v.desired, current=v.current, reason=v.reason,
+        policy=policy_pb(v.policy), instances=[instance_pb(i) for i in v.instances], starting=v.starting,
+        draining=v.draining,
+        capacity_tokens_per_second=d.capacity.tokens_per_second if d is not None and d.capacity else 0.0,
+        capacity_measured=bool(d is not None and d.capacity and d.capacity.measured),
+        panic=bool(d is not None and d.panic), figures=dict(d.figures) if d is not None else {})
 
 
 def event_pb(e: Event) -> scaler_pb2.ScalingEvent:

@@ -1,4 +1,4 @@
-"""The scaler's view of the router's registry: one ListInstances per question asked."""
+"""The scaler's calls to the router: its registry (ListInstances) and membership changes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable
 import grpc
 
 from scaler import codec
-from scaler.state import ScalerState
-from services.common.stubs import router_pb2, router_pb2_grpc
+from scaler.state import Instance, ScalerState
+from services.common.stubs import router_pb2, router_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +18,54 @@ class RouterFleet:
     """Refreshes ``state``'s fleet from the router; a failure keeps the last list (marked stale)."""
 
     def __init__(self, channel: grpc.aio.Channel, state: ScalerState, timeout_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], labels: dict[str, str] | None = None) -> None:
         self._stub = router_pb2_grpc.RouterStub(channel)
         self._state = state
         self._timeout_s = timeout_s
         self._clock = clock
+        self._labels = labels or {}
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> bool:
+        """True when the router answered."""
         try:
             reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             if not self._state.fleet_error:
                 log.warning("router: ListInstances failed (%s: %s)", exc.code().name, exc.details())
             self._state.fleet_failed(exc.code().name)
-            return
+            return False
         self._state.set_fleet([codec.instance_of(s) for s in reply.instances if s.spec.address], self._clock())
+        return True
+
+    async def instance(self, instance_id: str, pool: str) -> Instance | None:
+        """The router's current view of one instance (None: not registered)."""
+        reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(pool=pool), timeout=self._timeout_s)
+        for status in reply.instances:
+            if status.spec.id == instance_id:
+                return codec.instance_of(status)
+        return None
+
+    async def register(self, instance_id: str, address: str, pool: str) -> None:
+        spec = router_pb2.InstanceSpec(id=instance_id, address=address, role=stats_pb2.ROLE_TARGET, pool=pool,
+                                       labels=self._labels)
+        await self._stub.RegisterInstance(router_pb2.RegisterInstanceRequest(instance=spec),
+                                          timeout=self._timeout_s)
+
+    async def drain(self, instance_id: str) -> bool:
+        """False when the router does not know the instance (nothing to drain)."""
+        try:
+            await self._stub.DrainInstance(router_pb2.DrainInstanceRequest(id=instance_id), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
+
+    async def deregister(self, instance_id: str) -> None:
+        """Removes the instance; one the router no longer knows is already gone."""
+        try:
+            await self._stub.DeregisterInstance(router_pb2.DeregisterInstanceRequest(id=instance_id),
+                                                timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise

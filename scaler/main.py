@@ -1,4 +1,4 @@
-"""The scaler's composition root: ``python -m scaler.main --router HOST:PORT``."""
+"""The scaler's composition root: ``python -m scaler.main --router HOST:PORT --monitor HOST:PORT``."""
 
 from __future__ import annotations
 
@@ -7,26 +7,44 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from scaler.backends import Backend as ScalingBackend
+from scaler.backends import BackendError, refuse
 from scaler.config import Backend, ScalerConfig
+from scaler.controller import Controller
 from scaler.fleet import RouterFleet
+from scaler.load import MonitorLoad
 from scaler.policy import Policy
 from scaler.servicer import ScalerServicer
 from scaler.state import ScalerState
 from services.common import telemetry
+from services.common.config import ConfigError
 from services.common.server import insecure_channel, new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, scaler_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.cli.launcher import default_home
 
 log = logging.getLogger(__name__)
 
 
-class ScalerApp:
-    """One scaler process: its server, its state and its router channel."""
+def make_backend(config: ScalerConfig) -> ScalingBackend:
+    """The configured backend; BackendError for one that is not implemented yet."""
+    if config.backend != Backend.LOCAL:
+        refuse(config.backend.value)
+    from scaler.backends.local import LocalBackend
 
-    def __init__(self, config: ScalerConfig, provider: TracerProvider,
+    return LocalBackend(config.target_model or default_home() / "models" / "target",
+                        Path(config.log_dir) if config.log_dir else default_home() / "logs" / "scaler",
+                        host=config.instance_host, extra_args=config.target_args)
+
+
+class ScalerApp:
+    """One scaler process: its server, its state, its router and monitor channels, its control loop."""
+
+    def __init__(self, config: ScalerConfig, provider: TracerProvider, backend: ScalingBackend,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
@@ -34,11 +52,24 @@ class ScalerApp:
             config, [SERVICE_NAMES["scaler"], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"scaler@{config.host}:{self.port}"
         self.state = ScalerState(Policy(min_instances=config.default_min_instances,
-                                        max_instances=config.default_max_instances),
-                                 config.backend.value, config.history_limit)
-        self.router_channel = insecure_channel(config.router, provider)
-        self.fleet = RouterFleet(self.router_channel, self.state, config.rpc_timeout_s, clock)
-        scaler_pb2_grpc.add_ScalerServicer_to_server(ScalerServicer(self.state, self.fleet, clock), self.server)
+                                        max_instances=config.default_max_instances,
+                                        capacity_tokens_per_second=config.default_capacity_tokens_per_s,
+                                        scale_up_window_s=config.default_scale_up_window_s,
+                                        scale_down_window_s=config.default_scale_down_window_s),
+                                 backend.name, config.history_limit)
+        # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
+        self.router_channel = insecure_channel(config.router)
+        self.monitor_channel = insecure_channel(config.monitor)
+        self.fleet = RouterFleet(self.router_channel, self.state, config.rpc_timeout_s, clock,
+                                 labels={"managed-by": self.instance_id})
+        self.controller = Controller(
+            self.state, self.fleet,
+            MonitorLoad(self.monitor_channel, config.rpc_timeout_s, config.metrics_window_s, config.panic_window_s),
+            backend, interval_s=config.interval_s, start_timeout_s=config.start_timeout_s,
+            warmup_tokens=config.warmup_tokens, stop_grace_s=config.stop_grace_s,
+            retry_after_s=config.retry_after_s, clock=clock)
+        scaler_pb2_grpc.add_ScalerServicer_to_server(
+            ScalerServicer(self.state, self.fleet, self.controller, clock), self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 
     @property
@@ -50,11 +81,10 @@ class ScalerApp:
 
     async def start(self) -> None:
         await self.server.start()
+        self.controller.start()
         await self.health.set(True)
-        if self.config.backend != Backend.LOCAL:
-            log.warning("backend %s: instances are listed but not started or stopped yet", self.config.backend.value)
-        log.info("%s serving on %s (router %s, backend %s)", self.instance_id, self.address, self.config.router,
-                 self.config.backend.value)
+        log.info("%s serving on %s (router %s, monitor %s, backend %s)", self.instance_id, self.address,
+                 self.config.router, self.config.monitor, self.state.backend)
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.shutdown()
@@ -62,13 +92,19 @@ class ScalerApp:
         await self.close()
 
     async def close(self) -> None:
+        """Stops the control loop and the instances it started, then closes the channels."""
+        await self.controller.close()
         await self.router_channel.close()
+        await self.monitor_channel.close()
 
 
-def create_server(config: ScalerConfig, provider: TracerProvider | None = None) -> ScalerApp:
-    """The service, bound (``app.port``) but not started; ``await app.start()`` serves."""
+def create_server(config: ScalerConfig, provider: TracerProvider | None = None,
+                  backend: ScalingBackend | None = None) -> ScalerApp:
+    """The service, bound (``app.port``) but not started; ``await app.start()`` serves.
+    BackendError when the configured backend is not implemented."""
+    backend = backend or make_backend(config)
     provider = provider or telemetry.make_tracer_provider("llmesh-scaler", config.instance_id)
-    return ScalerApp(config, provider)
+    return ScalerApp(config, provider, backend)
 
 
 async def serve(config: ScalerConfig) -> None:
@@ -79,8 +115,13 @@ async def serve(config: ScalerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = ScalerConfig.from_args(argv, prog="llmesh-scaler")
-    setup_logging(config.log_level)
+    try:
+        config = ScalerConfig.from_args(argv, prog="llmesh-scaler")
+        setup_logging(config.log_level)
+        make_backend(config)  # refuse an unimplemented backend before anything starts
+    except (ConfigError, BackendError) as exc:
+        print(f"llmesh-scaler: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(serve(config))
     return 0
 

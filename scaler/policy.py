@@ -1,16 +1,36 @@
-"""Scaling policy: its defaults, validation and bounds (pure: no gRPC, no stubs, no clock).
+"""Scaling policy: desired instances of a pool from its load (pure: no gRPC, no stubs, no clock).
 
-Automatic scaling (``ScalingPolicy.decide(snapshot, state, now)`` from the
-monitor's throughput) arrives in a later issue; for now a pool's desired
-count is its manual count when ScaleTo set one, else its current count kept
-within the policy's bounds.
+:func:`decide` is a function of (metrics snapshot, policy, memory, now) and
+returns the desired count, the reason with the figures behind it, and the
+memory for the next call. The rule is Knative's and the Kubernetes HPA's:
+
+    desired = ceil(current × load ÷ (target_utilization × capacity))
+
+where ``current × load`` is the pool's demand in tokens/s over the stable
+window and ``capacity`` is the tokens/s one instance sustains at saturation,
+measured from the monitor (the median rate of instances that were saturated
+for a whole window, over the last ten minutes; see :func:`learn_capacity`)
+and, until measured, the policy's configured estimate. Around it:
+
+- a tolerance band: no change while demand is within ``tolerance`` of the
+  target utilisation of the current instances;
+- stabilisation windows (HPA's ``behavior.*.stabilizationWindowSeconds``):
+  scale up only once every recommendation of the last ``scale_up_window_s``
+  asked for more, to the smallest of them; scale down likewise over
+  ``scale_down_window_s``, to the largest;
+- panic mode (Knative's KPA): when the short-window demand per instance
+  exceeds ``panic_threshold`` × capacity, scale up at once, and hold every
+  scale-down until a stable window has passed without that condition;
+- bounds: the result is always within [min_instances, max_instances].
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
 
@@ -19,8 +39,14 @@ DEFAULT_TOLERANCE = 0.1
 DEFAULT_SCALE_UP_WINDOW_S = 30.0
 DEFAULT_SCALE_DOWN_WINDOW_S = 300.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
+DEFAULT_PANIC_THRESHOLD = 2.0
 #: No pool is ever asked for more instances than this, whatever the policy says.
 MAX_INSTANCES = 1024
+#: An instance saturated in at least this fraction of a window's reports ran at its capacity.
+SATURATED = 0.9
+#: Capacity is the median saturated rate seen this recently (the last one measured is kept after that).
+CAPACITY_HORIZON_S = 600.0
+_MAX_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -36,12 +62,15 @@ class Policy:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     #: A fixed count set by ScaleTo; 0: automatic.
     manual_instances: int = 0
+    #: Tokens/s per instance assumed until measured at saturation; 0: none (hold until measured).
+    capacity_tokens_per_second: float = 0.0
+    panic_threshold: float = DEFAULT_PANIC_THRESHOLD
 
 
 #: Fields whose 0 (proto3's "unset") means the documented default.
 _DEFAULTS = {"target_utilization": DEFAULT_TARGET_UTILIZATION, "tolerance": DEFAULT_TOLERANCE,
              "scale_up_window_s": DEFAULT_SCALE_UP_WINDOW_S, "scale_down_window_s": DEFAULT_SCALE_DOWN_WINDOW_S,
-             "drain_timeout_s": DEFAULT_DRAIN_TIMEOUT_S}
+             "drain_timeout_s": DEFAULT_DRAIN_TIMEOUT_S, "panic_threshold": DEFAULT_PANIC_THRESHOLD}
 
 
 def checked(policy: Policy, prefix: str = "policy.") -> Policy:
@@ -65,6 +94,10 @@ def checked(policy: Policy, prefix: str = "policy.") -> Policy:
         value = getattr(p, name)
         if not (math.isfinite(value) and value > 0):
             raise bad(name, "must be a finite number of seconds > 0 (0 means the default)")
+    if not (math.isfinite(p.capacity_tokens_per_second) and p.capacity_tokens_per_second >= 0):
+        raise bad("capacity_tokens_per_second", "must be a finite number >= 0 (0: measure it)")
+    if not (math.isfinite(p.panic_threshold) and p.panic_threshold > 1):
+        raise bad("panic_threshold", "must be a finite number > 1 (0 means the default 2)")
     check_manual(p.manual_instances, p, prefix + "manual_instances")
     return p
 
@@ -82,13 +115,213 @@ def bounded(n: int, policy: Policy) -> int:
     return max(policy.min_instances, min(policy.max_instances, n))
 
 
-def desired(current: int, policy: Policy) -> tuple[int, str]:
-    """The count a pool should have and why (no automatic policy yet)."""
-    if policy.manual_instances:
-        return policy.manual_instances, f"manual: ScaleTo {policy.manual_instances}"
-    n = bounded(current, policy)
-    if n > current:
-        return n, f"below min_instances {policy.min_instances}"
-    if n < current:
-        return n, f"above max_instances {policy.max_instances}"
-    return n, "no automatic policy yet: desired = current"
+# -- the snapshot ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WindowLoad:
+    """A pool's load over one window, as the monitor measured it."""
+
+    window_s: float
+    #: Tokens/s the pool generated over the window.
+    tokens_per_second: float
+    #: Requests in flight (queued + running), newest reports.
+    concurrent_users: int = 0
+    #: Sequences in the running batches, newest reports.
+    running: int = 0
+
+    @property
+    def demand(self) -> float:
+        """Tokens/s the pool would generate if nothing waited: the served rate scaled by
+        in flight ÷ running (a queued request would be served at the running ones' rate)."""
+        if self.running > 0 and self.concurrent_users > self.running:
+            return self.tokens_per_second * self.concurrent_users / self.running
+        return self.tokens_per_second
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One instance over the stable window: what it generated and how saturated it was."""
+
+    id: str
+    tokens_per_second: float
+    #: Fraction of the window's reports in which it could take no more work.
+    saturation: float
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """What :func:`decide` reads about a pool."""
+
+    #: Instances serving or on their way (starting, warming); draining ones are not counted.
+    current: int
+    stable: WindowLoad | None = None
+    #: The short window of panic mode; None: judged on the stable window.
+    panic: WindowLoad | None = None
+    instances: tuple[InstanceLoad, ...] = ()
+    #: Why ``stable`` is missing (the monitor's error), if it is.
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What a pool's policy remembers between decisions."""
+
+    #: (time, bounded recommendation) of recent decisions, oldest first.
+    recommendations: tuple[tuple[float, int], ...] = ()
+    #: (time, tokens/s) of instances saturated for a whole window, oldest first.
+    samples: tuple[tuple[float, float], ...] = ()
+    #: The capacity last measured (kept once its samples have aged out).
+    measured: float = 0.0
+    #: When panic mode was last triggered; None: not in panic.
+    last_panic: float | None = None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    tokens_per_second: float
+    #: True: measured at saturation; False: the policy's configured estimate.
+    measured: bool
+
+    def describe(self) -> str:
+        how = "measured at saturation" if self.measured else "configured estimate, not yet measured at saturation"
+        return f"capacity {self.tokens_per_second:.1f} tok/s per instance ({how})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+    memory: Memory = Memory()
+    capacity: Capacity | None = None
+    panic: bool = False
+
+
+# -- the decision -----------------------------------------------------------------
+
+def learn_capacity(memory: Memory, instances: tuple[InstanceLoad, ...], now: float) -> Memory:
+    """Adds the rates of instances saturated for the whole window; forgets samples older than the horizon.
+
+    The capacity is the median of the samples: a window's noise moves it in neither direction, and on
+    instances that share a machine it is what each of them sustains next to the others."""
+    new = tuple((now, i.tokens_per_second) for i in instances
+                if i.saturation >= SATURATED and i.tokens_per_second > 0 and math.isfinite(i.tokens_per_second))
+    samples = tuple(s for s in memory.samples + new if s[0] >= now - CAPACITY_HORIZON_S)[-_MAX_SAMPLES:]
+    measured = statistics.median(v for _, v in samples) if samples else memory.measured
+    return dataclasses.replace(memory, samples=samples, measured=measured)
+
+
+def capacity(memory: Memory, policy: Policy) -> Capacity | None:
+    if memory.measured > 0:
+        return Capacity(memory.measured, True)
+    if policy.capacity_tokens_per_second > 0:
+        return Capacity(policy.capacity_tokens_per_second, False)
+    return None
+
+
+def _trim(recs: tuple[tuple[float, int], ...], now: float, horizon_s: float) -> tuple[tuple[float, int], ...]:
+    """Drops recommendations older than the horizon, keeping the newest one at or before it
+    (it tells whether a run of recommendations began before the window)."""
+    start = 0
+    while start + 1 < len(recs) and recs[start + 1][0] <= now - horizon_s:
+        start += 1
+    return recs[start:]
+
+
+def _run_start(recs: tuple[tuple[float, int], ...], pred: Callable[[int], bool]) -> float | None:
+    """When the trailing run of recommendations satisfying ``pred`` began (None: the newest does not)."""
+    since = None
+    for t, r in reversed(recs):
+        if not pred(r):
+            break
+        since = t
+    return since
+
+
+def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> Decision:
+    """The pool's desired instances at ``now``, why, and the memory for the next decision."""
+    p, current = policy, metrics.current
+    memory = learn_capacity(memory, metrics.instances, now)
+    cap = capacity(memory, p)
+    figures: dict[str, float] = {"current": float(current), "min_instances": float(p.min_instances),
+                                 "max_instances": float(p.max_instances)}
+    if cap is not None:
+        figures.update(capacity_tokens_per_second=cap.tokens_per_second, capacity_measured=float(cap.measured))
+
+    def hold(n: int, reason: str, mem: Memory = memory) -> Decision:
+        figures["desired"] = float(n)
+        return Decision(n, reason, figures, mem, cap)
+
+    if p.manual_instances:
+        return hold(p.manual_instances, f"manual: ScaleTo {p.manual_instances}",
+                    dataclasses.replace(memory, recommendations=(), last_panic=None))
+    if current < p.min_instances:
+        return hold(p.min_instances, f"{current} instance(s) is below min_instances {p.min_instances}")
+    if current > p.max_instances:
+        return hold(p.max_instances, f"{current} instances is above max_instances {p.max_instances}")
+    if metrics.stable is None:
+        return hold(current, f"holding at {current}: no load figures from the monitor ({metrics.error or 'none yet'})",
+                    dataclasses.replace(memory, recommendations=()))
+    if cap is None:
+        return hold(current, f"holding at {current}: capacity unknown (no instance has been saturated for a whole "
+                             "window yet, and the policy sets no capacity_tokens_per_second estimate)",
+                    dataclasses.replace(memory, recommendations=()))
+
+    stable = metrics.stable
+    load = stable.demand
+    per_instance_target = p.target_utilization * cap.tokens_per_second
+    utilisation = load / (current * cap.tokens_per_second) if current else math.inf
+    raw = math.ceil(load / per_instance_target - 1e-9)
+    within = current > 0 and abs(load / (current * per_instance_target) - 1) <= p.tolerance
+    rec = bounded(current if within else raw, p)
+    short = metrics.panic.demand if metrics.panic is not None else load
+    short_window_s = metrics.panic.window_s if metrics.panic is not None else stable.window_s
+    panic_now = short > p.panic_threshold * max(current, 1) * cap.tokens_per_second
+    last_panic = now if panic_now else memory.last_panic
+    in_panic = last_panic is not None and now - last_panic < stable.window_s
+    recs = _trim(memory.recommendations + ((now, rec),), now, max(p.scale_up_window_s, p.scale_down_window_s))
+    memory = dataclasses.replace(memory, recommendations=recs, last_panic=last_panic if in_panic else None)
+    figures.update(load_tokens_per_second=load, served_tokens_per_second=stable.tokens_per_second,
+                   short_load_tokens_per_second=short, window_s=stable.window_s, short_window_s=short_window_s,
+                   concurrent_users=float(stable.concurrent_users), running=float(stable.running),
+                   target_utilization=p.target_utilization, utilization=utilisation, recommended=float(rec),
+                   panic=float(in_panic))
+    figure = (f"load {load:.1f} tok/s over {stable.window_s:g} s ÷ ({p.target_utilization:g} × "
+              f"{cap.describe()}) = {load / per_instance_target:.2f}")
+
+    def done(n: int, reason: str) -> Decision:
+        figures["desired"] = float(n)
+        return Decision(n, reason, figures, memory, cap, in_panic)
+
+    if panic_now:
+        n = max(current, bounded(max(rec, math.ceil(short / per_instance_target - 1e-9)), p))
+        # What panic asked for is what the windows remember: no scale-down below it right after.
+        memory = dataclasses.replace(memory, recommendations=recs[:-1] + ((now, n),))
+        return done(n, f"panic: short-window load {short:.1f} tok/s over {short_window_s:g} s is "
+                       f"{short / (max(current, 1) * cap.tokens_per_second):.1f}× the {cap.describe()} of "
+                       f"{current} instance(s) (> {p.panic_threshold:g}×): scale to {n} at once, scale-down held")
+    if rec > current:
+        since = _run_start(recs, lambda r: r > current)
+        held = now - since
+        if held >= p.scale_up_window_s:
+            n = min(r for t, r in recs if t >= now - p.scale_up_window_s)
+            return done(n, f"scale up: {figure} → {rec}; above {current} for {held:.0f} s "
+                           f"(scale-up window {p.scale_up_window_s:g} s)")
+        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_up_window_s:g} s "
+                             "scale-up window")
+    if rec < current:
+        if in_panic:
+            return done(current, f"panic mode (until {stable.window_s:g} s after the last overload): "
+                                 f"scale-down held; {figure}")
+        since = _run_start(recs, lambda r: r < current)
+        held = now - since
+        if held >= p.scale_down_window_s:
+            n = max(r for t, r in recs if t >= now - p.scale_down_window_s)
+            return done(n, f"scale down: {figure} → {rec}; below {current} for {held:.0f} s "
+                           f"(scale-down window {p.scale_down_window_s:g} s)")
+        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_down_window_s:g} s "
+                             "scale-down window")
+    if within:
+        return done(current, f"{figure}: within the tolerance of ±{p.tolerance:g} of the target, "
+                             f"stay at {current}")
+    return done(current, f"{figure}: {current} instance(s) is right")

@@ -1,10 +1,11 @@
-"""Scaler RPCs: refresh the fleet from the router, apply the change, encode the pools."""
+"""Scaler RPCs: refresh the fleet from the router, apply the change, wake the control loop, encode."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from scaler import codec
+from scaler.controller import Controller
 from scaler.fleet import RouterFleet
 from scaler.policy import checked
 from scaler.state import ScalerState
@@ -13,9 +14,11 @@ from services.common.stubs import scaler_pb2, scaler_pb2_grpc
 
 
 class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
-    def __init__(self, state: ScalerState, fleet: RouterFleet, clock: Callable[[], float]) -> None:
+    def __init__(self, state: ScalerState, fleet: RouterFleet, controller: Controller,
+                 clock: Callable[[], float]) -> None:
         self.state = state
         self.fleet = fleet
+        self.controller = controller
         self.clock = clock
 
     async def GetStatus(self, request, context):
@@ -29,13 +32,16 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
             raise InvalidArgument("policy", "must be set")
         policy = checked(codec.policy_of(request.policy))
         await self.fleet.refresh()
-        return scaler_pb2.SetPolicyResponse(pool=codec.pool_pb(self.state.set_policy(pool, policy, self.clock())))
+        view = self.state.set_policy(pool, policy, self.clock())
+        self.controller.wake()
+        return scaler_pb2.SetPolicyResponse(pool=codec.pool_pb(view))
 
     async def ScaleTo(self, request, context):
         pool = codec.pool_name(request.pool)
         await self.fleet.refresh()
-        return scaler_pb2.ScaleToResponse(
-            pool=codec.pool_pb(self.state.scale_to(pool, request.instances, self.clock())))
+        view = self.state.scale_to(pool, request.instances, self.clock())
+        self.controller.wake()
+        return scaler_pb2.ScaleToResponse(pool=codec.pool_pb(view))
 
     async def GetHistory(self, request, context):
         return scaler_pb2.GetHistoryResponse(

@@ -1,8 +1,10 @@
-"""What the scaler knows: the fleet as the router last listed it, the policies, the history.
+"""What the scaler knows: the fleet as the router last listed it, the instances it started
+itself, the policies, each pool's latest decision, and the history.
 
-No gRPC and no stubs: the servicer fills :meth:`ScalerState.set_fleet` from
-the router's registry and encodes :class:`PoolView` and :class:`Event`.
-Every method takes ``now`` where time matters.
+No gRPC and no stubs: the fleet client fills :meth:`ScalerState.set_fleet`
+from the router's registry, the controller records managed instances and
+decisions, the servicer encodes :class:`PoolView` and :class:`Event`. Every
+method takes ``now`` where time matters.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scaler import policy as policies
-from scaler.policy import Policy
+from scaler.policy import Decision, Memory, Policy
 
 
 class Role(enum.Enum):
@@ -33,8 +35,14 @@ class ManagedState(enum.Enum):
     EXTERNAL = "external"
 
 
+#: Managed states that count toward a pool's instances.
+COUNTED = (ManagedState.STARTING, ManagedState.WARMING, ManagedState.SERVING)
+
+
 @dataclass(frozen=True)
 class Instance:
+    """An instance as the router lists it (or, while it starts, as the scaler knows it)."""
+
     id: str
     address: str
     role: Role
@@ -42,8 +50,29 @@ class Instance:
     state: ManagedState = ManagedState.EXTERNAL
     backend_ref: str = ""
     started_at: float = 0.0
-    #: Takes new requests (the router's state is ACTIVE): counted in ``current``.
+    #: Takes new requests (the router's state is ACTIVE).
     active: bool = True
+    #: The router is draining it (no new requests).
+    draining: bool = False
+    #: Requests the router has in flight on it.
+    in_flight: int = 0
+    #: Requests queued or running on it, from its latest load report.
+    load_in_flight: int = 0
+
+
+@dataclass
+class Managed:
+    """An instance this scaler started (the only kind it ever stops)."""
+
+    id: str
+    pool: str
+    role: Role
+    state: ManagedState
+    started_at: float
+    address: str = ""
+    backend_ref: str = ""
+    #: The backend's handle (opaque here).
+    handle: object = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,9 @@ class PoolView:
     reason: str
     policy: Policy
     instances: tuple[Instance, ...] = ()
+    starting: int = 0
+    draining: int = 0
+    decision: Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,11 @@ class ScalerState:
         self.fleet: tuple[Instance, ...] = ()
         self.fleet_at: float | None = None
         self.fleet_error = ""
+        self.managed: dict[str, Managed] = {}
+        self.decisions: dict[str, Decision] = {}
+        self.memory: dict[str, Memory] = {}
+        #: Per pool: why the last start failed, and until when no new start is tried.
+        self.start_failures: dict[str, tuple[str, float]] = {}
         self._history: deque[Event] = deque(maxlen=history_limit)
         self._watchers: set[asyncio.Queue[Event]] = set()
 
@@ -90,50 +127,105 @@ class ScalerState:
         """The router did not answer; the last list stays, marked stale in every reason."""
         self.fleet_error = error
 
+    def listed(self, instance_id: str) -> Instance | None:
+        return next((i for i in self.fleet if i.id == instance_id), None)
+
     # -- pools --------------------------------------------------------------
     def policy(self, pool: str) -> Policy:
         return self.policies.get(pool, self.default_policy)
 
+    def governed_pools(self) -> list[str]:
+        """Pools whose targets the scaler sizes: every pool with a target, and every pool with a policy."""
+        pools = {i.pool for i in self.fleet if i.role == Role.TARGET} | set(self.policies)
+        pools |= {m.pool for m in self.managed.values()}
+        return sorted(pools)
+
+    def counted(self, pool: str) -> int:
+        """A pool's targets that serve or are on their way; draining ones are not counted."""
+        ids = {i.id for i in self.fleet if i.pool == pool and i.role == Role.TARGET and not i.draining}
+        ids |= {m.id for m in self.managed.values() if m.pool == pool and m.state in COUNTED}
+        ids -= {m.id for m in self.managed.values() if m.state == ManagedState.DRAINING}
+        return len(ids)
+
+    def victims(self, pool: str, n: int) -> list[Managed]:
+        """Up to ``n`` serving instances this scaler started in ``pool``, least in-flight work first."""
+        def work(m: Managed) -> tuple[int, float]:
+            listed = self.listed(m.id)
+            busy = (listed.in_flight + listed.load_in_flight) if listed is not None else 0
+            return busy, -m.started_at  # the youngest first among equals: it has the least warm cache
+
+        serving = [m for m in self.managed.values() if m.pool == pool and m.state == ManagedState.SERVING]
+        return sorted(serving, key=work)[:max(0, n)]
+
     def pools(self, now: float) -> list[PoolView]:
         """One view per (pool, role) with instances, and one per pool that only has a policy."""
         groups: dict[tuple[str, Role], list[Instance]] = {}
+        listed_ids = set()
         for i in self.fleet:
+            listed_ids.add(i.id)
+            m = self.managed.get(i.id)
+            if m is not None:
+                i = dataclasses.replace(i, state=m.state, backend_ref=m.backend_ref, started_at=m.started_at,
+                                        draining=i.draining or m.state == ManagedState.DRAINING)
             groups.setdefault((i.pool, i.role), []).append(i)
-        for pool in self.policies:
-            if not any(p == pool for p, _ in groups):
-                groups[(pool, Role.UNSPECIFIED)] = []
+        for m in self.managed.values():
+            if m.id not in listed_ids:
+                groups.setdefault((m.pool, m.role), []).append(Instance(
+                    m.id, m.address, m.role, m.pool, m.state, m.backend_ref, m.started_at,
+                    active=m.state == ManagedState.SERVING, draining=m.state == ManagedState.DRAINING))
+        for pool in self.governed_pools():
+            groups.setdefault((pool, Role.TARGET), [])
         return [self._view(pool, role, members, now) for (pool, role), members in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][1].value))]
 
     def pool(self, name: str, now: float) -> PoolView:
-        """The view of the role a pool's policy governs: its targets, else its drafts."""
+        """The view of the role a pool's policy governs: its targets."""
         views = [v for v in self.pools(now) if v.pool == name]
-        for role in (Role.TARGET, Role.DRAFT):
-            for v in views:
-                if v.role == role:
-                    return v
-        return views[0] if views else self._view(name, Role.UNSPECIFIED, [], now)
-
-    def _governed(self, pool: str, role: Role) -> bool:
-        roles = {i.role for i in self.fleet if i.pool == pool}
-        return role == Role.TARGET or (role != Role.TARGET and Role.TARGET not in roles)
+        for v in views:
+            if v.role == Role.TARGET:
+                return v
+        return views[0] if views else self._view(name, Role.TARGET, [], now)
 
     def _view(self, pool: str, role: Role, members: list[Instance], now: float) -> PoolView:
         p = self.policy(pool)
-        current = sum(i.active for i in members)
-        if self._governed(pool, role):
-            desired, reason = policies.desired(current, p)
-            if desired != current:
-                reason += f"; the {self.backend} backend does not start or stop instances yet"
-        else:
+        members = sorted(members, key=lambda i: i.id)
+        current = sum(not i.draining and i.state not in (ManagedState.STARTING, ManagedState.WARMING)
+                      for i in members)
+        starting = sum(i.state in (ManagedState.STARTING, ManagedState.WARMING) for i in members)
+        draining = sum(i.draining for i in members)
+        decision = self.decisions.get(pool) if role == Role.TARGET else None
+        if role != Role.TARGET:
             desired, reason = current, f"not scaled on its own: pool {pool}'s policy governs its targets"
+        elif p.manual_instances:
+            desired, reason = p.manual_instances, f"manual: ScaleTo {p.manual_instances}"
+        elif decision is not None:
+            desired, reason = decision.desired, decision.reason
+        else:
+            desired = policies.bounded(current + starting, p)
+            reason = "no decision yet (the control loop has not looked at this pool)"
+        notes = []
+        if role == Role.TARGET:
+            if starting:
+                notes.append(f"{starting} starting")
+            if draining:
+                notes.append(f"{draining} draining")
+            failure = self.start_failures.get(pool)
+            if failure is not None and failure[1] > now:
+                notes.append(f"last start failed ({failure[0]}); next try in {failure[1] - now:.0f} s")
+            stoppable = sum(i.state == ManagedState.SERVING for i in members)
+            excess = current + starting - desired
+            if excess > stoppable + starting:
+                notes.append(f"{excess - stoppable - starting} more instance(s) should go but were not started "
+                             "by this scaler: left running")
         if pool not in self.policies:
-            reason += " (default policy)"
+            notes.append("default policy")
         if self.fleet_error:
             listed = (f"instances as listed {now - self.fleet_at:.0f} s ago" if self.fleet_at is not None
                       else "no instance list yet")
-            reason += f"; router unreachable ({self.fleet_error}), {listed}"
-        return PoolView(pool, role, desired, current, reason, p, tuple(sorted(members, key=lambda i: i.id)))
+            notes.append(f"router unreachable ({self.fleet_error}), {listed}")
+        if notes:
+            reason += " (" + "; ".join(notes) + ")"
+        return PoolView(pool, role, desired, current, reason, p, tuple(members), starting, draining, decision)
 
     # -- changes --------------------------------------------------------------
     def set_policy(self, pool: str, policy: Policy, now: float) -> PoolView:
@@ -143,12 +235,14 @@ class ScalerState:
         after = self.pool(pool, now)
         self.record(Event(now, pool, before.current, after.desired, kind="decision",
                           reason=f"policy set: instances in [{policy.min_instances}, {policy.max_instances}], "
-                                 f"target utilisation {policy.target_utilization:g}; automatic scaling arrives "
-                                 "in a later issue",
+                                 f"target utilisation {policy.target_utilization:g}",
                           figures={"min_instances": float(policy.min_instances),
                                    "max_instances": float(policy.max_instances),
                                    "target_utilization": policy.target_utilization,
                                    "tolerance": policy.tolerance,
+                                   "scale_up_window_s": policy.scale_up_window_s,
+                                   "scale_down_window_s": policy.scale_down_window_s,
+                                   "capacity_tokens_per_second": policy.capacity_tokens_per_second,
                                    "manual_instances": float(policy.manual_instances)}))
         return after
 
@@ -158,12 +252,21 @@ class ScalerState:
         policies.check_manual(instances, p)
         before = self.pool(pool, now)
         self.policies[pool] = dataclasses.replace(p, manual_instances=instances)
+        self.start_failures.pop(pool, None)  # an operator's request: try again at once
         after = self.pool(pool, now)
-        reason = (f"manual: ScaleTo {instances}" if instances else "ScaleTo 0: back to automatic") \
-            + f"; the {self.backend} backend does not start or stop instances yet"
+        reason = f"manual: ScaleTo {instances}" if instances else "ScaleTo 0: back to automatic"
         self.record(Event(now, pool, before.current, after.desired, kind="decision", reason=reason,
                           figures={"instances": float(instances), "current": float(before.current)}))
         return after
+
+    def decided(self, pool: str, decision: Decision, now: float) -> None:
+        """Keeps a pool's latest decision; records it when the desired count changes."""
+        previous = self.decisions.get(pool)
+        self.decisions[pool] = decision
+        self.memory[pool] = decision.memory
+        if previous is None or previous.desired != decision.desired:
+            self.record(Event(now, pool, int(decision.figures.get("current", 0)), decision.desired,
+                              decision.reason, "decision", dict(decision.figures)))
 
     # -- history --------------------------------------------------------------
     def record(self, event: Event) -> None:

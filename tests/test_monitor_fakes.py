@@ -101,9 +101,33 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
     def remove(self, instance_id: str) -> None:
         self.instances = [i for i in self.instances if i.spec.id != instance_id]
 
+    def get(self, instance_id: str) -> router_pb2.InstanceStatus | None:
+        return next((i for i in self.instances if i.spec.id == instance_id), None)
+
     async def ListInstances(self, request, context):
         self.list_calls += 1
-        return router_pb2.ListInstancesResponse(instances=self.instances, policy="fake")
+        listed = [i for i in self.instances if not request.pool or i.spec.pool == request.pool]
+        return router_pb2.ListInstancesResponse(instances=listed, policy="fake")
+
+    async def RegisterInstance(self, request, context):
+        self.remove(request.instance.id)
+        status = router_pb2.InstanceStatus(spec=request.instance, state=router_pb2.INSTANCE_STATE_ACTIVE,
+                                           health=router_pb2.INSTANCE_HEALTH_SERVING)
+        self.instances.append(status)
+        return router_pb2.RegisterInstanceResponse(instance=status)
+
+    async def DrainInstance(self, request, context):
+        status = self.get(request.id)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance with id {request.id!r}")
+        status.state = router_pb2.INSTANCE_STATE_DRAINING
+        return router_pb2.DrainInstanceResponse(instance=status)
+
+    async def DeregisterInstance(self, request, context):
+        if self.get(request.id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance with id {request.id!r}")
+        self.remove(request.id)
+        return router_pb2.DeregisterInstanceResponse()
 
     async def start(self, port: int = 0) -> "FakeRouter":
         self.server, self.port = await _serve([(router_pb2_grpc.add_RouterServicer_to_server, self),

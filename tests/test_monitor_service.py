@@ -87,6 +87,7 @@ async def test_discovers_instances_and_measures_their_throughput(fake_router, in
 
     reply = await eventually(lambda: measured((3000, 300)))
     assert reply.metrics.instances == 2
+    assert [w.window_s for w in reply.windows] == [10, 60, 300]  # the standard windows come along
     assert reply.metrics.concurrent_users == 4 and reply.metrics.queue_length == 1
     assert reply.metrics.utilization_source == stats_pb2.UTILIZATION_SOURCE_ENGINE_BUSY
     assert {"a", "b", "router@fake"} <= set(reply.per_instance)
@@ -178,6 +179,21 @@ async def test_analyze_and_alerts_follow_instance_health(fake_router, instances,
     cleared = await asyncio.wait_for(next_about("p"), 10)
     assert (cleared.rule, cleared.subject, cleared.firing) == ("no_healthy_instances", "p", False)
     alerts.cancel()
+
+
+async def test_analyze_recommends_scaling_out_below_the_configured_target(fake_router, instances, monitor):
+    a = await instances("target-a", tokens_per_s=500, requests_per_s=2, queue_length=3, running=8,
+                        accelerator_utilization=0.95, batch_fill=1.0)
+    fake_router.add("a", a.address, pool="p")
+    mon = await monitor(fake_router.address, target_requests_per_second=10.0)
+
+    async def scale_out():
+        reply = await mon.stub.Analyze(monitor_pb2.AnalyzeRequest(window_s=1.0))
+        return next((r for r in reply.recommendations if r.rule == "scale_out"), None)
+
+    rec = await eventually(scale_out)
+    assert rec.subject == "p" and rec.evidence["target_requests_per_second"] == 10
+    assert rec.severity == monitor_pb2.SEVERITY_WARNING and rec.action and rec.expected_effect
 
 
 async def test_prometheus_exposition(fake_router, instances, monitor):

@@ -1,4 +1,6 @@
-"""The scaler over a real gRPC channel, on port 0, against a fake router; and its pure policy."""
+"""The scaler over a real gRPC channel, on port 0, against a fake router, a fake monitor
+and a fake backend (in-process targets): status, policy, ScaleTo, the control loop,
+warm-up, drain, failures."""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scaler.backends import BackendError, LaunchSpec
+from scaler.backends.local import LocalBackend
 from scaler.config import ScalerConfig
-from scaler.main import create_server
-from scaler.policy import Policy, bounded, checked, desired
-from services.common.errors import InvalidArgument
+from scaler.main import create_server, main
 from services.common.stubs import router_pb2, scaler_pb2, scaler_pb2_grpc, stats_pb2, stats_pb2_grpc
 from tests.conftest import free_port
-from tests.test_monitor_fakes import FakeRouter
+from tests.test_monitor_fakes import FakeRouter, eventually
+from tests.test_scaler_fakes import FakeBackend, FakeMonitor, throughput
 
 
 @pytest.fixture
@@ -24,22 +27,38 @@ async def fake_router():
     await router.stop()
 
 
+class Running:
+    def __init__(self, app, channel, backend) -> None:
+        self.app, self.channel, self.backend = app, channel, backend
+        self.stub = scaler_pb2_grpc.ScalerStub(channel)
+
+    async def pool(self, name: str = "default") -> scaler_pb2.PoolStatus:
+        reply = await self.stub.GetStatus(scaler_pb2.GetStatusRequest())
+        return next(p for p in reply.pools if p.pool == name and p.role == stats_pb2.ROLE_TARGET)
+
+    async def kinds(self, pool: str = "default") -> list[tuple[str, str]]:
+        history = await self.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool=pool))
+        return [(e.kind, e.instance_id) for e in history.events]
+
+
 @pytest.fixture
 async def scaler():
-    running = []
+    running: list[Running] = []
 
-    async def make(router: str, **overrides):
-        config = ScalerConfig.from_namespace({"port": 0, "router": router, "rpc_timeout_s": 1.0, **overrides}, env={})
-        app = create_server(config)
+    async def make(router: str, backend: FakeBackend | None = None, **overrides) -> Running:
+        values = {"port": 0, "router": router, "monitor": f"127.0.0.1:{free_port()}", "rpc_timeout_s": 1.0,
+                  "interval_s": 0.1, "start_timeout_s": 5.0, "warmup_tokens": 2, "stop_grace_s": 1.0,
+                  "metrics_window_s": 1.0, "panic_window_s": 0.5, **overrides}
+        backend = backend or FakeBackend()
+        app = create_server(ScalerConfig.from_namespace(values, env={}), backend=backend)
         await app.start()
-        channel = grpc.aio.insecure_channel(app.address)
-        running.append((app, channel))
-        return scaler_pb2_grpc.ScalerStub(channel), channel
+        running.append(Running(app, grpc.aio.insecure_channel(app.address), backend))
+        return running[-1]
 
     yield make
-    for app, channel in running:
-        await channel.close()
-        await app.stop(0)
+    for r in running:
+        await r.channel.close()
+        await r.app.stop(0)
 
 
 def by_pool(reply) -> dict[tuple[str, int], scaler_pb2.PoolStatus]:
@@ -52,10 +71,10 @@ async def test_get_status_reflects_the_routers_instances(fake_router, scaler):
     fake_router.add("t3", "10.0.0.3:50061", pool="default", state=router_pb2.INSTANCE_STATE_DRAINING)
     fake_router.add("d1", "10.0.0.4:50071", role=stats_pb2.ROLE_DRAFT, pool="default")
     fake_router.add("b1", "10.0.0.5:50061", pool="batch")
-    stub, _ = await scaler(fake_router.address)
+    stub = (await scaler(fake_router.address)).stub
 
     reply = await stub.GetStatus(scaler_pb2.GetStatusRequest())
-    assert reply.backend == "local"
+    assert reply.backend == "fake"
     pools = by_pool(reply)
     assert set(pools) == {("default", stats_pb2.ROLE_TARGET), ("default", stats_pb2.ROLE_DRAFT),
                           ("batch", stats_pb2.ROLE_TARGET)}
@@ -63,7 +82,8 @@ async def test_get_status_reflects_the_routers_instances(fake_router, scaler):
     assert [i.id for i in targets.instances] == ["t1", "t2", "t3"]
     assert {i.state for i in targets.instances} == {scaler_pb2.MANAGED_STATE_EXTERNAL}
     assert targets.current == 2 and targets.desired == 2  # the draining one is not counted
-    assert "no automatic policy yet" in targets.reason
+    assert targets.draining == 1 and "1 draining" in targets.reason and "default policy" in targets.reason
+    assert "not scaled on its own" in pools[("default", stats_pb2.ROLE_DRAFT)].reason
     assert targets.policy.max_instances == 8 and targets.policy.target_utilization == pytest.approx(0.7)
     assert pools[("default", stats_pb2.ROLE_DRAFT)].instances[0].address == "10.0.0.4:50071"
 
@@ -73,14 +93,16 @@ async def test_get_status_reflects_the_routers_instances(fake_router, scaler):
 
 
 async def test_get_status_without_a_router_says_so(scaler):
-    stub, channel = await scaler(f"127.0.0.1:{free_port()}")
-    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    running = await scaler(f"127.0.0.1:{free_port()}")
+    stub = running.stub
+    health = await health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     reply = await stub.GetStatus(scaler_pb2.GetStatusRequest())
     assert list(reply.pools) == []
     await stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="p", policy=scaler_pb2.ScalingPolicy(max_instances=2)))
     (pool,) = (await stub.GetStatus(scaler_pb2.GetStatusRequest())).pools
     assert "router unreachable" in pool.reason and pool.current == 0
+    assert running.backend.targets == {}  # nothing is started while the router cannot register it
 
 
 @pytest.mark.parametrize("policy, field", [
@@ -93,9 +115,11 @@ async def test_get_status_without_a_router_says_so(scaler):
     (dict(max_instances=4, tolerance=1.0), "policy.tolerance"),
     (dict(max_instances=4, scale_down_window_s=-5), "policy.scale_down_window_s"),
     (dict(min_instances=1, max_instances=4, manual_instances=9), "policy.manual_instances"),
+    (dict(max_instances=4, capacity_tokens_per_second=-1), "policy.capacity_tokens_per_second"),
+    (dict(max_instances=4, panic_threshold=0.5), "policy.panic_threshold"),
 ])
 async def test_set_policy_validation_names_the_field(fake_router, scaler, policy, field):
-    stub, _ = await scaler(fake_router.address)
+    stub = (await scaler(fake_router.address)).stub
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="default", policy=scaler_pb2.ScalingPolicy(**policy)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -103,7 +127,7 @@ async def test_set_policy_validation_names_the_field(fake_router, scaler, policy
 
 
 async def test_set_policy_without_pool_or_policy_is_refused(fake_router, scaler):
-    stub, _ = await scaler(fake_router.address)
+    stub = (await scaler(fake_router.address)).stub
     for request, field in ((scaler_pb2.SetPolicyRequest(policy=scaler_pb2.ScalingPolicy(max_instances=1)), "pool"),
                            (scaler_pb2.SetPolicyRequest(pool="default"), "policy")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -113,72 +137,221 @@ async def test_set_policy_without_pool_or_policy_is_refused(fake_router, scaler)
 
 async def test_policy_scale_to_history_and_events(fake_router, scaler):
     fake_router.add("t1", "10.0.0.1:50061")
-    stub, _ = await scaler(fake_router.address)
+    running = await scaler(fake_router.address)
+    stub = running.stub
     events = stub.WatchEvents(scaler_pb2.WatchEventsRequest(pool="default"))
     other = stub.WatchEvents(scaler_pb2.WatchEventsRequest(pool="elsewhere"))
 
     reply = await stub.SetPolicy(scaler_pb2.SetPolicyRequest(
         pool="default", policy=scaler_pb2.ScalingPolicy(min_instances=1, max_instances=4)))
     assert reply.pool.policy.target_utilization == pytest.approx(0.7)  # 0: the documented default
-    assert reply.pool.policy.tolerance == pytest.approx(0.1)
+    assert reply.pool.policy.tolerance == pytest.approx(0.1) and reply.pool.policy.panic_threshold == 2
     assert (reply.pool.current, reply.pool.desired) == (1, 1)
-    first = await asyncio.wait_for(events.read(), 5)
+    first = await asyncio.wait_for(_next(events, lambda e: e.reason.startswith("policy set")), 5)
     assert first.kind == "decision" and first.pool == "default" and first.figures["max_instances"] == 4
 
     reply = await stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=3))
     assert (reply.pool.current, reply.pool.desired) == (1, 3)
-    assert "manual: ScaleTo 3" in reply.pool.reason and "does not start" in reply.pool.reason
-    assert reply.pool.policy.manual_instances == 3
-    second = await asyncio.wait_for(events.read(), 5)
-    assert (second.from_instances, second.to_instances) == (1, 3)
+    assert "manual: ScaleTo 3" in reply.pool.reason and reply.pool.policy.manual_instances == 3
+    second = await asyncio.wait_for(_next(events, lambda e: e.reason.startswith("manual")), 5)
+    assert (second.kind, second.from_instances, second.to_instances) == ("decision", 1, 3)
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("instances:")
 
+    # The control loop starts two instances: SERVING, warmed up, then registered.
+    await eventually(lambda: len(fake_router.instances) == 3)
+    pool = await running.pool()
+    assert (pool.current, pool.desired, pool.starting) == (3, 3, 0)
+    managed = [i for i in pool.instances if i.state == scaler_pb2.MANAGED_STATE_SERVING]
+    assert len(managed) == 2 and all(i.backend_ref.startswith("fake ") for i in managed)
+    for target in running.backend.targets.values():
+        (warmup,) = target.generations
+        assert warmup.sampling.max_new_tokens == 2 and not warmup.speculation.enabled
+    kinds = [k for k, _ in await running.kinds()]
+    assert kinds.count("started") == 2 and kinds.count("serving") == 2
+
     history = await stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
-    assert [(e.from_instances, e.to_instances) for e in history.events] == [(1, 1), (1, 3)]
+    manual = [(e.from_instances, e.to_instances) for e in history.events if e.reason.startswith(("policy", "manual"))]
+    assert manual[:2] == [(1, 1), (1, 3)]
     later = await stub.GetHistory(scaler_pb2.GetHistoryRequest(since=history.events[0].timestamp))
-    assert len(later.events) == 1
+    assert len(later.events) == len(history.events) - 1
     assert list((await stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="elsewhere"))).events) == []
 
+    # Back to 1: only the scaler's own instances go; t1 (external) stays.
+    await stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=1))
+    await eventually(lambda: [i.spec.id for i in fake_router.instances] == ["t1"])
+    await eventually(lambda: len(running.backend.stopped) == 2)
+    kinds = [k for k, _ in await running.kinds()]
+    assert kinds.count("draining") == 2 and kinds.count("stopped") == 2
+
     back = await stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=0))
-    assert back.pool.desired == 1 and back.pool.policy.manual_instances == 0
+    assert back.pool.policy.manual_instances == 0
     events.cancel()
     other.cancel()
 
 
+async def _next(call, pred):
+    while not pred(event := await call.read()):
+        pass
+    return event
+
+
+async def test_drain_waits_for_in_flight_work_and_picks_the_least_busy(fake_router, scaler):
+    running = await scaler(fake_router.address)
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+        pool="default", policy=scaler_pb2.ScalingPolicy(min_instances=0, max_instances=4, manual_instances=2,
+                                                        drain_timeout_s=30)))
+    await eventually(lambda: len(fake_router.instances) == 2)
+    busy, idle = fake_router.instances
+    busy.in_flight = 3
+    idle.in_flight = 1
+
+    await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=1))
+    await eventually(lambda: idle.state == router_pb2.INSTANCE_STATE_DRAINING)
+    assert busy.state == router_pb2.INSTANCE_STATE_ACTIVE
+    await asyncio.sleep(0.5)
+    assert fake_router.get(idle.spec.id) is not None and idle.spec.id in running.backend.targets  # still waiting
+    pool = await running.pool()
+    assert pool.draining == 1 and (pool.current, pool.desired) == (1, 1)
+
+    idle.in_flight = 0  # its last request finished
+    await eventually(lambda: fake_router.get(idle.spec.id) is None)
+    await eventually(lambda: running.backend.stopped == [idle.spec.id])
+    history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())
+    stopped = next(e for e in history.events if e.kind == "stopped")
+    assert stopped.figures["in_flight_at_stop"] == 0 and stopped.figures["drain_s"] >= 0.5
+
+
+async def test_drain_timeout_stops_the_instance_anyway(fake_router, scaler):
+    running = await scaler(fake_router.address)
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+        pool="default", policy=scaler_pb2.ScalingPolicy(max_instances=2, manual_instances=2, drain_timeout_s=0.3)))
+    await eventually(lambda: len(fake_router.instances) == 2)
+    for status in fake_router.instances:
+        status.in_flight = 2  # requests that never finish
+    await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=1))
+    await eventually(lambda: len(fake_router.instances) == 1 and len(running.backend.stopped) == 1)
+    history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())
+    stopped = next(e for e in history.events if e.kind == "stopped")
+    assert stopped.figures["in_flight_at_stop"] == 2 and "drain timeout of 0.3 s passed" in stopped.reason
+
+
+async def test_load_drives_scale_up_by_panic_and_scale_down_after_its_window(fake_router, scaler):
+    load = {"tps": 50.0, "concurrent": 4}
+
+    def answer(window_s, pool):
+        ids = [i.spec.id for i in fake_router.instances if i.state == router_pb2.INSTANCE_STATE_ACTIVE]
+        per = load["tps"] / max(1, len(ids))
+        return throughput(load["tps"], {i: per for i in ids}, concurrent_users=load["concurrent"], running=4,
+                          saturation=1.0 if load["concurrent"] > 4 else 0.0, window_s=window_s)
+
+    monitor = await FakeMonitor(answer).start()
+    try:
+        fake_router.add("t1", "10.0.0.1:50061")
+        running = await scaler(fake_router.address, monitor=monitor.address)
+        await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="default", policy=scaler_pb2.ScalingPolicy(
+            min_instances=1, max_instances=3, capacity_tokens_per_second=100, scale_up_window_s=60,
+            scale_down_window_s=0.5)))
+        pool = await eventually(lambda: _decided(running))
+        assert pool.desired == 1 and "configured estimate" in pool.reason and not pool.capacity_measured
+
+        # 16 in flight on 4 running slots: demand 4 × 100 tok/s, twice the capacity of 1 → panic.
+        load.update(tps=100.0, concurrent=16)
+        await eventually(lambda: len(fake_router.instances) == 3)
+        history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
+        panic = next(e for e in history.events if e.kind == "decision" and e.to_instances == 3)
+        assert panic.reason.startswith("panic:") and panic.figures["load_tokens_per_second"] == pytest.approx(400)
+        pool = await running.pool()
+        assert pool.capacity_measured and pool.capacity_tokens_per_second == pytest.approx(100)
+
+        # The load falls: after the panic hold (a stable window) and the scale-down window, back to 1.
+        load.update(tps=20.0, concurrent=1)
+        await eventually(lambda: [i.spec.id for i in fake_router.instances] == ["t1"], timeout_s=15)
+        history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
+        down = [e for e in history.events if e.kind == "decision" and e.to_instances == 1][-1]
+        assert down.reason.startswith("scale down:") and down.from_instances == 3
+    finally:
+        await monitor.stop()
+
+
+async def _decided(running: Running):
+    """The pool once the loop has decided under the policy set (max_instances 3)."""
+    pool = await running.pool()
+    return pool if pool.figures.get("max_instances") == 3 else None
+
+
+async def test_a_failed_start_is_reported_and_retried_later(fake_router, scaler):
+    backend = FakeBackend()
+    backend.fail_with = "no model at /nowhere"
+    fake_router.add("t1", "10.0.0.1:50061")
+    running = await scaler(fake_router.address, backend, retry_after_s=60)
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+        pool="default", policy=scaler_pb2.ScalingPolicy(max_instances=3, manual_instances=2)))
+    history = await eventually(lambda: _failed(running))
+    assert "no model at /nowhere" in history.reason
+    await asyncio.sleep(0.3)
+    failures = [e for e in (await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())).events
+                if e.kind == "failed"]
+    assert len(failures) == 1  # no retry storm: the next try waits retry_after_s
+    pool = await running.pool()
+    assert "last start failed (no model at /nowhere)" in pool.reason and pool.desired == 2 and pool.current == 1
+
+    backend.fail_with = None
+    await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=2))  # an operator retries now
+    await eventually(lambda: len(fake_router.instances) == 2)
+
+
+async def _failed(running: Running):
+    history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())
+    return next((e for e in history.events if e.kind == "failed"), None)
+
+
+async def test_an_instance_that_dies_is_deregistered_and_replaced(fake_router, scaler):
+    running = await scaler(fake_router.address)
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+        pool="default", policy=scaler_pb2.ScalingPolicy(max_instances=2, manual_instances=1)))
+    await eventually(lambda: len(fake_router.instances) == 1)
+    first = fake_router.instances[0].spec.id
+    await running.backend.die(first)
+    await eventually(lambda: len(fake_router.instances) == 1 and fake_router.instances[0].spec.id != first)
+    failed = await _failed(running)
+    assert failed.instance_id == first and "exited on its own" in failed.reason
+
+
+async def test_an_instance_the_router_forgot_is_registered_again(fake_router, scaler):
+    running = await scaler(fake_router.address)
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+        pool="default", policy=scaler_pb2.ScalingPolicy(max_instances=2, manual_instances=1)))
+    await eventually(lambda: len(fake_router.instances) == 1)
+    (status,) = fake_router.instances
+    fake_router.instances = []  # the router restarted with an empty registry
+    await eventually(lambda: [i.spec.id for i in fake_router.instances] == [status.spec.id])
+    assert fake_router.instances[0].spec.address == status.spec.address
+    assert len(running.backend.targets) == 1  # the same process, not a new one
+    history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())
+    assert any("registered again" in e.reason for e in history.events)
+
+
+async def test_unimplemented_backends_are_refused(capsys):
+    for name in ("docker", "kubernetes"):
+        assert main(["--backend", name, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"backend {name!r} is not implemented yet" in err and "--backend local" in err
+        with pytest.raises(BackendError):
+            create_server(ScalerConfig.from_namespace({"port": 0, "backend": name}, env={}))
+
+
+async def test_local_backend_refuses_a_missing_model(tmp_path):
+    backend = LocalBackend(tmp_path / "nothing", tmp_path / "logs")
+    with pytest.raises(BackendError, match="no model at"):
+        await backend.start(LaunchSpec("x", "default"))
+
+
 async def test_serves_its_own_stats(fake_router, scaler):
-    _, channel = await scaler(fake_router.address)
+    channel = (await scaler(fake_router.address)).channel
     call = stats_pb2_grpc.StatsStub(channel).Watch(stats_pb2.WatchStatsRequest(interval_s=0.05))
     report = await call.read()
     call.cancel()
     assert report.role == stats_pb2.ROLE_SCALER
-
-
-# -- the pure policy -------------------------------------------------------------
-
-def test_checked_applies_documented_defaults():
-    p = checked(Policy(min_instances=0, max_instances=3, target_utilization=0, tolerance=0, scale_up_window_s=0,
-                       scale_down_window_s=0, drain_timeout_s=0))
-    assert (p.target_utilization, p.tolerance, p.scale_up_window_s) == (0.7, 0.1, 30.0)
-    with pytest.raises(InvalidArgument) as err:
-        checked(Policy(min_instances=5, max_instances=4))
-    assert err.value.field == "policy.max_instances"
-
-
-@pytest.mark.parametrize("current", range(0, 12))
-def test_desired_never_leaves_the_bounds(current):
-    policy = Policy(min_instances=2, max_instances=6)
-    n, reason = desired(current, policy)
-    assert 2 <= n <= 6 and n == bounded(current, policy) and reason
-    assert desired(current, Policy(min_instances=2, max_instances=6, manual_instances=4))[0] == 4
-
-
-def test_policy_and_state_import_neither_grpc_nor_stubs():
-    import subprocess
-    import sys
-
-    code = ("import sys, scaler.policy, scaler.state; "
-            "bad = [m for m in sys.modules if m.startswith(('grpc', 'llmesh'))]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,69 @@
+"""Where the scaler's instances run, behind one small interface.
+
+A backend starts a model-service instance and says where to reach it,
+stops one it started, and tells whether one has died on its own. Readiness,
+warm-up, registration and draining are the controller's, the same for
+every backend. ``local`` (processes on this machine) is the only backend so
+far; ``docker`` and ``kubernetes`` fit the same three methods (a container
+or a Deployment's replica per instance) and are refused until written.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class BackendError(RuntimeError):
+    """A backend could not start or stop an instance; the message says why."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to start: a target instance of a pool, under the registry id it will have."""
+
+    instance_id: str
+    pool: str
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A started instance: where to reach it, and the backend's handle on it."""
+
+    address: str
+    #: Shown to operators: a process id, a container id, a pod name.
+    ref: str
+    handle: object
+
+
+class Backend(abc.ABC):
+    """Starts and stops model-service instances."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    async def start(self, spec: LaunchSpec) -> Launched:
+        """Starts an instance (it need not be ready yet); BackendError when it cannot."""
+
+    @abc.abstractmethod
+    async def stop(self, launched: Launched, grace_s: float) -> None:
+        """Asks the instance to stop (SIGTERM or its equivalent), forces it after ``grace_s``."""
+
+    @abc.abstractmethod
+    def problem(self, launched: Launched) -> str | None:
+        """None while the instance runs; why it is gone once it has exited on its own."""
+
+    async def close(self, grace_s: float) -> None:
+        """Stops whatever this backend still runs (the scaler is shutting down)."""
+
+
+class NotImplementedBackend(BackendError):
+    pass
+
+
+def refuse(name: str) -> None:
+    """``docker`` and ``kubernetes`` are declared (config, protos) but not written yet."""
+    raise NotImplementedBackend(
+        f"backend {name!r} is not implemented yet: this scaler can only start local processes. "
+        "Run it with --backend local (the default), or scale containers by hand until the "
+        f"{name} backend lands.")
