@@ -7,6 +7,8 @@ from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import router_pb2, stats_pb2
 from services.engine.metrics import MetricsSnapshot, Summary
+from router.admission import Admission
+from router.cache import ResponseCache
 from router.config import valid_address
 from router.policy import Snapshot, score
 from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, Load, Role, State
@@ -38,9 +40,52 @@ def validate_request(req: gen.GenerateRequest) -> None:
         raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
 
 
+#: Priority enum value -> class name, as in ``--pools`` (unspecified is normal).
+PRIORITY_CLASS = {gen.PRIORITY_UNSPECIFIED: "normal", gen.PRIORITY_BATCH: "batch", gen.PRIORITY_NORMAL: "normal",
+                  gen.PRIORITY_INTERACTIVE: "interactive"}
+PRIORITY_OF_CLASS = {"batch": gen.PRIORITY_BATCH, "normal": gen.PRIORITY_NORMAL,
+                     "interactive": gen.PRIORITY_INTERACTIVE}
+
+
+def prompt_units(prompt: gen.Prompt) -> str | tuple[int, ...]:
+    """The prompt as text or token ids, for prefix affinity."""
+    return prompt.text if prompt.WhichOneof("kind") == "text" else tuple(prompt.tokens.ids)
+
+
 def wants_draft(req: gen.GenerateRequest) -> bool:
     """Should the router pick a draft instance for the request?"""
     return not req.draft_address and not (req.speculation.HasField("enabled") and not req.speculation.enabled)
+
+
+# -- response cache ---------------------------------------------------------
+#: Finish reasons of an answer worth keeping (a whole answer, not an error or a cancellation).
+COMPLETE = frozenset({gen.FINISH_REASON_LENGTH, gen.FINISH_REASON_EOS, gen.FINISH_REASON_STOP})
+
+
+def cache_key(req: gen.GenerateRequest, pool: str) -> bytes | None:
+    """The key of a deterministic request (greedy, or sampled with a seed), None
+    for any other. Equal keys mean an equal prompt and equal parameters;
+    speculation settings count only for sampled requests (greedy output does not
+    depend on them), the request id and priority never."""
+    s = req.sampling
+    if (s.temperature > 0 and not s.HasField("seed")) or req.resume_tokens:
+        return None
+    keyed = gen.GenerateRequest(prompt=req.prompt, sampling=s, echo_prompt=req.echo_prompt)
+    if s.temperature > 0:
+        keyed.speculation.CopyFrom(req.speculation)
+    return pool.encode() + b"\0" + keyed.SerializeToString(deterministic=True)
+
+
+def replay(chunks: tuple[gen.GenerateChunk, ...], request_id: str) -> list[gen.GenerateChunk]:
+    """A cached answer's chunks for a new request: its id, ``cached`` set."""
+    out = []
+    for stored in chunks:
+        chunk = gen.GenerateChunk()
+        chunk.CopyFrom(stored)
+        chunk.request_id = request_id
+        chunk.cached = True
+        out.append(chunk)
+    return out
 
 
 class Collector:
@@ -104,6 +149,21 @@ def status_pb(inst: Instance, snapshot: Snapshot) -> router_pb2.InstanceStatus:
         status.load.CopyFrom(load_pb(inst.load, inst.id, ROLES[inst.spec.role]))
         status.load_age_s = inst.load_age(snapshot.now) or 0.0
     return status
+
+
+def router_stats_pb(cache: ResponseCache | None, admission: Admission, in_flight: int, rejected_total: int,
+                    pools: list[str], priority_pools: dict[str, tuple[str, ...]]) -> router_pb2.RouterStats:
+    stats = router_pb2.RouterStats(in_flight=in_flight, rejected_total=rejected_total)
+    if cache is not None:
+        stats.cache_hits, stats.cache_misses, stats.cache_evictions = cache.hits, cache.misses, cache.evictions
+        stats.cache_entries, stats.cache_capacity = len(cache), cache.capacity
+    for pool in pools:
+        stats.pools.add(pool=pool, in_flight=admission.in_flight.get(pool, 0), max_in_flight=admission.bound(pool),
+                        rejected_total=admission.rejected.get(pool, 0),
+                        priorities=[PRIORITY_OF_CLASS[c] for c, ps in priority_pools.items() if ps[0] == pool])
+    for cls, route in priority_pools.items():
+        stats.routes.add(priority=PRIORITY_OF_CLASS[cls], pools=route)
+    return stats
 
 
 # -- load reports -----------------------------------------------------------

@@ -14,6 +14,12 @@ class PolicyName(enum.Enum):
     ROUND_ROBIN = "round_robin"
     LEAST_LOADED = "least_loaded"
     SCORE = "score"
+    POWER_OF_TWO = "power_of_two"
+    PREFIX_AFFINITY = "prefix_affinity"
+
+
+#: Priority classes as written in ``--pools`` (the Priority enum without its prefix).
+PRIORITY_CLASSES = ("batch", "normal", "interactive")
 
 
 @dataclass
@@ -23,13 +29,39 @@ class RouterConfig(BaseConfig):
     SERVICE = "router"
 
     port: int = field(50051, "port to listen on (0: any free port)")
-    targets: list[str] = field([], "target-model instances (host:port, comma-separated) registered at start")
-    drafts: list[str] = field([], "draft-model instances (host:port, comma-separated) registered at start")
-    pool: str = field("default", "pool of the instances given by --targets/--drafts and of every request")
-    policy: PolicyName = field(PolicyName.ROUND_ROBIN, "routing policy: round_robin, least_loaded or score")
+    targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
+                                   "pool@host:port")
+    drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")
+    pool: str = field("default", "pool of the --targets/--drafts given without one, and of every priority "
+                                 "class --pools does not map")
+    pools: list[str] = field([], "priority class -> pool, comma-separated class=pool "
+                                 "(classes: batch, normal, interactive), e.g. interactive=fast,batch=bulk")
+    spillover: list[str] = field([], "pools a priority class may spill over to when its own pool has no healthy "
+                                     "instance or is full, comma-separated class->pool in order of preference, "
+                                     "e.g. batch->default (none: a class stays in its pool)")
+    policy: PolicyName = field(PolicyName.SCORE, "routing policy: score, round_robin, least_loaded, "
+                                                 "power_of_two or prefix_affinity")
+    weight_idle: float = field(0.3, "score: weight of an idle accelerator (1 - utilisation)")
+    weight_queue: float = field(0.3, "score: weight of a short queue, 1 / (queue + 1)")
+    weight_latency: float = field(0.2, "score: weight of a low time to first token, 0.1 / (ttft_s + 0.1)")
+    weight_availability: float = field(0.2, "score: weight of availability, 1 / (1 + consecutive failures)")
+    affinity_block: int = field(16, "prefix_affinity: prompt tokens per prefix block (text prompts: 4 characters "
+                                    "per token)")
+    affinity_max_imbalance: int = field(4, "prefix_affinity: a prefix stays on its instance while that one has at "
+                                           "most this many requests more than the least loaded")
+    affinity_table_size: int = field(65536, "prefix_affinity: most prefix blocks remembered (least recently "
+                                            "used go first)")
     max_attempts: int = field(3, "most instances one request is sent to (first try, retries and resumes)")
     resume: bool = field(True, "resume a stream broken after its first token on another instance")
     max_in_flight: int = field(0, "requests in flight beyond which new ones get RESOURCE_EXHAUSTED (0: no bound)")
+    pool_max_in_flight: int = field(0, "requests in flight per pool beyond which that pool takes no more "
+                                       "(RESOURCE_EXHAUSTED unless a spillover pool can) (0: no bound)")
+    pool_limits: list[str] = field([], "per-pool in-flight bounds overriding --pool-max-in-flight, "
+                                       "comma-separated pool=N")
+    cache_size: int = field(0, "response cache: most answers kept, least recently used go first (0: no cache)")
+    cache_ttl_s: float = field(300.0, "response cache: seconds an answer stays valid")
+    auth_token: str = field("", "clients must send `authorization: Bearer <token>` (empty: no authentication; "
+                                "health, reflection and Stats stay open)")
     load_interval_s: float = field(0.5, "seconds between the load reports the router asks of each instance")
     health_interval_s: float = field(0.5, "seconds between Health/Check polls of instances whose Health/Watch fails")
     stale_after_s: float = field(2.0, "a load report older than this makes an instance's health unknown")
@@ -47,19 +79,34 @@ class RouterConfig(BaseConfig):
             except ValueError:
                 choices = ", ".join(p.value for p in PolicyName)
                 raise ConfigError(f"policy: {self.policy!r} is not one of: {choices}") from None
-        for name in ("targets", "drafts"):
+        for name in ("targets", "drafts", "pools", "spillover", "pool_limits"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [a.strip() for a in getattr(self, name).split(",") if a.strip()])
 
     def validate(self) -> None:
         super().validate()
         for name in ("targets", "drafts"):
-            for address in getattr(self, name):
-                if not valid_address(address):
-                    raise ConfigError(f"{name}: {address!r} is not host:port")
+            for entry in getattr(self, name):
+                pool, address = split_target(entry, self.pool)
+                if not valid_address(address) or not pool:
+                    raise ConfigError(f"{name}: {entry!r} is not host:port or pool@host:port")
         self.require(bool(self.pool), "pool", "must not be empty")
+        self.priority_pools()
+        self.spillover_map()
+        self.pool_bounds()
+        for name in ("weight_idle", "weight_queue", "weight_latency", "weight_availability"):
+            self.require(getattr(self, name) >= 0, name, "must be >= 0")
+        if not self.weight_idle + self.weight_queue + self.weight_latency + self.weight_availability > 0:
+            raise ConfigError("weight_idle: the score's weights must not all be 0")
+        self.require(self.affinity_block >= 1, "affinity_block", "must be >= 1")
+        self.require(self.affinity_max_imbalance >= 0, "affinity_max_imbalance", "must be >= 0")
+        self.require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
         self.require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         self.require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
+        self.require(self.pool_max_in_flight >= 0, "pool_max_in_flight", "must be >= 0")
+        self.require(self.cache_size >= 0, "cache_size", "must be >= 0")
+        self.require(self.cache_ttl_s > 0, "cache_ttl_s", "must be > 0")
+        self.require(self.auth_token == self.auth_token.strip(), "auth_token", "must not start or end with spaces")
         self.require(self.load_interval_s >= 0.05, "load_interval_s", "must be >= 0.05")
         self.require(self.health_interval_s > 0, "health_interval_s", "must be > 0")
         self.require(self.stale_after_s > 0, "stale_after_s", "must be > 0")
@@ -68,6 +115,51 @@ class RouterConfig(BaseConfig):
         self.require(self.eject_after_failures >= 0, "eject_after_failures", "must be >= 0")
         self.require(self.eject_for_s >= 0, "eject_for_s", "must be >= 0")
         self.require(self.metrics_window_s > 0, "metrics_window_s", "must be > 0")
+
+    # -- derived views (validated above) ------------------------------------
+    def priority_pools(self) -> dict[str, str]:
+        """Pool of each priority class (every class; unmapped ones get ``pool``)."""
+        mapping = dict.fromkeys(PRIORITY_CLASSES, self.pool)
+        for entry in self.pools:
+            cls, sep, pool = (s.strip() for s in entry.partition("="))
+            if not sep or cls.lower() not in PRIORITY_CLASSES or not pool:
+                raise ConfigError(f"pools: {entry!r} is not class=pool with class one of "
+                                  f"{', '.join(PRIORITY_CLASSES)}")
+            mapping[cls.lower()] = pool
+        return mapping
+
+    def spillover_map(self) -> dict[str, tuple[str, ...]]:
+        """Pools each priority class may spill over to, in order of preference
+        (never its own pool)."""
+        own = self.priority_pools()
+        spill: dict[str, list[str]] = {}
+        for entry in self.spillover:
+            cls, sep, pool = (s.strip() for s in entry.partition("->"))
+            if not sep or cls.lower() not in PRIORITY_CLASSES or not pool:
+                raise ConfigError(f"spillover: {entry!r} is not class->pool with class one of "
+                                  f"{', '.join(PRIORITY_CLASSES)}")
+            cls = cls.lower()
+            if pool == own[cls]:
+                raise ConfigError(f"spillover: {entry!r} names the class's own pool")
+            if pool not in spill.setdefault(cls, []):
+                spill[cls].append(pool)
+        return {cls: tuple(pools) for cls, pools in spill.items()}
+
+    def pool_bounds(self) -> dict[str, int]:
+        """In-flight bounds of the pools named in ``pool_limits``."""
+        bounds = {}
+        for entry in self.pool_limits:
+            pool, sep, n = (s.strip() for s in entry.partition("="))
+            if not sep or not pool or not n.isdigit():
+                raise ConfigError(f"pool_limits: {entry!r} is not pool=N (N >= 0)")
+            bounds[pool] = int(n)
+        return bounds
+
+
+def split_target(entry: str, default_pool: str) -> tuple[str, str]:
+    """``pool@host:port`` -> (pool, address); a bare address gets ``default_pool``."""
+    pool, sep, address = entry.partition("@")
+    return (pool.strip(), address.strip()) if sep else (default_pool, entry.strip())
 
 
 def valid_address(address: str) -> bool:

@@ -10,53 +10,67 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
-from opentelemetry.sdk.trace import TracerProvider
 
 from router import policy
-from router.config import RouterConfig
+from router.config import PolicyName, RouterConfig
+from router.policy_prefix import PrefixTable, prefix_blocks
 from router.registry import Instance, InstanceSpec, Registry, Role
 from router.watcher import InstanceWatcher
-from services.common import telemetry
 from services.common.server import insecure_channel
+from services.common.stubs import generation_pb2 as gen
 
 log = logging.getLogger(__name__)
 
+GENERATE_METHOD = "/llmesh.v1.TargetModel/Generate"
 
-def open_channel(address: str, provider: TracerProvider | None, reconnect_max_s: float) -> grpc.aio.Channel:
-    """Like ``services.common.server.insecure_channel`` (trace context
-    propagates), with reconnection backoff bounded so that a restarted
-    instance is reachable again within ``reconnect_max_s``."""
+
+def open_channel(address: str, reconnect_max_s: float) -> grpc.aio.Channel:
+    """Like ``services.common.server.insecure_channel``, with reconnection
+    backoff bounded so that a restarted instance is reachable again within
+    ``reconnect_max_s``. No client interceptors: they cost two generator
+    layers per streamed chunk; the forwarder propagates trace context itself."""
     backoff_ms = max(100, int(reconnect_max_s * 1000))
-    return insecure_channel(address, provider, options=[("grpc.initial_reconnect_backoff_ms", 100),
-                                                        ("grpc.min_reconnect_backoff_ms", 100),
-                                                        ("grpc.max_reconnect_backoff_ms", backoff_ms)])
+    return insecure_channel(address, None, options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                                    ("grpc.min_reconnect_backoff_ms", 100),
+                                                    ("grpc.max_reconnect_backoff_ms", backoff_ms)])
 
 
 class Fleet:
     """Instances, their channels and watchers, and the routing decision."""
 
-    def __init__(self, config: RouterConfig, provider: TracerProvider | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.provider = provider
         self.clock = clock
         self.registry = Registry(config.eject_after_failures, config.eject_for_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._generate: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._watchers: dict[str, InstanceWatcher] = {}
         self._closing: set[asyncio.Task] = set()
         self._sequence = itertools.count()
+        self._rng = random.Random()
+        self.weights = policy.Weights(config.weight_idle, config.weight_queue, config.weight_latency,
+                                      config.weight_availability)
+        #: Pools of each priority class: its own, then those it may spill over to.
+        spill = config.spillover_map()
+        self.priority_pools = {cls: (pool, *spill.get(cls, ())) for cls, pool in config.priority_pools().items()}
+        self._prefixes = {role: PrefixTable(config.affinity_table_size) for role in Role}
 
     # -- membership ------------------------------------------------------------
     def register(self, spec: InstanceSpec) -> Instance:
         inst, replaced = self.registry.upsert(spec)
         if replaced is not None:
             self._disconnect(replaced.id)
+            self._prefixes[replaced.spec.role].forget(replaced.id)
         if inst.id not in self._channels:
-            channel = open_channel(spec.address, self.provider, self.config.reconnect_max_s)
+            channel = open_channel(spec.address, self.config.reconnect_max_s)
+            self._generate[inst.id] = channel.unary_stream(
+                GENERATE_METHOD, request_serializer=gen.GenerateRequest.SerializeToString,
+                response_deserializer=gen.GenerateChunk.FromString)
             c = self.config
             watcher = InstanceWatcher(inst.id, channel, self.registry, c.load_interval_s, c.health_interval_s,
                                       c.reconnect_min_s, c.reconnect_max_s, self.clock)
@@ -68,6 +82,7 @@ class Fleet:
     def deregister(self, instance_id: str) -> Instance:
         inst = self.registry.remove(instance_id)
         self._disconnect(instance_id)
+        self._prefixes[inst.spec.role].forget(instance_id)
         log.info("deregistered %s", instance_id)
         return inst
 
@@ -79,6 +94,7 @@ class Fleet:
     def _disconnect(self, instance_id: str) -> None:
         channel = self._channels.pop(instance_id, None)
         watcher = self._watchers.pop(instance_id, None)
+        self._generate.pop(instance_id, None)
         if channel is None or watcher is None:
             return
 
@@ -103,6 +119,10 @@ class Fleet:
     def channel(self, instance_id: str) -> grpc.aio.Channel:
         return self._channels[instance_id]
 
+    def generate_method(self, instance_id: str) -> grpc.aio.UnaryStreamMultiCallable:
+        """TargetModel.Generate on the instance's channel (made once per instance)."""
+        return self._generate[instance_id]
+
     def suspect(self, instance_id: str) -> None:
         """A call to the instance failed: have its health looked at again now."""
         watcher = self._watchers.get(instance_id)
@@ -112,17 +132,52 @@ class Fleet:
     def next_sequence(self) -> int:
         return next(self._sequence)
 
-    def snapshot(self, sequence: int = 0, exclude: frozenset[str] = frozenset()) -> policy.Snapshot:
+    def pools_for(self, priority_class: str) -> tuple[str, ...]:
+        """The pools a request of the class may go to, in order."""
+        return self.priority_pools[priority_class]
+
+    def pools(self) -> list[str]:
+        """Every pool with an instance or named in the configuration, sorted."""
+        named = {p for pools in self.priority_pools.values() for p in pools} | set(self.config.pool_bounds())
+        return sorted(named | {i.spec.pool for i in self.registry})
+
+    def snapshot(self, sequence: int = 0, exclude: frozenset[str] = frozenset(),
+                 affinity: dict[str, int] | None = None) -> policy.Snapshot:
         now = self.clock()
         self.registry.readmit(now)
-        return policy.Snapshot(now=now, stale_after_s=self.config.stale_after_s, sequence=sequence, exclude=exclude)
+        return policy.Snapshot(now=now, stale_after_s=self.config.stale_after_s, sequence=sequence, exclude=exclude,
+                               seed=self._rng.getrandbits(64), weights=self.weights, affinity=affinity or {},
+                               max_imbalance=self.config.affinity_max_imbalance)
 
-    def choose(self, role: Role, pool: str, sequence: int, exclude: frozenset[str] = frozenset()) -> Instance | None:
-        snapshot = self.snapshot(sequence, exclude)
-        return policy.choose(self.config.policy, self.registry.select(role, pool), snapshot)
+    def prefix_blocks(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
+        """The prompt's prefix blocks when the policy uses them, else ()."""
+        if self.config.policy is not PolicyName.PREFIX_AFFINITY:
+            return ()
+        return prefix_blocks(prompt, self.config.affinity_block)
 
-    def why_none(self, role: Role, pool: str, exclude: frozenset[str] = frozenset()) -> str:
-        """Why no instance of the role and pool can take a request, instance by instance."""
+    def choose(self, role: Role, pools: Sequence[str], sequence: int, exclude: frozenset[str] = frozenset(),
+               prefix: tuple[int, ...] = ()) -> Instance | None:
+        """The policy's pick in the first of ``pools`` that has an eligible instance."""
+        table = self._prefixes[role]
+        snapshot = self.snapshot(sequence, exclude, table.match(prefix) if prefix else None)
+        for pool in pools:
+            inst = policy.choose(self.config.policy, self.registry.select(role, pool), snapshot)
+            if inst is not None:
+                if prefix:
+                    table.record(prefix, inst.id)
+                return inst
+        return None
+
+    def routable(self, role: Role, pool: str) -> bool:
+        """Has the pool an instance of the role that may take a request now?"""
+        now = self.clock()
+        return any(i.routable(now, self.config.stale_after_s) for i in self.registry.select(role, pool))
+
+    def why_none(self, role: Role, pools: Sequence[str], exclude: frozenset[str] = frozenset()) -> str:
+        """Why no instance of the role in the pools can take a request, instance by instance."""
+        return "; ".join(self._why_none(role, pool, exclude) for pool in pools)
+
+    def _why_none(self, role: Role, pool: str, exclude: frozenset[str]) -> str:
         snapshot = self.snapshot()
         instances = self.registry.select(role, pool)
         if not instances:

@@ -5,6 +5,12 @@ failure before the first token retries elsewhere, a failure after it resumes
 elsewhere from the tokens already streamed (:mod:`router.failover`). Every
 attempt carries the client's remaining deadline; the client cancelling (or
 going away) cancels the upstream call, which frees the target's KV cache.
+
+This is the router's hot path, so chunks travel as they came: the upstream
+chunk object itself is handed to ``emit`` (``context.write`` for
+Router.Generate) with only ``instance_id`` set, with no generator layers in
+between, and the upstream call is made without client interceptors (the
+trace context is injected by hand, with one client span per attempt).
 """
 
 from __future__ import annotations
@@ -14,21 +20,28 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+from opentelemetry.sdk.trace import TracerProvider
 
 from router import codec
+from router.admission import Admission
+from router.cache import ResponseCache
 from router.config import RouterConfig
 from router.failover import Outcome, decide, is_instance_fault, short_reason
-from router.fleet import Fleet
+from router.fleet import GENERATE_METHOD, Fleet
 from router.registry import Instance, Role
 from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import model_pb2_grpc
 from services.engine.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
+
+#: Where the chunks of a generation go (``context.write``, a collector's ``add``).
+Emit = Callable[[gen.GenerateChunk], Awaitable[None]]
 
 #: Upstream codes that say "this instance cannot serve now"; they reach the
 #: client as the router's own UNAVAILABLE with the fleet's state, not as is.
@@ -51,54 +64,102 @@ class UpstreamError(Relayed):
         return cls(exc.code().name, exc.details() or "", trailers, instance_id)
 
 
+class _Tally:
+    """What one request has streamed so far (for metrics and the cache)."""
+
+    __slots__ = ("first_at", "last_at", "tokens", "kept")
+
+    def __init__(self, keep: bool) -> None:
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.tokens = 0
+        self.kept: list[gen.GenerateChunk] | None = [] if keep else None
+
+
 class Forwarder:
     """Routes each generation to an instance chosen by the fleet's policy."""
 
     def __init__(self, fleet: Fleet, config: RouterConfig, metrics: EngineMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, provider: TracerProvider | None = None) -> None:
         self.fleet = fleet
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.tracer = (provider or trace.NoOpTracerProvider()).get_tracer("llmesh.router")
         self.in_flight = 0
+        self.admission = Admission(config.pool_max_in_flight, config.pool_bounds())
+        self.cache: ResponseCache[tuple[gen.GenerateChunk, ...]] | None = (
+            ResponseCache(config.cache_size, config.cache_ttl_s) if config.cache_size else None)
+        #: Admission needs to know which pools can serve only when a pool has a bound or a spillover.
+        self._pools_matter = bool(config.pool_max_in_flight or config.pool_bounds() or config.spillover_map())
 
-    async def generate(self, request: gen.GenerateRequest,
-                       time_remaining: Callable[[], float | None]) -> AsyncIterator[gen.GenerateChunk]:
-        """The chunks of one generation. ``time_remaining()`` is the client's
-        remaining deadline in seconds (None: no deadline). Raises domain
-        errors and :class:`UpstreamError`."""
+    async def generate(self, request: gen.GenerateRequest, time_remaining: Callable[[], float | None],
+                       emit: Emit) -> None:
+        """Streams one generation's chunks to ``emit``. ``time_remaining()`` is
+        the client's remaining deadline in seconds (None: no deadline). Raises
+        domain errors and :class:`UpstreamError`."""
         codec.validate_request(request)
+        pools = self.fleet.pools_for(codec.PRIORITY_CLASS[request.priority])
+        key = codec.cache_key(request, pools[0]) if self.cache is not None else None
+        started = self.clock()
+        if key is not None:
+            hit = self.cache.get(key, started)
+            if hit is not None:
+                await self._replay(hit, request, started, emit)
+                return
         bound = self.config.max_in_flight
         if bound and self.in_flight >= bound:
             self.metrics.record_rejected()
             raise ResourceExhausted(f"the router has {self.in_flight} requests in flight (its bound); "
                                     "retry later", retry_after_s=0.1)
+        if self._pools_matter:
+            try:
+                pool = self.admission.admit(pools, lambda p: self.fleet.routable(Role.TARGET, p))
+            except ResourceExhausted:
+                self.metrics.record_rejected()
+                raise
+            if pool != pools[0]:  # spilled over: try that pool first, then the others in order
+                pools = (pool, *(p for p in pools if p != pool))
+        else:
+            pool = pools[0]
+            self.admission.take(pool)
         self.in_flight += 1
-        started = self.clock()
-        first_at = last_at = None
-        tokens = 0
+        tally = _Tally(keep=key is not None)
         failed = True
         try:
-            async for chunk in self._forward(request, time_remaining):
-                if chunk.token_ids:
-                    last_at = self.clock()
-                    first_at = first_at or last_at
-                    tokens += len(chunk.token_ids)
-                    self.metrics.record_tokens(last_at, len(chunk.token_ids))
-                yield chunk
+            await self._forward(request, pools, time_remaining, emit, tally)
             failed = False
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
             failed = False  # the client went away: not an error of the fleet
+            tally.kept = None
             raise
         finally:
             self.in_flight -= 1
             now = self.clock()
+            self.admission.release(pool, None if failed else now - started)
+            first_at, tokens = tally.first_at, tally.tokens
             ttft = first_at - started if first_at is not None else None
-            tpot = (last_at - first_at) / (tokens - 1) if first_at is not None and tokens > 1 else None
+            tpot = (tally.last_at - first_at) / (tokens - 1) if first_at is not None and tokens > 1 else None
             self.metrics.record_request(now, ttft, tpot, now - started, 0.0, error=failed)
+            kept = tally.kept
+            if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:
+                self.cache.put(key, tuple(kept), now)
 
-    async def _forward(self, request: gen.GenerateRequest,
-                       time_remaining: Callable[[], float | None]) -> AsyncIterator[gen.GenerateChunk]:
+    async def _replay(self, chunks: tuple[gen.GenerateChunk, ...], request: gen.GenerateRequest,
+                      started: float, emit: Emit) -> None:
+        """A cached answer, streamed (and counted) like a live one."""
+        request_id = request.request_id or uuid.uuid4().hex
+        tokens = 0
+        for chunk in codec.replay(chunks, request_id):
+            if chunk.token_ids:
+                tokens += len(chunk.token_ids)
+                self.metrics.record_tokens(self.clock(), len(chunk.token_ids))
+            await emit(chunk)
+        now = self.clock()
+        self.metrics.record_request(now, now - started, 0.0 if tokens > 1 else None, now - started, 0.0)
+
+    async def _forward(self, request: gen.GenerateRequest, pools: tuple[str, ...],
+                       time_remaining: Callable[[], float | None], emit: Emit, tally: _Tally) -> None:
         req = gen.GenerateRequest()
         req.CopyFrom(request)
         if not req.request_id:
@@ -107,50 +168,28 @@ class Forwarder:
             # A seed of the router's choosing keeps "random" sampling random
             # and makes a resumed stream exact.
             req.sampling.seed = random.getrandbits(63)
-        pool = self.config.pool
         sequence = self.fleet.next_sequence()
+        prefix = self.fleet.prefix_blocks(codec.prompt_units(req.prompt))
         streamed: list[int] = []
         tried: list[str] = []
         last: UpstreamError | None = None
         while True:
             if len(req.resume_tokens) + len(streamed) >= req.sampling.max_new_tokens:
                 # The stream broke after its last token but before its last chunk.
-                yield gen.GenerateChunk(request_id=req.request_id, finish_reason=gen.FINISH_REASON_LENGTH,
-                                        instance_id=tried[-1])
+                await emit(gen.GenerateChunk(request_id=req.request_id, finish_reason=gen.FINISH_REASON_LENGTH,
+                                             instance_id=tried[-1]))
                 return
-            inst = self.fleet.choose(Role.TARGET, pool, sequence, frozenset(tried))
+            inst = self.fleet.choose(Role.TARGET, pools, sequence, frozenset(tried), prefix)
             if inst is None:
-                raise self._nothing_left(pool, tried, last)
+                raise self._nothing_left(pools, tried, last)
             tried.append(inst.id)
-            attempt = self._attempt_request(req, streamed, pool, sequence)
+            attempt = self._attempt_request(req, streamed, inst, pools, sequence, prefix)
             remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
-            resumed = len(streamed)
-            error = None
-            self.fleet.registry.started(inst.id)
-            call = model_pb2_grpc.TargetModelStub(self.fleet.channel(inst.id)).Generate(attempt, timeout=remaining)
-            finished = False
-            try:
-                async for chunk in call:
-                    chunk.instance_id = inst.id
-                    if resumed and chunk.HasField("usage"):
-                        chunk.usage.prompt_tokens -= resumed
-                    streamed.extend(chunk.token_ids)
-                    yield chunk
-                    if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
-                        # Read on to the stream's end (it follows at once), so the call
-                        # and its client span close normally instead of being cancelled.
-                        finished = True
-                        self.fleet.registry.record_success(inst.id)
-                if finished:
-                    return
-                error = UpstreamError("UNAVAILABLE", "the stream ended before its last chunk", (), inst.id)
-            except grpc.aio.AioRpcError as exc:
-                error = UpstreamError.of(exc, inst.id)
-            finally:
-                self.fleet.registry.finished(inst.id)
-                call.cancel()
+            error = await self._attempt(inst, attempt, remaining, streamed, emit, tally)
+            if error is None:
+                return
             self._record_failure(inst, error)
             outcome = decide(error.code, len(streamed), len(tried), self.config.max_attempts, self.config.resume)
             log.info("request %s on %s failed (%s: %s) after %d tokens: %s", req.request_id, inst.id,
@@ -159,15 +198,64 @@ class Forwarder:
                 raise self._unavailable(error, tried) if error.code in _TRANSPORT else error
             last = error
 
-    def _attempt_request(self, req: gen.GenerateRequest, streamed: list[int], pool: str,
-                         sequence: int) -> gen.GenerateRequest:
+    async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, timeout: float | None,
+                       streamed: list[int], emit: Emit, tally: _Tally) -> UpstreamError | None:
+        """One upstream call, its chunks passed on as they come; the error that
+        ended it early, or None when it finished."""
+        instance_id, resumed = inst.id, len(streamed)
+        clock, record_tokens, kept = self.clock, self.metrics.record_tokens, tally.kept
+        registry = self.fleet.registry
+        with self.tracer.start_as_current_span(GENERATE_METHOD, kind=trace.SpanKind.CLIENT,
+                                               attributes={"rpc.system": "grpc", "rpc.service": "llmesh.v1.TargetModel",
+                                                           "rpc.method": "Generate",
+                                                           "llmesh.instance_id": instance_id}) as span:
+            metadata: dict[str, str] = {}
+            inject(metadata)
+            registry.started(instance_id)
+            call = self.fleet.generate_method(instance_id)(attempt, timeout=timeout,
+                                                         metadata=tuple(metadata.items()))
+            try:
+                async for chunk in call:
+                    chunk.instance_id = instance_id
+                    ids = chunk.token_ids
+                    if ids:
+                        n = len(ids)
+                        streamed.extend(ids)
+                        now = clock()
+                        if tally.first_at is None:
+                            tally.first_at = now
+                        tally.last_at = now
+                        tally.tokens += n
+                        record_tokens(now, n)
+                    if resumed and chunk.HasField("usage"):
+                        chunk.usage.prompt_tokens -= resumed
+                    if kept is not None:
+                        kept.append(chunk)
+                    await emit(chunk)
+                    if chunk.finish_reason:
+                        registry.record_success(instance_id)
+                        return None
+                error = UpstreamError("UNAVAILABLE", "the stream ended before its last chunk", (), instance_id)
+            except grpc.aio.AioRpcError as exc:
+                error = UpstreamError.of(exc, instance_id)
+            finally:
+                registry.finished(instance_id)
+                call.cancel()
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[error.code].value[0])
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{error.code}: {short_reason(error.details)}"))
+            return error
+
+    def _attempt_request(self, req: gen.GenerateRequest, streamed: list[int], target: Instance,
+                         pools: tuple[str, ...], sequence: int, prefix: tuple[int, ...]) -> gen.GenerateRequest:
         attempt = gen.GenerateRequest()
         attempt.CopyFrom(req)
         attempt.resume_tokens.extend(streamed)
         if streamed:
             attempt.echo_prompt = False  # the client has it already
         if codec.wants_draft(req):
-            draft = self.fleet.choose(Role.DRAFT, pool, sequence)
+            # A draft of the target's pool, else of the pools the request may use.
+            draft_pools = (target.spec.pool, *(p for p in pools if p != target.spec.pool))
+            draft = self.fleet.choose(Role.DRAFT, draft_pools, sequence, prefix=prefix)
             if draft is not None:
                 attempt.draft_address = draft.address
         return attempt
@@ -180,10 +268,10 @@ class Forwarder:
         if unreachable is not None:
             self.fleet.suspect(inst.id)
 
-    def _nothing_left(self, pool: str, tried: list[str], last: UpstreamError | None) -> LlmeshError:
+    def _nothing_left(self, pools: tuple[str, ...], tried: list[str], last: UpstreamError | None) -> LlmeshError:
         if last is not None and last.code not in _TRANSPORT:
             return last  # e.g. RESOURCE_EXHAUSTED everywhere: its retry-after goes to the client
-        message = self.fleet.why_none(Role.TARGET, pool, frozenset(tried))
+        message = self.fleet.why_none(Role.TARGET, pools, frozenset(tried))
         if last is not None:
             message += f"; last error from {last.instance_id}: {last.code} ({short_reason(last.details)})"
         return Unavailable(message)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import TracerProvider
 
 from router import codec
-from router.config import RouterConfig
+from router.auth import BearerAuth
+from router.config import RouterConfig, split_target
 from router.fleet import Fleet
 from router.forwarder import Forwarder
 from router.registry import InstanceSpec, Role
@@ -35,9 +36,10 @@ class RouterApp:
             config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
         self.metrics = EngineMetrics(config.metrics_window_s, started_at=time.monotonic())
-        self.fleet = Fleet(config, provider)
-        self.forwarder = Forwarder(self.fleet, config, self.metrics)
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.fleet, self.forwarder), self.server)
+        self.fleet = Fleet(config)
+        self.forwarder = Forwarder(self.fleet, config, self.metrics, provider=provider)
+        auth = BearerAuth(config.auth_token) if config.auth_token else None
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.fleet, self.forwarder, auth), self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 
     @property
@@ -53,10 +55,13 @@ class RouterApp:
         router serves even before any target is healthy)."""
         await self.server.start()
         for role, addresses in ((Role.TARGET, self.config.targets), (Role.DRAFT, self.config.drafts)):
-            for address in addresses:
-                self.fleet.register(InstanceSpec(id=address, address=address, role=role, pool=self.config.pool))
+            for entry in addresses:
+                pool, address = split_target(entry, self.config.pool)
+                self.fleet.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
         await self.health.set(True)
-        log.info("%s routing on %s (%s)", self.instance_id, self.address, self.config.policy.value)
+        log.info("%s routing on %s (%s%s%s)", self.instance_id, self.address, self.config.policy.value,
+                 f", cache of {self.config.cache_size}" if self.config.cache_size else "",
+                 ", bearer token required" if self.config.auth_token else "")
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.shutdown()

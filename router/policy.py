@@ -4,15 +4,35 @@ Every policy is a function ``(eligible, snapshot) -> Instance`` over a
 non-empty list of routable instances ordered by id; :func:`choose` does the
 filtering, so no policy ever sees an instance that is unhealthy, draining,
 ejected, silent (no fresh load report) or already tried for this request.
+Randomness (power of two's pair, score's tie-break) comes from the
+snapshot's ``seed``, so a decision is a function of its inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from router.config import PolicyName
 from router.registry import Instance
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The score's weights (the defaults sum to 1; scores are normalised by the sum, so a score is in [0, 1])."""
+
+    idle: float = 0.3
+    queue: float = 0.3
+    latency: float = 0.2
+    availability: float = 0.2
+
+    @property
+    def total(self) -> float:
+        return self.idle + self.queue + self.latency + self.availability
+
+
+DEFAULT_WEIGHTS = Weights()
 
 
 @dataclass(frozen=True)
@@ -21,20 +41,17 @@ class Snapshot:
 
     now: float
     stale_after_s: float = 2.0
-    #: The request's ordinal; round robin's cursor and every policy's tie-break.
+    #: The request's ordinal; round robin's cursor and least-loaded's tie-break.
     sequence: int = 0
     #: Instances already tried for this request.
     exclude: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Weights:
-    """The score's weights (they sum to 1, so a score is in [0, 1])."""
-
-    idle: float = 0.3
-    queue: float = 0.3
-    latency: float = 0.2
-    availability: float = 0.2
+    #: Random bits drawn for this decision (power of two's pair, score's tie-break).
+    seed: int = 0
+    weights: Weights = DEFAULT_WEIGHTS
+    #: prefix_affinity: instance id -> prefix blocks of this request it already holds.
+    affinity: Mapping[str, int] = field(default_factory=dict)
+    #: prefix_affinity: how many requests above the least loaded a prefix's instance may be.
+    max_imbalance: int = 4
 
 
 Policy = Callable[[list[Instance], Snapshot], Instance]
@@ -72,33 +89,75 @@ def least_loaded(instances: list[Instance], snapshot: Snapshot) -> Instance:
     return min(_rotated(instances, snapshot.sequence), key=lambda r: (load_of(r[1], snapshot), r[0]))[1]
 
 
-def score(instance: Instance, snapshot: Snapshot, weights: Weights = Weights()) -> float:
+def pair(instances: list[Instance], snapshot: Snapshot) -> list[Instance]:
+    """Power of two's two candidates, drawn at random (from the snapshot's seed)."""
+    return random.Random(snapshot.seed).sample(instances, 2) if len(instances) > 1 else list(instances)
+
+
+def power_of_two(instances: list[Instance], snapshot: Snapshot) -> Instance:
+    """Two random candidates, the less loaded wins (Mitzenmacher, "The Power of
+    Two Choices in Randomized Load Balancing", 2001); a tie goes to the first drawn."""
+    candidates = pair(instances, snapshot)
+    if len(candidates) == 1:
+        return candidates[0]
+    a, b = candidates
+    return a if load_of(a, snapshot) <= load_of(b, snapshot) else b
+
+
+def prefix_affinity(instances: list[Instance], snapshot: Snapshot) -> Instance:
+    """The instance holding the longest prefix of the request's prompt, while its
+    load is at most ``max_imbalance`` above the least loaded's; otherwise the
+    least loaded (which then becomes the prefix's instance). As SGLang's
+    cache-aware router: prefix-cache hits while balanced, load balance when not."""
+    least = least_loaded(instances, snapshot)
+    if not snapshot.affinity:
+        return least
+    floor = load_of(least, snapshot)
+    holders = [(snapshot.affinity[i.id], -load_of(i, snapshot), -rank, i)
+               for rank, i in _rotated(instances, snapshot.sequence) if snapshot.affinity.get(i.id)]
+    if not holders:
+        return least
+    best = max(holders, key=lambda h: h[:3])[3]
+    return best if load_of(best, snapshot) <= floor + snapshot.max_imbalance else least
+
+
+def score(instance: Instance, snapshot: Snapshot, weights: Weights | None = None) -> float:
     """How good a target the instance is, in [0, 1] (0 when not routable).
 
     idle accelerator (1 - utilisation), short queue 1/(queue + 1), low
     latency 1/(latency_s + 0.1) scaled by 0.1 into (0, 1] (time to first
-    token, p50), availability 1/(1 + consecutive failures).
+    token, p50), availability 1/(1 + consecutive failures); weighted by
+    ``weights`` (default: the snapshot's) and normalised by their sum.
     """
     load = instance.fresh_load(snapshot.now, snapshot.stale_after_s)
     if load is None or not instance.routable(snapshot.now, snapshot.stale_after_s):
         return 0.0
+    w = weights or snapshot.weights
     idle = 1.0 - min(1.0, max(0.0, load.accelerator_utilization))
     queue = 1.0 / (max(load.queue_length, instance.in_flight - load.running, 0) + 1)
     latency = 0.1 / (max(0.0, load.ttft_p50_ms) / 1000.0 + 0.1)
     availability = 1.0 / (1 + instance.consecutive_failures)
-    return (weights.idle * idle + weights.queue * queue + weights.latency * latency
-            + weights.availability * availability)
+    return (w.idle * idle + w.queue * queue + w.latency * latency + w.availability * availability) / w.total
+
+
+#: Scores closer than this are a tie.
+SCORE_TIE = 1e-9
 
 
 def best_score(instances: list[Instance], snapshot: Snapshot) -> Instance:
-    """The highest score; ties rotate like round robin."""
-    return min(_rotated(instances, snapshot.sequence), key=lambda r: (-score(r[1], snapshot), r[0]))[1]
+    """The highest score; ties are broken at random (from the snapshot's seed)."""
+    scored = [(score(i, snapshot), i) for i in instances]
+    top = max(s for s, _ in scored)
+    tied = [i for s, i in scored if s >= top - SCORE_TIE]
+    return tied[0] if len(tied) == 1 else random.Random(snapshot.seed).choice(tied)
 
 
 POLICIES: dict[PolicyName, Policy] = {
     PolicyName.ROUND_ROBIN: round_robin,
     PolicyName.LEAST_LOADED: least_loaded,
     PolicyName.SCORE: best_score,
+    PolicyName.POWER_OF_TWO: power_of_two,
+    PolicyName.PREFIX_AFFINITY: prefix_affinity,
 }
 
 

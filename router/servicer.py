@@ -7,6 +7,7 @@ in the server's error interceptor.
 from __future__ import annotations
 
 from router import codec
+from router.auth import BearerAuth
 from router.fleet import Fleet
 from router.forwarder import Forwarder
 from services.common.errors import InvalidArgument
@@ -14,37 +15,55 @@ from services.common.stubs import router_pb2, router_pb2_grpc
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, fleet: Fleet, forwarder: Forwarder) -> None:
+    def __init__(self, fleet: Fleet, forwarder: Forwarder, auth: BearerAuth | None = None) -> None:
         self.fleet = fleet
         self.forwarder = forwarder
+        self.auth = auth
+
+    def _authenticate(self, context) -> None:
+        if self.auth is not None:
+            self.auth.check(context.invocation_metadata())
 
     async def Generate(self, request, context):
-        async for chunk in self.forwarder.generate(request, context.time_remaining):
-            yield chunk
+        # Written with context.write rather than as a generator: each chunk
+        # goes out as it comes, through no wrapper layer (interceptors included).
+        self._authenticate(context)
+        await self.forwarder.generate(request, context.time_remaining, context.write)
 
     async def Complete(self, request, context):
+        self._authenticate(context)
         collector = codec.Collector()
-        async for chunk in self.forwarder.generate(request, context.time_remaining):
+
+        async def add(chunk) -> None:
             collector.add(chunk)
+
+        await self.forwarder.generate(request, context.time_remaining, add)
         return collector.result()
 
     async def RegisterInstance(self, request, context):
+        self._authenticate(context)
         if not request.HasField("instance"):
             raise InvalidArgument("instance", "must be set")
         inst = self.fleet.register(codec.spec_of(request.instance))
         return router_pb2.RegisterInstanceResponse(instance=codec.status_pb(inst, self.fleet.snapshot()))
 
     async def DrainInstance(self, request, context):
+        self._authenticate(context)
         inst = self.fleet.drain(request.id)
         return router_pb2.DrainInstanceResponse(instance=codec.status_pb(inst, self.fleet.snapshot()))
 
     async def DeregisterInstance(self, request, context):
+        self._authenticate(context)
         self.fleet.deregister(request.id)
         return router_pb2.DeregisterInstanceResponse()
 
     async def ListInstances(self, request, context):
+        self._authenticate(context)
         role = codec.role_filter(request.role)
         snapshot = self.fleet.snapshot()
         instances = self.fleet.registry.select(role, request.pool or None)
+        f = self.forwarder
+        stats = codec.router_stats_pb(f.cache, f.admission, f.in_flight, f.metrics.counters["rejected_total"],
+                                      self.fleet.pools(), self.fleet.priority_pools)
         return router_pb2.ListInstancesResponse(instances=[codec.status_pb(i, snapshot) for i in instances],
-                                                policy=self.fleet.config.policy.value)
+                                                policy=self.fleet.config.policy.value, router=stats)

@@ -7,12 +7,17 @@ from collections import Counter
 
 import pytest
 
+from router.admission import Admission
+from router.auth import BearerAuth
+from router.cache import ResponseCache
 from router.config import PolicyName, RouterConfig
 from router.failover import Outcome, decide, short_reason
-from router.policy import POLICIES, Snapshot, choose, least_loaded, round_robin, score
+from router.policy import (POLICIES, Snapshot, Weights, choose, eligible, least_loaded, load_of, pair, power_of_two,
+                           round_robin, score)
+from router.policy_prefix import PrefixTable, prefix_blocks
 from router.registry import Health, Instance, InstanceSpec, Load, Registry, Role, State
 from services.common.config import ConfigError
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 
 STALE = 2.0
 
@@ -50,7 +55,11 @@ def test_never_chooses_unhealthy_draining_ejected_stale_or_excluded(policy):
     for trial in range(500):
         fleet = random_fleet(rng, now)
         exclude = frozenset(i.id for i in fleet if rng.random() < 0.2)
-        chosen = choose(policy, fleet, Snapshot(now=now, stale_after_s=STALE, sequence=trial, exclude=exclude))
+        # Prefix affinity may be told that any instance (a bad one too) holds the prompt's prefix.
+        affinity = {i.id: rng.randint(1, 4) for i in fleet if rng.random() < 0.5}
+        chosen = choose(policy, fleet, Snapshot(now=now, stale_after_s=STALE, sequence=trial, exclude=exclude,
+                                                seed=rng.getrandbits(64), affinity=affinity,
+                                                max_imbalance=rng.randint(0, 3)))
         ok = [i for i in fleet if routable(i, now) and i.id not in exclude]
         if not ok:
             assert chosen is None
@@ -120,8 +129,181 @@ def test_score_weights_and_ranking():
     assert score(instance("down", health=Health.NOT_SERVING), snap) == 0.0
 
 
+def test_score_weights_are_configurable_and_normalised():
+    snap = Snapshot(now=1.0)
+    cool_but_queued = instance("a", load=Load(accelerator_utilization=0.0, queue_length=9, ttft_p50_ms=900.0))
+    hot_but_empty = instance("b", load=Load(accelerator_utilization=1.0, queue_length=0, ttft_p50_ms=0.0))
+    assert choose(PolicyName.SCORE, [cool_but_queued, hot_but_empty], snap).id == "b"
+    idle_only = Snapshot(now=1.0, weights=Weights(idle=2.0, queue=0.0, latency=0.0, availability=0.0))
+    assert choose(PolicyName.SCORE, [cool_but_queued, hot_but_empty], idle_only).id == "a"
+    assert score(cool_but_queued, idle_only) == pytest.approx(1.0) and score(hot_but_empty, idle_only) == 0.0
+    c = RouterConfig.from_args(["--weight-idle", "1", "--weight-queue", "0", "--weight-latency", "0",
+                                "--weight-availability", "0"], env={})
+    assert (c.weight_idle, c.weight_queue) == (1.0, 0.0)
+    with pytest.raises(ConfigError, match="weight"):
+        RouterConfig.from_namespace({"weight_idle": 0, "weight_queue": 0, "weight_latency": 0,
+                                     "weight_availability": 0}, env={})
+    with pytest.raises(ConfigError, match="weight_queue"):
+        RouterConfig.from_namespace({"weight_queue": -1}, env={})
+
+
+def test_score_ties_are_broken_at_random():
+    fleet = [instance(n) for n in "abcd"]
+    picks = Counter(choose(PolicyName.SCORE, fleet, Snapshot(now=1.0, sequence=0, seed=s)).id for s in range(400))
+    assert set(picks) == set("abcd") and min(picks.values()) > 50
+    # The same seed, the same choice: the decision is a function of the snapshot.
+    assert len({choose(PolicyName.SCORE, fleet, Snapshot(now=1.0, seed=42)).id for _ in range(10)}) == 1
+    fleet[2].load = Load(accelerator_utilization=0.5)  # no tie any more
+    assert {choose(PolicyName.SCORE, fleet[2:], Snapshot(now=1.0, seed=s)).id for s in range(50)} == {"d"}
+
+
+def test_power_of_two_never_picks_the_busier_of_its_pair():
+    rng = random.Random(2)
+    now = 50.0
+    for trial in range(2000):
+        fleet = [instance(f"i{k}", load=Load(in_flight=rng.randint(0, 6)), load_at=now,
+                          in_flight=rng.randint(0, 6)) for k in range(rng.randint(1, 7))]
+        snap = Snapshot(now=now, seed=rng.getrandbits(64), sequence=trial)
+        candidates = eligible(fleet, snap)
+        drawn = pair(candidates, snap)
+        chosen = power_of_two(candidates, snap)
+        assert chosen in drawn and len(drawn) == min(2, len(fleet)) and len({i.id for i in drawn}) == len(drawn)
+        assert all(load_of(chosen, snap) <= load_of(other, snap) for other in drawn)
+        assert choose(PolicyName.POWER_OF_TWO, fleet, snap) is chosen
+
+
+def test_power_of_two_spreads_an_even_load():
+    fleet = [instance(n) for n in "abc"]
+    picks = Counter(choose(PolicyName.POWER_OF_TWO, fleet, Snapshot(now=1.0, seed=s)).id for s in range(600))
+    assert set(picks) == set("abc") and min(picks.values()) > 100
+
+
+# -- prefix affinity --------------------------------------------------------
+def test_prefix_blocks_chain_over_the_prefix():
+    a = prefix_blocks(list(range(40)), 8)
+    b = prefix_blocks(list(range(35)) + [99, 98, 97, 96, 95], 8)
+    assert len(a) == 5 and a[:4] == b[:4] and a[4] != b[4]
+    assert prefix_blocks([1, 2, 3], 8) == ()
+    assert prefix_blocks([5] + list(range(39)), 8)[1:] != a[1:]  # a block's hash depends on what precedes it
+    text = "You are a helpful assistant. " * 4
+    assert prefix_blocks(text + "Hi", 4)[:7] == prefix_blocks(text + "Bye", 4)[:7] and len(prefix_blocks(text, 4)) == 7
+    assert prefix_blocks("x" * 32, 8) != prefix_blocks([ord("x")] * 32, 8)
+
+
+def test_prefix_table_matches_longest_prefix_and_is_bounded():
+    table = PrefixTable(capacity=6)
+    long = prefix_blocks(list(range(32)), 8)  # 4 blocks
+    table.record(long[:2], "a")
+    assert table.match(long) == {"a": 2}
+    table.record(long, "b")  # b received the longer prompt after a: it holds every block now
+    assert table.match(long) == {"b": 4}
+    other = prefix_blocks([7] * 24, 8)
+    table.record(other, "a")  # 4 + 3 blocks > 6: the least recently used goes
+    assert len(table) == 6 and table.match(long) == {} and table.match(other) == {"a": 3}
+    table.forget("a")
+    assert table.match(other) == {} and len(table) == 3
+
+
+def test_prefix_affinity_is_stable_while_load_is_balanced():
+    rng = random.Random(5)
+    now = 10.0
+    for trial in range(200):
+        fleet = [instance(f"i{k}") for k in range(rng.randint(2, 6))]
+        bound = rng.randint(0, 4)
+        table = PrefixTable(1000)
+        system = [rng.randrange(300) for _ in range(32)]
+        home = None
+        for r in range(12):
+            for inst in fleet:  # loads move, but stay within the bound of each other
+                inst.load = Load(in_flight=rng.randint(0, bound))
+                inst.load_at = now
+            prompt = system + [rng.randrange(300) for _ in range(rng.randint(0, 20))]
+            blocks = prefix_blocks(prompt, 8)
+            snap = Snapshot(now=now, sequence=trial * 100 + r, affinity=table.match(blocks), max_imbalance=bound)
+            chosen = choose(PolicyName.PREFIX_AFFINITY, fleet, snap)
+            table.record(blocks, chosen.id)
+            if home is None:
+                home = chosen
+                assert load_of(chosen, snap) == min(load_of(i, snap) for i in fleet)  # new prefix: least loaded
+            assert chosen is home
+
+
+def test_prefix_affinity_leaves_an_overloaded_instance_and_prefers_longer_matches():
+    fleet = [instance("a", load=Load(in_flight=2)), instance("b", load=Load(in_flight=0)),
+             instance("c", load=Load(in_flight=1))]
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0, affinity={"a": 3}, max_imbalance=2)).id == "a"
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0, affinity={"a": 3}, max_imbalance=1)).id == "b"
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet,
+                  Snapshot(now=1.0, affinity={"a": 3, "c": 2}, max_imbalance=4)).id == "a"
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet,
+                  Snapshot(now=1.0, affinity={"a": 2, "c": 2}, max_imbalance=4)).id == "c"  # equal: less loaded
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0)).id == "b"  # no prefix known: least loaded
+    fleet[0].state = State.DRAINING  # a holder that may not take requests does not count
+    assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0, affinity={"a": 3}, max_imbalance=9)).id == "b"
+
+
 def test_every_policy_is_registered():
     assert set(POLICIES) == set(PolicyName)
+
+
+# -- admission ----------------------------------------------------------------
+def test_admission_goes_to_the_first_pool_with_room_then_refuses_with_a_hint():
+    adm = Admission(default_bound=2, bounds={"bulk": 1})
+    serving = {"fast", "bulk"}
+    routable = serving.__contains__
+    assert adm.admit(("fast", "bulk"), routable) == "fast"
+    assert adm.admit(("fast", "bulk"), routable) == "fast"
+    assert adm.admit(("fast", "bulk"), routable) == "bulk"  # fast is full: spill over
+    with pytest.raises(ResourceExhausted) as err:
+        adm.admit(("fast", "bulk"), routable)
+    assert "'fast' (2/2)" in err.value.message and "'bulk' (1/1)" in err.value.message
+    assert err.value.retry_after_s == pytest.approx(0.1)  # no request finished yet: the default
+    assert adm.rejected == {"fast": 1}
+    adm.release("fast", 0.8)
+    adm.release("fast", 0.8)
+    assert adm.in_flight["fast"] == 0
+    adm.in_flight["fast"] = 2
+    with pytest.raises(ResourceExhausted) as err:
+        adm.admit(("fast",), routable)
+    assert err.value.retry_after_s == pytest.approx(0.4)  # a slot frees every 0.8 s / 2 requests
+
+
+def test_admission_skips_pools_that_cannot_serve():
+    adm = Admission(default_bound=1)
+    assert adm.admit(("down", "up"), {"up"}.__contains__) == "up"
+    with pytest.raises(ResourceExhausted):
+        adm.admit(("down", "up"), {"up"}.__contains__)
+    # Nothing can serve: the request goes to its own pool, where routing says why not.
+    assert adm.admit(("down", "gone"), lambda p: False) == "down"
+    assert Admission().admit(("p",), lambda p: True) == "p" and Admission().bound("p") == 0
+    adm.release("never-admitted")
+    assert adm.in_flight["never-admitted"] == 0
+
+
+# -- response cache -----------------------------------------------------------
+def test_cache_lru_ttl_and_counts():
+    cache = ResponseCache(capacity=2, ttl_s=10.0)
+    assert cache.get("a", 0.0) is None
+    cache.put("a", 1, now=0.0)
+    cache.put("b", 2, now=1.0)
+    assert cache.get("a", 2.0) == 1  # a is now the most recently used
+    cache.put("c", 3, now=3.0)
+    assert cache.get("b", 3.0) is None and cache.get("a", 3.0) == 1 and cache.get("c", 3.0) == 3
+    assert cache.evictions == 1 and len(cache) == 2
+    assert cache.get("a", 10.0) is None and len(cache) == 1  # expired at 0 + 10 s
+    assert cache.get("c", 12.9) == 3 and cache.get("c", 13.0) is None
+    assert (cache.hits, cache.misses) == (4, 4)
+
+
+# -- authentication -------------------------------------------------------------
+def test_bearer_auth():
+    auth = BearerAuth("s3cret")
+    auth.check([("x-other", "1"), ("authorization", "Bearer s3cret")])
+    auth.check([("authorization", "bearer  s3cret ")])
+    for metadata in (None, [], [("authorization", "Bearer wrong")], [("authorization", "s3cret")],
+                     [("authorization", "Basic s3cret")], [("authorization", "Bearer ")]):
+        with pytest.raises(Unauthenticated):
+            auth.check(metadata)
 
 
 # -- registry ---------------------------------------------------------------
@@ -223,3 +405,24 @@ def test_config_from_flags_and_env():
         RouterConfig.from_namespace({"max_attempts": 0}, env={})
     with pytest.raises(SystemExit):
         RouterConfig.from_args(["--policy", "random"], env={})
+    assert RouterConfig.from_namespace({}, env={}).policy is PolicyName.SCORE  # the default
+
+
+def test_config_pools_spillover_and_limits():
+    c = RouterConfig.from_args(["--targets", "fast@127.0.0.1:1,127.0.0.1:2", "--pools", "interactive=fast,batch=bulk",
+                                "--spillover", "batch->main,interactive->main,Batch->fast,batch->main",
+                                "--pool-limits", "fast=4", "--pool-max-in-flight", "16"],
+                               env={"LLMESH_ROUTER_POOL": "main"})
+    assert c.priority_pools() == {"batch": "bulk", "normal": "main", "interactive": "fast"}
+    assert c.spillover_map() == {"batch": ("main", "fast"), "interactive": ("main",)}
+    assert c.pool_bounds() == {"fast": 4} and c.pool_max_in_flight == 16
+    assert RouterConfig.from_namespace({}, env={"LLMESH_ROUTER_AUTH_TOKEN": "s3cret"}).auth_token == "s3cret"
+    assert RouterConfig.from_namespace({}, env={}).cache_size == 0  # the cache is opt-in
+    for bad, field in ((["--pools", "urgent=fast"], "pools"), (["--pools", "batch"], "pools"),
+                       (["--spillover", "batch=>x"], "spillover"), (["--spillover", "bulk->x"], "spillover"),
+                       (["--spillover", "normal->default"], "spillover"),
+                       (["--pool-limits", "fast=-1"], "pool_limits"), (["--targets", "@127.0.0.1:1"], "targets"),
+                       (["--targets", "fast@nope"], "targets"), (["--cache-size", "-1"], "cache_size"),
+                       (["--cache-ttl-s", "0"], "cache_ttl_s"), (["--affinity-block", "0"], "affinity_block")):
+        with pytest.raises(ConfigError, match=field):
+            RouterConfig.from_args(bad, env={})

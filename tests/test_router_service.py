@@ -55,8 +55,9 @@ async def start_target(tiny_models, **overrides):
 
 @contextlib.asynccontextmanager
 async def running_router(targets=(), provider=None, **overrides):
+    # Round robin unless a test asks otherwise: several tests count on its order.
     config = RouterConfig.from_namespace({"port": 0, "targets": list(targets), "load_interval_s": 0.1,
-                                          **overrides}, env={})
+                                          "policy": "round_robin", **overrides}, env={})
     app = create_router(config, provider)
     await app.start()
     channel = grpc.aio.insecure_channel(app.address)
@@ -545,3 +546,262 @@ async def test_a_healthy_draft_is_sent_with_the_request(targets):
         chosen.draft_address = "127.0.0.1:9"
         await collect(stub, chosen)
     assert [r.draft_address for r in proxy.requests] == [draft, "", "127.0.0.1:9"]
+
+
+# -- policies, pools, admission, cache, cancellation, authentication ----------
+def with_priority(req: gen.GenerateRequest, priority: int) -> gen.GenerateRequest:
+    req.priority = priority
+    return req
+
+
+@pytest.mark.parametrize("policy", ["score", "least_loaded", "power_of_two", "prefix_affinity"])
+async def test_every_policy_routes_exactly(targets, reference_model, policy):
+    apps, _ = targets
+    addresses = [a.address for a in apps]
+    async with running_router(addresses, policy=policy) as (_, stub, _):
+        await wait_routable(stub, addresses)
+        used = set()
+        for i in range(4):
+            prompt = [60 + i, 61, 62]
+            tokens, chunks = await collect(stub, request(prompt, max_new_tokens=4))
+            assert tokens == hf_greedy(reference_model, prompt, 4)
+            used.add(chunks[-1].instance_id)
+        assert used <= set(addresses)
+        assert (await stub.ListInstances(router_pb2.ListInstancesRequest())).policy == policy
+
+
+async def test_prefix_affinity_keeps_a_shared_prefix_on_one_target_and_one_draft(targets):
+    apps, _ = targets
+    proxies = [FakeTarget(upstream=a.address) for a in apps]
+    async with contextlib.AsyncExitStack() as stack:
+        addresses = [(await stack.enter_async_context(fake_target(p)))[1] for p in proxies]
+        drafts = [(await stack.enter_async_context(bare_instance(stats_pb2.ROLE_DRAFT)))[1] for _ in range(2)]
+        _, stub, _ = await stack.enter_async_context(
+            running_router(addresses, drafts=drafts, policy="prefix_affinity", affinity_block=4))
+        await wait_routable(stub, addresses + drafts)
+        system = list(range(40, 56))  # four blocks of four tokens
+        used = [(await collect(stub, request(system + [i, i + 1], max_new_tokens=2)))[1][-1].instance_id
+                for i in range(6)]
+        assert len(set(used)) == 1
+        sent = [r for p in proxies for r in p.requests]
+        assert len({r.draft_address for r in sent}) == 1 and sent[0].draft_address in drafts
+        # Prompts that share no prefix are balanced as by least-loaded.
+        others = {(await collect(stub, request([70 + 10 * i] * 16, max_new_tokens=2)))[1][-1].instance_id
+                  for i in range(4)}
+        assert others == set(addresses)
+
+
+async def test_priority_classes_go_to_their_pools_and_spill_over_only_where_allowed(targets):
+    apps, _ = targets
+    fast, bulk = (a.address for a in apps)
+    pools = ["interactive=fast", "batch=bulk"]
+    async with running_router([f"fast@{fast}", f"bulk@{bulk}"], pools=pools) as (_, stub, _):
+        await wait_routable(stub, [fast, bulk])
+        for priority, expected in ((gen.PRIORITY_INTERACTIVE, fast), (gen.PRIORITY_BATCH, bulk)):
+            for i in range(3):
+                _, chunks = await collect(stub, with_priority(request([1, 2, i], max_new_tokens=2), priority))
+                assert chunks[-1].instance_id == expected
+        listed = await stub.ListInstances(router_pb2.ListInstancesRequest())
+        assert {i.spec.id: i.spec.pool for i in listed.instances} == {fast: "fast", bulk: "bulk"}
+        for inst in listed.instances:  # health, pool, latest load and score, for `llmesh status`
+            assert inst.health == router_pb2.INSTANCE_HEALTH_SERVING and inst.load.timestamp > 0 and inst.score > 0
+        routes = {r.priority: list(r.pools) for r in listed.router.routes}
+        assert routes == {gen.PRIORITY_BATCH: ["bulk"], gen.PRIORITY_NORMAL: ["default"],
+                          gen.PRIORITY_INTERACTIVE: ["fast"]}
+        assert [p.pool for p in listed.router.pools] == ["bulk", "default", "fast"]
+        # Normal requests belong to the default pool: nothing there, and no spillover allowed.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no target instance registered in pool 'default'" in err.value.details()
+        await stub.DrainInstance(router_pb2.DrainInstanceRequest(id=bulk))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, with_priority(request([1, 2]), gen.PRIORITY_BATCH))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and f"{bulk} draining" in err.value.details()
+
+    async with running_router([f"fast@{fast}"], pools=pools, spillover=["batch->fast"]) as (_, stub, _):
+        await register(stub, "b", bulk, pool="bulk")  # RegisterInstance names the pool
+        await wait_routable(stub, [fast, "b"])
+        batch = lambda i: with_priority(request([3, 4, i], max_new_tokens=2), gen.PRIORITY_BATCH)  # noqa: E731
+        assert (await collect(stub, batch(0)))[1][-1].instance_id == "b"
+        await stub.DrainInstance(router_pb2.DrainInstanceRequest(id="b"))
+        assert (await collect(stub, batch(1)))[1][-1].instance_id == fast  # spilled over
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # interactive may not spill over to bulk
+            await collect(stub, with_priority(request([1, 2]), gen.PRIORITY_NORMAL))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        listed = await stub.ListInstances(router_pb2.ListInstancesRequest())
+        assert [list(r.pools) for r in listed.router.routes if r.priority == gen.PRIORITY_BATCH] == [["bulk", "fast"]]
+
+
+@pytest.mark.parametrize("spill", [False, True])
+async def test_a_full_pool_refuses_at_once_with_retry_after_or_spills_over(targets, spill):
+    apps, _ = targets
+    holding = FakeTarget(upstream=apps[0].address, hold_after=1)
+    async with fake_target(holding) as (_, held), running_router(
+            [f"fast@{held}", apps[1].address], pools=["interactive=fast"], pool_limits=["fast=1"],
+            spillover=["interactive->default"] if spill else []) as (app, stub, _):
+        await wait_routable(stub, [held, apps[1].address])
+        interactive = lambda i: with_priority(request([5, 6, i], max_new_tokens=3),  # noqa: E731
+                                              gen.PRIORITY_INTERACTIVE)
+        call = stub.Generate(interactive(0))
+        await call.read()
+        await eventually(lambda: holding.held == 1, what="the first request to hold its slot")
+        if spill:
+            _, chunks = await collect(stub, interactive(1))
+            assert chunks[-1].instance_id == apps[1].address
+        else:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, interactive(1))
+            assert time.monotonic() - started < 0.5  # at once, not after a queue wait
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "pool 'fast' (1/1) full" in err.value.details()
+            assert int(dict(err.value.trailing_metadata())["retry-after-ms"]) > 0
+        # Other classes' pools are not bounded by fast's.
+        assert (await collect(stub, request([7, 8], max_new_tokens=2)))[1][-1].instance_id == apps[1].address
+        stats = (await stub.ListInstances(router_pb2.ListInstancesRequest())).router
+        fast_pool = [p for p in stats.pools if p.pool == "fast"][0]
+        assert (fast_pool.in_flight, fast_pool.max_in_flight, fast_pool.rejected_total) == (1, 1, 0 if spill else 1)
+        assert stats.rejected_total == (0 if spill else 1) and stats.in_flight == 1
+        call.cancel()
+        await eventually(lambda: app.forwarder.admission.in_flight["fast"] == 0, what="the slot to be freed")
+
+
+async def test_response_cache_answers_deterministic_requests(targets):
+    apps, _ = targets
+    proxy = FakeTarget(upstream=apps[0].address)
+    async with fake_target(proxy) as (_, address), running_router([address], cache_size=4) as (_, stub, _):
+        await wait_routable(stub, [address])
+        greedy = request([9, 8, 7], max_new_tokens=6)
+        tokens, live = await collect(stub, greedy)
+        again_tokens, again = await collect(stub, greedy)
+        assert again_tokens == tokens and len(proxy.requests) == 1
+        assert all(c.cached for c in again) and not any(c.cached for c in live)
+        assert [(c.text, c.finish_reason, c.usage.completion_tokens) for c in again] == \
+               [(c.text, c.finish_reason, c.usage.completion_tokens) for c in live]
+        assert live[0].request_id != again[0].request_id and len({c.request_id for c in again}) == 1
+        # Another id and priority ask the same question (one pool here); Complete is answered too.
+        same = with_priority(request([9, 8, 7], max_new_tokens=6), gen.PRIORITY_BATCH)
+        same.request_id = "again"
+        reply = await stub.Complete(same)
+        assert reply.cached and reply.request_id == "again" and list(reply.token_ids) == tokens
+        assert reply.text == "".join(c.text for c in live) and reply.finish_reason == gen.FINISH_REASON_LENGTH
+        assert len(proxy.requests) == 1
+        await collect(stub, request([9, 8, 7], max_new_tokens=5))  # other parameters: a miss
+        seeded = request([9, 8, 7], max_new_tokens=6, temperature=1.0, seed=5)
+        assert (await collect(stub, seeded))[0] == (await collect(stub, seeded))[0]
+        unseeded = request([9, 8, 7], max_new_tokens=6, temperature=1.0)
+        await collect(stub, unseeded)
+        await collect(stub, unseeded)
+        assert len(proxy.requests) == 5  # greedy, max_new_tokens=5, seeded once, unseeded twice
+        stats = (await stub.ListInstances(router_pb2.ListInstancesRequest())).router
+        assert (stats.cache_hits, stats.cache_misses, stats.cache_entries, stats.cache_capacity) == (3, 3, 3, 4)
+
+
+async def test_only_finished_answers_are_cached(targets):
+    apps, _ = targets
+    holding = FakeTarget(upstream=apps[0].address, hold_after=1)
+    breaking = FakeTarget(upstream=apps[0].address, break_after=2)
+    async with fake_target(breaking) as (_, broken), running_router([broken], cache_size=4) as (_, stub, _):
+        for _ in range(2):  # broken mid-stream with nowhere to resume: an error, never cached
+            await wait_routable(stub, [broken])  # a break marks the instance unreachable until health says not
+            with pytest.raises(grpc.aio.AioRpcError):
+                await collect(stub, request([1, 2, 3], max_new_tokens=6))
+        assert len(breaking.requests) == 2
+    async with fake_target(holding) as (_, held), running_router([held], cache_size=4) as (app, stub, _):
+        await wait_routable(stub, [held])
+        for n in range(2):  # cancelled by the client: never cached
+            call = stub.Generate(request([1, 2, 3], max_new_tokens=6))
+            await call.read()
+            call.cancel()
+            await eventually(lambda: app.forwarder.in_flight == 0, what="the call to end")
+        assert len(holding.requests) == 2
+        stats = (await stub.ListInstances(router_pb2.ListInstancesRequest())).router
+        assert (stats.cache_hits, stats.cache_misses, stats.cache_entries) == (0, 2, 0)
+
+
+async def test_a_client_going_away_or_out_of_time_stops_the_targets_work(tiny_models):
+    target = await start_target(tiny_models)
+    engine = target.loaded.engine
+    idle = lambda: engine.load().running == 0 and engine.load().queue_length == 0  # noqa: E731
+    generated = lambda: engine.metrics.counters["tokens_generated_total"]  # noqa: E731
+    try:
+        async with running_router([target.address]) as (app, stub, _):
+            await wait_routable(stub, [target.address])
+            call = stub.Generate(request([1, 2, 3], max_new_tokens=240), timeout=30)
+            await call.read()
+            assert engine.load().running == 1
+            call.cancel()
+            await eventually(idle, what="the target to drop the cancelled sequence")
+            assert generated() < 240 and target.report().in_flight == 0
+            assert app.fleet.registry.get(target.address).in_flight == 0 and app.forwarder.in_flight == 0
+
+            before = generated()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, request([4, 5, 6], max_new_tokens=240), timeout=0.1)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await eventually(idle, what="the target to drop the expired sequence")
+            assert generated() - before < 240 and target.report().in_flight == 0
+            # Neither counts against the instance.
+            assert app.fleet.registry.get(target.address).consecutive_failures == 0
+    finally:
+        await target.stop(0)
+
+
+async def test_bearer_token_guards_the_router_but_not_health_reflection_or_stats(targets):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    apps, _ = targets
+    good = [("authorization", "Bearer s3cret")]
+    async with running_router([apps[0].address], auth_token="s3cret") as (_, stub, channel):
+        await eventually(lambda: routable_with(stub, [apps[0].address], good), what="the target to be routable")
+        rpcs = [lambda md: collect(stub, request([1, 2], max_new_tokens=2), metadata=md),
+                lambda md: stub.Complete(request([1, 2], max_new_tokens=2), metadata=md),
+                lambda md: stub.ListInstances(router_pb2.ListInstancesRequest(), metadata=md),
+                lambda md: stub.DrainInstance(router_pb2.DrainInstanceRequest(id="nope"), metadata=md),
+                lambda md: stub.DeregisterInstance(router_pb2.DeregisterInstanceRequest(id="nope"), metadata=md),
+                lambda md: stub.RegisterInstance(router_pb2.RegisterInstanceRequest(), metadata=md)]
+        for rpc in rpcs:
+            for md in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await rpc(md)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        tokens, _ = await collect(stub, request([1, 2], max_new_tokens=2), metadata=good)
+        assert len(tokens) == 2
+        assert (await stub.Complete(request([1, 2], max_new_tokens=2), metadata=good)).usage.completion_tokens == 2
+        assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status == SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for reply in reflect for s in reply.list_services_response.service]
+        assert "llmesh.v1.Router" in names
+        watch = stats_pb2_grpc.StatsStub(channel).Watch(stats_pb2.WatchStatsRequest(interval_s=0.05))
+        assert (await watch.read()).role == stats_pb2.ROLE_ROUTER
+        watch.cancel()
+
+
+async def routable_with(stub, ids, metadata) -> bool:
+    reply = await stub.ListInstances(router_pb2.ListInstancesRequest(), metadata=metadata)
+    return {i.spec.id for i in reply.instances if i.health == router_pb2.INSTANCE_HEALTH_SERVING} >= set(ids)
+
+
+async def test_llmesh_status_prints_health_pool_load_and_score(targets):
+    from services.cli import status
+
+    apps, _ = targets
+    nowhere = "127.0.0.1:9"
+    async with running_router([f"fast@{apps[0].address}", apps[1].address], pool_limits=["fast=3"],
+                              cache_size=2, auth_token="t") as (app, stub, _):
+        await eventually(lambda: routable_with(stub, [a.address for a in apps], [("authorization", "Bearer t")]),
+                         what="the targets to be routable")
+        snapshot = await asyncio.to_thread(status.collect, app.address, nowhere, nowhere, 1.0, "t")
+    rows = {r["id"]: r for r in snapshot["instances"]}
+    assert rows[apps[0].address]["pool"] == "fast" and rows[apps[1].address]["pool"] == "default"
+    assert all(r["health"] == "serving" and r["score"] > 0 and r["load_age_s"] < 2 for r in rows.values())
+    lines = status.render(snapshot).splitlines()
+    header = [line for line in lines if line.startswith("INSTANCE")][0]
+    assert header.split()[-1] == "SCORE" and "POOL" in header and "HEALTH" in header
+    row = [line for line in lines if line.startswith(apps[0].address)][0].split()
+    assert row[3:6] == ["serving", "active", "fast"] and 0 < float(row[-1]) <= 1
+    summary = [line for line in lines if line.startswith("router: ")][0]
+    assert "policy round_robin" in summary and "cache 0 hits / 0 misses (0/2 answers)" in summary
+    assert "pools fast 0/3" in summary

@@ -45,6 +45,10 @@ def plot(result: dict, path: Path) -> None:
         _plot_batching(result, path)
     elif result["scenario"] == "speculative":
         _plot_speculative(result, path)
+    elif result["scenario"] == "autoscale":
+        _plot_autoscale(result, path)
+    elif result["scenario"] == "router":
+        _plot_router(result, path)
 
 
 def _plot_batching(r: dict, path: Path) -> None:
@@ -77,6 +81,56 @@ def _plot_speculative(r: dict, path: Path) -> None:
     ax.set(ylabel="tokens/s", title=f"Speculative decoding, {r['model']} + {r['draft']} "
                                     f"(acceptance {r['acceptance_rate']})")
     plt.setp(ax.get_xticklabels(), rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_autoscale(r: dict, path: Path) -> None:
+    """Load (streams) and instances over time, tokens/s on a second axis; scaler events marked."""
+    ts = [p["t"] for p in r["timeline"]]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.step(ts, [p["load"] for p in r["timeline"]], where="post", color="gray", label="load (concurrent streams)")
+    ax.step(ts, [p["instances"] for p in r["timeline"]], where="post", color="C0", lw=2, label="instances serving")
+    ax.set(xlabel="seconds", ylabel="streams / instances",
+           title=f"Autoscaling, {r['model']}: scale-up {r['scale_up_s']} s, scale-down {r['scale_down_s']} s, "
+                 f"{r['failed_requests']} failed requests")
+    ax2 = ax.twinx()
+    ax2.plot(ts, [p["tokens_per_s"] for p in r["timeline"]], color="C1", alpha=0.8, label="tokens/s (clients)")
+    ax2.plot(ts, [p.get("monitor_tokens_per_s", 0) for p in r["timeline"]], color="C1", ls="--", alpha=0.5,
+             label="tokens/s (monitor)")
+    ax2.set_ylabel("tokens/s")
+    for e in r["history"]:
+        if e["kind"] in ("serving", "stopped"):
+            ax.axvline(e["t"], color="C2" if e["kind"] == "serving" else "C3", ls=":", lw=1)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0] + [plt.Line2D([], [], color="C2", ls=":"), plt.Line2D([], [], color="C3", ls=":")],
+              lines[1] + lines2[1] + ["instance serving", "instance stopped"], loc="upper right", fontsize=8)
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_router(r: dict, path: Path) -> None:
+    """Latency at concurrency 1 (direct vs through the router) and streaming throughput at concurrency 32."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = [("direct\n(Generate)", "direct"), ("router\nGenerate", "router_generate"),
+            ("router\nComplete", "router_complete")]
+    x = range(len(arms))
+    for offset, q, color in ((-0.2, "p50", "C0"), (0.2, "p99", "C1")):
+        bars = ax1.bar([i + offset for i in x], [r[f"{key}_{q}_ms"] for _, key in arms], width=0.4, color=color,
+                       label=q)
+        ax1.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax1.set_xticks(list(x), [a for a, _ in arms])
+    ax1.set(ylabel="ms", title=f"{r['new_tokens']} tokens at concurrency 1: +{r['added_latency_p50_ms']} ms p50")
+    ax1.legend()
+    bars = ax2.bar(["direct", "through the router"], [r["direct_tps"], r["router_tps"]], color=["gray", "C0"])
+    ax2.bar_label(bars, fmt="%.0f")
+    f = r["failover"]
+    ax2.set(ylabel="tokens/s", title=f"c{r['stream_concurrency']} streams: ratio {r['throughput_ratio']}; failover "
+                                     f"{f['resumed']} resumed, {f['failed']} failed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,15 +2,18 @@
 
 The router's registry (ListInstances) gives each model instance's health,
 state, pool and load; router, monitor and scaler are asked for their own
-health; the monitor's GetThroughput adds fleet figures when it answers. An
-unreachable service is shown as UNREACHABLE, never as a traceback. Exits 0
-when router, monitor and scaler all answer SERVING, 1 otherwise.
+health; the scaler's GetStatus adds each pool's current and desired
+instances and why; the monitor's GetThroughput adds fleet figures and its
+Analyze the top recommendation. An unreachable service is shown as
+UNREACHABLE, never as a traceback. Exits 0 when router, monitor and scaler
+all answer SERVING, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from services.cli.plan import DEFAULT_ADDRESSES
@@ -40,13 +43,50 @@ def instance_row(inst) -> dict[str, Any]:
     }
 
 
-def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0) -> dict[str, Any]:
-    """Asks every service; failures become ``*_error`` strings."""
+def router_stats(stats) -> dict[str, Any]:
+    """The router's own figures (router_pb2.RouterStats) as plain data."""
+    return {"cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses,
+            "cache_entries": stats.cache_entries, "cache_capacity": stats.cache_capacity,
+            "in_flight": stats.in_flight, "rejected_total": stats.rejected_total,
+            "pools": [{"pool": p.pool, "in_flight": p.in_flight, "max_in_flight": p.max_in_flight,
+                       "rejected_total": p.rejected_total} for p in stats.pools]}
+
+
+def pool_row(pool) -> dict[str, Any]:
+    """One scaler pool (scaler_pb2.PoolStatus) as plain data."""
+    from services.common.stubs import scaler_pb2, stats_pb2
+
+    return {
+        "pool": pool.pool, "role": _enum(stats_pb2.Role.Name(pool.role), "ROLE_"), "current": pool.current,
+        "desired": pool.desired, "starting": pool.starting, "draining": pool.draining, "reason": pool.reason,
+        "capacity_tokens_per_second": round(pool.capacity_tokens_per_second, 2),
+        "capacity_measured": pool.capacity_measured, "panic": pool.panic,
+        "min_instances": pool.policy.min_instances, "max_instances": pool.policy.max_instances,
+        "managed": [{"id": i.id, "state": _enum(scaler_pb2.ManagedState.Name(i.state), "MANAGED_STATE_"),
+                     "backend_ref": i.backend_ref} for i in pool.instances
+                    if i.state != scaler_pb2.MANAGED_STATE_EXTERNAL],
+    }
+
+
+def recommendation_row(rec) -> dict[str, Any]:
+    """One monitor recommendation (monitor_pb2.Recommendation) as plain data."""
+    from services.common.stubs import monitor_pb2
+
+    return {"rule": rec.rule, "severity": _enum(monitor_pb2.Severity.Name(rec.severity), "SEVERITY_"),
+            "subject": rec.subject, "bottleneck": rec.bottleneck, "action": rec.action,
+            "expected_effect": rec.expected_effect,
+            "evidence": {k: round(v, 4) for k, v in sorted(rec.evidence.items())}}
+
+
+def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token: str = "") -> dict[str, Any]:
+    """Asks every service; failures become ``*_error`` strings. ``token``: the
+    router's bearer token, if it asks for one."""
     import grpc
     from google.protobuf import json_format
 
     from services.cli.healthcheck import check
-    from services.common.stubs import monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc
+    from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
+                                       scaler_pb2_grpc)
 
     snapshot: dict[str, Any] = {
         "services": [{"name": name, "address": addr, "health": check(addr, timeout=timeout)}
@@ -55,10 +95,12 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0) -> dic
     }
     with grpc.insecure_channel(router) as channel:
         try:
+            metadata = [("authorization", f"Bearer {token}")] if token else None
             reply = router_pb2_grpc.RouterStub(channel).ListInstances(router_pb2.ListInstancesRequest(),
-                                                                      timeout=timeout)
+                                                                      timeout=timeout, metadata=metadata)
             snapshot["instances"] = [instance_row(i) for i in reply.instances]
             snapshot["policy"] = reply.policy
+            snapshot["router_stats"] = router_stats(reply.router)
         except grpc.RpcError as exc:
             snapshot["instances_error"] = _error(exc)
     with grpc.insecure_channel(monitor) as channel:
@@ -69,6 +111,21 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0) -> dic
                                                                always_print_fields_with_no_presence=True)
         except grpc.RpcError as exc:
             snapshot["throughput_error"] = _error(exc)
+        try:
+            reply = monitor_pb2_grpc.MonitorStub(channel).Analyze(monitor_pb2.AnalyzeRequest(window_s=10.0),
+                                                                  timeout=timeout)
+            recs = list(reply.recommendations)
+            snapshot["recommendation"] = recommendation_row(recs[0]) if recs else None
+            snapshot["recommendations"] = len(recs)
+        except grpc.RpcError as exc:
+            snapshot["recommendation_error"] = _error(exc)
+    with grpc.insecure_channel(scaler) as channel:
+        try:
+            reply = scaler_pb2_grpc.ScalerStub(channel).GetStatus(scaler_pb2.GetStatusRequest(), timeout=timeout)
+            snapshot["pools"] = [pool_row(p) for p in reply.pools]
+            snapshot["backend"] = reply.backend
+        except grpc.RpcError as exc:
+            snapshot["pools_error"] = _error(exc)
     return snapshot
 
 
@@ -87,11 +144,26 @@ def render(snapshot: dict[str, Any]) -> str:
     elif not snapshot["instances"]:
         lines.append("model instances: none registered")
     else:
+        rows = snapshot["instances"]
+        scored = all("score" in i for i in rows)  # the routing policy's score, when the router gave it
         lines += _table([["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING", "TOK/S",
-                          "UTIL"]] + [[i["id"], i["role"], i["address"], i["health"], i["state"], i["pool"],
-                                       str(i["queue"]), str(i["running"]), f"{i['tokens_per_second']:.1f}",
-                                       f"{i['utilization']:.0%}"] for i in snapshot["instances"]])
+                          "UTIL"] + (["SCORE"] if scored else [])]
+                        + [[i["id"], i["role"], i["address"], i["health"], i["state"], i["pool"],
+                            str(i["queue"]), str(i["running"]), f"{i['tokens_per_second']:.1f}",
+                            f"{i['utilization']:.0%}"] + ([f"{i['score']:.3f}"] if scored else []) for i in rows])
+    r = snapshot.get("router_stats")
+    if r is not None:
+        cache = (f"cache {r['cache_hits']} hits / {r['cache_misses']} misses ({r['cache_entries']}/"
+                 f"{r['cache_capacity']} answers)" if r["cache_capacity"] else "cache off")
+        bounded = ", ".join(f"{p['pool']} {p['in_flight']}/{p['max_in_flight']}" for p in r["pools"]
+                            if p["max_in_flight"])
+        lines.append(f"router: policy {snapshot.get('policy', '?')} · {r['in_flight']} in flight · "
+                     f"{r['rejected_total']} rejected · {cache}" + (f" · pools {bounded}" if bounded else ""))
     lines.append("")
+    if "pools_error" in snapshot:
+        lines += [f"pools: unknown (scaler: {snapshot['pools_error']})", ""]
+    elif "pools" in snapshot:
+        lines += _pools(snapshot["pools"], snapshot.get("backend", "")) + [""]
     t = snapshot.get("throughput")
     if t is None:
         lines.append(f"fleet throughput: unknown (monitor: {snapshot.get('throughput_error', 'no answer')})")
@@ -99,11 +171,45 @@ def render(snapshot: dict[str, Any]) -> str:
         lines.append(f"fleet over {t['window_s']:.0f} s: {t['requests_per_second']:.2f} req/s · "
                      f"{t['tokens_per_second']:.1f} tokens/s · utilisation {t['accelerator_utilization']:.0%} · "
                      f"queue {t['queue_length']} · {t['concurrent_users']} in flight · {t['instances']} instances")
+    if "recommendation_error" in snapshot:
+        lines.append(f"top recommendation: unknown (monitor: {snapshot['recommendation_error']})")
+    elif "recommendation" in snapshot:
+        r = snapshot["recommendation"]
+        if r is None:
+            lines.append("top recommendation: none (nothing limits the fleet)")
+        else:
+            more = snapshot.get("recommendations", 1) - 1
+            lines.append(f"top recommendation [{r['severity']}] {r['rule']} ({r['subject'] or 'fleet'}): "
+                         f"{r['bottleneck']}")
+            lines.append(f"  do: {r['action']}")
+            hint = f" ({more} more: llmesh status --json)" if more else ""
+            lines.append(f"  expect: {r['expected_effect']}{hint}")
     return "\n".join(lines)
 
 
+def _pools(pools: list[dict[str, Any]], backend: str) -> list[str]:
+    if not pools:
+        return [f"pools: none (scaler backend {backend})"]
+    rows = [["POOL", "ROLE", "CURRENT", "DESIRED", "STARTING", "DRAINING", "BOUNDS", "CAPACITY"]]
+    for p in pools:
+        cap = p["capacity_tokens_per_second"]
+        capacity = (f"{cap:.1f} tok/s ({'measured' if p['capacity_measured'] else 'estimate'})" if cap else "unknown")
+        rows.append([p["pool"], p["role"], str(p["current"]), str(p["desired"]), str(p["starting"]),
+                     str(p["draining"]), f"{p['min_instances']}-{p['max_instances']}", capacity])
+    lines = _table(rows)
+    for p in pools:
+        if p["role"] != "target":
+            continue
+        lines.append(f"  {p['pool']}: {'PANIC · ' if p['panic'] else ''}{p['reason']}")
+        if p["managed"]:
+            lines.append(f"  {p['pool']}: started by the {backend} scaler: " + ", ".join(
+                f"{m['id']} {m['state']}" + (f" ({m['backend_ref']})" if m["backend_ref"] else "")
+                for m in p["managed"]))
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    snapshot = collect(args.router, args.monitor, args.scaler, args.timeout)
+    snapshot = collect(args.router, args.monitor, args.scaler, args.timeout, args.auth_token)
     print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return 0 if all(s["health"] == "SERVING" for s in snapshot["services"]) else 1
 
@@ -111,11 +217,15 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("status", help="show every service's health and load",
                               description="Shows router, monitor and scaler health, every model instance "
-                                          "the router knows with its load, and the fleet's throughput.")
+                                          "the router knows with its load, every pool's current and desired "
+                                          "instances, the fleet's throughput and the monitor's top "
+                                          "recommendation.")
     p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
     p.add_argument("--monitor", default=DEFAULT_ADDRESSES["monitor"], help="monitor address (default: %(default)s)")
     p.add_argument("--scaler", default=DEFAULT_ADDRESSES["scaler"], help="scaler address (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default: %(default)s)")
+    p.add_argument("--auth-token", default=os.environ.get("LLMESH_ROUTER_AUTH_TOKEN", ""),
+                   help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
     return p
