@@ -142,7 +142,9 @@ def markdown_section(result: dict, command: str, plot_path: str | None) -> str:
     for key, value in result.items():
         if key in ("scenario", "model"):
             continue
-        if isinstance(value, dict):
+        if isinstance(value, list):
+            value = f"{len(value)} entries (in the JSON)"
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
         lines.append(f"| `{key}` | {value} |")
     if plot_path:
