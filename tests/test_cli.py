@@ -205,7 +205,7 @@ CHILD = textwrap.dedent("""
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
-        time.sleep(0.05)
+        time.sleep(0.05)  # sleep-ok: a throwaway child idling until it is signalled
 """)
 
 
@@ -220,7 +220,7 @@ def wait_for_log(fleet, text):
     deadline = time.monotonic() + 30
     while not all(text in launcher.tail(c.log_path) for c in fleet.children):
         assert time.monotonic() < deadline, "children did not start"
-        time.sleep(0.05)
+        time.sleep(0.05)  # sleep-ok: bounded poll of a condition
 
 
 def test_a_child_that_dies_before_it_is_ready_is_named_with_its_log(tmp_path):
@@ -295,7 +295,7 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
         fleet = Fleet([spec], Path({str(tmp_path / "logs")!r}))
         fleet.start()
         print(fleet.children[0].proc.pid, flush=True)
-        time.sleep(60)
+        time.sleep(60)  # sleep-ok: the parent stays up until the test kills it
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
@@ -306,7 +306,7 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
         if time.monotonic() > deadline:
             os.kill(child, signal.SIGKILL)
             pytest.fail("the service outlived its launcher")
-        time.sleep(0.05)
+        time.sleep(0.05)  # sleep-ok: bounded poll of another process's state
 
 
 def running(pid: int) -> bool:

@@ -160,7 +160,7 @@ def wait_until_routable(router, timeout_s: float = 30.0) -> None:
         if any(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in reply.instances):
             return
         assert time.monotonic() < deadline, f"the router never saw a healthy target: {reply}"
-        time.sleep(0.1)
+        time.sleep(0.1)  # sleep-ok: bounded poll of another process's state
 
 
 def test_the_launcher_prints_every_service_with_its_address_and_pid(suite, home):
