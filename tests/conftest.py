@@ -94,4 +94,4 @@ async def wait_until(condition, timeout_s: float = 10.0, what: str = "condition"
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # sleep-ok: bounded poll of a condition

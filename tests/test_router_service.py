@@ -42,7 +42,7 @@ async def eventually(predicate, timeout: float = 5.0, what: str = "condition"):
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # sleep-ok: bounded poll of a condition
 
 
 async def start_target(tiny_models, **overrides):

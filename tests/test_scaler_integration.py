@@ -118,7 +118,7 @@ async def test_scale_to_two_then_one_warms_up_registers_and_drains_without_failu
         remaining = await eventually(lambda: serving(router_stub, 1), timeout_s=60)
         assert remaining[0].spec.id == target.address
         await eventually(lambda: not backend._running, timeout_s=30)  # the process is gone
-        await asyncio.sleep(0.5)  # a few more requests on the remaining instance
+        await asyncio.sleep(0.5)  # sleep-ok: a few more requests on the remaining instance
         stop.set()
         await asyncio.gather(*clients)
 

@@ -211,7 +211,7 @@ async def test_drain_waits_for_in_flight_work_and_picks_the_least_busy(fake_rout
     await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=1))
     await eventually(lambda: idle.state == router_pb2.INSTANCE_STATE_DRAINING)
     assert busy.state == router_pb2.INSTANCE_STATE_ACTIVE
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # sleep-ok: asserts the drain is still waiting after a while
     assert fake_router.get(idle.spec.id) is not None and idle.spec.id in running.backend.targets  # still waiting
     pool = await running.pool()
     assert pool.draining == 1 and (pool.current, pool.desired) == (1, 1)
@@ -291,7 +291,7 @@ async def test_a_failed_start_is_reported_and_retried_later(fake_router, scaler)
         pool="default", policy=scaler_pb2.ScalingPolicy(max_instances=3, manual_instances=2)))
     history = await eventually(lambda: _failed(running))
     assert "no model at /nowhere" in history.reason
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # sleep-ok: asserts no retry happens within retry_after_s
     failures = [e for e in (await running.stub.GetHistory(scaler_pb2.GetHistoryRequest())).events
                 if e.kind == "failed"]
     assert len(failures) == 1  # no retry storm: the next try waits retry_after_s

@@ -29,7 +29,7 @@ async def wait_routable(stub) -> None:
         listed = (await stub.ListInstances(router_pb2.ListInstancesRequest())).instances
         if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
             return
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # sleep-ok: bounded poll of a condition
     raise AssertionError("the router never saw its instances healthy")
 
 
