@@ -86,12 +86,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_until(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Polls ``condition()`` (bounded) until it holds; fails naming ``what``."""
+async def eventually(condition, timeout_s: float = 10.0, what: str = "condition", every_s: float = 0.02):
+    """Polls an async or plain condition (bounded) until it returns a truthy
+    value, and returns that value; fails naming ``what``."""
     import time
 
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)  # sleep-ok: bounded poll of a condition
+        await asyncio.sleep(every_s)  # sleep-ok: bounded poll of a condition

@@ -13,6 +13,7 @@ import time
 import grpc
 
 from services.common.stubs import router_pb2, router_pb2_grpc, stats_pb2, stats_pb2_grpc
+from tests.conftest import eventually  # noqa: F401 - re-exported for the monitor and scaler tests
 
 
 async def _serve(servicers, port: int = 0) -> tuple[grpc.aio.Server, int]:
@@ -136,17 +137,3 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
 
     async def stop(self) -> None:
         await self.server.stop(0)
-
-
-async def eventually(condition, timeout_s: float = 10.0, every_s: float = 0.02):
-    """Polls an async or plain condition until it returns a truthy value; that value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(every_s)

@@ -25,26 +25,12 @@ from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2_grpc, router_pb2, router_pb2_grpc, stats_pb2, stats_pb2_grpc
 from services.target.config import TargetConfig
 from services.target.main import create_server as create_target
-from tests.conftest import hf_greedy
+from tests.conftest import eventually, hf_greedy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 # -- helpers ----------------------------------------------------------------
-async def eventually(predicate, timeout: float = 5.0, what: str = "condition"):
-    """Polls an (async or sync) predicate until it holds; fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)  # sleep-ok: bounded poll of a condition
-
-
 async def start_target(tiny_models, **overrides):
     config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "max_batch_size": 8,
                                           "warmup": False, **overrides}, env={})

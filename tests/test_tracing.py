@@ -21,7 +21,7 @@ from services.draft.config import DraftConfig
 from services.draft.main import create_server as create_draft
 from services.target.config import TargetConfig
 from services.target.main import create_server as create_target
-from tests.conftest import wait_until
+from tests.conftest import eventually
 
 
 async def wait_routable(stub) -> None:
@@ -60,7 +60,7 @@ async def test_one_trace_from_router_to_draft(tiny_models):
             req.speculation.enabled = True
             chunks = [c async for c in stub.Generate(req)]
             assert chunks[-1].speculation.rounds > 0
-        await wait_until(lambda: any(s.name.endswith("DraftModel/Propose") for s in draft_spans.get_finished_spans()),
+        await eventually(lambda: any(s.name.endswith("DraftModel/Propose") for s in draft_spans.get_finished_spans()),
                          what="the draft's server span")
     finally:
         await router.stop(0)
