@@ -24,6 +24,7 @@ from services.cli import healthcheck, launcher, status
 from services.cli.generate import build_request
 from services.cli.main import build_parser, main
 from services.cli.plan import MODULES, SERVICES, ServiceSpec, UpOptions, plan, ports, thread_counts
+from services.common import lifeline
 from services.common.stubs import generation_pb2 as gen
 from tests.conftest import free_port
 
@@ -284,14 +285,16 @@ def test_keep_going_leaves_the_others_running_until_stopped(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_services_do_not_outlive_a_killed_launcher(tmp_path):
-    (tmp_path / "llmesh_test_child.py").write_text(CHILD)
+    # A real service (the router: no model to load), so the test covers the
+    # service's own half of the arrangement, not just the launcher's.
+    port = free_port()
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
         from services.cli.launcher import Fleet
         from services.cli.plan import ServiceSpec
-        spec = ServiceSpec(name="calm", module="llmesh_test_child", port=1, args=("calm",),
-                           env={{"PYTHONPATH": {str(tmp_path)!r}}})
+        spec = ServiceSpec(name="router", module="router.main", port={port},
+                           args=("--port", "{port}", "--host", "127.0.0.1"))
         fleet = Fleet([spec], Path({str(tmp_path / "logs")!r}))
         fleet.start()
         print(fleet.children[0].proc.pid, flush=True)
@@ -299,6 +302,11 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
+    log = tmp_path / "logs" / "router.log"
+    deadline = time.monotonic() + 30
+    while "routing on" not in (log.read_text() if log.exists() else "") and running(child):
+        assert time.monotonic() < deadline, "the router did not start"
+        time.sleep(0.05)  # sleep-ok: bounded poll of another process's log
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
@@ -307,6 +315,12 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
             os.kill(child, signal.SIGKILL)
             pytest.fail("the service outlived its launcher")
         time.sleep(0.05)  # sleep-ok: bounded poll of another process's state
+
+
+def test_a_service_whose_launcher_is_already_gone_knows_it():
+    assert lifeline.bind_to_launcher({}) is True  # started by hand: nothing to bind to
+    assert lifeline.bind_to_launcher({lifeline.PARENT_ENV: str(os.getppid())}) is True
+    assert lifeline.bind_to_launcher({lifeline.PARENT_ENV: "1" + str(os.getppid())}) is False
 
 
 def running(pid: int) -> bool:

@@ -16,7 +16,6 @@ usage error (models or ports missing).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.cli.plan import DEFAULT_BASE_PORT, SERVICES, ServiceSpec, UpOptions, model_paths, plan, ports
+from services.common import lifeline
 
 POLL_S = 0.2
 TAIL_LINES = 25
@@ -74,18 +74,6 @@ def busy_ports(host: str, ports: Sequence[int]) -> list[int]:
     return busy
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_launcher() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send the child SIGTERM when the
-    launcher dies, so a killed launcher leaves no orphaned services."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork
-    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class Child:
     spec: ServiceSpec
@@ -117,15 +105,14 @@ class Fleet:
     def start(self) -> None:
         """Spawns every process, each in its own session (a terminal's Ctrl-C
         reaches only the launcher, which stops them in order) and bound to
-        the launcher's life."""
+        the launcher's life (see :mod:`services.common.lifeline`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        preexec = _die_with_launcher()
         for spec in self.specs:
             log_path = self.log_dir / f"{spec.name}.log"
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env={**self.base_env, **spec.env},
-                                        start_new_session=True, preexec_fn=preexec)
+                                        stderr=subprocess.STDOUT, env={**self.base_env, **spec.env, **lifeline.launcher_env()},
+                                        start_new_session=True)
             self.children.append(Child(spec, proc, log_path))
 
     def wait_ready(self, timeout_s: float, is_serving: Callable[[str], bool],

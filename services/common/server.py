@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.common import telemetry
+from services.common import lifeline, telemetry
 from services.common.config import BaseConfig
 from services.common.status import ErrorInterceptor
 
@@ -90,6 +90,7 @@ async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, gra
 
     Health turns NOT_SERVING first (load balancers stop sending), then the
     server stops taking new calls and gives running ones ``grace_s`` seconds.
+    A service started by a launcher also stops when the launcher dies.
     """
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,6 +99,9 @@ async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, gra
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
             pass
+    if not lifeline.bind_to_launcher():
+        log.warning("the launcher that started this service is gone; stopping")
+        stop.set()
     await stop.wait()
     log.info("shutting down: finishing running calls within %.1f s", grace_s)
     await health_handle.shutdown()
