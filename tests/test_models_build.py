@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from services.models import corpus
+from services.models.build import BuildPlan, recipe
 from services.models.grow import grow_llama, layer_placement
+from services.models.measure import argmax_agreement
 from services.models.tokenizer import EOS_TOKEN, train_tokenizer
 from services.models.train import greedy_continuations, greedy_with_topk, teacher_sequences
 
@@ -151,3 +156,27 @@ def test_teacher_data_lines_up_with_greedy_tokens():
         assert pos == list(range(len(p) - 1, len(p) - 1 + len(c)))
         # The teacher's argmax at each masked position is the next token in ids.
         assert idxs[i, pos, 0].tolist() == ids[i, [q + 1 for q in pos]].tolist()
+
+
+def test_argmax_agreement_by_range():
+    model = _tiny_llama()
+    other = _tiny_llama(seed=5, tie=False)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    conts = greedy_continuations(model, prompts, 12, 0)
+    same = argmax_agreement(model, model, prompts, conts, ranges=[(0, 4), (4, 12)])
+    assert same["agreement"] == 1.0 and same["target_consistency"] == 1.0
+    assert same["positions"] == 24 and same["by_range"] == {"0-4": 1.0, "4-12": 1.0}
+    diff = argmax_agreement(other, model, prompts, conts, ranges=[(0, 12)])
+    assert diff["by_range"]["0-12"] == pytest.approx(diff["agreement"])
+    assert diff["agreement"] < 1.0
+
+
+def test_recipe_round_trips_and_tracks_seed_and_plan():
+    plan = BuildPlan()
+    for name in ("target", "draft", "target-large"):
+        r = recipe(plan, 0, name)
+        assert json.loads(json.dumps(r)) == r  # compared with the JSON report on disk
+        assert recipe(plan, 1, name) != r
+    smaller = dataclasses.replace(plan, draft=dataclasses.replace(plan.draft, hidden_size=32))
+    assert recipe(smaller, 0, "draft") != recipe(plan, 0, "draft")
+    assert recipe(smaller, 0, "target") == recipe(plan, 0, "target")

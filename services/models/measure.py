@@ -22,19 +22,25 @@ def argmax_agreement(
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     batch_size: int = 32,
+    ranges: Sequence[tuple[int, int]] = (),
 ) -> dict:
     """How often the draft's next-token argmax equals the target's on the continuations.
 
     For each ``prompt + continuation`` both models score every position once (teacher
     forcing, as a speculative verifier does); the positions compared are those that
     predict a continuation token. Returns ``{"agreement", "positions",
-    "target_consistency"}``; the last is how often the target's argmax equals the
-    given continuation token (1.0 when the continuations are the target's own greedy
-    output, up to float ties between batched generation and a full forward).
+    "target_consistency", "by_range"}``: ``target_consistency`` is how often the
+    target's argmax equals the given continuation token (1.0 when the continuations
+    are the target's own greedy output, up to float ties between batched generation
+    and a full forward); ``by_range`` maps ``"a-b"`` to the agreement on continuation
+    tokens ``a`` to ``b - 1`` for each of ``ranges`` (how agreement holds up as a
+    generation gets longer).
     """
     draft.eval()
     target.eval()
-    agree = consistent = count = 0
+    hits = torch.zeros(max((len(c) for c in continuations), default=0))
+    seen = torch.zeros_like(hits)
+    consistent = 0
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i : i + batch_size]
         cs = continuations[i : i + batch_size]
@@ -45,13 +51,15 @@ def argmax_agreement(
             # Position k predicts token k + 1: continuation tokens are predicted by
             # positions len(p) - 1 .. len(p) + len(c) - 2.
             sl = slice(len(p) - 1, len(p) + len(c) - 1)
-            agree += int((t_arg[j, sl] == d_arg[j, sl]).sum())
+            hits[: len(c)] += (t_arg[j, sl] == d_arg[j, sl]).float()
+            seen[: len(c)] += 1
             consistent += int((t_arg[j, sl] == torch.as_tensor(c)).sum())
-            count += len(c)
+    count = int(seen.sum())
     return {
-        "agreement": agree / max(1, count),
+        "agreement": float(hits.sum()) / max(1, count),
         "positions": count,
         "target_consistency": consistent / max(1, count),
+        "by_range": {f"{a}-{b}": float(hits[a:b].sum()) / max(1.0, float(seen[a:b].sum())) for a, b in ranges},
     }
 
 

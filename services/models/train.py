@@ -5,8 +5,9 @@ Contracts:
 * Every function is deterministic for its ``seed`` on a given machine and thread
   count: batches come from a seeded ``torch.Generator``, never from global RNG state.
 * Models are float32; the matmuls run under CPU bfloat16 autocast while training
-  (about 1.7x faster on CPUs with AVX512-BF16, same on others), the optimiser keeps
-  float32 weights, and inference helpers run in plain float32.
+  (1.7x faster on the 2-core AVX512-BF16 build machine; ``TrainConfig(bf16=False)``
+  turns it off), the optimiser keeps float32 weights, and inference helpers run in
+  plain float32.
 * Models are left in eval mode when a function returns.
 """
 
