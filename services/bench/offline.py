@@ -1,4 +1,9 @@
-"""Baselines measured in the same run: Hugging Face generate and assisted generation."""
+"""Baselines measured in the same run: Hugging Face generate and assisted generation.
+
+Each can run on stock weights or with the linear weights packed for oneDNN as
+the engine packs them (``packed=True``), so a ratio can compare the serving
+system with the same matrix kernels underneath, not the kernels themselves.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,23 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.engine.cpu_linear import prepack_linears
 
-def _load(path: Path):
+
+def _load(path: Path, packed: bool = False):
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    if packed:
+        prepack_linears(model)
     return model, tok
 
 
 @torch.inference_mode()
-def hf_generate_tps(model_dir: Path, prompts: list[str], new_tokens: int, batch: int, repeats: int) -> list[float]:
+def hf_generate_tps(model_dir: Path, prompts: list[str], new_tokens: int, batch: int, repeats: int,
+                    packed: bool = False) -> list[float]:
     """Tokens/s of greedy ``generate`` on one left-padded batch, ``repeats`` times."""
-    model, tok = _load(model_dir)
+    model, tok = _load(model_dir, packed)
     enc = tok(prompts[:batch], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     model.generate(**{k: v[:2] for k, v in enc.items()}, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
@@ -33,11 +43,11 @@ def hf_generate_tps(model_dir: Path, prompts: list[str], new_tokens: int, batch:
 
 @torch.inference_mode()
 def hf_assisted(target_dir: Path, draft_dir: Path, prompts: list[str], new_tokens: int,
-                repeats: int) -> tuple[list[float], list[list[int]]]:
+                repeats: int, packed: bool = False) -> tuple[list[float], list[list[int]]]:
     """Tokens/s of greedy assisted generation (``assistant_model=``) one prompt at a
     time, and its tokens per prompt."""
-    model, tok = _load(target_dir)
-    draft, _ = _load(draft_dir)
+    model, tok = _load(target_dir, packed)
+    draft, _ = _load(draft_dir, packed)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
               assistant_model=draft)
     encoded = [tok(p, return_tensors="pt") for p in prompts]

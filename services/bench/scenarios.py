@@ -65,6 +65,8 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     prompts = _prompts(256)
     model_dir = opts.model_dir(opts.model)
     offline_tps = offline.hf_generate_tps(model_dir, prompts, new_tokens, 32, opts.repeats)
+    # The same, with the weights packed as the engine packs them: the like-for-like baseline.
+    packed_tps = offline.hf_generate_tps(model_dir, prompts, new_tokens, 32, opts.repeats, packed=True)
 
     def specs():
         target = fleet.target_spec(model_dir, opts.threads, max_batch_size=max(concurrencies))
@@ -80,13 +82,15 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     served = {c: median([r.tokens_per_s for r in runs]) for c, runs in points.items()}
     mid = {c: sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2] for c, runs in points.items()}
     cmax, cmin = max(concurrencies), min(concurrencies)
-    off = median(offline_tps)
+    off, off_packed = median(offline_tps), median(packed_tps)
     return {
         "scenario": "batching", "model": opts.model, "new_tokens": new_tokens, "repeats": opts.repeats,
         "served_tps": {str(c): round(v, 1) for c, v in served.items()},
         "offline_hf_tps_b32": round(off, 1),
         "offline_hf_tps_b32_runs": [round(x, 1) for x in offline_tps],
+        "offline_hf_packed_tps_b32": round(off_packed, 1),
         f"ratio_c{cmax}_vs_offline": round(served[cmax] / off, 3) if off else None,
+        f"ratio_c{cmax}_vs_offline_packed": round(served[cmax] / off_packed, 3) if off_packed else None,
         f"ratio_c{cmax}_vs_c{cmin}": round(served[cmax] / served[cmin], 2) if served[cmin] else None,
         "ttft_p50_ms": {str(c): r.summary()["ttft_p50_ms"] for c, r in mid.items()},
         "ttft_p99_ms": {str(c): r.summary()["ttft_p99_ms"] for c, r in mid.items()},
@@ -103,6 +107,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
     prompts = _prompts(64)
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
     hf_rates, hf_outputs = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats)
+    hf_packed_rates, _ = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats,
+                                             packed=True)
 
     def specs():
         draft = fleet.draft_spec(draft_dir, 1)
@@ -122,7 +128,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         on16 = asyncio.run(_measure(router, make(True, 32), 16, 32, opts.repeats, "c16 on", opts.progress))
     target_only = median([r.tokens_per_s for r in off])
     spec = median([r.tokens_per_s for r in on])
-    hf = median(hf_rates)
+    hf, hf_packed = median(hf_rates), median(hf_packed_rates)
     identical = all([r.tokens for r in a.results] == [r.tokens for r in b.results] for a, b in zip(off, on))
     spec_summary = sorted(on, key=lambda r: r.tokens_per_s)[len(on) // 2].summary()
     return {
@@ -131,6 +137,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "target_only_tps": round(target_only, 1), "spec_tps": round(spec, 1), "hf_assisted_tps": round(hf, 1),
         "speedup_vs_target_only": round(spec / target_only, 3) if target_only else None,
         "ratio_vs_hf_assisted": round(spec / hf, 3) if hf else None,
+        "hf_assisted_packed_tps": round(hf_packed, 1),
+        "ratio_vs_hf_assisted_packed": round(spec / hf_packed, 3) if hf_packed else None,
         "acceptance_rate": spec_summary["acceptance_rate"], "mean_accepted_len": spec_summary["mean_accepted_len"],
         "identical_greedy": identical,
         "hf_assisted_matches_target_only": [r.tokens for r in off[0].results] == hf_outputs,

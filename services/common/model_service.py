@@ -21,6 +21,7 @@ class ModelServiceConfig(BaseConfig):
     device: str = field("auto", "torch device: auto, cpu, cuda, cuda:N")
     dtype: str = field("float32", "weights and KV-cache dtype: float32, bfloat16, float16")
     threads: int = field(0, "torch intra-op threads for this process (0: torch's default)")
+    prepack_weights: bool = field(True, "on CPU, pack linear weights once for oneDNN (2x faster multi-row products)")
     max_context: int = field(0, "most tokens per sequence (0: the model's max_position_embeddings)")
     max_batch_size: int = field(32, "most sequences in the running batch")
     max_wait_ms: float = field(2.0, "how long a new request may wait for companions before its prefill is forced")

@@ -51,7 +51,7 @@ def resolve_device(device: str) -> str:
 
 
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
-                 threads: int = 0, max_context: int = 0, metrics_window_s: float = 10.0,
+                 threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
                  model_name: str = "", speculation=None) -> LoadedModel:
     """Loads the model with transformers' own path and wraps it in an engine (not started)."""
     if not Path(model_path, "config.json").is_file():
@@ -61,14 +61,14 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     configure_threads(threads)
     device = resolve_device(device)
     model, tokenizer = load_model(model_path, DTYPES[dtype], device)
-    runner = ModelRunner(model, settings.num_slots, max_context or None)
+    runner = ModelRunner(model, settings.num_slots, max_context or None, prepack=prepack)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     engine = Engine(runner, tokenizer, settings, eos_token_ids=eos_ids, metrics_window_s=metrics_window_s,
                     speculation=speculation)
-    log.info("loaded %s (%.1fM parameters) on %s, context %d", model_path,
-             runner.num_parameters / 1e6, device, runner.max_len)
+    log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN", model_path,
+             runner.num_parameters / 1e6, device, runner.max_len, runner.prepacked)
     return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
                        tokenizer_hash(tokenizer), dtype, device)

@@ -1,0 +1,64 @@
+"""The model runner against stock transformers, with and without packed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from services.engine import cpu_linear
+from services.engine.model_runner import ForwardRow, ModelRunner
+
+PROMPTS = [[5, 9, 13, 2, 77, 31, 8], [40, 41, 42], [100, 7, 7, 7, 12, 250, 3, 9, 61, 18, 4]]
+
+
+def stock_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_mixed_prefill_decode_and_verify_rows_match_stock_transformers(tiny_models, prepack):
+    reference = LlamaForCausalLM.from_pretrained(tiny_models.target).eval()
+    runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_slots=4, max_len=64,
+                         prepack=prepack)
+    assert (runner.prepacked > 0) == (prepack and cpu_linear.supported())
+    # Prefill all three prompts but the last token in one step.
+    runner.forward([ForwardRow(slot, 0, p[:-1]) for slot, p in enumerate(PROMPTS)])
+    # One step: a decode row, a 4-token verify row (all logits kept) and a one-token row.
+    extra = [33, 34, 35]
+    rows = [ForwardRow(0, len(PROMPTS[0]) - 1, PROMPTS[0][-1:]),
+            ForwardRow(1, len(PROMPTS[1]) - 1, PROMPTS[1][-1:] + extra, keep=4),
+            ForwardRow(2, len(PROMPTS[2]) - 1, PROMPTS[2][-1:])]
+    got = runner.forward(rows)
+    want = [stock_logits(reference, PROMPTS[0])[-1:], stock_logits(reference, PROMPTS[1] + extra)[-4:],
+            stock_logits(reference, PROMPTS[2])[-1:]]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+        assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
+
+
+def test_packing_replaces_every_linear_and_keeps_its_output():
+    if not cpu_linear.supported():
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 200, bias=False)))
+    x = torch.randn(2, 5, 96)
+    with torch.inference_mode():
+        want = model(x)
+        weight = model[0].weight.detach().clone()
+        assert cpu_linear.prepack_linears(model) == 2
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        for rows in (1, 3, 17):  # any number of rows, not only the packing hint
+            y = torch.randn(rows, 96)
+            torch.testing.assert_close(model[0](y), F.linear(y, weight, model[0].bias), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_leaves_unsupported_dtypes_alone():
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.float16)
+    assert cpu_linear.prepack_linears(model) == 0
+    assert type(model[0]) is nn.Linear
