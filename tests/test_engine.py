@@ -9,6 +9,8 @@ from services.common.errors import ResourceExhausted
 from services.engine.build import build_engine
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
 from services.engine.settings import EngineSettings
+from services.speculative.gamma import SpeculationSettings
+from services.speculative.state import Proposal, SpeculationRequest
 from tests.conftest import hf_greedy
 
 
@@ -196,3 +198,37 @@ def test_stale_cache_memory_never_leaks_into_outputs(tiny_models, reference_mode
     drain(engine)
     assert short.tokens == hf_greedy(reference_model, [5, 6], 6)
     assert long.tokens == hf_greedy(reference_model, list(range(1, 30)), 6)
+
+
+class CountingLink:
+    """A drafter that answers at once with a fixed (mostly wrong) proposal."""
+
+    def __init__(self):
+        self.rounds = 0
+
+    def propose(self, round_id, discard, append, gamma, on_result):
+        self.rounds += 1
+        on_result(round_id, Proposal([1] * gamma), None)
+
+    def close(self):
+        pass
+
+
+def test_speculation_waits_out_a_batch_above_the_break_even_queued_requests_included(tiny_models, reference_model):
+    engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=1, max_wait_ms=0.0, num_slots=4),
+                          speculation=SpeculationSettings(max_batch=1, min_acceptance=0.0)).engine
+    first, second = CountingLink(), CountingLink()
+    recs = [Recorder(), Recorder()]
+    # One runs while the other queues (max_batch_size 1): two sequences want the
+    # engine, more than max_batch, so neither speculates.
+    engine.submit(greedy([5, 6, 7], 12, speculation=SpeculationRequest(first)), recs[0])
+    engine.submit(greedy([8, 9], 6, speculation=SpeculationRequest(second)), recs[1])
+    drain(engine)
+    assert first.rounds == 0
+    # The second ran its last tokens alone: it may speculate then, and stays exact.
+    assert recs[0].tokens == hf_greedy(reference_model, [5, 6, 7], 12)
+    assert recs[1].tokens == hf_greedy(reference_model, [8, 9], 6)
+    alone, rec = CountingLink(), Recorder()
+    engine.submit(greedy([5, 6, 7], 12, speculation=SpeculationRequest(alone)), rec)
+    drain(engine)
+    assert alone.rounds > 0 and rec.tokens == hf_greedy(reference_model, [5, 6, 7], 12)

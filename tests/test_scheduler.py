@@ -5,6 +5,8 @@ from __future__ import annotations
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
 from services.engine.settings import EngineSettings
+from services.speculative.gamma import GammaController
+from services.speculative.state import SpecState
 
 
 def seq(prompt_len=4, priority=0, arrival=0.0, max_new=8):
@@ -108,3 +110,45 @@ def test_paused_sequences_keep_their_slot_and_resume():
     s.resume(a)
     plan = s.schedule(now=1.2)
     assert [r.seq for r in plan.rows] == [a] and a.slot == slot
+
+
+def decoding(s: Scheduler, *seqs: Sequence) -> None:
+    """Admits ``seqs`` and brings each to one pending decode token."""
+    for x in seqs:
+        s.add(x)
+    s.schedule(now=0.0)
+    for x in seqs:
+        x.num_cached = len(x.tokens)
+        x.tokens.append(9)
+
+
+def awaiting_draft(x: Sequence, requested_at: float, hold_s: float, timeout_s: float = 0.5) -> None:
+    x.spec = SpecState(link=None, control=GammaController(4, 1, 8))
+    x.spec.waiting = True
+    x.spec.deadline = requested_at + timeout_s
+    x.spec.hold_until = requested_at + hold_s
+
+
+def test_the_step_waits_for_an_outstanding_proposal_then_verifies_it_with_the_rest():
+    s = Scheduler(settings())
+    a, b = seq(), seq()
+    decoding(s, a, b)
+    awaiting_draft(a, requested_at=1.0, hold_s=0.05)
+    plan = s.schedule(now=1.01)
+    assert plan.rows == [] and plan.wake_at == 1.05  # b waits too: one forward will serve both
+    a.spec.waiting, a.spec.proposal = False, [4, 5, 6]  # the proposal arrives
+    plan = s.schedule(now=1.02)
+    assert {r.seq for r in plan.rows} == {a, b}
+    assert next(r for r in plan.rows if r.seq is a).draft == [4, 5, 6]
+
+
+def test_a_late_draft_holds_the_batch_only_until_its_hold():
+    s = Scheduler(settings())
+    a, b = seq(), seq()
+    decoding(s, a, b)
+    awaiting_draft(a, requested_at=1.0, hold_s=0.05, timeout_s=0.5)
+    plan = s.schedule(now=1.06)  # past the hold, before the round's deadline
+    assert [r.seq for r in plan.rows] == [b]  # the others go on; a still waits for its draft
+    assert plan.wake_at == 1.5
+    plan = s.schedule(now=1.6)  # past the deadline: a decodes without the draft
+    assert {r.seq for r in plan.rows} == {a, b} and a.spec.stats.draft_timeouts == 1

@@ -30,6 +30,10 @@ class RequestResult:
     accepted: int = 0
     proposed: int = 0
     rounds: int = 0
+    #: Speculation's time, summed over the request's rounds (from its stats).
+    draft_wait_ms: float = 0.0
+    draft_compute_ms: float = 0.0
+    verify_ms: float = 0.0
 
     @property
     def tpot_s(self) -> float | None:
@@ -70,7 +74,10 @@ class RunResult:
                 "tpot_p50_ms": round(self.pct("tpot_s", 50), 2), "tpot_p99_ms": round(self.pct("tpot_s", 99), 2),
                 "e2e_p50_ms": round(self.pct("e2e_s", 50), 2), "e2e_p99_ms": round(self.pct("e2e_s", 99), 2),
                 "acceptance_rate": round(sum(r.accepted for r in ok) / proposed, 4) if proposed else None,
-                "mean_accepted_len": round((sum(r.accepted for r in ok) + rounds) / rounds, 3) if rounds else None}
+                "mean_accepted_len": round((sum(r.accepted for r in ok) + rounds) / rounds, 3) if rounds else None,
+                # Where a round goes: waiting for the draft (its compute included) and verifying.
+                **{f"round_{name}": round(sum(getattr(r, name) for r in ok) / rounds, 2) if rounds else None
+                   for name in ("draft_wait_ms", "draft_compute_ms", "verify_ms")}}
 
 
 async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | None = None) -> RequestResult:
@@ -84,6 +91,8 @@ async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | Non
             if chunk.finish_reason:
                 s = chunk.speculation
                 result.accepted, result.proposed, result.rounds = s.accepted_tokens, s.proposed_tokens, s.rounds
+                result.draft_wait_ms, result.draft_compute_ms = s.draft_wait_ms, s.draft_compute_ms
+                result.verify_ms = s.verify_ms
         result.ok = True
     except grpc.aio.AioRpcError as exc:
         result.error = f"{exc.code().name}: {exc.details()}"

@@ -75,12 +75,32 @@ def _plot_speculative(r: dict, path: Path) -> None:
     arms = [("target only", r["target_only_tps"]), ("llmesh speculative", r["spec_tps"]),
             ("HF assisted (1 process)", r["hf_assisted_tps"]), ("c16 off", r["c16_off_tps"]),
             ("c16 on", r["c16_on_tps"])]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar([a for a, _ in arms], [v for _, v in arms], color=["gray", "C0", "C1", "gray", "C0"])
+    if r.get("hf_assisted_packed_tps"):
+        arms.insert(3, ("HF assisted, packed", r["hf_assisted_packed_tps"]))
+    sweep = r.get("batch_sweep") or {}
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    colors = {"target only": "gray", "c16 off": "gray", "llmesh speculative": "C0", "c16 on": "C0"}
+    bars = ax.bar([a for a, _ in arms], [v for _, v in arms], color=[colors.get(a, "C1") for a, _ in arms])
     ax.bar_label(bars, fmt="%.0f")
     ax.set(ylabel="tokens/s", title=f"Speculative decoding, {r['model']} + {r['draft']} "
                                     f"(acceptance {r['acceptance_rate']})")
-    plt.setp(ax.get_xticklabels(), rotation=15)
+    plt.setp(ax.get_xticklabels(), rotation=20, fontsize=8)
+    if sweep:
+        cs = sorted(int(c) for c in sweep)
+        ax2 = axes[0][1]
+        ax2.plot(cs, [sweep[str(c)]["off_tps"] for c in cs], "o-", color="gray", label="speculation off")
+        ax2.plot(cs, [sweep[str(c)]["on_tps"] for c in cs], "o-", color="C0", label="speculation on (never switched off)")
+        for c in cs:
+            ax2.annotate(f"{sweep[str(c)]['ratio']}x", (c, sweep[str(c)]["on_tps"]), textcoords="offset points",
+                         xytext=(0, 6), ha="center", fontsize=8)
+        ax2.axvline(r["speculation_max_batch_default"], color="C3", ls=":",
+                    label=f"--speculation-max-batch {r['speculation_max_batch_default']}")
+        ax2.set(xlabel="concurrent streams", ylabel="tokens/s", xscale="log",
+                title=f"Break-even: speculation pays up to {r['break_even_batch']} streams")
+        ax2.set_xticks(cs, [str(c) for c in cs])
+        ax2.minorticks_off()
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,6 +15,7 @@ from services.bench import fleet, offline
 from services.bench.loadgen import RunResult, closed_loop, greedy_request
 from services.common.stubs import router_pb2_grpc
 from services.models.corpus import heldout_prompts
+from services.speculative.gamma import SpeculationSettings
 
 
 @dataclass
@@ -101,9 +102,49 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     }
 
 
+#: Concurrencies of the speculation on/off sweep that finds the break-even batch size.
+SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16)
+
+
+def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCURRENCIES) -> dict:
+    """Speculation on vs off at each concurrency, on a target that never switches
+    speculation off by batch size: where it stops paying is the break-even that
+    ``--speculation-max-batch`` should be set to."""
+    target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
+
+    def specs():
+        draft = fleet.draft_spec(draft_dir, 1)
+        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address, speculation_max_batch=1024)
+        return [draft, target, fleet.router_spec([target.address], [draft.address])]
+
+    points = {}
+    with fleet.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
+        for c in concurrencies:
+            total = max(4, 2 * c)
+            off = asyncio.run(_measure(addrs["router"], make(False, 32), c, total, opts.repeats, f"sweep c={c} off",
+                                       opts.progress))
+            on = asyncio.run(_measure(addrs["router"], make(True, 32), c, total, opts.repeats, f"sweep c={c} on",
+                                      opts.progress))
+            off_tps, on_tps = median([r.tokens_per_s for r in off]), median([r.tokens_per_s for r in on])
+            points[str(c)] = {"off_tps": round(off_tps, 1), "on_tps": round(on_tps, 1),
+                              "ratio": round(on_tps / off_tps, 3) if off_tps else None}
+    return points
+
+
+def break_even(sweep: dict) -> int:
+    """The largest concurrency up to which speculation never lost (0: it lost at once)."""
+    best = 0
+    for c, point in sorted(sweep.items(), key=lambda kv: int(kv[0])):
+        if point["ratio"] is None or point["ratio"] < 1.0:
+            break
+        best = int(c)
+    return best
+
+
 def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, gamma: int | None = None) -> dict:
     """Target-only vs speculation through the suite vs HF assisted generation, at
-    concurrency 1, and speculation on/off at concurrency 16."""
+    concurrency 1; speculation on/off at concurrency 16 with the default
+    settings; and (on a fleet of its own) the on/off sweep over batch sizes."""
     prompts = _prompts(64)
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
     hf_rates, hf_outputs = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats)
@@ -126,6 +167,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
                                   opts.progress))
         off16 = asyncio.run(_measure(router, make(False, 32), 16, 32, opts.repeats, "c16 off", opts.progress))
         on16 = asyncio.run(_measure(router, make(True, 32), 16, 32, opts.repeats, "c16 on", opts.progress))
+    sweep = speculation_batch_sweep(opts, make) if not opts.router else {}
     target_only = median([r.tokens_per_s for r in off])
     spec = median([r.tokens_per_s for r in on])
     hf, hf_packed = median(hf_rates), median(hf_packed_rates)
@@ -145,6 +187,13 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "c16_off_tps": round(median([r.tokens_per_s for r in off16]), 1),
         "c16_on_tps": round(median([r.tokens_per_s for r in on16]), 1),
         "load_ratio_c16": round(median([r.tokens_per_s for r in on16]) / median([r.tokens_per_s for r in off16]), 3),
+        # Where a round goes at concurrency 1 (means per round, from the requests' stats).
+        "round_draft_wait_ms": spec_summary["round_draft_wait_ms"],
+        "round_draft_compute_ms": spec_summary["round_draft_compute_ms"],
+        "round_verify_ms": spec_summary["round_verify_ms"],
+        "batch_sweep": sweep,
+        "break_even_batch": break_even(sweep) if sweep else None,
+        "speculation_max_batch_default": SpeculationSettings().max_batch,
         "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
     }
 

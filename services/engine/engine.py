@@ -255,8 +255,8 @@ class Engine:
         if not spec.control.worth_it(self.speculation):
             spec.disable(f"acceptance {spec.control.ema:.2f} below {self.speculation.min_acceptance}")
             return
-        if len(self.scheduler.running) > self.speculation.max_batch:
-            return  # the batch is large enough that verifying costs more than it saves
+        if len(self.scheduler.running) + self.scheduler.num_waiting > self.speculation.max_batch:
+            return  # the batch is (about to be) large enough that verifying costs more than it saves
         gamma = min(spec.control.gamma, seq.budget - 1, self.max_context - len(seq.tokens) - 1)
         if gamma < 1:
             return
@@ -267,6 +267,7 @@ class Engine:
         spec.waiting = True
         spec.requested_at = now
         spec.deadline = now + self.speculation.draft_timeout_ms / 1000.0
+        spec.hold_until = min(spec.deadline, now + self.speculation.draft_hold_ms / 1000.0)
         round_id = spec.round_id
         spec.link.propose(round_id, discard, append, gamma,
                           lambda rid, proposal, error: self._command(

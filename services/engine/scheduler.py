@@ -8,6 +8,14 @@ then admit waiting requests by priority (higher first, then arrival) while
 the batch has room, slots are free and the token budget lasts. A lone
 request waits up to ``max_wait_ms`` for companions before its prefill is
 forced, unless enough are waiting to fill the batch.
+
+While a speculating sequence waits for its draft's proposal (up to the
+round's ``hold_until``), the whole step waits with it. A forward pass costs
+about the same for one row as for twenty when it is bound by reading the
+weights, so running the ready rows now would cost a full pass and leave the
+late sequence a pass of its own; waiting keeps every sequence's verification
+in one pass, and keeps the target off the CPU while a draft that shares it
+computes.
 """
 
 from __future__ import annotations
@@ -98,6 +106,10 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         self._drop_dead(now, plan)
+        hold = self._draft_hold(now)
+        if hold is not None:
+            plan.wake_at = hold
+            return plan
         budget = self.settings.max_batch_tokens
         # Decode rows first: they are cheap and keep every stream moving.
         for seq in sorted(self.running, key=lambda s: s.pending):
@@ -115,6 +127,12 @@ class Scheduler:
             budget -= chunk + len(row.draft)
         self._admit(now, plan, budget)
         return plan
+
+    def _draft_hold(self, now: float) -> float | None:
+        """Until when the step waits for outstanding draft proposals, or None."""
+        holds = [s.spec.hold_until for s in self.running
+                 if s.spec is not None and s.spec.waiting and now < s.spec.hold_until]
+        return min(holds) if holds else None
 
     @staticmethod
     def _awaits_draft(seq: Sequence, now: float, plan: StepPlan) -> bool:

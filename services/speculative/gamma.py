@@ -11,10 +11,15 @@ class SpeculationSettings:
 
     #: Longest wait for a draft round before the sequence decodes without it.
     draft_timeout_ms: float = 500.0
-    #: No speculation while more sequences than this are running: past this
-    #: batch size, verifying costs more than it saves (measured by
-    #: ``llmesh bench --scenario speculative``).
-    max_batch: int = 8
+    #: Longest the whole batch waits for outstanding proposals, so that they are
+    #: verified in the same forward as everything else (0: never wait).
+    draft_hold_ms: float = 50.0
+    #: No speculation while more sequences than this are running or waiting:
+    #: past this batch size, verifying costs more than it saves. Measured by
+    #: ``llmesh bench --scenario speculative`` (its ``batch_sweep``): on 2 CPU
+    #: cores with target-large, speculation gave 1.16x at 4 concurrent requests
+    #: and 0.79x at 8.
+    max_batch: int = 4
     #: A sequence whose acceptance (moving average) falls below this after
     #: ``min_rounds`` rounds stops speculating.
     min_acceptance: float = 0.25

@@ -71,6 +71,8 @@ class SpecState:
     waiting: bool = False
     requested_at: float = 0.0
     deadline: float = 0.0
+    #: Until when the whole batch may wait for this round's proposal (see the scheduler).
+    hold_until: float = 0.0
     proposal: list[int] | None = None
     q: Any = None
     synced: int = 0

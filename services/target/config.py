@@ -23,11 +23,13 @@ class TargetConfig(ModelServiceConfig):
     gamma_min: int = field(1, "lowest adaptive gamma")
     gamma_max: int = field(8, "highest adaptive gamma")
     draft_timeout_ms: float = field(500.0, "longest wait for a draft round before decoding without it")
-    speculation_max_batch: int = field(8, "no speculation while more sequences run (the measured break-even)")
+    draft_hold_ms: float = field(50.0, "longest the whole batch waits for outstanding draft proposals (0: never)")
+    speculation_max_batch: int = field(4, "no speculation while more sequences run or wait (the measured break-even)")
     speculation_min_acceptance: float = field(0.25, "a sequence below this acceptance stops speculating")
 
     def speculation_settings(self) -> SpeculationSettings:
-        return SpeculationSettings(draft_timeout_ms=self.draft_timeout_ms, max_batch=self.speculation_max_batch,
+        return SpeculationSettings(draft_timeout_ms=self.draft_timeout_ms, draft_hold_ms=self.draft_hold_ms,
+                                   max_batch=self.speculation_max_batch,
                                    min_acceptance=self.speculation_min_acceptance)
 
     def __post_init__(self) -> None:
