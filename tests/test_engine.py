@@ -232,3 +232,36 @@ def test_speculation_waits_out_a_batch_above_the_break_even_queued_requests_incl
     engine.submit(greedy([5, 6, 7], 12, speculation=SpeculationRequest(alone)), rec)
     drain(engine)
     assert alone.rounds > 0 and rec.tokens == hf_greedy(reference_model, [5, 6, 7], 12)
+
+
+class SilentLink(CountingLink):
+    """A drafter whose answers the test delivers by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def propose(self, round_id, discard, append, gamma, on_result):
+        self.rounds += 1
+        self.pending.append((round_id, gamma, on_result))
+
+
+def test_rounds_under_way_stand_down_when_the_batch_grows_past_the_break_even(tiny_models, reference_model):
+    engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=4, max_wait_ms=0.0, num_slots=4),
+                          speculation=SpeculationSettings(max_batch=1, min_acceptance=0.0,
+                                                          draft_timeout_ms=60_000, draft_hold_ms=60_000)).engine
+    link, rec = SilentLink(), Recorder()
+    seq = engine.submit(greedy([5, 6, 7], 10, speculation=SpeculationRequest(link)), rec)
+    while not link.pending:
+        engine.run_once()
+    assert seq.spec.waiting  # alone: it asked its draft and waits for the answer
+    other = Recorder()
+    engine.submit(greedy([8, 9], 10), other)  # now two want the engine: past max_batch 1
+    engine.run_once()
+    assert not seq.spec.waiting and seq.spec.stats.stood_down == 1
+    round_id, gamma, on_result = link.pending.pop()
+    on_result(round_id, Proposal([1] * gamma), None)  # the late answer is ignored
+    drain(engine)
+    assert rec.tokens == hf_greedy(reference_model, [5, 6, 7], 10)
+    assert other.tokens == hf_greedy(reference_model, [8, 9], 10)
+    assert seq.spec.stats.rounds == 0

@@ -152,3 +152,14 @@ def test_a_late_draft_holds_the_batch_only_until_its_hold():
     assert plan.wake_at == 1.5
     plan = s.schedule(now=1.6)  # past the deadline: a decodes without the draft
     assert {r.seq for r in plan.rows} == {a, b} and a.spec.stats.draft_timeouts == 1
+
+
+def test_a_draft_hold_never_delays_admitting_new_requests():
+    s = Scheduler(settings())
+    a = seq()
+    decoding(s, a)
+    awaiting_draft(a, requested_at=1.0, hold_s=0.05)
+    newcomer = seq(arrival=1.0)
+    s.add(newcomer)
+    plan = s.schedule(now=1.01)
+    assert [r.seq for r in plan.rows] == [newcomer] and plan.admitted == [newcomer]

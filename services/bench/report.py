@@ -156,6 +156,50 @@ def _plot_router(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: The goals the issues set: (scenario, model, field, comparison, target).
+GOALS = [
+    ("batching", "target-large", "ratio_c32_vs_offline", ">=", 0.8),
+    ("batching", "target-large", "ratio_c32_vs_c1", ">=", 6),
+    ("speculative", "target-large", "speedup_vs_target_only", ">=", 1.9),
+    ("speculative", "target-large", "ratio_vs_hf_assisted", ">=", 1.0),
+    ("speculative", "target-large", "load_ratio_c16", ">=", 0.98),
+    ("speculative", "target-large", "identical_greedy", "==", True),
+    ("router", "target", "added_latency_p50_ms", "<=", 1.0),
+    ("router", "target", "throughput_ratio", ">=", 0.97),
+    ("autoscale", "target", "failed_requests", "==", 0),
+]
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b}
+
+#: Text after this line in BENCHMARKS.md is written by people and kept by `make bench`.
+FINDINGS_MARKER = "<!-- findings: written by hand, kept when make bench rewrites the tables above -->"
+
+
+def goals_table(results: list[dict]) -> str:
+    """One row per goal whose scenario ran: the goal, the figure, met or not."""
+    by_run = {(r["scenario"], r["model"]): r for r in results}
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    for scenario, model, key, op, target in GOALS:
+        result = by_run.get((scenario, model))
+        if result is None or key not in result:
+            continue
+        value = result[key]
+        met = value is not None and _OPS[op](value, target)
+        shown = str(value).lower() if isinstance(value, bool) else value
+        goal = str(target).lower() if isinstance(target, bool) else target
+        lines.append(f"| {scenario} `{key}` {op} {goal} ({model}) | {shown} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def kept_findings(path: Path) -> str:
+    """What follows the findings marker in an existing BENCHMARKS.md (empty if none)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    _, marker, rest = text.partition(FINDINGS_MARKER)
+    return rest.strip("\n") if marker else ""
+
+
 def markdown_section(result: dict, command: str, plot_path: str | None) -> str:
     lines = [f"### `{result['scenario']}` on `{result['model']}`", "", f"Command: `{command}`", ""]
     lines += ["| figure | value |", "|---|---|"]

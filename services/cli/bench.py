@@ -80,7 +80,7 @@ def _all(args, opts, concurrencies) -> int:
     registry()
     out = args.out_dir
     runs = [(name, replace(opts, model=model)) for name, model in ALL_RUNS]
-    sections, errors = [], 0
+    sections, results, errors = [], [], 0
     for name, o in runs:
         stem = f"{name}-{o.model}"
         json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
@@ -91,12 +91,15 @@ def _all(args, opts, concurrencies) -> int:
         report.write_json(result, json_path)
         report.plot(result, png_path)
         errors += result.get("errors") or 0
+        results.append(result)
         sections.append(report.markdown_section(result, command, str(png_path)))
     if args.markdown:
         text = ["# llmesh benchmarks", "", f"Machine: {report.machine()}", "",
                 "Regenerate with `make bench` (every scenario) or the command above each table. "
                 "`target-large` is the trained `target` embedded in a larger shape with unchanged predictions; "
-                "it stands in for a real large checkpoint.", "", *sections]
+                "it stands in for a real large checkpoint.", "",
+                "## Against the goals", "", report.goals_table(results), *sections,
+                report.FINDINGS_MARKER, "", report.kept_findings(args.markdown), ""]
         args.markdown.write_text("\n".join(text))
         print(f"wrote {args.markdown}")
     return 0 if not errors else 1

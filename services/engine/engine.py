@@ -157,6 +157,8 @@ class Engine:
     # -- the step ------------------------------------------------------------------------
     def step(self) -> bool:
         """One scheduling iteration. Returns False when there was nothing to run."""
+        if self._over_break_even():
+            self._stand_down_speculation()
         plan = self.scheduler.schedule(self.clock())
         for _ in plan.admitted:
             self._dequeued()
@@ -255,8 +257,8 @@ class Engine:
         if not spec.control.worth_it(self.speculation):
             spec.disable(f"acceptance {spec.control.ema:.2f} below {self.speculation.min_acceptance}")
             return
-        if len(self.scheduler.running) + self.scheduler.num_waiting > self.speculation.max_batch:
-            return  # the batch is (about to be) large enough that verifying costs more than it saves
+        if self._over_break_even():
+            return
         gamma = min(spec.control.gamma, seq.budget - 1, self.max_context - len(seq.tokens) - 1)
         if gamma < 1:
             return
@@ -272,6 +274,25 @@ class Engine:
         spec.link.propose(round_id, discard, append, gamma,
                           lambda rid, proposal, error: self._command(
                               lambda: self._on_proposal(seq, rid, proposal, error)))
+
+    def _over_break_even(self) -> bool:
+        """Whether the batch is (about to be) large enough that verifying costs more than it saves."""
+        return len(self.scheduler.running) + self.scheduler.num_waiting > self.speculation.max_batch
+
+    def _stand_down_speculation(self) -> None:
+        """The batch grew past the break-even while rounds were under way: sequences
+        stop waiting for their drafts and drop proposals not yet verified, so that
+        none sits out a step or widens every row of a big batch to gamma + 1 tokens.
+        The draft is told to discard those tokens at the next round, as after a
+        timeout."""
+        for seq in self.scheduler.running:
+            spec = seq.spec
+            if spec is None or not (spec.waiting or spec.proposal):
+                continue
+            spec.waiting = False
+            spec.proposal, spec.q = None, None
+            spec.kept = 0
+            spec.stats.stood_down += 1
 
     def _on_proposal(self, seq: Sequence, round_id: int, proposal, error) -> None:
         spec = seq.spec

@@ -15,7 +15,8 @@ about the same for one row as for twenty when it is bound by reading the
 weights, so running the ready rows now would cost a full pass and leave the
 late sequence a pass of its own; waiting keeps every sequence's verification
 in one pass, and keeps the target off the CPU while a draft that shares it
-computes.
+computes. It never holds back waiting requests: when any are queued, the
+step runs (and admits them) at once.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ class Scheduler:
 
     def _draft_hold(self, now: float) -> float | None:
         """Until when the step waits for outstanding draft proposals, or None."""
+        if self._waiting:
+            return None
         holds = [s.spec.hold_until for s in self.running
                  if s.spec is not None and s.spec.waiting and now < s.spec.hold_until]
         return min(holds) if holds else None

@@ -45,6 +45,8 @@ class SpecStats:
     draft_compute_ms: float = 0.0
     verify_ms: float = 0.0
     draft_timeouts: int = 0
+    #: Rounds dropped unverified because the batch grew past the break-even.
+    stood_down: int = 0
 
     def record(self, accepted: int, proposed: int) -> None:
         self.rounds += 1

@@ -75,7 +75,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     mean_accepted_length=stats.mean_accepted_length,
                                     disabled_reason=stats.disabled_reason, draft_wait_ms=stats.draft_wait_ms,
                                     draft_compute_ms=stats.draft_compute_ms, verify_ms=stats.verify_ms,
-                                    draft_timeouts=stats.draft_timeouts)
+                                    draft_timeouts=stats.draft_timeouts, stood_down_rounds=stats.stood_down)
 
     @staticmethod
     def _timing(t, new_tokens: int) -> gen.Timing:

@@ -1,0 +1,47 @@
+"""Benchmark reporting: the speculative break-even, plots, the goals table, kept findings."""
+
+from __future__ import annotations
+
+from services.bench import report
+from services.bench.scenarios import break_even
+
+
+def point(ratio):
+    return {"off_tps": 100.0, "on_tps": 100.0 * ratio, "ratio": ratio}
+
+
+def test_break_even_is_the_last_batch_before_speculation_first_loses():
+    assert break_even({"1": point(2.0), "2": point(1.4), "4": point(1.1), "8": point(0.8), "16": point(1.01)}) == 4
+    assert break_even({"16": point(0.6), "1": point(0.9)}) == 0  # order of the keys does not matter
+    assert break_even({"1": point(1.2), "2": point(1.0)}) == 2
+
+
+def test_the_speculative_plot_shows_arms_and_sweep(tmp_path):
+    result = {"scenario": "speculative", "model": "m", "draft": "d", "target_only_tps": 30.0, "spec_tps": 60.0,
+              "hf_assisted_tps": 29.0, "hf_assisted_packed_tps": 55.0, "c16_off_tps": 300.0, "c16_on_tps": 299.0,
+              "acceptance_rate": 0.6, "batch_sweep": {"1": point(2.0), "8": point(0.8)}, "break_even_batch": 1,
+              "speculation_max_batch_default": 4}
+    report.plot(result, tmp_path / "spec.png")
+    assert (tmp_path / "spec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_goals_table_says_which_goals_are_met():
+    results = [{"scenario": "speculative", "model": "target-large", "speedup_vs_target_only": 1.95,
+                "load_ratio_c16": 0.9, "identical_greedy": True},
+               {"scenario": "router", "model": "target", "added_latency_p50_ms": 3.2}]
+    rows = report.goals_table(results).splitlines()[2:]
+    assert rows == [
+        "| speculative `speedup_vs_target_only` >= 1.9 (target-large) | 1.95 | yes |",
+        "| speculative `load_ratio_c16` >= 0.98 (target-large) | 0.9 | no |",
+        "| speculative `identical_greedy` == true (target-large) | true | yes |",
+        "| router `added_latency_p50_ms` <= 1.0 (target) | 3.2 | no |",
+    ]
+
+
+def test_hand_written_findings_survive_a_rewrite(tmp_path):
+    page = tmp_path / "BENCHMARKS.md"
+    assert report.kept_findings(page) == ""
+    page.write_text(f"# tables\n\n| a | b |\n\n{report.FINDINGS_MARKER}\n\n## Findings\nverify costs 22 ms\n")
+    assert report.kept_findings(page) == "## Findings\nverify costs 22 ms"
+    page.write_text("# tables only\n")
+    assert report.kept_findings(page) == ""
