@@ -61,6 +61,24 @@ async def _measure(address: str, make, concurrency: int, total: int, repeats: in
         return runs
 
 
+async def _measure_pair(address: str, make_off, make_on, concurrency: int, total: int, repeats: int,
+                        label: str, progress: bool) -> tuple[list[RunResult], list[RunResult]]:
+    """Two arms on the same suite, their runs interleaved (off, on, off, on...), so
+    that drift over the run (warm caches, a neighbour's load) falls on both alike."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for make in (make_off, make_on):
+            await closed_loop(stub, make, min(concurrency, 4), min(total, 4), label=f"{label} warm-up",
+                              progress=False)
+        off, on = [], []
+        for r in range(repeats):
+            off.append(await closed_loop(stub, make_off, concurrency, total, label=f"{label} off, run {r + 1}",
+                                         progress=progress))
+            on.append(await closed_loop(stub, make_on, concurrency, total, label=f"{label} on, run {r + 1}",
+                                        progress=progress))
+        return off, on
+
+
 def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int = 64) -> dict:
     """Served tokens/s through the router at each concurrency vs HF generate at batch 32."""
     prompts = _prompts(256)
@@ -120,11 +138,8 @@ def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCUR
     points = {}
     with fleet.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
         for c in concurrencies:
-            total = max(4, 2 * c)
-            off = asyncio.run(_measure(addrs["router"], make(False, 32), c, total, opts.repeats, f"sweep c={c} off",
-                                       opts.progress))
-            on = asyncio.run(_measure(addrs["router"], make(True, 32), c, total, opts.repeats, f"sweep c={c} on",
-                                      opts.progress))
+            off, on = asyncio.run(_measure_pair(addrs["router"], make(False, 32), make(True, 32), c, max(4, 2 * c),
+                                                opts.repeats, f"sweep c={c}", opts.progress))
             off_tps, on_tps = median([r.tokens_per_s for r in off]), median([r.tokens_per_s for r in on])
             points[str(c)] = {"off_tps": round(off_tps, 1), "on_tps": round(on_tps, 1),
                               "ratio": round(on_tps / off_tps, 3) if off_tps else None}
@@ -161,12 +176,10 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
 
     with _suite(opts, specs) as addrs:
         router = addrs["router"]
-        off = asyncio.run(_measure(router, make(False, prompts_n), 1, prompts_n, opts.repeats, "target-only",
-                                   opts.progress))
-        on = asyncio.run(_measure(router, make(True, prompts_n), 1, prompts_n, opts.repeats, "speculative",
-                                  opts.progress))
-        off16 = asyncio.run(_measure(router, make(False, 32), 16, 32, opts.repeats, "c16 off", opts.progress))
-        on16 = asyncio.run(_measure(router, make(True, 32), 16, 32, opts.repeats, "c16 on", opts.progress))
+        off, on = asyncio.run(_measure_pair(router, make(False, prompts_n), make(True, prompts_n), 1, prompts_n,
+                                            opts.repeats, "c1 speculation", opts.progress))
+        off16, on16 = asyncio.run(_measure_pair(router, make(False, 32), make(True, 32), 16, 32, opts.repeats,
+                                                "c16 speculation", opts.progress))
     sweep = speculation_batch_sweep(opts, make) if not opts.router else {}
     target_only = median([r.tokens_per_s for r in off])
     spec = median([r.tokens_per_s for r in on])
