@@ -23,7 +23,7 @@ def stock_logits(model, ids: list[int]) -> torch.Tensor:
 def test_mixed_prefill_decode_and_verify_rows_match_stock_transformers(tiny_models, prepack):
     reference = LlamaForCausalLM.from_pretrained(tiny_models.target).eval()
     runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_slots=4, max_len=64,
-                         prepack=prepack)
+                         prepack=prepack, prepack_min_elements=0)  # tiny layers: pack them all anyway
     assert (runner.prepacked > 0) == (prepack and cpu_linear.supported())
     # Prefill all three prompts but the last token in one step.
     runner.forward([ForwardRow(slot, 0, p[:-1]) for slot, p in enumerate(PROMPTS)])
@@ -50,7 +50,7 @@ def test_packing_replaces_every_linear_and_keeps_its_output():
     with torch.inference_mode():
         want = model(x)
         weight = model[0].weight.detach().clone()
-        assert cpu_linear.prepack_linears(model) == 2
+        assert cpu_linear.prepack_linears(model, min_elements=0) == 2
         assert not any(type(m) is nn.Linear for m in model.modules())
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
         for rows in (1, 3, 17):  # any number of rows, not only the packing hint
@@ -61,4 +61,10 @@ def test_packing_replaces_every_linear_and_keeps_its_output():
 def test_packing_leaves_unsupported_dtypes_alone():
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.float16)
     assert cpu_linear.prepack_linears(model) == 0
+    assert type(model[0]) is nn.Linear
+
+
+def test_small_weights_stay_unpacked():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
+    assert cpu_linear.prepack_linears(model, min_elements=64 * 128) == (1 if cpu_linear.supported() else 0)
     assert type(model[0]) is nn.Linear

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-from services.engine.cpu_linear import prepack_linears
+from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears
 from services.engine.kv_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 class ModelRunner:
     """Owns the model, its KV cache and the step context the attention reads."""
 
-    def __init__(self, model, num_slots: int, max_len: int | None = None, prepack: bool = True) -> None:
+    def __init__(self, model, num_slots: int, max_len: int | None = None, prepack: bool = True,
+                 prepack_min_elements: int = MIN_ELEMENTS) -> None:
         self.model = model
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -77,7 +78,7 @@ class ModelRunner:
         model.set_attn_implementation(self._attn_name)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         #: Linear layers whose weights were packed for oneDNN (0: stock F.linear).
-        self.prepacked = prepack_linears(model) if prepack else 0
+        self.prepacked = prepack_linears(model, min_elements=prepack_min_elements) if prepack else 0
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
