@@ -163,3 +163,14 @@ def test_a_draft_hold_never_delays_admitting_new_requests():
     s.add(newcomer)
     plan = s.schedule(now=1.01)
     assert [r.seq for r in plan.rows] == [newcomer] and plan.admitted == [newcomer]
+
+
+def test_standing_down_abandons_only_a_round_under_way():
+    spec = SpecState(link=None, control=GammaController(4, 1, 8))
+    assert spec.stand_down() is False and spec.stats.stood_down == 0  # nothing under way
+    spec.proposal, spec.proposal_len = [4, 5, 6], 3
+    assert spec.stand_down() is True
+    assert spec.proposal is None and not spec.waiting and spec.stats.stood_down == 1
+    assert spec.proposal_len - spec.kept == 3  # the next round tells the draft to discard all three
+    spec.waiting = True
+    assert spec.stand_down() is True and not spec.waiting and spec.stats.stood_down == 2

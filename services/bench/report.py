@@ -90,7 +90,8 @@ def _plot_speculative(r: dict, path: Path) -> None:
         cs = sorted(int(c) for c in sweep)
         ax2 = axes[0][1]
         ax2.plot(cs, [sweep[str(c)]["off_tps"] for c in cs], "o-", color="gray", label="speculation off")
-        ax2.plot(cs, [sweep[str(c)]["on_tps"] for c in cs], "o-", color="C0", label="speculation on (never switched off)")
+        ax2.plot(cs, [sweep[str(c)]["on_tps"] for c in cs], "o-", color="C0",
+                 label="speculation on (never switched off)")
         for c in cs:
             ax2.annotate(f"{sweep[str(c)]['ratio']}x", (c, sweep[str(c)]["on_tps"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)

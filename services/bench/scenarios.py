@@ -48,35 +48,22 @@ def _prompts(n: int) -> list[str]:
     return heldout_prompts(n, seed=0)
 
 
-async def _measure(address: str, make, concurrency: int, total: int, repeats: int, label: str,
-                   progress: bool) -> list[RunResult]:
+async def _measure(address: str, arms: dict, concurrency: int, total: int, repeats: int, label: str,
+                   progress: bool) -> dict[str, list[RunResult]]:
+    """Each arm (name -> request maker) ``repeats`` times on the same suite, after a
+    warm-up. With several arms the runs are interleaved (off, on, off, on...), so
+    that drift over the run (warm caches, a neighbour's load) falls on all alike."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        await closed_loop(stub, make, min(concurrency, 4), min(total, 4), label=f"{label} warm-up",
-                          progress=False)
-        runs = []
-        for r in range(repeats):
-            runs.append(await closed_loop(stub, make, concurrency, total, label=f"{label} run {r + 1}",
-                                          progress=progress))
-        return runs
-
-
-async def _measure_pair(address: str, make_off, make_on, concurrency: int, total: int, repeats: int,
-                        label: str, progress: bool) -> tuple[list[RunResult], list[RunResult]]:
-    """Two arms on the same suite, their runs interleaved (off, on, off, on...), so
-    that drift over the run (warm caches, a neighbour's load) falls on both alike."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        for make in (make_off, make_on):
+        for make in arms.values():
             await closed_loop(stub, make, min(concurrency, 4), min(total, 4), label=f"{label} warm-up",
                               progress=False)
-        off, on = [], []
+        runs: dict[str, list[RunResult]] = {name: [] for name in arms}
         for r in range(repeats):
-            off.append(await closed_loop(stub, make_off, concurrency, total, label=f"{label} off, run {r + 1}",
-                                         progress=progress))
-            on.append(await closed_loop(stub, make_on, concurrency, total, label=f"{label} on, run {r + 1}",
-                                        progress=progress))
-        return off, on
+            for name, make in arms.items():
+                runs[name].append(await closed_loop(stub, make, concurrency, total,
+                                                    label=f"{label} {name}, run {r + 1}".strip(), progress=progress))
+        return runs
 
 
 def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int = 64) -> dict:
@@ -95,8 +82,8 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     points = {}
     with _suite(opts, specs) as addrs:
         for c in concurrencies:
-            runs = asyncio.run(_measure(addrs["router"], make, c, max(4, 2 * c), opts.repeats, f"c={c}",
-                                        opts.progress))
+            runs = asyncio.run(_measure(addrs["router"], {"": make}, c, max(4, 2 * c), opts.repeats, f"c={c}",
+                                        opts.progress))[""]
             points[c] = runs
     served = {c: median([r.tokens_per_s for r in runs]) for c, runs in points.items()}
     mid = {c: sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2] for c, runs in points.items()}
@@ -138,8 +125,9 @@ def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCUR
     points = {}
     with fleet.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
         for c in concurrencies:
-            off, on = asyncio.run(_measure_pair(addrs["router"], make(False, 32), make(True, 32), c, max(4, 2 * c),
-                                                opts.repeats, f"sweep c={c}", opts.progress))
+            runs = asyncio.run(_measure(addrs["router"], {"off": make(False, 32), "on": make(True, 32)}, c,
+                                        max(4, 2 * c), opts.repeats, f"sweep c={c}", opts.progress))
+            off, on = runs["off"], runs["on"]
             off_tps, on_tps = median([r.tokens_per_s for r in off]), median([r.tokens_per_s for r in on])
             points[str(c)] = {"off_tps": round(off_tps, 1), "on_tps": round(on_tps, 1),
                               "ratio": round(on_tps / off_tps, 3) if off_tps else None}
@@ -176,10 +164,11 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
 
     with _suite(opts, specs) as addrs:
         router = addrs["router"]
-        off, on = asyncio.run(_measure_pair(router, make(False, prompts_n), make(True, prompts_n), 1, prompts_n,
-                                            opts.repeats, "c1 speculation", opts.progress))
-        off16, on16 = asyncio.run(_measure_pair(router, make(False, 32), make(True, 32), 16, 32, opts.repeats,
-                                                "c16 speculation", opts.progress))
+        c1 = asyncio.run(_measure(router, {"off": make(False, prompts_n), "on": make(True, prompts_n)}, 1,
+                                  prompts_n, opts.repeats, "c1 speculation", opts.progress))
+        c16 = asyncio.run(_measure(router, {"off": make(False, 32), "on": make(True, 32)}, 16, 32, opts.repeats,
+                                   "c16 speculation", opts.progress))
+        off, on, off16, on16 = c1["off"], c1["on"], c16["off"], c16["on"]
     sweep = speculation_batch_sweep(opts, make) if not opts.router else {}
     target_only = median([r.tokens_per_s for r in off])
     spec = median([r.tokens_per_s for r in on])

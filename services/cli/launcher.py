@@ -110,9 +110,9 @@ class Fleet:
         for spec in self.specs:
             log_path = self.log_dir / f"{spec.name}.log"
             with open(log_path, "wb") as log:
+                env = {**self.base_env, **spec.env, **lifeline.launcher_env()}
                 proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env={**self.base_env, **spec.env, **lifeline.launcher_env()},
-                                        start_new_session=True)
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.children.append(Child(spec, proc, log_path))
 
     def wait_ready(self, timeout_s: float, is_serving: Callable[[str], bool],

@@ -67,7 +67,8 @@ class ModelApp:
         c = self.config
         self.loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
-            max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s, model_name=c.model_name,
+            max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
+            model_name=c.model_name,
             speculation=c.speculation_settings() if hasattr(c, "speculation_settings") else None)
         self._nvml = nvml_for(self.loaded.device)
         if c.warmup:

@@ -286,13 +286,8 @@ class Engine:
         The draft is told to discard those tokens at the next round, as after a
         timeout."""
         for seq in self.scheduler.running:
-            spec = seq.spec
-            if spec is None or not (spec.waiting or spec.proposal):
-                continue
-            spec.waiting = False
-            spec.proposal, spec.q = None, None
-            spec.kept = 0
-            spec.stats.stood_down += 1
+            if seq.spec is not None:
+                seq.spec.stand_down()
 
     def _on_proposal(self, seq: Sequence, round_id: int, proposal, error) -> None:
         spec = seq.spec

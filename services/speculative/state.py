@@ -91,6 +91,17 @@ class SpecState:
             self.stats.disabled_reason = reason
             self.link.close()
 
+    def stand_down(self) -> bool:
+        """Abandons the round under way (waiting, or holding a proposal not yet
+        verified); the draft discards its tokens at the next round, since ``kept``
+        stays 0. Returns whether there was one."""
+        if not (self.waiting or self.proposal):
+            return False
+        self.waiting = False
+        self.take_proposal()
+        self.stats.stood_down += 1
+        return True
+
     def take_proposal(self) -> tuple[list[int], Any]:
         tokens, q = self.proposal or [], self.q
         self.proposal, self.q = None, None
