@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from services.common import generation_codec
 from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import router_pb2, stats_pb2
-from services.engine.metrics import MetricsSnapshot, Summary
+from services.common.metrics import MetricsSnapshot, Summary
 from router.admission import Admission
 from router.cache import ResponseCache
-from router.config import valid_address
+from services.common.validation import check_generate_request, valid_address
 from router.policy import Snapshot, score
 from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, Load, Role, State
 
@@ -20,24 +19,12 @@ STATES = {State.ACTIVE: router_pb2.INSTANCE_STATE_ACTIVE, State.DRAINING: router
 HEALTHS = {Health.SERVING: router_pb2.INSTANCE_HEALTH_SERVING,
            Health.NOT_SERVING: router_pb2.INSTANCE_HEALTH_NOT_SERVING,
            Health.UNKNOWN: router_pb2.INSTANCE_HEALTH_UNKNOWN}
-MAX_GAMMA = 16
 
 
 # -- requests ---------------------------------------------------------------
-def validate_request(req: gen.GenerateRequest) -> None:
-    """Refuses what is wrong without a model (the target checks context and
-    vocabulary); raises InvalidArgument naming the field."""
-    if not req.HasField("sampling"):
-        raise InvalidArgument("sampling", "must be set (at least sampling.max_new_tokens)")
-    generation_codec.prompt_ids_of(req.prompt, lambda text: [])
-    generation_codec.priority_of(req.priority)
-    generation_codec.sampling_of(req.sampling)
-    if req.speculation.HasField("gamma") and not 1 <= req.speculation.gamma <= MAX_GAMMA:
-        raise InvalidArgument("speculation.gamma", f"must be in [1, {MAX_GAMMA}], got {req.speculation.gamma}")
-    if req.draft_address and not valid_address(req.draft_address):
-        raise InvalidArgument("draft_address", f"must be host:port, got {req.draft_address!r}")
-    if len(req.resume_tokens) >= req.sampling.max_new_tokens:
-        raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
+#: Refuses what is wrong without a model (the target checks context and
+#: vocabulary): the same function the model services call.
+validate_request = check_generate_request
 
 
 #: Priority enum value -> class name, as in ``--pools`` (unspecified is normal).

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from services.common.config import BaseConfig, ConfigError, field
+from services.common.validation import valid_address
 
 
 class PolicyName(enum.Enum):
@@ -162,7 +163,3 @@ def split_target(entry: str, default_pool: str) -> tuple[str, str]:
     return (pool.strip(), address.strip()) if sep else (default_pool, entry.strip())
 
 
-def valid_address(address: str) -> bool:
-    """``host:port`` with a numeric port (IPv6 hosts in brackets)."""
-    host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)

@@ -36,7 +36,7 @@ from router.fleet import GENERATE_METHOD, Fleet
 from router.registry import Instance, Role
 from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
 from services.common.stubs import generation_pb2 as gen
-from services.engine.metrics import EngineMetrics
+from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class _Tally:
 class Forwarder:
     """Routes each generation to an instance chosen by the fleet's policy."""
 
-    def __init__(self, fleet: Fleet, config: RouterConfig, metrics: EngineMetrics,
+    def __init__(self, fleet: Fleet, config: RouterConfig, metrics: WindowedMetrics,
                  clock: Callable[[], float] = time.monotonic, provider: TracerProvider | None = None) -> None:
         self.fleet = fleet
         self.config = config

@@ -21,7 +21,7 @@ from services.common import telemetry
 from services.common.server import new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, router_pb2_grpc, stats_pb2, stats_pb2_grpc
-from services.engine.metrics import EngineMetrics
+from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RouterApp:
         self.server, self.port, self.health = new_server(
             config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
-        self.metrics = EngineMetrics(config.metrics_window_s, started_at=time.monotonic())
+        self.metrics = WindowedMetrics(config.metrics_window_s, started_at=time.monotonic())
         self.fleet = Fleet(config)
         self.forwarder = Forwarder(self.fleet, config, self.metrics, provider=provider)
         auth = BearerAuth(config.auth_token) if config.auth_token else None

@@ -25,7 +25,7 @@ from services.common.config import ConfigError
 from services.common.server import insecure_channel, new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, scaler_pb2_grpc, stats_pb2, stats_pb2_grpc
-from services.cli.launcher import default_home
+from services.common.paths import default_home, default_model_path
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def make_backend(config: ScalerConfig) -> ScalingBackend:
         refuse(config.backend.value)
     from scaler.backends.local import LocalBackend
 
-    return LocalBackend(config.target_model or default_home() / "models" / "target",
+    return LocalBackend(config.target_model or default_model_path("target"),
                         Path(config.log_dir) if config.log_dir else default_home() / "logs" / "scaler",
                         host=config.instance_host, extra_args=config.target_args)
 

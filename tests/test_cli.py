@@ -20,10 +20,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.cli import healthcheck, launcher, status
+from services.cli import launcher, status
+from services.common import healthcheck, processes
 from services.cli.generate import build_request
 from services.cli.main import build_parser, main
-from services.cli.plan import MODULES, SERVICES, ServiceSpec, UpOptions, plan, ports, thread_counts
+from services.common.suite import MODULES, SERVICES, ServiceSpec, UpOptions, plan, ports, thread_counts
 from services.common import lifeline
 from services.common.stubs import generation_pb2 as gen
 from tests.conftest import free_port
@@ -188,7 +189,7 @@ def test_up_refuses_a_busy_port(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         taken = s.getsockname()[1]
-        assert launcher.busy_ports("127.0.0.1", [taken]) == [taken]
+        assert processes.busy_ports("127.0.0.1", [taken]) == [taken]
         assert main(["up", "--home", str(tmp_path), "--base-port", str(taken - 10)]) == 2
     assert f"{taken} (target)" in capsys.readouterr().err
 
@@ -210,16 +211,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def fleet_of(tmp_path, *modes: str) -> launcher.Fleet:
+def fleet_of(tmp_path, *modes: str) -> processes.ProcessGroup:
     (tmp_path / "llmesh_test_child.py").write_text(CHILD)
     specs = [ServiceSpec(name=f"{mode}{i}", module="llmesh_test_child", port=1 + i, args=(mode,),
                          env={"PYTHONPATH": str(tmp_path)}) for i, mode in enumerate(modes)]
-    return launcher.Fleet(specs, tmp_path / "logs")
+    return processes.ProcessGroup(specs, tmp_path / "logs")
 
 
 def wait_for_log(fleet, text):
     deadline = time.monotonic() + 30
-    while not all(text in launcher.tail(c.log_path) for c in fleet.children):
+    while not all(text in processes.tail(c.log_path) for c in fleet.children):
         assert time.monotonic() < deadline, "children did not start"
         time.sleep(0.05)  # sleep-ok: bounded poll of a condition
 
@@ -228,7 +229,7 @@ def test_a_child_that_dies_before_it_is_ready_is_named_with_its_log(tmp_path):
     fleet = fleet_of(tmp_path, "calm", "crash")
     fleet.start()
     try:
-        with pytest.raises(launcher.LaunchError) as exc:
+        with pytest.raises(processes.LaunchError) as exc:
             fleet.wait_ready(30, is_serving=lambda address: False)
         assert "crash1" in str(exc.value) and "exited with code 3" in str(exc.value)
         assert "child crash started" in str(exc.value)
@@ -240,7 +241,7 @@ def test_a_child_that_is_never_ready_times_out(tmp_path):
     fleet = fleet_of(tmp_path, "calm")
     fleet.start()
     try:
-        with pytest.raises(launcher.LaunchError, match="calm0 .* was not SERVING after 0 s"):
+        with pytest.raises(processes.LaunchError, match="calm0 .* was not SERVING after 0 s"):
             fleet.wait_ready(0.3, is_serving=lambda address: False)
     finally:
         fleet.stop(5)
@@ -265,7 +266,7 @@ def test_a_death_stops_the_rest_and_a_stubborn_child_is_killed(tmp_path, capsys)
     assert ready == ["calm0", "calm1", "stubborn2"]
     wait_for_log(fleet, "started")
     os.kill(fleet.children[0].proc.pid, signal.SIGKILL)
-    assert launcher.supervise(fleet, threading.Event()) is False
+    assert processes.supervise(fleet, threading.Event()) is False
     assert "calm0 (pid" in capsys.readouterr().err
     codes = fleet.stop(0.5)
     assert codes == {"calm0": -signal.SIGKILL, "calm1": 0, "stubborn2": -signal.SIGKILL}
@@ -278,7 +279,7 @@ def test_keep_going_leaves_the_others_running_until_stopped(tmp_path):
     stop = threading.Event()
     os.kill(fleet.children[1].proc.pid, signal.SIGKILL)
     threading.Timer(1.0, stop.set).start()
-    assert launcher.supervise(fleet, stop, keep_going=True) is False
+    assert processes.supervise(fleet, stop, keep_going=True) is False
     assert fleet.children[0].proc.poll() is None
     assert fleet.stop(5)["calm0"] == 0
 
@@ -291,11 +292,11 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from services.cli.launcher import Fleet
-        from services.cli.plan import ServiceSpec
+        from services.common.processes import ProcessGroup
+        from services.common.suite import ServiceSpec
         spec = ServiceSpec(name="router", module="router.main", port={port},
                            args=("--port", "{port}", "--host", "127.0.0.1"))
-        fleet = Fleet([spec], Path({str(tmp_path / "logs")!r}))
+        fleet = ProcessGroup([spec], Path({str(tmp_path / "logs")!r}))
         fleet.start()
         print(fleet.children[0].proc.pid, flush=True)
         time.sleep(60)  # sleep-ok: the parent stays up until the test kills it
@@ -360,7 +361,7 @@ def test_healthcheck_exits_0_only_when_serving(health_server, capsys):
 def test_healthcheck_module_runs_as_a_container_command(health_server):
     servicer, address = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    result = subprocess.run([sys.executable, "-m", "services.cli.healthcheck", address], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "services.common.healthcheck", address], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "SERVING" in result.stdout
 

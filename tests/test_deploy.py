@@ -46,9 +46,9 @@ def test_each_service_is_llmesh_serve_on_all_interfaces(services, name):
 @pytest.mark.parametrize("name", LLMESH)
 def test_each_service_is_healthy_when_grpc_health_says_serving(services, name):
     check = services[name]["healthcheck"]
-    assert check["test"] == ["CMD", "python", "-m", "services.cli.healthcheck", f"127.0.0.1:{PORTS[name]}"]
+    assert check["test"] == ["CMD", "python", "-m", "services.common.healthcheck", f"127.0.0.1:{PORTS[name]}"]
     assert check["start_period"] and check["interval"] and check["retries"] >= 1
-    assert importlib.util.find_spec("services.cli.healthcheck") is not None
+    assert importlib.util.find_spec("services.common.healthcheck") is not None
 
 
 def test_only_the_router_is_published_among_the_llmesh_services(services):

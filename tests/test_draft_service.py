@@ -10,7 +10,7 @@ import torch
 
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc
-from services.common.distributions import distribution_of
+from services.speculative.distributions import distribution_of
 from services.draft.config import DraftConfig
 from services.draft.main import create_server
 from transformers import LlamaForCausalLM

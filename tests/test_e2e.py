@@ -24,8 +24,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.cli.launcher import busy_ports
-from services.cli.plan import MODULES, ports
+from services.common.processes import busy_ports
+from services.common.suite import MODULES, ports
 
 pytestmark = pytest.mark.e2e
 

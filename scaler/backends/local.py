@@ -1,7 +1,7 @@
 """The ``local`` backend: each instance is a ``python -m services.target.main`` process on a free port.
 
 Processes are started the way ``llmesh up`` starts the suite (its
-:class:`~services.cli.launcher.Fleet`, one per instance): their own session,
+:class:`~services.common.processes.ProcessGroup`, one per instance): their own session,
 their output in ``LOG_DIR/ID.log``, SIGTERM to them if the scaler dies, and
 SIGTERM then SIGKILL after a grace period to stop them.
 """
@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scaler.backends import Backend, BackendError, LaunchSpec, Launched
-from services.cli.launcher import Fleet, connect_address
-from services.cli.plan import MODULES, ServiceSpec
+from services.common.processes import ProcessGroup, connect_address
+from services.common.suite import MODULES, ServiceSpec
 
 
 def free_port(host: str) -> int:
@@ -52,7 +52,7 @@ class LocalBackend(Backend):
         threads = _threads(self.extra_args)
         self.env = {**(os.environ if env is None else env), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
                     **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {})}
-        self._running: dict[int, Fleet] = {}
+        self._running: dict[int, ProcessGroup] = {}
 
     def command(self, spec: LaunchSpec, port: int) -> ServiceSpec:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.instance_id)
@@ -64,7 +64,7 @@ class LocalBackend(Backend):
         if not (self.model / "config.json").is_file():
             raise BackendError(f"no model at {self.model} (no config.json): give the scaler --target-model DIR")
         service = self.command(spec, free_port(self.host))
-        fleet = Fleet([service], self.log_dir, python=self.python, base_env=self.env)
+        fleet = ProcessGroup([service], self.log_dir, python=self.python, base_env=self.env)
         # Spawned from the event loop's thread, not a worker thread: the child
         # is sent SIGTERM when the thread that started it ends.
         try:
@@ -76,7 +76,7 @@ class LocalBackend(Backend):
         return Launched(connect_address(service), f"pid {pid}, log {fleet.children[0].log_path}", fleet)
 
     async def stop(self, launched: Launched, grace_s: float) -> None:
-        fleet: Fleet = launched.handle
+        fleet: ProcessGroup = launched.handle
         await asyncio.to_thread(fleet.stop, grace_s)
         self._running.pop(fleet.children[0].proc.pid, None)
 

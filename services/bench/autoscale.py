@@ -29,7 +29,7 @@ from google.protobuf import json_format
 
 from services.bench import fleet
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions
-from services.cli.plan import ServiceSpec
+from services.common.suite import ServiceSpec
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
                                    scaler_pb2_grpc, stats_pb2)

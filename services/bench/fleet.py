@@ -7,9 +7,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.cli.healthcheck import check
-from services.cli.launcher import Fleet, wait_routable
-from services.cli.plan import ServiceSpec
+from services.common.healthcheck import check
+from services.common.processes import ProcessGroup, wait_routable
+from services.common.suite import ServiceSpec
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ def _env(threads: int) -> dict[str, str]:
 def running(specs: list[ServiceSpec], log_dir: Path, timeout_s: float = 180.0):
     """Starts the processes, waits until each is SERVING (and the router sees
     them so), stops them at the end."""
-    fleet = Fleet(specs, log_dir, python=sys.executable)
+    fleet = ProcessGroup(specs, log_dir, python=sys.executable)
     fleet.start()
     try:
         fleet.wait_ready(timeout_s, lambda address: check(address) == "SERVING")

@@ -17,7 +17,7 @@ import grpc
 from tqdm import tqdm
 
 from services.common.stubs import generation_pb2 as gen
-from services.engine.metrics import percentile
+from services.common.metrics import percentile
 
 
 @dataclass

@@ -39,11 +39,11 @@ import grpc
 from services.bench import fleet as bench_fleet
 from services.bench.loadgen import RunResult, closed_loop, greedy_request
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions, median
-from services.cli.healthcheck import check
-from services.cli.launcher import Fleet, wait_routable
-from services.cli.plan import ServiceSpec
+from services.common.healthcheck import check
+from services.common.processes import ProcessGroup, wait_routable
+from services.common.suite import ServiceSpec
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc
-from services.engine.metrics import percentile
+from services.common.metrics import percentile
 from services.models.corpus import heldout_prompts
 
 STREAM_CONCURRENCY = 32
@@ -61,10 +61,10 @@ def router_spec(targets: list[str], *flags: str) -> ServiceSpec:
 
 @contextmanager
 def running(specs: list[ServiceSpec], timeout_s: float = 180.0):
-    """Like ``services.bench.fleet.running``, but yields the Fleet (its
+    """Like ``services.bench.fleet.running``, but yields the ProcessGroup (its
     children's processes are what the failover run kills)."""
     log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-router-"))
-    fleet = Fleet(specs, log_dir, python=sys.executable)
+    fleet = ProcessGroup(specs, log_dir, python=sys.executable)
     fleet.start()
     try:
         fleet.wait_ready(timeout_s, lambda address: check(address) == "SERVING")

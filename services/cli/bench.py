@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from services.bench import report
     from services.bench.scenarios import BenchOptions
-    from services.engine.build import default_home
+    from services.common.paths import default_home
 
     home = args.home or default_home()
     missing = [m for m in {args.model, args.draft, "target"} if not (home / "models" / m / "config.json").is_file()]

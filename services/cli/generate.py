@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from services.cli.plan import DEFAULT_ADDRESSES
+from services.common.suite import DEFAULT_ADDRESSES
 
 PRIORITIES = ("interactive", "normal", "batch")
 

@@ -1,6 +1,7 @@
 """`llmesh up`: the whole suite as five local processes.
 
-Executes the plan of :mod:`services.cli.plan`: checks the models and ports,
+Executes the plan of :mod:`services.common.suite` with
+:mod:`services.common.processes`: checks the models and ports,
 starts every service (`python -m MODULE ...`, its own session, its output in
 ``HOME/logs/NAME.log``), waits until each answers SERVING on
 ``grpc.health.v1``, prints one line per service (name, address, pid), then
@@ -18,191 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from services.cli.plan import DEFAULT_BASE_PORT, SERVICES, ServiceSpec, UpOptions, model_paths, plan, ports
-from services.common import lifeline
-
-POLL_S = 0.2
-TAIL_LINES = 25
-
-
-class LaunchError(RuntimeError):
-    """A service did not come up; the message names it and shows its log tail."""
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("LLMESH_HOME") or Path.home() / ".cache" / "llmesh")
-
-
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The last lines of a log file ("" if there is none)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def connect_address(spec: ServiceSpec) -> str:
-    """Where a client on this machine reaches a service bound to ``spec.host``."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(spec.host, spec.host)
-    return f"{host}:{spec.port}"
-
-
-def busy_ports(host: str, ports: Sequence[int]) -> list[int]:
-    """The ports that cannot be bound on ``host`` right now.
-
-    gRPC servers set SO_REUSEPORT, so a second suite would bind next to a
-    running one and its health checks would reach the old processes; a
-    plain bind (no SO_REUSEPORT) fails on any port a server holds.
-    """
-    busy = []
-    for port in ports:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                busy.append(port)
-    return busy
-
-
-@dataclass
-class Child:
-    spec: ServiceSpec
-    proc: subprocess.Popen
-    log_path: Path
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def describe_exit(self) -> str:
-        rc = self.proc.returncode
-        how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
-        text = tail(self.log_path)
-        return f"{self.name} (pid {self.proc.pid}) {how}; last lines of {self.log_path}:\n{text}"
-
-
-class Fleet:
-    """The processes of a plan: start them, wait for health, stop them."""
-
-    def __init__(self, specs: Sequence[ServiceSpec], log_dir: Path, python: str = sys.executable,
-                 base_env: dict[str, str] | None = None) -> None:
-        self.specs = list(specs)
-        self.log_dir = log_dir
-        self.python = python
-        self.base_env = dict(os.environ if base_env is None else base_env)
-        self.children: list[Child] = []
-
-    def start(self) -> None:
-        """Spawns every process, each in its own session (a terminal's Ctrl-C
-        reaches only the launcher, which stops them in order) and bound to
-        the launcher's life (see :mod:`services.common.lifeline`)."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for spec in self.specs:
-            log_path = self.log_dir / f"{spec.name}.log"
-            with open(log_path, "wb") as log:
-                env = {**self.base_env, **spec.env, **lifeline.launcher_env()}
-                proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            self.children.append(Child(spec, proc, log_path))
-
-    def wait_ready(self, timeout_s: float, is_serving: Callable[[str], bool],
-                   on_ready: Callable[[Child, float], None] = lambda child, waited: None,
-                   stop: threading.Event | None = None) -> bool:
-        """Waits until ``is_serving(address)`` holds for every child.
-
-        Returns False if ``stop`` was set first. Raises :class:`LaunchError`
-        when a child exits or the timeout passes.
-        """
-        stop = stop or threading.Event()
-        started = time.monotonic()
-        pending = list(self.children)
-        while pending:
-            for child in list(pending):
-                if child.proc.poll() is not None:
-                    raise LaunchError(f"{child.describe_exit()}\n{child.name} exited before it was ready")
-                if is_serving(connect_address(child.spec)):
-                    pending.remove(child)
-                    on_ready(child, time.monotonic() - started)
-            if not pending:
-                return True
-            if time.monotonic() - started > timeout_s:
-                child = pending[0]
-                raise LaunchError(f"{child.name} at {child.spec.address} (pid {child.proc.pid}) was not SERVING "
-                                  f"after {timeout_s:.0f} s; last lines of {child.log_path}:\n{tail(child.log_path)}")
-            if stop.wait(POLL_S):
-                return False
-        return True
-
-    def exited(self) -> list[Child]:
-        return [c for c in self.children if c.proc.poll() is not None]
-
-    def stop(self, grace_s: float) -> dict[str, int]:
-        """SIGTERM to every live child (last started first), SIGKILL to any
-        still running after ``grace_s``; returns each child's exit code."""
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in self.children:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"llmesh up: {child.name} (pid {child.proc.pid}) ignored SIGTERM for {grace_s:.0f} s; "
-                      "killing it", file=sys.stderr, flush=True)
-                child.proc.kill()
-                child.proc.wait()
-        return {c.name: c.proc.returncode for c in self.children}
-
-
-def supervise(fleet: Fleet, stop: threading.Event, keep_going: bool = False) -> bool:
-    """Blocks until ``stop`` is set or a child dies (with ``keep_going``:
-    until ``stop`` or every child is gone). Reports each death on stderr.
-    Returns True when no child died."""
-    reported: set[str] = set()
-    while not stop.wait(POLL_S):
-        for child in fleet.exited():
-            if child.name not in reported:
-                reported.add(child.name)
-                then = "the others keep running" if keep_going else "stopping the others"
-                print(f"llmesh up: {child.describe_exit()}\nllmesh up: {then}", file=sys.stderr, flush=True)
-        if reported and (not keep_going or len(reported) == len(fleet.children)):
-            break
-    return not reported
-
-
-def wait_routable(router: str, timeout_s: float = 60.0) -> None:
-    """Waits until the router sees every registered instance as SERVING."""
-    import grpc
-
-    from services.common.stubs import router_pb2, router_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        while True:
-            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5).instances
-            if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
-                return
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{i.spec.id}: {router_pb2.InstanceHealth.Name(i.health)}" for i in listed)
-                raise TimeoutError(f"the router at {router} does not see its instances as healthy: {states}")
-            time.sleep(0.1)
-
-
-def _is_serving(address: str) -> bool:
-    from services.cli.healthcheck import check
-
-    return check(address, timeout=1.0) == "SERVING"
+from services.common.paths import default_home
+from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
+                                      wait_routable)
+from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, model_paths, plan, ports
 
 
 def options_of(args: argparse.Namespace) -> UpOptions:
@@ -247,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    fleet = Fleet(specs, options.home / "logs")
+    fleet = ProcessGroup(specs, options.home / "logs")
     _say(f"starting {len(specs)} services; logs in {fleet.log_dir}")
     healthy = False
     try:
         fleet.start()
-        ready = fleet.wait_ready(args.timeout, _is_serving, stop=stop, on_ready=lambda c, waited: print(
+        ready = fleet.wait_ready(args.timeout, is_serving, stop=stop, on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
         if ready:
             router = specs[SERVICES.index("router")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from services.cli.plan import MODULES
+from services.common.suite import MODULES
 
 
 def run(args: argparse.Namespace) -> int:

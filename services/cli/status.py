@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from services.cli.plan import DEFAULT_ADDRESSES
+from services.common.suite import DEFAULT_ADDRESSES
 
 
 def _error(exc) -> str:
@@ -84,7 +84,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
     import grpc
     from google.protobuf import json_format
 
-    from services.cli.healthcheck import check
+    from services.common.healthcheck import check
     from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
                                        scaler_pb2_grpc)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2
-from services.common.generation_codec import distribution_params
-from services.draft.config import MAX_GAMMA
+from services.common.validation import check_gamma, distribution_params
 from services.engine.sequence import SamplingOptions
 
 
 def gamma_of(msg: model_pb2.ProposeRequest) -> int:
-    if not 1 <= msg.gamma <= MAX_GAMMA:
-        raise InvalidArgument("gamma", f"must be in [1, {MAX_GAMMA}], got {msg.gamma}")
-    return msg.gamma
+    return check_gamma("gamma", msg.gamma)
 
 
 def draft_sampling(s: gen.SamplingParams, gamma: int) -> SamplingOptions:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import field
-from services.common.model_service import ModelServiceConfig
-from services.engine.build import default_model_path
-
-MAX_GAMMA = 16
+from services.serving.model_service import ModelServiceConfig
+from services.common.paths import default_model_path
 
 
 @dataclass
@@ -24,4 +22,4 @@ class DraftConfig(ModelServiceConfig):
 
     def __post_init__(self) -> None:
         if not self.model:
-            self.model = default_model_path("draft")
+            self.model = str(default_model_path("draft"))

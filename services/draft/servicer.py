@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from services.common.errors import InvalidArgument
-from services.common.model_service import configure_changes, model_info, settings_pb
+from services.serving.model_service import configure_changes, model_info, settings_pb
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
-from services.common.distributions import distribution_pb
+from services.speculative.distributions import distribution_pb
 from services.draft import codec
 from services.engine.async_engine import AsyncEngine
 from services.engine.sequence import GenerationRequest

@@ -20,14 +20,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("LLMESH_HOME", Path.home() / ".cache" / "llmesh"))
-
-
-def default_model_path(name: str) -> str:
-    return str(default_home() / "models" / name)
-
-
 @dataclass
 class LoadedModel:
     engine: Engine

@@ -21,7 +21,7 @@ import torch
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.engine import sampler
 from services.engine.detokenizer import Detokenizer
-from services.engine.metrics import EngineMetrics, MetricsSnapshot
+from services.common.metrics import WindowedMetrics, MetricsSnapshot
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.scheduler import Row, Scheduler
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
@@ -59,7 +59,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids or [])
         self.clock = clock
         self.scheduler = Scheduler(settings)
-        self.metrics = EngineMetrics(metrics_window_s, started_at=clock())
+        self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._queued = 0  # submitted but not yet admitted (or dropped)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 from services.common.errors import InvalidArgument, OutOfRange
+from services.common.validation import check_sampling_values
 from services.engine.sequence import GenerationRequest
 
 
@@ -16,14 +15,7 @@ def validate(request: GenerationRequest, vocab_size: int, max_context: int) -> N
     bad = [t for t in [*request.prompt_ids, *request.resume_ids] if not 0 <= t < vocab_size]
     if bad:
         raise OutOfRange("prompt.tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    if not (math.isfinite(s.temperature) and s.temperature >= 0):
-        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
-    if not (0 < s.top_p <= 1):  # also rejects NaN
-        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    if s.top_k < 0:
-        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {s.top_k}")
-    if s.max_new_tokens <= 0:
-        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    check_sampling_values(s.temperature, s.top_p, s.top_k, s.max_new_tokens, len(s.stop))
     prompt_len = len(request.prompt_ids)
     if prompt_len >= max_context:
         raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}")

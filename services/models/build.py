@@ -146,11 +146,6 @@ class _Ctx:
         return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts)]
 
 
-def default_home() -> Path:
-    """``$LLMESH_HOME`` or ``~/.cache/llmesh``."""
-    return Path(os.environ.get("LLMESH_HOME") or Path.home() / ".cache" / "llmesh")
-
-
 def read_report(model_dir: Path) -> dict | None:
     """The build report of a complete model directory, or None when it is not complete."""
     try:

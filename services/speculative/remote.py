@@ -16,7 +16,7 @@ import logging
 import grpc
 import torch
 
-from services.common.distributions import distribution_of
+from services.speculative.distributions import distribution_of
 from services.common.errors import Unavailable
 from services.common.server import insecure_channel
 from services.common.stubs import generation_pb2 as gen

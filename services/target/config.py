@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, field
-from services.common.model_service import ModelServiceConfig
-from services.engine.build import default_model_path
+from services.common.errors import InvalidArgument
+from services.common.validation import check_gamma_range
+from services.serving.model_service import ModelServiceConfig
+from services.common.paths import default_model_path
 from services.speculative.gamma import SpeculationSettings
 
 
@@ -34,10 +36,11 @@ class TargetConfig(ModelServiceConfig):
 
     def __post_init__(self) -> None:
         if not self.model:
-            self.model = default_model_path("target")
+            self.model = str(default_model_path("target"))
 
     def validate(self) -> None:
         super().validate()
-        if not 1 <= self.gamma_min <= self.gamma <= self.gamma_max <= 16:
-            raise ConfigError(f"gamma: need 1 <= gamma_min <= gamma <= gamma_max <= 16, got "
-                              f"{self.gamma_min}, {self.gamma}, {self.gamma_max}")
+        try:
+            check_gamma_range(self.gamma_min, self.gamma, self.gamma_max)
+        except InvalidArgument as exc:
+            raise ConfigError(str(exc)) from None

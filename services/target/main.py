@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common import telemetry
-from services.common.model_app import ModelApp, run_main
+from services.serving.app import ModelApp, run_main
 from services.common.stubs import model_pb2_grpc, stats_pb2
 from services.target.config import TargetConfig
 from services.target.servicer import TargetServicer

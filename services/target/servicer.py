@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 
-from services.common import generation_codec as codec
+from services.serving import generation_codec as codec
 from services.common.telemetry import record_phases
-from services.common.errors import InvalidArgument
-from services.common.model_service import configure_changes, model_info, settings_pb
+from services.common.validation import check_gamma_range
+from services.serving.model_service import configure_changes, model_info, settings_pb
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
@@ -56,8 +56,6 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         """A draft link when this request speculates (its own setting, else the default)."""
         s = request.speculation
         enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
-        if s.HasField("gamma") and not 1 <= s.gamma <= 16:
-            raise InvalidArgument("speculation.gamma", f"must be in [1, 16], got {s.gamma}")
         address = request.draft_address or self.config.draft_address
         if not enabled or not address:
             return None
@@ -104,8 +102,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         spec = {name: getattr(request, name) for name in
                 ("speculation_default", "gamma", "gamma_min", "gamma_max", "draft_address") if request.HasField(name)}
         g = {k: spec.get(k, getattr(self.config, k)) for k in ("gamma_min", "gamma", "gamma_max")}
-        if not 1 <= g["gamma_min"] <= g["gamma"] <= g["gamma_max"] <= 16:
-            raise InvalidArgument("gamma", f"need 1 <= gamma_min <= gamma <= gamma_max <= 16, got {g}")
+        check_gamma_range(g["gamma_min"], g["gamma"], g["gamma_max"])
         engine = self.app.require_loaded().engine
         settings = engine.update_settings(**changes) if changes else engine.settings
         for name, value in spec.items():

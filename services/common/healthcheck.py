@@ -1,4 +1,4 @@
-"""`python -m services.cli.healthcheck ADDR [--service NAME] [--timeout S]`.
+"""`python -m services.common.healthcheck ADDR [--service NAME] [--timeout S]`.
 
 Asks ``grpc.health.v1.Health/Check`` at ADDR; exits 0 when the answer is
 SERVING and 1 otherwise (NOT_SERVING, unreachable, timeout), printing the
@@ -34,7 +34,7 @@ def check(address: str, service: str = "", timeout: float = 2.0) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.cli.healthcheck", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m services.common.healthcheck", description=__doc__.split("\n\n")[1])
     parser.add_argument("address", help="host:port of a gRPC server")
     parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")

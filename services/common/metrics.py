@@ -47,7 +47,7 @@ class MetricsSnapshot:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-class EngineMetrics:
+class WindowedMetrics:
     """Records steps and finished requests; summarises the last ``window_s``."""
 
     def __init__(self, window_s: float = 10.0, started_at: float = 0.0) -> None:

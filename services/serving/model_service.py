@@ -8,7 +8,7 @@ from services.common.config import BaseConfig, ConfigError, field
 from services.common.stubs import model_pb2, stats_pb2
 from services.engine.build import LoadedModel
 from services.engine.engine import EngineLoad
-from services.engine.metrics import Summary
+from services.common.metrics import Summary
 from services.engine.settings import EngineSettings
 
 

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
-from services.common.model_service import ModelServiceConfig, load_report
+from services.serving.model_service import ModelServiceConfig, load_report
 from services.common.server import Health, new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc

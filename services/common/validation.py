@@ -1,0 +1,112 @@
+"""The one validation of a generation request, and the limits it enforces.
+
+Every service that accepts a ``GenerateRequest`` (the router at its door, the
+target before its engine) calls :func:`check_generate_request`; the draft
+checks its stream's sampling with :func:`distribution_params`; the engine
+checks in-process requests with :func:`check_sampling_values`. The rules are
+written once, here. What needs the model (vocabulary, context length) is the
+engine's to check.
+
+Pure functions on the caller's thread; each raises
+:class:`~services.common.errors.InvalidArgument` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import math
+
+from services.common.errors import InvalidArgument
+from services.common.stubs import generation_pb2 as gen
+
+#: Most tokens a draft may propose in one round (γ), everywhere: requests,
+#: flags, ``Configure`` and ``DraftModel.Propose``.
+MAX_GAMMA = 16
+#: Most stop sequences per request.
+MAX_STOP_SEQUENCES = 16
+
+
+def valid_address(address: str) -> bool:
+    """``host:port`` with a numeric port (IPv6 hosts in brackets)."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+
+
+def check_gamma(name: str, gamma: int) -> int:
+    """γ in ``[1, MAX_GAMMA]``; returns it."""
+    if not 1 <= gamma <= MAX_GAMMA:
+        raise InvalidArgument(name, f"must be in [1, {MAX_GAMMA}], got {gamma}")
+    return gamma
+
+
+def check_gamma_range(gamma_min: int, gamma: int, gamma_max: int) -> None:
+    """``1 <= gamma_min <= gamma <= gamma_max <= MAX_GAMMA`` (adaptive γ's bounds)."""
+    if not 1 <= gamma_min <= gamma <= gamma_max <= MAX_GAMMA:
+        raise InvalidArgument("gamma", f"need 1 <= gamma_min <= gamma <= gamma_max <= {MAX_GAMMA}, got "
+                                       f"gamma_min={gamma_min}, gamma={gamma}, gamma_max={gamma_max}")
+
+
+def check_distribution_values(temperature: float, top_p: float, top_k: int) -> None:
+    """The parameters that shape a next-token distribution."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:  # also rejects NaN
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {top_k}")
+
+
+def check_sampling_values(temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                          num_stop: int) -> None:
+    """Every sampling rule that needs no model."""
+    check_distribution_values(temperature, top_p, top_k)
+    if max_new_tokens <= 0:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if num_stop > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {num_stop}")
+
+
+def distribution_params(s: gen.SamplingParams) -> dict:
+    """temperature, top_p, top_k and seed of a SamplingParams, checked, with
+    the defaults of unset fields (top_p 1, top_k 0 = off, seed None)."""
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    top_k = s.top_k if s.HasField("top_k") else 0
+    check_distribution_values(s.temperature, top_p, top_k)
+    return {"temperature": s.temperature, "top_p": top_p, "top_k": top_k,
+            "seed": s.seed if s.HasField("seed") else None}
+
+
+def priority_of(value: int) -> int:
+    """The queue priority of a Priority enum value (unspecified is normal)."""
+    if value not in gen.Priority.values():
+        names = ", ".join(gen.Priority.keys())
+        raise InvalidArgument("priority", f"unknown value {value}; use one of {names}")
+    return gen.PRIORITY_NORMAL if value == gen.PRIORITY_UNSPECIFIED else value
+
+
+def check_prompt(prompt: gen.Prompt) -> str:
+    """Which kind of prompt is set ("text" or "tokens"); refuses an empty one."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "text" and not prompt.text:
+        raise InvalidArgument("prompt.text", "must not be empty")
+    if kind == "tokens" and not prompt.tokens.ids:
+        raise InvalidArgument("prompt.tokens", "must not be empty")
+    if kind is None:
+        raise InvalidArgument("prompt", "must not be empty: set prompt.text or prompt.tokens")
+    return kind
+
+
+def check_generate_request(req: gen.GenerateRequest) -> None:
+    """Everything about a GenerateRequest that needs no model."""
+    if not req.HasField("sampling"):
+        raise InvalidArgument("sampling", "must be set (at least sampling.max_new_tokens)")
+    check_prompt(req.prompt)
+    priority_of(req.priority)
+    s = req.sampling
+    distribution_params(s)
+    check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens, len(s.stop))
+    if req.speculation.HasField("gamma"):
+        check_gamma("speculation.gamma", req.speculation.gamma)
+    if req.draft_address and not valid_address(req.draft_address):
+        raise InvalidArgument("draft_address", f"must be host:port, got {req.draft_address!r}")
+    if len(req.resume_tokens) >= s.max_new_tokens:
+        raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")

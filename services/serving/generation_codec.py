@@ -1,0 +1,42 @@
+"""Generation requests and chunks: protobuf ⇄ engine types (no I/O).
+
+The checks are :mod:`services.common.validation`'s, the same ones the router
+runs; this module only builds engine types from a checked request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.validation import check_generate_request, distribution_params, priority_of
+from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: gen.FINISH_REASON_LENGTH,
+    FinishReason.EOS: gen.FINISH_REASON_EOS,
+    FinishReason.STOP: gen.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: gen.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: gen.FINISH_REASON_ERROR,
+}
+FINISH_REASON_OF_PB = {v: k for k, v in FINISH_REASONS.items()}
+
+
+def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
+    """The engine's SamplingOptions of a SamplingParams already checked."""
+    return SamplingOptions(**distribution_params(s), max_new_tokens=s.max_new_tokens, stop=tuple(s.stop),
+                           ignore_eos=s.ignore_eos)
+
+
+def request_of(req: gen.GenerateRequest, encode: Callable[[str], list[int]],
+               deadline: float | None) -> GenerationRequest:
+    """Checks ``req`` and builds the engine's request; ``encode`` tokenizes a
+    text prompt. Raises InvalidArgument naming the field."""
+    check_generate_request(req)
+    prompt = req.prompt
+    ids = encode(prompt.text) if prompt.WhichOneof("kind") == "text" else list(prompt.tokens.ids)
+    return GenerationRequest(
+        prompt_ids=ids, sampling=sampling_of(req.sampling),
+        request_id=req.request_id, priority=priority_of(req.priority), deadline=deadline,
+        resume_ids=list(req.resume_tokens),
+    )
