@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import errors
 from services.common.config import BaseConfig, ConfigError, field
 from services.common.status import RETRY_AFTER_KEY, status_of
+from services.common.stubs import generation_pb2 as gen
 from services.target.config import TargetConfig
 
 
@@ -98,3 +99,38 @@ async def test_health_watch_streams_through_the_error_interceptor(tiny_models):
         second = await asyncio.wait_for(call.read(), 5)
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await stopping
+
+
+def _bad_utf8_request() -> bytes:
+    """A GenerateRequest whose request_id (a proto3 string) is not UTF-8."""
+    good = gen.GenerateRequest(request_id="ab", sampling=gen.SamplingParams(max_new_tokens=1)).SerializeToString()
+    assert b"ab" in good
+    return good.replace(b"ab", b"\xff\xfe")
+
+
+@pytest.mark.parametrize("method, streaming", [("/llmesh.v1.Router/Generate", True),
+                                               ("/llmesh.v1.Router/Complete", False),
+                                               ("/llmesh.v1.Router/RegisterInstance", False)])
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", _bad_utf8_request()], ids=["not-protobuf", "bad-utf8"])
+async def test_undecodable_requests_are_invalid_argument_and_the_service_stays_up(method, streaming, payload):
+    from router.config import RouterConfig
+    from router.main import create_server as create_router
+
+    app = create_router(RouterConfig.from_namespace({"port": 0}, env={}))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            call = (channel.unary_stream if streaming else channel.unary_unary)(method)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                if streaming:
+                    async for _ in call(payload):
+                        pass
+                else:
+                    await call(payload)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid protobuf message" in err.value.details()
+            assert "Traceback" not in err.value.details()
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await app.stop(0)

@@ -17,7 +17,6 @@ usage error (models or ports missing).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading

@@ -106,13 +106,100 @@ def _wrap_writer(behavior):
     return handler
 
 
+class _Undecodable:
+    """What a request message that could not be parsed becomes, so that the
+    handler (not grpc's core, which answers UNKNOWN) refuses it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def refuse(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument("request", "is not a valid protobuf message of this method's request type "
+                                                 f"(bytes that do not parse, or a string field that is not UTF-8): "
+                                                 f"{type(self.error).__name__}")
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the client sent bad bytes
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _checked_unary(behavior):
+    async def checked(request, context):
+        if isinstance(request, _Undecodable):
+            raise request.refuse()
+        return await behavior(request, context)
+
+    return checked
+
+
+async def _checked_messages(request_iterator):
+    async for message in request_iterator:
+        if isinstance(message, _Undecodable):
+            raise message.refuse()
+        yield message
+
+
+def _checked_stream_in(behavior):
+    if inspect.isasyncgenfunction(behavior):
+        async def checked_gen(request_iterator, context):
+            async for response in behavior(_checked_messages(request_iterator), context):
+                yield response
+
+        return checked_gen
+
+    async def checked(request_iterator, context):
+        return await behavior(_checked_messages(request_iterator), context)
+
+    return checked
+
+
+def _checked_unary_in_stream_out(behavior):
+    if not inspect.isasyncgenfunction(behavior):
+        return _checked_unary(behavior)
+
+    async def checked(request, context):
+        if isinstance(request, _Undecodable):
+            raise request.refuse()
+        async for response in behavior(request, context):
+            yield response
+
+    return checked
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by any handler to a gRPC status."""
+    """Maps exceptions raised by any handler to a gRPC status.
+
+    Requests whose bytes do not parse (or hold invalid UTF-8 in a string
+    field) reach the handler as a marker and are refused INVALID_ARGUMENT
+    here, instead of grpc's ``UNKNOWN: Unexpected DecodeError``.
+    """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        else:
+            return self._wrap(handler)
+        if handler.unary_unary:
+            handler = handler._replace(unary_unary=_checked_unary(handler.unary_unary))
+        elif handler.stream_unary:
+            handler = handler._replace(stream_unary=_checked_stream_in(handler.stream_unary))
+        elif handler.unary_stream:
+            handler = handler._replace(unary_stream=_checked_unary_in_stream_out(handler.unary_stream))
+        elif handler.stream_stream:
+            handler = handler._replace(stream_stream=_checked_stream_in(handler.stream_stream))
+        return self._wrap(handler)
+
+    @staticmethod
+    def _wrap(handler):
         if handler.unary_unary:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
         if handler.stream_unary:

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from services.common.paths import default_home
 
 from . import corpus
 from .grow import grow_llama
