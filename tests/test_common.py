@@ -134,3 +134,20 @@ async def test_undecodable_requests_are_invalid_argument_and_the_service_stays_u
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await app.stop(0)
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([0.026, 0.195], 50, 0.026),          # q*n/100 lands on .5: nearest rank is the lower one
+    (list(range(1, 11)), 90, 9),
+    (list(range(1, 21)), 95, 19),
+    (list(range(1, 21)), 99, 20),
+    ([5.0], 50, 5.0),
+    ([3, 1, 2], 50, 2),                   # unsorted input
+    ([], 99, 0.0),
+])
+def test_percentiles_are_nearest_rank(values, q, expected):
+    from services.common.metrics import Summary, percentile
+
+    assert percentile(values, q) == pytest.approx(expected)
+    if values and q in (50, 95, 99):
+        assert getattr(Summary.of(values), f"p{q}") == pytest.approx(expected)

@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
-    if not sorted_values:
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0..100) of ``values`` (0 for none).
+
+    numpy's ``inverted_cdf`` method (Hyndman & Fan definition 1): the smallest
+    value whose empirical CDF is at least q/100, always one of the values.
+    p50 of [26, 195] is 26; p90 of 1..10 is 9; p95 of 1..20 is 19.
+    """
+    if not len(values):
         return 0.0
-    k = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
+    return float(np.percentile(values, q, method="inverted_cdf"))
 
 
 @dataclass
@@ -26,8 +32,8 @@ class Summary:
     def of(cls, values: list[float]) -> "Summary":
         if not values:
             return cls()
-        s = sorted(values)
-        return cls(percentile(s, 50), percentile(s, 95), percentile(s, 99), sum(s) / len(s), len(s))
+        p50, p95, p99 = (float(v) for v in np.percentile(values, [50, 95, 99], method="inverted_cdf"))
+        return cls(p50, p95, p99, sum(values) / len(values), len(values))
 
 
 @dataclass
