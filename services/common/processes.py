@@ -49,12 +49,15 @@ def busy_ports(host: str, ports: Sequence[int]) -> list[int]:
     """The ports that cannot be bound on ``host`` right now.
 
     gRPC servers set SO_REUSEPORT, so a second suite would bind next to a
-    running one and its health checks would reach the old processes; a
-    plain bind (no SO_REUSEPORT) fails on any port a server holds.
+    running one and its health checks would reach the old processes; a bind
+    without SO_REUSEPORT fails on any port a server listens on. The probe
+    sets SO_REUSEADDR (as servers do), so connections of a suite that just
+    stopped, left in TIME_WAIT for a minute, do not count as busy.
     """
     busy = []
     for port in ports:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
