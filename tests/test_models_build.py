@@ -180,3 +180,30 @@ def test_recipe_round_trips_and_tracks_seed_and_plan():
     smaller = dataclasses.replace(plan, draft=dataclasses.replace(plan.draft, hidden_size=32))
     assert recipe(smaller, 0, "draft") != recipe(plan, 0, "draft")
     assert recipe(smaller, 0, "target") == recipe(plan, 0, "target")
+
+
+def test_bf16_autocast_follows_the_cpu_unless_set(monkeypatch):
+    """Emulated bf16 made training ~28x slower on an AVX2-only CPU: autocast
+    only where the CPU has bf16 in hardware, or where the config says so."""
+    from services.models import train
+
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda: has_bf16)
+        assert train.TrainConfig(steps=1).use_bf16 is has_bf16
+        assert train.TrainConfig(steps=1, bf16=False).use_bf16 is False
+        assert train.TrainConfig(steps=1, bf16=True).use_bf16 is True
+
+
+def test_training_reports_whether_it_used_bf16(monkeypatch):
+    from services.models import train
+
+    monkeypatch.setattr(train, "native_bf16", lambda: False)
+    model = torch.nn.Linear(4, 4)
+    seen = []
+
+    def loss(step):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return model(torch.ones(2, 4)).pow(2).mean()
+
+    stats = train._optimise(model, train.TrainConfig(steps=2, warmup_steps=1), loss, progress=False, desc="t")
+    assert stats["bf16_autocast"] is False and seen == [False, False]
