@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from monitor.metrics import Scope, Throughput, ThroughputResult, scope_keys, serving_keys, throughput
-from monitor.store import InstanceInfo, Role, Snapshot
+from monitor.store import InstanceInfo, Snapshot
+from services.common.load import Role
 
 
 class Severity(enum.IntEnum):

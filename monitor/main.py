@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from monitor.alerts import AlertHub
 from monitor.analysis import AlertTracker
-from monitor.collector import Collector
+from monitor.subscriber import StatsSubscriber
 from monitor.config import MonitorConfig
-from monitor.prometheus import FleetCollector, PrometheusExporter
+from monitor.prometheus import PrometheusCollector, PrometheusExporter
 from monitor.servicer import MonitorServicer
 from monitor.store import ReportStore
 from services.common import telemetry
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class MonitorApp:
-    """One monitor process: its server, the collector loops, the alert loop, the exporter."""
+    """One monitor process: its server, the stats subscriptions, the alert loop, the exporter."""
 
     def __init__(self, config: MonitorConfig, provider: TracerProvider,
                  clock: Callable[[], float] = time.time) -> None:
@@ -38,7 +38,7 @@ class MonitorApp:
         self.store = ReportStore(config.retention_s)
         # Client channels are not traced: a span per 2-s listing and per endless
         # stats stream would bury the request traces.
-        self.collector = Collector(
+        self.subscriber = StatsSubscriber(
             config.router, self.store, watch_interval_s=config.watch_interval_s,
             list_interval_s=config.list_interval_s, rpc_timeout_s=config.rpc_timeout_s,
             reconnect_initial_s=config.reconnect_initial_s, reconnect_max_s=config.reconnect_max_s,
@@ -47,7 +47,7 @@ class MonitorApp:
         self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s),
                                window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,
                                thresholds=thresholds)
-        self.exporter = PrometheusExporter(FleetCollector(self.store.snapshot, config.default_window_s, clock,
+        self.exporter = PrometheusExporter(PrometheusCollector(self.store.snapshot, config.default_window_s, clock,
                                                           lambda: list(self.alerts.firing)))
         monitor_pb2_grpc.add_MonitorServicer_to_server(
             MonitorServicer(self.store, self.alerts, config.default_window_s, clock, thresholds,
@@ -63,11 +63,11 @@ class MonitorApp:
                                     timestamp=self.clock())
 
     async def start(self) -> None:
-        """Serves at once (SERVING); the collector keeps retrying the router until it answers."""
+        """Serves at once (SERVING); the subscriber keeps retrying the router until it answers."""
         await self.server.start()
         if self.config.prometheus_port:
             self.exporter.start(self.config.host, self.config.prometheus_port)
-        self.collector.start()
+        self.subscriber.start()
         self.alerts.start()
         await self.health.set(True)
         log.info("%s serving on %s, watching router %s", self.instance_id, self.address, self.config.router)
@@ -80,7 +80,7 @@ class MonitorApp:
     async def close(self) -> None:
         """Stops the loops and the exporter (after the server has stopped)."""
         await self.alerts.stop()
-        await self.collector.stop()
+        await self.subscriber.stop()
         self.exporter.stop()
 
 

@@ -24,7 +24,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from monitor.store import InstanceInfo, Latency, Report, Role, Snapshot, UtilizationSource
+from monitor.store import InstanceInfo, Report, Snapshot
+from services.common.load import Latency, Role, UtilizationSource
 from services.common.errors import InvalidArgument, NotFound
 
 #: GetThroughput's largest window (monitor.proto); the store keeps reports a little longer.

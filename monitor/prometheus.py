@@ -44,8 +44,9 @@ _LATENCIES = [("ttft", "Time to first token"), ("tpot", "Time per output token a
               ("e2e", "Arrival to last token"), ("queue_time", "Arrival to admission")]
 
 
-class FleetCollector(Collector):
-    """Metric families of every instance in the store."""
+class PrometheusCollector(Collector):
+    """Metric families of every instance in the store, computed at each scrape
+    (on the exporter's HTTP thread, from an immutable store snapshot)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], window_s: float, clock: Callable[[], float],
                  firing: Callable[[], list[Alert]] = list) -> None:

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from router import codec
 from router.auth import BearerAuth
 from router.config import RouterConfig, split_target
-from router.fleet import Fleet
+from router.upstreams import Upstreams
 from router.forwarder import Forwarder
 from router.registry import InstanceSpec, Role
 from router.servicer import RouterServicer
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class RouterApp:
-    """One router process: its server, fleet, forwarder and health."""
+    """One router process: its server, upstreams, forwarder and health."""
 
     def __init__(self, config: RouterConfig, provider: TracerProvider) -> None:
         self.config = config
@@ -36,10 +36,10 @@ class RouterApp:
             config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
         self.metrics = WindowedMetrics(config.metrics_window_s, started_at=time.monotonic())
-        self.fleet = Fleet(config)
-        self.forwarder = Forwarder(self.fleet, config, self.metrics, provider=provider)
+        self.upstreams = Upstreams(config)
+        self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
         auth = BearerAuth(config.auth_token) if config.auth_token else None
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.fleet, self.forwarder, auth), self.server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder, auth), self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 
     @property
@@ -57,7 +57,7 @@ class RouterApp:
         for role, addresses in ((Role.TARGET, self.config.targets), (Role.DRAFT, self.config.drafts)):
             for entry in addresses:
                 pool, address = split_target(entry, self.config.pool)
-                self.fleet.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
+                self.upstreams.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
         await self.health.set(True)
         log.info("%s routing on %s (%s%s%s)", self.instance_id, self.address, self.config.policy.value,
                  f", cache of {self.config.cache_size}" if self.config.cache_size else "",
@@ -66,7 +66,7 @@ class RouterApp:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.shutdown()
         await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.fleet.close()
+        await self.upstreams.close()
 
 
 def create_server(config: RouterConfig, provider: TracerProvider | None = None) -> RouterApp:
@@ -79,7 +79,7 @@ async def serve(config: RouterConfig) -> None:
     app = create_server(config)
     await app.start()
     print(f"router serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.fleet.close)
+    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.upstreams.close)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

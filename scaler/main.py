@@ -15,7 +15,7 @@ from scaler.backends import Backend as ScalingBackend
 from scaler.backends import BackendError, refuse
 from scaler.config import Backend, ScalerConfig
 from scaler.controller import Controller
-from scaler.fleet import RouterFleet
+from scaler.router_client import RouterClient
 from scaler.load import MonitorLoad
 from scaler.policy import Policy
 from scaler.servicer import ScalerServicer
@@ -60,16 +60,16 @@ class ScalerApp:
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
         self.router_channel = insecure_channel(config.router)
         self.monitor_channel = insecure_channel(config.monitor)
-        self.fleet = RouterFleet(self.router_channel, self.state, config.rpc_timeout_s, clock,
-                                 labels={"managed-by": self.instance_id})
+        self.router = RouterClient(self.router_channel, self.state, config.rpc_timeout_s, clock,
+                                   labels={"managed-by": self.instance_id})
         self.controller = Controller(
-            self.state, self.fleet,
+            self.state, self.router,
             MonitorLoad(self.monitor_channel, config.rpc_timeout_s, config.metrics_window_s, config.panic_window_s),
             backend, interval_s=config.interval_s, start_timeout_s=config.start_timeout_s,
             warmup_tokens=config.warmup_tokens, stop_grace_s=config.stop_grace_s,
             retry_after_s=config.retry_after_s, clock=clock)
         scaler_pb2_grpc.add_ScalerServicer_to_server(
-            ScalerServicer(self.state, self.fleet, self.controller, clock), self.server)
+            ScalerServicer(self.state, self.router, self.controller, clock), self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 
     @property

@@ -7,7 +7,8 @@ import pytest
 
 from monitor.analysis import Severity, Thresholds, analyze
 from monitor.metrics import Scope, standard_windows, throughput
-from monitor.store import InstanceInfo, Latency, Role
+from monitor.store import InstanceInfo
+from services.common.load import Latency, Role
 from tests.test_monitor_metrics import T0, feed, report, store_with, target
 
 HEALTHY = dict(tokens_per_s=100, requests_per_s=2, accelerator_utilization=0.9, batch_fill=0.9, running=7,

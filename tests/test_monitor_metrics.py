@@ -8,7 +8,8 @@ import pytest
 
 from monitor.analysis import AlertTracker, Severity, analyze
 from monitor.metrics import Scope, merge_latency, resolve_window, throughput
-from monitor.store import InstanceInfo, Latency, Report, ReportStore, Role, UtilizationSource
+from monitor.store import InstanceInfo, Report, ReportStore
+from services.common.load import Latency, Role, UtilizationSource
 from services.common.errors import InvalidArgument, NotFound
 
 T0 = 1_000_000.0
@@ -109,7 +110,7 @@ def test_scope_by_instance_and_pool():
 
 def test_an_instance_can_be_named_by_the_id_in_its_reports():
     store = store_with(target("10.0.0.1:50061"))
-    store.add("10.0.0.1:50061", Report("target@host", Role.TARGET, T0, T0))
+    store.add("10.0.0.1:50061", Report("target@host", Role.TARGET, T0, received_at=T0))
     assert throughput(store.snapshot(), 10, Scope(instance_id="target@host"), T0).metrics.instances == 1
 
 
