@@ -47,8 +47,8 @@ def scope_of(pb: monitor_pb2.Scope) -> Scope:
 def throughput_pb(m: Throughput) -> monitor_pb2.ThroughputMetrics:
     return monitor_pb2.ThroughputMetrics(
         window_s=m.window_s, requests_per_second=m.requests_per_second, tokens_per_second=m.tokens_per_second,
-        batch_efficiency=m.batch_efficiency, accelerator_utilization=m.accelerator_utilization,
-        utilization_source=SOURCE_PB[m.utilization_source], concurrent_users=m.concurrent_users,
+        batch_fill=m.batch_fill, accelerator_utilization=m.accelerator_utilization,
+        utilization_source=SOURCE_PB[m.utilization_source], in_flight=m.in_flight,
         ttft=latency_pb(m.ttft), tpot=latency_pb(m.tpot), e2e=latency_pb(m.e2e),
         queue_time=latency_pb(m.queue_time), acceptance_rate=m.acceptance_rate, error_rate=m.error_rate,
         instances=m.instances, queue_length=m.queue_length, running=m.running, kv_cache_usage=m.kv_cache_usage,

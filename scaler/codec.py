@@ -27,7 +27,7 @@ def instance_of(pb: router_pb2.InstanceStatus) -> PoolMember:
 
 def window_load(pb: monitor_pb2.ThroughputMetrics) -> WindowLoad:
     return WindowLoad(window_s=pb.window_s, tokens_per_second=pb.tokens_per_second,
-                      concurrent_users=pb.concurrent_users, running=pb.running)
+                      in_flight=pb.in_flight, running=pb.running)
 
 
 def instance_loads(reply: monitor_pb2.GetThroughputResponse, targets: set[str]) -> tuple[InstanceLoad, ...]:

@@ -125,7 +125,7 @@ class WindowLoad:
     #: Tokens/s the pool generated over the window.
     tokens_per_second: float
     #: Requests in flight (queued + running), newest reports.
-    concurrent_users: int = 0
+    in_flight: int = 0
     #: Sequences in the running batches, newest reports.
     running: int = 0
 
@@ -133,8 +133,8 @@ class WindowLoad:
     def demand(self) -> float:
         """Tokens/s the pool would generate if nothing waited: the served rate scaled by
         in flight ÷ running (a queued request would be served at the running ones' rate)."""
-        if self.running > 0 and self.concurrent_users > self.running:
-            return self.tokens_per_second * self.concurrent_users / self.running
+        if self.running > 0 and self.in_flight > self.running:
+            return self.tokens_per_second * self.in_flight / self.running
         return self.tokens_per_second
 
 
@@ -283,7 +283,7 @@ def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> 
     memory = dataclasses.replace(memory, recommendations=recs, last_panic=last_panic if in_panic else None)
     figures.update(load_tokens_per_second=load, served_tokens_per_second=stable.tokens_per_second,
                    short_load_tokens_per_second=short, window_s=stable.window_s, short_window_s=short_window_s,
-                   concurrent_users=float(stable.concurrent_users), running=float(stable.running),
+                   in_flight=float(stable.in_flight), running=float(stable.running),
                    target_utilization=p.target_utilization, utilization=utilisation, recommended=float(rec),
                    panic=float(in_panic))
     figure = (f"load {load:.1f} tok/s over {stable.window_s:g} s ÷ ({p.target_utilization:g} × "

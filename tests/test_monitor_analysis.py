@@ -52,11 +52,11 @@ def test_host_side_bottleneck_low_utilisation_with_work_queued():
     assert "tokens/s" in rec.expected_effect
 
 
-def test_batch_efficiency_below_0_7_with_requests_waiting():
+def test_batch_fill_below_0_7_with_requests_waiting():
     store = store_with(target("a"))
     now = feed(store, "a", 10, queue_length=4, accelerator_utilization=0.8, batch_fill=0.4, running=3,
                queue_time=Latency(300, 500, 600, 320, 40))
-    rec = only(rules(store, now), "low_batch_efficiency")
+    rec = only(rules(store, now), "low_batch_fill")
     assert rec.value == pytest.approx(0.4) and rec.threshold == 0.7
     assert "max_wait_ms" in rec.action and "max_batch_size" in rec.action
     assert rec.evidence["queue_time_p50_ms"] == 300
