@@ -18,23 +18,19 @@ from monitor.prometheus import PrometheusCollector, PrometheusExporter
 from monitor.servicer import MonitorServicer
 from monitor.store import ReportStore
 from services.common import telemetry
-from services.common.server import insecure_channel, new_server, serve_until_signal, setup_logging
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, monitor_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.common.server import ServiceApp, insecure_channel, setup_logging
+from services.common.stubs import monitor_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
 
 
-class MonitorApp:
+class MonitorApp(ServiceApp):
     """One monitor process: its server, the stats subscriptions, the alert loop, the exporter."""
 
     def __init__(self, config: MonitorConfig, provider: TracerProvider,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config
         self.clock = clock
-        self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES["monitor"], SERVICE_NAMES["stats"]], provider)
-        self.instance_id = config.instance_id or f"monitor@{config.host}:{self.port}"
+        self.bind(config, "monitor", provider)
         self.store = ReportStore(config.retention_s)
         # Client channels are not traced: a span per 2-s listing and per endless
         # stats stream would bury the request traces.
@@ -48,15 +44,10 @@ class MonitorApp:
                                window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,
                                thresholds=thresholds)
         self.exporter = PrometheusExporter(PrometheusCollector(self.store.snapshot, config.default_window_s, clock,
-                                                          lambda: list(self.alerts.firing)))
+                                                               lambda: list(self.alerts.firing)))
         monitor_pb2_grpc.add_MonitorServicer_to_server(
             MonitorServicer(self.store, self.alerts, config.default_window_s, clock, thresholds,
                             tuple(config.windows_s)), self.server)
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
 
     def report(self) -> stats_pb2.LoadReport:
         return stats_pb2.LoadReport(instance_id=self.instance_id, role=stats_pb2.ROLE_MONITOR,
@@ -72,11 +63,6 @@ class MonitorApp:
         await self.health.set(True)
         log.info("%s serving on %s, watching router %s", self.instance_id, self.address, self.config.router)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.health.shutdown()
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.close()
-
     async def close(self) -> None:
         """Stops the loops and the exporter (after the server has stopped)."""
         await self.alerts.stop()
@@ -91,10 +77,7 @@ def create_server(config: MonitorConfig, provider: TracerProvider | None = None)
 
 
 async def serve(config: MonitorConfig) -> None:
-    app = create_server(config)
-    await app.start()
-    print(f"monitor serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.close)
+    await create_server(config).serve("monitor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

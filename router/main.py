@@ -15,36 +15,28 @@ from router.auth import BearerAuth
 from router.config import RouterConfig, split_target
 from router.upstreams import Upstreams
 from router.forwarder import Forwarder
-from router.registry import InstanceSpec, Role
+from router.registry import InstanceSpec
 from router.servicer import RouterServicer
 from services.common import telemetry
-from services.common.server import new_server, serve_until_signal, setup_logging
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, router_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.common.load import Role
+from services.common.server import ServiceApp, setup_logging
+from services.common.stubs import router_pb2_grpc, stats_pb2
 from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
 
 
-class RouterApp:
+class RouterApp(ServiceApp):
     """One router process: its server, upstreams, forwarder and health."""
 
     def __init__(self, config: RouterConfig, provider: TracerProvider) -> None:
-        self.config = config
         self.provider = provider
-        self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
-        self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
+        self.bind(config, "router", provider)
         self.metrics = WindowedMetrics(config.metrics_window_s, started_at=time.monotonic())
         self.upstreams = Upstreams(config)
         self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
         auth = BearerAuth(config.auth_token) if config.auth_token else None
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder, auth), self.server)
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
 
     def report(self) -> stats_pb2.LoadReport:
         return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,
@@ -63,9 +55,8 @@ class RouterApp:
                  f", cache of {self.config.cache_size}" if self.config.cache_size else "",
                  ", bearer token required" if self.config.auth_token else "")
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.health.shutdown()
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+    async def close(self) -> None:
+        """Cancels every watcher and closes every channel (after the server has stopped)."""
         await self.upstreams.close()
 
 
@@ -76,10 +67,7 @@ def create_server(config: RouterConfig, provider: TracerProvider | None = None) 
 
 
 async def serve(config: RouterConfig) -> None:
-    app = create_server(config)
-    await app.start()
-    print(f"router serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.upstreams.close)
+    await create_server(config).serve("router")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,27 +300,23 @@ def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> 
         return done(n, f"panic: short-window load {short:.1f} tok/s over {short_window_s:g} s is "
                        f"{short / (max(current, 1) * cap.tokens_per_second):.1f}× the {cap.describe()} of "
                        f"{current} instance(s) (> {p.panic_threshold:g}×): scale to {n} at once, scale-down held")
-    if rec > current:
-        since = _run_start(recs, lambda r: r > current)
-        held = now - since
-        if held >= p.scale_up_window_s:
-            n = min(r for t, r in recs if t >= now - p.scale_up_window_s)
-            return done(n, f"scale up: {figure} → {rec}; above {current} for {held:.0f} s "
-                           f"(scale-up window {p.scale_up_window_s:g} s)")
-        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_up_window_s:g} s "
-                             "scale-up window")
-    if rec < current:
-        if in_panic:
-            return done(current, f"panic mode (until {stable.window_s:g} s after the last overload): "
-                                 f"scale-down held; {figure}")
-        since = _run_start(recs, lambda r: r < current)
-        held = now - since
-        if held >= p.scale_down_window_s:
-            n = max(r for t, r in recs if t >= now - p.scale_down_window_s)
-            return done(n, f"scale down: {figure} → {rec}; below {current} for {held:.0f} s "
-                           f"(scale-down window {p.scale_down_window_s:g} s)")
-        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_down_window_s:g} s "
-                             "scale-down window")
+    if rec < current and in_panic:
+        return done(current, f"panic mode (until {stable.window_s:g} s after the last overload): "
+                             f"scale-down held; {figure}")
+    if rec != current:
+        # The delay logic, the same both ways: move only after the recommendation has stayed on
+        # one side of ``current`` for the whole window, and then only as far as it stayed.
+        up = rec > current
+        way, side = ("up", "above") if up else ("down", "below")
+        window_s = p.scale_up_window_s if up else p.scale_down_window_s
+        held = now - _run_start(recs, (lambda r: r > current) if up else (lambda r: r < current))
+        if held >= window_s:
+            inside = [r for t, r in recs if t >= now - window_s]
+            n = min(inside) if up else max(inside)
+            return done(n, f"scale {way}: {figure} → {rec}; {side} {current} for {held:.0f} s "
+                           f"(scale-{way} window {window_s:g} s)")
+        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {window_s:g} s "
+                             f"scale-{way} window")
     if within:
         return done(current, f"{figure}: within the tolerance of ±{p.tolerance:g} of the target, "
                              f"stay at {current}")
