@@ -44,16 +44,17 @@ def scope_of(pb: monitor_pb2.Scope) -> Scope:
     return Scope()
 
 
+#: The fields of llmesh.v1.ThroughputMetrics, all named as in :class:`Throughput` (a test checks it).
+THROUGHPUT_FIELDS = tuple(f.name for f in monitor_pb2.ThroughputMetrics.DESCRIPTOR.fields)
+
+
 def throughput_pb(m: Throughput) -> monitor_pb2.ThroughputMetrics:
-    return monitor_pb2.ThroughputMetrics(
-        window_s=m.window_s, requests_per_second=m.requests_per_second, tokens_per_second=m.tokens_per_second,
-        batch_fill=m.batch_fill, accelerator_utilization=m.accelerator_utilization,
-        utilization_source=SOURCE_PB[m.utilization_source], in_flight=m.in_flight,
-        ttft=latency_pb(m.ttft), tpot=latency_pb(m.tpot), e2e=latency_pb(m.e2e),
-        queue_time=latency_pb(m.queue_time), acceptance_rate=m.acceptance_rate, error_rate=m.error_rate,
-        instances=m.instances, queue_length=m.queue_length, running=m.running, kv_cache_usage=m.kv_cache_usage,
-        saturation=m.saturation, queue_growth_per_second=m.queue_growth_per_second,
-    )
+    """Every wire field of ``m`` (the figures only the analysis reads stay behind)."""
+    values = {name: getattr(m, name) for name in THROUGHPUT_FIELDS}
+    values["utilization_source"] = SOURCE_PB[m.utilization_source]
+    for name in ("ttft", "tpot", "e2e", "queue_time"):
+        values[name] = latency_pb(values[name])
+    return monitor_pb2.ThroughputMetrics(**values)
 
 
 def throughput_response(result: ThroughputResult, scope: Scope,

@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from monitor.store import InstanceInfo, Report, Snapshot
+from monitor.store import COUNTERS, InstanceInfo, Report, Snapshot
 from services.common.load import Latency, Role, UtilizationSource
 from services.common.errors import InvalidArgument, NotFound
 
@@ -171,9 +171,7 @@ def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | No
     span = newest.timestamp - base.timestamp
     rates, growth = None, 0.0
     if base is not newest and span > 0:
-        rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in (
-            "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
-            "proposed_tokens_total", "accepted_tokens_total")}
+        rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in COUNTERS}
         growth = (newest.queue_length - base.queue_length) / span
     return _Window(newest, tuple(ring[first_inside:end]), rates, growth)
 

@@ -13,7 +13,7 @@ from services.common import load_codec
 from services.common.backoff import Backoff
 from services.common.load import Latency, LoadReport, Role, UtilizationSource, windowed
 from services.common.metrics import WindowedMetrics
-from services.common.stubs import stats_pb2
+from services.common.stubs import monitor_pb2, stats_pb2
 
 _PY_TYPE = {FieldDescriptor.TYPE_STRING: "str", FieldDescriptor.TYPE_DOUBLE: "float",
             FieldDescriptor.TYPE_INT32: "int", FieldDescriptor.TYPE_INT64: "int"}
@@ -114,3 +114,17 @@ def test_backoff_with_jitter_stays_between_half_the_cap_and_the_cap():
     b = Backoff(1.0, 8.0, random.Random(7))
     for cap in (1.0, 2.0, 4.0, 8.0, 8.0, 8.0):
         assert cap / 2 <= b.next() <= cap
+
+
+def test_the_monitors_throughput_has_every_field_of_throughput_metrics():
+    from monitor.codec import THROUGHPUT_FIELDS, throughput_pb
+    from monitor.metrics import Throughput
+
+    python = {f.name: f.type for f in dataclasses.fields(Throughput)}
+    for fd in monitor_pb2.ThroughputMetrics.DESCRIPTOR.fields:
+        assert python.get(fd.name) == _kind(fd), fd.name
+    assert THROUGHPUT_FIELDS == tuple(fd.name for fd in monitor_pb2.ThroughputMetrics.DESCRIPTOR.fields)
+    pb = throughput_pb(Throughput(window_s=10.0, in_flight=3, batch_fill=0.5, ttft=Latency(p95_ms=9.0),
+                                  utilization_source=UtilizationSource.NVML, saturation=1.0))
+    assert (pb.window_s, pb.in_flight, pb.batch_fill, pb.ttft.p95_ms, pb.saturation) == (10.0, 3, 0.5, 9.0, 1.0)
+    assert pb.utilization_source == stats_pb2.UTILIZATION_SOURCE_NVML

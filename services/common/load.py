@@ -1,7 +1,8 @@
 """A service's load report (``llmesh.v1.LoadReport``) as one plain Python type.
 
 Every reader (the router's routing, the monitor's store) and every writer
-(the model services' and the router's own reports) uses :class:`LoadReport`;
+(the model services' and the router's own reports) uses :class:`LoadReport`
+(its latencies are the windowed metrics' :class:`~services.common.metrics.Latency`);
 :mod:`services.common.load_codec` converts it to and from the protobuf
 message field by field through its names, and ``tests/test_load_report.py``
 checks the names, kinds and enum values against the message's descriptor, so
@@ -14,7 +15,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from services.common.metrics import MetricsSnapshot, Summary
+from services.common.metrics import Latency, MetricsSnapshot
+
+__all__ = ["Latency", "LoadReport", "Role", "UtilizationSource", "windowed"]
 
 
 class Role(enum.Enum):
@@ -34,23 +37,6 @@ class UtilizationSource(enum.Enum):
     UNSPECIFIED = "unspecified"
     ENGINE_BUSY = "engine_busy"
     NVML = "nvml"
-
-
-@dataclass(frozen=True, slots=True)
-class Latency:
-    """Percentiles of a latency in milliseconds over a report's window (llmesh.v1.LatencySummary)."""
-
-    p50_ms: float = 0.0
-    p95_ms: float = 0.0
-    p99_ms: float = 0.0
-    mean_ms: float = 0.0
-    #: Samples behind the figures.
-    count: int = 0
-
-    @classmethod
-    def of(cls, s: Summary) -> Latency:
-        """A windowed-metrics summary (already in milliseconds) as a report's latency."""
-        return cls(s.p50, s.p95, s.p99, s.mean, s.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +90,6 @@ def windowed(m: MetricsSnapshot, **fields) -> LoadReport:
     Raises TypeError for a name that is not a LoadReport field."""
     return LoadReport(**{
         "window_s": m.window_s, "mean_batch_size": m.mean_batch_size, "token_efficiency": m.token_efficiency,
-        "ttft": Latency.of(m.ttft_ms), "tpot": Latency.of(m.tpot_ms), "e2e": Latency.of(m.e2e_ms),
-        "queue_time": Latency.of(m.queue_ms), "tokens_per_second": m.tokens_per_second,
+        "ttft": m.ttft_ms, "tpot": m.tpot_ms, "e2e": m.e2e_ms, "queue_time": m.queue_ms, "tokens_per_second": m.tokens_per_second,
         "requests_per_second": m.requests_per_second, "acceptance_rate": m.acceptance_rate,
         "mean_accepted_length": m.mean_accepted_length, **m.counters, **fields})
