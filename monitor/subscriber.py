@@ -36,7 +36,9 @@ class _Watch:
 
 
 class StatsSubscriber:
-    """Keeps ``store`` filled with the reports of every instance the router lists."""
+    """Keeps ``store`` filled with the reports of every instance the router lists (and the
+    router's own). Its tasks run on the event loop; ``clock`` (default ``time.time``) stamps
+    ``received_at``."""
 
     def __init__(self, router_address: str, store: ReportStore, *, watch_interval_s: float,
                  list_interval_s: float, rpc_timeout_s: float, reconnect_initial_s: float,

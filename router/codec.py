@@ -159,6 +159,7 @@ def router_stats_pb(cache: ResponseCache | None, admission: Admission, in_flight
 
 # -- load reports -----------------------------------------------------------
 def load_of(r: stats_pb2.LoadReport) -> LoadReport:
+    """An instance's report as the registry keeps it (every field; see services.common.load_codec)."""
     return report_of(r)
 
 

@@ -31,10 +31,12 @@ def role_of(value: int) -> Role:
 
 
 def latency_of(pb: stats_pb2.LatencySummary) -> Latency:
+    """Milliseconds in, milliseconds out."""
     return Latency(pb.p50_ms, pb.p95_ms, pb.p99_ms, pb.mean_ms, pb.count)
 
 
 def latency_pb(s: Latency) -> stats_pb2.LatencySummary:
+    """Milliseconds in, milliseconds out."""
     return stats_pb2.LatencySummary(p50_ms=s.p50_ms, p95_ms=s.p95_ms, p99_ms=s.p99_ms, mean_ms=s.mean_ms,
                                     count=s.count)
 
