@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from monitor.metrics import Scope, Throughput, ThroughputResult, scope_keys, serving_keys, throughput
-from monitor.store import InstanceInfo, Role, Snapshot
+from monitor.store import InstanceInfo, Snapshot
+from services.common.load import Role
 
 
 class Severity(enum.IntEnum):
@@ -30,7 +31,7 @@ class Thresholds:
     #: Below this accelerator utilisation an instance with a queue is admission-bound.
     low_utilization: float = 0.5
     #: Below this batch fill an instance with a queue leaves batch slots unused.
-    min_batch_efficiency: float = 0.7
+    min_batch_fill: float = 0.7
     error_rate_warning: float = 0.05
     error_rate_critical: float = 0.25
     #: Below this acceptance rate speculation costs more than it brings.
@@ -79,7 +80,7 @@ def analyze(snapshot: Snapshot, window_s: float, scope: Scope, now: float,
                 recs.append(rec)
     for key, m in sorted(result.per_instance.items()):
         if snapshot.instances[key].role in (Role.TARGET, Role.DRAFT):
-            for rule in (low_utilization_with_queue, low_batch_efficiency, high_error_rate, low_acceptance_rate,
+            for rule in (low_utilization_with_queue, low_batch_fill, high_error_rate, low_acceptance_rate,
                          high_ttft_at_low_utilization):
                 rec = rule(key, m, thresholds)
                 if rec is not None:
@@ -154,23 +155,23 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
         action, "queued requests join the running batch: higher tokens/s, shorter queue time",
         key, m.accelerator_utilization, t.low_utilization,
         {"accelerator_utilization": m.accelerator_utilization, "queue_length": float(m.queue_length),
-         "kv_cache_usage": m.kv_cache_usage, "batch_efficiency": m.batch_efficiency})
+         "kv_cache_usage": m.kv_cache_usage, "batch_fill": m.batch_fill})
 
 
-def low_batch_efficiency(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
+def low_batch_fill(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
     """The batch runs part-empty although requests wait."""
-    if m.queue_length < 1 or m.batch_efficiency >= t.min_batch_efficiency:
+    if m.queue_length < 1 or m.batch_fill >= t.min_batch_fill:
         return None
     return Recommendation(
-        "low_batch_efficiency", Severity.WARNING,
-        f"the batch is {m.batch_efficiency:.0%} full while {m.queue_length} request(s) wait: "
+        "low_batch_fill", Severity.WARNING,
+        f"the batch is {m.batch_fill:.0%} full while {m.queue_length} request(s) wait: "
         "admission holds them back",
         f"on {key}: lower max_wait_ms (queued requests wait for companions that do not come), raise "
         "max_batch_tokens (so queued prefills fit in a step) or num_slots when the KV cache is full; "
         "if the batch never fills, lower max_batch_size to the batch it reaches",
         "fuller batches: more tokens per step at the same step time, shorter queue time",
-        key, m.batch_efficiency, t.min_batch_efficiency,
-        {"batch_efficiency": m.batch_efficiency, "queue_length": float(m.queue_length),
+        key, m.batch_fill, t.min_batch_fill,
+        {"batch_fill": m.batch_fill, "queue_length": float(m.queue_length),
          "queue_time_p50_ms": m.queue_time.p50_ms, "kv_cache_usage": m.kv_cache_usage})
 
 

@@ -12,33 +12,29 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from monitor.alerts import AlertHub
 from monitor.analysis import AlertTracker
-from monitor.collector import Collector
+from monitor.subscriber import StatsSubscriber
 from monitor.config import MonitorConfig
-from monitor.prometheus import FleetCollector, PrometheusExporter
+from monitor.prometheus import PrometheusCollector, PrometheusExporter
 from monitor.servicer import MonitorServicer
 from monitor.store import ReportStore
 from services.common import telemetry
-from services.common.server import insecure_channel, new_server, serve_until_signal, setup_logging
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, monitor_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.common.server import ServiceApp, insecure_channel, setup_logging
+from services.common.stubs import monitor_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
 
 
-class MonitorApp:
-    """One monitor process: its server, the collector loops, the alert loop, the exporter."""
+class MonitorApp(ServiceApp):
+    """One monitor process: its server, the stats subscriptions, the alert loop, the exporter."""
 
     def __init__(self, config: MonitorConfig, provider: TracerProvider,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config
         self.clock = clock
-        self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES["monitor"], SERVICE_NAMES["stats"]], provider)
-        self.instance_id = config.instance_id or f"monitor@{config.host}:{self.port}"
+        self.bind(config, "monitor", provider)
         self.store = ReportStore(config.retention_s)
         # Client channels are not traced: a span per 2-s listing and per endless
         # stats stream would bury the request traces.
-        self.collector = Collector(
+        self.subscriber = StatsSubscriber(
             config.router, self.store, watch_interval_s=config.watch_interval_s,
             list_interval_s=config.list_interval_s, rpc_timeout_s=config.rpc_timeout_s,
             reconnect_initial_s=config.reconnect_initial_s, reconnect_max_s=config.reconnect_max_s,
@@ -47,40 +43,30 @@ class MonitorApp:
         self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s),
                                window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,
                                thresholds=thresholds)
-        self.exporter = PrometheusExporter(FleetCollector(self.store.snapshot, config.default_window_s, clock,
-                                                          lambda: list(self.alerts.firing)))
+        self.exporter = PrometheusExporter(PrometheusCollector(self.store.snapshot, config.default_window_s, clock,
+                                                               lambda: list(self.alerts.firing)))
         monitor_pb2_grpc.add_MonitorServicer_to_server(
             MonitorServicer(self.store, self.alerts, config.default_window_s, clock, thresholds,
                             tuple(config.windows_s)), self.server)
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
 
     def report(self) -> stats_pb2.LoadReport:
         return stats_pb2.LoadReport(instance_id=self.instance_id, role=stats_pb2.ROLE_MONITOR,
                                     timestamp=self.clock())
 
     async def start(self) -> None:
-        """Serves at once (SERVING); the collector keeps retrying the router until it answers."""
+        """Serves at once (SERVING); the subscriber keeps retrying the router until it answers."""
         await self.server.start()
         if self.config.prometheus_port:
             self.exporter.start(self.config.host, self.config.prometheus_port)
-        self.collector.start()
+        self.subscriber.start()
         self.alerts.start()
         await self.health.set(True)
         log.info("%s serving on %s, watching router %s", self.instance_id, self.address, self.config.router)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.health.shutdown()
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.close()
-
     async def close(self) -> None:
         """Stops the loops and the exporter (after the server has stopped)."""
         await self.alerts.stop()
-        await self.collector.stop()
+        await self.subscriber.stop()
         self.exporter.stop()
 
 
@@ -91,10 +77,7 @@ def create_server(config: MonitorConfig, provider: TracerProvider | None = None)
 
 
 async def serve(config: MonitorConfig) -> None:
-    app = create_server(config)
-    await app.start()
-    print(f"monitor serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.close)
+    await create_server(config).serve("monitor")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

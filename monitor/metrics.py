@@ -24,7 +24,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from monitor.store import InstanceInfo, Latency, Report, Role, Snapshot, UtilizationSource
+from monitor.store import COUNTERS, InstanceInfo, Report, Snapshot
+from services.common.load import Latency, Role, UtilizationSource
 from services.common.errors import InvalidArgument, NotFound
 
 #: GetThroughput's largest window (monitor.proto); the store keeps reports a little longer.
@@ -55,10 +56,10 @@ class Throughput:
     window_s: float = 0.0
     requests_per_second: float = 0.0
     tokens_per_second: float = 0.0
-    batch_efficiency: float = 0.0
+    batch_fill: float = 0.0
     accelerator_utilization: float = 0.0
     utilization_source: UtilizationSource = UtilizationSource.UNSPECIFIED
-    concurrent_users: int = 0
+    in_flight: int = 0
     ttft: Latency = Latency()
     tpot: Latency = Latency()
     e2e: Latency = Latency()
@@ -170,9 +171,7 @@ def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | No
     span = newest.timestamp - base.timestamp
     rates, growth = None, 0.0
     if base is not newest and span > 0:
-        rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in (
-            "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
-            "proposed_tokens_total", "accepted_tokens_total")}
+        rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in COUNTERS}
         growth = (newest.queue_length - base.queue_length) / span
     return _Window(newest, tuple(ring[first_inside:end]), rates, growth)
 
@@ -195,9 +194,9 @@ def _instance_metrics(w: _Window, window_s: float) -> Throughput:
         acceptance, error_rate = r.acceptance_rate, 0.0
     return Throughput(
         window_s=window_s, requests_per_second=requests, tokens_per_second=tokens,
-        batch_efficiency=_mean([x.batch_fill for x in w.in_window]),
+        batch_fill=_mean([x.batch_fill for x in w.in_window]),
         accelerator_utilization=_mean([x.accelerator_utilization for x in w.in_window]),
-        utilization_source=r.utilization_source, concurrent_users=r.in_flight,
+        utilization_source=r.utilization_source, in_flight=r.in_flight,
         ttft=r.ttft, tpot=r.tpot, e2e=r.e2e, queue_time=r.queue_time,
         acceptance_rate=acceptance, error_rate=error_rate, instances=1, queue_length=r.queue_length,
         errors_per_second=errors, rejected_per_second=rejected, proposed_per_second=proposed,
@@ -227,17 +226,17 @@ def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float)
     errors = sum(p.errors_per_second for p in parts)
     proposed = sum(p.proposed_per_second for p in parts)
     accepted = sum(w.rates["accepted_tokens_total"] for w in windows if w.rates is not None)
-    batched = [p.batch_efficiency for p, w in zip(parts, windows) if w.newest.max_batch_size > 0]
+    batched = [p.batch_fill for p, w in zip(parts, windows) if w.newest.max_batch_size > 0]
     measured = [p for p in parts if p.utilization_source != UtilizationSource.UNSPECIFIED]
     sources = {p.utilization_source for p in measured}
     return Throughput(
         window_s=window_s, requests_per_second=requests,
         tokens_per_second=sum(p.tokens_per_second for p in parts),
-        batch_efficiency=_mean(batched),
+        batch_fill=_mean(batched),
         accelerator_utilization=_mean([p.accelerator_utilization for p in measured]),
         # One source when every instance measures the same way; a mix has no single name.
         utilization_source=sources.pop() if len(sources) == 1 else UtilizationSource.UNSPECIFIED,
-        concurrent_users=sum(p.concurrent_users for p in parts),
+        in_flight=sum(p.in_flight for p in parts),
         ttft=merge_latency(p.ttft for p in parts), tpot=merge_latency(p.tpot for p in parts),
         e2e=merge_latency(p.e2e for p in parts), queue_time=merge_latency(p.queue_time for p in parts),
         acceptance_rate=accepted / proposed if proposed > 0 else 0.0,

@@ -28,10 +28,10 @@ LABELS = ["instance", "pool", "role"]
 _GAUGES: list[tuple[str, str, Callable[[Throughput], float]]] = [
     ("requests_per_second", "Finished requests per second over the window.", lambda m: m.requests_per_second),
     ("tokens_per_second", "Generated tokens per second over the window.", lambda m: m.tokens_per_second),
-    ("concurrent_requests", "Requests in flight (queued + running).", lambda m: m.concurrent_users),
+    ("in_flight", "Requests in flight (queued + running).", lambda m: m.in_flight),
     ("queue_length", "Requests waiting to be admitted.", lambda m: m.queue_length),
     ("running", "Sequences in the running batch.", lambda m: m.running),
-    ("batch_efficiency", "Mean batch size / max batch size over the window.", lambda m: m.batch_efficiency),
+    ("batch_fill", "Mean batch size / max batch size over the window.", lambda m: m.batch_fill),
     ("accelerator_utilization", "Accelerator utilisation in [0, 1] over the window.",
      lambda m: m.accelerator_utilization),
     ("kv_cache_usage", "KV-cache tokens in use / capacity.", lambda m: m.kv_cache_usage),
@@ -44,8 +44,9 @@ _LATENCIES = [("ttft", "Time to first token"), ("tpot", "Time per output token a
               ("e2e", "Arrival to last token"), ("queue_time", "Arrival to admission")]
 
 
-class FleetCollector(Collector):
-    """Metric families of every instance in the store."""
+class PrometheusCollector(Collector):
+    """Metric families of every instance in the store, computed at each scrape
+    (on the exporter's HTTP thread, from an immutable store snapshot)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], window_s: float, clock: Callable[[], float],
                  firing: Callable[[], list[Alert]] = list) -> None:

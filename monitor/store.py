@@ -1,6 +1,6 @@
 """The monitor's memory: who is out there, and a ring of recent load reports per instance.
 
-Pure Python (no gRPC, no stubs): the collector writes plain dataclasses in, the
+Pure Python (no gRPC, no stubs): the subscriber writes plain dataclasses in, the
 metrics and the analysis read an immutable :class:`Snapshot` out. The lock
 exists because the Prometheus exporter scrapes from its HTTP thread while the
 event loop writes.
@@ -8,38 +8,13 @@ event loop writes.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-
-class Role(enum.Enum):
-    UNSPECIFIED = "unspecified"
-    TARGET = "target"
-    DRAFT = "draft"
-    ROUTER = "router"
-    MONITOR = "monitor"
-    SCALER = "scaler"
-
-
-class UtilizationSource(enum.Enum):
-    UNSPECIFIED = "unspecified"
-    ENGINE_BUSY = "engine_busy"
-    NVML = "nvml"
-
-
-@dataclass(frozen=True, slots=True)
-class Latency:
-    """Percentiles of a latency in milliseconds, as an instance reported them."""
-
-    p50_ms: float = 0.0
-    p95_ms: float = 0.0
-    p99_ms: float = 0.0
-    mean_ms: float = 0.0
-    count: int = 0
+from services.common.load import LoadReport, Role
 
 
 #: The cumulative counters of a report; a decrease of any of them means the instance restarted.
@@ -48,41 +23,16 @@ COUNTERS = ("requests_total", "tokens_generated_total", "errors_total", "rejecte
 
 
 @dataclass(frozen=True, slots=True)
-class Report:
-    """One load report (llmesh.v1.LoadReport) as the monitor keeps it.
+class Report(LoadReport):
+    """One load report as the monitor keeps it: every field of the report, and when it arrived.
 
     ``timestamp`` is the sender's clock (consistent with its counters, so it
-    is the denominator of rates); ``received_at`` is the monitor's clock (so
-    windows are placed on one clock whatever the senders' skew).
+    is the denominator of rates); ``received_at`` is the monitor's clock
+    (``time.time()`` seconds, so windows are placed on one clock whatever the
+    senders' skew).
     """
 
-    instance_id: str
-    role: Role
-    timestamp: float
-    received_at: float
-    window_s: float = 0.0
-    queue_length: int = 0
-    running: int = 0
-    in_flight: int = 0
-    max_batch_size: int = 0
-    mean_batch_size: float = 0.0
-    batch_fill: float = 0.0
-    accelerator_utilization: float = 0.0
-    utilization_source: UtilizationSource = UtilizationSource.UNSPECIFIED
-    kv_cache_usage: float = 0.0
-    ttft: Latency = Latency()
-    tpot: Latency = Latency()
-    e2e: Latency = Latency()
-    queue_time: Latency = Latency()
-    tokens_per_second: float = 0.0
-    requests_per_second: float = 0.0
-    acceptance_rate: float = 0.0
-    requests_total: int = 0
-    tokens_generated_total: int = 0
-    errors_total: int = 0
-    rejected_total: int = 0
-    proposed_tokens_total: int = 0
-    accepted_tokens_total: int = 0
+    received_at: float = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import router_pb2, stats_pb2
-from services.common.metrics import MetricsSnapshot, Summary
+from services.common.load import Latency, LoadReport, Role, windowed
+from services.common.load_codec import ROLE_PB, report_of, report_pb
+from services.common.metrics import MetricsSnapshot
 from router.admission import Admission
 from router.cache import ResponseCache
 from services.common.validation import check_generate_request, valid_address
 from router.policy import Snapshot, score
-from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, Load, Role, State
+from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, State
 
-ROLES = {Role.TARGET: stats_pb2.ROLE_TARGET, Role.DRAFT: stats_pb2.ROLE_DRAFT}
-ROLE_OF_PB = {v: k for k, v in ROLES.items()}
+#: The roles an instance may register with, by protobuf value.
+ROLE_OF_PB = {ROLE_PB[r]: r for r in (Role.TARGET, Role.DRAFT)}
 STATES = {State.ACTIVE: router_pb2.INSTANCE_STATE_ACTIVE, State.DRAINING: router_pb2.INSTANCE_STATE_DRAINING,
           State.EJECTED: router_pb2.INSTANCE_STATE_EJECTED}
 HEALTHS = {Health.SERVING: router_pb2.INSTANCE_HEALTH_SERVING,
@@ -75,7 +79,7 @@ def replay(chunks: tuple[gen.GenerateChunk, ...], request_id: str) -> list[gen.G
     return out
 
 
-class Collector:
+class CompletionBuilder:
     """Folds a stream of chunks into one CompleteResponse (Router.Complete)."""
 
     def __init__(self) -> None:
@@ -115,7 +119,7 @@ def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
 
 
 def spec_pb(spec: InstanceSpec) -> router_pb2.InstanceSpec:
-    return router_pb2.InstanceSpec(id=spec.id, address=spec.address, role=ROLES[spec.role], pool=spec.pool,
+    return router_pb2.InstanceSpec(id=spec.id, address=spec.address, role=ROLE_PB[spec.role], pool=spec.pool,
                                    labels=dict(spec.labels))
 
 
@@ -133,7 +137,7 @@ def status_pb(inst: Instance, snapshot: Snapshot) -> router_pb2.InstanceStatus:
         health=HEALTHS[inst.effective_health(snapshot.now, snapshot.stale_after_s)],
         score=score(inst, snapshot), in_flight=inst.in_flight, consecutive_failures=inst.consecutive_failures)
     if inst.load is not None:
-        status.load.CopyFrom(load_pb(inst.load, inst.id, ROLES[inst.spec.role]))
+        status.load.CopyFrom(report_pb(dataclasses.replace(inst.load, instance_id=inst.id, role=inst.spec.role)))
         status.load_age_s = inst.load_age(snapshot.now) or 0.0
     return status
 
@@ -154,36 +158,13 @@ def router_stats_pb(cache: ResponseCache | None, admission: Admission, in_flight
 
 
 # -- load reports -----------------------------------------------------------
-def load_of(r: stats_pb2.LoadReport) -> Load:
-    return Load(queue_length=r.queue_length, running=r.running, in_flight=r.in_flight,
-                max_batch_size=r.max_batch_size, batch_fill=r.batch_fill,
-                accelerator_utilization=r.accelerator_utilization, kv_cache_usage=r.kv_cache_usage,
-                ttft_p50_ms=r.ttft.p50_ms, tpot_p50_ms=r.tpot.p50_ms, e2e_p50_ms=r.e2e.p50_ms,
-                tokens_per_second=r.tokens_per_second, requests_per_second=r.requests_per_second,
-                timestamp=r.timestamp)
-
-
-def load_pb(load: Load, instance_id: str, role: int) -> stats_pb2.LoadReport:
-    return stats_pb2.LoadReport(
-        instance_id=instance_id, role=role, timestamp=load.timestamp, queue_length=load.queue_length,
-        running=load.running, in_flight=load.in_flight, max_batch_size=load.max_batch_size,
-        batch_fill=load.batch_fill, accelerator_utilization=load.accelerator_utilization,
-        kv_cache_usage=load.kv_cache_usage, ttft=stats_pb2.LatencySummary(p50_ms=load.ttft_p50_ms),
-        tpot=stats_pb2.LatencySummary(p50_ms=load.tpot_p50_ms), e2e=stats_pb2.LatencySummary(p50_ms=load.e2e_p50_ms),
-        tokens_per_second=load.tokens_per_second, requests_per_second=load.requests_per_second)
-
-
-def _summary_pb(s: Summary) -> stats_pb2.LatencySummary:
-    return stats_pb2.LatencySummary(p50_ms=s.p50, p95_ms=s.p95, p99_ms=s.p99, mean_ms=s.mean, count=s.count)
+def load_of(r: stats_pb2.LoadReport) -> LoadReport:
+    """An instance's report as the registry keeps it (every field; see services.common.load_codec)."""
+    return report_of(r)
 
 
 def router_report(m: MetricsSnapshot, in_flight: int, instance_id: str, timestamp: float) -> stats_pb2.LoadReport:
-    """The router's own load report: what it forwarded over the window."""
-    c = m.counters
-    return stats_pb2.LoadReport(
-        instance_id=instance_id, role=stats_pb2.ROLE_ROUTER, timestamp=timestamp, window_s=m.window_s,
-        running=in_flight, in_flight=in_flight, ttft=_summary_pb(m.ttft_ms), tpot=_summary_pb(m.tpot_ms),
-        e2e=_summary_pb(m.e2e_ms), tokens_per_second=m.tokens_per_second,
-        requests_per_second=m.requests_per_second, requests_total=c["requests_total"],
-        tokens_generated_total=c["tokens_generated_total"], errors_total=c["errors_total"],
-        rejected_total=c["rejected_total"])
+    """The router's own load report: what it forwarded over the window. It queues and
+    computes nothing itself, so queue time and token efficiency stay unset."""
+    return report_pb(windowed(m, instance_id=instance_id, role=Role.ROUTER, timestamp=timestamp, running=in_flight,
+                              in_flight=in_flight, queue_time=Latency(), token_efficiency=0.0))

@@ -32,7 +32,7 @@ from router.admission import Admission
 from router.cache import ResponseCache
 from router.config import RouterConfig
 from router.failover import Outcome, decide, is_instance_fault, short_reason
-from router.fleet import GENERATE_METHOD, Fleet
+from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
 from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
 from services.common.stubs import generation_pb2 as gen
@@ -40,7 +40,7 @@ from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
 
-#: Where the chunks of a generation go (``context.write``, a collector's ``add``).
+#: Where the chunks of a generation go (``context.write``, a CompletionBuilder's ``add``).
 Emit = Callable[[gen.GenerateChunk], Awaitable[None]]
 
 #: Upstream codes that say "this instance cannot serve now"; they reach the
@@ -77,11 +77,11 @@ class _Tally:
 
 
 class Forwarder:
-    """Routes each generation to an instance chosen by the fleet's policy."""
+    """Routes each generation to an instance chosen by the routing policy."""
 
-    def __init__(self, fleet: Fleet, config: RouterConfig, metrics: WindowedMetrics,
+    def __init__(self, upstreams: Upstreams, config: RouterConfig, metrics: WindowedMetrics,
                  clock: Callable[[], float] = time.monotonic, provider: TracerProvider | None = None) -> None:
-        self.fleet = fleet
+        self.upstreams = upstreams
         self.config = config
         self.metrics = metrics
         self.clock = clock
@@ -99,7 +99,7 @@ class Forwarder:
         the client's remaining deadline in seconds (None: no deadline). Raises
         domain errors and :class:`UpstreamError`."""
         codec.validate_request(request)
-        pools = self.fleet.pools_for(codec.PRIORITY_CLASS[request.priority])
+        pools = self.upstreams.pools_for(codec.PRIORITY_CLASS[request.priority])
         key = codec.cache_key(request, pools[0]) if self.cache is not None else None
         started = self.clock()
         if key is not None:
@@ -114,7 +114,7 @@ class Forwarder:
                                     "retry later", retry_after_s=0.1)
         if self._pools_matter:
             try:
-                pool = self.admission.admit(pools, lambda p: self.fleet.routable(Role.TARGET, p))
+                pool = self.admission.admit(pools, lambda p: self.upstreams.routable(Role.TARGET, p))
             except ResourceExhausted:
                 self.metrics.record_rejected()
                 raise
@@ -168,8 +168,8 @@ class Forwarder:
             # A seed of the router's choosing keeps "random" sampling random
             # and makes a resumed stream exact.
             req.sampling.seed = random.getrandbits(63)
-        sequence = self.fleet.next_sequence()
-        prefix = self.fleet.prefix_blocks(codec.prompt_units(req.prompt))
+        sequence = self.upstreams.next_sequence()
+        prefix = self.upstreams.prefix_blocks(codec.prompt_units(req.prompt))
         streamed: list[int] = []
         tried: list[str] = []
         last: UpstreamError | None = None
@@ -179,7 +179,7 @@ class Forwarder:
                 await emit(gen.GenerateChunk(request_id=req.request_id, finish_reason=gen.FINISH_REASON_LENGTH,
                                              instance_id=tried[-1]))
                 return
-            inst = self.fleet.choose(Role.TARGET, pools, sequence, frozenset(tried), prefix)
+            inst = self.upstreams.choose(Role.TARGET, pools, sequence, frozenset(tried), prefix)
             if inst is None:
                 raise self._nothing_left(pools, tried, last)
             tried.append(inst.id)
@@ -204,7 +204,7 @@ class Forwarder:
         ended it early, or None when it finished."""
         instance_id, resumed = inst.id, len(streamed)
         clock, record_tokens, kept = self.clock, self.metrics.record_tokens, tally.kept
-        registry = self.fleet.registry
+        registry = self.upstreams.registry
         with self.tracer.start_as_current_span(GENERATE_METHOD, kind=trace.SpanKind.CLIENT,
                                                attributes={"rpc.system": "grpc", "rpc.service": "llmesh.v1.TargetModel",
                                                            "rpc.method": "Generate",
@@ -212,7 +212,7 @@ class Forwarder:
             metadata: dict[str, str] = {}
             inject(metadata)
             registry.started(instance_id)
-            call = self.fleet.generate_method(instance_id)(attempt, timeout=timeout,
+            call = self.upstreams.generate_method(instance_id)(attempt, timeout=timeout,
                                                          metadata=tuple(metadata.items()))
             try:
                 async for chunk in call:
@@ -255,7 +255,7 @@ class Forwarder:
         if codec.wants_draft(req):
             # A draft of the target's pool, else of the pools the request may use.
             draft_pools = (target.spec.pool, *(p for p in pools if p != target.spec.pool))
-            draft = self.fleet.choose(Role.DRAFT, draft_pools, sequence, prefix=prefix)
+            draft = self.upstreams.choose(Role.DRAFT, draft_pools, sequence, prefix=prefix)
             if draft is not None:
                 attempt.draft_address = draft.address
         return attempt
@@ -264,14 +264,14 @@ class Forwarder:
         if not is_instance_fault(error.code):
             return
         unreachable = short_reason(error.details) if error.code in _TRANSPORT else None
-        self.fleet.registry.record_failure(inst.id, self.clock(), unreachable)
+        self.upstreams.registry.record_failure(inst.id, self.clock(), unreachable)
         if unreachable is not None:
-            self.fleet.suspect(inst.id)
+            self.upstreams.suspect(inst.id)
 
     def _nothing_left(self, pools: tuple[str, ...], tried: list[str], last: UpstreamError | None) -> LlmeshError:
         if last is not None and last.code not in _TRANSPORT:
             return last  # e.g. RESOURCE_EXHAUSTED everywhere: its retry-after goes to the client
-        message = self.fleet.why_none(Role.TARGET, pools, frozenset(tried))
+        message = self.upstreams.why_none(Role.TARGET, pools, frozenset(tried))
         if last is not None:
             message += f"; last error from {last.instance_id}: {last.code} ({short_reason(last.details)})"
         return Unavailable(message)

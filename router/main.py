@@ -13,38 +13,30 @@ from opentelemetry.sdk.trace import TracerProvider
 from router import codec
 from router.auth import BearerAuth
 from router.config import RouterConfig, split_target
-from router.fleet import Fleet
+from router.upstreams import Upstreams
 from router.forwarder import Forwarder
-from router.registry import InstanceSpec, Role
+from router.registry import InstanceSpec
 from router.servicer import RouterServicer
 from services.common import telemetry
-from services.common.server import new_server, serve_until_signal, setup_logging
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, router_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.common.load import Role
+from services.common.server import ServiceApp, setup_logging
+from services.common.stubs import router_pb2_grpc, stats_pb2
 from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
 
 
-class RouterApp:
-    """One router process: its server, fleet, forwarder and health."""
+class RouterApp(ServiceApp):
+    """One router process: its server, upstreams, forwarder and health."""
 
     def __init__(self, config: RouterConfig, provider: TracerProvider) -> None:
-        self.config = config
         self.provider = provider
-        self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES["router"], SERVICE_NAMES["stats"]], provider)
-        self.instance_id = config.instance_id or f"router@{config.host}:{self.port}"
+        self.bind(config, "router", provider)
         self.metrics = WindowedMetrics(config.metrics_window_s, started_at=time.monotonic())
-        self.fleet = Fleet(config)
-        self.forwarder = Forwarder(self.fleet, config, self.metrics, provider=provider)
+        self.upstreams = Upstreams(config)
+        self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
         auth = BearerAuth(config.auth_token) if config.auth_token else None
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.fleet, self.forwarder, auth), self.server)
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder, auth), self.server)
 
     def report(self) -> stats_pb2.LoadReport:
         return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,
@@ -57,16 +49,15 @@ class RouterApp:
         for role, addresses in ((Role.TARGET, self.config.targets), (Role.DRAFT, self.config.drafts)):
             for entry in addresses:
                 pool, address = split_target(entry, self.config.pool)
-                self.fleet.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
+                self.upstreams.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
         await self.health.set(True)
         log.info("%s routing on %s (%s%s%s)", self.instance_id, self.address, self.config.policy.value,
                  f", cache of {self.config.cache_size}" if self.config.cache_size else "",
                  ", bearer token required" if self.config.auth_token else "")
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.health.shutdown()
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.fleet.close()
+    async def close(self) -> None:
+        """Cancels every watcher and closes every channel (after the server has stopped)."""
+        await self.upstreams.close()
 
 
 def create_server(config: RouterConfig, provider: TracerProvider | None = None) -> RouterApp:
@@ -76,10 +67,7 @@ def create_server(config: RouterConfig, provider: TracerProvider | None = None) 
 
 
 async def serve(config: RouterConfig) -> None:
-    app = create_server(config)
-    await app.start()
-    print(f"router serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.fleet.close)
+    await create_server(config).serve("router")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

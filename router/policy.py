@@ -135,7 +135,7 @@ def score(instance: Instance, snapshot: Snapshot, weights: Weights | None = None
     w = weights or snapshot.weights
     idle = 1.0 - min(1.0, max(0.0, load.accelerator_utilization))
     queue = 1.0 / (max(load.queue_length, instance.in_flight - load.running, 0) + 1)
-    latency = 0.1 / (max(0.0, load.ttft_p50_ms) / 1000.0 + 0.1)
+    latency = 0.1 / (max(0.0, load.ttft.p50_ms) / 1000.0 + 0.1)
     availability = 1.0 / (1 + instance.consecutive_failures)
     return (w.idle * idle + w.queue * queue + w.latency * latency + w.availability * availability) / w.total
 

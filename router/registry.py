@@ -13,13 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.load import LoadReport, Role
 
 DEFAULT_POOL = "default"
-
-
-class Role(enum.Enum):
-    TARGET = "target"
-    DRAFT = "draft"
 
 
 class State(enum.Enum):
@@ -36,26 +32,6 @@ class Health(enum.Enum):
     SERVING = "serving"
     NOT_SERVING = "not_serving"
     UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class Load:
-    """The part of an instance's load report that routing reads."""
-
-    queue_length: int = 0
-    running: int = 0
-    in_flight: int = 0
-    max_batch_size: int = 0
-    batch_fill: float = 0.0
-    accelerator_utilization: float = 0.0
-    kv_cache_usage: float = 0.0
-    ttft_p50_ms: float = 0.0
-    tpot_p50_ms: float = 0.0
-    e2e_p50_ms: float = 0.0
-    tokens_per_second: float = 0.0
-    requests_per_second: float = 0.0
-    #: The sender's wall clock (seconds since the epoch); staleness uses the receive time instead.
-    timestamp: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +52,8 @@ class Instance:
     health: Health = Health.UNKNOWN
     #: Why the instance is not SERVING, in a few words ("unreachable: connection refused").
     problem: str = ""
-    load: Load | None = None
+    #: The latest load report (its ``timestamp`` is the sender's wall clock; staleness uses ``load_at``).
+    load: LoadReport | None = None
     #: When ``load`` arrived (monotonic).
     load_at: float | None = None
     #: Requests this router has in flight on the instance.
@@ -96,7 +73,7 @@ class Instance:
     def load_age(self, now: float) -> float | None:
         return None if self.load_at is None else max(0.0, now - self.load_at)
 
-    def fresh_load(self, now: float, stale_after_s: float) -> Load | None:
+    def fresh_load(self, now: float, stale_after_s: float) -> LoadReport | None:
         """The latest load report, or None when there is none or it is stale."""
         age = self.load_age(now)
         return self.load if age is not None and age <= stale_after_s else None
@@ -195,7 +172,7 @@ class Registry:
         inst.health = health
         inst.problem = "" if health is Health.SERVING else (problem or health.name)
 
-    def record_load(self, instance_id: str, load: Load, now: float) -> None:
+    def record_load(self, instance_id: str, load: LoadReport, now: float) -> None:
         inst = self._instances.get(instance_id)
         if inst is not None:
             inst.load, inst.load_at = load, now

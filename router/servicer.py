@@ -1,4 +1,4 @@
-"""Router RPCs: decode, call the fleet or the forwarder, encode.
+"""Router RPCs: decode, call the upstreams or the forwarder, encode.
 
 Errors, an upstream status relayed as it came included, become status codes
 in the server's error interceptor.
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from router import codec
 from router.auth import BearerAuth
-from router.fleet import Fleet
+from router.upstreams import Upstreams
 from router.forwarder import Forwarder
 from services.common.errors import InvalidArgument
 from services.common.stubs import router_pb2, router_pb2_grpc
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, fleet: Fleet, forwarder: Forwarder, auth: BearerAuth | None = None) -> None:
-        self.fleet = fleet
+    def __init__(self, upstreams: Upstreams, forwarder: Forwarder, auth: BearerAuth | None = None) -> None:
+        self.upstreams = upstreams
         self.forwarder = forwarder
         self.auth = auth
 
@@ -32,38 +32,38 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Complete(self, request, context):
         self._authenticate(context)
-        collector = codec.Collector()
+        completion = codec.CompletionBuilder()
 
         async def add(chunk) -> None:
-            collector.add(chunk)
+            completion.add(chunk)
 
         await self.forwarder.generate(request, context.time_remaining, add)
-        return collector.result()
+        return completion.result()
 
     async def RegisterInstance(self, request, context):
         self._authenticate(context)
         if not request.HasField("instance"):
             raise InvalidArgument("instance", "must be set")
-        inst = self.fleet.register(codec.spec_of(request.instance))
-        return router_pb2.RegisterInstanceResponse(instance=codec.status_pb(inst, self.fleet.snapshot()))
+        inst = self.upstreams.register(codec.spec_of(request.instance))
+        return router_pb2.RegisterInstanceResponse(instance=codec.status_pb(inst, self.upstreams.snapshot()))
 
     async def DrainInstance(self, request, context):
         self._authenticate(context)
-        inst = self.fleet.drain(request.id)
-        return router_pb2.DrainInstanceResponse(instance=codec.status_pb(inst, self.fleet.snapshot()))
+        inst = self.upstreams.drain(request.id)
+        return router_pb2.DrainInstanceResponse(instance=codec.status_pb(inst, self.upstreams.snapshot()))
 
     async def DeregisterInstance(self, request, context):
         self._authenticate(context)
-        self.fleet.deregister(request.id)
+        self.upstreams.deregister(request.id)
         return router_pb2.DeregisterInstanceResponse()
 
     async def ListInstances(self, request, context):
         self._authenticate(context)
         role = codec.role_filter(request.role)
-        snapshot = self.fleet.snapshot()
-        instances = self.fleet.registry.select(role, request.pool or None)
+        snapshot = self.upstreams.snapshot()
+        instances = self.upstreams.registry.select(role, request.pool or None)
         f = self.forwarder
         stats = codec.router_stats_pb(f.cache, f.admission, f.in_flight, f.metrics.counters["rejected_total"],
-                                      self.fleet.pools(), self.fleet.priority_pools)
+                                      self.upstreams.pools(), self.upstreams.priority_pools)
         return router_pb2.ListInstancesResponse(instances=[codec.status_pb(i, snapshot) for i in instances],
-                                                policy=self.fleet.config.policy.value, router=stats)
+                                                policy=self.upstreams.config.policy.value, router=stats)

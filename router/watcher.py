@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router import codec
 from router.failover import short_reason
 from router.registry import Health, Registry
+from services.common.backoff import Backoff
 from services.common.stubs import stats_pb2, stats_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,6 @@ _HEALTH = {
 
 #: Health/Watch answers these when the instance cannot stream health; Check is used instead.
 _NO_WATCH = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
-
-
-class Backoff:
-    """Exponential waits between reconnection attempts, reset on success."""
-
-    def __init__(self, first_s: float, max_s: float) -> None:
-        self.first_s, self.max_s = first_s, max_s
-        self.next_s = first_s
-
-    def reset(self) -> None:
-        self.next_s = self.first_s
-
-    def take(self) -> float:
-        wait, self.next_s = self.next_s, min(self.max_s, self.next_s * 2)
-        return wait
 
 
 class InstanceWatcher:
@@ -125,7 +111,7 @@ class InstanceWatcher:
             if not problem:  # Watch does not work here: switch to Check at once
                 continue
             self._registry.set_health(self.instance_id, Health.NOT_SERVING, problem)
-            await self._sleep(backoff.take())
+            await self._sleep(backoff.next())
 
     async def _watch_health(self, backoff: Backoff) -> str:
         """Follows Health/Watch until it breaks; returns why ("" to fall back to Check)."""
@@ -172,4 +158,4 @@ class InstanceWatcher:
                     self.recheck()  # the connection went: have health looked at now, not at the next poll
             finally:
                 call.cancel()
-            await self._sleep(backoff.take(), self._became_serving)
+            await self._sleep(backoff.next(), self._became_serving)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from scaler.policy import InstanceLoad, Policy, WindowLoad
-from scaler.state import Event, Instance, ManagedState, PoolView, Role
+from scaler.state import Event, ManagedState, PoolMember, PoolView
+from services.common.load_codec import ROLE_PB, role_of
 from services.common.errors import InvalidArgument
-from services.common.stubs import monitor_pb2, router_pb2, scaler_pb2, stats_pb2
+from services.common.stubs import monitor_pb2, router_pb2, scaler_pb2
 
-ROLES = {stats_pb2.ROLE_TARGET: Role.TARGET, stats_pb2.ROLE_DRAFT: Role.DRAFT}
-ROLES_PB = {Role.TARGET: stats_pb2.ROLE_TARGET, Role.DRAFT: stats_pb2.ROLE_DRAFT,
-            Role.UNSPECIFIED: stats_pb2.ROLE_UNSPECIFIED}
 STATES_PB = {
     ManagedState.STARTING: scaler_pb2.MANAGED_STATE_STARTING, ManagedState.WARMING: scaler_pb2.MANAGED_STATE_WARMING,
     ManagedState.SERVING: scaler_pb2.MANAGED_STATE_SERVING, ManagedState.DRAINING: scaler_pb2.MANAGED_STATE_DRAINING,
@@ -17,11 +15,11 @@ STATES_PB = {
 }
 
 
-def instance_of(pb: router_pb2.InstanceStatus) -> Instance:
+def instance_of(pb: router_pb2.InstanceStatus) -> PoolMember:
     """A registered instance as the router lists it (the state records whether the scaler started it)."""
     spec = pb.spec
-    return Instance(id=spec.id or spec.address, address=spec.address,
-                    role=ROLES.get(spec.role, Role.UNSPECIFIED), pool=spec.pool or "default",
+    return PoolMember(id=spec.id or spec.address, address=spec.address,
+                    role=role_of(spec.role), pool=spec.pool or "default",
                     state=ManagedState.EXTERNAL, active=pb.state == router_pb2.INSTANCE_STATE_ACTIVE,
                     draining=pb.state == router_pb2.INSTANCE_STATE_DRAINING, in_flight=pb.in_flight,
                     load_in_flight=pb.load.in_flight if pb.HasField("load") else 0)
@@ -29,7 +27,7 @@ def instance_of(pb: router_pb2.InstanceStatus) -> Instance:
 
 def window_load(pb: monitor_pb2.ThroughputMetrics) -> WindowLoad:
     return WindowLoad(window_s=pb.window_s, tokens_per_second=pb.tokens_per_second,
-                      concurrent_users=pb.concurrent_users, running=pb.running)
+                      in_flight=pb.in_flight, running=pb.running)
 
 
 def instance_loads(reply: monitor_pb2.GetThroughputResponse, targets: set[str]) -> tuple[InstanceLoad, ...]:
@@ -60,15 +58,15 @@ def policy_pb(p: Policy) -> scaler_pb2.ScalingPolicy:
         capacity_tokens_per_second=p.capacity_tokens_per_second, panic_threshold=p.panic_threshold)
 
 
-def instance_pb(i: Instance) -> scaler_pb2.ManagedInstance:
-    return scaler_pb2.ManagedInstance(id=i.id, address=i.address, role=ROLES_PB[i.role], pool=i.pool,
+def instance_pb(i: PoolMember) -> scaler_pb2.ManagedInstance:
+    return scaler_pb2.ManagedInstance(id=i.id, address=i.address, role=ROLE_PB[i.role], pool=i.pool,
                                       state=STATES_PB[i.state], backend_ref=i.backend_ref, started_at=i.started_at)
 
 
 def pool_pb(v: PoolView) -> scaler_pb2.PoolStatus:
     d = v.decision
     return scaler_pb2.PoolStatus(
-        pool=v.pool, role=ROLES_PB[v.role], desired=v.desired, current=v.current, reason=v.reason,
+        pool=v.pool, role=ROLE_PB[v.role], desired=v.desired, current=v.current, reason=v.reason,
         policy=policy_pb(v.policy), instances=[instance_pb(i) for i in v.instances], starting=v.starting,
         draining=v.draining,
         capacity_tokens_per_second=d.capacity.tokens_per_second if d is not None and d.capacity else 0.0,

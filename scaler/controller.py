@@ -31,10 +31,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scaler.backends import Backend, LaunchSpec, Launched
-from scaler.fleet import RouterFleet
+from scaler.router_client import RouterClient
 from scaler.load import MonitorLoad
 from scaler.policy import Memory, PoolMetrics, decide
-from scaler.state import Event, Managed, ManagedState, Role, ScalerState
+from scaler.state import Event, Managed, ManagedState, ScalerState
+from services.common.load import Role
 from services.common.server import insecure_channel
 from services.common.stubs import generation_pb2, model_pb2_grpc
 
@@ -45,11 +46,11 @@ WARMUP_PROMPT = "Hello"
 
 
 class Controller:
-    def __init__(self, state: ScalerState, fleet: RouterFleet, load: MonitorLoad, backend: Backend, *,
+    def __init__(self, state: ScalerState, router: RouterClient, load: MonitorLoad, backend: Backend, *,
                  interval_s: float, start_timeout_s: float, warmup_tokens: int, stop_grace_s: float,
                  retry_after_s: float, clock: Callable[[], float] = time.time) -> None:
         self.state = state
-        self.fleet = fleet
+        self.router = router
         self.load = load
         self.backend = backend
         self.interval_s = interval_s
@@ -85,7 +86,7 @@ class Controller:
 
     async def tick(self) -> None:
         """One look at every pool: decide, then start or drain what the decision asks for."""
-        router_ok = await self.fleet.refresh()
+        router_ok = await self.router.refresh()
         self._reap()
         if router_ok:
             self._relist()
@@ -95,7 +96,7 @@ class Controller:
             if policy.manual_instances:
                 metrics = PoolMetrics(current)
             else:
-                targets = {i.id for i in self.state.fleet if i.pool == pool and i.role == Role.TARGET}
+                targets = {i.id for i in self.state.listing if i.pool == pool and i.role == Role.TARGET}
                 metrics = await self.load.pool(pool, current, targets)
             now = self.clock()
             decision = decide(metrics, policy, self.state.memory.get(pool, Memory()), now)
@@ -132,7 +133,7 @@ class Controller:
     def _serving(self, pool: str) -> int:
         """The pool's targets that take traffic now."""
         managed = {m.id: m for m in self.state.managed.values() if m.pool == pool}
-        ids = {i.id for i in self.state.fleet if i.pool == pool and i.role == Role.TARGET and i.active
+        ids = {i.id for i in self.state.listing if i.pool == pool and i.role == Role.TARGET and i.active
                and (i.id not in managed or managed[i.id].state == ManagedState.SERVING)}
         ids |= {i for i, m in managed.items() if m.state == ManagedState.SERVING}
         return len(ids)
@@ -164,7 +165,7 @@ class Controller:
             finally:
                 await channel.close()
             n = self._serving(pool)
-            await self.fleet.register(m.id, m.address, pool)
+            await self.router.register(m.id, m.address, pool)
             m.state = ManagedState.SERVING
             self.state.start_failures.pop(pool, None)
             self._event(m, "serving", f"{m.id} serving: SERVING after {ready_s:.1f} s, warmed up with "
@@ -215,12 +216,12 @@ class Controller:
         before = self._serving(m.pool) + 1
         began = time.monotonic()
         try:
-            if not await self.fleet.drain(m.id):
+            if not await self.router.drain(m.id):
                 log.info("%s was not registered with the router; stopping it", m.id)
             self._event(m, "draining", f"draining {m.id}: the router sends it no new request", before, before - 1)
             left = await self._wait_drained(m, policy.drain_timeout_s)
             drain_s = time.monotonic() - began
-            await self.fleet.deregister(m.id)
+            await self.router.deregister(m.id)
             await self.backend.stop(m.handle, self.stop_grace_s)
             self.state.managed.pop(m.id, None)
             how = (f"drained in {drain_s:.1f} s" if left == 0
@@ -237,7 +238,7 @@ class Controller:
         """Requests still in flight when the wait ended (0: drained)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            inst = await self.fleet.instance(m.id, m.pool)
+            inst = await self.router.instance(m.id, m.pool)
             left = 0 if inst is None else inst.in_flight + inst.load_in_flight
             if left == 0 or time.monotonic() > deadline:
                 return left
@@ -258,14 +259,14 @@ class Controller:
     def _relist(self) -> None:
         """Registers again the serving instances the router no longer lists (it restarted, or
         someone deregistered them): they run and were warmed up, so they should take traffic."""
-        listed = {i.id for i in self.state.fleet}
+        listed = {i.id for i in self.state.listing}
         for m in list(self.state.managed.values()):
             if m.state == ManagedState.SERVING and m.id not in listed:
                 self._spawn(self._register_again(m))
 
     async def _register_again(self, m: Managed) -> None:
         try:
-            await self.fleet.register(m.id, m.address, m.pool)
+            await self.router.register(m.id, m.address, m.pool)
         except grpc.aio.AioRpcError as exc:
             log.warning("could not register %s again: %s", m.id, exc.details())
             return
@@ -275,7 +276,7 @@ class Controller:
     async def _forget(self, m: Managed, launched: Launched) -> None:
         """Deregisters (if registered) and stops an instance that failed."""
         try:
-            await self.fleet.deregister(m.id)
+            await self.router.deregister(m.id)
         except grpc.aio.AioRpcError as exc:
             log.warning("could not deregister %s: %s", m.id, exc.details())
         await self.backend.stop(launched, self.stop_grace_s)
@@ -292,7 +293,7 @@ class Controller:
         await asyncio.gather(*list(self._ops), return_exceptions=True)
         for m in list(self.state.managed.values()):
             try:
-                await self.fleet.deregister(m.id)
+                await self.router.deregister(m.id)
             except grpc.aio.AioRpcError:
                 pass  # the router is gone too
         self.state.managed.clear()

@@ -15,16 +15,15 @@ from scaler.backends import Backend as ScalingBackend
 from scaler.backends import BackendError, refuse
 from scaler.config import Backend, ScalerConfig
 from scaler.controller import Controller
-from scaler.fleet import RouterFleet
+from scaler.router_client import RouterClient
 from scaler.load import MonitorLoad
 from scaler.policy import Policy
 from scaler.servicer import ScalerServicer
 from scaler.state import ScalerState
 from services.common import telemetry
 from services.common.config import ConfigError
-from services.common.server import insecure_channel, new_server, serve_until_signal, setup_logging
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, scaler_pb2_grpc, stats_pb2, stats_pb2_grpc
+from services.common.server import ServiceApp, insecure_channel, setup_logging
+from services.common.stubs import scaler_pb2_grpc, stats_pb2
 from services.common.paths import default_home, default_model_path
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,13 @@ def make_backend(config: ScalerConfig) -> ScalingBackend:
                         host=config.instance_host, extra_args=config.target_args)
 
 
-class ScalerApp:
+class ScalerApp(ServiceApp):
     """One scaler process: its server, its state, its router and monitor channels, its control loop."""
 
     def __init__(self, config: ScalerConfig, provider: TracerProvider, backend: ScalingBackend,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config
         self.clock = clock
-        self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES["scaler"], SERVICE_NAMES["stats"]], provider)
-        self.instance_id = config.instance_id or f"scaler@{config.host}:{self.port}"
+        self.bind(config, "scaler", provider)
         self.state = ScalerState(Policy(min_instances=config.default_min_instances,
                                         max_instances=config.default_max_instances,
                                         capacity_tokens_per_second=config.default_capacity_tokens_per_s,
@@ -60,21 +56,16 @@ class ScalerApp:
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
         self.router_channel = insecure_channel(config.router)
         self.monitor_channel = insecure_channel(config.monitor)
-        self.fleet = RouterFleet(self.router_channel, self.state, config.rpc_timeout_s, clock,
-                                 labels={"managed-by": self.instance_id})
+        self.router = RouterClient(self.router_channel, self.state, config.rpc_timeout_s, clock,
+                                   labels={"managed-by": self.instance_id})
         self.controller = Controller(
-            self.state, self.fleet,
+            self.state, self.router,
             MonitorLoad(self.monitor_channel, config.rpc_timeout_s, config.metrics_window_s, config.panic_window_s),
             backend, interval_s=config.interval_s, start_timeout_s=config.start_timeout_s,
             warmup_tokens=config.warmup_tokens, stop_grace_s=config.stop_grace_s,
             retry_after_s=config.retry_after_s, clock=clock)
         scaler_pb2_grpc.add_ScalerServicer_to_server(
-            ScalerServicer(self.state, self.fleet, self.controller, clock), self.server)
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
-
-    @property
-    def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+            ScalerServicer(self.state, self.router, self.controller, clock), self.server)
 
     def report(self) -> stats_pb2.LoadReport:
         return stats_pb2.LoadReport(instance_id=self.instance_id, role=stats_pb2.ROLE_SCALER, timestamp=self.clock())
@@ -85,11 +76,6 @@ class ScalerApp:
         await self.health.set(True)
         log.info("%s serving on %s (router %s, monitor %s, backend %s)", self.instance_id, self.address,
                  self.config.router, self.config.monitor, self.state.backend)
-
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.health.shutdown()
-        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
-        await self.close()
 
     async def close(self) -> None:
         """Stops the control loop and the instances it started, then closes the channels."""
@@ -108,10 +94,7 @@ def create_server(config: ScalerConfig, provider: TracerProvider | None = None,
 
 
 async def serve(config: ScalerConfig) -> None:
-    app = create_server(config)
-    await app.start()
-    print(f"scaler serving on {app.address}", flush=True)
-    await serve_until_signal(app.server, app.health, config.grace_period_s, on_stop=app.close)
+    await create_server(config).serve("scaler")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

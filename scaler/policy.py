@@ -125,7 +125,7 @@ class WindowLoad:
     #: Tokens/s the pool generated over the window.
     tokens_per_second: float
     #: Requests in flight (queued + running), newest reports.
-    concurrent_users: int = 0
+    in_flight: int = 0
     #: Sequences in the running batches, newest reports.
     running: int = 0
 
@@ -133,8 +133,8 @@ class WindowLoad:
     def demand(self) -> float:
         """Tokens/s the pool would generate if nothing waited: the served rate scaled by
         in flight ÷ running (a queued request would be served at the running ones' rate)."""
-        if self.running > 0 and self.concurrent_users > self.running:
-            return self.tokens_per_second * self.concurrent_users / self.running
+        if self.running > 0 and self.in_flight > self.running:
+            return self.tokens_per_second * self.in_flight / self.running
         return self.tokens_per_second
 
 
@@ -283,7 +283,7 @@ def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> 
     memory = dataclasses.replace(memory, recommendations=recs, last_panic=last_panic if in_panic else None)
     figures.update(load_tokens_per_second=load, served_tokens_per_second=stable.tokens_per_second,
                    short_load_tokens_per_second=short, window_s=stable.window_s, short_window_s=short_window_s,
-                   concurrent_users=float(stable.concurrent_users), running=float(stable.running),
+                   in_flight=float(stable.in_flight), running=float(stable.running),
                    target_utilization=p.target_utilization, utilization=utilisation, recommended=float(rec),
                    panic=float(in_panic))
     figure = (f"load {load:.1f} tok/s over {stable.window_s:g} s ÷ ({p.target_utilization:g} × "
@@ -300,27 +300,23 @@ def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> 
         return done(n, f"panic: short-window load {short:.1f} tok/s over {short_window_s:g} s is "
                        f"{short / (max(current, 1) * cap.tokens_per_second):.1f}× the {cap.describe()} of "
                        f"{current} instance(s) (> {p.panic_threshold:g}×): scale to {n} at once, scale-down held")
-    if rec > current:
-        since = _run_start(recs, lambda r: r > current)
-        held = now - since
-        if held >= p.scale_up_window_s:
-            n = min(r for t, r in recs if t >= now - p.scale_up_window_s)
-            return done(n, f"scale up: {figure} → {rec}; above {current} for {held:.0f} s "
-                           f"(scale-up window {p.scale_up_window_s:g} s)")
-        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_up_window_s:g} s "
-                             "scale-up window")
-    if rec < current:
-        if in_panic:
-            return done(current, f"panic mode (until {stable.window_s:g} s after the last overload): "
-                                 f"scale-down held; {figure}")
-        since = _run_start(recs, lambda r: r < current)
-        held = now - since
-        if held >= p.scale_down_window_s:
-            n = max(r for t, r in recs if t >= now - p.scale_down_window_s)
-            return done(n, f"scale down: {figure} → {rec}; below {current} for {held:.0f} s "
-                           f"(scale-down window {p.scale_down_window_s:g} s)")
-        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {p.scale_down_window_s:g} s "
-                             "scale-down window")
+    if rec < current and in_panic:
+        return done(current, f"panic mode (until {stable.window_s:g} s after the last overload): "
+                             f"scale-down held; {figure}")
+    if rec != current:
+        # The delay logic, the same both ways: move only after the recommendation has stayed on
+        # one side of ``current`` for the whole window, and then only as far as it stayed.
+        up = rec > current
+        way, side = ("up", "above") if up else ("down", "below")
+        window_s = p.scale_up_window_s if up else p.scale_down_window_s
+        held = now - _run_start(recs, (lambda r: r > current) if up else (lambda r: r < current))
+        if held >= window_s:
+            inside = [r for t, r in recs if t >= now - window_s]
+            n = min(inside) if up else max(inside)
+            return done(n, f"scale {way}: {figure} → {rec}; {side} {current} for {held:.0f} s "
+                           f"(scale-{way} window {window_s:g} s)")
+        return done(current, f"{figure} calls for {rec} for {held:.0f} s of the {window_s:g} s "
+                             f"scale-{way} window")
     if within:
         return done(current, f"{figure}: within the tolerance of ±{p.tolerance:g} of the target, "
                              f"stay at {current}")

@@ -1,4 +1,4 @@
-"""Scaler RPCs: refresh the fleet from the router, apply the change, wake the control loop, encode."""
+"""Scaler RPCs: refresh the listing of the router's instances, apply the change, wake the control loop, encode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from scaler import codec
 from scaler.controller import Controller
-from scaler.fleet import RouterFleet
+from scaler.router_client import RouterClient
 from scaler.policy import checked
 from scaler.state import ScalerState
 from services.common.errors import InvalidArgument
@@ -14,15 +14,15 @@ from services.common.stubs import scaler_pb2, scaler_pb2_grpc
 
 
 class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
-    def __init__(self, state: ScalerState, fleet: RouterFleet, controller: Controller,
+    def __init__(self, state: ScalerState, router: RouterClient, controller: Controller,
                  clock: Callable[[], float]) -> None:
         self.state = state
-        self.fleet = fleet
+        self.router = router
         self.controller = controller
         self.clock = clock
 
     async def GetStatus(self, request, context):
-        await self.fleet.refresh()
+        await self.router.refresh()
         return scaler_pb2.GetStatusResponse(pools=[codec.pool_pb(v) for v in self.state.pools(self.clock())],
                                             backend=self.state.backend)
 
@@ -31,14 +31,14 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
         if not request.HasField("policy"):
             raise InvalidArgument("policy", "must be set")
         policy = checked(codec.policy_of(request.policy))
-        await self.fleet.refresh()
+        await self.router.refresh()
         view = self.state.set_policy(pool, policy, self.clock())
         self.controller.wake()
         return scaler_pb2.SetPolicyResponse(pool=codec.pool_pb(view))
 
     async def ScaleTo(self, request, context):
         pool = codec.pool_name(request.pool)
-        await self.fleet.refresh()
+        await self.router.refresh()
         view = self.state.scale_to(pool, request.instances, self.clock())
         self.controller.wake()
         return scaler_pb2.ScaleToResponse(pool=codec.pool_pb(view))

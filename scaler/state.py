@@ -1,7 +1,7 @@
-"""What the scaler knows: the fleet as the router last listed it, the instances it started
+"""What the scaler knows: the instances as the router last listed them, the instances it started
 itself, the policies, each pool's latest decision, and the history.
 
-No gRPC and no stubs: the fleet client fills :meth:`ScalerState.set_fleet`
+No gRPC and no stubs: the router client fills :meth:`ScalerState.set_listing`
 from the router's registry, the controller records managed instances and
 decisions, the servicer encodes :class:`PoolView` and :class:`Event`. Every
 method takes ``now`` where time matters.
@@ -17,12 +17,7 @@ from dataclasses import dataclass, field
 
 from scaler import policy as policies
 from scaler.policy import Decision, Memory, Policy
-
-
-class Role(enum.Enum):
-    UNSPECIFIED = "unspecified"
-    TARGET = "target"
-    DRAFT = "draft"
+from services.common.load import Role
 
 
 class ManagedState(enum.Enum):
@@ -40,8 +35,9 @@ COUNTED = (ManagedState.STARTING, ManagedState.WARMING, ManagedState.SERVING)
 
 
 @dataclass(frozen=True)
-class Instance:
-    """An instance as the router lists it (or, while it starts, as the scaler knows it)."""
+class PoolMember:
+    """One instance of a pool view: as the router lists it, with what the scaler knows of it
+    when the scaler started it (or, while it starts, as the scaler alone knows it)."""
 
     id: str
     address: str
@@ -83,7 +79,7 @@ class PoolView:
     current: int
     reason: str
     policy: Policy
-    instances: tuple[Instance, ...] = ()
+    instances: tuple[PoolMember, ...] = ()
     starting: int = 0
     draining: int = 0
     decision: Decision | None = None
@@ -108,9 +104,9 @@ class ScalerState:
         self.default_policy = default_policy
         self.backend = backend
         self.policies: dict[str, Policy] = {}
-        self.fleet: tuple[Instance, ...] = ()
-        self.fleet_at: float | None = None
-        self.fleet_error = ""
+        self.listing: tuple[PoolMember, ...] = ()
+        self.listed_at: float | None = None
+        self.listing_error = ""
         self.managed: dict[str, Managed] = {}
         self.decisions: dict[str, Decision] = {}
         self.memory: dict[str, Memory] = {}
@@ -119,16 +115,16 @@ class ScalerState:
         self._history: deque[Event] = deque(maxlen=history_limit)
         self._watchers: set[asyncio.Queue[Event]] = set()
 
-    # -- the fleet ----------------------------------------------------------
-    def set_fleet(self, instances: list[Instance], now: float) -> None:
-        self.fleet, self.fleet_at, self.fleet_error = tuple(instances), now, ""
+    # -- the listing --------------------------------------------------------
+    def set_listing(self, instances: list[PoolMember], now: float) -> None:
+        self.listing, self.listed_at, self.listing_error = tuple(instances), now, ""
 
-    def fleet_failed(self, error: str) -> None:
+    def listing_failed(self, error: str) -> None:
         """The router did not answer; the last list stays, marked stale in every reason."""
-        self.fleet_error = error
+        self.listing_error = error
 
-    def listed(self, instance_id: str) -> Instance | None:
-        return next((i for i in self.fleet if i.id == instance_id), None)
+    def listed(self, instance_id: str) -> PoolMember | None:
+        return next((i for i in self.listing if i.id == instance_id), None)
 
     # -- pools --------------------------------------------------------------
     def policy(self, pool: str) -> Policy:
@@ -136,13 +132,13 @@ class ScalerState:
 
     def governed_pools(self) -> list[str]:
         """Pools whose targets the scaler sizes: every pool with a target, and every pool with a policy."""
-        pools = {i.pool for i in self.fleet if i.role == Role.TARGET} | set(self.policies)
+        pools = {i.pool for i in self.listing if i.role == Role.TARGET} | set(self.policies)
         pools |= {m.pool for m in self.managed.values()}
         return sorted(pools)
 
     def counted(self, pool: str) -> int:
         """A pool's targets that serve or are on their way; draining ones are not counted."""
-        ids = {i.id for i in self.fleet if i.pool == pool and i.role == Role.TARGET and not i.draining}
+        ids = {i.id for i in self.listing if i.pool == pool and i.role == Role.TARGET and not i.draining}
         ids |= {m.id for m in self.managed.values() if m.pool == pool and m.state in COUNTED}
         ids -= {m.id for m in self.managed.values() if m.state == ManagedState.DRAINING}
         return len(ids)
@@ -159,9 +155,9 @@ class ScalerState:
 
     def pools(self, now: float) -> list[PoolView]:
         """One view per (pool, role) with instances, and one per pool that only has a policy."""
-        groups: dict[tuple[str, Role], list[Instance]] = {}
+        groups: dict[tuple[str, Role], list[PoolMember]] = {}
         listed_ids = set()
-        for i in self.fleet:
+        for i in self.listing:
             listed_ids.add(i.id)
             m = self.managed.get(i.id)
             if m is not None:
@@ -170,7 +166,7 @@ class ScalerState:
             groups.setdefault((i.pool, i.role), []).append(i)
         for m in self.managed.values():
             if m.id not in listed_ids:
-                groups.setdefault((m.pool, m.role), []).append(Instance(
+                groups.setdefault((m.pool, m.role), []).append(PoolMember(
                     m.id, m.address, m.role, m.pool, m.state, m.backend_ref, m.started_at,
                     active=m.state == ManagedState.SERVING, draining=m.state == ManagedState.DRAINING))
         for pool in self.governed_pools():
@@ -186,7 +182,7 @@ class ScalerState:
                 return v
         return views[0] if views else self._view(name, Role.TARGET, [], now)
 
-    def _view(self, pool: str, role: Role, members: list[Instance], now: float) -> PoolView:
+    def _view(self, pool: str, role: Role, members: list[PoolMember], now: float) -> PoolView:
         p = self.policy(pool)
         members = sorted(members, key=lambda i: i.id)
         current = sum(not i.draining and i.state not in (ManagedState.STARTING, ManagedState.WARMING)
@@ -219,10 +215,10 @@ class ScalerState:
                              "by this scaler: left running")
         if pool not in self.policies:
             notes.append("default policy")
-        if self.fleet_error:
-            listed = (f"instances as listed {now - self.fleet_at:.0f} s ago" if self.fleet_at is not None
+        if self.listing_error:
+            listed = (f"instances as listed {now - self.listed_at:.0f} s ago" if self.listed_at is not None
                       else "no instance list yet")
-            notes.append(f"router unreachable ({self.fleet_error}), {listed}")
+            notes.append(f"router unreachable ({self.listing_error}), {listed}")
         if notes:
             reason += " (" + "; ".join(notes) + ")"
         return PoolView(pool, role, desired, current, reason, p, tuple(members), starting, draining, decision)

@@ -385,7 +385,7 @@ def test_status_renders_instances_and_throughput():
                        "state": "active", "queue": 2, "running": 3, "tokens_per_second": 41.5,
                        "utilization": 0.5}],
         "throughput": {"window_s": 10.0, "requests_per_second": 1.5, "tokens_per_second": 41.5,
-                       "accelerator_utilization": 0.5, "queue_length": 2, "concurrent_users": 5, "instances": 1},
+                       "accelerator_utilization": 0.5, "queue_length": 2, "in_flight": 5, "instances": 1},
     }
     lines = status.render(snapshot).splitlines()
     assert lines[:3] == ["SERVICE  ADDRESS  HEALTH", "router   r:1      SERVING", ""]

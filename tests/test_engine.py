@@ -166,7 +166,7 @@ def test_metrics_report_batches_and_tokens(tiny_models):
     m = load.metrics
     assert m.counters["tokens_generated_total"] == 20 and m.counters["requests_total"] == 4
     assert m.mean_batch_size > 1 and 0 < m.busy_fraction <= 1
-    assert m.ttft_ms.count == 4 and m.tpot_ms.p50 > 0
+    assert m.ttft_ms.count == 4 and m.tpot_ms.p50_ms > 0
 
 
 def test_forward_error_fans_out_and_engine_keeps_serving(tiny_models, monkeypatch):

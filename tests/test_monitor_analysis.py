@@ -7,7 +7,8 @@ import pytest
 
 from monitor.analysis import Severity, Thresholds, analyze
 from monitor.metrics import Scope, standard_windows, throughput
-from monitor.store import InstanceInfo, Latency, Role
+from monitor.store import InstanceInfo
+from services.common.load import Latency, Role
 from tests.test_monitor_metrics import T0, feed, report, store_with, target
 
 HEALTHY = dict(tokens_per_s=100, requests_per_s=2, accelerator_utilization=0.9, batch_fill=0.9, running=7,
@@ -51,11 +52,11 @@ def test_host_side_bottleneck_low_utilisation_with_work_queued():
     assert "tokens/s" in rec.expected_effect
 
 
-def test_batch_efficiency_below_0_7_with_requests_waiting():
+def test_batch_fill_below_0_7_with_requests_waiting():
     store = store_with(target("a"))
     now = feed(store, "a", 10, queue_length=4, accelerator_utilization=0.8, batch_fill=0.4, running=3,
                queue_time=Latency(300, 500, 600, 320, 40))
-    rec = only(rules(store, now), "low_batch_efficiency")
+    rec = only(rules(store, now), "low_batch_fill")
     assert rec.value == pytest.approx(0.4) and rec.threshold == 0.7
     assert "max_wait_ms" in rec.action and "max_batch_size" in rec.action
     assert rec.evidence["queue_time_p50_ms"] == 300

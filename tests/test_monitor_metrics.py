@@ -8,7 +8,8 @@ import pytest
 
 from monitor.analysis import AlertTracker, Severity, analyze
 from monitor.metrics import Scope, merge_latency, resolve_window, throughput
-from monitor.store import InstanceInfo, Latency, Report, ReportStore, Role, UtilizationSource
+from monitor.store import InstanceInfo, Report, ReportStore
+from services.common.load import Latency, Role, UtilizationSource
 from services.common.errors import InvalidArgument, NotFound
 
 T0 = 1_000_000.0
@@ -52,7 +53,7 @@ def test_rates_come_from_counters_over_the_window():
     m = throughput(store.snapshot(), 10, Scope(), now).metrics
     assert m.tokens_per_second == pytest.approx(200, rel=1e-3)
     assert m.requests_per_second == pytest.approx(4, rel=1e-3)
-    assert m.concurrent_users == 3 and m.queue_length == 1 and m.instances == 1
+    assert m.in_flight == 3 and m.queue_length == 1 and m.instances == 1
     assert m.window_s == 10
 
 
@@ -109,14 +110,14 @@ def test_scope_by_instance_and_pool():
 
 def test_an_instance_can_be_named_by_the_id_in_its_reports():
     store = store_with(target("10.0.0.1:50061"))
-    store.add("10.0.0.1:50061", Report("target@host", Role.TARGET, T0, T0))
+    store.add("10.0.0.1:50061", Report("target@host", Role.TARGET, T0, received_at=T0))
     assert throughput(store.snapshot(), 10, Scope(instance_id="target@host"), T0).metrics.instances == 1
 
 
 def test_unknown_scope_is_not_found_and_an_empty_store_is_all_zero():
     store = ReportStore(retention_s=330)
     m = throughput(store.snapshot(), 10, Scope(), T0).metrics
-    assert (m.tokens_per_second, m.requests_per_second, m.instances, m.concurrent_users) == (0, 0, 0, 0)
+    assert (m.tokens_per_second, m.requests_per_second, m.instances, m.in_flight) == (0, 0, 0, 0)
     with pytest.raises(NotFound, match="instance_id"):
         throughput(store.snapshot(), 10, Scope(instance_id="nope"), T0)
     with pytest.raises(NotFound, match="pool"):
@@ -149,7 +150,7 @@ def test_gauges_average_over_instances_and_latencies_merge_conservatively():
     feed(store, "b", 10, batch_fill=1.0, accelerator_utilization=0.8, utilization_source=UtilizationSource.NVML,
          ttft=Latency(20, 40, 90, 22, 300))
     m = throughput(store.snapshot(), 10, Scope(), now).metrics
-    assert m.batch_efficiency == pytest.approx(0.75)
+    assert m.batch_fill == pytest.approx(0.75)
     assert m.accelerator_utilization == pytest.approx(0.5)
     assert m.utilization_source == UtilizationSource.UNSPECIFIED  # a mix has no single source
     assert m.ttft == Latency(p50_ms=17.5, p95_ms=40, p99_ms=90, mean_ms=19.5, count=400)
@@ -195,9 +196,9 @@ def test_queued_work_with_idle_accelerator_and_part_empty_batches():
     now = feed(store, "a", 10, queue_length=5, accelerator_utilization=0.2, batch_fill=0.25)
     feed(store, "b", 10, queue_length=0, accelerator_utilization=0.2, batch_fill=0.25)
     recs = analyze(store.snapshot(), 10, Scope(), now).recommendations
-    assert {(r.rule, r.subject) for r in recs} == {("low_utilization_with_queue", "a"), ("low_batch_efficiency", "a")}
-    low = next(r for r in recs if r.rule == "low_batch_efficiency")
-    assert low.evidence["batch_efficiency"] == pytest.approx(0.25) and "max_batch_tokens" in low.action
+    assert {(r.rule, r.subject) for r in recs} == {("low_utilization_with_queue", "a"), ("low_batch_fill", "a")}
+    low = next(r for r in recs if r.rule == "low_batch_fill")
+    assert low.evidence["batch_fill"] == pytest.approx(0.25) and "max_batch_tokens" in low.action
 
 
 def test_error_rate_and_acceptance_rules():

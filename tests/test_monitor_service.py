@@ -88,7 +88,7 @@ async def test_discovers_instances_and_measures_their_throughput(fake_router, in
     reply = await eventually(lambda: measured((3000, 300)))
     assert reply.metrics.instances == 2
     assert [w.window_s for w in reply.windows] == [10, 60, 300]  # the standard windows come along
-    assert reply.metrics.concurrent_users == 4 and reply.metrics.queue_length == 1
+    assert reply.metrics.in_flight == 4 and reply.metrics.queue_length == 1
     assert reply.metrics.utilization_source == stats_pb2.UTILIZATION_SOURCE_ENGINE_BUSY
     assert {"a", "b", "router@fake"} <= set(reply.per_instance)
     fast = await eventually(lambda: measured((2000, 200), pool="fast"))

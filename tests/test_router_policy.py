@@ -15,14 +15,15 @@ from router.failover import Outcome, decide, short_reason
 from router.policy import (POLICIES, Snapshot, Weights, choose, eligible, least_loaded, load_of, pair, power_of_two,
                            round_robin, score)
 from router.policy_prefix import PrefixTable, prefix_blocks
-from router.registry import Health, Instance, InstanceSpec, Load, Registry, Role, State
+from router.registry import Health, Instance, InstanceSpec, Registry, State
+from services.common.load import Latency, LoadReport, Role
 from services.common.config import ConfigError
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 
 STALE = 2.0
 
 
-def instance(name: str, *, state=State.ACTIVE, health=Health.SERVING, load: Load | None = Load(),
+def instance(name: str, *, state=State.ACTIVE, health=Health.SERVING, load: LoadReport | None = LoadReport(),
              load_at: float | None = 0.0, in_flight=0, failures=0, role=Role.TARGET) -> Instance:
     inst = Instance(InstanceSpec(id=name, address=f"127.0.0.1:{1000 + hash(name) % 1000}", role=role))
     inst.state, inst.health, inst.load = state, health, load
@@ -37,8 +38,8 @@ def random_fleet(rng: random.Random, now: float) -> list[Instance]:
         has_load = rng.random() < 0.8
         fleet.append(instance(
             f"i{k}", state=rng.choice(list(State)), health=rng.choice(list(Health)),
-            load=Load(in_flight=rng.randint(0, 9), queue_length=rng.randint(0, 5),
-                      accelerator_utilization=rng.random(), ttft_p50_ms=rng.uniform(0, 500)) if has_load else None,
+            load=LoadReport(in_flight=rng.randint(0, 9), queue_length=rng.randint(0, 5),
+                      accelerator_utilization=rng.random(), ttft=Latency(p50_ms=rng.uniform(0, 500))) if has_load else None,
             load_at=now - rng.uniform(0, 2 * STALE), in_flight=rng.randint(0, 5), failures=rng.randint(0, 3)))
     return fleet
 
@@ -98,8 +99,8 @@ def test_round_robin_is_a_pure_function_of_the_sequence():
 
 
 def test_least_loaded_takes_the_larger_of_reported_and_router_in_flight():
-    fleet = [instance("a", load=Load(in_flight=5)), instance("b", load=Load(in_flight=1), in_flight=3),
-             instance("c", load=Load(in_flight=2))]
+    fleet = [instance("a", load=LoadReport(in_flight=5)), instance("b", load=LoadReport(in_flight=1), in_flight=3),
+             instance("c", load=LoadReport(in_flight=2))]
     assert least_loaded(fleet, Snapshot(now=1.0)).id == "c"
     fleet[2].in_flight = 6
     assert least_loaded(fleet, Snapshot(now=1.0)).id == "b"
@@ -112,7 +113,7 @@ def test_least_loaded_ties_rotate():
 
 
 def test_least_loaded_ignores_stale_reports():
-    fleet = [instance("a", load=Load(in_flight=9), load_at=0.0), instance("b", load=Load(in_flight=1), load_at=0.0)]
+    fleet = [instance("a", load=LoadReport(in_flight=9), load_at=0.0), instance("b", load=LoadReport(in_flight=1), load_at=0.0)]
     assert choose(PolicyName.LEAST_LOADED, fleet, Snapshot(now=1.0, stale_after_s=STALE)).id == "b"
     fleet[1].load_at = -5.0  # stale: b is no longer routable at all
     assert choose(PolicyName.LEAST_LOADED, fleet, Snapshot(now=1.0, stale_after_s=STALE)).id == "a"
@@ -120,9 +121,9 @@ def test_least_loaded_ignores_stale_reports():
 
 def test_score_weights_and_ranking():
     snap = Snapshot(now=1.0)
-    idle = instance("idle", load=Load(accelerator_utilization=0.0, queue_length=0, ttft_p50_ms=0.0))
+    idle = instance("idle", load=LoadReport(accelerator_utilization=0.0, queue_length=0, ttft=Latency(p50_ms=0.0)))
     assert score(idle, snap) == pytest.approx(1.0)
-    busy = instance("busy", load=Load(accelerator_utilization=1.0, queue_length=3, ttft_p50_ms=900.0), failures=1)
+    busy = instance("busy", load=LoadReport(accelerator_utilization=1.0, queue_length=3, ttft=Latency(p50_ms=900.0)), failures=1)
     assert score(busy, snap) == pytest.approx(0.3 * 0 + 0.3 / 4 + 0.2 * 0.1 / 1.0 + 0.2 / 2)
     assert 0.0 <= score(busy, snap) < score(idle, snap) <= 1.0
     assert choose(PolicyName.SCORE, [busy, idle], snap).id == "idle"
@@ -131,8 +132,8 @@ def test_score_weights_and_ranking():
 
 def test_score_weights_are_configurable_and_normalised():
     snap = Snapshot(now=1.0)
-    cool_but_queued = instance("a", load=Load(accelerator_utilization=0.0, queue_length=9, ttft_p50_ms=900.0))
-    hot_but_empty = instance("b", load=Load(accelerator_utilization=1.0, queue_length=0, ttft_p50_ms=0.0))
+    cool_but_queued = instance("a", load=LoadReport(accelerator_utilization=0.0, queue_length=9, ttft=Latency(p50_ms=900.0)))
+    hot_but_empty = instance("b", load=LoadReport(accelerator_utilization=1.0, queue_length=0, ttft=Latency(p50_ms=0.0)))
     assert choose(PolicyName.SCORE, [cool_but_queued, hot_but_empty], snap).id == "b"
     idle_only = Snapshot(now=1.0, weights=Weights(idle=2.0, queue=0.0, latency=0.0, availability=0.0))
     assert choose(PolicyName.SCORE, [cool_but_queued, hot_but_empty], idle_only).id == "a"
@@ -153,7 +154,7 @@ def test_score_ties_are_broken_at_random():
     assert set(picks) == set("abcd") and min(picks.values()) > 50
     # The same seed, the same choice: the decision is a function of the snapshot.
     assert len({choose(PolicyName.SCORE, fleet, Snapshot(now=1.0, seed=42)).id for _ in range(10)}) == 1
-    fleet[2].load = Load(accelerator_utilization=0.5)  # no tie any more
+    fleet[2].load = LoadReport(accelerator_utilization=0.5)  # no tie any more
     assert {choose(PolicyName.SCORE, fleet[2:], Snapshot(now=1.0, seed=s)).id for s in range(50)} == {"d"}
 
 
@@ -161,7 +162,7 @@ def test_power_of_two_never_picks_the_busier_of_its_pair():
     rng = random.Random(2)
     now = 50.0
     for trial in range(2000):
-        fleet = [instance(f"i{k}", load=Load(in_flight=rng.randint(0, 6)), load_at=now,
+        fleet = [instance(f"i{k}", load=LoadReport(in_flight=rng.randint(0, 6)), load_at=now,
                           in_flight=rng.randint(0, 6)) for k in range(rng.randint(1, 7))]
         snap = Snapshot(now=now, seed=rng.getrandbits(64), sequence=trial)
         candidates = eligible(fleet, snap)
@@ -215,7 +216,7 @@ def test_prefix_affinity_is_stable_while_load_is_balanced():
         home = None
         for r in range(12):
             for inst in fleet:  # loads move, but stay within the bound of each other
-                inst.load = Load(in_flight=rng.randint(0, bound))
+                inst.load = LoadReport(in_flight=rng.randint(0, bound))
                 inst.load_at = now
             prompt = system + [rng.randrange(300) for _ in range(rng.randint(0, 20))]
             blocks = prefix_blocks(prompt, 8)
@@ -229,8 +230,8 @@ def test_prefix_affinity_is_stable_while_load_is_balanced():
 
 
 def test_prefix_affinity_leaves_an_overloaded_instance_and_prefers_longer_matches():
-    fleet = [instance("a", load=Load(in_flight=2)), instance("b", load=Load(in_flight=0)),
-             instance("c", load=Load(in_flight=1))]
+    fleet = [instance("a", load=LoadReport(in_flight=2)), instance("b", load=LoadReport(in_flight=0)),
+             instance("c", load=LoadReport(in_flight=1))]
     assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0, affinity={"a": 3}, max_imbalance=2)).id == "a"
     assert choose(PolicyName.PREFIX_AFFINITY, fleet, Snapshot(now=1.0, affinity={"a": 3}, max_imbalance=1)).id == "b"
     assert choose(PolicyName.PREFIX_AFFINITY, fleet,
@@ -331,7 +332,7 @@ def test_failures_mark_unreachable_and_eject_until_readmitted():
     reg = Registry(eject_after_failures=2, eject_for_s=5.0)
     inst, _ = reg.upsert(InstanceSpec("a", "h:1"))
     reg.set_health("a", Health.SERVING)
-    reg.record_load("a", Load(), now=0.0)
+    reg.record_load("a", LoadReport(), now=0.0)
     assert inst.routable(0.0, STALE)
     reg.record_failure("a", now=0.0, unreachable="connection refused")
     assert inst.health is Health.NOT_SERVING and "connection refused" in inst.describe(0.0, STALE)

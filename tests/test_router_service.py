@@ -348,7 +348,7 @@ async def test_retry_before_first_token_on_another_instance(targets, reference_m
             assert tokens == hf_greedy(reference_model, prompt, 6)
             assert {c.instance_id for c in chunks} == {"2-real"}
         assert len(failing.requests) == 1
-        assert app.fleet.registry.get("1-failing").consecutive_failures == 1
+        assert app.upstreams.registry.get("1-failing").consecutive_failures == 1
 
 
 async def test_retries_are_bounded_by_max_attempts(targets):
@@ -428,10 +428,10 @@ async def test_client_cancel_cancels_the_upstream_call(targets):
         call = stub.Generate(request([1, 2, 3], max_new_tokens=10), timeout=30)
         await call.read()
         await eventually(lambda: holding.held == 1, what="the upstream stream to hang")
-        assert app.fleet.registry.get("only").in_flight == 1
+        assert app.upstreams.registry.get("only").in_flight == 1
         call.cancel()
         await eventually(lambda: holding.cancelled == 1, what="the upstream call to be cancelled")
-        await eventually(lambda: app.forwarder.in_flight == 0 and app.fleet.registry.get("only").in_flight == 0,
+        await eventually(lambda: app.forwarder.in_flight == 0 and app.upstreams.registry.get("only").in_flight == 0,
                          what="in-flight counts to drop")
         # The deadline travelled with the request.
         assert holding.time_remaining[0] is not None and 0 < holding.time_remaining[0] <= 30.5  # the wire rounds up
@@ -508,7 +508,7 @@ async def test_health_watch_changes_reach_the_registry_at_once():
         await wait_routable(stub, ["w"])
         started = time.monotonic()
         await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await eventually(lambda: not app.fleet.registry.get("w").routable(time.monotonic(), 2.0),
+        await eventually(lambda: not app.upstreams.registry.get("w").routable(time.monotonic(), 2.0),
                          what="NOT_SERVING to arrive")
         assert time.monotonic() - started < 1.0  # streamed, not polled (the poll interval is 30 s)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -720,7 +720,7 @@ async def test_a_client_going_away_or_out_of_time_stops_the_targets_work(tiny_mo
             call.cancel()
             await eventually(idle, what="the target to drop the cancelled sequence")
             assert generated() < 240 and target.report().in_flight == 0
-            assert app.fleet.registry.get(target.address).in_flight == 0 and app.forwarder.in_flight == 0
+            assert app.upstreams.registry.get(target.address).in_flight == 0 and app.forwarder.in_flight == 0
 
             before = generated()
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -729,7 +729,7 @@ async def test_a_client_going_away_or_out_of_time_stops_the_targets_work(tiny_mo
             await eventually(idle, what="the target to drop the expired sequence")
             assert generated() - before < 240 and target.report().in_flight == 0
             # Neither counts against the instance.
-            assert app.fleet.registry.get(target.address).consecutive_failures == 0
+            assert app.upstreams.registry.get(target.address).consecutive_failures == 0
     finally:
         await target.stop(0)
 

@@ -116,11 +116,11 @@ class FakeMonitor(monitor_pb2_grpc.MonitorServicer):
         await self.server.stop(0)
 
 
-def throughput(tokens_per_second: float, instances: dict[str, float] | None = None, *, concurrent_users: int = 4,
+def throughput(tokens_per_second: float, instances: dict[str, float] | None = None, *, in_flight: int = 4,
                running: int = 4, saturation: float = 1.0, window_s: float = 1.0) -> monitor_pb2.GetThroughputResponse:
     """A pool's answer: the aggregate and each instance's tokens/s."""
     reply = monitor_pb2.GetThroughputResponse(metrics=monitor_pb2.ThroughputMetrics(
-        window_s=window_s, tokens_per_second=tokens_per_second, concurrent_users=concurrent_users, running=running,
+        window_s=window_s, tokens_per_second=tokens_per_second, in_flight=in_flight, running=running,
         instances=max(1, len(instances or {}))))
     for key, tps in (instances or {}).items():
         reply.per_instance[key].CopyFrom(monitor_pb2.ThroughputMetrics(window_s=window_s, tokens_per_second=tps,

@@ -19,8 +19,8 @@ CAP = 100.0  # tokens/s per instance
 def metrics(current: int, load: float, *, short: float | None = None, window_s: float = 30.0,
             saturated: dict[str, float] | None = None) -> PoolMetrics:
     """A pool of ``current`` instances whose demand is ``load`` tokens/s (nothing queued)."""
-    stable = WindowLoad(window_s, load, concurrent_users=4, running=4)
-    panic = WindowLoad(6.0, load if short is None else short, concurrent_users=4, running=4)
+    stable = WindowLoad(window_s, load, in_flight=4, running=4)
+    panic = WindowLoad(6.0, load if short is None else short, in_flight=4, running=4)
     instances = tuple(InstanceLoad(k, v, 1.0) for k, v in (saturated or {}).items())
     return PoolMetrics(current, stable, panic, instances)
 
@@ -59,10 +59,10 @@ def test_desired_is_ceil_of_load_over_target_capacity_after_the_up_window():
 
 
 def test_demand_counts_queued_requests_at_the_running_ones_rate():
-    w = WindowLoad(10, tokens_per_second=100, concurrent_users=12, running=4)
+    w = WindowLoad(10, tokens_per_second=100, in_flight=12, running=4)
     assert w.demand == pytest.approx(300)
-    assert WindowLoad(10, 100, concurrent_users=3, running=4).demand == 100
-    assert WindowLoad(10, 0, concurrent_users=3, running=0).demand == 0
+    assert WindowLoad(10, 100, in_flight=3, running=4).demand == 100
+    assert WindowLoad(10, 0, in_flight=3, running=0).demand == 0
 
 
 def test_within_the_tolerance_band_nothing_changes():

@@ -244,7 +244,7 @@ async def test_load_drives_scale_up_by_panic_and_scale_down_after_its_window(fak
     def answer(window_s, pool):
         ids = [i.spec.id for i in fake_router.instances if i.state == router_pb2.INSTANCE_STATE_ACTIVE]
         per = load["tps"] / max(1, len(ids))
-        return throughput(load["tps"], {i: per for i in ids}, concurrent_users=load["concurrent"], running=4,
+        return throughput(load["tps"], {i: per for i in ids}, in_flight=load["concurrent"], running=4,
                           saturation=1.0 if load["concurrent"] > 4 else 0.0, window_s=window_s)
 
     monitor = await FakeMonitor(answer).start()

@@ -10,7 +10,7 @@ def snapshot(**extra):
         "services": [{"name": "router", "address": "r:1", "health": "SERVING"}],
         "instances": [],
         "throughput": {"window_s": 10.0, "requests_per_second": 1.5, "tokens_per_second": 41.5,
-                       "accelerator_utilization": 0.5, "queue_length": 2, "concurrent_users": 5, "instances": 1},
+                       "accelerator_utilization": 0.5, "queue_length": 2, "in_flight": 5, "instances": 1},
         **extra,
     }
 

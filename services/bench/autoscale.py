@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from services.bench import fleet
+from services.bench import local_suite
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions
 from services.common.suite import ServiceSpec
 from services.common.stubs import generation_pb2 as gen
@@ -71,9 +71,9 @@ class Run:
 
 def _specs(opts: BenchOptions, log_dir: Path, windows: dict[str, float]) -> list[ServiceSpec]:
     model = opts.model_dir(opts.model)
-    target = fleet.target_spec(model, 1, **TARGET_FLAGS)
-    router = fleet.router_spec([target.address])
-    mport, sport = fleet.free_port(), fleet.free_port()
+    target = local_suite.target_spec(model, 1, **TARGET_FLAGS)
+    router = local_suite.router_spec([target.address])
+    mport, sport = local_suite.free_port(), local_suite.free_port()
     monitor = ServiceSpec("monitor", "monitor.main", mport, (
         "--port", str(mport), "--router", router.address, "--watch-interval-s", str(SAMPLE_S),
         "--list-interval-s", str(SAMPLE_S), "--prometheus-port", "0", "--log-level", "warning"),
@@ -235,7 +235,7 @@ def autoscale(opts: BenchOptions, new_tokens: int = 32, low: int = 1, high: int 
     log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-autoscale-"))
     specs = _specs(opts, log_dir, windows)
     initial = specs[0].address  # the router registers --targets under their address
-    with fleet.running(specs, log_dir) as addresses:
+    with local_suite.running(specs, log_dir) as addresses:
         result = asyncio.run(_drive(addresses, initial, low=low, high=high, low_s=low_s, high_s=high_s,
                                     settle_s=settle_s, timeout_s=timeout_s, new_tokens=new_tokens, policy=policy,
                                     progress=opts.progress))

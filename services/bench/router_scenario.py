@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -36,11 +35,9 @@ from pathlib import Path
 
 import grpc
 
-from services.bench import fleet as bench_fleet
+from services.bench import local_suite
 from services.bench.loadgen import RunResult, closed_loop, greedy_request
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions, median
-from services.common.healthcheck import check
-from services.common.processes import ProcessGroup, wait_routable
 from services.common.suite import ServiceSpec
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc
 from services.common.metrics import percentile
@@ -54,24 +51,14 @@ KILL_AFTER_TOKENS = 4
 
 def router_spec(targets: list[str], *flags: str) -> ServiceSpec:
     """The router (no response cache: every request must reach a target)."""
-    port = bench_fleet.free_port()
-    args = ["--port", str(port), "--targets", ",".join(targets), "--log-level", "warning", *flags]
-    return ServiceSpec("router", "router.main", port, tuple(args), env={"OMP_NUM_THREADS": "1"})
+    return local_suite.router_spec(targets, flags=flags)
 
 
 @contextmanager
-def running(specs: list[ServiceSpec], timeout_s: float = 180.0):
-    """Like ``services.bench.fleet.running``, but yields the ProcessGroup (its
-    children's processes are what the failover run kills)."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-router-"))
-    fleet = ProcessGroup(specs, log_dir, python=sys.executable)
-    fleet.start()
-    try:
-        fleet.wait_ready(timeout_s, lambda address: check(address) == "SERVING")
-        wait_routable(next(s.address for s in specs if s.name == "router"))
-        yield fleet
-    finally:
-        fleet.stop(10.0)
+def running(specs: list[ServiceSpec]):
+    """The suite's ProcessGroup (its children's processes are what the failover run kills)."""
+    with local_suite.started(specs, Path(tempfile.mkdtemp(prefix="llmesh-bench-router-"))) as group:
+        yield group
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -165,14 +152,14 @@ def target_threads(opts: BenchOptions) -> int:
 def _failover(opts: BenchOptions, prompts: list[str], new_tokens: int) -> dict:
     model_dir = opts.model_dir(opts.model)
     threads = max(1, target_threads(opts) // 2)
-    targets = [bench_fleet.target_spec(model_dir, threads, name=f"target-{k}", max_batch_size=FAILOVER_STREAMS)
+    targets = [local_suite.target_spec(model_dir, threads, name=f"target-{k}", max_batch_size=FAILOVER_STREAMS)
                for k in "ab"]
     # Round robin puts half of the streams on the target that dies.
     specs = [*targets, router_spec([t.address for t in targets], "--policy", "round_robin")]
-    with running(specs) as fleet:
-        router = fleet.specs[-1].address
+    with running(specs) as group:
+        router = group.specs[-1].address
         reference = asyncio.run(_streams(router, prompts, new_tokens))
-        victim = fleet.children[0]
+        victim = group.children[0]
         killed_at: list[float] = []
 
         def kill() -> None:
@@ -202,10 +189,10 @@ def router_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
     prompts = heldout_prompts(256, seed=0)
     model_dir = opts.model_dir(opts.model)
     threads = target_threads(opts)
-    target = bench_fleet.target_spec(model_dir, threads, max_batch_size=STREAM_CONCURRENCY)
+    target = local_suite.target_spec(model_dir, threads, max_batch_size=STREAM_CONCURRENCY)
     specs = [target, router_spec([target.address])]
-    with running(specs) as fleet:
-        router = fleet.specs[-1].address
+    with running(specs) as group:
+        router = group.specs[-1].address
         lat = asyncio.run(_latency(target.address, router, prompts, latency_requests * opts.repeats, new_tokens))
         tput = asyncio.run(_throughput(target.address, router, prompts, stream_new_tokens, 2 * STREAM_CONCURRENCY,
                                        opts.repeats, opts.progress))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from services.bench import fleet, offline
+from services.bench import local_suite, offline
 from services.bench.loadgen import RunResult, closed_loop, greedy_request
 from services.common.stubs import router_pb2_grpc
 from services.models.corpus import heldout_prompts
@@ -37,11 +37,11 @@ def median(xs: list[float]) -> float:
 
 
 def _suite(opts: BenchOptions, specs_fn):
-    """The router address: the given one, or one of a fleet started now."""
+    """The router address: the given one, or one of a suite started now."""
     if opts.router:
         return nullcontext({"router": opts.router})
     log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
-    return fleet.running(specs_fn(), log_dir)
+    return local_suite.running(specs_fn(), log_dir)
 
 
 def _prompts(n: int) -> list[str]:
@@ -75,8 +75,8 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     packed_tps = offline.hf_generate_tps(model_dir, prompts, new_tokens, 32, opts.repeats, packed=True)
 
     def specs():
-        target = fleet.target_spec(model_dir, opts.threads, max_batch_size=max(concurrencies))
-        return [target, fleet.router_spec([target.address])]
+        target = local_suite.target_spec(model_dir, opts.threads, max_batch_size=max(concurrencies))
+        return [target, local_suite.router_spec([target.address])]
 
     make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
     points = {}
@@ -118,12 +118,12 @@ def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCUR
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
 
     def specs():
-        draft = fleet.draft_spec(draft_dir, 1)
-        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address, speculation_max_batch=1024)
-        return [draft, target, fleet.router_spec([target.address], [draft.address])]
+        draft = local_suite.draft_spec(draft_dir, 1)
+        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address, speculation_max_batch=1024)
+        return [draft, target, local_suite.router_spec([target.address], [draft.address])]
 
     points = {}
-    with fleet.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
+    with local_suite.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
         for c in concurrencies:
             runs = asyncio.run(_measure(addrs["router"], {"off": make(False, 32), "on": make(True, 32)}, c,
                                         max(4, 2 * c), opts.repeats, f"sweep c={c}", opts.progress))
@@ -155,9 +155,9 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
                                              packed=True)
 
     def specs():
-        draft = fleet.draft_spec(draft_dir, 1)
-        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address)
-        return [draft, target, fleet.router_spec([target.address], [draft.address])]
+        draft = local_suite.draft_spec(draft_dir, 1)
+        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address)
+        return [draft, target, local_suite.router_spec([target.address], [draft.address])]
 
     def make(spec: bool, n: int):
         return lambda i: greedy_request(prompts[i % n], new_tokens, speculate=spec, gamma=gamma)

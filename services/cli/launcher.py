@@ -70,25 +70,25 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    fleet = ProcessGroup(specs, options.home / "logs")
-    _say(f"starting {len(specs)} services; logs in {fleet.log_dir}")
+    group = ProcessGroup(specs, options.home / "logs")
+    _say(f"starting {len(specs)} services; logs in {group.log_dir}")
     healthy = False
     try:
-        fleet.start()
-        ready = fleet.wait_ready(args.timeout, is_serving, stop=stop, on_ready=lambda c, waited: print(
+        group.start()
+        ready = group.wait_ready(args.timeout, is_serving, stop=stop, on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
         if ready:
             router = specs[SERVICES.index("router")]
             wait_routable(connect_address(router), args.timeout)  # the router sees its targets
             _say(f"ready; router at {router.address} (Ctrl-C stops every service)")
-            healthy = supervise(fleet, stop, args.keep_going)
+            healthy = supervise(group, stop, args.keep_going)
         else:
             healthy = True  # stopped on request before the suite was ready
     except (LaunchError, TimeoutError) as exc:
         _say(str(exc), error=True)
     finally:
         _say("stopping every service")
-        codes = fleet.stop(args.grace_period)
+        codes = group.stop(args.grace_period)
     unclean = {name: rc for name, rc in codes.items() if rc != 0}
     if healthy and unclean:
         _say(f"did not stop cleanly (exit codes): {unclean}", error=True)

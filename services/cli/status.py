@@ -170,7 +170,7 @@ def render(snapshot: dict[str, Any]) -> str:
     else:
         lines.append(f"fleet over {t['window_s']:.0f} s: {t['requests_per_second']:.2f} req/s · "
                      f"{t['tokens_per_second']:.1f} tokens/s · utilisation {t['accelerator_utilization']:.0%} · "
-                     f"queue {t['queue_length']} · {t['concurrent_users']} in flight · {t['instances']} instances")
+                     f"queue {t['queue_length']} · {t['in_flight']} in flight · {t['instances']} instances")
     if "recommendation_error" in snapshot:
         lines.append(f"top recommendation: unknown (monitor: {snapshot['recommendation_error']})")
     elif "recommendation" in snapshot:

@@ -20,16 +20,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q, method="inverted_cdf"))
 
 
-@dataclass
-class Summary:
-    p50: float = 0.0
-    p95: float = 0.0
-    p99: float = 0.0
-    mean: float = 0.0
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Percentiles of a latency in milliseconds over a window (llmesh.v1.LatencySummary)."""
+
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    #: Samples behind the figures.
     count: int = 0
 
     @classmethod
-    def of(cls, values: list[float]) -> "Summary":
+    def of(cls, values: list[float]) -> "Latency":
+        """The summary of ``values`` (milliseconds)."""
         if not values:
             return cls()
         p50, p95, p99 = (float(v) for v in np.percentile(values, [50, 95, 99], method="inverted_cdf"))
@@ -44,10 +48,10 @@ class MetricsSnapshot:
     busy_fraction: float
     tokens_per_second: float
     requests_per_second: float
-    ttft_ms: Summary
-    tpot_ms: Summary
-    e2e_ms: Summary
-    queue_ms: Summary
+    ttft_ms: Latency
+    tpot_ms: Latency
+    e2e_ms: Latency
+    queue_ms: Latency
     acceptance_rate: float
     mean_accepted_length: float
     counters: dict[str, int] = field(default_factory=dict)
@@ -115,10 +119,10 @@ class WindowedMetrics:
             busy_fraction=min(1.0, sum(s[4] for s in steps) / span),
             tokens_per_second=sum(n for _, n in self._tokens) / span,
             requests_per_second=len(reqs) / span,
-            ttft_ms=Summary.of(ms(r[1] for r in reqs)),
-            tpot_ms=Summary.of(ms(r[2] for r in reqs)),
-            e2e_ms=Summary.of(ms(r[3] for r in reqs)),
-            queue_ms=Summary.of(ms(r[4] for r in reqs)),
+            ttft_ms=Latency.of(ms(r[1] for r in reqs)),
+            tpot_ms=Latency.of(ms(r[2] for r in reqs)),
+            e2e_ms=Latency.of(ms(r[3] for r in reqs)),
+            queue_ms=Latency.of(ms(r[4] for r in reqs)),
             acceptance_rate=accepted / proposed if proposed else 0.0,
             mean_accepted_length=(accepted + rounds) / rounds if rounds else 0.0,
             counters=dict(self.counters),

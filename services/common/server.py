@@ -21,7 +21,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common import lifeline, telemetry
 from services.common.config import BaseConfig
+from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
+from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,59 @@ async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, gra
     if on_stop is not None:
         await on_stop()
     log.info("stopped")
+
+
+class ServiceApp:
+    """What every service process shares once its parts are built: a bound server
+    (``server``, ``port``, ``health``, from :func:`new_server`) and its config.
+
+    Subclasses build their parts in ``__init__``, override :meth:`start` and,
+    when they hold loops or channels, :meth:`close`. Event-loop thread only.
+    """
+
+    config: BaseConfig
+    server: grpc.aio.Server
+    port: int
+    health: Health
+    instance_id: str
+
+    def bind(self, config: BaseConfig, service: str, provider: TracerProvider | None) -> None:
+        """Builds the bound server of ``service`` (a SERVICE_NAMES key) and its Stats service,
+        and names the instance (``config.instance_id``, else ``service@host:port``).
+        OSError when the port cannot be bound."""
+        self.config = config
+        self.server, self.port, self.health = new_server(
+            config, [SERVICE_NAMES[service], SERVICE_NAMES["stats"]], provider)
+        self.instance_id = config.instance_id or f"{service}@{config.host}:{self.port}"
+        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
+
+    def report(self) -> stats_pb2.LoadReport:
+        """The load report Stats/Watch streams (called on the event loop at each interval)."""
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, then the server stops and gives running calls ``grace_s``
+        seconds (default ``config.grace_period_s``), then :meth:`close`."""
+        await self.health.shutdown()
+        await self.server.stop(self.config.grace_period_s if grace_s is None else grace_s)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stops what the service runs besides its server (after the server has stopped)."""
+
+    async def serve(self, name: str) -> None:
+        """Starts, says where it serves on stdout, and serves until SIGTERM/SIGINT
+        (:func:`serve_until_signal`), then closes."""
+        await self.start()
+        print(f"{name} serving on {self.address}", flush=True)
+        await serve_until_signal(self.server, self.health, self.config.grace_period_s, on_stop=self.close)
 
 
 def setup_logging(level: str) -> None:

@@ -8,7 +8,8 @@ from services.common.config import BaseConfig, ConfigError, field
 from services.common.stubs import model_pb2, stats_pb2
 from services.engine.build import LoadedModel
 from services.engine.engine import EngineLoad
-from services.common.metrics import Summary
+from services.common.load import windowed
+from services.common.load_codec import SOURCE_OF_PB, report_pb, role_of
 from services.engine.settings import EngineSettings
 
 
@@ -46,32 +47,22 @@ class ModelServiceConfig(BaseConfig):
                               num_slots=max(self.num_slots, self.max_batch_size))
 
 
-def summary_pb(s: Summary) -> stats_pb2.LatencySummary:
-    return stats_pb2.LatencySummary(p50_ms=s.p50, p95_ms=s.p95, p99_ms=s.p99, mean_ms=s.mean, count=s.count)
-
-
 def load_report(load: EngineLoad, instance_id: str, role: int, timestamp: float,
                 utilization: tuple[float, int] | None = None) -> stats_pb2.LoadReport:
-    """A LoadReport from the engine's state. ``utilization`` overrides the
-    engine busy fraction (NVML on a GPU)."""
+    """A LoadReport from the engine's published load (no engine state is read).
+    ``role`` is a stats_pb2.Role value; ``timestamp`` wall-clock seconds since the
+    epoch; ``utilization`` (fraction, stats_pb2.UtilizationSource value)
+    overrides the engine's busy fraction (NVML on a GPU)."""
     m = load.metrics
     util, source = utilization or (m.busy_fraction, stats_pb2.UTILIZATION_SOURCE_ENGINE_BUSY)
-    c = m.counters
-    return stats_pb2.LoadReport(
-        instance_id=instance_id, role=role, timestamp=timestamp, window_s=m.window_s,
+    return report_pb(windowed(
+        m, instance_id=instance_id, role=role_of(role), timestamp=timestamp,
         queue_length=load.queue_length, running=load.running, in_flight=load.queue_length + load.running,
-        max_batch_size=load.max_batch_size, mean_batch_size=m.mean_batch_size,
+        max_batch_size=load.max_batch_size,
         batch_fill=m.mean_batch_size / load.max_batch_size if load.max_batch_size else 0.0,
-        token_efficiency=m.token_efficiency, accelerator_utilization=util, utilization_source=source,
+        accelerator_utilization=util, utilization_source=SOURCE_OF_PB[source],
         kv_cache_used_tokens=load.kv_used_tokens, kv_cache_capacity_tokens=load.kv_capacity_tokens,
-        kv_cache_usage=load.kv_used_tokens / load.kv_capacity_tokens if load.kv_capacity_tokens else 0.0,
-        ttft=summary_pb(m.ttft_ms), tpot=summary_pb(m.tpot_ms), e2e=summary_pb(m.e2e_ms),
-        queue_time=summary_pb(m.queue_ms), tokens_per_second=m.tokens_per_second,
-        requests_per_second=m.requests_per_second, acceptance_rate=m.acceptance_rate,
-        mean_accepted_length=m.mean_accepted_length, **{k: c[k] for k in (
-            "requests_total", "tokens_generated_total", "errors_total", "rejected_total",
-            "proposed_tokens_total", "accepted_tokens_total", "speculation_rounds_total", "steps_total")},
-    )
+        kv_cache_usage=load.kv_used_tokens / load.kv_capacity_tokens if load.kv_capacity_tokens else 0.0))
 
 
 def settings_pb(settings: EngineSettings, **extra) -> model_pb2.EngineSettings:

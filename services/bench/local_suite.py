@@ -34,12 +34,13 @@ def draft_spec(model: Path, threads: int, name: str = "draft") -> ServiceSpec:
     return ServiceSpec(name, "services.draft.main", port, tuple(args), env=_env(threads))
 
 
-def router_spec(targets: list[str], drafts: list[str] = ()) -> ServiceSpec:
+def router_spec(targets: list[str], drafts: list[str] = (), flags: tuple[str, ...] = ()) -> ServiceSpec:
+    """The router over ``targets`` (and ``drafts``), with extra command-line ``flags``."""
     port = free_port()
     args = ["--port", str(port), "--targets", ",".join(targets), "--log-level", "warning"]
     if drafts:
         args += ["--drafts", ",".join(drafts)]
-    return ServiceSpec("router", "router.main", port, tuple(args), env=_env(1))
+    return ServiceSpec("router", "router.main", port, (*args, *flags), env=_env(1))
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -47,16 +48,24 @@ def _env(threads: int) -> dict[str, str]:
 
 
 @contextmanager
-def running(specs: list[ServiceSpec], log_dir: Path, timeout_s: float = 180.0):
-    """Starts the processes, waits until each is SERVING (and the router sees
-    them so), stops them at the end."""
-    fleet = ProcessGroup(specs, log_dir, python=sys.executable)
-    fleet.start()
+def started(specs: list[ServiceSpec], log_dir: Path, timeout_s: float = 180.0):
+    """Starts the processes, waits until each is SERVING (and the router, if
+    any, sees them so), yields their ProcessGroup, stops them at the end.
+    TimeoutError (from ProcessGroup.wait_ready) after ``timeout_s`` seconds."""
+    group = ProcessGroup(specs, log_dir, python=sys.executable)
+    group.start()
     try:
-        fleet.wait_ready(timeout_s, lambda address: check(address) == "SERVING")
-        addresses = {spec.name: spec.address for spec in specs}
-        if "router" in addresses:
-            wait_routable(addresses["router"])
-        yield addresses
+        group.wait_ready(timeout_s, lambda address: check(address) == "SERVING")
+        router = next((spec.address for spec in specs if spec.name == "router"), None)
+        if router is not None:
+            wait_routable(router)
+        yield group
     finally:
-        fleet.stop(10.0)
+        group.stop(10.0)
+
+
+@contextmanager
+def running(specs: list[ServiceSpec], log_dir: Path, timeout_s: float = 180.0):
+    """Like :func:`started`, but yields each service's address by name."""
+    with started(specs, log_dir, timeout_s):
+        yield {spec.name: spec.address for spec in specs}

@@ -40,8 +40,9 @@ def open_channel(address: str, reconnect_max_s: float) -> grpc.aio.Channel:
                                                     ("grpc.max_reconnect_backoff_ms", backoff_ms)])
 
 
-class Fleet:
-    """Instances, their channels and watchers, and the routing decision."""
+class Upstreams:
+    """The router's upstream instances: the registry, one channel and one watcher per
+    instance, and the routing decision over them. Event-loop thread only."""
 
     def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -58,7 +59,7 @@ class Fleet:
         #: Pools of each priority class: its own, then those it may spill over to.
         spill = config.spillover_map()
         self.priority_pools = {cls: (pool, *spill.get(cls, ())) for cls, pool in config.priority_pools().items()}
-        self._prefixes = {role: PrefixTable(config.affinity_table_size) for role in Role}
+        self._prefixes = {role: PrefixTable(config.affinity_table_size) for role in (Role.TARGET, Role.DRAFT)}
 
     # -- membership ------------------------------------------------------------
     def register(self, spec: InstanceSpec) -> Instance:

@@ -8,14 +8,15 @@ from collections.abc import Callable
 import grpc
 
 from scaler import codec
-from scaler.state import Instance, ScalerState
+from scaler.state import PoolMember, ScalerState
 from services.common.stubs import router_pb2, router_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
 
 
-class RouterFleet:
-    """Refreshes ``state``'s fleet from the router; a failure keeps the last list (marked stale)."""
+class RouterClient:
+    """The scaler's calls to the router: refreshes ``state``'s listing of the router's
+    instances (a failure keeps the last list, marked stale) and changes membership."""
 
     def __init__(self, channel: grpc.aio.Channel, state: ScalerState, timeout_s: float,
                  clock: Callable[[], float], labels: dict[str, str] | None = None) -> None:
@@ -30,14 +31,14 @@ class RouterFleet:
         try:
             reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if not self._state.fleet_error:
+            if not self._state.listing_error:
                 log.warning("router: ListInstances failed (%s: %s)", exc.code().name, exc.details())
-            self._state.fleet_failed(exc.code().name)
+            self._state.listing_failed(exc.code().name)
             return False
-        self._state.set_fleet([codec.instance_of(s) for s in reply.instances if s.spec.address], self._clock())
+        self._state.set_listing([codec.instance_of(s) for s in reply.instances if s.spec.address], self._clock())
         return True
 
-    async def instance(self, instance_id: str, pool: str) -> Instance | None:
+    async def instance(self, instance_id: str, pool: str) -> PoolMember | None:
         """The router's current view of one instance (None: not registered)."""
         reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(pool=pool), timeout=self._timeout_s)
         for status in reply.instances:

@@ -21,28 +21,12 @@ from dataclasses import dataclass
 import grpc
 
 from monitor import codec
-from monitor.store import InstanceInfo, ReportStore, Role
+from monitor.store import InstanceInfo, ReportStore
+from services.common.load import Role
+from services.common.backoff import Backoff
 from services.common.stubs import router_pb2, router_pb2_grpc, stats_pb2, stats_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-class Backoff:
-    """Exponential retry delays with full jitter, capped; ``reset()`` after a success."""
-
-    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._rng = rng or random.Random()
-        self._attempt = 0
-
-    def next(self) -> float:
-        cap = min(self.max_s, self.initial_s * 2 ** self._attempt)
-        self._attempt = min(self._attempt + 1, 30)
-        return self._rng.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 @dataclass
@@ -51,8 +35,10 @@ class _Watch:
     task: asyncio.Task
 
 
-class Collector:
-    """Keeps ``store`` filled with the reports of every instance the router lists."""
+class StatsSubscriber:
+    """Keeps ``store`` filled with the reports of every instance the router lists (and the
+    router's own). Its tasks run on the event loop; ``clock`` (default ``time.time``) stamps
+    ``received_at``."""
 
     def __init__(self, router_address: str, store: ReportStore, *, watch_interval_s: float,
                  list_interval_s: float, rpc_timeout_s: float, reconnect_initial_s: float,
@@ -63,7 +49,7 @@ class Collector:
         self.watch_interval_s = watch_interval_s
         self.list_interval_s = list_interval_s
         self.rpc_timeout_s = rpc_timeout_s
-        self._backoff = lambda: Backoff(reconnect_initial_s, reconnect_max_s)
+        self._backoff = lambda: Backoff(reconnect_initial_s, reconnect_max_s, random.Random())
         self._channel_factory = channel_factory
         self._clock = clock
         self._watches: dict[str, _Watch] = {}
