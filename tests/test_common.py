@@ -146,8 +146,8 @@ async def test_undecodable_requests_are_invalid_argument_and_the_service_stays_u
     ([], 99, 0.0),
 ])
 def test_percentiles_are_nearest_rank(values, q, expected):
-    from services.common.metrics import Summary, percentile
+    from services.common.metrics import Latency, percentile
 
     assert percentile(values, q) == pytest.approx(expected)
     if values and q in (50, 95, 99):
-        assert getattr(Summary.of(values), f"p{q}") == pytest.approx(expected)
+        assert getattr(Latency.of(values), f"p{q}_ms") == pytest.approx(expected)
