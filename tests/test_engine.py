@@ -265,3 +265,13 @@ def test_rounds_under_way_stand_down_when_the_batch_grows_past_the_break_even(ti
     assert rec.tokens == hf_greedy(reference_model, [5, 6, 7], 10)
     assert other.tokens == hf_greedy(reference_model, [8, 9], 10)
     assert seq.spec.stats.rounds == 0
+
+
+def test_ttft_and_tpot_have_one_definition():
+    from services.common.metrics import ttft_tpot
+    from services.engine.sequence import Timeline
+
+    assert ttft_tpot(10.0, 10.5, 12.5, 5) == (0.5, 0.5)  # 4 gaps after the first token in 2 s
+    assert ttft_tpot(10.0, 10.5, 10.5, 1) == (0.5, None)
+    assert ttft_tpot(10.0, None, None, 0) == (None, None)
+    assert Timeline(10.0, 10.1, 10.5, 13.0, 12.5, 5).ttft_tpot() == (0.5, 0.5)

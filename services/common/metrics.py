@@ -14,6 +14,21 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
+def ttft_tpot(arrival: float, first_token: float | None, last_token: float | None,
+              new_tokens: int) -> tuple[float | None, float | None]:
+    """A request's time to first token and mean time per output token after
+    the first, in the unit of its timestamps (seconds of one clock).
+
+    ``new_tokens`` counts the tokens generated for this request (resumed ones
+    excluded). TTFT is None without a first token; TPOT is None for fewer
+    than two tokens. The one definition every service uses.
+    """
+    ttft = first_token - arrival if first_token is not None else None
+    if first_token is None or last_token is None or new_tokens < 2:
+        return ttft, None
+    return ttft, (last_token - first_token) / (new_tokens - 1)
+
+
 @dataclass
 class Summary:
     p50: float = 0.0

@@ -346,14 +346,13 @@ class Engine:
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
             text += seq.detok.flush()
-        first = seq.first_token_at
-        new_tokens = seq.generated - len(seq.request.resume_ids)
-        tpot = ((seq.last_token_at - first) / (new_tokens - 1)) if first and new_tokens > 1 else None
-        self.metrics.record_request(now, (first - seq.arrival) if first else None, tpot, now - seq.arrival,
-                                    (seq.admitted_at or now) - seq.arrival, error=error is not None)
+        timeline = Timeline(seq.arrival, seq.admitted_at, seq.first_token_at, now, seq.last_token_at,
+                            seq.generated - len(seq.request.resume_ids))
+        ttft, tpot = timeline.ttft_tpot()
+        self.metrics.record_request(now, ttft, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
+                                    error=error is not None)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
-                               spec=seq.spec.stats if seq.spec is not None else None,
-                               timeline=Timeline(seq.arrival, seq.admitted_at, first, now)))
+                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._finish(seq, FinishReason.ERROR, [], error=exc)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.metrics import ttft_tpot
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"
@@ -84,10 +86,22 @@ class SequenceEvent:
 
 @dataclass(frozen=True)
 class Timeline:
+    """When a finished sequence arrived, was admitted, made its first and last
+    token and finished: seconds of the engine's clock (time.monotonic() unless
+    injected), None for a moment it never reached; ``new_tokens`` it generated
+    (resumed tokens excluded)."""
+
     arrival: float
     admitted: float | None
     first_token: float | None
     finished: float
+    last_token: float | None = None
+    new_tokens: int = 0
+
+    def ttft_tpot(self) -> tuple[float | None, float | None]:
+        """(time to first token, time per output token after the first), seconds
+        (:func:`services.common.metrics.ttft_tpot`)."""
+        return ttft_tpot(self.arrival, self.first_token, self.last_token, self.new_tokens)
 
 
 _ids = itertools.count()

@@ -48,7 +48,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                 chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
                 if event.spec is not None:
                     chunk.speculation.CopyFrom(self._spec_pb(event.spec))
-                chunk.timing.CopyFrom(self._timing(event.timeline, usage.completion_tokens - len(req.resume_ids)))
+                chunk.timing.CopyFrom(self._timing(event.timeline))
                 self._trace(event, len(req.prompt_ids), usage.completion_tokens)
             yield chunk
 
@@ -76,11 +76,11 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     draft_timeouts=stats.draft_timeouts, stood_down_rounds=stats.stood_down)
 
     @staticmethod
-    def _timing(t, new_tokens: int) -> gen.Timing:
+    def _timing(t) -> gen.Timing:
         ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else 0.0  # noqa: E731
-        tpot = ms(t.first_token, t.finished) / (new_tokens - 1) if new_tokens > 1 else 0.0
-        return gen.Timing(queue_ms=ms(t.arrival, t.admitted), ttft_ms=ms(t.arrival, t.first_token), tpot_ms=tpot,
-                          elapsed_ms=ms(t.arrival, t.finished))
+        ttft, tpot = t.ttft_tpot()
+        return gen.Timing(queue_ms=ms(t.arrival, t.admitted), ttft_ms=(ttft or 0.0) * 1000.0,
+                          tpot_ms=(tpot or 0.0) * 1000.0, elapsed_ms=ms(t.arrival, t.finished))
 
     def _trace(self, event, prompt_tokens: int, completion_tokens: int) -> None:
         """Spans for the engine's phases of this request, under the call's span."""
