@@ -119,7 +119,7 @@ def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCUR
 
     def specs():
         draft = fleet.draft_spec(draft_dir, 1)
-        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address, speculation_max_batch=1024)
+        target = fleet.target_spec(target_dir, opts.threads, draft=draft.address, speculative_disable_by_batch_size=1024)
         return [draft, target, fleet.router_spec([target.address], [draft.address])]
 
     points = {}
@@ -195,7 +195,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "round_verify_ms": spec_summary["round_verify_ms"],
         "batch_sweep": sweep,
         "break_even_batch": break_even(sweep) if sweep else None,
-        "speculation_max_batch_default": SpeculationSettings().max_batch,
+        "speculation_max_batch_default": SpeculationSettings().disable_by_batch_size,
         "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
     }
 

@@ -61,7 +61,8 @@ class GenerationRequest:
     persistent: bool = False
     #: Return the sampling distribution of each generated token.
     want_probs: bool = False
-    #: Speculative decoding with a drafter (None: plain decoding).
+    #: Speculative decoding: the engine's Speculation strategy's request type
+    #: (services.speculative.state.SpeculationRequest in the target); None: plain decoding.
     speculation: Any = None
 
 
@@ -77,7 +78,7 @@ class SequenceEvent:
     #: Persistent sequences: the budget is spent and the sequence waits.
     paused: bool = False
     error: BaseException | None = None
-    #: Speculation counts so far (services.speculative.state.SpecStats), if speculating.
+    #: Speculation counts so far (the strategy's, e.g. services.speculative.state.SpecStats), if speculating.
     spec: Any = None
     #: On the finishing event: when the sequence arrived, was admitted, made its
     #: first token and finished (time.monotonic() seconds; None if it never did).
@@ -128,7 +129,8 @@ class Sequence:
     #: Seed of every draw of this sequence (the request's, or a random one).
     base_seed: int = 0
     detok: Any = None
-    #: services.speculative.state.SpecState while the sequence speculates.
+    #: The speculation strategy's state (services.engine.speculation.SequenceSpeculation)
+    #: while the sequence speculates, else None.
     spec: Any = None
     admitted_at: float | None = None
     first_token_at: float | None = None
