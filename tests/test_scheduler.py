@@ -168,10 +168,10 @@ def test_a_draft_hold_never_delays_admitting_new_requests():
 def test_dropping_a_round_abandons_only_a_round_under_way():
     spec = SpecState(proposer=None, control=GammaController(4, 1, 8))
     assert spec.drop_round() is False and spec.stats.dropped_by_batch_size == 0  # nothing under way
-    spec.proposal, spec.sync.proposal_len = [4, 5, 6], 3
+    spec.proposal, spec.sync.asked = [4, 5, 6], 3
     assert spec.drop_round() is True
     assert spec.proposal is None and not spec.waiting and spec.stats.dropped_by_batch_size == 1
-    assert spec.sync.proposal_len - spec.sync.kept == 3  # the next round tells the draft to discard all three
+    assert spec.sync.asked - spec.sync.kept == 3  # the next round tells the draft to discard all three
     assert spec.sync.next_round([1, 2], 2).discard == 3
     spec.waiting = True
     assert spec.drop_round() is True and not spec.waiting and spec.stats.dropped_by_batch_size == 2

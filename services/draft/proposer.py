@@ -47,7 +47,7 @@ class DraftProposer:
         distribution (``[vocab]`` tensors). ``start`` is required for the first
         round. Raises InvalidArgument naming the field for a round that breaks
         the protocol, and what the engine raised for a failed round."""
-        self.sync.apply(round_)
+        rollback = self.sync.apply(round_)
         if self._seq is None:
             if start is None:
                 raise InvalidArgument("sampling", "the first message must say how to sample")
@@ -56,7 +56,7 @@ class DraftProposer:
                 prompt_ids=list(round_.append), sampling=sampling, request_id=start.request_id,
                 persistent=True, want_probs=start.want_probs or not sampling.greedy))
         else:
-            self._seq.resume(round_.discard, list(round_.append), round_.gamma)
+            self._seq.resume(rollback, list(round_.append), round_.gamma)
         events = await self._seq.next_round()
         if events[-1].error is not None:
             raise events[-1].error

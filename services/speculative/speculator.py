@@ -104,12 +104,8 @@ class Speculator:
                     error: BaseException | None, now: float) -> None:
         """A proposal (or the proposer's failure) arrived, on the engine thread."""
         spec: SpecState = seq.spec
-        if round_id != spec.round_id or seq.status is not Status.RUNNING:
-            return  # finished, or an answer to an older round
-        if error is None and spec.active:
-            spec.sync.proposed(len(proposal.tokens))  # the draft holds them, used or not
-        if not spec.waiting:
-            return  # a late answer to a round that timed out or was dropped
+        if round_id != spec.round_id or seq.status is not Status.RUNNING or not spec.waiting:
+            return  # finished, or a late answer to a round that timed out or was dropped
         spec.waiting = False
         if error is not None:
             spec.disable(f"draft unavailable: {error}")
