@@ -277,3 +277,57 @@ def test_ttft_and_tpot_have_one_definition():
     assert ttft_tpot(10.0, 10.5, 10.5, 1) == (0.5, None)
     assert ttft_tpot(10.0, None, None, 0) == (None, None)
     assert Timeline(10.0, 10.1, 10.5, 13.0, 12.5, 5).ttft_tpot() == (0.5, 0.5)
+
+
+def test_a_fault_in_the_engine_loop_fails_every_sequence_in_flight_and_refuses_new_ones(tiny_models):
+    import threading
+
+    from services.common.errors import Unavailable
+
+    engine = make_engine(tiny_models, max_batch_size=1)
+    running, waiting, paused = Recorder(), Recorder(), Recorder()
+    events = []
+    engine.submit(GenerationRequest(prompt_ids=[4, 5], sampling=SamplingOptions(max_new_tokens=2),
+                                    persistent=True), lambda ev: (events.append(ev), paused(ev)))
+    while not (events and events[-1].paused):
+        engine.run_once()
+    engine.submit(greedy([1, 2, 3], 50), running)
+    engine.run_once()  # admitted: running alongside the paused one
+    engine.submit(greedy([7, 8], 5), waiting)  # max_batch_size 1: this one waits
+    engine.run_once()
+    assert len(engine.scheduler.running) == 1 and len(engine.scheduler.paused) == 1
+    assert engine.scheduler.num_waiting == 1
+    late = Recorder()  # still in the command queue when the loop dies
+    engine.submit(greedy([9], 3), late)
+
+    def broken_schedule(now):
+        raise RuntimeError("injected scheduler fault")
+
+    engine.scheduler.schedule = broken_schedule
+    died = threading.Event()
+    seen = []
+    engine.start(on_fatal=lambda exc: (seen.append(exc), died.set()))
+    assert died.wait(10) and isinstance(seen[0], RuntimeError)
+    engine.stop()
+    for rec in (running, waiting, paused, late):
+        assert rec.finish is FinishReason.ERROR
+    assert isinstance(events[-1].error, Unavailable) and "the engine stopped" in str(events[-1].error)
+    with pytest.raises(Unavailable, match="the engine stopped"):
+        engine.submit(greedy([1, 2], 3), Recorder())
+
+
+def test_load_is_an_immutable_snapshot_published_by_the_engine(tiny_models):
+    import dataclasses
+
+    engine = make_engine(tiny_models)
+    before = engine.load()
+    engine.submit(greedy([1, 2, 3], 4), Recorder())
+    assert engine.load() is before  # nothing published until the engine steps
+    engine.run_once()
+    during = engine.load()
+    assert during is not before and during.running == 1 and before.running == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        during.running = 5
+    drain(engine)
+    after = engine.load()  # idle after work: the windowed metrics are fresh
+    assert after.running == 0 and after.metrics.counters["tokens_generated_total"] == 4
