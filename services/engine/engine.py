@@ -18,19 +18,19 @@ sequence in flight fails with ``Unavailable`` and the owner is told
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from services.common.metrics import MetricsSnapshot, WindowedMetrics
+from services.common.metrics import WindowedMetrics
 from services.engine import sampler
+from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
+from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.scheduler import Row, Scheduler, StepPlan
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
@@ -39,20 +39,6 @@ from services.engine.speculation import Speculation
 from services.engine.validation import validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """The engine's state after one step, for load reports (tokens; never
-    changed once published, so any thread may read it)."""
-
-    queue_length: int
-    running: int
-    paused: int
-    max_batch_size: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    metrics: MetricsSnapshot
 
 
 class Engine:
@@ -78,9 +64,8 @@ class Engine:
         self.speculation = speculation
         self.scheduler = Scheduler(settings)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
-        self.publish_interval_s = publish_interval_s
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (fn, sequence it concerns or None)
-        self._wake = threading.Event()
+        self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
+        self._commands = Commands()
         self._queued = 0  # submitted but not yet admitted (or dropped)
         self._queued_lock = threading.Lock()  # guards _queued and _failed
         self._failed: Unavailable | None = None
@@ -88,8 +73,7 @@ class Engine:
         self._stopping = False
         self._wake_at: float | None = None
         self._computed = 0
-        self._metrics_at = self._last_step_at = -float("inf")
-        self._published = self._snapshot(clock(), self.metrics.snapshot(clock()))
+        self._publish(stepped=False)
 
     @property
     def max_context(self) -> int:
@@ -117,23 +101,23 @@ class Engine:
             if self.speculation is None:
                 raise InvalidArgument("speculation", "this engine does not speculate")
             seq.spec = self.speculation.open(request.speculation,
-                                             lambda fn: self._command(lambda: fn(self.clock())))
+                                             lambda fn: self._commands.post(lambda: fn(self.clock())))
         with self._queued_lock:  # with _failed: a request is either refused here or failed by _die
             if self._failed is not None:
                 raise self._failed
             if self._queued >= self.settings.max_queue:
-                self._command(self.metrics.record_rejected)
+                self._commands.post(self.metrics.record_rejected)
                 raise ResourceExhausted(
                     f"the queue is full ({self.settings.max_queue} requests waiting); retry shortly",
                     retry_after_s=self._retry_hint())
             self._queued += 1
-            self._command(lambda: self._add(seq), seq)
+            self._commands.post(lambda: self._add(seq), seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """The sequence leaves the batch at the next step; its slot is freed then."""
         seq.cancelled = True  # the one field another thread writes: a flag the scheduler reads
-        self._wake.set()
+        self._commands.wake()
 
     def resume(self, seq: Sequence, discard: int, append: list[int], budget: int) -> None:
         """A paused persistent sequence drops its last ``discard`` tokens, takes
@@ -142,7 +126,7 @@ class Engine:
         gets an error event (FailedPrecondition)."""
         if self._failed is not None:
             raise self._failed
-        self._command(lambda: self._resume(seq, discard, append, budget), seq)
+        self._commands.post(lambda: self._resume(seq, discard, append, budget), seq)
 
     def update_settings(self, **changes) -> EngineSettings:
         """Applies knob changes at the next step boundary and returns the new
@@ -152,12 +136,12 @@ class Engine:
         candidate.validate()
         if candidate.num_slots != self.settings.num_slots:
             raise FailedPrecondition("num_slots cannot change while the engine runs")
-        self._command(lambda: setattr(self.scheduler, "settings", candidate) or setattr(self, "settings", candidate))
+        self._commands.post(lambda: setattr(self.scheduler, "settings", candidate) or setattr(self, "settings", candidate))
         return candidate
 
     def load(self) -> EngineLoad:
         """The snapshot the engine thread published last (never blocks)."""
-        return self._published
+        return self._load.latest
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
@@ -170,7 +154,7 @@ class Engine:
     def stop(self) -> None:
         """Stops the engine thread after its current step (waits up to 10 s)."""
         self._stopping = True
-        self._wake.set()
+        self._commands.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -178,7 +162,7 @@ class Engine:
         """Applies pending commands and runs one step, on the caller's thread (for
         callers that drive the engine themselves instead of :meth:`start`).
         Exceptions propagate to the caller."""
-        self._apply_commands()
+        self._commands.apply()
         return self.step()
 
     def _run(self, on_fatal: Callable[[BaseException], None] | None) -> None:
@@ -187,12 +171,8 @@ class Engine:
                 if self.run_once():
                     continue
                 now = self.clock()
-                wake_at = self._wake_at
-                if now - self._last_step_at < self.metrics.window_s:  # keep the windowed rates current
-                    wake_at = min(wake_at or float("inf"), now + self.publish_interval_s)
-                if self._commands.empty():
-                    self._wake.wait(None if wake_at is None else max(0.0, wake_at - now))
-                self._wake.clear()
+                wakes = [t for t in (self._wake_at, self._load.refresh_at(now)) if t is not None]
+                self._commands.wait(max(0.0, min(wakes) - now) if wakes else None)
         except BaseException as exc:  # noqa: BLE001 - the loop is dead: fail everything, tell the owner
             self._die(exc)
             if on_fatal is not None:
@@ -208,10 +188,14 @@ class Engine:
         if plan.rows:
             logits, busy_s = self._forward(plan.rows)
             self._advance(plan.rows, logits)
-            self._last_step_at = now = self.clock()
-            self.metrics.record_step(now, len(plan.rows), plan.tokens, self._computed, busy_s)
-        self._publish(idle=not plan.rows and self.scheduler.idle)
+            self.metrics.record_step(self.clock(), len(plan.rows), plan.tokens, self._computed, busy_s)
+        self._publish(stepped=bool(plan.rows))
         return bool(plan.rows)
+
+    def _publish(self, stepped: bool) -> None:
+        s = self.scheduler
+        self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
+                           self.settings.max_batch_size, s.cached_tokens)
 
     def _settle(self, plan: StepPlan) -> None:
         """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
@@ -341,23 +325,8 @@ class Engine:
             self._queued -= 1
 
     def _retry_hint(self) -> float:
-        tps = self._published.metrics.requests_per_second
+        tps = self._load.latest.metrics.requests_per_second
         return max(0.1, min(30.0, self.settings.max_queue / tps)) if tps > 0 else 1.0
-
-    def _publish(self, idle: bool) -> None:
-        """Swaps in a new EngineLoad: counts every step; the windowed metrics (the
-        costly part) every ``publish_interval_s``, and once when the engine has
-        nothing left (no sequence waiting, running or paused) after work."""
-        now = self.clock()
-        metrics = self._published.metrics
-        if now - self._metrics_at >= self.publish_interval_s or (idle and self._last_step_at > self._metrics_at):
-            metrics, self._metrics_at = self.metrics.snapshot(now), now
-        self._published = self._snapshot(now, metrics)
-
-    def _snapshot(self, now: float, metrics: MetricsSnapshot) -> EngineLoad:
-        s = self.scheduler
-        return EngineLoad(self._queued, len(s.running), len(s.paused), self.settings.max_batch_size,
-                          s.cached_tokens, self.runner.cache.capacity_tokens, metrics)
 
     def _die(self, exc: BaseException) -> None:
         """The loop failed: every sequence in flight (waiting, running, paused, or
@@ -367,35 +336,16 @@ class Engine:
         error = Unavailable(f"the engine stopped ({type(exc).__name__}); the service is restarting, retry")
         with self._queued_lock:
             self._failed = error
-        doomed = list(self.scheduler.in_flight())
-        while not self._commands.empty():
-            _, seq = self._commands.get_nowait()
-            if seq is not None:
-                doomed.append(seq)
-        for seq in dict.fromkeys(doomed):
-            if seq.status is Status.FINISHED:
-                continue
+        doomed = self.scheduler.in_flight() + self._commands.drain()
+        for seq in [s for s in dict.fromkeys(doomed) if s.status is not Status.FINISHED]:
             seq.status = Status.FINISHED
             try:
-                if seq.spec is not None:
-                    seq.spec.close()
+                seq.spec is not None and seq.spec.close()
                 seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))
             except Exception:  # noqa: BLE001 - one broken sink must not keep the others from hearing
                 log.exception("could not fail sequence %s", seq.seq_id)
 
-    # -- commands (from any thread; applied on the engine thread) ----------------------------
-    def _command(self, fn: Callable[[], None], seq: Sequence | None = None) -> None:
-        self._commands.put((fn, seq))
-        self._wake.set()
-
-    def _apply_commands(self) -> None:
-        while True:
-            try:
-                fn, _ = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            fn()
-
+    # -- commands (engine thread) ---------------------------------------------------------
     def _add(self, seq: Sequence) -> None:
         if seq.cancelled:
             self._dequeued()
@@ -409,10 +359,5 @@ class Engine:
             seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR,
                                    error=FailedPrecondition("the sequence is not waiting for a new round")))
             return
-        if discard:
-            del seq.tokens[len(seq.tokens) - discard:]
-            seq.num_cached = min(seq.num_cached, len(seq.tokens))
-        seq.tokens.extend(append)
-        seq.num_cached = min(seq.num_cached, len(seq.tokens) - 1)  # something must be fed to sample
-        seq.budget = max(1, min(budget, self.max_context - len(seq.tokens)))
+        seq.next_round(discard, append, budget, self.max_context)
         self.scheduler.resume(seq)

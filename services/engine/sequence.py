@@ -151,5 +151,17 @@ class Sequence:
         """Tokens to feed through the model before the next one can be sampled."""
         return len(self.tokens) - self.num_cached
 
+    def next_round(self, discard: int, append: list[int], budget: int, max_context: int) -> None:
+        """A persistent sequence's next round: drops its last ``discard``
+        tokens, takes ``append`` and may generate ``budget`` more (at least 1,
+        within ``max_context``). Cached keys past the kept tokens are stale and
+        will be overwritten; at least one token is left to feed."""
+        if discard:
+            del self.tokens[len(self.tokens) - discard:]
+            self.num_cached = min(self.num_cached, len(self.tokens))
+        self.tokens.extend(append)
+        self.num_cached = min(self.num_cached, len(self.tokens) - 1)  # something must be fed to sample
+        self.budget = max(1, min(budget, max_context - len(self.tokens)))
+
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now >= self.request.deadline
