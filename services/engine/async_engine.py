@@ -14,7 +14,8 @@ from services.engine.sequence import GenerationRequest, Sequence, SequenceEvent
 
 
 class AsyncEngine:
-    """An :class:`Engine` for coroutines of one event loop."""
+    """An :class:`Engine` for coroutines of one event loop: call it from that
+    loop only (events come back through ``loop.call_soon_threadsafe``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -35,11 +35,13 @@ class LoadedModel:
 
 
 def tokenizer_hash(tokenizer) -> str:
+    """SHA-256 (hex) of the vocabulary, id-ordered: draft and target must match."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def resolve_device(device: str) -> str:
+    """"auto" becomes "cuda" when available, else "cpu"; other names pass through."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device

@@ -82,6 +82,7 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
+        """Token ids are in ``[0, vocab_size)``."""
         return self.runner.vocab_size
 
     # -- API for other threads (any thread) -------------------------------------------

@@ -43,12 +43,15 @@ class SlotAllocator:
 
     @property
     def free(self) -> int:
+        """Slots not handed out."""
         return len(self._free)
 
     def allocate(self) -> int:
+        """The lowest free slot."""
         return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
+        """Gives a slot back."""
         heapq.heappush(self._free, slot)
 
 
@@ -107,6 +110,7 @@ class Scheduler:
     # -- queue --------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
+        """Sequences queued for admission."""
         return len(self._waiting)
 
     def add(self, seq: Sequence) -> None:

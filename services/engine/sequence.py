@@ -12,6 +12,8 @@ from services.common.metrics import ttft_tpot
 
 
 class FinishReason(enum.Enum):
+    """Why a sequence ended."""
+
     LENGTH = "length"
     EOS = "eos"
     STOP = "stop"
@@ -20,6 +22,8 @@ class FinishReason(enum.Enum):
 
 
 class Status(enum.Enum):
+    """Where a sequence is in the scheduler."""
+
     WAITING = "waiting"    # queued, no KV slot yet
     RUNNING = "running"    # holds a slot, scheduled every step
     PAUSED = "paused"      # holds a slot and its cache, waits for more work (draft streams)
@@ -40,6 +44,7 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
+        """Argmax decoding (temperature 0)."""
         return self.temperature == 0.0
 
 
@@ -144,6 +149,7 @@ class Sequence:
 
     @property
     def priority(self) -> int:
+        """The request's scheduling priority (higher first)."""
         return self.request.priority
 
     @property
@@ -164,4 +170,5 @@ class Sequence:
         self.budget = max(1, min(budget, max_context - len(self.tokens)))
 
     def expired(self, now: float) -> bool:
+        """Whether the request's deadline (engine-clock seconds) has passed at ``now``."""
         return self.request.deadline is not None and now >= self.request.deadline

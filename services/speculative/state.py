@@ -108,9 +108,12 @@ class SpecState:
 
     # -- what the scheduler asks ----------------------------------------------
     def hold(self, now: float) -> float | None:
+        """Until when the batch may wait for this round's proposal, or None."""
         return self.hold_until if self.waiting and now < self.hold_until else None
 
     def awaits(self, now: float) -> float | None:
+        """The round's deadline while it is under way and not due, else None;
+        a round past its deadline is given up (counted in ``draft_timeouts``)."""
         if not self.waiting:
             return None
         if now < self.deadline:
@@ -120,6 +123,8 @@ class SpecState:
         return None
 
     def take_proposal(self) -> tuple[list[int], Any]:
+        """The answered proposal and its q (``[len, vocab]`` or None), once;
+        ``([], None)`` when there is none."""
         tokens, q = self.proposal or [], self.q
         self.proposal, self.q = None, None
         return tokens, q
@@ -146,6 +151,7 @@ class SpecState:
             self.proposer.close()
 
     def close(self) -> None:
+        """The sequence finished: closes the proposer, keeps any disabled reason."""
         self.disable(self.stats.disabled_reason)
 
 
