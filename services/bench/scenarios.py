@@ -114,7 +114,7 @@ SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16)
 def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCURRENCIES) -> dict:
     """Speculation on vs off at each concurrency, on a target that never switches
     speculation off by batch size: where it stops paying is the break-even that
-    ``--speculation-max-batch`` should be set to."""
+    ``--speculative-disable-by-batch-size`` should be set to."""
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
 
     def specs():
