@@ -36,7 +36,7 @@ from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
 from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
 from services.common.stubs import generation_pb2 as gen
-from services.common.metrics import WindowedMetrics
+from services.common.metrics import WindowedMetrics, ttft_tpot
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ class Forwarder:
             now = self.clock()
             self.admission.release(pool, None if failed else now - started)
             first_at, tokens = tally.first_at, tally.tokens
-            ttft = first_at - started if first_at is not None else None
-            tpot = (tally.last_at - first_at) / (tokens - 1) if first_at is not None and tokens > 1 else None
+            ttft, tpot = ttft_tpot(started, first_at, tally.last_at, tokens)
             self.metrics.record_request(now, ttft, tpot, now - started, 0.0, error=failed)
             kept = tally.kept
             if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:

@@ -20,7 +20,7 @@ def test_the_speculative_plot_shows_arms_and_sweep(tmp_path):
     result = {"scenario": "speculative", "model": "m", "draft": "d", "target_only_tps": 30.0, "spec_tps": 60.0,
               "hf_assisted_tps": 29.0, "hf_assisted_packed_tps": 55.0, "c16_off_tps": 300.0, "c16_on_tps": 299.0,
               "acceptance_rate": 0.6, "batch_sweep": {"1": point(2.0), "8": point(0.8)}, "break_even_batch": 1,
-              "speculation_max_batch_default": 4}
+              "disable_by_batch_size_default": 4}
     report.plot(result, tmp_path / "spec.png")
     assert (tmp_path / "spec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -10,6 +10,7 @@ from services.engine.build import build_engine
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
 from services.engine.settings import EngineSettings
 from services.speculative.gamma import SpeculationSettings
+from services.speculative.speculator import Speculator
 from services.speculative.state import Proposal, SpeculationRequest
 from tests.conftest import hf_greedy
 
@@ -200,15 +201,15 @@ def test_stale_cache_memory_never_leaks_into_outputs(tiny_models, reference_mode
     assert long.tokens == hf_greedy(reference_model, list(range(1, 30)), 6)
 
 
-class CountingLink:
-    """A drafter that answers at once with a fixed (mostly wrong) proposal."""
+class CountingProposer:
+    """A proposer that answers at once with a fixed (mostly wrong) proposal."""
 
     def __init__(self):
         self.rounds = 0
 
-    def propose(self, round_id, discard, append, gamma, on_result):
+    def propose(self, round_, on_result):
         self.rounds += 1
-        on_result(round_id, Proposal([1] * gamma), None)
+        on_result(Proposal([1] * round_.gamma), None)
 
     def close(self):
         pass
@@ -216,11 +217,11 @@ class CountingLink:
 
 def test_speculation_waits_out_a_batch_above_the_break_even_queued_requests_included(tiny_models, reference_model):
     engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=1, max_wait_ms=0.0, num_slots=4),
-                          speculation=SpeculationSettings(max_batch=1, min_acceptance=0.0)).engine
-    first, second = CountingLink(), CountingLink()
+                          speculation=Speculator(SpeculationSettings(disable_by_batch_size=1, min_acceptance=0.0))).engine
+    first, second = CountingProposer(), CountingProposer()
     recs = [Recorder(), Recorder()]
     # One runs while the other queues (max_batch_size 1): two sequences want the
-    # engine, more than max_batch, so neither speculates.
+    # engine, more than disable_by_batch_size, so neither speculates.
     engine.submit(greedy([5, 6, 7], 12, speculation=SpeculationRequest(first)), recs[0])
     engine.submit(greedy([8, 9], 6, speculation=SpeculationRequest(second)), recs[1])
     drain(engine)
@@ -228,40 +229,105 @@ def test_speculation_waits_out_a_batch_above_the_break_even_queued_requests_incl
     # The second ran its last tokens alone: it may speculate then, and stays exact.
     assert recs[0].tokens == hf_greedy(reference_model, [5, 6, 7], 12)
     assert recs[1].tokens == hf_greedy(reference_model, [8, 9], 6)
-    alone, rec = CountingLink(), Recorder()
+    alone, rec = CountingProposer(), Recorder()
     engine.submit(greedy([5, 6, 7], 12, speculation=SpeculationRequest(alone)), rec)
     drain(engine)
     assert alone.rounds > 0 and rec.tokens == hf_greedy(reference_model, [5, 6, 7], 12)
 
 
-class SilentLink(CountingLink):
-    """A drafter whose answers the test delivers by hand."""
+class SilentProposer(CountingProposer):
+    """A proposer whose answers the test delivers by hand."""
 
     def __init__(self):
         super().__init__()
         self.pending = []
 
-    def propose(self, round_id, discard, append, gamma, on_result):
+    def propose(self, round_, on_result):
         self.rounds += 1
-        self.pending.append((round_id, gamma, on_result))
+        self.pending.append((round_.gamma, on_result))
 
 
-def test_rounds_under_way_stand_down_when_the_batch_grows_past_the_break_even(tiny_models, reference_model):
+def test_rounds_under_way_are_dropped_when_the_batch_grows_past_disable_by_batch_size(tiny_models, reference_model):
     engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=4, max_wait_ms=0.0, num_slots=4),
-                          speculation=SpeculationSettings(max_batch=1, min_acceptance=0.0,
-                                                          draft_timeout_ms=60_000, draft_hold_ms=60_000)).engine
-    link, rec = SilentLink(), Recorder()
-    seq = engine.submit(greedy([5, 6, 7], 10, speculation=SpeculationRequest(link)), rec)
-    while not link.pending:
+                          speculation=Speculator(SpeculationSettings(
+                              disable_by_batch_size=1, min_acceptance=0.0,
+                              draft_timeout_ms=60_000, draft_hold_ms=60_000))).engine
+    proposer, rec = SilentProposer(), Recorder()
+    seq = engine.submit(greedy([5, 6, 7], 10, speculation=SpeculationRequest(proposer)), rec)
+    while not proposer.pending:
         engine.run_once()
     assert seq.spec.waiting  # alone: it asked its draft and waits for the answer
     other = Recorder()
-    engine.submit(greedy([8, 9], 10), other)  # now two want the engine: past max_batch 1
+    engine.submit(greedy([8, 9], 10), other)  # now two want the engine: past disable_by_batch_size 1
     engine.run_once()
-    assert not seq.spec.waiting and seq.spec.stats.stood_down == 1
-    round_id, gamma, on_result = link.pending.pop()
-    on_result(round_id, Proposal([1] * gamma), None)  # the late answer is ignored
+    assert not seq.spec.waiting and seq.spec.stats.dropped_by_batch_size == 1
+    gamma, on_result = proposer.pending.pop()
+    on_result(Proposal([1] * gamma), None)  # the late answer is ignored
     drain(engine)
     assert rec.tokens == hf_greedy(reference_model, [5, 6, 7], 10)
     assert other.tokens == hf_greedy(reference_model, [8, 9], 10)
     assert seq.spec.stats.rounds == 0
+
+
+def test_ttft_and_tpot_have_one_definition():
+    from services.common.metrics import ttft_tpot
+    from services.engine.sequence import Timeline
+
+    assert ttft_tpot(10.0, 10.5, 12.5, 5) == (0.5, 0.5)  # 4 gaps after the first token in 2 s
+    assert ttft_tpot(10.0, 10.5, 10.5, 1) == (0.5, None)
+    assert ttft_tpot(10.0, None, None, 0) == (None, None)
+    assert Timeline(10.0, 10.1, 10.5, 13.0, 12.5, 5).ttft_tpot() == (0.5, 0.5)
+
+
+def test_a_fault_in_the_engine_loop_fails_every_sequence_in_flight_and_refuses_new_ones(tiny_models):
+    import threading
+
+    from services.common.errors import Unavailable
+
+    engine = make_engine(tiny_models, max_batch_size=1)
+    running, waiting, paused = Recorder(), Recorder(), Recorder()
+    events = []
+    engine.submit(GenerationRequest(prompt_ids=[4, 5], sampling=SamplingOptions(max_new_tokens=2),
+                                    persistent=True), lambda ev: (events.append(ev), paused(ev)))
+    while not (events and events[-1].paused):
+        engine.run_once()
+    engine.submit(greedy([1, 2, 3], 50), running)
+    engine.run_once()  # admitted: running alongside the paused one
+    engine.submit(greedy([7, 8], 5), waiting)  # max_batch_size 1: this one waits
+    engine.run_once()
+    assert len(engine.scheduler.running) == 1 and len(engine.scheduler.paused) == 1
+    assert engine.scheduler.num_waiting == 1
+    late = Recorder()  # still in the command queue when the loop dies
+    engine.submit(greedy([9], 3), late)
+
+    def broken_schedule(now):
+        raise RuntimeError("injected scheduler fault")
+
+    engine.scheduler.schedule = broken_schedule
+    died = threading.Event()
+    seen = []
+    engine.start(on_fatal=lambda exc: (seen.append(exc), died.set()))
+    assert died.wait(10) and isinstance(seen[0], RuntimeError)
+    engine.stop()
+    for rec in (running, waiting, paused, late):
+        assert rec.finish is FinishReason.ERROR
+    assert isinstance(events[-1].error, Unavailable) and "the engine stopped" in str(events[-1].error)
+    with pytest.raises(Unavailable, match="the engine stopped"):
+        engine.submit(greedy([1, 2], 3), Recorder())
+
+
+def test_load_is_an_immutable_snapshot_published_by_the_engine(tiny_models):
+    import dataclasses
+
+    engine = make_engine(tiny_models)
+    before = engine.load()
+    engine.submit(greedy([1, 2, 3], 4), Recorder())
+    assert engine.load() is before  # nothing published until the engine steps
+    engine.run_once()
+    during = engine.load()
+    assert during is not before and during.running == 1 and before.running == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        during.running = 5
+    drain(engine)
+    after = engine.load()  # idle after work: the windowed metrics are fresh
+    assert after.running == 0 and after.metrics.counters["tokens_generated_total"] == 4

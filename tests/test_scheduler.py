@@ -123,7 +123,7 @@ def decoding(s: Scheduler, *seqs: Sequence) -> None:
 
 
 def awaiting_draft(x: Sequence, requested_at: float, hold_s: float, timeout_s: float = 0.5) -> None:
-    x.spec = SpecState(link=None, control=GammaController(4, 1, 8))
+    x.spec = SpecState(proposer=None, control=GammaController(4, 1, 8))
     x.spec.waiting = True
     x.spec.deadline = requested_at + timeout_s
     x.spec.hold_until = requested_at + hold_s
@@ -139,7 +139,7 @@ def test_the_step_waits_for_an_outstanding_proposal_then_verifies_it_with_the_re
     a.spec.waiting, a.spec.proposal = False, [4, 5, 6]  # the proposal arrives
     plan = s.schedule(now=1.02)
     assert {r.seq for r in plan.rows} == {a, b}
-    assert next(r for r in plan.rows if r.seq is a).draft == [4, 5, 6]
+    assert next(r for r in plan.rows if r.seq is a).proposal == [4, 5, 6]
 
 
 def test_a_late_draft_holds_the_batch_only_until_its_hold():
@@ -165,12 +165,13 @@ def test_a_draft_hold_never_delays_admitting_new_requests():
     assert [r.seq for r in plan.rows] == [newcomer] and plan.admitted == [newcomer]
 
 
-def test_standing_down_abandons_only_a_round_under_way():
-    spec = SpecState(link=None, control=GammaController(4, 1, 8))
-    assert spec.stand_down() is False and spec.stats.stood_down == 0  # nothing under way
-    spec.proposal, spec.proposal_len = [4, 5, 6], 3
-    assert spec.stand_down() is True
-    assert spec.proposal is None and not spec.waiting and spec.stats.stood_down == 1
-    assert spec.proposal_len - spec.kept == 3  # the next round tells the draft to discard all three
+def test_dropping_a_round_abandons_only_a_round_under_way():
+    spec = SpecState(proposer=None, control=GammaController(4, 1, 8))
+    assert spec.drop_round() is False and spec.stats.dropped_by_batch_size == 0  # nothing under way
+    spec.proposal, spec.sync.asked = [4, 5, 6], 3
+    assert spec.drop_round() is True
+    assert spec.proposal is None and not spec.waiting and spec.stats.dropped_by_batch_size == 1
+    assert spec.sync.asked - spec.sync.kept == 3  # the next round tells the draft to discard all three
+    assert spec.sync.next_round([1, 2], 2).discard == 3
     spec.waiting = True
-    assert spec.stand_down() is True and not spec.waiting and spec.stats.stood_down == 2
+    assert spec.drop_round() is True and not spec.waiting and spec.stats.dropped_by_batch_size == 2

@@ -37,7 +37,7 @@ async def suite(tiny_models):
     target = create_target(TargetConfig.from_namespace({
         "model": str(tiny_models.target), "port": 0, "max_batch_size": 64, "num_slots": 64,
         "draft_address": random_draft.address, "speculation_min_acceptance": 0.0,
-        "speculation_max_batch": 64, "draft_timeout_ms": 5000.0}, env={}))
+        "speculative_disable_by_batch_size": 64, "draft_timeout_ms": 5000.0}, env={}))
     await target.start()
     channel = grpc.aio.insecure_channel(target.address)
     yield model_pb2_grpc.TargetModelStub(channel), random_draft, perfect_draft, target

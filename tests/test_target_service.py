@@ -132,3 +132,84 @@ async def test_stats_watch_reports_engine_figures(target):
     assert report.role == stats_pb2.ROLE_TARGET
     assert report.tokens_generated_total >= 5 and report.requests_total >= 1
     assert report.max_batch_size == 8 and report.kv_cache_capacity_tokens > 0
+
+
+def test_the_old_speculation_max_batch_names_still_work_with_a_warning():
+    new = TargetConfig.from_args(["--speculative-disable-by-batch-size", "7"], env={})
+    assert new.speculative_disable_by_batch_size == 7 and new.speculation_settings().disable_by_batch_size == 7
+    with pytest.warns(FutureWarning, match="--speculation-max-batch is deprecated.*--speculative-disable-by"):
+        assert TargetConfig.from_args(["--speculation-max-batch", "9"], env={}).speculative_disable_by_batch_size == 9
+    with pytest.warns(FutureWarning, match="LLMESH_TARGET_SPECULATION_MAX_BATCH is deprecated"):
+        old_env = TargetConfig.from_args([], env={"LLMESH_TARGET_SPECULATION_MAX_BATCH": "3"})
+    assert old_env.speculative_disable_by_batch_size == 3
+    with pytest.warns(FutureWarning):
+        assert TargetConfig.from_namespace({"speculation_max_batch": 5}, env={}).speculative_disable_by_batch_size == 5
+    # The new names win over the old ones, flags over variables.
+    env = {"LLMESH_TARGET_SPECULATIVE_DISABLE_BY_BATCH_SIZE": "11", "LLMESH_SPECULATION_MAX_BATCH": "12"}
+    assert TargetConfig.from_args([], env=env).speculative_disable_by_batch_size == 11
+    with pytest.warns(FutureWarning):
+        assert TargetConfig.from_args(["--speculation-max-batch", "13"], env=env).speculative_disable_by_batch_size == 13
+    assert TargetConfig.from_args([], env={}).speculative_disable_by_batch_size == 4
+
+
+def _broken_schedule(now):
+    raise RuntimeError("injected scheduler fault")
+
+
+async def test_an_engine_fault_fails_the_request_turns_not_serving_and_exits_nonzero(tiny_models):
+    """A fault in the engine loop (outside the forward pass): the request in
+    flight fails with UNAVAILABLE and a clear message, health turns
+    NOT_SERVING, and the service's main path returns exit status 1."""
+    import asyncio
+    import signal
+
+    from services.serving.app import serve_app
+    from tests.conftest import eventually
+
+    config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "grace_period_s": 2.0},
+                                         env={})
+    apps = []
+    serving = asyncio.create_task(serve_app(lambda: apps.append(create_server(config)) or apps[-1], "target-model"))
+    try:
+        (app,) = await eventually(lambda: apps, what="the app")
+        channel = grpc.aio.insecure_channel(app.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="llmesh.v1.TargetModel"))
+        while (await watch.read()).status != health_pb2.HealthCheckResponse.SERVING:
+            pass
+        call = model_pb2_grpc.TargetModelStub(channel).Generate(request([1, 2, 3], max_new_tokens=240,
+                                                                        ignore_eos=True))
+        assert (await call.read()).token_ids  # in flight
+        app.loaded.engine.scheduler.schedule = _broken_schedule
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the engine stopped" in err.value.details() and "Traceback" not in err.value.details()
+        while (await watch.read()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            pass
+        watch.cancel()
+        assert await asyncio.wait_for(serving, 30) == 1 and app.exit_code == 1
+        await channel.close()
+    finally:
+        if not serving.done():
+            serving.cancel()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # serve_until_signal's handlers: give them back
+            loop.remove_signal_handler(sig)
+
+
+@pytest.mark.e2e
+def test_a_target_process_whose_engine_dies_exits_nonzero(tiny_models):
+    """The same fault in a real process: it exits with status 1 for its supervisor."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from services.engine.scheduler import Scheduler; "
+              "from tests.test_target_service import _broken_schedule; Scheduler.schedule = "
+              "lambda self, now: _broken_schedule(now); from services.target.main import main; "
+              f"sys.exit(main(['--model', {str(tiny_models.target)!r}, '--port', '0', '--grace-period-s', '0', "
+              "'--log-level', 'warning']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the engine stopped" in done.stderr

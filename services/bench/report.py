@@ -95,8 +95,8 @@ def _plot_speculative(r: dict, path: Path) -> None:
         for c in cs:
             ax2.annotate(f"{sweep[str(c)]['ratio']}x", (c, sweep[str(c)]["on_tps"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
-        ax2.axvline(r["speculation_max_batch_default"], color="C3", ls=":",
-                    label=f"--speculation-max-batch {r['speculation_max_batch_default']}")
+        ax2.axvline(r["disable_by_batch_size_default"], color="C3", ls=":",
+                    label=f"--speculative-disable-by-batch-size {r['disable_by_batch_size_default']}")
         ax2.set(xlabel="concurrent streams", ylabel="tokens/s", xscale="log",
                 title=f"Break-even: speculation pays up to {r['break_even_batch']} streams")
         ax2.set_xticks(cs, [str(c) for c in cs])

@@ -114,12 +114,12 @@ SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16)
 def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCURRENCIES) -> dict:
     """Speculation on vs off at each concurrency, on a target that never switches
     speculation off by batch size: where it stops paying is the break-even that
-    ``--speculation-max-batch`` should be set to."""
+    ``--speculative-disable-by-batch-size`` should be set to."""
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
 
     def specs():
         draft = local_suite.draft_spec(draft_dir, 1)
-        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address, speculation_max_batch=1024)
+        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address, speculative_disable_by_batch_size=1024)
         return [draft, target, local_suite.router_spec([target.address], [draft.address])]
 
     points = {}
@@ -195,7 +195,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "round_verify_ms": spec_summary["round_verify_ms"],
         "batch_sweep": sweep,
         "break_even_batch": break_even(sweep) if sweep else None,
-        "speculation_max_batch_default": SpeculationSettings().max_batch,
+        "disable_by_batch_size_default": SpeculationSettings().disable_by_batch_size,
         "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
     }
 

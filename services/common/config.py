@@ -6,6 +6,12 @@ environment variables (``LLMESH_<SERVICE>_MAX_BATCH_SIZE``, then
 ``LLMESH_MAX_BATCH_SIZE``) derive from the fields; precedence is flag >
 variable > default. ``validate()`` raises :class:`ConfigError` with a message
 naming the field, never ``assert``.
+
+A renamed field keeps its old names for one release:
+``field(4, "help", deprecated=("old_name",))`` still accepts ``--old-name``,
+``LLMESH_<SERVICE>_OLD_NAME``/``LLMESH_OLD_NAME`` and the key ``old_name``,
+below the new names in precedence, and warns (:class:`FutureWarning`, shown
+to users by default) each time one is used.
 """
 
 from __future__ import annotations
@@ -16,21 +22,35 @@ import enum
 import os
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C", bound="BaseConfig")
+_UNSET = object()
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A config field with its help text."""
+def field(default: Any, help: str, deprecated: tuple[str, ...] = (), **kw: Any) -> Any:  # noqa: A002
+    """A config field with its help text and the old names it still answers
+    to (``deprecated``: former field names, whose flags and variables work
+    with a warning)."""
+    metadata = {"help": help, "deprecated": tuple(deprecated), **kw}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _warn_deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}",
+                  FutureWarning, stacklevel=4)
 
 
 def _parse_bool(text: str) -> bool:
@@ -91,12 +111,14 @@ class BaseConfig:
         hints = typing.get_type_hints(cls)
         for f in cls._fields():
             tp = hints[f.name]
-            flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = default.value if isinstance(default, enum.Enum) else default
             env = cls.env_names(f.name)[0]
             help_text = f"{f.metadata.get('help', '')} (default: {shown!r}; env {env})"
-            parser.add_argument(flag, dest=f.name, type=_converter(tp), default=None, help=help_text)
+            parser.add_argument(_flag(f.name), dest=f.name, type=_converter(tp), default=None, help=help_text)
+            for old in f.metadata.get("deprecated", ()):
+                parser.add_argument(_flag(old), dest=old, type=_converter(tp), default=None,
+                                    help=f"deprecated alias of {_flag(f.name)}")
 
     @classmethod
     def env_names(cls, name: str) -> list[str]:
@@ -115,19 +137,34 @@ class BaseConfig:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for f in cls._fields():
-            if values.get(f.name) is not None:
-                kwargs[f.name] = values[f.name]
-                continue
-            for var in cls.env_names(f.name):
-                if var in env:
-                    try:
-                        kwargs[f.name] = _converter(hints[f.name])(env[var])
-                    except (TypeError, ValueError) as exc:
-                        raise ConfigError(f"{var}: {exc}") from None
-                    break
+            found = cls._lookup(f, values, env, hints[f.name])
+            if found is not _UNSET:
+                kwargs[f.name] = found
         config = cls(**kwargs)
         config.validate()
         return config
+
+    @classmethod
+    def _lookup(cls, f: dataclasses.Field, values: Mapping[str, Any], env: Mapping[str, str], tp: Any) -> Any:
+        """The value given for field ``f`` (``_UNSET``: none given): its flag, then a
+        deprecated flag, then its variables, then a deprecated name's variables."""
+        old_names = f.metadata.get("deprecated", ())
+        if values.get(f.name) is not None:
+            return values[f.name]
+        for old in old_names:
+            if values.get(old) is not None:
+                _warn_deprecated(_flag(old), _flag(f.name))
+                return values[old]
+        for name in (f.name, *old_names):
+            for var in cls.env_names(name):
+                if var in env:
+                    if name != f.name:
+                        _warn_deprecated(var, cls.env_names(f.name)[0])
+                    try:
+                        return _converter(tp)(env[var])
+                    except (TypeError, ValueError) as exc:
+                        raise ConfigError(f"{var}: {exc}") from None
+        return _UNSET
 
     @classmethod
     def from_args(cls: type[C], argv: Sequence[str] | None = None,

@@ -20,6 +20,21 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q, method="inverted_cdf"))
 
 
+def ttft_tpot(arrival: float, first_token: float | None, last_token: float | None,
+              new_tokens: int) -> tuple[float | None, float | None]:
+    """A request's time to first token and mean time per output token after
+    the first, in the unit of its timestamps (seconds of one clock).
+
+    ``new_tokens`` counts the tokens generated for this request (resumed ones
+    excluded). TTFT is None without a first token; TPOT is None for fewer
+    than two tokens. The one definition every service uses.
+    """
+    ttft = first_token - arrival if first_token is not None else None
+    if first_token is None or last_token is None or new_tokens < 2:
+        return ttft, None
+    return ttft, (last_token - first_token) / (new_tokens - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Latency:
     """Percentiles of a latency in milliseconds over a window (llmesh.v1.LatencySummary)."""

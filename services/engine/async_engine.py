@@ -1,4 +1,8 @@
-"""The engine seen from asyncio: requests as async iterators of events."""
+"""The engine seen from asyncio: requests as async iterators of events.
+
+Everything here runs on one event loop (the one that called it); the engine
+delivers events from its thread with ``loop.call_soon_threadsafe``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from services.engine.sequence import GenerationRequest, Sequence, SequenceEvent
 
 
 class AsyncEngine:
+    """An :class:`Engine` for coroutines of one event loop: call it from that
+    loop only (events come back through ``loop.call_soon_threadsafe``)."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
@@ -21,7 +28,9 @@ class AsyncEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[SequenceEvent]:
         """Events of one request until its finishing event. Leaving the loop
-        early (client gone, deadline) cancels the sequence in the engine."""
+        early (client gone, deadline) cancels the sequence in the engine.
+        Raises what :meth:`Engine.submit` raises; a failure later on arrives as
+        the finishing event's ``error``."""
         seq, events = self._open(request)
         finished = False
         try:
@@ -35,14 +44,17 @@ class AsyncEngine:
             if not finished:
                 self.engine.cancel(seq)
 
-    def session(self, request: GenerationRequest) -> "Session":
-        """A persistent sequence that generates ``budget`` tokens per round."""
+    def persistent(self, request: GenerationRequest) -> "PersistentSequence":
+        """A persistent sequence (``request.persistent``) that generates
+        ``max_new_tokens`` tokens, then a budget per round. Raises what
+        :meth:`Engine.submit` raises."""
         seq, events = self._open(request)
-        return Session(self.engine, seq, events)
+        return PersistentSequence(self.engine, seq, events)
 
 
-class Session:
-    """Rounds of a persistent sequence (the draft service's streams)."""
+class PersistentSequence:
+    """Rounds of a persistent sequence: it keeps its KV cache between rounds
+    (what the draft service's proposers run on). Event loop only."""
 
     def __init__(self, engine: Engine, seq: Sequence, events: asyncio.Queue) -> None:
         self._engine = engine
@@ -62,9 +74,13 @@ class Session:
                 return out
 
     def resume(self, discard: int, append: list[int], budget: int) -> None:
+        """Starts the next round: drop the last ``discard`` tokens, take
+        ``append``, generate ``budget`` tokens. Raises Unavailable once the
+        engine has stopped."""
         self._engine.resume(self.seq, discard, append, budget)
 
     def close(self) -> None:
+        """Ends the sequence (its slot is freed at the next step)."""
         if not self.closed:
             self.closed = True
             self._engine.cancel(self.seq)

@@ -14,6 +14,7 @@ import torch
 from services.engine.engine import Engine
 from services.engine.model_runner import ModelRunner, configure_threads, load_model
 from services.engine.settings import EngineSettings
+from services.engine.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
+    """An engine and what GetInfo reports about its model."""
+
     engine: Engine
     model_name: str
     model_path: str
@@ -32,11 +35,13 @@ class LoadedModel:
 
 
 def tokenizer_hash(tokenizer) -> str:
+    """SHA-256 (hex) of the vocabulary, id-ordered: draft and target must match."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def resolve_device(device: str) -> str:
+    """"auto" becomes "cuda" when available, else "cpu"; other names pass through."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -44,8 +49,11 @@ def resolve_device(device: str) -> str:
 
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
                  threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
-                 model_name: str = "", speculation=None) -> LoadedModel:
-    """Loads the model with transformers' own path and wraps it in an engine (not started)."""
+                 model_name: str = "", speculation: Speculation | None = None) -> LoadedModel:
+    """Loads the model with transformers' own path and wraps it in an engine
+    (not started), with ``speculation`` as its speculative-decoding strategy.
+    Blocking (seconds); any thread. Raises FileNotFoundError when
+    ``model_path`` holds no model, InvalidArgument for invalid settings."""
     if not Path(model_path, "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {model_path}: build the default models with `llmesh models build` "

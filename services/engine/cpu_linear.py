@@ -53,9 +53,11 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features]`` -> ``[..., out_features]``, as ``F.linear``."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
+        """What ``repr(model)`` shows of this layer."""
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 
 class Detokenizer:
+    """One sequence's incremental text (engine thread): :meth:`add` a token,
+    get the text now safe to stream; :meth:`flush` the rest at the end."""
+
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
         self._tok = tokenizer
         self._ids = list(prompt_ids)

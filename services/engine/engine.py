@@ -1,183 +1,220 @@
 """The engine: continuous batching around a model runner.
 
-One thread runs ``step()`` in a loop: schedule, forward, sample, advance.
-Other threads talk to it only through :meth:`submit`, :meth:`cancel` and
-:meth:`resume`, which enqueue commands applied at the next step boundary, so
-the scheduler's state has a single owner.
+One thread (the engine thread) runs ``step()`` in a loop::
+
+    commands -> [speculation.before_schedule] -> scheduler.schedule -> forward -> advance -> publish
+
+Other threads talk to it only through :meth:`Engine.submit`, :meth:`cancel`,
+:meth:`resume` and :meth:`update_settings`, which enqueue commands applied at
+the next step boundary, and read it only through :meth:`load`, the immutable
+:class:`EngineLoad` the engine thread publishes after each step. So the
+scheduler, the KV cache and the metrics have a single owner. Speculative
+decoding, when the engine has it, is a strategy called at named points
+(:mod:`services.engine.speculation`). If the loop itself fails, every
+sequence in flight fails with ``Unavailable`` and the owner is told
+(``start(on_fatal=...)``) so that the process can exit for its supervisor.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.metrics import WindowedMetrics
 from services.engine import sampler
+from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
-from services.common.metrics import WindowedMetrics, MetricsSnapshot
+from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
-from services.engine.scheduler import Row, Scheduler
+from services.engine.scheduler import Row, Scheduler, StepPlan
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
 from services.engine.settings import EngineSettings
+from services.engine.speculation import Speculation
 from services.engine.validation import validate
-from services.speculative.acceptance import accept_greedy, accept_sampled
-from services.speculative.gamma import SpeculationSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineLoad:
-    """The engine's state at one moment, for load reports."""
-
-    queue_length: int
-    running: int
-    paused: int
-    max_batch_size: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    metrics: MetricsSnapshot
-
-
 class Engine:
+    """Continuous batching of sequences over one model runner and its slot KV cache.
+
+    ``clock`` gives every ``now`` of the engine, scheduler and speculation
+    (time.monotonic() seconds unless injected). The windowed metrics in
+    :meth:`load` are recomputed at most every ``publish_interval_s`` seconds
+    while busy, and as soon as the engine goes idle.
+    """
+
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 speculation: SpeculationSettings | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, speculation: Speculation | None = None,
+                 publish_interval_s: float = 0.5) -> None:
+        """Raises InvalidArgument for invalid ``settings``."""
         settings.validate()
-        self.speculation = speculation or SpeculationSettings()
         self.runner = runner
         self.tokenizer = tokenizer
         self.settings = settings
         self.eos_token_ids = set(eos_token_ids or [])
         self.clock = clock
+        self.speculation = speculation
         self.scheduler = Scheduler(settings)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
+        self._commands = Commands()
         self._queued = 0  # submitted but not yet admitted (or dropped)
-        self._queued_lock = threading.Lock()
+        self._queued_lock = threading.Lock()  # guards _queued and _failed
+        self._failed: Unavailable | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._wake_at: float | None = None
+        self._computed = 0
+        self._publish(stepped=False)
 
     @property
     def max_context(self) -> int:
+        """Most tokens (prompt + generated) a sequence may hold."""
         return self.runner.max_len
 
     @property
     def vocab_size(self) -> int:
+        """Token ids are in ``[0, vocab_size)``."""
         return self.runner.vocab_size
 
-    # -- API for other threads ----------------------------------------------------
+    # -- API for other threads (any thread) -------------------------------------------
     def submit(self, request: GenerationRequest, sink: Callable[[SequenceEvent], None]) -> Sequence:
-        """Queues a request; ``sink`` receives its events on the engine thread.
+        """Queues a request; ``sink`` receives its events, in order, on the engine thread.
 
-        Raises InvalidArgument/OutOfRange for a request the model cannot serve
-        and ResourceExhausted when ``max_queue`` requests are already waiting.
+        Raises InvalidArgument/OutOfRange for a request the model cannot serve,
+        ResourceExhausted when ``max_queue`` requests are already waiting and
+        Unavailable once the engine has stopped on a fault.
         """
         validate(request, self.vocab_size, self.max_context)
-        with self._queued_lock:
-            if self._queued >= self.settings.max_queue:
-                self.metrics.record_rejected()
-                raise ResourceExhausted(
-                    f"the queue is full ({self.settings.max_queue} requests waiting); retry shortly",
-                    retry_after_s=self._retry_hint())
-            self._queued += 1
         seq = Sequence(request=request, sink=sink, arrival=self.clock())
         if not request.persistent:
             seq.detok = Detokenizer(self.tokenizer, seq.tokens, request.sampling.stop)
         seq.base_seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         if request.speculation is not None:
-            seq.spec = request.speculation.state()
-        self._command(lambda: self._add(seq))
+            if self.speculation is None:
+                raise InvalidArgument("speculation", "this engine does not speculate")
+            seq.spec = self.speculation.open(request.speculation,
+                                             lambda fn: self._commands.post(lambda: fn(self.clock())))
+        with self._queued_lock:  # with _failed: a request is either refused here or failed by _die
+            if self._failed is not None:
+                raise self._failed
+            if self._queued >= self.settings.max_queue:
+                self._commands.post(self.metrics.record_rejected)
+                raise ResourceExhausted(
+                    f"the queue is full ({self.settings.max_queue} requests waiting); retry shortly",
+                    retry_after_s=self._retry_hint())
+            self._queued += 1
+            self._commands.post(lambda: self._add(seq), seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """The sequence leaves the batch at the next step; its slot is freed then."""
-        seq.cancelled = True
-        self._wake.set()
+        seq.cancelled = True  # the one field another thread writes: a flag the scheduler reads
+        self._commands.wake()
 
     def resume(self, seq: Sequence, discard: int, append: list[int], budget: int) -> None:
         """A paused persistent sequence drops its last ``discard`` tokens, takes
-        ``append`` and generates ``budget`` more."""
-        self._command(lambda: self._resume(seq, discard, append, budget))
+        ``append`` and generates ``budget`` more (tokens). Raises Unavailable
+        once the engine has stopped on a fault; a sequence that is not paused
+        gets an error event (FailedPrecondition)."""
+        if self._failed is not None:
+            raise self._failed
+        self._commands.post(lambda: self._resume(seq, discard, append, budget), seq)
 
     def update_settings(self, **changes) -> EngineSettings:
-        """Applies knob changes (validated) at the next step boundary."""
+        """Applies knob changes at the next step boundary and returns the new
+        settings. Raises InvalidArgument for invalid values, FailedPrecondition
+        for ``num_slots`` (fixed while the engine runs)."""
         candidate = EngineSettings(**{**vars(self.settings), **changes})
         candidate.validate()
         if candidate.num_slots != self.settings.num_slots:
             raise FailedPrecondition("num_slots cannot change while the engine runs")
-        self._command(lambda: setattr(self.scheduler, "settings", candidate) or setattr(self, "settings", candidate))
+        self._commands.post(lambda: setattr(self.scheduler, "settings", candidate) or setattr(self, "settings", candidate))
         return candidate
 
     def load(self) -> EngineLoad:
-        s = self.scheduler
-        return EngineLoad(queue_length=self._queued, running=len(s.running), paused=len(s.paused),
-                          max_batch_size=self.settings.max_batch_size, kv_used_tokens=s.cached_tokens,
-                          kv_capacity_tokens=self.runner.cache.capacity_tokens,
-                          metrics=self.metrics.snapshot(self.clock()))
+        """The snapshot the engine thread published last (never blocks)."""
+        return self._load.latest
 
-    # -- lifecycle --------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="llmesh-engine", daemon=True)
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        """Runs the engine thread. If its loop raises (a fault outside a batch's
+        forward pass), every sequence in flight fails with Unavailable, new
+        requests are refused and ``on_fatal(exc)`` is called on the engine thread."""
+        self._thread = threading.Thread(target=self._run, args=(on_fatal,), name="llmesh-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops the engine thread after its current step (waits up to 10 s)."""
         self._stopping = True
-        self._wake.set()
+        self._commands.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     def run_once(self) -> bool:
-        """Applies pending commands and runs one step (for callers that drive the
-        engine themselves instead of :meth:`start`)."""
-        self._apply_commands()
+        """Applies pending commands and runs one step, on the caller's thread (for
+        callers that drive the engine themselves instead of :meth:`start`).
+        Exceptions propagate to the caller."""
+        self._commands.apply()
         return self.step()
 
-    def _run(self) -> None:
-        wake_at = None
-        while not self._stopping:
-            self._apply_commands()
-            if self.step():
-                continue
-            wake_at = self._wake_at
-            timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
-            if self._commands.empty():
-                self._wake.wait(timeout)
-            self._wake.clear()
+    def _run(self, on_fatal: Callable[[BaseException], None] | None) -> None:
+        try:
+            while not self._stopping:
+                if self.run_once():
+                    continue
+                now = self.clock()
+                wakes = [t for t in (self._wake_at, self._load.refresh_at(now)) if t is not None]
+                self._commands.wait(max(0.0, min(wakes) - now) if wakes else None)
+        except BaseException as exc:  # noqa: BLE001 - the loop is dead: fail everything, tell the owner
+            self._die(exc)
+            if on_fatal is not None:
+                on_fatal(exc)
 
-    # -- the step ------------------------------------------------------------------------
+    # -- the step (engine thread) --------------------------------------------------------
     def step(self) -> bool:
-        """One scheduling iteration. Returns False when there was nothing to run."""
-        if self._over_break_even():
-            self._stand_down_speculation()
+        """One scheduling iteration: returns False when there was nothing to run."""
+        if self.speculation is not None:
+            self.speculation.before_schedule(self.scheduler.running, self._demand())
         plan = self.scheduler.schedule(self.clock())
+        self._settle(plan)
+        if plan.rows:
+            logits, busy_s = self._forward(plan.rows)
+            self._advance(plan.rows, logits)
+            self.metrics.record_step(self.clock(), len(plan.rows), plan.tokens, self._computed, busy_s)
+        self._publish(stepped=bool(plan.rows))
+        return bool(plan.rows)
+
+    def _publish(self, stepped: bool) -> None:
+        s = self.scheduler
+        self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
+                           self.settings.max_batch_size, s.cached_tokens)
+
+    def _settle(self, plan: StepPlan) -> None:
+        """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
         for _ in plan.admitted:
             self._dequeued()
         for seq in plan.dropped:
             self._finish(seq, FinishReason.CANCELLED, [])
         self._wake_at = plan.wake_at
-        if not plan.rows:
-            return False
-        logits, busy_s = self._forward(plan.rows)
-        self._advance(plan.rows, logits)
-        self.metrics.record_step(self.clock(), len(plan.rows), plan.tokens, self._computed, busy_s)
-        return True
 
-    _wake_at: float | None = None
-    _computed: int = 0
+    def _demand(self) -> int:
+        """Sequences that want the engine now: running or waiting."""
+        return len(self.scheduler.running) + self.scheduler.num_waiting
 
-    def _forward(self, rows: list[Row]) -> tuple[list[torch.Tensor], float]:
+    def _forward(self, rows: list[Row]) -> tuple[list[torch.Tensor | None], float]:
         """Decode and verify rows run in one forward, prefill chunks in another
-        (so decodes are not padded to a prompt's length)."""
+        (so decodes are not padded to a prompt's length). Returns each row's
+        logits (``[1 + len(row.proposal), vocab]``, None where its forward
+        failed: that fails its sequences) and the seconds spent."""
         groups = [[i for i, r in enumerate(rows) if r.chunk == 1], [i for i, r in enumerate(rows) if r.chunk > 1]]
         out: list[torch.Tensor | None] = [None] * len(rows)
         busy = 0.0
@@ -186,14 +223,14 @@ class Engine:
             if not group:
                 continue
             fwd = [ForwardRow(rows[i].seq.slot, rows[i].start,
-                              rows[i].seq.tokens[rows[i].start:rows[i].start + rows[i].chunk] + rows[i].draft,
-                              keep=1 + len(rows[i].draft)) for i in group]
+                              rows[i].seq.tokens[rows[i].start:rows[i].start + rows[i].chunk] + rows[i].proposal,
+                              keep=1 + len(rows[i].proposal)) for i in group]
             try:
                 logits, took = self.runner.timed_forward(fwd)
             except Exception as exc:  # noqa: BLE001 - fans out to every sequence in the batch
                 log.exception("forward pass failed for %d sequences", len(group))
                 for i in group:
-                    self._fail(rows[i].seq, exc)
+                    self._finish(rows[i].seq, FinishReason.ERROR, [], error=exc)
                 continue
             busy += took
             for i in group:
@@ -204,6 +241,7 @@ class Engine:
         return out, busy
 
     def _advance(self, rows: list[Row], logits: list[torch.Tensor | None]) -> None:
+        """Each row's sequence takes its new tokens: sampled, or verified ones."""
         now = self.clock()
         produced = 0
         for row, lg in zip(rows, logits):
@@ -213,100 +251,29 @@ class Engine:
             seq.num_cached = row.start + row.chunk
             if not row.completes:
                 continue  # a partial prefill chunk: nothing to sample yet
-            if row.draft:
-                produced += self._verify(seq, row, lg, now)
+            if row.proposal:
+                tokens = self.speculation.after_verify(seq, row, lg)
+                seq.num_cached += len(tokens) - 1  # keys of rejected proposals are overwritten later
+                self.metrics.record_speculation(now, 1, len(row.proposal), len(tokens) - 1)
+                produced += self._emit(seq, tokens, None, now)
             else:
-                opts = seq.request.sampling
-                token, probs = sampler.sample(lg[-1], opts, seq.base_seed, len(seq.tokens), seq.request.want_probs)
-                produced += 1
-                self._emit_token(seq, token, probs, now)
+                token, probs = sampler.sample(lg[-1], seq.request.sampling, seq.base_seed, len(seq.tokens),
+                                              seq.request.want_probs)
+                produced += self._emit(seq, [token], probs, now)
             if seq.spec is not None and seq.status is Status.RUNNING:
-                self._maybe_propose(seq, now)
+                room = min(seq.budget, self.max_context - len(seq.tokens)) - 1
+                self.speculation.after_tokens(seq, now, self._demand(), room)
         self.metrics.record_tokens(now, produced)
 
-    # -- speculative decoding ----------------------------------------------------------------
-    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, now: float) -> int:
-        """Accepts a prefix of the draft's proposal by the rejection-sampling rule,
-        rolls the cache back past the rejected part, emits the new tokens."""
-        opts = seq.request.sampling
-        gamma = len(row.draft)
-        if opts.greedy:
-            n, token = accept_greedy(logits, row.draft)
-        else:
-            p = sampler.warp(logits, opts)
-            n, token = accept_sampled(p, row.q, row.draft, seq.base_seed, len(seq.tokens))
-        seq.num_cached = row.start + row.chunk + n  # keys of rejected proposals are overwritten later
-        seq.spec.kept = n
-        seq.spec.stats.record(n, gamma)
-        seq.spec.stats.verify_ms += row.forward_s * 1000.0
-        seq.spec.control.update(n, gamma)
-        self.metrics.record_speculation(now, 1, gamma, n)
-        emitted = 0
-        for t in [*row.draft[:n], token]:
+    def _emit(self, seq: Sequence, tokens: list[int], probs, now: float) -> int:
+        """Appends ``tokens`` one by one until the sequence stops; returns how many it took."""
+        taken = 0
+        for token in tokens:
             if seq.status is not Status.RUNNING:
                 break
-            self._emit_token(seq, t, None, now)
-            emitted += 1
-        return emitted
-
-    def _maybe_propose(self, seq: Sequence, now: float) -> None:
-        """Asks the drafter for the next proposal, unless speculation does not pay now."""
-        spec = seq.spec
-        if not spec.active or spec.waiting or spec.proposal:
-            return
-        if not spec.control.worth_it(self.speculation):
-            spec.disable(f"acceptance {spec.control.ema:.2f} below {self.speculation.min_acceptance}")
-            return
-        if self._over_break_even():
-            return
-        gamma = min(spec.control.gamma, seq.budget - 1, self.max_context - len(seq.tokens) - 1)
-        if gamma < 1:
-            return
-        discard = spec.proposal_len - spec.kept
-        append = seq.tokens[spec.synced + spec.kept:]
-        spec.synced, spec.proposal_len, spec.kept = len(seq.tokens), gamma, 0
-        spec.round_id += 1
-        spec.waiting = True
-        spec.requested_at = now
-        spec.deadline = now + self.speculation.draft_timeout_ms / 1000.0
-        spec.hold_until = min(spec.deadline, now + self.speculation.draft_hold_ms / 1000.0)
-        round_id = spec.round_id
-        spec.link.propose(round_id, discard, append, gamma,
-                          lambda rid, proposal, error: self._command(
-                              lambda: self._on_proposal(seq, rid, proposal, error)))
-
-    def _over_break_even(self) -> bool:
-        """Whether the batch is (about to be) large enough that verifying costs more than it saves."""
-        return len(self.scheduler.running) + self.scheduler.num_waiting > self.speculation.max_batch
-
-    def _stand_down_speculation(self) -> None:
-        """The batch grew past the break-even while rounds were under way: sequences
-        stop waiting for their drafts and drop proposals not yet verified, so that
-        none sits out a step or widens every row of a big batch to gamma + 1 tokens.
-        The draft is told to discard those tokens at the next round, as after a
-        timeout."""
-        for seq in self.scheduler.running:
-            if seq.spec is not None:
-                seq.spec.stand_down()
-
-    def _on_proposal(self, seq: Sequence, round_id: int, proposal, error) -> None:
-        spec = seq.spec
-        if seq.status is not Status.RUNNING or round_id != spec.round_id or not spec.waiting:
-            return  # finished, or a late answer to a round that timed out
-        spec.waiting = False
-        if error is not None:
-            spec.disable(f"draft unavailable: {error}")
-            return
-        spec.stats.draft_wait_ms += (self.clock() - spec.requested_at) * 1000.0
-        spec.stats.draft_compute_ms += proposal.compute_ms
-        if not proposal.tokens:
-            return
-        needs_q = not seq.request.sampling.greedy
-        if needs_q and (proposal.q is None or len(proposal.q) != len(proposal.tokens)):
-            spec.disable("the draft sent no distributions for sampled speculation")
-            return
-        spec.proposal_len = len(proposal.tokens)
-        spec.proposal, spec.q = list(proposal.tokens), proposal.q
+            self._emit_token(seq, token, probs, now)
+            taken += 1
+        return taken
 
     def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
         seq.tokens.append(token)
@@ -334,51 +301,52 @@ class Engine:
         else:
             seq.sink(SequenceEvent([token], text))
 
-    # -- transitions -----------------------------------------------------------------------
+    # -- transitions (engine thread) ------------------------------------------------------
     def _finish(self, seq: Sequence, reason: FinishReason, tokens: list[int], text: str = "",
                 error: BaseException | None = None) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
         if seq.spec is not None:
-            seq.spec.disable(seq.spec.stats.disabled_reason)
+            seq.spec.close()
         now = self.clock()
         if seq.admitted_at is None:  # dropped while waiting
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
             text += seq.detok.flush()
-        first = seq.first_token_at
-        new_tokens = seq.generated - len(seq.request.resume_ids)
-        tpot = ((seq.last_token_at - first) / (new_tokens - 1)) if first and new_tokens > 1 else None
-        self.metrics.record_request(now, (first - seq.arrival) if first else None, tpot, now - seq.arrival,
-                                    (seq.admitted_at or now) - seq.arrival, error=error is not None)
+        timeline = Timeline(seq.arrival, seq.admitted_at, seq.first_token_at, now, seq.last_token_at,
+                            seq.generated - len(seq.request.resume_ids))
+        ttft, tpot = timeline.ttft_tpot()
+        self.metrics.record_request(now, ttft, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
+                                    error=error is not None)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
-                               spec=seq.spec.stats if seq.spec is not None else None,
-                               timeline=Timeline(seq.arrival, seq.admitted_at, first, now)))
-
-    def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        self._finish(seq, FinishReason.ERROR, [], error=exc)
+                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline))
 
     def _dequeued(self) -> None:
         with self._queued_lock:
             self._queued -= 1
 
     def _retry_hint(self) -> float:
-        tps = self.metrics.snapshot(self.clock()).requests_per_second
+        tps = self._load.latest.metrics.requests_per_second
         return max(0.1, min(30.0, self.settings.max_queue / tps)) if tps > 0 else 1.0
 
-    # -- commands ------------------------------------------------------------------------
-    def _command(self, fn: Callable[[], None]) -> None:
-        self._commands.put(fn)
-        self._wake.set()
-
-    def _apply_commands(self) -> None:
-        while True:
+    def _die(self, exc: BaseException) -> None:
+        """The loop failed: every sequence in flight (waiting, running, paused, or
+        still in the command queue) gets an Unavailable error event; later
+        requests are refused. Touches as little engine state as possible."""
+        log.critical("the engine stopped on an unexpected error", exc_info=exc)
+        error = Unavailable(f"the engine stopped ({type(exc).__name__}); the service is restarting, retry")
+        with self._queued_lock:
+            self._failed = error
+        doomed = self.scheduler.in_flight() + self._commands.drain()
+        for seq in [s for s in dict.fromkeys(doomed) if s.status is not Status.FINISHED]:
+            seq.status = Status.FINISHED
             try:
-                fn = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            fn()
+                seq.spec is not None and seq.spec.close()
+                seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))
+            except Exception:  # noqa: BLE001 - one broken sink must not keep the others from hearing
+                log.exception("could not fail sequence %s", seq.seq_id)
 
+    # -- commands (engine thread) ---------------------------------------------------------
     def _add(self, seq: Sequence) -> None:
         if seq.cancelled:
             self._dequeued()
@@ -392,10 +360,5 @@ class Engine:
             seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR,
                                    error=FailedPrecondition("the sequence is not waiting for a new round")))
             return
-        if discard:
-            del seq.tokens[len(seq.tokens) - discard:]
-            seq.num_cached = min(seq.num_cached, len(seq.tokens))
-        seq.tokens.extend(append)
-        seq.num_cached = min(seq.num_cached, len(seq.tokens) - 1)  # something must be fed to sample
-        seq.budget = max(1, min(budget, self.max_context - len(seq.tokens)))
+        seq.next_round(discard, append, budget, self.max_context)
         self.scheduler.resume(seq)

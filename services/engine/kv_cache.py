@@ -17,6 +17,10 @@ import torch
 
 
 class SlotKVCache:
+    """Per layer, keys and values as ``[num_slots, max_len, kv_heads, head_dim]``
+    tensors of ``dtype`` on ``device`` (see the module docstring). Owned by the
+    model runner, used on the engine thread only; positions are token indices."""
+
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         self.num_slots = num_slots
@@ -28,10 +32,12 @@ class SlotKVCache:
 
     @property
     def capacity_tokens(self) -> int:
+        """Tokens the cache can hold over all slots."""
         return self.num_slots * self.max_len
 
     def ensure_clean(self, slots: list[int], upto: int, chunk: int = 256) -> None:
-        """Positions below ``upto`` of each slot hold finite values."""
+        """Makes positions below ``upto`` of each slot finite (zeroing, ``chunk``
+        positions at least at a time, what was never written)."""
         for slot in slots:
             start = self._clean[slot]
             if start >= upto:

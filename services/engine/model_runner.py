@@ -57,7 +57,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 
 class ModelRunner:
-    """Owns the model, its KV cache and the step context the attention reads."""
+    """Owns the model, its KV cache and the step context the attention reads.
+
+    Engine thread only (the step context is per call). ``max_len`` caps the
+    positions per slot (default: the model's ``max_position_embeddings``).
+    """
 
     def __init__(self, model, num_slots: int, max_len: int | None = None, prepack: bool = True,
                  prepack_min_elements: int = MIN_ELEMENTS) -> None:
@@ -107,7 +111,10 @@ class ModelRunner:
     # -- forward ----------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
-        """Logits (float32, ``[keep, vocab]``) for each row, in order."""
+        """Logits (float32, ``[keep, vocab]``) for each row, in order; writes
+        each row's keys and values into its slot at positions ``start..``.
+        Engine thread; what the model raises propagates (the engine fails that
+        batch's sequences)."""
         if not rows:
             return []
         dev = self.device
@@ -148,6 +155,7 @@ class ModelRunner:
         return list(logits.split([r.keep for r in rows]))
 
     def timed_forward(self, rows: list[ForwardRow]) -> tuple[list[torch.Tensor], float]:
+        """:meth:`forward` and its wall time in seconds (the device synchronised)."""
         t0 = time.perf_counter()
         out = self.forward(rows)
         if self.device.type == "cuda":
@@ -173,6 +181,7 @@ def configure_threads(num_threads: int) -> None:
 
 
 def bytes_per_token(model) -> int:
+    """KV-cache bytes one token takes over all layers (keys and values)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -25,7 +25,8 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def warp(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p (rows of ``logits``).
+    """Probabilities (float32, the shape of ``logits``: ``[..., vocab]``) after
+    temperature, top-k and top-p, along the last dimension.
 
     For greedy options this is the softmax at temperature 1 (used only where a
     distribution is asked for; greedy picks the argmax).
@@ -49,7 +50,7 @@ def warp(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, seed: int, position: int) -> int:
-    """One token from a 1-D distribution, reproducibly for (seed, position)."""
+    """One token from a ``[vocab]`` distribution, reproducibly for (seed, position)."""
     gen = torch.Generator(device=probs.device)
     gen.manual_seed(position_seed(seed, position))
     return int(torch.multinomial(probs, 1, generator=gen))
@@ -57,7 +58,8 @@ def draw(probs: torch.Tensor, seed: int, position: int) -> int:
 
 def sample(logits: torch.Tensor, opts: SamplingOptions, seed: int, position: int,
            want_probs: bool = False) -> tuple[int, torch.Tensor | None]:
-    """The next token for one sequence (``logits`` is 1-D) and, if asked, its distribution."""
+    """The next token for one sequence (``logits`` is ``[vocab]``) and, if asked,
+    its distribution (``[vocab]``). Pure: any thread (the engine's in practice)."""
     if opts.greedy:
         token = int(torch.argmax(logits))
         return token, (warp(logits, opts) if want_probs else None)

@@ -9,14 +9,18 @@ the batch has room, slots are free and the token budget lasts. A lone
 request waits up to ``max_wait_ms`` for companions before its prefill is
 forced, unless enough are waiting to fill the batch.
 
-While a speculating sequence waits for its draft's proposal (up to the
-round's ``hold_until``), the whole step waits with it. A forward pass costs
+While a speculating sequence waits for its draft's proposal (up to what
+its ``spec.hold(now)`` says), the whole step waits with it. A forward pass costs
 about the same for one row as for twenty when it is bound by reading the
 weights, so running the ready rows now would cost a full pass and leave the
 late sequence a pass of its own; waiting keeps every sequence's verification
 in one pass, and keeps the target off the CPU while a draft that shares it
 computes. It never holds back waiting requests: when any are queued, the
-step runs (and admits them) at once.
+step runs (and admits them) at once. A sequence's speculation state is
+consulted only through ``services.engine.speculation.SequenceSpeculation``.
+
+Engine thread only; every ``now`` is the engine's clock (time.monotonic()
+seconds unless injected). Model: nano-vllm's ``scheduler.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from services.engine.settings import EngineSettings
 
 
 class SlotAllocator:
-    """Hands out KV-cache slots, lowest first (keeps the batch's slots compact)."""
+    """Hands out KV-cache slots, lowest first (keeps the batch's slots compact).
+    ``allocate`` raises IndexError when none is free."""
 
     def __init__(self, num_slots: int) -> None:
         self._free = list(range(num_slots))
@@ -38,26 +43,31 @@ class SlotAllocator:
 
     @property
     def free(self) -> int:
+        """Slots not handed out."""
         return len(self._free)
 
     def allocate(self) -> int:
+        """The lowest free slot."""
         return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
+        """Gives a slot back."""
         heapq.heappush(self._free, slot)
 
 
 @dataclass
 class Row:
-    """One sequence's part of a step: ``chunk`` tokens from ``start``."""
+    """One sequence's part of a step: ``chunk`` tokens from position ``start``,
+    then the ``proposal`` to score (speculative decoding: the forward keeps
+    logits for its ``len(proposal) + 1`` last positions)."""
 
     seq: Sequence
     start: int
     chunk: int
     #: Proposed draft tokens to verify after the chunk (speculative decoding).
-    draft: list[int] = field(default_factory=list)
-    #: The draft's distributions for them (sampled speculation), else None.
-    q: object = None
+    proposal: list[int] = field(default_factory=list)
+    #: The draft's distributions for them (``[len(proposal), vocab]``; sampled speculation), else None.
+    proposal_q: object = None
     #: Seconds of the forward pass this row rode in (set by the engine).
     forward_s: float = 0.0
 
@@ -69,6 +79,8 @@ class Row:
 
 @dataclass
 class StepPlan:
+    """What one step runs, and what the schedule decided on the way."""
+
     rows: list[Row] = field(default_factory=list)
     #: Sequences dropped this step (cancelled or past their deadline).
     dropped: list[Sequence] = field(default_factory=list)
@@ -79,10 +91,14 @@ class StepPlan:
 
     @property
     def tokens(self) -> int:
-        return sum(r.chunk + len(r.draft) for r in self.rows)
+        """Tokens fed to the model this step (chunks and proposals)."""
+        return sum(r.chunk + len(r.proposal) for r in self.rows)
 
 
 class Scheduler:
+    """Which sequences run in each step (see the module docstring). Owns the
+    waiting queue, the running and paused lists and the slots. Engine thread only."""
+
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self.slots = SlotAllocator(settings.num_slots)
@@ -94,17 +110,30 @@ class Scheduler:
     # -- queue --------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
+        """Sequences queued for admission."""
         return len(self._waiting)
 
     def add(self, seq: Sequence) -> None:
+        """Queues a sequence for admission (by priority, then arrival)."""
         seq.status = Status.WAITING
         heapq.heappush(self._waiting, (-seq.priority, next(self._order), seq))
 
     def has_work(self) -> bool:
+        """Whether a sequence waits or runs."""
         return bool(self._waiting or self.running)
+
+    @property
+    def idle(self) -> bool:
+        """No sequence waits, runs or is paused."""
+        return not (self._waiting or self.running or self.paused)
+
+    def in_flight(self) -> list[Sequence]:
+        """Every sequence the scheduler holds: waiting, running and paused."""
+        return [e[2] for e in self._waiting] + self.running + self.paused
 
     # -- the step -----------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
+        """The next step's rows; drops, admits and holds as the module docstring says."""
         plan = StepPlan()
         self._drop_dead(now, plan)
         hold = self._draft_hold(now)
@@ -122,10 +151,10 @@ class Scheduler:
             if chunk <= 0:
                 continue
             row = Row(seq, seq.num_cached, chunk)
-            if seq.spec is not None and seq.spec.proposal and chunk == seq.pending:
-                row.draft, row.q = seq.spec.take_proposal()
+            if seq.spec is not None and chunk == seq.pending:
+                row.proposal, row.proposal_q = seq.spec.take_proposal()
             plan.rows.append(row)
-            budget -= chunk + len(row.draft)
+            budget -= chunk + len(row.proposal)
         self._admit(now, plan, budget)
         return plan
 
@@ -133,23 +162,20 @@ class Scheduler:
         """Until when the step waits for outstanding draft proposals, or None."""
         if self._waiting:
             return None
-        holds = [s.spec.hold_until for s in self.running
-                 if s.spec is not None and s.spec.waiting and now < s.spec.hold_until]
+        holds = [h for s in self.running if s.spec is not None and (h := s.spec.hold(now)) is not None]
         return min(holds) if holds else None
 
     @staticmethod
     def _awaits_draft(seq: Sequence, now: float, plan: StepPlan) -> bool:
         """A speculating sequence waits for its proposal until the round's deadline,
         then decodes without it."""
-        spec = seq.spec
-        if spec is None or not spec.waiting:
+        if seq.spec is None:
             return False
-        if now < spec.deadline:
-            plan.wake_at = spec.deadline if plan.wake_at is None else min(plan.wake_at, spec.deadline)
-            return True
-        spec.waiting = False
-        spec.stats.draft_timeouts += 1
-        return False
+        deadline = seq.spec.awaits(now)
+        if deadline is None:
+            return False
+        plan.wake_at = deadline if plan.wake_at is None else min(plan.wake_at, deadline)
+        return True
 
     def _drop_dead(self, now: float, plan: StepPlan) -> None:
         if any(s.cancelled or s.expired(now) for _, _, s in self._waiting):
@@ -201,6 +227,7 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def pause(self, seq: Sequence) -> None:
+        """A running persistent sequence stops being scheduled; it keeps its slot."""
         self.running.remove(seq)
         self.paused.append(seq)
         seq.status = Status.PAUSED
@@ -213,6 +240,7 @@ class Scheduler:
 
     @property
     def cached_tokens(self) -> int:
+        """Tokens in the KV cache, over running and paused sequences."""
         return sum(s.num_cached for s in self.running) + sum(s.num_cached for s in self.paused)
 
 

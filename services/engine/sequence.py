@@ -8,8 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.metrics import ttft_tpot
+
 
 class FinishReason(enum.Enum):
+    """Why a sequence ended."""
+
     LENGTH = "length"
     EOS = "eos"
     STOP = "stop"
@@ -18,6 +22,8 @@ class FinishReason(enum.Enum):
 
 
 class Status(enum.Enum):
+    """Where a sequence is in the scheduler."""
+
     WAITING = "waiting"    # queued, no KV slot yet
     RUNNING = "running"    # holds a slot, scheduled every step
     PAUSED = "paused"      # holds a slot and its cache, waits for more work (draft streams)
@@ -38,6 +44,7 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
+        """Argmax decoding (temperature 0)."""
         return self.temperature == 0.0
 
 
@@ -59,7 +66,8 @@ class GenerationRequest:
     persistent: bool = False
     #: Return the sampling distribution of each generated token.
     want_probs: bool = False
-    #: Speculative decoding with a drafter (None: plain decoding).
+    #: Speculative decoding: the engine's Speculation strategy's request type
+    #: (services.speculative.state.SpeculationRequest in the target); None: plain decoding.
     speculation: Any = None
 
 
@@ -75,7 +83,7 @@ class SequenceEvent:
     #: Persistent sequences: the budget is spent and the sequence waits.
     paused: bool = False
     error: BaseException | None = None
-    #: Speculation counts so far (services.speculative.state.SpecStats), if speculating.
+    #: Speculation counts so far (the strategy's, e.g. services.speculative.state.SpecStats), if speculating.
     spec: Any = None
     #: On the finishing event: when the sequence arrived, was admitted, made its
     #: first token and finished (time.monotonic() seconds; None if it never did).
@@ -84,10 +92,22 @@ class SequenceEvent:
 
 @dataclass(frozen=True)
 class Timeline:
+    """When a finished sequence arrived, was admitted, made its first and last
+    token and finished: seconds of the engine's clock (time.monotonic() unless
+    injected), None for a moment it never reached; ``new_tokens`` it generated
+    (resumed tokens excluded)."""
+
     arrival: float
     admitted: float | None
     first_token: float | None
     finished: float
+    last_token: float | None = None
+    new_tokens: int = 0
+
+    def ttft_tpot(self) -> tuple[float | None, float | None]:
+        """(time to first token, time per output token after the first), seconds
+        (:func:`services.common.metrics.ttft_tpot`)."""
+        return ttft_tpot(self.arrival, self.first_token, self.last_token, self.new_tokens)
 
 
 _ids = itertools.count()
@@ -114,7 +134,8 @@ class Sequence:
     #: Seed of every draw of this sequence (the request's, or a random one).
     base_seed: int = 0
     detok: Any = None
-    #: services.speculative.state.SpecState while the sequence speculates.
+    #: The speculation strategy's state (services.engine.speculation.SequenceSpeculation)
+    #: while the sequence speculates, else None.
     spec: Any = None
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -128,6 +149,7 @@ class Sequence:
 
     @property
     def priority(self) -> int:
+        """The request's scheduling priority (higher first)."""
         return self.request.priority
 
     @property
@@ -135,5 +157,18 @@ class Sequence:
         """Tokens to feed through the model before the next one can be sampled."""
         return len(self.tokens) - self.num_cached
 
+    def next_round(self, discard: int, append: list[int], budget: int, max_context: int) -> None:
+        """A persistent sequence's next round: drops its last ``discard``
+        tokens, takes ``append`` and may generate ``budget`` more (at least 1,
+        within ``max_context``). Cached keys past the kept tokens are stale and
+        will be overwritten; at least one token is left to feed."""
+        if discard:
+            del self.tokens[len(self.tokens) - discard:]
+            self.num_cached = min(self.num_cached, len(self.tokens))
+        self.tokens.extend(append)
+        self.num_cached = min(self.num_cached, len(self.tokens) - 1)  # something must be fed to sample
+        self.budget = max(1, min(budget, max_context - len(self.tokens)))
+
     def expired(self, now: float) -> bool:
+        """Whether the request's deadline (engine-clock seconds) has passed at ``now``."""
         return self.request.deadline is not None and now >= self.request.deadline

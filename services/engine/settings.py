@@ -9,6 +9,9 @@ from services.common.errors import InvalidArgument
 
 @dataclass
 class EngineSettings:
+    """Batching knobs (counts of sequences and tokens; ``max_wait_ms`` in ms).
+    Replaced whole at a step boundary (``Engine.update_settings``), never mutated."""
+
     #: Most sequences in the running batch.
     max_batch_size: int = 32
     #: How long a new request may wait for companions before its prefill is forced.
@@ -21,6 +24,7 @@ class EngineSettings:
     num_slots: int = 64
 
     def validate(self) -> None:
+        """Raises InvalidArgument naming the first invalid knob."""
         checks = [
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),

@@ -1,7 +1,10 @@
 """Lifecycle shared by the model services: bind, load, warm up, serve, drain.
 
 The server starts before the model loads, so health answers NOT_SERVING
-while weights load; it turns SERVING only after a warm-up forward pass.
+while weights load; it turns SERVING only after a warm-up forward pass. If
+the engine's loop dies, health turns NOT_SERVING at once, the server drains
+and the process exits with status 1, for its supervisor (launcher, scaler,
+compose, Kubernetes) to restart it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from services.common.server import Health, new_server, serve_until_signal, setup
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
 from services.engine.build import LoadedModel, build_engine
+from services.engine.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,14 @@ class ModelApp:
     def __init__(self, config: ModelServiceConfig, role: int, service_key: str,
                  servicer_factory: Callable[["ModelApp"], object],
                  add_servicer: Callable[[object, grpc.aio.Server], None],
-                 provider: TracerProvider) -> None:
+                 provider: TracerProvider, speculation: Callable[[], Speculation] | None = None) -> None:
         self.config = config
+        self._speculation = speculation
+        #: Set (on the event loop) when the process should stop: the engine died.
+        self.stopped = asyncio.Event()
+        #: The engine's fatal error, once it died.
+        self.failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.role = role
         self.provider = provider
         self.server, self.port, self.health = new_server(
@@ -62,20 +72,35 @@ class ModelApp:
 
     async def start(self) -> None:
         """Starts serving RPCs (NOT_SERVING), loads and warms the model, then SERVING."""
+        self._loop = asyncio.get_running_loop()
         await self.server.start()
         await self.health.set(False)
         c = self.config
         self.loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
-            model_name=c.model_name,
-            speculation=c.speculation_settings() if hasattr(c, "speculation_settings") else None)
+            model_name=c.model_name, speculation=self._speculation() if self._speculation else None)
         self._nvml = nvml_for(self.loaded.device)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
-        self.loaded.engine.start()
+        self.loaded.engine.start(on_fatal=self._engine_died)
         await self.health.set(True)
         log.info("%s serving %s on %s", self.instance_id, self.loaded.model_name, self.address)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """Engine thread: the engine failed its sequences and stopped; the loop
+        turns health NOT_SERVING and asks the process to stop."""
+        self._loop.call_soon_threadsafe(self._stop_serving, exc)
+
+    def _stop_serving(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._health_task = asyncio.ensure_future(self.health.set(False))
+        self.stopped.set()
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit status: 1 once the engine died, else 0."""
+        return 1 if self.failure is not None else 0
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.shutdown()
@@ -87,9 +112,10 @@ class ModelApp:
             self.loaded.engine.stop()
 
 
-async def serve_app(make_app: Callable[[], ModelApp], label: str) -> None:
+async def serve_app(make_app: Callable[[], ModelApp], label: str) -> int:
     """Builds the app inside the running loop (grpc.aio binds to it), starts it
-    and serves until SIGTERM/SIGINT."""
+    and serves until SIGTERM/SIGINT or until its engine dies. Returns the
+    process's exit status (:attr:`ModelApp.exit_code`)."""
     app = make_app()
     await app.start()
     print(f"{label} serving on {app.address}", flush=True)
@@ -97,12 +123,16 @@ async def serve_app(make_app: Callable[[], ModelApp], label: str) -> None:
     async def close() -> None:
         app.close_engine()
 
-    await serve_until_signal(app.server, app.health, app.config.grace_period_s, on_stop=close)
+    await serve_until_signal(app.server, app.health, app.config.grace_period_s, on_stop=close,
+                             stop_event=app.stopped)
+    if app.failure is not None:
+        log.critical("%s exits: its engine stopped (%s)", app.instance_id, type(app.failure).__name__)
+    return app.exit_code
 
 
 def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, argv) -> int:
-    """A model service's ``main``: config from flags and environment, then serve."""
+    """A model service's ``main``: config from flags and environment, then
+    serve. Returns the exit status: 0 after a signal, 1 if the engine died."""
     config = config_cls.from_args(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
-    asyncio.run(serve_app(lambda: create_server(config), label))
-    return 0
+    return asyncio.run(serve_app(lambda: create_server(config), label))

@@ -9,7 +9,8 @@ from services.common.stubs import model_pb2
 
 
 def distribution_pb(probs: torch.Tensor) -> model_pb2.TokenDistribution:
-    """Dense when most tokens have mass; sparse (exact) when top-k/top-p truncated it."""
+    """The wire form of a ``[vocab]`` distribution: dense when most tokens have
+    mass, sparse (exact) when top-k/top-p truncated it. Any thread."""
     p = probs.detach().float().cpu().numpy()
     nonzero = np.flatnonzero(p)
     if len(nonzero) < len(p) // 2:
@@ -18,7 +19,8 @@ def distribution_pb(probs: torch.Tensor) -> model_pb2.TokenDistribution:
 
 
 def distribution_of(d: model_pb2.TokenDistribution, vocab_size: int) -> torch.Tensor:
-    """The dense distribution a TokenDistribution stands for."""
+    """The dense ``[vocab_size]`` float32 distribution a TokenDistribution stands
+    for. Raises IndexError when a sparse id is outside the vocabulary."""
     values = torch.from_numpy(np.frombuffer(d.probs, dtype="<f4").copy())
     if not d.ids:
         return values

@@ -1,4 +1,10 @@
-"""Per-sequence speculation control: adaptive gamma and switching itself off."""
+"""Speculation knobs and per-sequence control: adaptive gamma and switching itself off.
+
+Gamma adapts by a simple rule in the spirit of transformers' assisted
+generation (``AssistedCandidateGenerator.update_candidate_strategy``: +1 when
+every proposal was accepted, fewer when most were rejected). Pure Python;
+engine thread only.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,19 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SpeculationSettings:
-    """Engine-wide speculation knobs."""
+    """Engine-wide speculation knobs (times in milliseconds)."""
 
     #: Longest wait for a draft round before the sequence decodes without it.
     draft_timeout_ms: float = 500.0
     #: Longest the whole batch waits for outstanding proposals, so that they are
     #: verified in the same forward as everything else (0: never wait).
     draft_hold_ms: float = 50.0
-    #: No speculation while more sequences than this are running or waiting:
-    #: past this batch size, verifying costs more than it saves. Measured by
-    #: ``llmesh bench --scenario speculative`` (its ``batch_sweep``): on 2 CPU
-    #: cores with target-large, speculation gave 1.16x at 4 concurrent requests
-    #: and 0.79x at 8.
-    max_batch: int = 4
+    #: No speculation while more sequences than this are running or waiting
+    #: (vLLM's ``disable_by_batch_size``): past this batch size, verifying costs
+    #: more than it saves. Measured by ``llmesh bench --scenario speculative``
+    #: (its ``batch_sweep``): on 2 CPU cores with target-large, speculation gave
+    #: 1.16x at 4 concurrent requests and 0.79x at 8.
+    disable_by_batch_size: int = 4
     #: A sequence whose acceptance (moving average) falls below this after
     #: ``min_rounds`` rounds stops speculating.
     min_acceptance: float = 0.25
@@ -40,6 +46,7 @@ class GammaController:
     _alpha: float = field(default=0.3, repr=False)
 
     def update(self, accepted: int, proposed: int) -> None:
+        """One verified round: ``accepted`` of ``proposed`` tokens kept."""
         self.rounds += 1
         rate = accepted / proposed if proposed else 0.0
         self.ema = (1 - self._alpha) * self.ema + self._alpha * rate
@@ -51,4 +58,7 @@ class GammaController:
             self.gamma = max(self.lo, self.gamma - 1)
 
     def worth_it(self, settings: SpeculationSettings) -> bool:
+        """Whether to go on speculating: always for the first ``min_rounds``
+        rounds, then while the acceptance moving average (``ema``) stays at or
+        above ``min_acceptance``."""
         return self.rounds < settings.min_rounds or self.ema >= settings.min_acceptance

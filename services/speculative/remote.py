@@ -1,10 +1,10 @@
-"""The draft-stream client: a DraftLink over one ``DraftModel.Propose`` stream.
+"""The remote proposer: a Proposer over one ``DraftModel.Propose`` stream.
 
-The engine thread calls :meth:`RemoteDraftLink.propose`; the round runs on
+The engine thread calls :meth:`RemoteProposer.propose`; the round runs on
 the asyncio loop (write the request, read the proposal) and the result goes
-back through the callback. Rounds of a sequence are sent in order on its
-stream; a failure ends the link and is reported once, so the sequence goes on
-without speculation.
+back through the callback, from the loop's thread. Rounds of a sequence are
+sent in order on its stream; a failure ends the stream and is reported once
+(as ``Unavailable``), so the sequence goes on without speculation.
 """
 
 from __future__ import annotations
@@ -22,20 +22,26 @@ from services.common.server import insecure_channel
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc
 from services.speculative.state import Proposal, ProposalCallback
+from services.speculative.sync import Round
 
 log = logging.getLogger(__name__)
 
 
-class DraftClient:
-    """One channel per draft address, shared by every sequence that uses it."""
+class ProposerClient:
+    """Opens remote proposers: one channel per draft address, shared by every
+    sequence that uses it. Event loop only."""
 
     def __init__(self, provider=None) -> None:
         self._provider = provider
         self._stubs: dict[str, model_pb2_grpc.DraftModelStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def link(self, address: str, request_id: str, sampling: gen.SamplingParams, vocab_size: int
-             ) -> "RemoteDraftLink":
+    def proposer(self, address: str, request_id: str, sampling: gen.SamplingParams, vocab_size: int
+                 ) -> "RemoteProposer":
+        """A proposer for one sequence on the draft at ``address`` ("host:port"),
+        sampling as ``sampling`` says (temperature, top_p, top_k, seed only);
+        ``vocab_size`` sizes the draft's sparse distributions. Connects lazily:
+        an unreachable draft shows as the first round's error."""
         stub = self._stubs.get(address)
         if stub is None:
             channel = insecure_channel(address, self._provider)
@@ -45,14 +51,17 @@ class DraftClient:
         for name in ("top_p", "top_k", "seed"):
             if sampling.HasField(name):
                 setattr(draft_sampling, name, getattr(sampling, name))
-        return RemoteDraftLink(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size)
+        return RemoteProposer(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size)
 
     async def close(self) -> None:
+        """Closes every channel (in-flight streams fail)."""
         for channel in self._channels:
             await channel.close()
 
 
-class RemoteDraftLink:
+class RemoteProposer:
+    """A Proposer whose draft is a ``DraftModel.Propose`` stream."""
+
     def __init__(self, stub: model_pb2_grpc.DraftModelStub, loop: asyncio.AbstractEventLoop, request_id: str,
                  sampling: gen.SamplingParams, vocab_size: int) -> None:
         self._stub = stub
@@ -63,16 +72,17 @@ class RemoteDraftLink:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
-        # The stream's span joins the trace of the request that opened the link,
+        # The stream's span joins the trace of the request that opened the proposer,
         # not the engine thread's (empty) context the rounds are requested from.
         self._context = contextvars.copy_context()
 
-    # -- called from the engine thread -------------------------------------------
-    def propose(self, round_id: int, discard: int, append: list[int], gamma: int,
-                on_result: ProposalCallback) -> None:
-        self._loop.call_soon_threadsafe(self._enqueue, (round_id, discard, list(append), gamma, on_result))
+    # -- called from the engine thread (any thread works) ---------------------------
+    def propose(self, round_: Round, on_result: ProposalCallback) -> None:
+        """Queues ``round_`` on the stream; ``on_result`` is called on the loop."""
+        self._loop.call_soon_threadsafe(self._enqueue, (round_, on_result))
 
     def close(self) -> None:
+        """Half-closes the stream after the rounds already queued."""
         self._loop.call_soon_threadsafe(self._finish)
 
     # -- on the loop ---------------------------------------------------------------------
@@ -105,8 +115,9 @@ class RemoteDraftLink:
                     while await call.read() is not grpc.aio.EOF:
                         pass
                     return
-                round_id, discard, append, gamma, on_result = pending
-                msg = model_pb2.ProposeRequest(append_tokens=append, discard=discard, gamma=gamma)
+                round_, on_result = pending
+                msg = model_pb2.ProposeRequest(append_tokens=round_.append, discard=round_.discard,
+                                               gamma=round_.gamma)
                 if first:
                     msg.request_id = self._request_id
                     msg.sampling.CopyFrom(self._sampling)
@@ -119,13 +130,13 @@ class RemoteDraftLink:
                 if reply.distributions:
                     q = torch.stack([distribution_of(d, self._vocab_size) for d in reply.distributions])
                 pending = None
-                on_result(round_id, Proposal(list(reply.tokens), q, reply.compute_ms), None)
+                on_result(Proposal(list(reply.tokens), q, reply.compute_ms), None)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
             log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
             if pending is not None:
-                pending[-1](pending[0], None, Unavailable(_describe(exc)))
+                pending[1](None, Unavailable(_describe(exc)))
         finally:
             self._closed = True
             call.cancel()

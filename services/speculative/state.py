@@ -1,4 +1,10 @@
-"""A sequence's speculation state, owned by the engine thread (pure data)."""
+"""A sequence's speculation state on the target, and what a proposer is.
+
+All of it is owned by the engine thread: the engine (through the
+scheduler and :class:`services.speculative.speculator.Speculator`) is the
+only caller of :class:`SpecState`'s methods. A proposer answers on its own
+thread; its answer reaches the engine thread through the engine's ``post``.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +12,45 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from services.engine.speculation import Post
 from services.speculative.gamma import GammaController
-
+from services.speculative.sync import DraftSync, Round
 
 
 @dataclass
 class Proposal:
-    """A drafter's answer: tokens, their distributions q (``[gamma, vocab]``, for
-    sampled speculation) and the milliseconds it spent computing them."""
+    """A proposer's answer: ``tokens``, their draft distributions ``q``
+    (``[len(tokens), vocab]`` float tensor, for sampled speculation; else
+    None) and the milliseconds the draft spent computing them."""
 
     tokens: list[int]
     q: Any = None
     compute_ms: float = 0.0
 
 
-#: on_result(round_id, proposal or None, error or None)
-ProposalCallback = Callable[[int, "Proposal | None", "BaseException | None"], None]
+#: ``on_result(proposal, None)`` or ``on_result(None, error)``, called once per
+#: round from the proposer's own thread.
+ProposalCallback = Callable[["Proposal | None", "BaseException | None"], None]
 
 
-class DraftLink(Protocol):
-    """A conversation with a drafter about one sequence. Non-blocking: the
-    result comes back through ``on_result`` from whatever thread the link uses."""
+class Proposer(Protocol):
+    """Proposes draft tokens for one sequence (vLLM's proposer). Non-blocking:
+    :meth:`propose` returns at once and the proposal comes back through
+    ``on_result`` from whatever thread the proposer uses. Rounds are answered
+    in order. Called from the engine thread."""
 
-    def propose(self, round_id: int, discard: int, append: list[int], gamma: int,
-                on_result: ProposalCallback) -> None: ...
+    def propose(self, round_: Round, on_result: ProposalCallback) -> None:
+        """Sends ``round_`` (see :mod:`services.speculative.sync`) and asks for
+        ``round_.gamma`` tokens."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """No more rounds: end the conversation and free the draft's cache."""
 
 
 @dataclass
 class SpecStats:
+    """Speculation counts of one request (tokens, rounds; times in ms)."""
+
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -45,10 +60,12 @@ class SpecStats:
     draft_compute_ms: float = 0.0
     verify_ms: float = 0.0
     draft_timeouts: int = 0
-    #: Rounds dropped unverified because the batch grew past the break-even.
-    stood_down: int = 0
+    #: Rounds dropped unverified because the batch grew past
+    #: ``disable_by_batch_size`` while they were under way.
+    dropped_by_batch_size: int = 0
 
     def record(self, accepted: int, proposed: int) -> None:
+        """One verified round: ``accepted`` of ``proposed`` tokens kept."""
         self.rounds += 1
         self.proposed += proposed
         self.accepted += accepted
@@ -59,65 +76,92 @@ class SpecStats:
 
     @property
     def mean_accepted_length(self) -> float:
+        """Tokens per verified round (accepted + the target's own); 0 before any."""
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
 @dataclass
 class SpecState:
-    """What the draft holds: ``tokens[:synced]`` plus its last proposal of
-    ``proposal_len`` tokens, of which ``kept`` were accepted."""
+    """One speculating sequence on the target: its proposer, the round under
+    way, what the draft holds (``sync``) and its adaptive gamma. Implements
+    ``services.engine.speculation.SequenceSpeculation``. Times are seconds of
+    the engine's clock."""
 
-    link: DraftLink
+    proposer: Proposer
     control: GammaController
+    #: Delivers proposals to the engine thread (the engine's ``post``).
+    post: Post | None = None
+    sync: DraftSync = field(default_factory=DraftSync)
     round_id: int = 0
+    #: A round is under way: asked, not answered yet.
     waiting: bool = False
     requested_at: float = 0.0
+    #: Until when the sequence waits for this round's proposal (then decodes without).
     deadline: float = 0.0
     #: Until when the whole batch may wait for this round's proposal (see the scheduler).
     hold_until: float = 0.0
+    #: An answered proposal not yet scored, and its distributions.
     proposal: list[int] | None = None
     q: Any = None
-    synced: int = 0
-    proposal_len: int = 0
-    kept: int = 0
     active: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
 
+    # -- what the scheduler asks ----------------------------------------------
+    def hold(self, now: float) -> float | None:
+        """Until when the batch may wait for this round's proposal, or None."""
+        return self.hold_until if self.waiting and now < self.hold_until else None
+
+    def awaits(self, now: float) -> float | None:
+        """The round's deadline while it is under way and not due, else None;
+        a round past its deadline is given up (counted in ``draft_timeouts``)."""
+        if not self.waiting:
+            return None
+        if now < self.deadline:
+            return self.deadline
+        self.waiting = False  # too late: decode without it (kept stays 0: the draft discards it)
+        self.stats.draft_timeouts += 1
+        return None
+
+    def take_proposal(self) -> tuple[list[int], Any]:
+        """The answered proposal and its q (``[len, vocab]`` or None), once;
+        ``([], None)`` when there is none."""
+        tokens, q = self.proposal or [], self.q
+        self.proposal, self.q = None, None
+        return tokens, q
+
+    # -- transitions ----------------------------------------------------------------
+    def drop_round(self) -> bool:
+        """Abandons the round under way (waiting, or holding a proposal not yet
+        verified); the draft discards its tokens at the next round, since
+        ``sync.kept`` stays 0. Returns whether there was one."""
+        if not (self.waiting or self.proposal):
+            return False
+        self.waiting = False
+        self.take_proposal()
+        self.stats.dropped_by_batch_size += 1
+        return True
+
     def disable(self, reason: str) -> None:
+        """Speculation ends for this sequence (it decodes on alone)."""
         if self.active:
             self.active = False
             self.waiting = False
             self.proposal = None
             self.stats.disabled_reason = reason
-            self.link.close()
+            self.proposer.close()
 
-    def stand_down(self) -> bool:
-        """Abandons the round under way (waiting, or holding a proposal not yet
-        verified); the draft discards its tokens at the next round, since ``kept``
-        stays 0. Returns whether there was one."""
-        if not (self.waiting or self.proposal):
-            return False
-        self.waiting = False
-        self.take_proposal()
-        self.stats.stood_down += 1
-        return True
-
-    def take_proposal(self) -> tuple[list[int], Any]:
-        tokens, q = self.proposal or [], self.q
-        self.proposal, self.q = None, None
-        return tokens, q
+    def close(self) -> None:
+        """The sequence finished: closes the proposer, keeps any disabled reason."""
+        self.disable(self.stats.disabled_reason)
 
 
 @dataclass
 class SpeculationRequest:
-    """What a caller asks: speculate through ``link``, starting at ``gamma``
+    """What a caller asks: speculate with ``proposer``, starting at ``gamma``
     (adapting within [gamma_min, gamma_max] unless ``fixed``)."""
 
-    link: DraftLink
+    proposer: Proposer
     gamma: int = 4
     gamma_min: int = 1
     gamma_max: int = 8
     fixed: bool = False
-
-    def state(self) -> SpecState:
-        return SpecState(self.link, GammaController(self.gamma, self.gamma_min, self.gamma_max, self.fixed))

@@ -26,12 +26,14 @@ class TargetConfig(ModelServiceConfig):
     gamma_max: int = field(8, "highest adaptive gamma")
     draft_timeout_ms: float = field(500.0, "longest wait for a draft round before decoding without it")
     draft_hold_ms: float = field(50.0, "longest the whole batch waits for outstanding draft proposals (0: never)")
-    speculation_max_batch: int = field(4, "no speculation while more sequences run or wait (the measured break-even)")
+    speculative_disable_by_batch_size: int = field(
+        4, "no speculation while more sequences run or wait (the measured break-even; vLLM's name)",
+        deprecated=("speculation_max_batch",))
     speculation_min_acceptance: float = field(0.25, "a sequence below this acceptance stops speculating")
 
     def speculation_settings(self) -> SpeculationSettings:
         return SpeculationSettings(draft_timeout_ms=self.draft_timeout_ms, draft_hold_ms=self.draft_hold_ms,
-                                   max_batch=self.speculation_max_batch,
+                                   disable_by_batch_size=self.speculative_disable_by_batch_size,
                                    min_acceptance=self.speculation_min_acceptance)
 
     def __post_init__(self) -> None:

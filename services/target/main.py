@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common import telemetry
 from services.serving.app import ModelApp, run_main
 from services.common.stubs import model_pb2_grpc, stats_pb2
+from services.speculative.speculator import Speculator
 from services.target.config import TargetConfig
 from services.target.servicer import TargetServicer
 
@@ -18,7 +19,8 @@ def create_server(config: TargetConfig, provider: TracerProvider | None = None) 
     """The service, bound (``app.port``) but not started; ``await app.start()`` loads the model."""
     provider = provider or telemetry.make_tracer_provider("llmesh-target", config.instance_id)
     return ModelApp(config, stats_pb2.ROLE_TARGET, "target", TargetServicer,
-                    model_pb2_grpc.add_TargetModelServicer_to_server, provider)
+                    model_pb2_grpc.add_TargetModelServicer_to_server, provider,
+                    speculation=lambda: Speculator(config.speculation_settings()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,15 +12,17 @@ from services.serving.model_service import configure_changes, model_info, settin
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
-from services.speculative.remote import DraftClient
+from services.speculative.remote import ProposerClient
 from services.speculative.state import SpecStats, SpeculationRequest
 
 
 class TargetServicer(model_pb2_grpc.TargetModelServicer):
+    """TargetModel RPCs (event loop); the engine and its Speculator do the work."""
+
     def __init__(self, app) -> None:
         self.app = app
         self.config = app.config
-        self.drafts = DraftClient(app.provider)
+        self.proposers = ProposerClient(app.provider)
         self.tracer = app.provider.get_tracer("llmesh.target")
 
     @property
@@ -48,22 +50,22 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                 chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
                 if event.spec is not None:
                     chunk.speculation.CopyFrom(self._spec_pb(event.spec))
-                chunk.timing.CopyFrom(self._timing(event.timeline, usage.completion_tokens - len(req.resume_ids)))
+                chunk.timing.CopyFrom(self._timing(event.timeline))
                 self._trace(event, len(req.prompt_ids), usage.completion_tokens)
             yield chunk
 
     def _speculation(self, request, request_id: str, vocab_size: int) -> SpeculationRequest | None:
-        """A draft link when this request speculates (its own setting, else the default)."""
+        """A remote proposer when this request speculates (its own setting, else the default)."""
         s = request.speculation
         enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
         address = request.draft_address or self.config.draft_address
         if not enabled or not address:
             return None
         c = self.config
-        link = self.drafts.link(address, request_id, request.sampling, vocab_size)
+        proposer = self.proposers.proposer(address, request_id, request.sampling, vocab_size)
         if s.HasField("gamma"):
-            return SpeculationRequest(link, s.gamma, s.gamma, s.gamma, fixed=True)
-        return SpeculationRequest(link, c.gamma, c.gamma_min, c.gamma_max)
+            return SpeculationRequest(proposer, s.gamma, s.gamma, s.gamma, fixed=True)
+        return SpeculationRequest(proposer, c.gamma, c.gamma_min, c.gamma_max)
 
     @staticmethod
     def _spec_pb(stats: SpecStats) -> gen.SpeculationStats:
@@ -73,14 +75,15 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     mean_accepted_length=stats.mean_accepted_length,
                                     disabled_reason=stats.disabled_reason, draft_wait_ms=stats.draft_wait_ms,
                                     draft_compute_ms=stats.draft_compute_ms, verify_ms=stats.verify_ms,
-                                    draft_timeouts=stats.draft_timeouts, stood_down_rounds=stats.stood_down)
+                                    draft_timeouts=stats.draft_timeouts,
+                                    rounds_dropped_by_batch_size=stats.dropped_by_batch_size)
 
     @staticmethod
-    def _timing(t, new_tokens: int) -> gen.Timing:
+    def _timing(t) -> gen.Timing:
         ms = lambda a, b: (b - a) * 1000.0 if a is not None and b is not None else 0.0  # noqa: E731
-        tpot = ms(t.first_token, t.finished) / (new_tokens - 1) if new_tokens > 1 else 0.0
-        return gen.Timing(queue_ms=ms(t.arrival, t.admitted), ttft_ms=ms(t.arrival, t.first_token), tpot_ms=tpot,
-                          elapsed_ms=ms(t.arrival, t.finished))
+        ttft, tpot = t.ttft_tpot()
+        return gen.Timing(queue_ms=ms(t.arrival, t.admitted), ttft_ms=(ttft or 0.0) * 1000.0,
+                          tpot_ms=(tpot or 0.0) * 1000.0, elapsed_ms=ms(t.arrival, t.finished))
 
     def _trace(self, event, prompt_tokens: int, completion_tokens: int) -> None:
         """Spans for the engine's phases of this request, under the call's span."""

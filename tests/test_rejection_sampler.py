@@ -1,4 +1,4 @@
-"""The acceptance rule (pure torch): greedy prefix matching and exact speculative sampling."""
+"""The rejection sampler (pure torch): greedy prefix matching and exact speculative sampling."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from scipy.stats import chisquare
 
 from services.engine.sampler import draw
-from services.speculative import acceptance
-from services.speculative.acceptance import accept_greedy, accept_sampled
+from services.speculative import rejection_sampler as acceptance
+from services.speculative.rejection_sampler import accept_greedy, accept_sampled
 from services.speculative.gamma import GammaController, SpeculationSettings
 
 SIGNIFICANCE = 1e-3

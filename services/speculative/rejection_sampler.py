@@ -1,4 +1,4 @@
-"""The speculative-sampling acceptance rule.
+"""The rejection sampler: which proposed tokens the target keeps (vLLM's rejection sampler).
 
 Leviathan, Kalman & Matias (2023), "Fast Inference from Transformers via
 Speculative Decoding", Algorithm 1, and Chen et al. (2023), "Accelerating
@@ -10,7 +10,8 @@ rejection the next token is drawn from ``norm(max(0, p_i - q_i))``; when all
 has exactly the target's distribution, whatever ``q`` is.
 
 Draws are pure functions of (seed, position), like ordinary sampling, so a
-seeded request is reproducible.
+seeded request is reproducible. Pure torch on whatever device the tensors are
+on; any thread (the engine thread in practice).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def accept_greedy(target_logits: torch.Tensor, draft_tokens: list[int]) -> tuple
     """Greedy decoding: keep proposals while they equal the target's argmax.
 
     ``target_logits`` is ``[gamma + 1, vocab]`` (row i predicts the token after
-    the i-th fed token). Returns (accepted count n, the target's token after them).
+    the i-th fed token), ``draft_tokens`` the gamma proposals. Returns
+    (accepted count n in [0, gamma], the target's token after them).
     """
     argmax = target_logits.argmax(-1).tolist()
     n = 0
@@ -37,14 +39,16 @@ def accept_greedy(target_logits: torch.Tensor, draft_tokens: list[int]) -> tuple
 
 
 def coin(seed: int, position: int) -> float:
-    """A uniform draw in [0, 1) for the acceptance test at ``position``."""
+    """A uniform draw in [0, 1) for the acceptance test at ``position`` (a pure
+    function of ``seed`` and ``position``)."""
     gen = torch.Generator()
     gen.manual_seed(position_seed(seed ^ _COIN_SALT, position))
     return float(torch.rand((), generator=gen))
 
 
 def residual_distribution(p_i: torch.Tensor, q_i: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)); falls back to p where p <= q everywhere (then rejection had probability 0)."""
+    """norm(max(0, p - q)) for ``[vocab]`` distributions ``p_i`` and ``q_i``;
+    falls back to p where p <= q everywhere (then rejection had probability 0)."""
     residual = torch.clamp(p_i - q_i, min=0.0)
     total = residual.sum()
     return residual / total if total > 0 else p_i
@@ -56,7 +60,9 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, draft_tokens: list[int], se
 
     ``p`` is ``[gamma + 1, vocab]`` (the target's warped distributions), ``q``
     is ``[gamma, vocab]`` (the draft's, as it sampled), ``first_position`` is
-    the position of the first proposed token. Returns (n accepted, next token).
+    the position of the first proposed token in the sequence. Returns (n
+    accepted in [0, gamma], the next token). Raises IndexError when a token id
+    is outside the vocabulary.
     """
     gamma = len(draft_tokens)
     for i, x in enumerate(draft_tokens):

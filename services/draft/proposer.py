@@ -1,0 +1,70 @@
+"""The draft side of one ``DraftModel.Propose`` stream: a proposer on a persistent sequence.
+
+Each round the target sends (discard, append, gamma); :class:`DraftSync`
+checks it against what this side holds and the persistent sequence rolls
+back, takes the new tokens and generates gamma more, keeping its KV cache
+between rounds. Event loop only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.engine.async_engine import AsyncEngine, PersistentSequence
+from services.engine.sequence import GenerationRequest, SamplingOptions
+from services.speculative.sync import DraftSync, Round
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What the first message of a stream says besides its round."""
+
+    request_id: str
+    #: How the draft samples (``max_new_tokens`` is each round's gamma).
+    sampling: SamplingOptions
+    #: Send distributions even for greedy proposals.
+    want_probs: bool = False
+
+
+class DraftProposer:
+    """Proposes tokens for one target sequence, round after round."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.sync = DraftSync()
+        self._seq: PersistentSequence | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._seq is not None
+
+    async def propose(self, round_: Round, start: StreamStart | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """Applies ``round_`` and returns the proposed tokens (``round_.gamma``,
+        fewer at the context limit) and, when sampling or asked, each one's
+        distribution (``[vocab]`` tensors). ``start`` is required for the first
+        round. Raises InvalidArgument naming the field for a round that breaks
+        the protocol, and what the engine raised for a failed round."""
+        rollback = self.sync.apply(round_)
+        if self._seq is None:
+            if start is None:
+                raise InvalidArgument("sampling", "the first message must say how to sample")
+            sampling = replace(start.sampling, max_new_tokens=round_.gamma)
+            self._seq = self._engine.persistent(GenerationRequest(
+                prompt_ids=list(round_.append), sampling=sampling, request_id=start.request_id,
+                persistent=True, want_probs=start.want_probs or not sampling.greedy))
+        else:
+            self._seq.resume(rollback, list(round_.append), round_.gamma)
+        events = await self._seq.next_round()
+        if events[-1].error is not None:
+            raise events[-1].error
+        tokens = [t for e in events for t in e.token_ids]
+        self.sync.proposed(len(tokens))
+        return tokens, [p for e in events for p in e.probs]
+
+    def close(self) -> None:
+        """Ends the sequence and frees its cache."""
+        if self._seq is not None:
+            self._seq.close()

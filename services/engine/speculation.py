@@ -1,0 +1,83 @@
+"""What the engine asks of speculative decoding: a strategy called at named points.
+
+The engine knows nothing of proposers, acceptance rules or gamma; it batches.
+A speculation strategy (``services.speculative.Speculator`` in the target
+service) is handed to the engine and called, on the engine thread only, at:
+
+- ``open``            when a request that speculates is submitted (caller's thread);
+- ``before_schedule`` at the start of every step;
+- ``after_verify``    after the forward pass that scored a row's proposal;
+- ``after_tokens``    after a sequence took new tokens (time for its next round).
+
+A proposal's arrival is the strategy's own business: it comes back on some
+other thread and the strategy hands it to the engine thread through the
+``post`` function it got in ``open``. The scheduler sees each sequence's state
+through :class:`SequenceSpeculation` (hold the step, sit out a step, take the
+proposal). This split mirrors vLLM's speculative decoding: a proposer, a
+scorer (here: the engine's batched forward over the proposed tokens) and a
+rejection sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from services.engine.scheduler import Row
+    from services.engine.sequence import Sequence
+
+#: ``post(fn)`` runs ``fn(now)`` on the engine thread at the next step boundary,
+#: ``now`` being the engine's clock (time.monotonic() seconds unless injected).
+#: Safe to call from any thread.
+Post = Callable[[Callable[[float], None]], None]
+
+
+class SequenceSpeculation(Protocol):
+    """One sequence's speculation state (``Sequence.spec``), engine thread only."""
+
+    #: Counts for the sequence's events (opaque to the engine).
+    stats: Any
+
+    def hold(self, now: float) -> float | None:
+        """Until when the whole step may wait for this sequence's proposal
+        (engine-clock seconds), or None when it does not ask to."""
+
+    def awaits(self, now: float) -> float | None:
+        """The deadline (engine-clock seconds) until which this sequence sits
+        out steps waiting for its proposal, or None when it may run now (a
+        round past its deadline is given up here)."""
+
+    def take_proposal(self) -> tuple[list[int], Any]:
+        """The proposal to score in this step's row, and its draft
+        distributions q (``[gamma, vocab]`` tensor, or None when greedy);
+        ``([], None)`` when there is none. The proposal is handed out once."""
+
+    def close(self) -> None:
+        """The sequence finished: end its speculation and release its proposer."""
+
+
+class Speculation(Protocol):
+    """A speculative-decoding strategy the engine calls at named points."""
+
+    def open(self, request: Any, post: Post) -> SequenceSpeculation:
+        """The state of a sequence whose request carries ``request`` (the
+        strategy's own request type). Called on the submitting thread before
+        the sequence reaches the engine. Raises InvalidArgument for a request
+        the strategy cannot serve."""
+
+    def before_schedule(self, running: list["Sequence"], demand: int) -> None:
+        """Start of a step; ``demand`` is the sequences running or waiting."""
+
+    def after_verify(self, seq: "Sequence", row: "Row", logits: "torch.Tensor") -> list[int]:
+        """``row`` carried a proposal of gamma tokens and ``logits``
+        (``[gamma + 1, vocab]``) are the target's scores for it. Returns the
+        tokens the sequence takes: the accepted proposals, then one token of
+        the target's own (so 1 to gamma + 1 tokens)."""
+
+    def after_tokens(self, seq: "Sequence", now: float, demand: int, room: int) -> None:
+        """``seq`` took new tokens and still runs: the moment to ask for its
+        next proposal. ``room`` is how many tokens it may take beyond the
+        next one (budget and context); ``demand`` as in :meth:`before_schedule`."""

@@ -1,0 +1,120 @@
+"""Speculative decoding for one engine: the strategy the engine calls at named points.
+
+Implements ``services.engine.speculation.Speculation``. Each round, for a
+sequence that speculates: the proposer (the remote draft) proposes gamma
+tokens; the engine scores them in its next batched forward pass (vLLM's
+scorer: one row of gamma + 1 tokens); the rejection sampler keeps a prefix
+and adds one token of the target's own (Leviathan et al. 2023, Algorithm 1;
+Chen et al. 2023, Algorithm 2); the next round tells the draft how far to
+roll back (:mod:`services.speculative.sync`). Greedy output is identical to
+target-only decoding and sampled output has the target's distribution.
+
+Speculation pays only while the batch is small: past ``disable_by_batch_size``
+sequences running or waiting, no round starts, and rounds under way are
+dropped (vLLM's ``disable_by_batch_size``). A sequence whose drafts are
+mostly rejected, or whose draft fails, goes on without speculation.
+
+Every method runs on the engine thread except :meth:`Speculator.open`
+(the submitting thread); times are seconds of the engine's clock.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.engine import sampler
+from services.engine.scheduler import Row
+from services.engine.sequence import Sequence, Status
+from services.engine.speculation import Post
+from services.speculative.gamma import GammaController, SpeculationSettings
+from services.speculative.rejection_sampler import accept_greedy, accept_sampled
+from services.speculative.state import Proposal, SpecState, SpeculationRequest
+
+
+class Speculator:
+    """Speculative decoding with per-sequence proposers, for one engine."""
+
+    def __init__(self, settings: SpeculationSettings | None = None) -> None:
+        self.settings = settings or SpeculationSettings()
+
+    # -- named points ------------------------------------------------------------
+    def open(self, request: SpeculationRequest, post: Post) -> SpecState:
+        """A new sequence's state for ``request``. Any thread. Raises
+        InvalidArgument for a request that is not a SpeculationRequest."""
+        if not isinstance(request, SpeculationRequest):
+            raise InvalidArgument("speculation", f"expected a SpeculationRequest, got {type(request).__name__}")
+        control = GammaController(request.gamma, request.gamma_min, request.gamma_max, request.fixed)
+        return SpecState(request.proposer, control, post)
+
+    def before_schedule(self, running: list[Sequence], demand: int) -> None:
+        """Past the break-even batch size, rounds under way are dropped: their
+        sequences stop waiting for drafts and proposals not yet verified are
+        not scored, so that none sits out a step or widens every row of a big
+        batch to gamma + 1 tokens. The draft discards them at the next round."""
+        if demand <= self.settings.disable_by_batch_size:
+            return
+        for seq in running:
+            if seq.spec is not None:
+                seq.spec.drop_round()
+
+    def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
+        """The rejection sampler over the target's ``logits`` (``[gamma + 1,
+        vocab]``) for ``row.proposal``; records the round. Returns the accepted
+        proposals and the target's own next token."""
+        spec: SpecState = seq.spec
+        opts = seq.request.sampling
+        gamma = len(row.proposal)
+        if opts.greedy:
+            n, token = accept_greedy(logits, row.proposal)
+        else:
+            p = sampler.warp(logits, opts)
+            n, token = accept_sampled(p, row.proposal_q, row.proposal, seq.base_seed, len(seq.tokens))
+        spec.sync.accepted(n)
+        spec.stats.record(n, gamma)
+        spec.stats.verify_ms += row.forward_s * 1000.0
+        spec.control.update(n, gamma)
+        return [*row.proposal[:n], token]
+
+    def after_tokens(self, seq: Sequence, now: float, demand: int, room: int) -> None:
+        """Asks the proposer for the next round, unless speculation does not pay now."""
+        spec: SpecState = seq.spec
+        if not spec.active or spec.waiting or spec.proposal:
+            return
+        s = self.settings
+        if not spec.control.worth_it(s):
+            spec.disable(f"acceptance {spec.control.ema:.2f} below {s.min_acceptance}")
+            return
+        if demand > s.disable_by_batch_size:
+            return
+        gamma = min(spec.control.gamma, room)
+        if gamma < 1:
+            return
+        round_ = spec.sync.next_round(seq.tokens, gamma)
+        spec.round_id += 1
+        spec.waiting = True
+        spec.requested_at = now
+        spec.deadline = now + s.draft_timeout_ms / 1000.0
+        spec.hold_until = min(spec.deadline, now + s.draft_hold_ms / 1000.0)
+        round_id, post = spec.round_id, spec.post
+        spec.proposer.propose(round_, lambda proposal, error: post(
+            lambda at: self.on_proposal(seq, round_id, proposal, error, at)))
+
+    def on_proposal(self, seq: Sequence, round_id: int, proposal: Proposal | None,
+                    error: BaseException | None, now: float) -> None:
+        """A proposal (or the proposer's failure) arrived, on the engine thread."""
+        spec: SpecState = seq.spec
+        if round_id != spec.round_id or seq.status is not Status.RUNNING or not spec.waiting:
+            return  # finished, or a late answer to a round that timed out or was dropped
+        spec.waiting = False
+        if error is not None:
+            spec.disable(f"draft unavailable: {error}")
+            return
+        spec.stats.draft_wait_ms += (now - spec.requested_at) * 1000.0
+        spec.stats.draft_compute_ms += proposal.compute_ms
+        if not proposal.tokens:
+            return
+        if not seq.request.sampling.greedy and (proposal.q is None or len(proposal.q) != len(proposal.tokens)):
+            spec.disable("the draft sent no distributions for sampled speculation")
+            return
+        spec.proposal, spec.q = list(proposal.tokens), proposal.q
