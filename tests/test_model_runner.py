@@ -23,7 +23,8 @@ def stock_logits(model, ids: list[int]) -> torch.Tensor:
 def test_mixed_prefill_decode_and_verify_rows_match_stock_transformers(tiny_models, prepack):
     reference = LlamaForCausalLM.from_pretrained(tiny_models.target).eval()
     runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_slots=4, max_len=64,
-                         prepack=prepack, prepack_min_elements=0)  # tiny layers: pack them all anyway
+                         prepack=prepack, prepack_min_elements=0,  # tiny layers: pack them all anyway
+                         prepack_measure=False)
     assert (runner.prepacked > 0) == (prepack and cpu_linear.supported())
     # Prefill all three prompts but the last token in one step.
     runner.forward([ForwardRow(slot, 0, p[:-1]) for slot, p in enumerate(PROMPTS)])
@@ -50,7 +51,7 @@ def test_packing_replaces_every_linear_and_keeps_its_output():
     with torch.inference_mode():
         want = model(x)
         weight = model[0].weight.detach().clone()
-        assert cpu_linear.prepack_linears(model, min_elements=0) == 2
+        assert cpu_linear.prepack_linears(model, min_elements=0, measure=False) == 2
         assert not any(type(m) is nn.Linear for m in model.modules())
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
         for rows in (1, 3, 17):  # any number of rows, not only the packing hint
@@ -60,11 +61,31 @@ def test_packing_replaces_every_linear_and_keeps_its_output():
 
 def test_packing_leaves_unsupported_dtypes_alone():
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.float16)
-    assert cpu_linear.prepack_linears(model, min_elements=0) == 0  # not for size: for its dtype
+    assert cpu_linear.prepack_linears(model, min_elements=0, measure=False) == 0  # not for size: for its dtype
     assert type(model[0]) is nn.Linear
 
 
 def test_small_weights_stay_unpacked():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
-    assert cpu_linear.prepack_linears(model, min_elements=64 * 128) == (1 if cpu_linear.supported() else 0)
+    assert cpu_linear.prepack_linears(model, min_elements=64 * 128, measure=False) == (1 if cpu_linear.supported() else 0)
     assert type(model[0]) is nn.Linear
+
+
+def test_packing_is_skipped_where_it_is_slower_on_this_cpu(monkeypatch):
+    """What pays depends on the CPU's kernels: the start-up timing decides."""
+    if not cpu_linear.supported():
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
+    monkeypatch.setattr(cpu_linear, "packing_pays", lambda layer: (False, {1: 1.6, 5: 1.2}))
+    assert cpu_linear.prepack_linears(model, min_elements=0) == 0
+    assert all(type(m) is nn.Linear for m in model)
+    monkeypatch.setattr(cpu_linear, "packing_pays", lambda layer: (True, {1: 0.9, 5: 0.5}))
+    assert cpu_linear.prepack_linears(model, min_elements=0) == 2
+
+
+def test_packing_pays_compares_both_arms_at_every_probe_row_count():
+    if not cpu_linear.supported():
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    pays, ratios = cpu_linear.packing_pays(nn.Linear(64, 48), reps=3)
+    assert set(ratios) == set(cpu_linear.PROBE_ROWS) and all(r > 0 for r in ratios.values())
+    assert pays == (ratios[5] < cpu_linear.PAYS_BELOW and ratios[1] <= cpu_linear.ONE_ROW_AT_MOST)

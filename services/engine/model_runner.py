@@ -64,7 +64,7 @@ class ModelRunner:
     """
 
     def __init__(self, model, num_slots: int, max_len: int | None = None, prepack: bool = True,
-                 prepack_min_elements: int = MIN_ELEMENTS) -> None:
+                 prepack_min_elements: int = MIN_ELEMENTS, prepack_measure: bool = True) -> None:
         self.model = model
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -82,7 +82,9 @@ class ModelRunner:
         model.set_attn_implementation(self._attn_name)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         #: Linear layers whose weights were packed for oneDNN (0: stock F.linear).
-        self.prepacked = prepack_linears(model, min_elements=prepack_min_elements) if prepack else 0
+        #: With ``prepack_measure``, only where packing is faster on this CPU (timed at start-up).
+        self.prepacked = (prepack_linears(model, min_elements=prepack_min_elements, measure=prepack_measure)
+                          if prepack else 0)
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
