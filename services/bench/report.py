@@ -31,7 +31,18 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; CPU capability: {cpu_capability()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def cpu_capability() -> str:
+    """What this CPU gives torch: its kernel level (``torch.backends.cpu.get_cpu_capability()``,
+    e.g. AVX2, AVX512) and whether it has bfloat16 (AVX512-BF16) and AMX tiles in
+    hardware. Figures from machines that differ here are not comparable."""
+    level = torch.backends.cpu.get_cpu_capability()
+    extras = [name for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+              if getattr(torch.cpu, probe, lambda: False)()]
+    return " + ".join([level, *extras]) if extras else f"{level} (no bf16 in hardware)"
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -49,6 +60,8 @@ def plot(result: dict, path: Path) -> None:
         _plot_autoscale(result, path)
     elif result["scenario"] == "router":
         _plot_router(result, path)
+    elif result["scenario"] == "soak":
+        _plot_soak(result, path)
 
 
 def _plot_batching(r: dict, path: Path) -> None:
@@ -157,6 +170,24 @@ def _plot_router(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_soak(r: dict, path: Path) -> None:
+    """Each service's resident memory through the run; warm-up end and load end marked."""
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = sorted({k for p in r["rss_series"] for k in p if k != "t"})
+    for name in names:
+        points = [(p["t"], p[name]) for p in r["rss_series"] if name in p]
+        ax.plot([t for t, _ in points], [v for _, v in points], label=f"{name} ({r['rss_growth'].get(name, 0):+.1%})")
+    ax.axvline(r["warmup_s"], color="gray", ls=":", lw=1, label="start sample (after warm-up)")
+    ax.axvline(r["duration_s"], color="gray", ls="--", lw=1, label="load stops")
+    ax.set(xlabel="seconds", ylabel="RSS (MiB)", yscale="log",
+           title=f"Soak, {r['streams']} streams, {r['requests']} requests: {r['errors']} errors, "
+                 f"RSS growth max {r['rss_growth_max']:+.1%}, drained {r['drained']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 #: The goals the issues set: (scenario, model, field, comparison, target).
 GOALS = [
     ("batching", "target-large", "ratio_c32_vs_offline", ">=", 0.8),
@@ -168,8 +199,12 @@ GOALS = [
     ("router", "target", "added_latency_p50_ms", "<=", 1.0),
     ("router", "target", "throughput_ratio", ">=", 0.97),
     ("autoscale", "target", "failed_requests", "==", 0),
+    ("soak", "target", "errors", "==", 0),
+    ("soak", "target", "rss_growth_max", "<", 0.05),
+    ("soak", "target", "drained", "==", True),
 ]
-_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b}
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+        "==": lambda a, b: a == b}
 
 #: Text after this line in BENCHMARKS.md is written by people and kept by `make bench`.
 FINDINGS_MARKER = "<!-- findings: written by hand, kept when make bench rewrites the tables above -->"

@@ -11,7 +11,7 @@ from pathlib import Path
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="run a benchmark scenario (starts the services it needs)",
                               description=__doc__)
-    p.add_argument("--scenario", help="the scenario to run: batching, speculative, router, autoscale")
+    p.add_argument("--scenario", help="the scenario to run: batching, speculative, router, autoscale, soak")
     p.add_argument("--all", action="store_true", help="every scenario, as `make bench` runs them")
     p.add_argument("--model", default="target-large", help="target model name under HOME/models")
     p.add_argument("--draft", default="draft", help="draft model name under HOME/models")
@@ -21,6 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the target process")
     p.add_argument("--concurrency", default="1,4,16,32", help="batching: concurrencies to measure")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (scenario default)")
+    p.add_argument("--duration-s", type=float, default=None, help="soak: seconds of load (default 600)")
+    p.add_argument("--streams", type=int, default=None, help="soak: concurrent streams (default 32)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="with --all: JSON and plots go here")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.scenario:
             print("llmesh bench: give --scenario NAME or --all", file=sys.stderr)
             return 2
-        result = _one(args.scenario, opts, concurrencies, args.new_tokens)
+        result = _one(args.scenario, opts, concurrencies, args.new_tokens, args.duration_s, args.streams)
         print(report.json.dumps(result, indent=2))
         if args.json:
             report.write_json(result, args.json)
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     return _all(args, opts, concurrencies)
 
 
-def _one(name, opts, concurrencies, new_tokens):
+def _one(name, opts, concurrencies, new_tokens, duration_s=None, streams=None):
     from services.bench.scenarios import registry
 
     scenarios = registry()
@@ -67,7 +69,11 @@ def _one(name, opts, concurrencies, new_tokens):
     kw = {"new_tokens": new_tokens} if new_tokens else {}
     if name == "batching":
         kw["concurrencies"] = concurrencies
-    return scenarios[name](opts, **kw)
+    if name == "soak":
+        kw = {k: v for k, v in (("duration_s", duration_s), ("streams", streams)) if v}
+    from services.bench.report import cpu_capability
+
+    return {**scenarios[name](opts, **kw), "cpu_capability": cpu_capability()}
 
 
 def _all(args, opts, concurrencies) -> int:
@@ -87,7 +93,7 @@ def _all(args, opts, concurrencies) -> int:
         command = (f"llmesh bench --scenario {name} --model {o.model} --repeats {o.repeats} "
                    f"--json {json_path} --plot {png_path}")
         print(f"== {command}", flush=True)
-        result = _one(name, o, concurrencies, args.new_tokens)
+        result = _one(name, o, concurrencies, args.new_tokens, args.duration_s, args.streams)
         report.write_json(result, json_path)
         report.plot(result, png_path)
         errors += result.get("errors") or 0
