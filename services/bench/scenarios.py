@@ -204,14 +204,14 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
 SCENARIOS = {"batching": batching, "speculative": speculative}
 
 #: What `make bench` runs: (scenario, model) pairs, in order.
-ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large")]
+ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large"), ("soak", "target")]
 
 
 def registry() -> dict:
     """Every scenario, those defined in their own modules included."""
     import importlib
 
-    for module in ("services.bench.router_scenario", "services.bench.autoscale"):
+    for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
