@@ -200,7 +200,8 @@ async def test_router_admin_over_tls_needs_the_token_generate_does_not(tls_suite
         for rpc in admin:
             assert await code_of(lambda: rpc(None)) == grpc.StatusCode.UNAUTHENTICATED
             assert await code_of(lambda: rpc(bearer_metadata("wrong"))) == grpc.StatusCode.UNAUTHENTICATED
-        assert "evil" not in {i.spec.id for i in (await stub.ListInstances(router_pb2.ListInstancesRequest())).instances}
+        listed = (await stub.ListInstances(router_pb2.ListInstancesRequest())).instances
+        assert "evil" not in {i.spec.id for i in listed}
         for rpc in admin:
             assert await code_of(lambda: rpc(bearer_metadata(ADMIN))) is None
         tokens, _ = await generate(stub, request(3))
