@@ -18,7 +18,7 @@ from monitor.prometheus import PrometheusCollector, PrometheusExporter
 from monitor.servicer import MonitorServicer
 from monitor.store import ReportStore
 from services.common import telemetry
-from services.common.server import ServiceApp, insecure_channel, setup_logging
+from services.common.server import ServiceApp, setup_logging
 from services.common.stubs import monitor_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class MonitorApp(ServiceApp):
             config.router, self.store, watch_interval_s=config.watch_interval_s,
             list_interval_s=config.list_interval_s, rpc_timeout_s=config.rpc_timeout_s,
             reconnect_initial_s=config.reconnect_initial_s, reconnect_max_s=config.reconnect_max_s,
-            channel_factory=insecure_channel, clock=clock)
+            channel_factory=config.channels().open, clock=clock)
         thresholds = config.thresholds()
         self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s),
                                window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,

@@ -63,6 +63,9 @@ class RouterConfig(BaseConfig):
     cache_ttl_s: float = field(300.0, "response cache: seconds an answer stays valid")
     auth_token: str = field("", "clients must send `authorization: Bearer <token>` (empty: no authentication; "
                                 "health, reflection and Stats stay open)")
+    tls_client_auth: bool = field(False, "with TLS, require client certificates signed by --tls-ca (false: the "
+                                         "router's port is public, clients need only trust the server; admin "
+                                         "RPCs then need the admin token)")
     load_interval_s: float = field(0.5, "seconds between the load reports the router asks of each instance")
     health_interval_s: float = field(0.5, "seconds between Health/Check polls of instances whose Health/Watch fails")
     stale_after_s: float = field(2.0, "a load report older than this makes an instance's health unknown")

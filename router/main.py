@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import TracerProvider
 
 from router import codec
-from router.auth import BearerAuth
 from router.config import RouterConfig, split_target
 from router.upstreams import Upstreams
 from router.forwarder import Forwarder
@@ -31,12 +30,12 @@ class RouterApp(ServiceApp):
 
     def __init__(self, config: RouterConfig, provider: TracerProvider) -> None:
         self.provider = provider
-        self.bind(config, "router", provider)
+        # The client token (--auth-token) and the admin boundary: the server's access interceptor.
+        self.bind(config, "router", provider, client_token=config.auth_token)
         self.metrics = WindowedMetrics(config.metrics_window_s, started_at=time.monotonic())
         self.upstreams = Upstreams(config)
         self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
-        auth = BearerAuth(config.auth_token) if config.auth_token else None
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder, auth), self.server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder), self.server)
 
     def report(self) -> stats_pb2.LoadReport:
         return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,

@@ -21,7 +21,7 @@ from router.config import PolicyName, RouterConfig
 from router.policy_prefix import PrefixTable, prefix_blocks
 from router.registry import Instance, InstanceSpec, Registry, Role
 from router.watcher import InstanceWatcher
-from services.common.server import insecure_channel
+from services.common.tls import Channels
 from services.common.stubs import generation_pb2 as gen
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 GENERATE_METHOD = "/llmesh.v1.TargetModel/Generate"
 
 
-def open_channel(address: str, reconnect_max_s: float) -> grpc.aio.Channel:
-    """Like ``services.common.server.insecure_channel``, with reconnection
+def open_channel(address: str, reconnect_max_s: float, channels: Channels | None = None) -> grpc.aio.Channel:
+    """A channel of ``channels`` (default: plaintext), with reconnection
     backoff bounded so that a restarted instance is reachable again within
     ``reconnect_max_s``. No client interceptors: they cost two generator
     layers per streamed chunk; the forwarder propagates trace context itself."""
     backoff_ms = max(100, int(reconnect_max_s * 1000))
-    return insecure_channel(address, None, options=[("grpc.initial_reconnect_backoff_ms", 100),
+    return (channels or Channels()).open(address, None, options=[("grpc.initial_reconnect_backoff_ms", 100),
                                                     ("grpc.min_reconnect_backoff_ms", 100),
                                                     ("grpc.max_reconnect_backoff_ms", backoff_ms)])
 
@@ -48,6 +48,7 @@ class Upstreams:
         self.config = config
         self.clock = clock
         self.registry = Registry(config.eject_after_failures, config.eject_for_s)
+        self.channels = config.channels()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._generate: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         self._watchers: dict[str, InstanceWatcher] = {}
@@ -68,7 +69,7 @@ class Upstreams:
             self._disconnect(replaced.id)
             self._prefixes[replaced.spec.role].forget(replaced.id)
         if inst.id not in self._channels:
-            channel = open_channel(spec.address, self.config.reconnect_max_s)
+            channel = open_channel(spec.address, self.config.reconnect_max_s, self.channels)
             self._generate[inst.id] = channel.unary_stream(
                 GENERATE_METHOD, request_serializer=gen.GenerateRequest.SerializeToString,
                 response_deserializer=gen.GenerateChunk.FromString)

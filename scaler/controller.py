@@ -36,7 +36,7 @@ from scaler.load import MonitorLoad
 from scaler.policy import Memory, PoolMetrics, decide
 from scaler.state import Event, Managed, ManagedState, ScalerState
 from services.common.load import Role
-from services.common.server import insecure_channel
+from services.common.tls import Channels
 from services.common.stubs import generation_pb2, model_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,10 @@ WARMUP_PROMPT = "Hello"
 class Controller:
     def __init__(self, state: ScalerState, router: RouterClient, load: MonitorLoad, backend: Backend, *,
                  interval_s: float, start_timeout_s: float, warmup_tokens: int, stop_grace_s: float,
-                 retry_after_s: float, clock: Callable[[], float] = time.time) -> None:
+                 retry_after_s: float, clock: Callable[[], float] = time.time,
+                 channels: Channels | None = None) -> None:
         self.state = state
+        self.channels = channels or Channels()
         self.router = router
         self.load = load
         self.backend = backend
@@ -154,7 +156,7 @@ class Controller:
             m.address, m.backend_ref, m.handle = launched.address, launched.ref, launched
             n = self._serving(pool)
             self._event(m, "started", f"started {m.id} at {m.address} ({launched.ref})", n, n)
-            channel = insecure_channel(launched.address)
+            channel = self.channels.open(launched.address)
             try:
                 await self._wait_serving(channel, launched)
                 ready_s = time.monotonic() - began

@@ -22,7 +22,8 @@ from scaler.servicer import ScalerServicer
 from scaler.state import ScalerState
 from services.common import telemetry
 from services.common.config import ConfigError
-from services.common.server import ServiceApp, insecure_channel, setup_logging
+from services.common.access import bearer_metadata
+from services.common.server import ServiceApp, setup_logging
 from services.common.stubs import scaler_pb2_grpc, stats_pb2
 from services.common.paths import default_home, default_model_path
 
@@ -54,16 +55,18 @@ class ScalerApp(ServiceApp):
                                         scale_down_window_s=config.default_scale_down_window_s),
                                  backend.name, config.history_limit)
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
-        self.router_channel = insecure_channel(config.router)
-        self.monitor_channel = insecure_channel(config.monitor)
+        channels = config.channels()
+        self.router_channel = channels.open(config.router)
+        self.monitor_channel = channels.open(config.monitor)
         self.router = RouterClient(self.router_channel, self.state, config.rpc_timeout_s, clock,
-                                   labels={"managed-by": self.instance_id})
+                                   labels={"managed-by": self.instance_id},
+                                   metadata=bearer_metadata(config.admin_secret()))
         self.controller = Controller(
             self.state, self.router,
             MonitorLoad(self.monitor_channel, config.rpc_timeout_s, config.metrics_window_s, config.panic_window_s),
             backend, interval_s=config.interval_s, start_timeout_s=config.start_timeout_s,
             warmup_tokens=config.warmup_tokens, stop_grace_s=config.stop_grace_s,
-            retry_after_s=config.retry_after_s, clock=clock)
+            retry_after_s=config.retry_after_s, clock=clock, channels=channels)
         scaler_pb2_grpc.add_ScalerServicer_to_server(
             ScalerServicer(self.state, self.router, self.controller, clock), self.server)
 

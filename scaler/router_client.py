@@ -16,11 +16,15 @@ log = logging.getLogger(__name__)
 
 class RouterClient:
     """The scaler's calls to the router: refreshes ``state``'s listing of the router's
-    instances (a failure keeps the last list, marked stale) and changes membership."""
+    instances (a failure keeps the last list, marked stale) and changes membership.
+    ``metadata`` goes with every call: the admin credential (``bearer_metadata(admin_token)``)
+    that RegisterInstance, DrainInstance and DeregisterInstance need."""
 
     def __init__(self, channel: grpc.aio.Channel, state: ScalerState, timeout_s: float,
-                 clock: Callable[[], float], labels: dict[str, str] | None = None) -> None:
+                 clock: Callable[[], float], labels: dict[str, str] | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._stub = router_pb2_grpc.RouterStub(channel)
+        self._metadata = metadata or None
         self._state = state
         self._timeout_s = timeout_s
         self._clock = clock
@@ -29,7 +33,8 @@ class RouterClient:
     async def refresh(self) -> bool:
         """True when the router answered."""
         try:
-            reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self._timeout_s)
+            reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self._timeout_s,
+                                                   metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if not self._state.listing_error:
                 log.warning("router: ListInstances failed (%s: %s)", exc.code().name, exc.details())
@@ -40,7 +45,8 @@ class RouterClient:
 
     async def instance(self, instance_id: str, pool: str) -> PoolMember | None:
         """The router's current view of one instance (None: not registered)."""
-        reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(pool=pool), timeout=self._timeout_s)
+        reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(pool=pool), timeout=self._timeout_s,
+                                               metadata=self._metadata)
         for status in reply.instances:
             if status.spec.id == instance_id:
                 return codec.instance_of(status)
@@ -50,12 +56,13 @@ class RouterClient:
         spec = router_pb2.InstanceSpec(id=instance_id, address=address, role=stats_pb2.ROLE_TARGET, pool=pool,
                                        labels=self._labels)
         await self._stub.RegisterInstance(router_pb2.RegisterInstanceRequest(instance=spec),
-                                          timeout=self._timeout_s)
+                                          timeout=self._timeout_s, metadata=self._metadata)
 
     async def drain(self, instance_id: str) -> bool:
         """False when the router does not know the instance (nothing to drain)."""
         try:
-            await self._stub.DrainInstance(router_pb2.DrainInstanceRequest(id=instance_id), timeout=self._timeout_s)
+            await self._stub.DrainInstance(router_pb2.DrainInstanceRequest(id=instance_id), timeout=self._timeout_s,
+                                           metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -66,7 +73,7 @@ class RouterClient:
         """Removes the instance; one the router no longer knows is already gone."""
         try:
             await self._stub.DeregisterInstance(router_pb2.DeregisterInstanceRequest(id=instance_id),
-                                                timeout=self._timeout_s)
+                                                timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise

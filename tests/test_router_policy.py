@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 
 from router.admission import Admission
-from router.auth import BearerAuth
 from router.cache import ResponseCache
 from router.config import PolicyName, RouterConfig
 from router.failover import Outcome, decide, short_reason
@@ -18,6 +17,7 @@ from router.policy_prefix import PrefixTable, prefix_blocks
 from router.registry import Health, Instance, InstanceSpec, Registry, State
 from services.common.load import Latency, LoadReport, Role
 from services.common.config import ConfigError
+from services.common.access import BearerAuth
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 
 STALE = 2.0

@@ -18,6 +18,7 @@ scaler measures its capacity).
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from google.protobuf import json_format
 
 from services.bench import local_suite
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions
+from services.common.access import bearer_metadata
 from services.common.suite import ServiceSpec
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
@@ -158,7 +160,9 @@ async def _drive(addresses: dict[str, str], initial: str, *, low: int, high: int
             grpc.aio.insecure_channel(addresses["scaler"]) as sc:
         router, monitor = router_pb2_grpc.RouterStub(rc), monitor_pb2_grpc.MonitorStub(mc)
         scaler = scaler_pb2_grpc.ScalerStub(sc)
-        await scaler.SetPolicy(scaler_pb2.SetPolicyRequest(pool=POOL, policy=policy))
+        # An admin RPC: the suite's admin token, when it has one (open on plaintext loopback otherwise).
+        await scaler.SetPolicy(scaler_pb2.SetPolicyRequest(pool=POOL, policy=policy),
+                               metadata=bearer_metadata(os.environ.get("LLMESH_ADMIN_TOKEN", "")) or None)
 
         async def throughput() -> dict:
             reply = await monitor.GetThroughput(monitor_pb2.GetThroughputRequest(

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES
 
 PRIORITIES = ("interactive", "normal", "batch")
@@ -58,11 +59,17 @@ def run(args: argparse.Namespace) -> int:
     import grpc
 
     from services.common.stubs import router_pb2_grpc
+    from services.common.tls import Channels
 
+    try:
+        tls = client_tls(args)
+    except ValueError as exc:
+        print(f"llmesh generate: {exc}", file=sys.stderr)
+        return 2
     request = build_request(args)
     tokens, first_at, last, ends_with_newline = 0, None, None, True
     started = time.monotonic()
-    with grpc.insecure_channel(args.router) as channel:
+    with Channels(tls).open_sync(args.router) as channel:
         try:
             for chunk in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=args.timeout):
                 if chunk.token_ids and first_at is None:
@@ -103,5 +110,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="use the draft model (default: the target's setting)")
     p.add_argument("--gamma", type=int, help="draft tokens per round (default: adaptive)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)")
+    add_client_tls_arguments(p)
     p.set_defaults(func=run)
     return p

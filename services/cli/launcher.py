@@ -9,6 +9,12 @@ supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
 them (SIGKILL after a grace period). If a service dies, its log tail is
 printed and the rest are stopped (or, with ``--keep-going``, left running).
 
+With ``--tls`` every hop is TLS, mutual between services: the certificates
+of `llmesh certs` (made first when absent, in HOME/certs or ``--certs``)
+and its admin token, given to every service (``LLMESH_ADMIN_TOKEN`` from
+the environment wins over the file's). Plaintext is for loopback: a
+non-loopback ``--host`` needs ``--tls`` or ``--insecure``.
+
 Exit status: 0 when stopped on request and every service exited with 0;
 1 when a service failed to start, died, or did not stop cleanly; 2 for a
 usage error (models or ports missing).
@@ -17,6 +23,7 @@ usage error (models or ports missing).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -26,18 +33,43 @@ from services.common.paths import default_home
 from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
                                       wait_routable)
 from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, model_paths, plan, ports
+from services.common.tls import TlsFiles, is_loopback
 
 
 def options_of(args: argparse.Namespace) -> UpOptions:
-    return UpOptions(home=Path(args.home) if args.home else default_home(), host=args.host,
+    home = Path(args.home) if args.home else default_home()
+    tls_dir = (Path(args.certs) if args.certs else home / "certs") if args.tls else None
+    return UpOptions(home=home, host=args.host,
                      base_port=args.base_port, threads=args.threads, log_level=args.log_level,
                      target_model=Path(args.target_model) if args.target_model else None,
                      draft_model=Path(args.draft_model) if args.draft_model else None,
-                     prometheus_port=args.prometheus_port)
+                     prometheus_port=args.prometheus_port, tls_dir=tls_dir, insecure=args.insecure)
+
+
+def with_certs(options: UpOptions) -> tuple[UpOptions, TlsFiles | None]:
+    """With ``--tls``: makes what `llmesh certs` would where it is missing, and
+    takes its admin token (unless the environment gives one). Returns the
+    options and the launcher's own TLS files (the CLI's certificate; None
+    without ``--tls``). ValueError/OSError when the files cannot be made."""
+    from dataclasses import replace
+
+    from services.cli.certs import files, make_certs, read_admin_token
+
+    if options.tls_dir is None:
+        return options, None
+    written = make_certs(options.tls_dir)
+    if written:
+        _say(f"made {len(written)} TLS file(s) in {options.tls_dir} (llmesh certs)")
+    token = os.environ.get("LLMESH_ADMIN_TOKEN") or read_admin_token(options.tls_dir)
+    return replace(options, admin_token=token), files(options.tls_dir, "cli")
 
 
 def preflight(options: UpOptions) -> str | None:
-    """Why the suite cannot start (models or ports missing), or None."""
+    """Why the suite cannot start (models or ports missing, plaintext on a
+    non-loopback host), or None."""
+    if options.tls_dir is None and not options.insecure and not is_loopback(options.host):
+        return (f"--host {options.host} is reachable from other machines: pass --tls (certificates from "
+                f"`llmesh certs`) or --insecure to serve plaintext there anyway")
     for role, path in model_paths(options).items():
         if not (path / "config.json").is_file():
             explicit = options.target_model if role == "target" else options.draft_model
@@ -67,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         _say(problem, error=True)
         return 2
+    try:
+        options, tls = with_certs(options)
+    except (ValueError, OSError) as exc:
+        _say(f"cannot make the TLS certificates in {options.tls_dir}: {exc}", error=True)
+        return 2
+    specs = plan(options)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -75,12 +113,16 @@ def run(args: argparse.Namespace) -> int:
     healthy = False
     try:
         group.start()
-        ready = group.wait_ready(args.timeout, is_serving, stop=stop, on_ready=lambda c, waited: print(
+        ready = group.wait_ready(args.timeout, lambda address: is_serving(address, tls), stop=stop,
+                                 on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
         if ready:
             router = specs[SERVICES.index("router")]
-            wait_routable(connect_address(router), args.timeout)  # the router sees its targets
-            _say(f"ready; router at {router.address} (Ctrl-C stops every service)")
+            wait_routable(connect_address(router), args.timeout, tls,  # the router sees its targets
+                          (("authorization", f"Bearer {options.admin_token}"),) if options.admin_token else ())
+            how = (f"TLS, mutual between services; clients: llmesh generate --tls (certificates in "
+                   f"{options.tls_dir})" if tls else "plaintext")
+            _say(f"ready; router at {router.address}, {how} (Ctrl-C stops every service)")
             healthy = supervise(group, stop, args.keep_going)
         else:
             healthy = True  # stopped on request before the suite was ready
@@ -116,6 +158,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds the suite gets to report SERVING (default: %(default)s)")
     p.add_argument("--grace-period", type=float, default=20.0,
                    help="seconds between SIGTERM and SIGKILL on stop (default: %(default)s)")
+    p.add_argument("--tls", action="store_true",
+                   help="TLS on every hop, mutual TLS between services, with the certificates and admin token of "
+                        "`llmesh certs` (made if absent)")
+    p.add_argument("--certs", help="with --tls: the certificates' directory (default: HOME/certs)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback --host (refused otherwise)")
     p.add_argument("--keep-going", action="store_true",
                    help="when a service dies, report it but keep the others running")
     p.set_defaults(func=run)

@@ -23,6 +23,7 @@ COMMANDS = (
     "services.cli.launcher",   # up
     "services.cli.generate",
     "services.cli.status",
+    "services.cli.certs",
     "services.cli.models",
     "services.cli.serve",
     "services.cli.bench",

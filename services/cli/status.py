@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES
 
 
@@ -78,22 +79,27 @@ def recommendation_row(rec) -> dict[str, Any]:
             "evidence": {k: round(v, 4) for k, v in sorted(rec.evidence.items())}}
 
 
-def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token: str = "") -> dict[str, Any]:
+def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token: str = "",
+            tls=None) -> dict[str, Any]:
     """Asks every service; failures become ``*_error`` strings. ``token``: the
-    router's bearer token, if it asks for one."""
+    router's bearer token, if it asks for one; ``tls``: the caller's
+    :class:`~services.common.tls.TlsFiles` (None: plaintext)."""
     import grpc
     from google.protobuf import json_format
+
+    from services.common.tls import Channels
 
     from services.common.healthcheck import check
     from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
                                        scaler_pb2_grpc)
 
     snapshot: dict[str, Any] = {
-        "services": [{"name": name, "address": addr, "health": check(addr, timeout=timeout)}
+        "services": [{"name": name, "address": addr, "health": check(addr, timeout=timeout, tls=tls)}
                      for name, addr in (("router", router), ("monitor", monitor), ("scaler", scaler))],
         "instances": [], "throughput": None,
     }
-    with grpc.insecure_channel(router) as channel:
+    channels = Channels(tls)
+    with channels.open_sync(router) as channel:
         try:
             metadata = [("authorization", f"Bearer {token}")] if token else None
             reply = router_pb2_grpc.RouterStub(channel).ListInstances(router_pb2.ListInstancesRequest(),
@@ -103,7 +109,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["router_stats"] = router_stats(reply.router)
         except grpc.RpcError as exc:
             snapshot["instances_error"] = _error(exc)
-    with grpc.insecure_channel(monitor) as channel:
+    with channels.open_sync(monitor) as channel:
         try:
             reply = monitor_pb2_grpc.MonitorStub(channel).GetThroughput(
                 monitor_pb2.GetThroughputRequest(window_s=10.0), timeout=timeout)
@@ -119,7 +125,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["recommendations"] = len(recs)
         except grpc.RpcError as exc:
             snapshot["recommendation_error"] = _error(exc)
-    with grpc.insecure_channel(scaler) as channel:
+    with channels.open_sync(scaler) as channel:
         try:
             reply = scaler_pb2_grpc.ScalerStub(channel).GetStatus(scaler_pb2.GetStatusRequest(), timeout=timeout)
             snapshot["pools"] = [pool_row(p) for p in reply.pools]
@@ -209,7 +215,12 @@ def _pools(pools: list[dict[str, Any]], backend: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    snapshot = collect(args.router, args.monitor, args.scaler, args.timeout, args.auth_token)
+    try:
+        tls = client_tls(args)
+    except ValueError as exc:
+        print(f"llmesh status: {exc}")
+        return 2
+    snapshot = collect(args.router, args.monitor, args.scaler, args.timeout, args.auth_token, tls)
     print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return 0 if all(s["health"] == "SERVING" for s in snapshot["services"]) else 1
 
@@ -227,5 +238,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--auth-token", default=os.environ.get("LLMESH_ROUTER_AUTH_TOKEN", ""),
                    help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_client_tls_arguments(p)
     p.set_defaults(func=run)
     return p

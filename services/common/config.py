@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from services.common.tls import Channels, TlsFiles, is_loopback
+
 C = TypeVar("C", bound="BaseConfig")
 _UNSET = object()
 
@@ -99,6 +101,24 @@ class BaseConfig:
     grace_period_s: float = field(10.0, "on SIGTERM, seconds running calls get to finish")
     stats_interval_s: float = field(1.0, "default seconds between Stats.Watch reports")
     log_level: str = field("info", "logging level")
+    # -- transport security (services.common.tls) and the admin boundary (services.common.access) --
+    tls_cert: str = field("", "this service's certificate (PEM); with --tls-key and --tls-ca the service serves "
+                              "TLS and its calls to other services present it (`llmesh certs` makes a set)")
+    tls_key: str = field("", "the private key of --tls-cert (PEM)")
+    tls_ca: str = field("", "the CA that signs llmesh services' certificates (PEM): servers and client "
+                            "certificates are checked against it")
+    tls_client_auth: bool = field(True, "with TLS, require a client certificate signed by --tls-ca (mutual TLS "
+                                        "between services)")
+    insecure: bool = field(False, "allow plaintext on a --host other than loopback (refused otherwise: give "
+                                  "--tls-cert/--tls-key/--tls-ca)")
+    admin_token: str = field("", "admin credential: admin RPCs (RegisterInstance, DrainInstance, "
+                                 "DeregisterInstance, ScaleTo, SetPolicy, Configure) need `authorization: Bearer "
+                                 "<token>` with it or an admin certificate; this service's own admin calls send it "
+                                 "(empty: admin RPCs are open on plaintext loopback only, refused elsewhere)")
+    admin_token_file: str = field("", "read the admin token from this file instead (a mounted secret; `llmesh "
+                                      "certs` writes HOME/certs/admin-token)")
+    admin_identities: list[str] = field(["scaler", "cli"], "common names of llmesh certificates that may call "
+                                                           "admin RPCs where client certificates are required")
 
     # -- derivation -------------------------------------------------------
     @classmethod
@@ -183,6 +203,41 @@ class BaseConfig:
             raise ConfigError(f"grace_period_s: must be >= 0, got {self.grace_period_s}")
         if self.stats_interval_s <= 0:
             raise ConfigError(f"stats_interval_s: must be > 0, got {self.stats_interval_s}")
+        self.require(self.admin_token == self.admin_token.strip(), "admin_token",
+                     "must not start or end with spaces")
+        if self.admin_token_file:
+            self.require(not self.admin_token, "admin_token", "give --admin-token or --admin-token-file, not both")
+            try:
+                self.require(bool(self.admin_secret()), "admin_token_file", "holds no token")
+            except OSError as exc:
+                raise ConfigError(f"admin_token_file: cannot read {self.admin_token_file}: "
+                                  f"{exc.strerror or exc}") from None
+        try:
+            tls = self.tls()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if tls is not None and (problem := tls.problem()):
+            raise ConfigError(problem)
+        if tls is None and not self.insecure and not is_loopback(self.host):
+            raise ConfigError(f"host: {self.host!r} is reachable from other machines and this service has no TLS; "
+                              f"give --tls-cert, --tls-key and --tls-ca (`llmesh certs` makes them), or --insecure "
+                              f"to serve plaintext there anyway")
+
+    def admin_secret(self) -> str:
+        """The admin token: ``admin_token``, else the first line of ``admin_token_file``
+        ("" when neither). OSError when the file cannot be read."""
+        if self.admin_token or not self.admin_token_file:
+            return self.admin_token
+        with open(self.admin_token_file, encoding="utf-8") as f:
+            return f.readline().strip()
+
+    def tls(self) -> TlsFiles | None:
+        """This service's TLS files (None: plaintext). ValueError when only some are given."""
+        return TlsFiles.of(self.tls_cert, self.tls_key, self.tls_ca)
+
+    def channels(self) -> Channels:
+        """The factory of this service's client channels (TLS with its certificate when it has one)."""
+        return Channels(self.tls())
 
     def require(self, ok: bool, name: str, message: str) -> None:
         if not ok:

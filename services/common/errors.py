@@ -55,6 +55,10 @@ class Unauthenticated(LlmeshError):
     """The caller did not present valid credentials."""
 
 
+class PermissionDenied(LlmeshError):
+    """The caller is known but may not do this (e.g. a client calling an admin RPC)."""
+
+
 class Relayed(LlmeshError):
     """A status another service returned, passed on unchanged: its code's
     name (e.g. "OUT_OF_RANGE"), details and trailing metadata (such as

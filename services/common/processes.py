@@ -21,6 +21,7 @@ from pathlib import Path
 
 from services.common import lifeline
 from services.common.suite import ServiceSpec
+from services.common.tls import Channels, TlsFiles
 
 POLL_S = 0.2
 TAIL_LINES = 25
@@ -171,17 +172,19 @@ def supervise(fleet: "ProcessGroup", stop: threading.Event, keep_going: bool = F
     return not reported
 
 
-def wait_routable(router: str, timeout_s: float = 60.0) -> None:
-    """Waits until the router sees every registered instance as SERVING."""
-    import grpc
-
+def wait_routable(router: str, timeout_s: float = 60.0, tls: TlsFiles | None = None,
+                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    """Waits until the router sees every registered instance as SERVING.
+    ``tls``: the caller's certificate (None: plaintext); ``metadata``: sent
+    with each ListInstances (the router's client or admin token)."""
     from services.common.stubs import router_pb2, router_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(router) as channel:
+    with Channels(tls).open_sync(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         while True:
-            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5).instances
+            listed = stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=5,
+                                        metadata=metadata or None).instances
             if listed and all(i.health == router_pb2.INSTANCE_HEALTH_SERVING for i in listed):
                 return
             if time.monotonic() > deadline:
@@ -190,7 +193,8 @@ def wait_routable(router: str, timeout_s: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def is_serving(address: str) -> bool:
+def is_serving(address: str, tls: TlsFiles | None = None) -> bool:
+    """Whether ``address`` answers SERVING (over TLS with ``tls``)."""
     from services.common.healthcheck import check
 
-    return check(address, timeout=1.0) == "SERVING"
+    return check(address, timeout=1.0, tls=tls) == "SERVING"

@@ -2,8 +2,11 @@
 
 Every server gets, in this order: the OpenTelemetry aio interceptor (trace
 context in, span per call), the error interceptor (the one place where
-exceptions become status codes), the standard ``grpc.health.v1`` service
-(NOT_SERVING until the service says it is ready), server reflection, and a
+exceptions become status codes), the access interceptor (the admin boundary
+and the router's client token, :mod:`services.common.access`), the standard
+``grpc.health.v1`` service (NOT_SERVING until the service says it is ready),
+server reflection, a TLS port when the config names TLS files (mutual TLS
+unless ``tls_client_auth`` is false, :mod:`services.common.tls`), and a
 graceful shutdown on SIGTERM/SIGINT.
 """
 
@@ -20,19 +23,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common import lifeline, telemetry
+from services.common.access import Access, AccessInterceptor
 from services.common.config import BaseConfig
 from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
+from services.common.tls import CHANNEL_OPTIONS, Channels, is_loopback
 
 log = logging.getLogger(__name__)
-
-#: Large enough for dense draft distributions and long prompts.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class Health:
@@ -53,16 +51,37 @@ class Health:
         await self.servicer.enter_graceful_shutdown()
 
 
+def access_of(config: BaseConfig, service_names: Iterable[str] = (), client_token: str = "") -> Access:
+    """The access rules of a server with ``config``: admin RPCs are open only
+    on plaintext loopback with no admin token; ``client_token`` guards every
+    method of ``service_names`` (the service's own, not Stats or health)."""
+    identities = config.admin_identities
+    if isinstance(identities, str):
+        identities = [i.strip() for i in identities.split(",") if i.strip()]
+    token = config.admin_secret()
+    return Access(admin_token=token, admin_identities=identities,
+                  admin_open=not token and config.tls() is None and is_loopback(config.host),
+                  client_token=client_token, client_services=service_names)
+
+
 def new_server(config: BaseConfig, service_names: Iterable[str],
-               provider: TracerProvider) -> tuple[grpc.aio.Server, int, Health]:
-    """A server bound to ``config.host:config.port`` with health and reflection.
+               provider: TracerProvider, client_token: str = "") -> tuple[grpc.aio.Server, int, Health]:
+    """A server bound to ``config.host:config.port`` with health and reflection,
+    over TLS when the config names TLS files, its admin RPCs guarded
+    (:func:`access_of`; ``client_token``: the token the first of
+    ``service_names`` asks of every caller, empty for none).
 
     Returns the server (not started), the bound port (the real one when the
-    config asks for port 0) and the health handle, NOT_SERVING.
+    config asks for port 0) and the health handle, NOT_SERVING. OSError when
+    the port cannot be bound or a TLS file cannot be read.
     """
     names = list(service_names)
+    tls = config.tls()
+    mutual = tls is not None and config.tls_client_auth
+    access = access_of(config, names[:1], client_token)
     server = grpc.aio.server(
-        interceptors=[*telemetry.server_interceptors(provider), ErrorInterceptor()],
+        interceptors=[*telemetry.server_interceptors(provider), ErrorInterceptor(),
+                      AccessInterceptor(access, verified_peers=mutual)],
         options=CHANNEL_OPTIONS,
     )
     health_handle = Health(names)
@@ -71,18 +90,23 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    where = f"{config.host}:{config.port}"
+    port = (server.add_insecure_port(where) if tls is None
+            else server.add_secure_port(where, tls.server_credentials(require_client_auth=mutual)))
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise OSError(f"could not bind {where}")
+    if tls is None and not is_loopback(config.host):
+        log.warning("serving plaintext on %s (--insecure): anyone on the network can read and send calls; "
+                    "admin RPCs need the admin token", where)
     return server, port, health_handle
 
 
 def insecure_channel(address: str, provider: TracerProvider | None = None,
                      options: list[tuple[str, object]] = ()) -> grpc.aio.Channel:
-    """A client channel that propagates trace context when given a provider;
-    ``options`` add to (or override) the message-size limits."""
-    interceptors = telemetry.client_interceptors(provider) if provider is not None else None
-    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options], interceptors=interceptors)
+    """A plaintext client channel that propagates trace context when given a
+    provider; ``options`` add to (or override) the message-size limits.
+    Services open theirs with ``config.channels().open`` (TLS when configured)."""
+    return Channels(None).open(address, provider, options)
 
 
 async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, grace_s: float,
@@ -127,13 +151,14 @@ class ServiceApp:
     health: Health
     instance_id: str
 
-    def bind(self, config: BaseConfig, service: str, provider: TracerProvider | None) -> None:
+    def bind(self, config: BaseConfig, service: str, provider: TracerProvider | None,
+             client_token: str = "") -> None:
         """Builds the bound server of ``service`` (a SERVICE_NAMES key) and its Stats service,
-        and names the instance (``config.instance_id``, else ``service@host:port``).
-        OSError when the port cannot be bound."""
+        and names the instance (``config.instance_id``, else ``service@host:port``);
+        ``client_token``: see :func:`new_server`. OSError when the port cannot be bound."""
         self.config = config
         self.server, self.port, self.health = new_server(
-            config, [SERVICE_NAMES[service], SERVICE_NAMES["stats"]], provider)
+            config, [SERVICE_NAMES[service], SERVICE_NAMES["stats"]], provider, client_token)
         self.instance_id = config.instance_id or f"{service}@{config.host}:{self.port}"
         stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
 

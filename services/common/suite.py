@@ -37,7 +37,13 @@ DEFAULT_ADDRESSES = {name: f"127.0.0.1:{DEFAULT_BASE_PORT + off}" for name, off 
 
 @dataclass(frozen=True)
 class UpOptions:
-    """What `llmesh up` was asked for. ``threads`` 0 means "every core"."""
+    """What `llmesh up` was asked for. ``threads`` 0 means "every core".
+
+    ``tls_dir``: a `llmesh certs` directory; every service then serves TLS
+    with its own certificate (NAME.crt/NAME.key, ca.crt) and calls the others
+    with it (None: plaintext). ``admin_token``: given to every service
+    (empty: none). ``insecure``: plaintext on a non-loopback ``host``.
+    """
 
     home: Path
     host: str = "127.0.0.1"
@@ -47,6 +53,9 @@ class UpOptions:
     threads: int = 0
     log_level: str = "info"
     prometheus_port: int | None = None
+    tls_dir: Path | None = None
+    admin_token: str = ""
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,20 @@ def _env(home: Path, threads: int) -> dict[str, str]:
             "MKL_NUM_THREADS": n, "PYTHONUNBUFFERED": "1"}
 
 
+def tls_env(name: str, tls_dir: Path) -> dict[str, str]:
+    """The variables that give service ``name`` its certificate: the generic
+    ones (its tools, such as the healthcheck, read them too) and the
+    service's own. The scaler also gets the target's, for the targets it starts
+    (they inherit its environment, and LLMESH_TARGET_* wins over LLMESH_*)."""
+    env = {"LLMESH_TLS_CA": str(tls_dir / "ca.crt"), "LLMESH_TLS_CERT": str(tls_dir / f"{name}.crt"),
+           "LLMESH_TLS_KEY": str(tls_dir / f"{name}.key")}
+    for owner in (name, "target") if name == "scaler" else (name,):
+        prefix = f"LLMESH_{owner.upper()}_"
+        env |= {prefix + "TLS_CA": str(tls_dir / "ca.crt"), prefix + "TLS_CERT": str(tls_dir / f"{owner}.crt"),
+                prefix + "TLS_KEY": str(tls_dir / f"{owner}.key")}
+    return env
+
+
 def model_paths(options: UpOptions) -> dict[str, Path]:
     """The target and draft model directories (defaults under HOME/models)."""
     return {"target": options.target_model or options.home / "models" / "target",
@@ -120,8 +143,12 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
     threads = thread_counts(options.threads, cpus)
     models = model_paths(options)
 
+    # Where the services reach each other: a wildcard bind is reached on loopback
+    # (an address certificates name, unlike 0.0.0.0).
+    reach = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
+
     def addr(name: str) -> str:
-        return f"{options.host}:{port[name]}"
+        return f"[{reach}]:{port[name]}" if ":" in reach else f"{reach}:{port[name]}"
 
     extra = {
         "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"])),
@@ -131,9 +158,18 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
         "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
         "scaler": ("--router", addr("router"), "--monitor", addr("monitor")),
     }
+    def env(name: str) -> dict[str, str]:
+        out = _env(options.home, threads[name])
+        if options.tls_dir is not None:
+            out |= tls_env(name, options.tls_dir)
+        if options.admin_token:
+            out["LLMESH_ADMIN_TOKEN"] = options.admin_token
+        return out
+
+    insecure = ("--insecure",) if options.insecure else ()
     return [ServiceSpec(name=name, module=MODULES[name], port=port[name], host=options.host,
                         args=("--host", options.host, "--port", str(port[name]),
-                              "--log-level", options.log_level, *extra[name]),
-                        env=_env(options.home, threads[name]))
+                              "--log-level", options.log_level, *extra[name], *insecure),
+                        env=env(name))
             for name in SERVICES]
 

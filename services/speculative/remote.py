@@ -18,7 +18,7 @@ import torch
 
 from services.speculative.distributions import distribution_of
 from services.common.errors import Unavailable
-from services.common.server import insecure_channel
+from services.common.tls import Channels
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc
 from services.speculative.state import Proposal, ProposalCallback
@@ -31,8 +31,9 @@ class ProposerClient:
     """Opens remote proposers: one channel per draft address, shared by every
     sequence that uses it. Event loop only."""
 
-    def __init__(self, provider=None) -> None:
+    def __init__(self, provider=None, channels: Channels | None = None) -> None:
         self._provider = provider
+        self._channels_factory = channels or Channels()
         self._stubs: dict[str, model_pb2_grpc.DraftModelStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -44,7 +45,7 @@ class ProposerClient:
         an unreachable draft shows as the first round's error."""
         stub = self._stubs.get(address)
         if stub is None:
-            channel = insecure_channel(address, self._provider)
+            channel = self._channels_factory.open(address, self._provider)
             self._channels.append(channel)
             stub = self._stubs[address] = model_pb2_grpc.DraftModelStub(channel)
         draft_sampling = gen.SamplingParams(temperature=sampling.temperature)

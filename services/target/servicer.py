@@ -22,7 +22,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
     def __init__(self, app) -> None:
         self.app = app
         self.config = app.config
-        self.proposers = ProposerClient(app.provider)
+        self.proposers = ProposerClient(app.provider, app.config.channels())
         self.tracer = app.provider.get_tracer("llmesh.target")
 
     @property
