@@ -393,3 +393,22 @@ def test_status_renders_instances_and_throughput():
                                 "TOK/S", "UTIL"]
     assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%"]
     assert lines[-1].startswith("fleet over 10 s: 1.50 req/s · 41.5 tokens/s · utilisation 50%")
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "hi", "--seed", "-1"], ["generate", "hi", "--seed", str(2**64)],
+    ["generate", "hi", "--max-tokens", str(2**31)], ["generate", "hi", "--max-tokens", "0"],
+    ["generate", "hi", "--top-k", "99999999999"], ["generate", "hi", "--gamma", "99999999999"],
+    ["generate", "hi", "--timeout", "1e10"], ["generate", "hi", "--timeout", "nan"],
+    ["generate", "hi", "--timeout", "0"], ["generate", "hi", "--top-p", "0"],
+    ["generate", "hi", "--temperature", "inf"], ["status", "--timeout", "-1"],
+    ["up", "--base-port", "70000"], ["up", "--grace-period", "inf"], ["bench", "--streams", "0"],
+])
+def test_numeric_flags_out_of_range_are_usage_errors_not_tracebacks(argv, capsys):
+    """Values protobuf or gRPC would choke on later (int32/uint64 overflow, a
+    deadline gRPC cannot represent) are refused by argparse, naming the flag."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {next(a for a in argv if a.startswith('--'))}:" in err and "Traceback" not in err

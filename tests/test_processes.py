@@ -35,3 +35,21 @@ def test_a_port_whose_server_stopped_is_free_despite_time_wait():
     client.close()
     server.close()
     assert busy_ports("127.0.0.1", [port]) == []
+
+
+def test_a_restart_keeps_the_previous_log(tmp_path):
+    import sys
+
+    from services.common.processes import ProcessGroup
+    from services.common.suite import ServiceSpec
+
+    def run_once(year: str) -> None:
+        spec = ServiceSpec("echo", "calendar", 0, (year,))  # `python -m calendar YEAR` prints YEAR's calendar
+        group = ProcessGroup([spec], tmp_path, python=sys.executable)
+        group.start()
+        group.children[0].proc.wait(30)
+
+    run_once("2001")
+    run_once("2002")
+    assert "2002" in (tmp_path / "echo.log").read_text()
+    assert "2001" in (tmp_path / "echo.log.1").read_text()

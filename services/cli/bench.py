@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
+
+from services.cli import argtypes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,12 +18,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft", default="draft", help="draft model name under HOME/models")
     p.add_argument("--home", type=Path, default=None, help="llmesh home (default $LLMESH_HOME or ~/.cache/llmesh)")
     p.add_argument("--router", default="", help="use a running suite at this address instead of starting one")
-    p.add_argument("--repeats", type=int, default=3, help="runs per point; the median is reported")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the target process")
+    p.add_argument("--repeats", type=argtypes.positive_int32, default=3, help="runs per point; the median is reported")
+    p.add_argument("--threads", type=argtypes.positive_int32, default=2, help="torch threads of the target process")
     p.add_argument("--concurrency", default="1,4,16,32", help="batching: concurrencies to measure")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (scenario default)")
-    p.add_argument("--duration-s", type=float, default=None, help="soak: seconds of load (default 600)")
-    p.add_argument("--streams", type=int, default=None, help="soak: concurrent streams (default 32)")
+    p.add_argument("--new-tokens", type=argtypes.positive_int32, default=None, help="tokens per request (scenario default)")
+    p.add_argument("--duration-s", type=argtypes.seconds, default=None, help="soak: seconds of load (default 600)")
+    p.add_argument("--streams", type=argtypes.positive_int32, default=None, help="soak: concurrent streams (default 32)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="with --all: JSON and plots go here")

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from services.cli import argtypes
 from services.common.paths import default_home
 from services.common.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
@@ -229,7 +230,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", metavar="HOST",
                    help="another name or address every certificate is valid for (repeatable), e.g. the "
                         "machine's own")
-    p.add_argument("--days", type=int, default=365, help="validity of the certificates (default: %(default)s)")
+    p.add_argument("--days", type=argtypes.int_in(1, 36500), default=365, help="validity of the certificates (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="make a new CA and new certificates and token")
     p.set_defaults(func=run)
     return p

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES
 
@@ -98,18 +99,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "summary (tokens, TTFT, tokens/s, finish reason) to stderr.")
     p.add_argument("prompt", help="text to continue")
     p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--top-k", type=int, help="keep the k most likely tokens")
-    p.add_argument("--seed", type=int, help="sampling seed (same seed, same output)")
+    p.add_argument("--max-tokens", type=argtypes.positive_int32, default=64, help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=argtypes.float_in(0.0, 1e30), default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=argtypes.float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=argtypes.non_negative_int32, help="keep the k most likely tokens")
+    p.add_argument("--seed", type=argtypes.seed, help="sampling seed (same seed, same output)")
     p.add_argument("--stop", nargs="+", action="extend", metavar="S", help="stop sequence(s); repeatable")
     p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence tokens")
     p.add_argument("--priority", choices=PRIORITIES, default="normal", help="scheduling class (default: %(default)s)")
     p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=None,
                    help="use the draft model (default: the target's setting)")
-    p.add_argument("--gamma", type=int, help="draft tokens per round (default: adaptive)")
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)")
+    p.add_argument("--gamma", type=argtypes.positive_int32, help="draft tokens per round (default: adaptive)")
+    p.add_argument("--timeout", type=argtypes.seconds, default=300.0, help="deadline in seconds (default: %(default)s)")
     add_client_tls_arguments(p)
     p.set_defaults(func=run)
     return p

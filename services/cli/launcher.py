@@ -29,6 +29,7 @@ import sys
 import threading
 from pathlib import Path
 
+from services.cli import argtypes
 from services.common.paths import default_home
 from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
                                       wait_routable)
@@ -145,18 +146,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "is SERVING, and stops them all on Ctrl-C or SIGTERM.")
     p.add_argument("--home", help="llmesh home holding models/ and logs/ (default: $LLMESH_HOME or ~/.cache/llmesh)")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
-    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+    p.add_argument("--base-port", type=argtypes.port, default=DEFAULT_BASE_PORT,
                    help="router port; target +10, draft +20, monitor +30, scaler +40 (default: %(default)s)")
-    p.add_argument("--prometheus-port", type=int,
+    p.add_argument("--prometheus-port", type=argtypes.port,
                    help="monitor's Prometheus port (default: 9464, or base + 31 with another base)")
     p.add_argument("--target-model", help="target model directory (default: HOME/models/target)")
     p.add_argument("--draft-model", help="draft model directory (default: HOME/models/draft)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=argtypes.non_negative_int32, default=0,
                    help="target's torch threads; the draft gets a quarter (default: every core)")
     p.add_argument("--log-level", default="info", help="every service's logging level (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--timeout", type=argtypes.seconds, default=300.0,
                    help="seconds the suite gets to report SERVING (default: %(default)s)")
-    p.add_argument("--grace-period", type=float, default=20.0,
+    p.add_argument("--grace-period", type=argtypes.seconds, default=20.0,
                    help="seconds between SIGTERM and SIGKILL on stop (default: %(default)s)")
     p.add_argument("--tls", action="store_true",
                    help="TLS on every hop, mutual TLS between services, with the certificates and admin token of "

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES
 
@@ -234,7 +235,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
     p.add_argument("--monitor", default=DEFAULT_ADDRESSES["monitor"], help="monitor address (default: %(default)s)")
     p.add_argument("--scaler", default=DEFAULT_ADDRESSES["scaler"], help="scaler address (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default: %(default)s)")
+    p.add_argument("--timeout", type=argtypes.seconds, default=2.0, help="seconds to wait for each answer (default: %(default)s)")
     p.add_argument("--auth-token", default=os.environ.get("LLMESH_ROUTER_AUTH_TOKEN", ""),
                    help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")

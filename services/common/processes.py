@@ -97,10 +97,14 @@ class ProcessGroup:
     def start(self) -> None:
         """Spawns every process, each in its own session (a terminal's Ctrl-C
         reaches only the launcher, which stops them in order) and bound to
-        the launcher's life (see :mod:`services.common.lifeline`)."""
+        the launcher's life (see :mod:`services.common.lifeline`). A log left
+        by an earlier run is kept as ``NAME.log.1`` (one generation), so a
+        restart does not erase the evidence of a crash."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for spec in self.specs:
             log_path = self.log_dir / f"{spec.name}.log"
+            if log_path.exists() and log_path.stat().st_size:
+                log_path.replace(log_path.with_name(log_path.name + ".1"))
             with open(log_path, "wb") as log:
                 env = {**self.base_env, **spec.env, **lifeline.launcher_env()}
                 proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,

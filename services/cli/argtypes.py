@@ -1,0 +1,60 @@
+"""argparse types for the CLI's numeric flags: a bad value is a usage error
+(exit 2, the flag named), never a traceback from protobuf or gRPC later.
+
+Ranges are those of the wire (int32, uint64) or of what the flag means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+#: Longest deadline a flag may ask for: gRPC's own deadline arithmetic fails
+#: (DEADLINE_EXCEEDED at once) from about 1e10 s.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def int_in(lo: int, hi: int):
+    """An integer in ``[lo, hi]``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False):
+    """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        below = value <= lo if lo_open else value < lo
+        if not math.isfinite(value) or below or value > hi:
+            interval = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+#: Seconds to wait (a deadline, a timeout, a grace period): finite, > 0, at most a year.
+seconds = float_in(0.0, MAX_SECONDS, lo_open=True)
+#: A count that must be at least 1 and fit an int32.
+positive_int32 = int_in(1, INT32_MAX)
+#: A non-negative int32 (0 often means "off" or "default").
+non_negative_int32 = int_in(0, INT32_MAX)
+#: A seed (uint64 on the wire).
+seed = int_in(0, UINT64_MAX)
+#: A TCP port.
+port = int_in(1, 65535)
