@@ -30,6 +30,7 @@ _CODES: list[tuple[type[errors.LlmeshError], grpc.StatusCode]] = [
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.ModelFault, grpc.StatusCode.INTERNAL),
 ]
 
 
