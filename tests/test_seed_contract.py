@@ -160,3 +160,13 @@ async def test_the_draft_draws_with_the_targets_noise_even_for_an_unseeded_reque
     _, last = await run(stub, request(PROMPT, 24, spec=True, draft=perfect.address, gamma=4, temperature=1.0))
     s = last.speculation
     assert s.rounds > 0 and s.accepted_tokens == s.proposed_tokens
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1e-39), dict(temperature=3.4e38, top_k=5),
+                                      dict(temperature=1.0, top_p=1e-30)])
+async def test_extreme_sampling_values_through_speculation_match_plain_decoding(services, sampling):
+    """Float extremes in the target's verification and the draft's proposals."""
+    stub, draft, _ = services
+    plain, _ = await run(stub, request(PROMPT, 12, spec=False, seed=5, **sampling))
+    speculated, last = await run(stub, request(PROMPT, 12, spec=True, draft=draft.address, seed=5, **sampling))
+    assert speculated == plain and last.speculation.rounds > 0
