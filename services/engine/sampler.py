@@ -61,7 +61,7 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
     gen = torch.Generator()
     gen.manual_seed(position_seed(seed, position))
     u = torch.rand(vocab, dtype=torch.float64, generator=gen).clamp_(min=_TINY)
-    return -torch.log(-torch.log(u))
+    return u.log_().neg_().log_().neg_()  # -log(-log(u)), in place
 
 
 def check_logits(logits: torch.Tensor) -> None:
