@@ -72,9 +72,9 @@ async def test_rounds_keep_the_cache_and_roll_back(draft, draft_reference):
     await conv.close()
 
 
-async def test_sampled_proposals_carry_distributions(draft, tiny_models):
+async def test_sampled_proposals_carry_distributions_when_asked(draft, tiny_models):
     conv = Conversation(draft)
-    r = await conv.round(append_tokens=[1, 2, 3], gamma=3,
+    r = await conv.round(append_tokens=[1, 2, 3], gamma=3, want_probs=True,
                          sampling=gen.SamplingParams(temperature=0.8, top_k=20, seed=7))
     assert len(r.tokens) == 3 and len(r.distributions) == 3
     for token, d in zip(r.tokens, r.distributions):
@@ -109,3 +109,32 @@ async def test_bad_messages_end_the_stream_with_invalid_argument(draft, first, s
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.value.details()
     await conv.close()
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1.4e-45, 3.4e38])
+async def test_extreme_temperatures_are_served_and_the_draft_keeps_serving(draft, draft_reference, temperature):
+    ctx = [5, 6, 7, 8]
+    conv = Conversation(draft)
+    r = await conv.round(append_tokens=ctx, gamma=4, sampling=gen.SamplingParams(temperature=temperature, seed=3))
+    assert len(r.tokens) == 4
+    if temperature < 1e-30:
+        assert list(r.tokens) == hf_greedy(draft_reference, ctx, 4)  # all of the mass on the argmax
+    await conv.close()
+    other = Conversation(draft)
+    r = await other.round(append_tokens=[9, 10], gamma=2)
+    assert list(r.tokens) == hf_greedy(draft_reference, [9, 10], 2)
+    await other.close()
+
+
+async def test_sampled_proposals_are_drawn_with_the_streams_seed_and_send_no_distributions(draft):
+    """The target verifies against the same Gumbel noise (its seed), so the
+    draft's distributions are not needed unless asked for; the same seed gives
+    the same proposals."""
+    replies = []
+    for _ in range(2):
+        conv = Conversation(draft)
+        replies.append(await conv.round(append_tokens=[1, 2, 3], gamma=4,
+                                        sampling=gen.SamplingParams(temperature=1.0, seed=11)))
+        await conv.close()
+    assert not replies[0].distributions and len(replies[0].tokens) == 4
+    assert list(replies[0].tokens) == list(replies[1].tokens)

@@ -205,7 +205,9 @@ def test_llmesh_certs_writes_a_set_into_the_chosen_dir(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert llmesh(["certs", "--dir", str(tmp_path / "c")]) == 0
     assert "already holds" in capsys.readouterr().out
-    assert llmesh(["certs", "--dir", str(tmp_path / "d"), "--days", "0"]) == 1
+    with pytest.raises(SystemExit) as bad_days:  # a usage error: argparse names the flag
+        llmesh(["certs", "--dir", str(tmp_path / "d"), "--days", "0"])
+    assert bad_days.value.code == 2 and "argument --days" in capsys.readouterr().err
 
 
 # -- llmesh up --tls ----------------------------------------------------------------

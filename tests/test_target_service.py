@@ -110,6 +110,21 @@ async def test_bad_input_gets_a_clear_status_and_service_stays_up(target, req, c
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1.4e-45, 3.4e38])
+async def test_extreme_temperatures_are_served_and_the_service_stays_up(target, reference_model, temperature):
+    _, stub, channel = target
+    prompt = [5, 17, 42]
+    tokens, _, last = await collect(stub, request(prompt, max_new_tokens=6, temperature=temperature, seed=5,
+                                                  ignore_eos=True))
+    assert last.finish_reason == gen.FINISH_REASON_LENGTH and len(tokens) == 6
+    if temperature < 1e-30:
+        assert tokens == hf_greedy(reference_model, prompt, 6)
+    tokens, _, _ = await collect(stub, request(prompt, max_new_tokens=4, ignore_eos=True))
+    assert tokens == hf_greedy(reference_model, prompt, 4)
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_get_info_and_configure(target, tiny_models):
     _, stub, _ = target
     info = await stub.GetInfo(model_pb2.GetInfoRequest())

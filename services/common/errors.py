@@ -51,6 +51,11 @@ class FailedPrecondition(LlmeshError):
     """The system is not in a state that allows the operation."""
 
 
+class ModelFault(LlmeshError):
+    """What the model computed for one sequence cannot be used (its scores
+    are NaN or infinite): that sequence fails, the others go on."""
+
+
 class Unauthenticated(LlmeshError):
     """The caller did not present valid credentials."""
 

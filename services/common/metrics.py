@@ -81,7 +81,7 @@ class WindowedMetrics:
         self._steps: deque[tuple[float, int, int, int, float]] = deque()
         self._requests: deque[tuple[float, float | None, float | None, float, float]] = deque()
         self._tokens: deque[tuple[float, int]] = deque()
-        self._spec: deque[tuple[float, int, int, int]] = deque()
+        self._spec: deque[tuple[float, int, int, int, int]] = deque()
         self.counters = {"requests_total": 0, "tokens_generated_total": 0, "errors_total": 0,
                          "rejected_total": 0, "proposed_tokens_total": 0, "accepted_tokens_total": 0,
                          "speculation_rounds_total": 0, "steps_total": 0}
@@ -105,8 +105,12 @@ class WindowedMetrics:
     def record_rejected(self) -> None:
         self.counters["rejected_total"] += 1
 
-    def record_speculation(self, now: float, rounds: int, proposed: int, accepted: int) -> None:
-        self._spec.append((now, rounds, proposed, accepted))
+    def record_speculation(self, now: float, rounds: int, proposed: int, accepted: int,
+                           emitted: int | None = None) -> None:
+        """Verified speculation rounds: ``proposed`` draft tokens, ``accepted``
+        of them kept, ``emitted`` tokens the rounds added (default ``accepted +
+        rounds``: the target's own token each); counts of emitted tokens only."""
+        self._spec.append((now, rounds, proposed, accepted, accepted + rounds if emitted is None else emitted))
         self.counters["speculation_rounds_total"] += rounds
         self.counters["proposed_tokens_total"] += proposed
         self.counters["accepted_tokens_total"] += accepted
@@ -139,6 +143,6 @@ class WindowedMetrics:
             e2e_ms=Latency.of(ms(r[3] for r in reqs)),
             queue_ms=Latency.of(ms(r[4] for r in reqs)),
             acceptance_rate=accepted / proposed if proposed else 0.0,
-            mean_accepted_length=(accepted + rounds) / rounds if rounds else 0.0,
+            mean_accepted_length=sum(s[4] for s in self._spec) / rounds if rounds else 0.0,
             counters=dict(self.counters),
         )

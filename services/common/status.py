@@ -31,6 +31,7 @@ _CODES: list[tuple[type[errors.LlmeshError], grpc.StatusCode]] = [
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ModelFault, grpc.StatusCode.INTERNAL),
 ]
 
 

@@ -25,7 +25,7 @@ class StreamStart:
     request_id: str
     #: How the draft samples (``max_new_tokens`` is each round's gamma).
     sampling: SamplingOptions
-    #: Send distributions even for greedy proposals.
+    #: Send each proposal's distribution (the target's verification does not need them).
     want_probs: bool = False
 
 
@@ -43,18 +43,23 @@ class DraftProposer:
 
     async def propose(self, round_: Round, start: StreamStart | None = None) -> tuple[list[int], list[torch.Tensor]]:
         """Applies ``round_`` and returns the proposed tokens (``round_.gamma``,
-        fewer at the context limit) and, when sampling or asked, each one's
-        distribution (``[vocab]`` tensors). ``start`` is required for the first
+        fewer at the context limit; sampled ones drawn with the stream's seed,
+        which is the target's) and, when asked, each one's distribution
+        (``[vocab]`` tensors). ``start`` is required for the first
         round. Raises InvalidArgument naming the field for a round that breaks
-        the protocol, and what the engine raised for a failed round."""
+        the protocol, OutOfRange for one past the draft's context or with a
+        token id outside its vocabulary, and what the engine raised for a
+        failed round."""
         rollback = self.sync.apply(round_)
         if self._seq is None:
             if start is None:
                 raise InvalidArgument("sampling", "the first message must say how to sample")
-            sampling = replace(start.sampling, max_new_tokens=round_.gamma)
+            # Fewer than gamma where the context ends (the prompt itself must fit: OutOfRange).
+            room = self._engine.engine.max_context - len(round_.append)
+            sampling = replace(start.sampling, max_new_tokens=max(1, min(round_.gamma, room)))
             self._seq = self._engine.persistent(GenerationRequest(
                 prompt_ids=list(round_.append), sampling=sampling, request_id=start.request_id,
-                persistent=True, want_probs=start.want_probs or not sampling.greedy))
+                persistent=True, want_probs=start.want_probs))
         else:
             self._seq.resume(rollback, list(round_.append), round_.gamma)
         events = await self._seq.next_round()

@@ -18,14 +18,14 @@ sequence in flight fails with ``Unavailable`` and the owner is told
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import (FailedPrecondition, InvalidArgument, LlmeshError, OutOfRange, ResourceExhausted,
+                                    Unavailable)
 from services.common.metrics import WindowedMetrics
 from services.engine import sampler
 from services.engine.commands import Commands
@@ -35,7 +35,7 @@ from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.scheduler import Row, Scheduler, StepPlan
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
 from services.engine.settings import EngineSettings
-from services.engine.speculation import Speculation
+from services.engine.speculation import RoundCounts, Speculation
 from services.engine.validation import validate
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Engine:
         seq = Sequence(request=request, sink=sink, arrival=self.clock())
         if not request.persistent:
             seq.detok = Detokenizer(self.tokenizer, seq.tokens, request.sampling.stop)
-        seq.base_seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        seq.base_seed = request.sampling.seed if request.sampling.seed is not None else sampler.random_seed()
         if request.speculation is not None:
             if self.speculation is None:
                 raise InvalidArgument("speculation", "this engine does not speculate")
@@ -122,9 +122,15 @@ class Engine:
 
     def resume(self, seq: Sequence, discard: int, append: list[int], budget: int) -> None:
         """A paused persistent sequence drops its last ``discard`` tokens, takes
-        ``append`` and generates ``budget`` more (tokens). Raises Unavailable
-        once the engine has stopped on a fault; a sequence that is not paused
-        gets an error event (FailedPrecondition)."""
+        ``append`` and generates ``budget`` more (tokens; fewer where the
+        context ends). Raises OutOfRange for a token id outside the vocabulary
+        and Unavailable once the engine has stopped on a fault. A round the
+        sequence cannot run fails the sequence (its last event carries the
+        error): FailedPrecondition when it is not paused, OutOfRange when
+        ``discard`` is more than it holds or the context has no room left."""
+        bad = [t for t in append if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OutOfRange("append_tokens", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if self._failed is not None:
             raise self._failed
         self._commands.post(lambda: self._resume(seq, discard, append, budget), seq)
@@ -215,18 +221,26 @@ class Engine:
         (so decodes are not padded to a prompt's length). Returns each row's
         logits (``[1 + len(row.proposal), vocab]``, None where its forward
         failed: that fails its sequences) and the seconds spent."""
-        groups = [[i for i, r in enumerate(rows) if r.chunk == 1], [i for i, r in enumerate(rows) if r.chunk > 1]]
         out: list[torch.Tensor | None] = [None] * len(rows)
+        fwd: dict[int, ForwardRow] = {}
+        for i, r in enumerate(rows):  # a row that cannot run fails alone, before the batch runs
+            f = ForwardRow(r.seq.slot if r.seq.slot is not None else -1, r.start,
+                           r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=1 + len(r.proposal))
+            try:
+                self.runner.check(f)
+            except LlmeshError as exc:
+                self._fail(r.seq, exc)
+                continue
+            fwd[i] = f
+        groups = [[i for i in fwd if rows[i].chunk == 1], [i for i in fwd if rows[i].chunk > 1]]
         busy = 0.0
         self._computed = 0
         for group in groups:
             if not group:
                 continue
-            fwd = [ForwardRow(rows[i].seq.slot, rows[i].start,
-                              rows[i].seq.tokens[rows[i].start:rows[i].start + rows[i].chunk] + rows[i].proposal,
-                              keep=1 + len(rows[i].proposal)) for i in group]
+            batch = [fwd[i] for i in group]
             try:
-                logits, took = self.runner.timed_forward(fwd)
+                logits, took = self.runner.timed_forward(batch)
             except Exception as exc:  # noqa: BLE001 - fans out to every sequence in the batch
                 log.exception("forward pass failed for %d sequences", len(group))
                 for i in group:
@@ -235,35 +249,70 @@ class Engine:
             busy += took
             for i in group:
                 rows[i].forward_s = took
-            self._computed += len(group) * max(len(r.tokens) for r in fwd)
+            self._computed += len(group) * max(len(r.tokens) for r in batch)
             for i, lg in zip(group, logits):
                 out[i] = lg
         return out, busy
 
     def _advance(self, rows: list[Row], logits: list[torch.Tensor | None]) -> None:
-        """Each row's sequence takes its new tokens: sampled, or verified ones."""
+        """Each row's sequence takes its new tokens: sampled, or verified ones.
+        What goes wrong for one row (its logits are NaN, its proposal is
+        unusable, ...) fails that row's sequence only."""
         now = self.clock()
         produced = 0
         for row, lg in zip(rows, logits):
             seq = row.seq
             if lg is None or seq.status is not Status.RUNNING:
                 continue
-            seq.num_cached = row.start + row.chunk
-            if not row.completes:
-                continue  # a partial prefill chunk: nothing to sample yet
-            if row.proposal:
-                tokens = self.speculation.after_verify(seq, row, lg)
-                seq.num_cached += len(tokens) - 1  # keys of rejected proposals are overwritten later
-                self.metrics.record_speculation(now, 1, len(row.proposal), len(tokens) - 1)
-                produced += self._emit(seq, tokens, None, now)
-            else:
-                token, probs = sampler.sample(lg[-1], seq.request.sampling, seq.base_seed, len(seq.tokens),
-                                              seq.request.want_probs)
-                produced += self._emit(seq, [token], probs, now)
-            if seq.spec is not None and seq.status is Status.RUNNING:
-                room = min(seq.budget, self.max_context - len(seq.tokens)) - 1
-                self.speculation.after_tokens(seq, now, self._demand(), room)
+            try:
+                produced += self._advance_row(row, lg, now)
+            except Exception as exc:  # noqa: BLE001 - one sequence's fault stays that sequence's
+                self._fail(seq, exc)
         self.metrics.record_tokens(now, produced)
+
+    def _advance_row(self, row: Row, lg: torch.Tensor, now: float) -> int:
+        """One row's sequence takes its new tokens; returns how many."""
+        seq = row.seq
+        seq.num_cached = row.start + row.chunk
+        if not row.completes:
+            return 0  # a partial prefill chunk: nothing to sample yet
+        if row.proposal:
+            tokens = self.speculation.after_verify(seq, row, lg)
+            seq.num_cached += len(tokens) - 1  # keys of rejected proposals are overwritten later
+            seq.verifying = (len(row.proposal), len(tokens) - 1, len(seq.tokens))
+            produced = self._emit(seq, tokens, None, now)
+            self._settle_round(seq, now)
+        else:
+            token, probs = sampler.sample(lg[-1], seq.request.sampling, seq.base_seed, len(seq.tokens),
+                                          seq.request.want_probs)
+            produced = self._emit(seq, [token], probs, now)
+        if seq.spec is not None and seq.status is Status.RUNNING:
+            room = min(seq.budget, self.max_context - len(seq.tokens)) - 1
+            self.speculation.after_tokens(seq, now, self._demand(), room)
+        return produced
+
+    def _settle_round(self, seq: Sequence, now: float) -> None:
+        """The verified round being emitted is done (or the sequence ended in
+        it): its figures, counting only emitted tokens, go to the metrics and
+        the strategy."""
+        if seq.verifying is None:
+            return
+        gamma, accepted, before = seq.verifying
+        seq.verifying = None
+        counts = RoundCounts.of(gamma, accepted, len(seq.tokens) - before, seq.status is not Status.RUNNING)
+        self.metrics.record_speculation(now, 1, counts.proposed, counts.accepted, counts.emitted)
+        self.speculation.after_emit(seq, counts)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """``seq`` fails with ``exc`` (a domain error's message reaches its
+        client; anything else is logged with its traceback and reaches it as
+        an internal error); the engine goes on with the others."""
+        if isinstance(exc, LlmeshError):
+            log.warning("sequence %s failed: %s", seq.seq_id, exc)
+        else:
+            log.exception("sequence %s failed", seq.seq_id)
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, FinishReason.ERROR, [], error=exc)
 
     def _emit(self, seq: Sequence, tokens: list[int], probs, now: float) -> int:
         """Appends ``tokens`` one by one until the sequence stops; returns how many it took."""
@@ -306,9 +355,10 @@ class Engine:
                 error: BaseException | None = None) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
+        now = self.clock()
+        self._settle_round(seq, now)  # before the last event carries the statistics
         if seq.spec is not None:
             seq.spec.close()
-        now = self.clock()
         if seq.admitted_at is None:  # dropped while waiting
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
@@ -356,9 +406,19 @@ class Engine:
         self.scheduler.add(seq)
 
     def _resume(self, seq: Sequence, discard: int, append: list[int], budget: int) -> None:
+        error = None
         if seq.status is not Status.PAUSED:
-            seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR,
-                                   error=FailedPrecondition("the sequence is not waiting for a new round")))
-            return
-        seq.next_round(discard, append, budget, self.max_context)
-        self.scheduler.resume(seq)
+            error = FailedPrecondition("the sequence is not waiting for a new round")
+        elif not 0 <= discard < len(seq.tokens):
+            error = OutOfRange("discard", f"must be in [0, {len(seq.tokens)}) (tokens the sequence holds), "
+                                          f"got {discard}")
+        elif (held := len(seq.tokens) - discard + len(append)) >= self.max_context:
+            error = OutOfRange("append_tokens", f"the sequence would hold {held} tokens and the model's context is "
+                                                f"{self.max_context}: no room to generate")
+        if error is None:
+            seq.next_round(discard, append, budget, self.max_context)
+            self.scheduler.resume(seq)
+        elif seq.status is Status.FINISHED:
+            seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))
+        else:  # it cannot run: it ends here (and frees its slot), before any forward sees it
+            self._finish(seq, FinishReason.ERROR, [], error=error)

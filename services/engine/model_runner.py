@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
+from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears
 from services.engine.kv_cache import SlotKVCache
 
@@ -111,12 +112,32 @@ class ModelRunner:
         return out.transpose(1, 2).contiguous(), None
 
     # -- forward ----------------------------------------------------------------
+    def check(self, row: ForwardRow) -> None:
+        """Raises OutOfRange / InvalidArgument (naming what) when ``row`` cannot
+        run: a slot outside ``[0, num_slots)``, no tokens, positions past
+        ``max_len``, a token id outside the vocabulary, ``keep`` outside
+        ``[1, len(tokens)]``. :meth:`forward` assumes every row passed, so that
+        one row's fault never fails the rows batched with it. Any thread."""
+        if not 0 <= row.slot < self.cache.num_slots:
+            raise OutOfRange("slot", f"{row.slot} is not a KV-cache slot (0..{self.cache.num_slots - 1})")
+        if not row.tokens:
+            raise InvalidArgument("tokens", "a row must feed at least one token")
+        if row.start < 0 or row.start + len(row.tokens) > self.max_len:
+            raise OutOfRange("context", f"positions {row.start}..{row.start + len(row.tokens) - 1} do not fit "
+                                        f"the context of {self.max_len} tokens")
+        low, high = min(row.tokens), max(row.tokens)
+        if low < 0 or high >= self.vocab_size:
+            raise OutOfRange("tokens", f"token id {low if low < 0 else high} is outside the vocabulary "
+                                       f"[0, {self.vocab_size})")
+        if not 1 <= row.keep <= len(row.tokens):
+            raise InvalidArgument("keep", f"must be in [1, {len(row.tokens)}], got {row.keep}")
+
     @torch.inference_mode()
     def forward(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
         """Logits (float32, ``[keep, vocab]``) for each row, in order; writes
         each row's keys and values into its slot at positions ``start..``.
-        Engine thread; what the model raises propagates (the engine fails that
-        batch's sequences)."""
+        Every row must pass :meth:`check`. Engine thread; what the model raises
+        propagates (the engine fails that batch's sequences)."""
         if not rows:
             return []
         dev = self.device

@@ -66,8 +66,6 @@ class Row:
     chunk: int
     #: Proposed draft tokens to verify after the chunk (speculative decoding).
     proposal: list[int] = field(default_factory=list)
-    #: The draft's distributions for them (``[len(proposal), vocab]``; sampled speculation), else None.
-    proposal_q: object = None
     #: Seconds of the forward pass this row rode in (set by the engine).
     forward_s: float = 0.0
 
@@ -152,7 +150,7 @@ class Scheduler:
                 continue
             row = Row(seq, seq.num_cached, chunk)
             if seq.spec is not None and chunk == seq.pending:
-                row.proposal, row.proposal_q = seq.spec.take_proposal()
+                row.proposal = seq.spec.take_proposal()
             plan.rows.append(row)
             budget -= chunk + len(row.proposal)
         self._admit(now, plan, budget)

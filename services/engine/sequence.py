@@ -140,6 +140,9 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    #: A verified round whose tokens are being emitted: (gamma, accepted,
+    #: len(tokens) before them); engine thread.
+    verifying: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.request.prompt_ids) + list(self.request.resume_ids)

@@ -7,6 +7,8 @@ service) is handed to the engine and called, on the engine thread only, at:
 - ``open``            when a request that speculates is submitted (caller's thread);
 - ``before_schedule`` at the start of every step;
 - ``after_verify``    after the forward pass that scored a row's proposal;
+- ``after_emit``      once the verified tokens were emitted (all of them, or fewer
+                      when the sequence ended among them): the round's figures;
 - ``after_tokens``    after a sequence took new tokens (time for its next round).
 
 A proposal's arrival is the strategy's own business: it comes back on some
@@ -21,6 +23,7 @@ rejection sampler.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -33,6 +36,32 @@ if TYPE_CHECKING:
 #: ``now`` being the engine's clock (time.monotonic() seconds unless injected).
 #: Safe to call from any thread.
 Post = Callable[[Callable[[float], None]], None]
+
+
+@dataclass(frozen=True)
+class RoundCounts:
+    """A verified round's figures, counting only what the sequence emitted
+    (tokens): ``proposed`` proposals whose positions the output has,
+    ``accepted`` of them kept, ``emitted`` tokens the round added (accepted
+    ones, then the target's own unless the sequence ended before it)."""
+
+    proposed: int
+    accepted: int
+    emitted: int
+
+    @classmethod
+    def of(cls, gamma: int, accepted: int, taken: int, ended: bool) -> "RoundCounts":
+        """The figures of a round of ``gamma`` proposals of which ``accepted``
+        were kept, when the sequence took ``taken`` of its ``accepted + 1``
+        tokens and ``ended`` (finished or paused) in it. A sequence that goes
+        on takes them all and every proposal counts (those after a rejection
+        were proposed for positions the output fills later); one that ended
+        has no positions past its end, so proposals there count as neither
+        proposed nor accepted: a stop sequence met at token 29 gives the same
+        figures whether max_new_tokens is 29 or 32."""
+        if not ended:
+            return cls(gamma, accepted, accepted + 1)
+        return cls(min(gamma, taken), min(accepted, taken), taken)
 
 
 class SequenceSpeculation(Protocol):
@@ -50,10 +79,9 @@ class SequenceSpeculation(Protocol):
         out steps waiting for its proposal, or None when it may run now (a
         round past its deadline is given up here)."""
 
-    def take_proposal(self) -> tuple[list[int], Any]:
-        """The proposal to score in this step's row, and its draft
-        distributions q (``[gamma, vocab]`` tensor, or None when greedy);
-        ``([], None)`` when there is none. The proposal is handed out once."""
+    def take_proposal(self) -> list[int]:
+        """The proposal to score in this step's row (``[]`` when there is
+        none). The proposal is handed out once."""
 
     def close(self) -> None:
         """The sequence finished: end its speculation and release its proposer."""
@@ -76,6 +104,11 @@ class Speculation(Protocol):
         (``[gamma + 1, vocab]``) are the target's scores for it. Returns the
         tokens the sequence takes: the accepted proposals, then one token of
         the target's own (so 1 to gamma + 1 tokens)."""
+
+    def after_emit(self, seq: "Sequence", counts: RoundCounts) -> None:
+        """The tokens :meth:`after_verify` returned for ``seq`` were emitted
+        (before the sequence's last event if it ended): ``counts`` are the
+        round's figures for its statistics."""
 
     def after_tokens(self, seq: "Sequence", now: float, demand: int, room: int) -> None:
         """``seq`` took new tokens and still runs: the moment to ask for its

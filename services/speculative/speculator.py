@@ -4,10 +4,12 @@ Implements ``services.engine.speculation.Speculation``. Each round, for a
 sequence that speculates: the proposer (the remote draft) proposes gamma
 tokens; the engine scores them in its next batched forward pass (vLLM's
 scorer: one row of gamma + 1 tokens); the rejection sampler keeps a prefix
-and adds one token of the target's own (Leviathan et al. 2023, Algorithm 1;
-Chen et al. 2023, Algorithm 2); the next round tells the draft how far to
-roll back (:mod:`services.speculative.sync`). Greedy output is identical to
-target-only decoding and sampled output has the target's distribution.
+and adds one token of the target's own (greedy: the argmax; sampled: the
+Gumbel-coupled rule of :mod:`services.speculative.rejection_sampler`, with the
+draft drawing from the same noise); the next round tells the draft how far to
+roll back (:mod:`services.speculative.sync`). Output is token for token what
+target-only decoding gives, greedy or seeded, and sampled output has the
+target's distribution.
 
 Speculation pays only while the batch is small: past ``disable_by_batch_size``
 sequences running or waiting, no round starts, and rounds under way are
@@ -26,9 +28,9 @@ from services.common.errors import InvalidArgument
 from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
-from services.engine.speculation import Post
+from services.engine.speculation import Post, RoundCounts
 from services.speculative.gamma import GammaController, SpeculationSettings
-from services.speculative.rejection_sampler import accept_greedy, accept_sampled
+from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
 
 
@@ -68,13 +70,16 @@ class Speculator:
         if opts.greedy:
             n, token = accept_greedy(logits, row.proposal)
         else:
-            p = sampler.warp(logits, opts)
-            n, token = accept_sampled(p, row.proposal_q, row.proposal, seq.base_seed, len(seq.tokens))
+            n, token = accept_gumbel(sampler.warp_scores(logits, opts), row.proposal, seq.base_seed,
+                                     len(seq.tokens))
         spec.sync.accepted(n)
-        spec.stats.record(n, gamma)
         spec.stats.verify_ms += row.forward_s * 1000.0
         spec.control.update(n, gamma)
         return [*row.proposal[:n], token]
+
+    def after_emit(self, seq: Sequence, counts: RoundCounts) -> None:
+        """Records the round's figures (emitted tokens only) in the sequence's statistics."""
+        seq.spec.stats.record(counts.accepted, counts.proposed, counts.emitted)
 
     def after_tokens(self, seq: Sequence, now: float, demand: int, room: int) -> None:
         """Asks the proposer for the next round, unless speculation does not pay now."""
@@ -90,6 +95,12 @@ class Speculator:
         gamma = min(spec.control.gamma, room)
         if gamma < 1:
             return
+        if (limit := spec.draft_context) is not None:
+            # The draft holds the whole sequence and then its proposal: stop before its context ends.
+            if limit - len(seq.tokens) < 1:
+                spec.disable(f"the draft's context ({limit} tokens) is full")
+                return
+            gamma = min(gamma, limit - len(seq.tokens))
         round_ = spec.sync.next_round(seq.tokens, gamma)
         spec.round_id += 1
         spec.waiting = True
@@ -114,7 +125,7 @@ class Speculator:
         spec.stats.draft_compute_ms += proposal.compute_ms
         if not proposal.tokens:
             return
-        if not seq.request.sampling.greedy and (proposal.q is None or len(proposal.q) != len(proposal.tokens)):
-            spec.disable("the draft sent no distributions for sampled speculation")
+        if len(proposal.tokens) > spec.sync.asked:
+            spec.disable(f"the draft proposed {len(proposal.tokens)} tokens when asked for {spec.sync.asked}")
             return
-        spec.proposal, spec.q = list(proposal.tokens), proposal.q
+        spec.proposal = list(proposal.tokens)

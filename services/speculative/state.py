@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from services.engine.speculation import Post
 from services.speculative.gamma import GammaController
@@ -19,12 +19,11 @@ from services.speculative.sync import DraftSync, Round
 
 @dataclass
 class Proposal:
-    """A proposer's answer: ``tokens``, their draft distributions ``q``
-    (``[len(tokens), vocab]`` float tensor, for sampled speculation; else
-    None) and the milliseconds the draft spent computing them."""
+    """A proposer's answer: ``tokens`` (a sampled request's drawn with the
+    request's seed, see :mod:`services.speculative.rejection_sampler`) and the
+    milliseconds the draft spent computing them."""
 
     tokens: list[int]
-    q: Any = None
     compute_ms: float = 0.0
 
 
@@ -46,14 +45,22 @@ class Proposer(Protocol):
     def close(self) -> None:
         """No more rounds: end the conversation and free the draft's cache."""
 
+    # Optional: ``max_context``, the most tokens (context + proposal) the
+    # proposer's model holds, None while unknown; the target stops asking for
+    # rounds before the draft's context ends (see SpecState.draft_context).
+
 
 @dataclass
 class SpecStats:
-    """Speculation counts of one request (tokens, rounds; times in ms)."""
+    """Speculation counts of one request (tokens, rounds; times in ms). Token
+    counts are of emitted tokens only (``services.engine.speculation.RoundCounts``):
+    proposals for positions past the sequence's end never count."""
 
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
+    #: Tokens the verified rounds emitted (accepted ones and the target's own).
+    emitted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     disabled_reason: str = ""
     draft_wait_ms: float = 0.0
@@ -64,11 +71,13 @@ class SpecStats:
     #: ``disable_by_batch_size`` while they were under way.
     dropped_by_batch_size: int = 0
 
-    def record(self, accepted: int, proposed: int) -> None:
-        """One verified round: ``accepted`` of ``proposed`` tokens kept."""
+    def record(self, accepted: int, proposed: int, emitted: int | None = None) -> None:
+        """One verified round: ``accepted`` of ``proposed`` tokens kept, and
+        ``emitted`` tokens added (default ``accepted + 1``: the target's own too)."""
         self.rounds += 1
         self.proposed += proposed
         self.accepted += accepted
+        self.emitted += accepted + 1 if emitted is None else emitted
         if len(self.accepted_per_position) < proposed:
             self.accepted_per_position += [0] * (proposed - len(self.accepted_per_position))
         for i in range(accepted):
@@ -76,8 +85,8 @@ class SpecStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens per verified round (accepted + the target's own); 0 before any."""
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        """Tokens emitted per verified round (accepted + the target's own); 0 before any."""
+        return self.emitted / self.rounds if self.rounds else 0.0
 
 
 @dataclass
@@ -100,11 +109,15 @@ class SpecState:
     deadline: float = 0.0
     #: Until when the whole batch may wait for this round's proposal (see the scheduler).
     hold_until: float = 0.0
-    #: An answered proposal not yet scored, and its distributions.
+    #: An answered proposal not yet scored.
     proposal: list[int] | None = None
-    q: Any = None
     active: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def draft_context(self) -> int | None:
+        """The proposer's ``max_context`` (tokens), None when it does not say (yet)."""
+        return getattr(self.proposer, "max_context", None)
 
     # -- what the scheduler asks ----------------------------------------------
     def hold(self, now: float) -> float | None:
@@ -122,12 +135,11 @@ class SpecState:
         self.stats.draft_timeouts += 1
         return None
 
-    def take_proposal(self) -> tuple[list[int], Any]:
-        """The answered proposal and its q (``[len, vocab]`` or None), once;
-        ``([], None)`` when there is none."""
-        tokens, q = self.proposal or [], self.q
-        self.proposal, self.q = None, None
-        return tokens, q
+    def take_proposal(self) -> list[int]:
+        """The answered proposal, once; ``[]`` when there is none."""
+        tokens = self.proposal or []
+        self.proposal = None
+        return tokens
 
     # -- transitions ----------------------------------------------------------------
     def drop_round(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 from services.serving import generation_codec as codec
 from services.common.telemetry import record_phases
@@ -12,6 +13,7 @@ from services.serving.model_service import configure_changes, model_info, settin
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
+from services.engine.sampler import random_seed
 from services.speculative.remote import ProposerClient
 from services.speculative.state import SpecStats, SpeculationRequest
 
@@ -37,7 +39,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         encode = lambda text: loaded.engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         req = codec.request_of(request, encode, deadline)
         request_id = request.request_id or uuid.uuid4().hex
-        req.speculation = self._speculation(request, request_id, loaded.engine.vocab_size)
+        req.speculation = self._speculation(request, req, request_id, loaded.engine.vocab_size)
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
         async for event in engine.generate(req):
@@ -54,15 +56,19 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                 self._trace(event, len(req.prompt_ids), usage.completion_tokens)
             yield chunk
 
-    def _speculation(self, request, request_id: str, vocab_size: int) -> SpeculationRequest | None:
-        """A remote proposer when this request speculates (its own setting, else the default)."""
+    def _speculation(self, request, req, request_id: str, vocab_size: int) -> SpeculationRequest | None:
+        """A remote proposer when this request speculates (its own setting, else
+        the default). An unseeded request gets its random seed here, so that
+        the draft draws with the same noise as the target."""
         s = request.speculation
         enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
         address = request.draft_address or self.config.draft_address
         if not enabled or not address:
             return None
         c = self.config
-        proposer = self.proposers.proposer(address, request_id, request.sampling, vocab_size)
+        if req.sampling.seed is None:
+            req.sampling = replace(req.sampling, seed=random_seed())
+        proposer = self.proposers.proposer(address, request_id, req.sampling, vocab_size)
         if s.HasField("gamma"):
             return SpeculationRequest(proposer, s.gamma, s.gamma, s.gamma, fixed=True)
         return SpeculationRequest(proposer, c.gamma, c.gamma_min, c.gamma_max)
