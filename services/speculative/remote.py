@@ -5,6 +5,16 @@ the asyncio loop (write the request, read the proposal) and the result goes
 back through the callback, from the loop's thread. Rounds of a sequence are
 sent in order on its stream; a failure ends the stream and is reported once
 (as ``Unavailable``), so the sequence goes on without speculation.
+
+A draft that is alive but silent (its engine stuck, its health SERVING) is
+noticed by the engine's deadlines: when a sequence gives up on it
+(:meth:`RemoteProposer.unresponsive`), the client marks the draft's address
+unresponsive. Until the draft answers again, new proposers for that address
+fail their first round at once (no sequence waits on it), the rounds other
+sequences are waiting for there fail at once too, and a probe asks the draft
+for one token every few seconds (:data:`PROBE_MIN_S` doubling up to
+:data:`PROBE_MAX_S`); the probe's answer, or a late answer on any stream,
+clears the mark.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import grpc
 import torch
 
 from services.speculative.distributions import distribution_of
+from services.common.backoff import Backoff
 from services.common.errors import Unavailable
 from services.common.server import insecure_channel
 from services.common.stubs import generation_pb2 as gen
@@ -26,6 +37,74 @@ from services.speculative.sync import Round
 
 log = logging.getLogger(__name__)
 
+#: First and longest wait between probes of an unresponsive draft (seconds).
+PROBE_MIN_S = 0.25
+PROBE_MAX_S = 5.0
+#: Longest wait for a probe's answer (seconds): one token on a one-token context.
+PROBE_TIMEOUT_S = 2.0
+
+
+class DraftLink:
+    """What this target knows of one draft address: the stub every sequence
+    shares, whether the draft is unresponsive, and its probe. Event loop only."""
+
+    def __init__(self, address: str, stub: model_pb2_grpc.DraftModelStub) -> None:
+        self.address = address
+        self.stub = stub
+        #: Why the draft is taken to be unresponsive ("" while it answers).
+        self.unresponsive = ""
+        #: Proposers with a stream open on this draft.
+        self.proposers: set[RemoteProposer] = set()
+        self._probe: asyncio.Task | None = None
+
+    def mark(self, reason: str) -> None:
+        """The draft stopped answering: fail what waits on it, probe until it answers."""
+        if self.unresponsive:
+            return
+        self.unresponsive = reason
+        log.warning("draft %s unresponsive (%s): no speculation through it until it answers again",
+                    self.address, reason)
+        for proposer in list(self.proposers):
+            proposer.abort(f"draft {self.address} is unresponsive")
+        self._probe = asyncio.get_running_loop().create_task(self._probe_loop(), name=f"probe:{self.address}")
+
+    def answered(self) -> None:
+        """The draft answered a round (or a probe): it is responsive again."""
+        if not self.unresponsive:
+            return
+        self.unresponsive = ""
+        log.info("draft %s answers again: speculating through it", self.address)
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+        self._probe = None
+
+    async def _probe_loop(self) -> None:
+        backoff = Backoff(PROBE_MIN_S, PROBE_MAX_S)
+        while self.unresponsive:
+            await asyncio.sleep(backoff.next())
+            if await self._probe_once():
+                self.answered()
+                return
+
+    async def _probe_once(self) -> bool:
+        """One round of one token on a one-token context; whether it was answered in time."""
+        call = self.stub.Propose()
+        try:
+            await call.write(model_pb2.ProposeRequest(request_id=f"probe:{self.address}", append_tokens=[0], gamma=1,
+                                                      sampling=gen.SamplingParams(temperature=0.0)))
+            reply = await asyncio.wait_for(call.read(), PROBE_TIMEOUT_S)
+            return reply is not grpc.aio.EOF
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
+            log.debug("probe of draft %s: %s", self.address, _describe(exc))
+            return False
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+
 
 class ProposerClient:
     """Opens remote proposers: one channel per draft address, shared by every
@@ -33,28 +112,39 @@ class ProposerClient:
 
     def __init__(self, provider=None) -> None:
         self._provider = provider
-        self._stubs: dict[str, model_pb2_grpc.DraftModelStub] = {}
+        self._links: dict[str, DraftLink] = {}
         self._channels: list[grpc.aio.Channel] = []
+
+    def link(self, address: str) -> DraftLink:
+        """The link to the draft at ``address`` (made on first use)."""
+        link = self._links.get(address)
+        if link is None:
+            channel = insecure_channel(address, self._provider)
+            self._channels.append(channel)
+            link = self._links[address] = DraftLink(address, model_pb2_grpc.DraftModelStub(channel))
+        return link
 
     def proposer(self, address: str, request_id: str, sampling: gen.SamplingParams, vocab_size: int
                  ) -> "RemoteProposer":
         """A proposer for one sequence on the draft at ``address`` ("host:port"),
         sampling as ``sampling`` says (temperature, top_p, top_k, seed only);
         ``vocab_size`` sizes the draft's sparse distributions. Connects lazily:
-        an unreachable draft shows as the first round's error."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = insecure_channel(address, self._provider)
-            self._channels.append(channel)
-            stub = self._stubs[address] = model_pb2_grpc.DraftModelStub(channel)
+        an unreachable draft shows as the first round's error, and so does
+        one marked unresponsive (at once: the sequence does not wait)."""
+        link = self.link(address)
         draft_sampling = gen.SamplingParams(temperature=sampling.temperature)
         for name in ("top_p", "top_k", "seed"):
             if sampling.HasField(name):
                 setattr(draft_sampling, name, getattr(sampling, name))
-        return RemoteProposer(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size)
+        proposer = RemoteProposer(link.stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size, link)
+        if link.unresponsive:
+            proposer.refuse(f"draft {address} is unresponsive ({link.unresponsive}); not waiting for it")
+        return proposer
 
     async def close(self) -> None:
-        """Closes every channel (in-flight streams fail)."""
+        """Closes every channel (in-flight streams fail) and stops the probes."""
+        for link in self._links.values():
+            await link.close()
         for channel in self._channels:
             await channel.close()
 
@@ -63,29 +153,54 @@ class RemoteProposer:
     """A Proposer whose draft is a ``DraftModel.Propose`` stream."""
 
     def __init__(self, stub: model_pb2_grpc.DraftModelStub, loop: asyncio.AbstractEventLoop, request_id: str,
-                 sampling: gen.SamplingParams, vocab_size: int) -> None:
+                 sampling: gen.SamplingParams, vocab_size: int, link: DraftLink | None = None) -> None:
         self._stub = stub
         self._loop = loop
         self._request_id = request_id
         self._sampling = sampling
         self._vocab_size = vocab_size
+        self._link = link
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        #: Why every round fails at once without asking the draft ("": it is asked).
+        self._refused = ""
+        #: Why the stream was cut while a round waited (the draft went unresponsive).
+        self._aborted = ""
         # The stream's span joins the trace of the request that opened the proposer,
         # not the engine thread's (empty) context the rounds are requested from.
         self._context = contextvars.copy_context()
 
     # -- called from the engine thread (any thread works) ---------------------------
     def propose(self, round_: Round, on_result: ProposalCallback) -> None:
-        """Queues ``round_`` on the stream; ``on_result`` is called on the loop."""
+        """Queues ``round_`` on the stream; ``on_result`` is called on the loop
+        (for a refused proposer: at once, on the caller's thread)."""
+        if self._refused:
+            on_result(None, Unavailable(self._refused))
+            return
         self._loop.call_soon_threadsafe(self._enqueue, (round_, on_result))
 
     def close(self) -> None:
         """Half-closes the stream after the rounds already queued."""
         self._loop.call_soon_threadsafe(self._finish)
 
+    def unresponsive(self, reason: str) -> None:
+        """The sequence gave up on the draft for missing its deadlines: the
+        draft's address is marked (see the module's docstring)."""
+        if self._link is not None:
+            self._loop.call_soon_threadsafe(self._link.mark, reason)
+
     # -- on the loop ---------------------------------------------------------------------
+    def refuse(self, reason: str) -> None:
+        """Every round fails at once with Unavailable(``reason``); no stream is opened."""
+        self._refused = reason
+
+    def abort(self, reason: str) -> None:
+        """Cuts the stream; the round it waits for (if any) fails with Unavailable(``reason``)."""
+        if self._task is not None and not self._task.done():
+            self._aborted = reason
+            self._task.cancel()
+
     def _enqueue(self, item) -> None:
         if self._closed:
             return
@@ -107,6 +222,9 @@ class RemoteProposer:
         call = self._stub.Propose()
         first = True
         pending = None
+        link = self._link
+        if link is not None:
+            link.proposers.add(self)
         try:
             while True:
                 pending = await self._queue.get()
@@ -126,23 +244,30 @@ class RemoteProposer:
                 reply = await call.read()
                 if reply is grpc.aio.EOF:
                     raise Unavailable("the draft closed the stream")
+                if link is not None:
+                    link.answered()
                 q = None
                 if reply.distributions:
                     q = torch.stack([distribution_of(d, self._vocab_size) for d in reply.distributions])
                 pending = None
                 on_result(Proposal(list(reply.tokens), q, reply.compute_ms), None)
         except asyncio.CancelledError:
-            pass
+            if self._aborted and pending is not None:
+                pending[1](None, Unavailable(self._aborted))
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
             log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
             if pending is not None:
                 pending[1](None, Unavailable(_describe(exc)))
         finally:
             self._closed = True
+            if link is not None:
+                link.proposers.discard(self)
             call.cancel()
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
     return str(exc) or type(exc).__name__
