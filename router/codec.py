@@ -6,7 +6,7 @@ import dataclasses
 
 from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import router_pb2, stats_pb2
+from services.common.stubs import model_pb2, router_pb2, stats_pb2
 from services.common.load import Latency, LoadReport, Role, windowed
 from services.common.load_codec import ROLE_PB, report_of, report_pb
 from services.common.metrics import MetricsSnapshot
@@ -14,7 +14,7 @@ from router.admission import Admission
 from router.cache import ResponseCache
 from services.common.validation import check_generate_request, valid_address
 from router.policy import Snapshot, score
-from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, State
+from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, ModelIdentity, State
 
 #: The roles an instance may register with, by protobuf value.
 ROLE_OF_PB = {ROLE_PB[r]: r for r in (Role.TARGET, Role.DRAFT)}
@@ -118,6 +118,12 @@ def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
                         pool=pb.pool or DEFAULT_POOL, labels=tuple(sorted(pb.labels.items())))
 
 
+def identity_of(info: model_pb2.ModelInfo) -> ModelIdentity:
+    """What an instance's GetInfo says it is (a role outside the enum: unspecified)."""
+    role = next((r for r, pb in ROLE_PB.items() if pb == info.role), Role.UNSPECIFIED)
+    return ModelIdentity(role=role, model_name=info.model_name, tokenizer_hash=info.tokenizer_hash)
+
+
 def spec_pb(spec: InstanceSpec) -> router_pb2.InstanceSpec:
     return router_pb2.InstanceSpec(id=spec.id, address=spec.address, role=ROLE_PB[spec.role], pool=spec.pool,
                                    labels=dict(spec.labels))
@@ -136,6 +142,8 @@ def status_pb(inst: Instance, snapshot: Snapshot) -> router_pb2.InstanceStatus:
         spec=spec_pb(inst.spec), state=STATES[inst.state],
         health=HEALTHS[inst.effective_health(snapshot.now, snapshot.stale_after_s)],
         score=score(inst, snapshot), in_flight=inst.in_flight, consecutive_failures=inst.consecutive_failures)
+    if not inst.routable(snapshot.now, snapshot.stale_after_s):
+        status.problem = inst.describe(snapshot.now, snapshot.stale_after_s).removeprefix(inst.id).strip()
     if inst.load is not None:
         status.load.CopyFrom(report_pb(dataclasses.replace(inst.load, instance_id=inst.id, role=inst.spec.role)))
         status.load_age_s = inst.load_age(snapshot.now) or 0.0

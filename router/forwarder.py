@@ -31,7 +31,7 @@ from router import codec
 from router.admission import Admission
 from router.cache import ResponseCache
 from router.config import RouterConfig
-from router.failover import Outcome, decide, is_instance_fault, short_reason
+from router.failover import DraftVerdict, Fault, Outcome, decide, draft_verdict, fault_of, relayed_as_is, short_reason
 from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
 from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
@@ -43,14 +43,11 @@ log = logging.getLogger(__name__)
 #: Where the chunks of a generation go (``context.write``, a CompletionBuilder's ``add``).
 Emit = Callable[[gen.GenerateChunk], Awaitable[None]]
 
-#: Upstream codes that say "this instance cannot serve now"; they reach the
-#: client as the router's own UNAVAILABLE with the fleet's state, not as is.
-_TRANSPORT = frozenset({"UNAVAILABLE", "CANCELLED"})
-
-
 class UpstreamError(Relayed):
-    """A status from a target instance, relayed to the client unchanged
-    (code, details and trailing metadata such as ``retry-after-ms``)."""
+    """A status from a target instance: relayed to the client unchanged (code,
+    details and trailing metadata such as ``retry-after-ms``) when it is the
+    request's own fault or a full fleet's (:func:`router.failover.relayed_as_is`),
+    else named in the router's UNAVAILABLE."""
 
     def __init__(self, code: str, details: str, trailers: tuple[tuple[str, str], ...] = (),
                  instance_id: str = "") -> None:
@@ -67,12 +64,14 @@ class UpstreamError(Relayed):
 class _Tally:
     """What one request has streamed so far (for metrics and the cache)."""
 
-    __slots__ = ("first_at", "last_at", "tokens", "kept")
+    __slots__ = ("first_at", "last_at", "tokens", "chunks", "kept")
 
     def __init__(self, keep: bool) -> None:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.tokens = 0
+        #: Chunks sent to the client (a chunk may carry no token: the echoed prompt).
+        self.chunks = 0
         self.kept: list[gen.GenerateChunk] | None = [] if keep else None
 
 
@@ -182,11 +181,11 @@ class Forwarder:
             if inst is None:
                 raise self._nothing_left(pools, tried, last)
             tried.append(inst.id)
-            attempt = self._attempt_request(req, streamed, inst, pools, sequence, prefix)
+            attempt, draft = self._attempt_request(req, streamed, tally.chunks > 0, inst, pools, sequence, prefix)
             remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
-            error = await self._attempt(inst, attempt, remaining, streamed, emit, tally)
+            error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally)
             if error is None:
                 return
             self._record_failure(inst, error)
@@ -194,13 +193,14 @@ class Forwarder:
             log.info("request %s on %s failed (%s: %s) after %d tokens: %s", req.request_id, inst.id,
                      error.code, short_reason(error.details), len(streamed), outcome.value)
             if outcome is Outcome.FAIL:
-                raise self._unavailable(error, tried) if error.code in _TRANSPORT else error
+                raise error if relayed_as_is(error.code) else self._unavailable(error, tried)
             last = error
 
-    async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, timeout: float | None,
-                       streamed: list[int], emit: Emit, tally: _Tally) -> UpstreamError | None:
+    async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, draft: Instance | None,
+                       timeout: float | None, streamed: list[int], emit: Emit, tally: _Tally) -> UpstreamError | None:
         """One upstream call, its chunks passed on as they come; the error that
-        ended it early, or None when it finished."""
+        ended it early, or None when it finished. The last chunk's speculation
+        figures are what the router learns of ``draft`` (the draft it chose)."""
         instance_id, resumed = inst.id, len(streamed)
         clock, record_tokens, kept = self.clock, self.metrics.record_tokens, tally.kept
         registry = self.upstreams.registry
@@ -230,9 +230,12 @@ class Forwarder:
                         chunk.usage.prompt_tokens -= resumed
                     if kept is not None:
                         kept.append(chunk)
+                    tally.chunks += 1
                     await emit(chunk)
                     if chunk.finish_reason:
                         registry.record_success(instance_id)
+                        if draft is not None and chunk.HasField("speculation"):
+                            self._judge_draft(draft, inst, chunk.speculation)
                         return None
                 error = UpstreamError("UNAVAILABLE", "the stream ended before its last chunk", (), instance_id)
             except grpc.aio.AioRpcError as exc:
@@ -244,31 +247,51 @@ class Forwarder:
             span.set_status(trace.Status(trace.StatusCode.ERROR, f"{error.code}: {short_reason(error.details)}"))
             return error
 
-    def _attempt_request(self, req: gen.GenerateRequest, streamed: list[int], target: Instance,
-                         pools: tuple[str, ...], sequence: int, prefix: tuple[int, ...]) -> gen.GenerateRequest:
+    def _attempt_request(self, req: gen.GenerateRequest, streamed: list[int], sent: bool, target: Instance,
+                         pools: tuple[str, ...], sequence: int, prefix: tuple[int, ...]
+                         ) -> tuple[gen.GenerateRequest, Instance | None]:
+        """The request for one attempt (resuming after ``streamed``; ``sent``:
+        some chunk reached the client already) and the draft chosen for it."""
         attempt = gen.GenerateRequest()
         attempt.CopyFrom(req)
         attempt.resume_tokens.extend(streamed)
-        if streamed:
+        if sent:
             attempt.echo_prompt = False  # the client has it already
+        draft = None
         if codec.wants_draft(req):
             # A draft of the target's pool, else of the pools the request may use.
             draft_pools = (target.spec.pool, *(p for p in pools if p != target.spec.pool))
             draft = self.upstreams.choose(Role.DRAFT, draft_pools, sequence, prefix=prefix)
             if draft is not None:
                 attempt.draft_address = draft.address
-        return attempt
+        return attempt, draft
+
+    def _judge_draft(self, draft: Instance, target: Instance, stats: gen.SpeculationStats) -> None:
+        """A draft whose rounds timed out on the target (alive, maybe SERVING,
+        but silent) is ejected until its engine steps again; one whose rounds
+        were verified is a success (see router.failover.draft_verdict)."""
+        verdict = draft_verdict(stats.rounds, stats.draft_timeouts)
+        if verdict is DraftVerdict.STALLED:
+            reason = f"stalled ({stats.draft_timeouts} draft rounds timed out on {target.id})"
+            log.warning("draft %s %s: out of rotation until it steps again", draft.id, reason)
+            self.upstreams.registry.record_stall(draft.id, self.clock(), reason)
+        elif verdict is DraftVerdict.ANSWERED:
+            self.upstreams.registry.record_success(draft.id)
 
     def _record_failure(self, inst: Instance, error: UpstreamError) -> None:
-        if not is_instance_fault(error.code):
+        """Counts an instance's fault against it (see router.failover.FAULTS)."""
+        fault = fault_of(error.code)
+        if fault in (Fault.REQUEST, Fault.BUSY):
             return
-        unreachable = short_reason(error.details) if error.code in _TRANSPORT else None
+        unreachable = short_reason(error.details) if fault is Fault.UNREACHABLE else None
         self.upstreams.registry.record_failure(inst.id, self.clock(), unreachable)
         if unreachable is not None:
             self.upstreams.suspect(inst.id)
+        elif fault is Fault.WRONG_KIND:
+            self.upstreams.verify(inst.id)
 
     def _nothing_left(self, pools: tuple[str, ...], tried: list[str], last: UpstreamError | None) -> LlmeshError:
-        if last is not None and last.code not in _TRANSPORT:
+        if last is not None and relayed_as_is(last.code):
             return last  # e.g. RESOURCE_EXHAUSTED everywhere: its retry-after goes to the client
         message = self.upstreams.why_none(Role.TARGET, pools, frozenset(tried))
         if last is not None:

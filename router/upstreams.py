@@ -19,7 +19,7 @@ import grpc
 from router import policy
 from router.config import PolicyName, RouterConfig
 from router.policy_prefix import PrefixTable, prefix_blocks
-from router.registry import Instance, InstanceSpec, Registry, Role
+from router.registry import Identity, Instance, InstanceSpec, Registry, Role
 from router.watcher import InstanceWatcher
 from services.common.tls import Channels
 from services.common.stubs import generation_pb2 as gen
@@ -79,6 +79,8 @@ class Upstreams:
             self._channels[inst.id], self._watchers[inst.id] = channel, watcher
             watcher.start()
             log.info("registered %s %s at %s (pool %s)", spec.role.value, inst.id, spec.address, spec.pool)
+        elif inst.identity is Identity.UNCHECKED:
+            self._watchers[inst.id].verify()  # registered again as another role: asked as that
         return inst
 
     def deregister(self, instance_id: str) -> Instance:
@@ -130,6 +132,14 @@ class Upstreams:
         watcher = self._watchers.get(instance_id)
         if watcher is not None:
             watcher.recheck()
+
+    def verify(self, instance_id: str) -> None:
+        """The instance answered as another kind of server than registered:
+        not routable until it answers GetInfo as its role again (asked now)."""
+        self.registry.forget_identity(instance_id)
+        watcher = self._watchers.get(instance_id)
+        if watcher is not None:
+            watcher.verify()
 
     def next_sequence(self) -> int:
         return next(self._sequence)

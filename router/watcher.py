@@ -9,6 +9,13 @@ whose Health/Watch fails (UNIMPLEMENTED, or an error) is polled with
 ``Health/Check`` every ``health_interval_s`` instead; a broken stats stream
 then triggers an immediate check, so a killed instance is still noticed at
 once.
+
+Whenever the instance turns SERVING (newly registered, or back after its
+health left SERVING), the watcher asks its ``GetInfo`` as the role it was
+registered with (``TargetModel.GetInfo`` or ``DraftModel.GetInfo``) and the
+registry makes it routable only when it answers as that role: another kind
+of server (a monitor registered as a target answers UNIMPLEMENTED) is shown
+NOT_SERVING with the reason, and gets no request.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router import codec
-from router.failover import short_reason
-from router.registry import Health, Registry
+from router.failover import Fault, fault_of, short_reason
+from router.registry import Health, Identity, Registry, Role
 from services.common.backoff import Backoff
-from services.common.stubs import stats_pb2, stats_pb2_grpc
+from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2, stats_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,9 @@ _HEALTH = {
 #: Health/Watch answers these when the instance cannot stream health; Check is used instead.
 _NO_WATCH = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
+#: Longest wait for a GetInfo answer (seconds); a model service answers it from memory.
+GET_INFO_TIMEOUT_S = 5.0
+
 
 class InstanceWatcher:
     """The health and stats subscriptions of one instance."""
@@ -50,6 +60,9 @@ class InstanceWatcher:
         self.instance_id = instance_id
         self._health = health_pb2_grpc.HealthStub(channel)
         self._stats = stats_pb2_grpc.StatsStub(channel)
+        self._models = {Role.TARGET: model_pb2_grpc.TargetModelStub(channel),
+                        Role.DRAFT: model_pb2_grpc.DraftModelStub(channel)}
+        self._verify_task: asyncio.Task | None = None
         self._registry = registry
         self._load_interval = load_interval_s
         self._health_interval = health_interval_s
@@ -76,6 +89,14 @@ class InstanceWatcher:
         self._health_task = asyncio.create_task(self._health_loop(), name=f"health:{self.instance_id}")
         self._tasks = [t for t in self._tasks if not t.done()] + [self._health_task]
 
+    def verify(self) -> None:
+        """Asks the instance's GetInfo now (it may be another kind of server
+        than registered), unless that is under way already."""
+        if self._verify_task is not None and not self._verify_task.done():
+            return
+        self._verify_task = asyncio.create_task(self._verify(), name=f"verify:{self.instance_id}")
+        self._tasks = [t for t in self._tasks if not t.done()] + [self._verify_task]
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -98,7 +119,38 @@ class InstanceWatcher:
         self._registry.set_health(self.instance_id, health, problem)
         if health is Health.SERVING and not was_serving:
             self._became_serving.set()
+        if health is Health.SERVING and was is not None and was.identity is Identity.UNCHECKED:
+            self.verify()
         return health
+
+    async def _verify(self) -> None:
+        """GetInfo as the registered role, until it answers (or proves the
+        instance the wrong kind of server) while the instance is SERVING;
+        transient errors are retried with backoff."""
+        backoff = Backoff(*self._backoff)
+        while True:
+            inst = self._registry.find(self.instance_id)
+            if inst is None or inst.health is not Health.SERVING or inst.identity is not Identity.UNCHECKED:
+                return
+            role = inst.spec.role
+            try:
+                info = await self._models[role].GetInfo(model_pb2.GetInfoRequest(), timeout=GET_INFO_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+                problem = f"{role.value}-model GetInfo answered {code} ({short_reason(exc.details() or code)})"
+                if fault_of(code) is Fault.WRONG_KIND:  # it serves no such RPC: another kind of server
+                    log.warning("%s is not a %s-model service: %s", self.instance_id, role.value, problem)
+                    self._registry.set_wrong_kind(self.instance_id, problem)
+                    return
+                log.info("%s: %s; asking again", self.instance_id, problem)
+                self._registry.set_identity_problem(self.instance_id, problem)
+                await self._sleep(backoff.next())
+                continue
+            confirmed = self._registry.set_identity(self.instance_id, codec.identity_of(info))
+            if confirmed is not None and confirmed.identity is Identity.WRONG:
+                log.warning("%s is not routable as a %s: %s", self.instance_id, role.value,
+                            confirmed.identity_problem)
+            return
 
     async def _health_loop(self) -> None:
         backoff = Backoff(*self._backoff)

@@ -14,7 +14,7 @@ from router.failover import Outcome, decide, short_reason
 from router.policy import (POLICIES, Snapshot, Weights, choose, eligible, least_loaded, load_of, pair, power_of_two,
                            round_robin, score)
 from router.policy_prefix import PrefixTable, prefix_blocks
-from router.registry import Health, Instance, InstanceSpec, Registry, State
+from router.registry import Health, Identity, Instance, InstanceSpec, ModelIdentity, Registry, State
 from services.common.load import Latency, LoadReport, Role
 from services.common.config import ConfigError
 from services.common.access import BearerAuth
@@ -24,9 +24,10 @@ STALE = 2.0
 
 
 def instance(name: str, *, state=State.ACTIVE, health=Health.SERVING, load: LoadReport | None = LoadReport(),
-             load_at: float | None = 0.0, in_flight=0, failures=0, role=Role.TARGET) -> Instance:
+             load_at: float | None = 0.0, in_flight=0, failures=0, role=Role.TARGET,
+             identity=Identity.CONFIRMED) -> Instance:
     inst = Instance(InstanceSpec(id=name, address=f"127.0.0.1:{1000 + hash(name) % 1000}", role=role))
-    inst.state, inst.health, inst.load = state, health, load
+    inst.state, inst.health, inst.load, inst.identity = state, health, load, identity
     inst.in_flight, inst.consecutive_failures = in_flight, failures
     inst.load_at = load_at if load is not None else None
     return inst
@@ -40,13 +41,14 @@ def random_fleet(rng: random.Random, now: float) -> list[Instance]:
             f"i{k}", state=rng.choice(list(State)), health=rng.choice(list(Health)),
             load=LoadReport(in_flight=rng.randint(0, 9), queue_length=rng.randint(0, 5),
                       accelerator_utilization=rng.random(), ttft=Latency(p50_ms=rng.uniform(0, 500))) if has_load else None,
-            load_at=now - rng.uniform(0, 2 * STALE), in_flight=rng.randint(0, 5), failures=rng.randint(0, 3)))
+            load_at=now - rng.uniform(0, 2 * STALE), in_flight=rng.randint(0, 5), failures=rng.randint(0, 3),
+            identity=rng.choice([Identity.CONFIRMED, Identity.CONFIRMED, Identity.UNCHECKED, Identity.WRONG])))
     return fleet
 
 
 def routable(inst: Instance, now: float) -> bool:
     return (inst.state is State.ACTIVE and inst.health is Health.SERVING and inst.load_at is not None
-            and now - inst.load_at <= STALE)
+            and now - inst.load_at <= STALE and inst.identity is Identity.CONFIRMED)
 
 
 @pytest.mark.parametrize("policy", list(PolicyName))
@@ -332,6 +334,7 @@ def test_failures_mark_unreachable_and_eject_until_readmitted():
     reg = Registry(eject_after_failures=2, eject_for_s=5.0)
     inst, _ = reg.upsert(InstanceSpec("a", "h:1"))
     reg.set_health("a", Health.SERVING)
+    reg.set_identity("a", ModelIdentity(Role.TARGET))
     reg.record_load("a", LoadReport(), now=0.0)
     assert inst.routable(0.0, STALE)
     reg.record_failure("a", now=0.0, unreachable="connection refused")
@@ -378,6 +381,12 @@ def test_describe_says_why_an_instance_is_out():
     ("CANCELLED", 4, 2, Outcome.RESUME),
     ("RESOURCE_EXHAUSTED", 4, 1, Outcome.FAIL),
     ("UNAVAILABLE", 4, 3, Outcome.FAIL),
+    # The instance's faults beyond the transport's: the wrong kind of server, its refusal, its state.
+    ("UNIMPLEMENTED", 0, 1, Outcome.RETRY),
+    ("PERMISSION_DENIED", 0, 1, Outcome.RETRY),
+    ("FAILED_PRECONDITION", 0, 1, Outcome.RETRY),
+    ("UNIMPLEMENTED", 4, 1, Outcome.RESUME),
+    ("NOT_FOUND", 0, 1, Outcome.FAIL),
 ])
 def test_failover_decisions(code, streamed, attempts, expected):
     assert decide(code, streamed, attempts, max_attempts=3) is expected

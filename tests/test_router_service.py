@@ -15,135 +15,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from router.config import RouterConfig
-from router.main import create_server as create_router
-from services.common.config import BaseConfig
-from services.common.server import new_server
-from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import model_pb2_grpc, router_pb2, router_pb2_grpc, stats_pb2, stats_pb2_grpc
-from services.target.config import TargetConfig
-from services.target.main import create_server as create_target
+from services.common.stubs import model_pb2_grpc, router_pb2, stats_pb2, stats_pb2_grpc
 from tests.conftest import eventually, hf_greedy
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-# -- helpers ----------------------------------------------------------------
-async def start_target(tiny_models, **overrides):
-    config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "max_batch_size": 8,
-                                          "warmup": False, **overrides}, env={})
-    app = create_target(config)
-    await app.start()
-    return app
-
-
-@contextlib.asynccontextmanager
-async def running_router(targets=(), provider=None, **overrides):
-    # Round robin unless a test asks otherwise: several tests count on its order.
-    config = RouterConfig.from_namespace({"port": 0, "targets": list(targets), "load_interval_s": 0.1,
-                                          "policy": "round_robin", **overrides}, env={})
-    app = create_router(config, provider)
-    await app.start()
-    channel = grpc.aio.insecure_channel(app.address)
-    try:
-        yield app, router_pb2_grpc.RouterStub(channel), channel
-    finally:
-        await channel.close()
-        await app.stop(0)
-
-
-async def routable(stub, ids) -> bool:
-    reply = await stub.ListInstances(router_pb2.ListInstancesRequest())
-    serving = {i.spec.id for i in reply.instances
-               if i.health == router_pb2.INSTANCE_HEALTH_SERVING and i.state == router_pb2.INSTANCE_STATE_ACTIVE}
-    return set(ids) <= serving
-
-
-async def wait_routable(stub, ids):
-    await eventually(lambda: routable(stub, ids), what=f"{ids} to be routable")
-
-
-async def register(stub, instance_id, address, role=stats_pb2.ROLE_TARGET, pool=""):
-    reply = await stub.RegisterInstance(router_pb2.RegisterInstanceRequest(
-        instance=router_pb2.InstanceSpec(id=instance_id, address=address, role=role, pool=pool)))
-    return reply.instance
-
-
-def request(ids=None, text=None, **sampling):
-    sampling.setdefault("max_new_tokens", 8)
-    sampling.setdefault("ignore_eos", True)
-    prompt = gen.Prompt(text=text) if text is not None else gen.Prompt(tokens=gen.TokenIds(ids=ids))
-    return gen.GenerateRequest(prompt=prompt, sampling=gen.SamplingParams(**sampling))
-
-
-async def collect(stub, req, **kw):
-    chunks = [c async for c in stub.Generate(req, **kw)]
-    return [t for c in chunks for t in c.token_ids], chunks
-
-
-class FakeTarget(model_pb2_grpc.TargetModelServicer):
-    """TargetModel.Generate that proxies to a real target, and can fail before
-    the first token (``fail``), break with UNAVAILABLE after ``break_after``
-    tokens, hang after ``hold_after`` tokens until its server is stopped, or
-    break just before the last chunk's finish reason (``lose_finish``)."""
-
-    def __init__(self, upstream: str | None = None, fail: grpc.StatusCode | None = None,
-                 break_after: int | None = None, hold_after: int | None = None, lose_finish: bool = False) -> None:
-        self.upstream, self.fail, self.break_after, self.hold_after = upstream, fail, break_after, hold_after
-        self.lose_finish = lose_finish
-        self.requests: list[gen.GenerateRequest] = []
-        self.time_remaining: list[float | None] = []
-        self.held = 0
-        self.cancelled = 0
-        self._channel = None
-
-    async def Generate(self, request, context):
-        self.requests.append(request)
-        self.time_remaining.append(context.time_remaining())
-        if self.fail is not None:
-            await context.abort(self.fail, "fake failure before the first token")
-        self._channel = self._channel or grpc.aio.insecure_channel(self.upstream)
-        call = model_pb2_grpc.TargetModelStub(self._channel).Generate(request)
-        sent = 0
-        try:
-            async for chunk in call:
-                if self.lose_finish and chunk.finish_reason:
-                    chunk.finish_reason = gen.FINISH_REASON_UNSPECIFIED
-                    yield chunk
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake break before the finish")
-                yield chunk
-                sent += len(chunk.token_ids)
-                if chunk.finish_reason:
-                    return
-                if self.break_after is not None and sent >= self.break_after:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake break mid-stream")
-                if self.hold_after is not None and sent >= self.hold_after:
-                    self.held += 1
-                    await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            call.cancel()
-
-
-@contextlib.asynccontextmanager
-async def fake_target(servicer: FakeTarget, provider: TracerProvider | None = None):
-    server, port, health = new_server(BaseConfig(port=0), [SERVICE_NAMES["target"], SERVICE_NAMES["stats"]],
-                                      provider or TracerProvider())
-    model_pb2_grpc.add_TargetModelServicer_to_server(servicer, server)
-    report = lambda: stats_pb2.LoadReport(role=stats_pb2.ROLE_TARGET, timestamp=time.time())  # noqa: E731
-    stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(report, 0.1), server)
-    await server.start()
-    await health.set(True)
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-        if servicer._channel is not None:
-            await servicer._channel.close()
+from tests.router_helpers import (SERVING, FakeTarget, bare_instance, collect, collect_chunks, fake_target, register,
+                                  request, routable, running_router, start_target, wait_routable)
 
 
 # -- fixtures ---------------------------------------------------------------
@@ -415,10 +291,6 @@ async def test_streams_resume_when_their_target_is_killed(targets, reference_mod
     assert len(resumed) == n and all(chunks[-1].instance_id == "2-real" for chunks in resumed)
 
 
-async def collect_chunks(call):
-    return [c async for c in call]
-
-
 async def test_client_cancel_cancels_the_upstream_call(targets):
     apps, _ = targets
     holding = FakeTarget(upstream=apps[0].address, hold_after=1)
@@ -483,24 +355,6 @@ async def test_admission_bound(targets):
         call.cancel()
 
 
-@contextlib.asynccontextmanager
-async def bare_instance(role=stats_pb2.ROLE_TARGET):
-    """A server with only the library's health servicer (no llmesh interceptors) and Stats."""
-    from grpc_health.v1 import health
-
-    server = grpc.aio.server()
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    report = lambda: stats_pb2.LoadReport(role=role, timestamp=time.time())  # noqa: E731
-    stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(report, 0.1), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await servicer.set("", SERVING)
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-
 
 async def test_health_watch_changes_reach_the_registry_at_once():
     async with bare_instance() as (servicer, address), running_router(health_interval_s=30.0) as (app, stub, _):
@@ -521,7 +375,9 @@ async def test_health_watch_changes_reach_the_registry_at_once():
 async def test_a_healthy_draft_is_sent_with_the_request(targets):
     apps, _ = targets
     proxy = FakeTarget(upstream=apps[0].address)
-    async with bare_instance(stats_pb2.ROLE_DRAFT) as (_, draft), fake_target(proxy) as (_, address), \
+    tokenizer = apps[0].loaded.tokenizer_hash  # a draft is routable only with its targets' tokenizer
+    async with bare_instance(stats_pb2.ROLE_DRAFT, tokenizer_hash=tokenizer) as (_, draft), \
+            fake_target(proxy) as (_, address), \
             running_router([address], drafts=[draft]) as (_, stub, _):
         await wait_routable(stub, [address, draft])
         await collect(stub, request([1, 2], max_new_tokens=2))
@@ -561,7 +417,9 @@ async def test_prefix_affinity_keeps_a_shared_prefix_on_one_target_and_one_draft
     proxies = [FakeTarget(upstream=a.address) for a in apps]
     async with contextlib.AsyncExitStack() as stack:
         addresses = [(await stack.enter_async_context(fake_target(p)))[1] for p in proxies]
-        drafts = [(await stack.enter_async_context(bare_instance(stats_pb2.ROLE_DRAFT)))[1] for _ in range(2)]
+        tokenizer = apps[0].loaded.tokenizer_hash
+        drafts = [(await stack.enter_async_context(bare_instance(stats_pb2.ROLE_DRAFT, tokenizer_hash=tokenizer)))[1]
+                  for _ in range(2)]
         _, stub, _ = await stack.enter_async_context(
             running_router(addresses, drafts=drafts, policy="prefix_affinity", affinity_block=4))
         await wait_routable(stub, addresses + drafts)

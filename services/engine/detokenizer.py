@@ -4,16 +4,30 @@ Decodes a window of recent tokens so that multi-byte characters split across
 byte-level tokens are held back until complete, and holds back any tail of
 the text that could still become a stop sequence, so a stop sequence is
 never streamed.
+
+A stream resumed on another instance (router failover) replays the tokens
+already streamed through a fresh detokenizer and drops their text: the
+state after the replay is exactly the first instance's state at the break
+(the bytes of a character cut in two, the tail held back for a possible
+stop sequence), so the resumed stream's first text is what the first
+instance still held, and the two streams join byte for byte at any break.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class Detokenizer:
     """One sequence's incremental text (engine thread): :meth:`add` a token,
-    get the text now safe to stream; :meth:`flush` the rest at the end."""
+    get the text now safe to stream; :meth:`flush` the rest at the end.
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
+    ``resumed``: tokens generated (and their text streamed) elsewhere before
+    this stream took over; they are replayed, their text not returned again.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
+                 resumed: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self._ids = list(prompt_ids)
         # Start the window a few tokens back so the first token's text is decoded in context.
@@ -23,6 +37,8 @@ class Detokenizer:
         self.text = ""       # generated text so far (stop match excluded)
         self._emitted = 0    # characters of self.text already returned
         self.stopped = False
+        for token_id in resumed:
+            self.add(token_id)  # the text the first instance streamed: the client has it
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

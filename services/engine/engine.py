@@ -96,7 +96,8 @@ class Engine:
         validate(request, self.vocab_size, self.max_context)
         seq = Sequence(request=request, sink=sink, arrival=self.clock())
         if not request.persistent:
-            seq.detok = Detokenizer(self.tokenizer, seq.tokens, request.sampling.stop)
+            seq.detok = Detokenizer(self.tokenizer, list(request.prompt_ids), request.sampling.stop,
+                                    resumed=request.resume_ids)
         seq.base_seed = request.sampling.seed if request.sampling.seed is not None else sampler.random_seed()
         if request.speculation is not None:
             if self.speculation is None:

@@ -5,6 +5,16 @@ the asyncio loop (write the request, read the proposal) and the result goes
 back through the callback, from the loop's thread. Rounds of a sequence are
 sent in order on its stream; a failure ends the stream and is reported once
 (as ``Unavailable``), so the sequence goes on without speculation.
+
+A draft that is alive but silent (its engine stuck, its health SERVING) is
+noticed by the engine's deadlines: when a sequence gives up on it
+(:meth:`RemoteProposer.unresponsive`), the client marks the draft's address
+unresponsive. Until the draft answers again, new proposers for that address
+fail their first round at once (no sequence waits on it), the rounds other
+sequences are waiting for there fail at once too, and a probe asks the draft
+for one token every few seconds (:data:`PROBE_MIN_S` doubling up to
+:data:`PROBE_MAX_S`); the probe's answer, or a late answer on any stream,
+clears the mark.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.common.backoff import Backoff
 from services.common.errors import Unavailable
 from services.common.tls import Channels
 from services.common.stubs import generation_pb2 as gen
@@ -25,6 +36,74 @@ from services.speculative.state import Proposal, ProposalCallback
 from services.speculative.sync import Round
 
 log = logging.getLogger(__name__)
+
+#: First and longest wait between probes of an unresponsive draft (seconds).
+PROBE_MIN_S = 0.25
+PROBE_MAX_S = 5.0
+#: Longest wait for a probe's answer (seconds): one token on a one-token context.
+PROBE_TIMEOUT_S = 2.0
+
+
+class DraftLink:
+    """What this target knows of one draft address: the stub every sequence
+    shares, whether the draft is unresponsive, and its probe. Event loop only."""
+
+    def __init__(self, address: str, stub: model_pb2_grpc.DraftModelStub) -> None:
+        self.address = address
+        self.stub = stub
+        #: Why the draft is taken to be unresponsive ("" while it answers).
+        self.unresponsive = ""
+        #: Proposers with a stream open on this draft.
+        self.proposers: set[RemoteProposer] = set()
+        self._probe: asyncio.Task | None = None
+
+    def mark(self, reason: str) -> None:
+        """The draft stopped answering: fail what waits on it, probe until it answers."""
+        if self.unresponsive:
+            return
+        self.unresponsive = reason
+        log.warning("draft %s unresponsive (%s): no speculation through it until it answers again",
+                    self.address, reason)
+        for proposer in list(self.proposers):
+            proposer.abort(f"draft {self.address} is unresponsive")
+        self._probe = asyncio.get_running_loop().create_task(self._probe_loop(), name=f"probe:{self.address}")
+
+    def answered(self) -> None:
+        """The draft answered a round (or a probe): it is responsive again."""
+        if not self.unresponsive:
+            return
+        self.unresponsive = ""
+        log.info("draft %s answers again: speculating through it", self.address)
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+        self._probe = None
+
+    async def _probe_loop(self) -> None:
+        backoff = Backoff(PROBE_MIN_S, PROBE_MAX_S)
+        while self.unresponsive:
+            await asyncio.sleep(backoff.next())
+            if await self._probe_once():
+                self.answered()
+                return
+
+    async def _probe_once(self) -> bool:
+        """One round of one token on a one-token context; whether it was answered in time."""
+        call = self.stub.Propose()
+        try:
+            await call.write(model_pb2.ProposeRequest(request_id=f"probe:{self.address}", append_tokens=[0], gamma=1,
+                                                      sampling=gen.SamplingParams(temperature=0.0)))
+            reply = await asyncio.wait_for(call.read(), PROBE_TIMEOUT_S)
+            return reply is not grpc.aio.EOF
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
+            log.debug("probe of draft %s: %s", self.address, _describe(exc))
+            return False
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
 
 
 #: Seconds a draft has to answer GetInfo (its context length).
@@ -40,7 +119,7 @@ class ProposerClient:
     def __init__(self, provider=None, channels: Channels | None = None) -> None:
         self._provider = provider
         self._channels_factory = channels or Channels()
-        self._stubs: dict[str, model_pb2_grpc.DraftModelStub] = {}
+        self._links: dict[str, DraftLink] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._contexts: dict[str, int] = {}
         self._asking: dict[str, asyncio.Task] = {}
@@ -71,24 +150,36 @@ class ProposerClient:
         a sampled request's seed must be the one the target samples with, so
         that the draft draws with the target's noise); proposals must be ids
         in ``[0, vocab_size)``. Connects lazily: an unreachable draft shows as
-        the first round's error."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = self._channels_factory.open(address, self._provider)
-            self._channels.append(channel)
-            stub = self._stubs[address] = model_pb2_grpc.DraftModelStub(channel)
+        the first round's error, and so does one marked unresponsive (at once:
+        the sequence does not wait)."""
+        link = self.link(address)
+        stub = link.stub
         draft_sampling = gen.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                             top_k=sampling.top_k)
         if sampling.seed is not None:
             draft_sampling.seed = sampling.seed
-        return RemoteProposer(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size,
-                              context=lambda: self._contexts.get(address),
-                              learning=self._learn(address, stub))
+        proposer = RemoteProposer(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size,
+                                  context=lambda: self._contexts.get(address),
+                                  learning=self._learn(address, stub), link=link)
+        if link.unresponsive:
+            proposer.refuse(f"draft {address} is unresponsive ({link.unresponsive}); not waiting for it")
+        return proposer
+
+    def link(self, address: str) -> DraftLink:
+        """The link to the draft at ``address`` (made on first use)."""
+        link = self._links.get(address)
+        if link is None:
+            channel = self._channels_factory.open(address, self._provider)
+            self._channels.append(channel)
+            link = self._links[address] = DraftLink(address, model_pb2_grpc.DraftModelStub(channel))
+        return link
 
     async def close(self) -> None:
-        """Closes every channel (in-flight streams fail)."""
+        """Closes every channel (in-flight streams fail) and stops the probes."""
         for task in list(self._asking.values()):
             task.cancel()
+        for link in self._links.values():
+            await link.close()
         for channel in self._channels:
             await channel.close()
 
@@ -100,7 +191,8 @@ class RemoteProposer:
 
     def __init__(self, stub: model_pb2_grpc.DraftModelStub, loop: asyncio.AbstractEventLoop, request_id: str,
                  sampling: gen.SamplingParams, vocab_size: int,
-                 context: Callable[[], int | None] = lambda: None, learning: asyncio.Task | None = None) -> None:
+                 context: Callable[[], int | None] = lambda: None, learning: asyncio.Task | None = None,
+                 link: DraftLink | None = None) -> None:
         self._context_of = context
         self._learning = learning
         self._stub = stub
@@ -108,9 +200,14 @@ class RemoteProposer:
         self._request_id = request_id
         self._sampling = sampling
         self._vocab_size = vocab_size
+        self._link = link
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        #: Why every round fails at once without asking the draft ("": it is asked).
+        self._refused = ""
+        #: Why the stream was cut while a round waited (the draft went unresponsive).
+        self._aborted = ""
         # The stream's span joins the trace of the request that opened the proposer,
         # not the engine thread's (empty) context the rounds are requested from.
         self._context = contextvars.copy_context()
@@ -123,14 +220,34 @@ class RemoteProposer:
 
     # -- called from the engine thread (any thread works) ---------------------------
     def propose(self, round_: Round, on_result: ProposalCallback) -> None:
-        """Queues ``round_`` on the stream; ``on_result`` is called on the loop."""
+        """Queues ``round_`` on the stream; ``on_result`` is called on the loop
+        (for a refused proposer: at once, on the caller's thread)."""
+        if self._refused:
+            on_result(None, Unavailable(self._refused))
+            return
         self._loop.call_soon_threadsafe(self._enqueue, (round_, on_result))
 
     def close(self) -> None:
         """Half-closes the stream after the rounds already queued."""
         self._loop.call_soon_threadsafe(self._finish)
 
+    def unresponsive(self, reason: str) -> None:
+        """The sequence gave up on the draft for missing its deadlines: the
+        draft's address is marked (see the module's docstring)."""
+        if self._link is not None:
+            self._loop.call_soon_threadsafe(self._link.mark, reason)
+
     # -- on the loop ---------------------------------------------------------------------
+    def refuse(self, reason: str) -> None:
+        """Every round fails at once with Unavailable(``reason``); no stream is opened."""
+        self._refused = reason
+
+    def abort(self, reason: str) -> None:
+        """Cuts the stream; the round it waits for (if any) fails with Unavailable(``reason``)."""
+        if self._task is not None and not self._task.done():
+            self._aborted = reason
+            self._task.cancel()
+
     def _enqueue(self, item) -> None:
         if self._closed:
             return
@@ -152,6 +269,9 @@ class RemoteProposer:
         call = self._stub.Propose()
         first = True
         pending = None
+        link = self._link
+        if link is not None:
+            link.proposers.add(self)
         try:
             while True:
                 pending = await self._queue.get()
@@ -173,17 +293,22 @@ class RemoteProposer:
                 reply = await call.read()
                 if reply is grpc.aio.EOF:
                     raise Unavailable("the draft closed the stream")
+                if link is not None:
+                    link.answered()
                 self._check(reply, round_.gamma)
                 pending = None
                 on_result(Proposal(list(reply.tokens), reply.compute_ms), None)
         except asyncio.CancelledError:
-            pass
+            if self._aborted and pending is not None:
+                pending[1](None, Unavailable(self._aborted))
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
             log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
             if pending is not None:
                 pending[1](None, Unavailable(_describe(exc)))
         finally:
             self._closed = True
+            if link is not None:
+                link.proposers.discard(self)
             call.cancel()
 
     async def _fits(self, first: Round) -> None:
@@ -208,4 +333,6 @@ class RemoteProposer:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
     return str(exc) or type(exc).__name__

@@ -14,13 +14,20 @@ target's distribution.
 Speculation pays only while the batch is small: past ``disable_by_batch_size``
 sequences running or waiting, no round starts, and rounds under way are
 dropped (vLLM's ``disable_by_batch_size``). A sequence whose drafts are
-mostly rejected, or whose draft fails, goes on without speculation.
+mostly rejected, or whose draft fails, goes on without speculation; so does
+one whose draft lets :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass
+their deadline (alive but silent: a stuck engine behind a SERVING health),
+and its proposer is told (:class:`ReportsUnresponsive`), so that new
+sequences do not wait on that draft until it answers again.
 
 Every method runs on the engine thread except :meth:`Speculator.open`
 (the submitting thread); times are seconds of the engine's clock.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -34,11 +41,30 @@ from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
 
 
+#: Rounds in a row that pass their deadline (``draft_timeout_ms``) after which
+#: a sequence stops speculating: each costs the sequence the whole deadline,
+#: and two in a row mean the draft has stopped answering rather than slowed
+#: down (a slow round past its deadline is followed by an answered one).
+MAX_CONSECUTIVE_TIMEOUTS = 2
+
+
+@runtime_checkable
+class ReportsUnresponsive(Protocol):
+    """A proposer that can be told its draft stopped answering (the remote
+    proposer marks the draft's address, so that new sequences do not wait on
+    it until it answers again). Any thread."""
+
+    def unresponsive(self, reason: str) -> None:
+        """The draft let :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass their deadline."""
+
+
 class Speculator:
     """Speculative decoding with per-sequence proposers, for one engine."""
 
     def __init__(self, settings: SpeculationSettings | None = None) -> None:
         self.settings = settings or SpeculationSettings()
+        #: Per speculating sequence: its ``draft_timeouts`` when a round was last answered in time.
+        self._answered_at: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
 
     # -- named points ------------------------------------------------------------
     def open(self, request: SpeculationRequest, post: Post) -> SpecState:
@@ -90,6 +116,14 @@ class Speculator:
         if not spec.control.worth_it(s):
             spec.disable(f"acceptance {spec.control.ema:.2f} below {s.min_acceptance}")
             return
+        missed = spec.stats.draft_timeouts - self._answered_at.get(seq, 0)
+        if missed >= MAX_CONSECUTIVE_TIMEOUTS:
+            reason = f"draft unresponsive: {missed} rounds in a row passed their {s.draft_timeout_ms:g} ms deadline"
+            proposer = spec.proposer
+            spec.disable(reason)
+            if isinstance(proposer, ReportsUnresponsive):
+                proposer.unresponsive(reason)
+            return
         if demand > s.disable_by_batch_size:
             return
         gamma = min(spec.control.gamma, room)
@@ -121,6 +155,7 @@ class Speculator:
         if error is not None:
             spec.disable(f"draft unavailable: {error}")
             return
+        self._answered_at[seq] = spec.stats.draft_timeouts
         spec.stats.draft_wait_ms += (now - spec.requested_at) * 1000.0
         spec.stats.draft_compute_ms += proposal.compute_ms
         if not proposal.tokens:
