@@ -1,7 +1,11 @@
-"""Helpers shared by the engine-level speculation tests (no I/O)."""
+"""Helpers shared by the speculation and draft tests: sinks, proposers, requests, Propose streams."""
 
 from __future__ import annotations
 
+import asyncio
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2
 from services.speculative.state import Proposal
 from services.speculative.sync import DraftSync
 
@@ -49,3 +53,41 @@ class OracleProposer:
 
     def close(self):
         pass
+
+
+def spec_request(prompt, n, spec=True, gamma=None, draft=None, **sampling) -> gen.GenerateRequest:
+    """A token-id GenerateRequest of ``n`` tokens (EOS ignored), speculating or not."""
+    req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=prompt)),
+                              sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
+    req.speculation.enabled = spec
+    if gamma is not None:
+        req.speculation.gamma = gamma
+    if draft is not None:
+        req.draft_address = draft
+    return req
+
+
+async def run_stream(stub, req):
+    """A whole Generate stream: its token ids and its last chunk."""
+    chunks = [c async for c in stub.Generate(req)]
+    return [t for c in chunks for t in c.token_ids], chunks[-1]
+
+
+class Conversation:
+    """Drives one Propose stream the way a target does."""
+
+    def __init__(self, stub):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.call = stub.Propose(self._requests())
+
+    async def _requests(self):
+        while (msg := await self.queue.get()) is not None:
+            yield msg
+
+    async def round(self, **fields):
+        await self.queue.put(model_pb2.ProposeRequest(**fields))
+        return await self.call.read()
+
+    async def close(self):
+        await self.queue.put(None)
+        self.call.cancel()

@@ -27,7 +27,7 @@ from services.speculative.state import Proposal, SpeculationRequest
 from services.target.config import TargetConfig
 from services.target.main import create_server as create_target
 from tests.conftest import hf_greedy
-from tests.helpers import OracleProposer, Recorder
+from tests.helpers import Conversation, OracleProposer, Recorder
 
 DRAFT_CONTEXT = 32
 
@@ -156,26 +156,6 @@ async def short_draft(tiny_models):
     yield app, model_pb2_grpc.DraftModelStub(channel), channel
     await channel.close()
     await app.stop(0)
-
-
-class Conversation:
-    """Drives one Propose stream the way a target does."""
-
-    def __init__(self, stub):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.call = stub.Propose(self._requests())
-
-    async def _requests(self):
-        while (msg := await self.queue.get()) is not None:
-            yield msg
-
-    async def round(self, **fields):
-        await self.queue.put(model_pb2.ProposeRequest(**fields))
-        return await self.call.read()
-
-    async def close(self):
-        await self.queue.put(None)
-        self.call.cancel()
 
 
 async def test_a_stream_asking_past_the_drafts_context_gets_out_of_range(short_draft, tiny_models):

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import model_pb2, model_pb2_grpc
+from services.common.stubs import model_pb2_grpc
 from services.speculative.distributions import distribution_of
 from services.draft.config import DraftConfig
 from services.draft.main import create_server
 from transformers import LlamaForCausalLM
 from tests.conftest import hf_greedy
+from tests.helpers import Conversation
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +31,6 @@ async def draft(tiny_models):
 @pytest.fixture(scope="module")
 def draft_reference(tiny_models):
     return LlamaForCausalLM.from_pretrained(tiny_models.draft).eval()
-
-
-class Conversation:
-    """Drives one Propose stream the way a target does."""
-
-    def __init__(self, stub):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.call = stub.Propose(self._requests())
-
-    async def _requests(self):
-        while True:
-            msg = await self.queue.get()
-            if msg is None:
-                return
-            yield msg
-
-    async def round(self, **fields):
-        await self.queue.put(model_pb2.ProposeRequest(**fields))
-        return await self.call.read()
-
-    async def close(self):
-        await self.queue.put(None)
-        self.call.cancel()
 
 
 async def test_rounds_keep_the_cache_and_roll_back(draft, draft_reference):

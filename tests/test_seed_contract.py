@@ -10,7 +10,6 @@ import asyncio
 import grpc
 import pytest
 
-from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2_grpc
 from services.draft.config import DraftConfig
 from services.draft.main import create_server as create_draft
@@ -22,7 +21,7 @@ from services.speculative.speculator import Speculator
 from services.speculative.state import SpeculationRequest
 from services.target.config import TargetConfig
 from services.target.main import create_server as create_target
-from tests.helpers import OracleProposer, Recorder
+from tests.helpers import OracleProposer, Recorder, run_stream, spec_request
 
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95)
 
@@ -121,33 +120,17 @@ async def services(tiny_models):
         await app.stop(0)
 
 
-def request(prompt, n, spec, draft=None, gamma=None, **sampling):
-    req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=prompt)),
-                              sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
-    req.speculation.enabled = spec
-    if gamma is not None:
-        req.speculation.gamma = gamma
-    if draft is not None:
-        req.draft_address = draft
-    return req
-
-
-async def run(stub, req):
-    chunks = [c async for c in stub.Generate(req)]
-    return [t for c in chunks for t in c.token_ids], chunks[-1]
-
-
 @pytest.mark.parametrize("draft_kind", ["random", "perfect"])
 async def test_a_seeded_request_gets_the_same_tokens_alone_or_beside_seven_others(services, draft_kind):
     stub, draft, perfect = services
     address = (draft if draft_kind == "random" else perfect).address
     mine = dict(seed=2024, **SAMPLED)
-    plain, _ = await run(stub, request(PROMPT, 20, spec=False, **mine))
-    alone, last = await run(stub, request(PROMPT, 20, spec=True, draft=address, **mine))
+    plain, _ = await run_stream(stub, spec_request(PROMPT, 20, spec=False, **mine))
+    alone, last = await run_stream(stub, spec_request(PROMPT, 20, spec=True, draft=address, **mine))
     assert alone == plain and last.speculation.rounds > 0
-    others = [run(stub, request([30 + i, 31, 32], 12 + i, spec=i % 2 == 0, draft=address, temperature=1.0))
+    others = [run_stream(stub, spec_request([30 + i, 31, 32], 12 + i, spec=i % 2 == 0, draft=address, temperature=1.0))
               for i in range(7)]
-    crowded, *_ = await asyncio.gather(run(stub, request(PROMPT, 20, spec=True, draft=address, **mine)), *others)
+    crowded, *_ = await asyncio.gather(run_stream(stub, spec_request(PROMPT, 20, spec=True, draft=address, **mine)), *others)
     assert crowded[0] == plain
 
 
@@ -157,7 +140,7 @@ async def test_the_draft_draws_with_the_targets_noise_even_for_an_unseeded_reque
     draws, about sum(min(p, q)) = 1 each would be too, but the draft's own
     random seed would make Gumbel-coupled proposals mismatch)."""
     stub, _, perfect = services
-    _, last = await run(stub, request(PROMPT, 24, spec=True, draft=perfect.address, gamma=4, temperature=1.0))
+    _, last = await run_stream(stub, spec_request(PROMPT, 24, spec=True, draft=perfect.address, gamma=4, temperature=1.0))
     s = last.speculation
     assert s.rounds > 0 and s.accepted_tokens == s.proposed_tokens
 
@@ -167,6 +150,6 @@ async def test_the_draft_draws_with_the_targets_noise_even_for_an_unseeded_reque
 async def test_extreme_sampling_values_through_speculation_match_plain_decoding(services, sampling):
     """Float extremes in the target's verification and the draft's proposals."""
     stub, draft, _ = services
-    plain, _ = await run(stub, request(PROMPT, 12, spec=False, seed=5, **sampling))
-    speculated, last = await run(stub, request(PROMPT, 12, spec=True, draft=draft.address, seed=5, **sampling))
+    plain, _ = await run_stream(stub, spec_request(PROMPT, 12, spec=False, seed=5, **sampling))
+    speculated, last = await run_stream(stub, spec_request(PROMPT, 12, spec=True, draft=draft.address, seed=5, **sampling))
     assert speculated == plain and last.speculation.rounds > 0

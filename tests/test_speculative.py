@@ -15,13 +15,13 @@ import grpc
 import pytest
 from scipy.stats import chi2_contingency
 
-from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2_grpc
 from services.draft.config import DraftConfig
 from services.draft.main import create_server as create_draft
 from services.target.config import TargetConfig
 from services.target.main import create_server as create_target
 from tests.conftest import hf_greedy
+from tests.helpers import spec_request, run_stream
 
 
 async def start_draft(model_dir):
@@ -46,30 +46,14 @@ async def suite(tiny_models):
         await app.stop(0)
 
 
-def request(prompt, n, spec=True, gamma=None, draft=None, **sampling):
-    req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=prompt)),
-                              sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
-    req.speculation.enabled = spec
-    if gamma is not None:
-        req.speculation.gamma = gamma
-    if draft is not None:
-        req.draft_address = draft
-    return req
-
-
-async def run(stub, req):
-    chunks = [c async for c in stub.Generate(req)]
-    return [t for c in chunks for t in c.token_ids], chunks[-1]
-
-
 async def test_greedy_speculation_equals_target_only_for_a_random_draft(suite, reference_model):
     stub, *_ = suite
     prompts = [[(11 * i + j) % 350 + 1 for j in range(2 + i % 7)] for i in range(16)]
     jobs = []
     for i, p in enumerate(prompts):
         gamma = 1 + i % 8
-        jobs.append(run(stub, request(p, 12, gamma=gamma)))
-        jobs.append(run(stub, request(p, 12, spec=False)))  # batched with plain requests
+        jobs.append(run_stream(stub, spec_request(p, 12, gamma=gamma)))
+        jobs.append(run_stream(stub, spec_request(p, 12, spec=False)))  # batched with plain requests
     results = await asyncio.gather(*jobs)
     for i, p in enumerate(prompts):
         (spec_tokens, last), (plain_tokens, _) = results[2 * i], results[2 * i + 1]
@@ -80,7 +64,7 @@ async def test_greedy_speculation_equals_target_only_for_a_random_draft(suite, r
 async def test_perfect_draft_is_fully_accepted_and_saves_rounds(suite, reference_model):
     stub, _, perfect, _ = suite
     prompt = [3, 14, 15, 92, 65]
-    tokens, last = await run(stub, request(prompt, 24, gamma=4, draft=perfect.address))
+    tokens, last = await run_stream(stub, spec_request(prompt, 24, gamma=4, draft=perfect.address))
     assert tokens == hf_greedy(reference_model, prompt, 24)
     s = last.speculation
     assert s.accepted_tokens == s.proposed_tokens > 0
@@ -92,7 +76,7 @@ async def test_perfect_draft_is_fully_accepted_and_saves_rounds(suite, reference
 
 async def test_adaptive_gamma_grows_when_everything_is_accepted(suite):
     stub, _, perfect, _ = suite
-    _, last = await run(stub, request([1, 2, 3], 40, draft=perfect.address))
+    _, last = await run_stream(stub, spec_request([1, 2, 3], 40, draft=perfect.address))
     assert len(last.speculation.accepted_per_position) > 4  # started at gamma 4, grew
 
 
@@ -100,7 +84,7 @@ async def test_killing_the_draft_mid_request_changes_nothing(suite, tiny_models,
     stub, *_ = suite
     doomed = await start_draft(tiny_models.draft)
     prompt = [7, 7, 7, 8]
-    call = stub.Generate(request(prompt, 48, gamma=2, draft=doomed.address))
+    call = stub.Generate(spec_request(prompt, 48, gamma=2, draft=doomed.address))
     tokens = []
     async for chunk in call:
         tokens += chunk.token_ids
@@ -117,7 +101,7 @@ async def test_unreachable_draft_falls_back_to_plain_decoding(suite, reference_m
     from tests.conftest import free_port
 
     prompt = [4, 5, 6]
-    tokens, last = await run(stub, request(prompt, 10, draft=f"127.0.0.1:{free_port()}"))
+    tokens, last = await run_stream(stub, spec_request(prompt, 10, draft=f"127.0.0.1:{free_port()}"))
     assert tokens == hf_greedy(reference_model, prompt, 10)
     assert "draft" in last.speculation.disabled_reason
 
@@ -133,7 +117,7 @@ async def test_sampled_speculation_keeps_the_target_distribution(suite):
         out = Counter()
         for start in range(0, n, 50):
             results = await asyncio.gather(*[
-                run(stub, request(prompt, 2, spec=spec, gamma=1, temperature=1.0, top_k=3, seed=seed0 + s))
+                run_stream(stub, spec_request(prompt, 2, spec=spec, gamma=1, temperature=1.0, top_k=3, seed=seed0 + s))
                 for s in range(start, start + 50)])
             out.update(tuple(tokens) for tokens, _ in results)
         return out
