@@ -33,6 +33,14 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+#: Largest request message a server takes: room for a prompt at llmesh's 2 MiB
+#: limit, or a draft stream's first message at a 1 M-token context; grpc
+#: answers RESOURCE_EXHAUSTED to more, before anything is parsed.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+]
 
 
 class Health:
@@ -63,7 +71,7 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
     names = list(service_names)
     server = grpc.aio.server(
         interceptors=[*telemetry.server_interceptors(provider), ErrorInterceptor()],
-        options=CHANNEL_OPTIONS,
+        options=SERVER_OPTIONS,
     )
     health_handle = Health(names)
     health_pb2_grpc.add_HealthServicer_to_server(health_handle.servicer, server)
