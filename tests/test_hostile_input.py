@@ -292,3 +292,19 @@ async def test_limits_on_request_sizes(suite):
     chunks = await generate(stubs[2], request(request_id="r" * 256))
     assert chunks[-1].request_id == "r" * 256
     await still_serving(channels, stubs)
+
+
+async def test_a_later_draft_round_with_a_token_outside_the_vocabulary(suite, tiny_models):
+    """Found by tests/test_fuzz.py: such a round reached the engine and came
+    back INTERNAL; it is OUT_OF_RANGE, and the draft goes on serving."""
+    apps, stubs, channels = suite
+    for bad in (-2**31, -1, tiny_models.vocab_size):
+        call = stubs[1].Propose()
+        await call.write(model_pb2.ProposeRequest(request_id="oov", append_tokens=[5, 6, 7], gamma=3,
+                                                  sampling=gen.SamplingParams(temperature=0.8, top_k=5, seed=1)))
+        assert len((await call.read()).tokens) == 3
+        await call.write(model_pb2.ProposeRequest(append_tokens=[bad], discard=1, gamma=3))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "append_tokens" in err.value.details()
+    await still_serving(channels, stubs)

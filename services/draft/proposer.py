@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.async_engine import AsyncEngine, PersistentSequence
 from services.engine.sequence import GenerationRequest, SamplingOptions
 from services.speculative.sync import DraftSync, Round
@@ -46,7 +46,13 @@ class DraftProposer:
         fewer at the context limit) and, when sampling or asked, each one's
         distribution (``[vocab]`` tensors). ``start`` is required for the first
         round. Raises InvalidArgument naming the field for a round that breaks
-        the protocol, and what the engine raised for a failed round."""
+        the protocol, OutOfRange for a token outside the vocabulary (caught
+        here: in the engine it would fail the forward pass of the whole batch),
+        and what the engine raised for a failed round."""
+        vocab = self._engine.engine.vocab_size
+        bad = next((t for t in round_.append if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OutOfRange("append_tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
         rollback = self.sync.apply(round_)
         if self._seq is None:
             if start is None:
