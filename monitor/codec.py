@@ -31,8 +31,15 @@ def instance_of(pb: router_pb2.InstanceStatus) -> InstanceInfo:
     )
 
 
+#: Longest instance id or pool name in a scope.
+MAX_NAME_CHARS = 256
+
+
 def scope_of(pb: monitor_pb2.Scope) -> Scope:
+    """The scope a request names; InvalidArgument for an empty or overlong name."""
     which = pb.WhichOneof("target")
+    if which is not None and len(getattr(pb, which)) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"scope.{which}", f"must be at most {MAX_NAME_CHARS} characters")
     if which == "instance_id":
         if not pb.instance_id:
             raise InvalidArgument("scope.instance_id", "must not be empty when set")

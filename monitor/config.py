@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from monitor.analysis import Thresholds
 from monitor.metrics import MAX_WINDOW_S, STANDARD_WINDOWS_S
 from services.common.config import BaseConfig, field
+from services.common.validation import valid_address
 
 
 @dataclass
@@ -36,7 +37,7 @@ class MonitorConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.require(bool(self.router.strip()), "router", "must be host:port")
+        self.require(valid_address(self.router), "router", "must be host:port")
         for name in ("watch_interval_s", "list_interval_s", "rpc_timeout_s", "reconnect_initial_s",
                      "analysis_interval_s"):
             value = getattr(self, name)

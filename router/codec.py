@@ -12,7 +12,7 @@ from services.common.load_codec import ROLE_PB, report_of, report_pb
 from services.common.metrics import MetricsSnapshot
 from router.admission import Admission
 from router.cache import ResponseCache
-from services.common.validation import check_generate_request, valid_address
+from services.common.validation import check_address, check_generate_request
 from router.policy import Snapshot, score
 from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, ModelIdentity, State
 
@@ -108,9 +108,22 @@ class CompletionBuilder:
 
 
 # -- instances --------------------------------------------------------------
+#: Longest instance id, pool name, label key or label value; most labels.
+MAX_NAME_CHARS = 256
+MAX_LABELS = 64
+
+
 def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
-    if not valid_address(pb.address):
-        raise InvalidArgument("instance.address", f"must be host:port, got {pb.address!r}")
+    """An instance spec as sent, checked: address host:port, role target or
+    draft, names and labels of bounded size (InvalidArgument naming the field)."""
+    check_address("instance.address", pb.address)
+    for name, value in (("instance.id", pb.id), ("instance.pool", pb.pool)):
+        if len(value) > MAX_NAME_CHARS or value != value.strip():
+            raise InvalidArgument(name, f"must be at most {MAX_NAME_CHARS} characters without surrounding spaces")
+    if len(pb.labels) > MAX_LABELS or any(len(k) > MAX_NAME_CHARS or len(v) > MAX_NAME_CHARS
+                                          for k, v in pb.labels.items()):
+        raise InvalidArgument("instance.labels", f"at most {MAX_LABELS} labels of at most {MAX_NAME_CHARS} "
+                                                 "characters each")
     if pb.role not in ROLE_OF_PB:
         given = stats_pb2.Role.Name(pb.role) if pb.role in stats_pb2.Role.values() else pb.role
         raise InvalidArgument("instance.role", f"must be ROLE_TARGET or ROLE_DRAFT, got {given}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from scaler.policy import InstanceLoad, Policy, WindowLoad
 from scaler.state import Event, ManagedState, PoolMember, PoolView
 from services.common.load_codec import ROLE_PB, role_of
@@ -35,9 +37,23 @@ def instance_loads(reply: monitor_pb2.GetThroughputResponse, targets: set[str]) 
                  for key, m in sorted(reply.per_instance.items()) if key in targets)
 
 
+#: Longest pool name.
+MAX_POOL_CHARS = 256
+
+
 def pool_name(value: str) -> str:
+    """A pool named in a request: not empty, at most MAX_POOL_CHARS characters."""
     if not value.strip():
         raise InvalidArgument("pool", "must not be empty")
+    if len(value) > MAX_POOL_CHARS:
+        raise InvalidArgument("pool", f"must be at most {MAX_POOL_CHARS} characters, got {len(value)}")
+    return value
+
+
+def since_of(value: float) -> float:
+    """GetHistory's ``since``: a finite time in seconds since the epoch (0: from the start)."""
+    if not math.isfinite(value):
+        raise InvalidArgument("since", f"must be a finite number of seconds since the epoch, got {value}")
     return value
 
 

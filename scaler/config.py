@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from services.common.config import BaseConfig, ConfigError, field
+from services.common.validation import valid_address
 
 
 class Backend(enum.Enum):
@@ -63,8 +64,8 @@ class ScalerConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.require(bool(self.router.strip()), "router", "must be host:port")
-        self.require(bool(self.monitor.strip()), "monitor", "must be host:port")
+        self.require(valid_address(self.router), "router", "must be host:port")
+        self.require(valid_address(self.monitor), "monitor", "must be host:port")
         for name in ("rpc_timeout_s", "interval_s", "metrics_window_s", "panic_window_s", "start_timeout_s",
                      "default_scale_up_window_s", "default_scale_down_window_s"):
             value = getattr(self, name)

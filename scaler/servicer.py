@@ -45,7 +45,7 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
 
     async def GetHistory(self, request, context):
         return scaler_pb2.GetHistoryResponse(
-            events=[codec.event_pb(e) for e in self.state.history(request.pool, request.since)])
+            events=[codec.event_pb(e) for e in self.state.history(request.pool, codec.since_of(request.since))])
 
     async def WatchEvents(self, request, context):
         async for event in self.state.watch(request.pool):

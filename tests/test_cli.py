@@ -412,3 +412,44 @@ def test_numeric_flags_out_of_range_are_usage_errors_not_tracebacks(argv, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {next(a for a in argv if a.startswith('--'))}:" in err and "Traceback" not in err
+
+
+def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
+    """Given only --router, status asks the monitor and scaler where `llmesh up`
+    puts them: the router's host, at their offsets from its port."""
+    from services.common.suite import PORT_OFFSETS
+
+    for _ in range(20):
+        base = free_port() - PORT_OFFSETS["router"]
+        servers, ok = [], True
+        for name in ("monitor", "scaler"):
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            servicer = health.HealthServicer()
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            try:
+                bound = server.add_insecure_port(f"127.0.0.1:{base + PORT_OFFSETS[name]}")
+            except RuntimeError:
+                bound = 0
+            ok = ok and bound == base + PORT_OFFSETS[name]
+            servers.append(server)
+        if ok:
+            break
+        for server in servers:
+            server.stop(0)
+    else:
+        pytest.skip("no free port pair next to a free router port")
+    for server in servers:
+        server.start()
+    try:
+        router = f"127.0.0.1:{base + PORT_OFFSETS['router']}"
+        assert main(["status", "--router", router, "--timeout", "1"]) == 1  # no router there
+        out = capsys.readouterr().out
+        assert f"monitor  127.0.0.1:{base + PORT_OFFSETS['monitor']}  SERVING" in out
+        assert f"scaler   127.0.0.1:{base + PORT_OFFSETS['scaler']}  SERVING" in out
+        assert status.suite_addresses("10.0.0.5:60051") == {
+            "router": "10.0.0.5:60051", "target": "10.0.0.5:60061", "draft": "10.0.0.5:60071",
+            "monitor": "10.0.0.5:60081", "scaler": "10.0.0.5:60091"}
+    finally:
+        for server in servers:
+            server.stop(0)

@@ -7,6 +7,10 @@ instances and why; the monitor's GetThroughput adds fleet figures and its
 Analyze the top recommendation. An unreachable service is shown as
 UNREACHABLE, never as a traceback. Exits 0 when router, monitor and scaler
 all answer SERVING, 1 otherwise.
+
+Given only ``--router``, the monitor and scaler are looked for where the
+suite's plan puts them (:mod:`services.common.suite`): on the router's host,
+at their fixed offsets from the router's port (`llmesh up --base-port`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,22 @@ from typing import Any
 
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
-from services.common.suite import DEFAULT_ADDRESSES
+from services.common.suite import DEFAULT_ADDRESSES, PORT_OFFSETS
+
+
+def suite_addresses(router: str) -> dict[str, str]:
+    """Where a suite planned around ``router`` ("host:port") runs each service:
+    same host, each port at its offset from the router's. The default
+    addresses when ``router`` has no numeric port or an offset leaves the
+    port range."""
+    host, sep, port = router.rpartition(":")
+    if not (sep and host and port.isascii() and port.isdigit()):
+        return dict(DEFAULT_ADDRESSES)
+    base = int(port) - PORT_OFFSETS["router"]
+    out = {name: f"{host}:{base + offset}" for name, offset in PORT_OFFSETS.items()}
+    if not all(0 < base + offset <= 65535 for offset in PORT_OFFSETS.values()):
+        return dict(DEFAULT_ADDRESSES)
+    return out
 
 
 def _error(exc) -> str:
@@ -221,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llmesh status: {exc}")
         return 2
-    snapshot = collect(args.router, args.monitor, args.scaler, args.timeout, args.auth_token, tls)
+    suite = suite_addresses(args.router)
+    snapshot = collect(args.router, args.monitor or suite["monitor"], args.scaler or suite["scaler"],
+                       args.timeout, args.auth_token, tls)
     print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return 0 if all(s["health"] == "SERVING" for s in snapshot["services"]) else 1
 
@@ -233,8 +254,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "instances, the fleet's throughput and the monitor's top "
                                           "recommendation.")
     p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
-    p.add_argument("--monitor", default=DEFAULT_ADDRESSES["monitor"], help="monitor address (default: %(default)s)")
-    p.add_argument("--scaler", default=DEFAULT_ADDRESSES["scaler"], help="scaler address (default: %(default)s)")
+    p.add_argument("--monitor", default=None,
+                   help=f"monitor address (default: the router's host, its port + {PORT_OFFSETS['monitor']}, "
+                        f"as `llmesh up` places it: {DEFAULT_ADDRESSES['monitor']} with the default router)")
+    p.add_argument("--scaler", default=None,
+                   help=f"scaler address (default: the router's host, its port + {PORT_OFFSETS['scaler']}: "
+                        f"{DEFAULT_ADDRESSES['scaler']} with the default router)")
     p.add_argument("--timeout", type=argtypes.seconds, default=2.0, help="seconds to wait for each answer (default: %(default)s)")
     p.add_argument("--auth-token", default=os.environ.get("LLMESH_ROUTER_AUTH_TOKEN", ""),
                    help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")

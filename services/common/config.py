@@ -5,7 +5,9 @@ help text (``field(default, "help")``). CLI flags (``--max-batch-size``) and
 environment variables (``LLMESH_<SERVICE>_MAX_BATCH_SIZE``, then
 ``LLMESH_MAX_BATCH_SIZE``) derive from the fields; precedence is flag >
 variable > default. ``validate()`` raises :class:`ConfigError` with a message
-naming the field, never ``assert``.
+naming the field, never ``assert``; every float field (and every float of a
+list field) must be finite, whatever the service (NaN and infinity make no
+sense as a duration, a rate, a weight or a bound).
 
 A renamed field keeps its old names for one release:
 ``field(4, "help", deprecated=("old_name",))`` still accepts ``--old-name``,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import os
 import types
 import typing
@@ -197,6 +200,7 @@ class BaseConfig:
     # -- validation -------------------------------------------------------
     def validate(self) -> None:
         """Raises ConfigError naming the first invalid field."""
+        self._check_finite()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
         if self.grace_period_s < 0:
@@ -238,6 +242,15 @@ class BaseConfig:
     def channels(self) -> Channels:
         """The factory of this service's client channels (TLS with its certificate when it has one)."""
         return Channels(self.tls())
+
+    def _check_finite(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in self._fields():
+            tp, value = hints[f.name], getattr(self, f.name)
+            floats = ([value] if tp is float else
+                      list(value) if typing.get_args(tp) == (float,) and isinstance(value, (list, tuple)) else [])
+            if any(isinstance(v, (int, float)) and not math.isfinite(v) for v in floats):
+                raise ConfigError(f"{f.name}: must be a finite number, got {value!r}")
 
     def require(self, ok: bool, name: str, message: str) -> None:
         if not ok:

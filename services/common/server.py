@@ -28,9 +28,18 @@ from services.common.config import BaseConfig
 from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
-from services.common.tls import CHANNEL_OPTIONS, Channels, is_loopback
+from services.common.tls import MAX_MESSAGE_BYTES, Channels, is_loopback
 
 log = logging.getLogger(__name__)
+
+#: Largest request message a server takes: room for a prompt at llmesh's 2 MiB
+#: limit, or a draft stream's first message at a 1 M-token context; grpc
+#: answers RESOURCE_EXHAUSTED to more, before anything is parsed.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+]
 
 
 class Health:
@@ -82,7 +91,7 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
     server = grpc.aio.server(
         interceptors=[*telemetry.server_interceptors(provider), ErrorInterceptor(),
                       AccessInterceptor(access, verified_peers=mutual)],
-        options=CHANNEL_OPTIONS,
+        options=SERVER_OPTIONS,
     )
     health_handle = Health(names)
     health_pb2_grpc.add_HealthServicer_to_server(health_handle.servicer, server)

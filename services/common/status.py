@@ -51,8 +51,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the service log", ()
 
 
+#: Longest status message sent: a message that quotes a client's huge input
+#: must not exceed the trailing-metadata limit (8 KiB by default), which would
+#: turn the status into another one on the client's side.
+MAX_MESSAGE_CHARS = 1024
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 1] + "…"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, trailers = status_of(exc)
+    message = _bounded(message)
     if trailers:
         context.set_trailing_metadata(trailers)
     await context.abort(code, message)

@@ -3,15 +3,28 @@
 Spans export over OTLP/gRPC when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. The
 gRPC aio instrumentation's interceptors carry the trace context across every
 hop (W3C ``traceparent`` in the call metadata).
+
+A span's context is attached (``contextvars``) when a call's handler starts
+and must be detached in the same asyncio task. grpc.aio drives a streaming
+handler written as an async generator with ``async for`` and, when the call
+ends early (client cancel, deadline, a failed write), leaves the generator
+suspended at its ``yield``; the event loop's asyncgen hook later closes it in
+a task of its own, where the detach fails ("Failed to detach context", one
+traceback per attach). :class:`StreamClosingInterceptor`, outermost, runs
+every such handler as a coroutine that writes each response and closes the
+generator in the call's own task, however the call ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import time
 from collections.abc import Mapping
 
+import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -41,8 +54,38 @@ def make_tracer_provider(service_name: str, instance_id: str = "",
     return provider
 
 
+def _written(behavior):
+    """An async-generator streaming handler as a coroutine handler (grpc's
+    reader/writer form): each response goes out through ``context.write``, and
+    the generator is closed in this task when the call ends, early or not."""
+    async def handler(request_or_iterator, context):
+        async with contextlib.aclosing(behavior(request_or_iterator, context)) as responses:
+            async for response in responses:
+                await context.write(response)
+
+    return handler
+
+
+class StreamClosingInterceptor(grpc.aio.ServerInterceptor):
+    """Closes every streaming handler's generator in its call's task (see the
+    module docstring). Must come first, before the tracing interceptor, so that
+    it drives the generator the tracing interceptor makes."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return handler._replace(unary_stream=_written(handler.unary_stream))
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return handler._replace(stream_stream=_written(handler.stream_stream))
+        return handler
+
+
 def server_interceptors(provider: TracerProvider) -> list:
-    return [aio_server_interceptor(tracer_provider=provider)]
+    """The interceptors every server starts with, outermost first: streams
+    closed in their own task, then a span per call (trace context in)."""
+    return [StreamClosingInterceptor(), aio_server_interceptor(tracer_provider=provider)]
 
 
 def client_interceptors(provider: TracerProvider) -> list:

@@ -14,8 +14,9 @@ Pure functions on the caller's thread; each raises
 from __future__ import annotations
 
 import math
+import re
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, OutOfRange
 from services.common.stubs import generation_pb2 as gen
 
 #: Most tokens a draft may propose in one round (γ), everywhere: requests,
@@ -23,12 +24,37 @@ from services.common.stubs import generation_pb2 as gen
 MAX_GAMMA = 16
 #: Most stop sequences per request.
 MAX_STOP_SEQUENCES = 16
+#: Longest stop sequence, in characters.
+MAX_STOP_CHARS = 1024
+#: Longest text prompt any llmesh service accepts, in bytes of UTF-8 (2 MiB:
+#: more than half a million tokens of English; a model service refuses far
+#: less when its context cannot hold it, see ``services.serving``). Checked
+#: before anything is tokenized, so a huge prompt costs its bytes only.
+MAX_PROMPT_BYTES = 2 * 1024 * 1024
+#: Most token ids in a prompt, and in ``resume_tokens``.
+MAX_PROMPT_TOKENS = 512 * 1024
+#: Longest ``request_id`` (it is echoed in every chunk).
+MAX_REQUEST_ID_CHARS = 256
+
+
+#: A host name (letters, digits, dots, hyphens, underscores: DNS names, IPv4,
+#: compose service names) or an IPv6 address in brackets.
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9]+)?\]")
 
 
 def valid_address(address: str) -> bool:
-    """``host:port`` with a numeric port (IPv6 hosts in brackets)."""
+    """``host:port``: a host name or IPv4 address, or an IPv6 address in
+    brackets, and an ASCII decimal port in [1, 65535]."""
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+    return bool(sep and _HOST.fullmatch(host) and port.isascii() and port.isdigit() and len(port) <= 5
+                and 0 < int(port) <= 65535)
+
+
+def check_address(name: str, address: str) -> str:
+    """``address`` when :func:`valid_address`, else InvalidArgument naming ``name``."""
+    if not valid_address(address):
+        raise InvalidArgument(name, f"must be host:port (e.g. 127.0.0.1:50071), got {address[:100]!r}")
+    return address
 
 
 def check_gamma(name: str, gamma: int) -> int:
@@ -84,12 +110,22 @@ def priority_of(value: int) -> int:
 
 
 def check_prompt(prompt: gen.Prompt) -> str:
-    """Which kind of prompt is set ("text" or "tokens"); refuses an empty one."""
+    """Which kind of prompt is set ("text" or "tokens"); refuses an empty one,
+    and (OutOfRange) one above :data:`MAX_PROMPT_BYTES` / :data:`MAX_PROMPT_TOKENS`."""
     kind = prompt.WhichOneof("kind")
-    if kind == "text" and not prompt.text:
-        raise InvalidArgument("prompt.text", "must not be empty")
-    if kind == "tokens" and not prompt.tokens.ids:
-        raise InvalidArgument("prompt.tokens", "must not be empty")
+    if kind == "text":
+        if not prompt.text:
+            raise InvalidArgument("prompt.text", "must not be empty")
+        size = len(prompt.text) if len(prompt.text) > MAX_PROMPT_BYTES else len(prompt.text.encode("utf-8"))
+        if size > MAX_PROMPT_BYTES:
+            raise OutOfRange("prompt.text", f"is {size} bytes of UTF-8; llmesh accepts at most {MAX_PROMPT_BYTES} "
+                                            f"bytes, and a model's context usually far fewer")
+    if kind == "tokens":
+        if not prompt.tokens.ids:
+            raise InvalidArgument("prompt.tokens", "must not be empty")
+        if len(prompt.tokens.ids) > MAX_PROMPT_TOKENS:
+            raise OutOfRange("prompt.tokens", f"has {len(prompt.tokens.ids)} ids; llmesh accepts at most "
+                                              f"{MAX_PROMPT_TOKENS}, and a model's context usually far fewer")
     if kind is None:
         raise InvalidArgument("prompt", "must not be empty: set prompt.text or prompt.tokens")
     return kind
@@ -104,9 +140,16 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
     s = req.sampling
     distribution_params(s)
     check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens, len(s.stop))
+    if any(len(stop) > MAX_STOP_CHARS for stop in s.stop):
+        raise InvalidArgument("sampling.stop", f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                                            f"got {len(req.request_id)}")
     if req.speculation.HasField("gamma"):
         check_gamma("speculation.gamma", req.speculation.gamma)
-    if req.draft_address and not valid_address(req.draft_address):
-        raise InvalidArgument("draft_address", f"must be host:port, got {req.draft_address!r}")
+    if req.draft_address:
+        check_address("draft_address", req.draft_address)
     if len(req.resume_tokens) >= s.max_new_tokens:
         raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
+    if len(req.resume_tokens) > MAX_PROMPT_TOKENS:
+        raise OutOfRange("resume_tokens", f"has {len(req.resume_tokens)} ids; at most {MAX_PROMPT_TOKENS}")

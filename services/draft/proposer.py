@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.async_engine import AsyncEngine, PersistentSequence
 from services.engine.sequence import GenerationRequest, SamplingOptions
 from services.speculative.sync import DraftSync, Round
@@ -48,8 +48,13 @@ class DraftProposer:
         (``[vocab]`` tensors). ``start`` is required for the first
         round. Raises InvalidArgument naming the field for a round that breaks
         the protocol, OutOfRange for one past the draft's context or with a
-        token id outside its vocabulary, and what the engine raised for a
-        failed round."""
+        token id outside its vocabulary (checked before the round touches the
+        sync state or the engine, where it would fail the forward pass of the
+        whole batch), and what the engine raised for a failed round."""
+        vocab = self._engine.engine.vocab_size
+        bad = next((t for t in round_.append if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OutOfRange("append_tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
         rollback = self.sync.apply(round_)
         if self._seq is None:
             if start is None:

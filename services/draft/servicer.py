@@ -33,7 +33,7 @@ class DraftServicer(model_pb2_grpc.DraftModelServicer):
 
     async def Configure(self, request, context):
         engine = self.app.require_loaded().engine
-        changes = configure_changes(request)
+        changes = configure_changes(request, speculates=False)
         settings = engine.update_settings(**changes) if changes else engine.settings
         return model_pb2.ConfigureResponse(settings=self._settings(settings))
 

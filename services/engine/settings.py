@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
+
+#: Longest ``max_wait_ms``: a request never waits more than a minute for companions.
+MAX_WAIT_MS = 60_000.0
 
 
 @dataclass
@@ -24,10 +28,12 @@ class EngineSettings:
     num_slots: int = 64
 
     def validate(self) -> None:
-        """Raises InvalidArgument naming the first invalid knob."""
+        """Raises InvalidArgument naming the first invalid knob (the same checks
+        for flags at start and ``Configure`` at run time)."""
         checks = [
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
-            ("max_wait_ms", self.max_wait_ms >= 0, "must be >= 0"),
+            ("max_wait_ms", math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS,
+             f"must be a finite number of milliseconds in [0, {MAX_WAIT_MS:g}]"),
             ("max_batch_tokens", self.max_batch_tokens >= self.max_batch_size,
              f"must be >= max_batch_size ({self.max_batch_size})"),
             ("max_queue", self.max_queue >= 0, "must be >= 0"),

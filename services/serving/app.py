@@ -20,9 +20,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
 from services.serving.model_service import ModelServiceConfig, load_report
+from services.serving.prompts import PromptEncoder, max_token_bytes
 from services.common.server import Health, new_server, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
-from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
+from services.common.stubs import SERVICE_NAMES, generation_pb2, stats_pb2, stats_pb2_grpc
 from services.engine.build import LoadedModel, build_engine
 from services.engine.speculation import Speculation
 
@@ -49,6 +50,8 @@ class ModelApp:
             config, [SERVICE_NAMES[service_key], SERVICE_NAMES["stats"]], provider)
         self.instance_id = config.instance_id or f"{service_key}@{config.host}:{self.port}"
         self.loaded: LoadedModel | None = None
+        #: Tokenizes text prompts (set once the model is loaded).
+        self.prompts: PromptEncoder | None = None
         self._nvml = None
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
@@ -64,6 +67,15 @@ class ModelApp:
             raise Unavailable("the model is still loading; retry in a few seconds")
         return self.loaded
 
+    async def prompt_ids(self, prompt: generation_pb2.Prompt) -> list[int]:
+        """The token ids of a checked prompt: its ids, or its text tokenized off
+        the event loop. OutOfRange, before tokenizing, for a text too long for
+        the context; Unavailable while the model loads."""
+        self.require_loaded()
+        if prompt.WhichOneof("kind") == "text":
+            return await self.prompts.encode(prompt.text)
+        return list(prompt.tokens.ids)
+
     def report(self) -> stats_pb2.LoadReport:
         if self.loaded is None:
             return stats_pb2.LoadReport(instance_id=self.instance_id, role=self.role, timestamp=time.time())
@@ -76,10 +88,14 @@ class ModelApp:
         await self.server.start()
         await self.health.set(False)
         c = self.config
-        self.loaded = await asyncio.to_thread(
+        loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
             model_name=c.model_name, speculation=self._speculation() if self._speculation else None)
+        engine = loaded.engine
+        self.prompts = PromptEncoder(engine.tokenizer, engine.max_context,
+                                     await asyncio.to_thread(max_token_bytes, engine.tokenizer))
+        self.loaded = loaded
         self._nvml = nvml_for(self.loaded.device)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)

@@ -6,8 +6,6 @@ runs; this module only builds engine types from a checked request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from services.common.stubs import generation_pb2 as gen
 from services.common.validation import check_generate_request, distribution_params, priority_of
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
@@ -28,15 +26,17 @@ def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
                            ignore_eos=s.ignore_eos)
 
 
-def request_of(req: gen.GenerateRequest, encode: Callable[[str], list[int]],
-               deadline: float | None) -> GenerationRequest:
-    """Checks ``req`` and builds the engine's request; ``encode`` tokenizes a
-    text prompt. Raises InvalidArgument naming the field."""
-    check_generate_request(req)
-    prompt = req.prompt
-    ids = encode(prompt.text) if prompt.WhichOneof("kind") == "text" else list(prompt.tokens.ids)
+#: Checks everything about a GenerateRequest that needs no model; raises
+#: InvalidArgument / OutOfRange naming the field.
+check_request = check_generate_request
+
+
+def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float | None) -> GenerationRequest:
+    """The engine's request for a checked ``req`` whose prompt is ``prompt_ids``
+    (its token ids, or its text tokenized); ``deadline`` in ``time.monotonic()``
+    seconds, None for none."""
     return GenerationRequest(
-        prompt_ids=ids, sampling=sampling_of(req.sampling),
+        prompt_ids=prompt_ids, sampling=sampling_of(req.sampling),
         request_id=req.request_id, priority=priority_of(req.priority), deadline=deadline,
         resume_ids=list(req.resume_tokens),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import BaseConfig, ConfigError, field
+from services.common.errors import InvalidArgument
 from services.common.stubs import model_pb2, stats_pb2
 from services.engine.build import LoadedModel
 from services.engine.engine import EngineLoad
@@ -36,6 +37,10 @@ class ModelServiceConfig(BaseConfig):
         super().validate()
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        self.require(self.threads >= 0, "threads", "must be >= 0 (0: torch's default)")
+        self.require(self.max_context >= 0, "max_context", "must be >= 0 (0: the model's own)")
+        self.require(self.num_slots >= 1, "num_slots", "must be >= 1")
+        self.require(self.metrics_window_s > 0, "metrics_window_s", "must be > 0")
         try:
             self.engine_settings().validate()
         except Exception as exc:  # InvalidArgument names the field
@@ -81,7 +86,17 @@ def model_info(loaded: LoadedModel, instance_id: str, role: int, settings: model
         settings=settings, tokenizer_hash=loaded.tokenizer_hash)
 
 
-def configure_changes(request: model_pb2.ConfigureRequest) -> dict:
-    """The engine knobs a ConfigureRequest sets."""
-    return {name: getattr(request, name) for name in ("max_batch_size", "max_wait_ms", "max_batch_tokens", "max_queue")
-            if request.HasField(name)}
+#: The ConfigureRequest fields that are engine knobs (the rest are the target's speculation knobs).
+ENGINE_FIELDS = ("max_batch_size", "max_wait_ms", "max_batch_tokens", "max_queue")
+SPECULATION_FIELDS = ("speculation_default", "gamma", "gamma_min", "gamma_max", "draft_address")
+
+
+def configure_changes(request: model_pb2.ConfigureRequest, speculates: bool = True) -> dict:
+    """The engine knobs a ConfigureRequest sets (checked by the engine when
+    applied). ``speculates``: False for a service without speculation knobs (the
+    draft), which refuses them with InvalidArgument instead of ignoring them."""
+    if not speculates:
+        for name in SPECULATION_FIELDS:
+            if request.HasField(name):
+                raise InvalidArgument(name, "a draft does not speculate; set it on a target")
+    return {name: getattr(request, name) for name in ENGINE_FIELDS if request.HasField(name)}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from services.common.config import ConfigError, field
 from services.common.errors import InvalidArgument
-from services.common.validation import check_gamma_range
+from services.common.validation import check_address, check_gamma_range
 from services.serving.model_service import ModelServiceConfig
 from services.common.paths import default_model_path
 from services.speculative.gamma import SpeculationSettings
@@ -44,5 +44,12 @@ class TargetConfig(ModelServiceConfig):
         super().validate()
         try:
             check_gamma_range(self.gamma_min, self.gamma, self.gamma_max)
+            if self.draft_address:
+                check_address("draft_address", self.draft_address)
         except InvalidArgument as exc:
             raise ConfigError(str(exc)) from None
+        self.require(self.draft_timeout_ms > 0, "draft_timeout_ms", "must be > 0")
+        self.require(self.draft_hold_ms >= 0, "draft_hold_ms", "must be >= 0 (0: never hold)")
+        self.require(self.speculative_disable_by_batch_size >= 0, "speculative_disable_by_batch_size",
+                     "must be >= 0")
+        self.require(0 <= self.speculation_min_acceptance <= 1, "speculation_min_acceptance", "must be in [0, 1]")

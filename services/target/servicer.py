@@ -8,8 +8,8 @@ from dataclasses import replace
 
 from services.serving import generation_codec as codec
 from services.common.telemetry import record_phases
-from services.common.validation import check_gamma_range
-from services.serving.model_service import configure_changes, model_info, settings_pb
+from services.common.validation import check_address, check_gamma_range
+from services.serving.model_service import SPECULATION_FIELDS, configure_changes, model_info, settings_pb
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
@@ -36,16 +36,19 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         engine = AsyncEngine(loaded.engine)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        encode = lambda text: loaded.engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        req = codec.request_of(request, encode, deadline)
+        codec.check_request(request)
+        req = codec.request_of(request, await self.app.prompt_ids(request.prompt), deadline)
         request_id = request.request_id or uuid.uuid4().hex
         req.speculation = self._speculation(request, req, request_id, loaded.engine.vocab_size)
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
+        # echo_prompt: the prompt's text leads the first chunk's text.
+        echo = loaded.engine.tokenizer.decode(req.prompt_ids) if request.echo_prompt else ""
         async for event in engine.generate(req):
             usage.completion_tokens += len(event.token_ids)
-            chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=event.text,
+            chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=echo + event.text,
                                       usage=usage, instance_id=self.instance_id)
+            echo = ""
             if event.finish_reason is not None:
                 if event.error is not None:
                     raise event.error
@@ -108,10 +111,11 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
 
     async def Configure(self, request, context):
         changes = configure_changes(request)
-        spec = {name: getattr(request, name) for name in
-                ("speculation_default", "gamma", "gamma_min", "gamma_max", "draft_address") if request.HasField(name)}
+        spec = {name: getattr(request, name) for name in SPECULATION_FIELDS if request.HasField(name)}
         g = {k: spec.get(k, getattr(self.config, k)) for k in ("gamma_min", "gamma", "gamma_max")}
         check_gamma_range(g["gamma_min"], g["gamma"], g["gamma_max"])
+        if spec.get("draft_address"):  # "" clears the default draft
+            check_address("draft_address", spec["draft_address"])
         engine = self.app.require_loaded().engine
         settings = engine.update_settings(**changes) if changes else engine.settings
         for name, value in spec.items():
