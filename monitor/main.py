@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -18,7 +17,7 @@ from monitor.prometheus import PrometheusCollector, PrometheusExporter
 from monitor.servicer import MonitorServicer
 from monitor.store import ReportStore
 from services.common import telemetry
-from services.common.server import ServiceApp, setup_logging
+from services.common.server import ServiceApp, run_service, setup_logging
 from services.common.stubs import monitor_pb2_grpc, stats_pb2
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,7 @@ async def serve(config: MonitorConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = MonitorConfig.from_args(argv, prog="llmesh-monitor")
     setup_logging(config.log_level)
-    asyncio.run(serve(config))
-    return 0
+    return run_service("llmesh serve monitor", lambda: serve(config))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -18,7 +17,7 @@ from router.registry import InstanceSpec
 from router.servicer import RouterServicer
 from services.common import telemetry
 from services.common.load import Role
-from services.common.server import ServiceApp, setup_logging
+from services.common.server import ServiceApp, run_service, setup_logging
 from services.common.stubs import router_pb2_grpc, stats_pb2
 from services.common.metrics import WindowedMetrics
 
@@ -72,8 +71,7 @@ async def serve(config: RouterConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = RouterConfig.from_args(argv, prog="llmesh-router")
     setup_logging(config.log_level)
-    asyncio.run(serve(config))
-    return 0
+    return run_service("llmesh serve router", lambda: serve(config))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ from scaler.state import ScalerState
 from services.common import telemetry
 from services.common.config import ConfigError
 from services.common.access import bearer_metadata
-from services.common.server import ServiceApp, setup_logging
+from services.common.server import ServiceApp, run_service, setup_logging
 from services.common.stubs import scaler_pb2_grpc, stats_pb2
 from services.common.paths import default_home, default_model_path
 
@@ -108,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, BackendError) as exc:
         print(f"llmesh-scaler: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
-    return 0
+    return run_service("llmesh serve scaler", lambda: serve(config))
 
 
 if __name__ == "__main__":

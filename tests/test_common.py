@@ -151,3 +151,28 @@ def test_percentiles_are_nearest_rank(values, q, expected):
     assert percentile(values, q) == pytest.approx(expected)
     if values and q in (50, 95, 99):
         assert getattr(Latency.of(values), f"p{q}_ms") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["target", "--model", "/nonexistent/model", "--port", "0"], "no model at /nonexistent/model"),
+    (["router", "--port", "{busy}"], "could not bind 127.0.0.1:{busy}"),
+    (["draft", "--model", "/nonexistent/model", "--port", "{busy}"], "could not bind 127.0.0.1:{busy}"),
+])
+def test_a_service_that_cannot_start_says_why_in_one_line_and_exits_1(argv, says):
+    """Not a 48-line traceback with the cause buried in it (a bad model path,
+    a port in use): one line naming the service and what to fix."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        argv = [a.replace("{busy}", port) for a in argv]
+        run = subprocess.run([sys.executable, "-m", "services.cli.main", "serve", *argv], capture_output=True,
+                             text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 1
+    assert f"llmesh serve {argv[0]}: cannot start: {says.replace('{busy}', port)}" in run.stderr
+    assert "Traceback" not in run.stderr and "never awaited" not in run.stderr

@@ -331,3 +331,14 @@ def test_load_is_an_immutable_snapshot_published_by_the_engine(tiny_models):
     drain(engine)
     after = engine.load()  # idle after work: the windowed metrics are fresh
     assert after.running == 0 and after.metrics.counters["tokens_generated_total"] == 4
+
+
+def test_an_empty_stop_sequence_is_refused_in_process_too(tiny_models):
+    """An empty stop string would match before the first token: the engine's
+    own validation (in-process callers) refuses it as the router and target do."""
+    from services.common.errors import InvalidArgument
+
+    engine = make_engine(tiny_models)
+    with pytest.raises(InvalidArgument, match="stop sequence must not be empty"):
+        engine.submit(GenerationRequest(prompt_ids=[1, 2], sampling=SamplingOptions(max_new_tokens=2, stop=("",))),
+                      lambda ev: None)

@@ -96,6 +96,7 @@ async def test_seeded_sampling_through_router_equals_direct(router, targets):
     (request([1, 2], max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     (request([1, 2], temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     (request([1, 2], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (request([1, 2], stop=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
     (gen.GenerateRequest(prompt=gen.Prompt(text="hi"), sampling=gen.SamplingParams(max_new_tokens=2), priority=42),
      grpc.StatusCode.INVALID_ARGUMENT, "priority"),
     # Only the target knows its context and vocabulary: its status passes through.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
@@ -24,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common import lifeline, telemetry
 from services.common.access import Access, AccessInterceptor
+from services.common import errors
 from services.common.config import BaseConfig
 from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
@@ -100,10 +102,14 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
         server,
     )
     where = f"{config.host}:{config.port}"
-    port = (server.add_insecure_port(where) if tls is None
-            else server.add_secure_port(where, tls.server_credentials(require_client_auth=mutual)))
+    try:
+        port = (server.add_insecure_port(where) if tls is None
+                else server.add_secure_port(where, tls.server_credentials(require_client_auth=mutual)))
+    except RuntimeError:  # grpc's "Failed to bind to address": it returns 0 in older releases
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {where}")
+        raise OSError(f"could not bind {where}: the port is in use or the host is not an address of this "
+                      "machine; choose another --port or --host")
     if tls is None and not is_loopback(config.host):
         log.warning("serving plaintext on %s (--insecure): anyone on the network can read and send calls; "
                     "admin RPCs need the admin token", where)
@@ -198,6 +204,24 @@ class ServiceApp:
         await self.start()
         print(f"{name} serving on {self.address}", flush=True)
         await serve_until_signal(self.server, self.health, self.config.grace_period_s, on_stop=self.close)
+
+
+#: What a service that cannot start raises: a model path with no model, a port
+#: it cannot bind, certificates it cannot read, a config it cannot use.
+STARTUP_ERRORS = (OSError, ValueError, errors.LlmeshError)
+
+
+def run_service(label: str, serve: Callable[[], Awaitable[int | None]]) -> int:
+    """A service process's ``asyncio.run``: returns ``serve()``'s exit status
+    (None counts as 0). A start-up failure is one line on stderr naming the
+    service and what to fix, exit status 1, not a traceback (which is logged
+    at DEBUG)."""
+    try:
+        return asyncio.run(serve()) or 0
+    except STARTUP_ERRORS as exc:
+        log.debug("%s could not start", label, exc_info=exc)
+        print(f"{label}: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def setup_logging(level: str) -> None:

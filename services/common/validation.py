@@ -81,6 +81,17 @@ def check_distribution_values(temperature: float, top_p: float, top_k: int) -> N
         raise InvalidArgument("sampling.top_k", f"must be >= 0, got {top_k}")
 
 
+def check_stop_sequences(stop) -> None:
+    """At most MAX_STOP_SEQUENCES stop strings, each non-empty (an empty one
+    would match before the first token) and at most MAX_STOP_CHARS long."""
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")
+    if any(not text for text in stop):
+        raise InvalidArgument("sampling.stop", "a stop sequence must not be empty (it would end the stream at once)")
+    if any(len(text) > MAX_STOP_CHARS for text in stop):
+        raise InvalidArgument("sampling.stop", f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
+
+
 def check_sampling_values(temperature: float, top_p: float, top_k: int, max_new_tokens: int,
                           num_stop: int) -> None:
     """Every sampling rule that needs no model."""
@@ -140,8 +151,7 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
     s = req.sampling
     distribution_params(s)
     check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens, len(s.stop))
-    if any(len(stop) > MAX_STOP_CHARS for stop in s.stop):
-        raise InvalidArgument("sampling.stop", f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
+    check_stop_sequences(s.stop)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, "
                                             f"got {len(req.request_id)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common.errors import InvalidArgument, OutOfRange
-from services.common.validation import check_sampling_values
+from services.common.validation import check_sampling_values, check_stop_sequences
 from services.engine.sequence import GenerationRequest
 
 
@@ -16,6 +16,7 @@ def validate(request: GenerationRequest, vocab_size: int, max_context: int) -> N
     if bad:
         raise OutOfRange("prompt.tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     check_sampling_values(s.temperature, s.top_p, s.top_k, s.max_new_tokens, len(s.stop))
+    check_stop_sequences(s.stop)
     prompt_len = len(request.prompt_ids)
     if prompt_len >= max_context:
         raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}")

@@ -21,7 +21,7 @@ from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
 from services.serving.model_service import ModelServiceConfig, load_report
 from services.serving.prompts import PromptEncoder, max_token_bytes
-from services.common.server import Health, new_server, serve_until_signal, setup_logging
+from services.common.server import Health, new_server, run_service, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, generation_pb2, stats_pb2, stats_pb2_grpc
 from services.engine.build import LoadedModel, build_engine
@@ -87,6 +87,17 @@ class ModelApp:
         self._loop = asyncio.get_running_loop()
         await self.server.start()
         await self.health.set(False)
+        try:
+            await self._load()
+        except BaseException:
+            await self.server.stop(0)  # a server left running past the loop's end only complains
+            raise
+        await self.health.set(True)
+        log.info("%s serving %s on %s", self.instance_id, self.loaded.model_name, self.address)
+
+    async def _load(self) -> None:
+        """Loads the model, warms it up and starts the engine (off the event
+        loop). FileNotFoundError for a path with no model; what loading raised."""
         c = self.config
         loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
@@ -100,8 +111,6 @@ class ModelApp:
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
         self.loaded.engine.start(on_fatal=self._engine_died)
-        await self.health.set(True)
-        log.info("%s serving %s on %s", self.instance_id, self.loaded.model_name, self.address)
 
     def _engine_died(self, exc: BaseException) -> None:
         """Engine thread: the engine failed its sequences and stopped; the loop
@@ -151,4 +160,4 @@ def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, arg
     serve. Returns the exit status: 0 after a signal, 1 if the engine died."""
     config = config_cls.from_args(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
-    return asyncio.run(serve_app(lambda: create_server(config), label))
+    return run_service(f"llmesh serve {label.split('-')[0]}", lambda: serve_app(lambda: create_server(config), label))
