@@ -207,3 +207,10 @@ def test_training_reports_whether_it_used_bf16(monkeypatch):
 
     stats = train._optimise(model, train.TrainConfig(steps=2, warmup_steps=1), loss, progress=False, desc="t")
     assert stats["bf16_autocast"] is False and seen == [False, False]
+
+
+def test_no_bf16_where_torch_runs_avx2_kernels(monkeypatch):
+    from services.models import train
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert train.native_bf16() is False

@@ -51,9 +51,14 @@ def native_bf16() -> bool:
     """Whether this CPU has bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
 
     Asks torch's own CPU feature probes (``torch.cpu._is_avx512_bf16_supported``,
-    ``_is_amx_tile_supported``); a torch without them answers False, which is
-    always safe (float32 training, at most 1.7x slower).
+    ``_is_amx_tile_supported``), and only while torch's kernels run at AVX512
+    level (``torch.backends.cpu.get_cpu_capability()``: a machine, or an
+    ``ATEN_CPU_CAPABILITY=avx2`` setting, at AVX2 gets False). A torch without
+    the probes answers False, which is always safe (float32 training, at most
+    1.7x slower).
     """
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False  # the kernels in use are AVX2 or older (the CPU, or ATEN_CPU_CAPABILITY, says so)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
