@@ -26,7 +26,6 @@ Every method runs on the engine thread except :meth:`Speculator.open`
 
 from __future__ import annotations
 
-import weakref
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -63,8 +62,6 @@ class Speculator:
 
     def __init__(self, settings: SpeculationSettings | None = None) -> None:
         self.settings = settings or SpeculationSettings()
-        #: Per speculating sequence: its ``draft_timeouts`` when a round was last answered in time.
-        self._answered_at: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
 
     # -- named points ------------------------------------------------------------
     def open(self, request: SpeculationRequest, post: Post) -> SpecState:
@@ -116,7 +113,7 @@ class Speculator:
         if not spec.control.worth_it(s):
             spec.disable(f"acceptance {spec.control.ema:.2f} below {s.min_acceptance}")
             return
-        missed = spec.stats.draft_timeouts - self._answered_at.get(seq, 0)
+        missed = spec.timeouts_in_a_row
         if missed >= MAX_CONSECUTIVE_TIMEOUTS:
             reason = f"draft unresponsive: {missed} rounds in a row passed their {s.draft_timeout_ms:g} ms deadline"
             proposer = spec.proposer
@@ -155,7 +152,7 @@ class Speculator:
         if error is not None:
             spec.disable(f"draft unavailable: {error}")
             return
-        self._answered_at[seq] = spec.stats.draft_timeouts
+        spec.timeouts_in_a_row = 0
         spec.stats.draft_wait_ms += (now - spec.requested_at) * 1000.0
         spec.stats.draft_compute_ms += proposal.compute_ms
         if not proposal.tokens:

@@ -112,6 +112,8 @@ class SpecState:
     #: An answered proposal not yet scored.
     proposal: list[int] | None = None
     active: bool = True
+    #: Rounds given up at their deadline since the draft last answered one in time.
+    timeouts_in_a_row: int = 0
     stats: SpecStats = field(default_factory=SpecStats)
 
     @property
@@ -133,6 +135,7 @@ class SpecState:
             return self.deadline
         self.waiting = False  # too late: decode without it (kept stays 0: the draft discards it)
         self.stats.draft_timeouts += 1
+        self.timeouts_in_a_row += 1
         return None
 
     def take_proposal(self) -> list[int]:
