@@ -1,0 +1,178 @@
+"""The contract, field by field: each test asserts what the comments of
+protos/llmesh/v1/*.proto promise for fields no other test exercises, on
+in-process servers (port 0) with the tiny models. Grouped by proto file; each
+docstring names the fields it covers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2, model_pb2_grpc
+from services.draft.config import DraftConfig
+from services.draft.main import create_server as create_draft
+from services.target.config import TargetConfig
+from services.target.main import create_server as create_target
+from tests.helpers import Conversation
+
+
+@pytest.fixture(scope="module")
+async def draft(tiny_models):
+    app = create_draft(DraftConfig.from_namespace({"model": str(tiny_models.draft), "port": 0}, env={}))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    yield app, model_pb2_grpc.DraftModelStub(channel)
+    await channel.close()
+    await app.stop(0)
+
+
+@pytest.fixture(scope="module")
+async def target(tiny_models, draft):
+    draft_app, _ = draft
+    app = create_target(TargetConfig.from_namespace({
+        "model": str(tiny_models.target), "port": 0, "draft_address": draft_app.address,
+        "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0}, env={}))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    yield app, model_pb2_grpc.TargetModelStub(channel)
+    await channel.close()
+    await app.stop(0)
+
+
+def request(ids, n, spec=None, **sampling) -> gen.GenerateRequest:
+    req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=ids)),
+                              sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
+    if spec is not None:
+        req.speculation.enabled = spec
+    return req
+
+
+async def chunks_of(stub, req):
+    return [c async for c in stub.Generate(req)]
+
+
+# --- generation.proto ------------------------------------------------------
+
+
+async def test_a_plain_stream_reports_usage_timing_and_instance(target):
+    """GenerateChunk.usage (Usage.prompt_tokens, Usage.completion_tokens so far,
+    on every chunk), GenerateChunk.timing (Timing.queue_ms, ttft_ms, tpot_ms,
+    elapsed_ms, on the last chunk), GenerateChunk.instance_id (the target's
+    GetInfo id), GenerateChunk.request_id (assigned when empty),
+    GenerateChunk.finish_reason (LENGTH only on the last chunk)."""
+    _, stub = target
+    info = await stub.GetInfo(model_pb2.GetInfoRequest())
+    prompt = [5, 17, 42, 99]
+    chunks = await chunks_of(stub, request(prompt, 12, spec=False))
+    seen = 0
+    for c in chunks:
+        seen += len(c.token_ids)
+        assert c.usage.prompt_tokens == len(prompt)
+        assert c.usage.completion_tokens == seen
+        assert c.instance_id == info.instance_id and c.instance_id
+        assert c.request_id == chunks[0].request_id and c.request_id
+    assert seen == 12
+    assert all(c.finish_reason == gen.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == gen.FINISH_REASON_LENGTH
+    t = last.timing
+    assert 0 <= t.queue_ms <= t.ttft_ms <= t.elapsed_ms
+    assert t.tpot_ms > 0
+    # ttft + 11 more tokens at the mean tpot is the last token's time, within arrival..finish.
+    assert t.ttft_ms + 11 * t.tpot_ms <= t.elapsed_ms * 1.0001
+
+
+async def test_a_speculative_stream_reports_where_the_rounds_time_went(target):
+    """SpeculationStats.draft_wait_ms, draft_compute_ms, verify_ms (summed over
+    rounds; the draft's compute is part of the target's wait for it),
+    SpeculationStats.rounds, proposed_tokens, accepted_tokens,
+    accepted_per_position, mean_accepted_length, draft_timeouts,
+    rounds_dropped_by_batch_size (0: a lone request never grows the batch)."""
+    _, stub = target
+    chunks = await chunks_of(stub, request([5, 17, 42], 24, spec=True))
+    s = chunks[-1].speculation
+    assert s.rounds > 0 and s.proposed_tokens > 0
+    assert s.draft_compute_ms > 0 and s.verify_ms > 0
+    assert s.draft_wait_ms >= s.draft_compute_ms
+    assert 0 <= s.accepted_tokens <= s.proposed_tokens
+    assert sum(s.accepted_per_position) == s.accepted_tokens
+    assert s.mean_accepted_length == pytest.approx((s.accepted_tokens + s.rounds) / s.rounds, rel=0.2)
+    assert s.draft_timeouts == 0 and s.rounds_dropped_by_batch_size == 0
+    assert s.disabled_reason == ""
+
+
+# --- model.proto -----------------------------------------------------------
+
+
+async def test_get_info_describes_the_loaded_model(target, draft, tiny_models):
+    """ModelInfo.model_name (the directory's name), model_path, vocab_size,
+    max_context, eos_token_ids, num_parameters, dtype, device, role,
+    tokenizer_hash (equal for a draft and target with the same tokenizer), on
+    both TargetModel.GetInfo and DraftModel.GetInfo."""
+    _, tstub = target
+    _, dstub = draft
+    from services.common.stubs import stats_pb2
+
+    for stub, path, role in ((tstub, tiny_models.target, stats_pb2.ROLE_TARGET),
+                             (dstub, tiny_models.draft, stats_pb2.ROLE_DRAFT)):
+        info = await stub.GetInfo(model_pb2.GetInfoRequest())
+        assert info.role == role
+        assert info.model_name == path.name
+        assert info.model_path.rstrip("/").endswith(str(path).rstrip("/"))
+        assert info.vocab_size == tiny_models.vocab_size
+        assert info.max_context == tiny_models.max_context
+        assert list(info.eos_token_ids) == [tiny_models.tokenizer.eos_token_id]
+        assert info.dtype == "float32" and info.device == "cpu"
+        assert info.num_parameters > 0
+    t = await tstub.GetInfo(model_pb2.GetInfoRequest())
+    d = await dstub.GetInfo(model_pb2.GetInfoRequest())
+    assert t.num_parameters > d.num_parameters
+    assert t.tokenizer_hash and t.tokenizer_hash == d.tokenizer_hash
+
+
+async def test_a_draft_reports_its_compute_time_per_round(draft):
+    """ProposeResponse.compute_ms (milliseconds the draft spent on the round),
+    ProposeResponse.tokens (gamma of them)."""
+    _, stub = draft
+    conv = Conversation(stub)
+    try:
+        r = await conv.round(append_tokens=[3, 4, 5, 6], gamma=4)
+        assert len(r.tokens) == 4 and r.compute_ms > 0
+        r = await conv.round(append_tokens=[7], discard=4, gamma=2)
+        assert len(r.tokens) == 2 and r.compute_ms > 0
+    finally:
+        await conv.close()
+
+
+async def test_configured_speculation_default_and_gamma_bounds_govern_requests(target):
+    """ConfigureRequest.speculation_default / EngineSettings.speculation_default
+    (requests that do not say speculate or not as it says),
+    ConfigureRequest.gamma, gamma_min, gamma_max / EngineSettings (an adaptive
+    request proposes within [gamma_min, gamma_max]: pinned all to 2, every
+    round proposes at most 2), ConfigureResponse.settings, ModelInfo.settings."""
+    _, stub = target
+    before = (await stub.GetInfo(model_pb2.GetInfoRequest())).settings
+    try:
+        reply = await stub.Configure(model_pb2.ConfigureRequest(speculation_default=True, gamma_min=2, gamma=2,
+                                                                gamma_max=2))
+        assert reply.settings.speculation_default
+        assert (reply.settings.gamma_min, reply.settings.gamma, reply.settings.gamma_max) == (2, 2, 2)
+        info = await stub.GetInfo(model_pb2.GetInfoRequest())
+        assert info.settings == reply.settings
+        s = (await chunks_of(stub, request([5, 17, 42], 20)))[-1].speculation
+        assert s.rounds > 0
+        assert s.proposed_tokens <= 2 * s.rounds
+        assert len(s.accepted_per_position) <= 2
+        await stub.Configure(model_pb2.ConfigureRequest(speculation_default=False))
+        s = (await chunks_of(stub, request([5, 17, 42], 20)))[-1].speculation
+        assert s.rounds == 0
+        # A request that says so still speculates.
+        s = (await chunks_of(stub, request([5, 17, 42], 20, spec=True)))[-1].speculation
+        assert s.rounds > 0
+    finally:
+        await stub.Configure(model_pb2.ConfigureRequest(
+            speculation_default=before.speculation_default, gamma_min=before.gamma_min, gamma=before.gamma,
+            gamma_max=before.gamma_max))
