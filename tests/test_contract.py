@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import model_pb2, model_pb2_grpc
+from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2, stats_pb2_grpc
 from services.draft.config import DraftConfig
 from services.draft.main import create_server as create_draft
 from services.target.config import TargetConfig
@@ -37,7 +37,7 @@ async def target(tiny_models, draft):
         "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0}, env={}))
     await app.start()
     channel = grpc.aio.insecure_channel(app.address)
-    yield app, model_pb2_grpc.TargetModelStub(channel)
+    yield app, model_pb2_grpc.TargetModelStub(channel), stats_pb2_grpc.StatsStub(channel)
     await channel.close()
     await app.stop(0)
 
@@ -63,7 +63,7 @@ async def test_a_plain_stream_reports_usage_timing_and_instance(target):
     elapsed_ms, on the last chunk), GenerateChunk.instance_id (the target's
     GetInfo id), GenerateChunk.request_id (assigned when empty),
     GenerateChunk.finish_reason (LENGTH only on the last chunk)."""
-    _, stub = target
+    _, stub, _ = target
     info = await stub.GetInfo(model_pb2.GetInfoRequest())
     prompt = [5, 17, 42, 99]
     chunks = await chunks_of(stub, request(prompt, 12, spec=False))
@@ -91,7 +91,7 @@ async def test_a_speculative_stream_reports_where_the_rounds_time_went(target):
     SpeculationStats.rounds, proposed_tokens, accepted_tokens,
     accepted_per_position, mean_accepted_length, draft_timeouts,
     rounds_dropped_by_batch_size (0: a lone request never grows the batch)."""
-    _, stub = target
+    _, stub, _ = target
     chunks = await chunks_of(stub, request([5, 17, 42], 24, spec=True))
     s = chunks[-1].speculation
     assert s.rounds > 0 and s.proposed_tokens > 0
@@ -112,10 +112,8 @@ async def test_get_info_describes_the_loaded_model(target, draft, tiny_models):
     max_context, eos_token_ids, num_parameters, dtype, device, role,
     tokenizer_hash (equal for a draft and target with the same tokenizer), on
     both TargetModel.GetInfo and DraftModel.GetInfo."""
-    _, tstub = target
+    _, tstub, _ = target
     _, dstub = draft
-    from services.common.stubs import stats_pb2
-
     for stub, path, role in ((tstub, tiny_models.target, stats_pb2.ROLE_TARGET),
                              (dstub, tiny_models.draft, stats_pb2.ROLE_DRAFT)):
         info = await stub.GetInfo(model_pb2.GetInfoRequest())
@@ -153,7 +151,7 @@ async def test_configured_speculation_default_and_gamma_bounds_govern_requests(t
     ConfigureRequest.gamma, gamma_min, gamma_max / EngineSettings (an adaptive
     request proposes within [gamma_min, gamma_max]: pinned all to 2, every
     round proposes at most 2), ConfigureResponse.settings, ModelInfo.settings."""
-    _, stub = target
+    _, stub, _ = target
     before = (await stub.GetInfo(model_pb2.GetInfoRequest())).settings
     try:
         reply = await stub.Configure(model_pb2.ConfigureRequest(speculation_default=True, gamma_min=2, gamma=2,
@@ -176,3 +174,61 @@ async def test_configured_speculation_default_and_gamma_bounds_govern_requests(t
         await stub.Configure(model_pb2.ConfigureRequest(
             speculation_default=before.speculation_default, gamma_min=before.gamma_min, gamma=before.gamma,
             gamma_max=before.gamma_max))
+
+
+# --- stats.proto -----------------------------------------------------------
+
+
+async def next_report(call, condition, what):
+    """The first report of a Watch stream that satisfies ``condition`` (bounded by reports, not time)."""
+    for _ in range(400):
+        report = await call.read()
+        if condition(report):
+            return report
+    raise AssertionError(f"no report with {what} in 400 reports")
+
+
+async def test_a_targets_load_report_counts_what_it_served(target):
+    """LoadReport.requests_total, tokens_generated_total, rejected_total (a
+    request refused by a full queue), proposed_tokens_total,
+    accepted_tokens_total, speculation_rounds_total (equal to the request's own
+    SpeculationStats), steps_total; LoadReport.tpot, ttft, e2e, queue_time
+    (samples behind them); kv_cache_used_tokens <= kv_cache_capacity_tokens and
+    kv_cache_usage their ratio; batch_fill = mean_batch_size / max_batch_size;
+    token_efficiency in (0, 1]; timestamp, window_s, role, instance_id."""
+    _, stub, stats = target
+    info = await stub.GetInfo(model_pb2.GetInfoRequest())
+    call = stats.Watch(stats_pb2.WatchStatsRequest(interval_s=0.05))
+    try:
+        before = await call.read()
+        await stub.Configure(model_pb2.ConfigureRequest(max_queue=0))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await chunks_of(stub, request([1, 2, 3], 4, spec=False))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await stub.Configure(model_pb2.ConfigureRequest(max_queue=info.settings.max_queue))
+        s = (await chunks_of(stub, request([5, 17, 42], 16, spec=True)))[-1].speculation
+        assert s.rounds > 0
+        r = await next_report(call, lambda r: r.requests_total >= before.requests_total + 1
+                              and r.rejected_total >= before.rejected_total + 1, "the request and the refusal")
+        assert r.instance_id == info.instance_id and r.role == stats_pb2.ROLE_TARGET
+        assert r.timestamp >= before.timestamp and r.window_s > 0
+        assert r.requests_total - before.requests_total == 1
+        assert r.rejected_total - before.rejected_total == 1
+        assert r.tokens_generated_total - before.tokens_generated_total == 16
+        assert r.speculation_rounds_total - before.speculation_rounds_total == s.rounds
+        assert r.proposed_tokens_total - before.proposed_tokens_total == s.proposed_tokens
+        assert r.accepted_tokens_total - before.accepted_tokens_total == s.accepted_tokens
+        assert r.steps_total > before.steps_total
+        for summary in (r.ttft, r.tpot, r.e2e, r.queue_time):
+            assert summary.count >= 1
+            assert 0 <= summary.p50_ms <= summary.p95_ms <= summary.p99_ms
+        assert r.tpot.mean_ms > 0
+        assert r.kv_cache_capacity_tokens > 0 and 0 <= r.kv_cache_used_tokens <= r.kv_cache_capacity_tokens
+        assert r.kv_cache_usage == pytest.approx(r.kv_cache_used_tokens / r.kv_cache_capacity_tokens)
+        assert r.mean_batch_size > 0
+        assert r.batch_fill == pytest.approx(r.mean_batch_size / r.max_batch_size)
+        assert 0 < r.token_efficiency <= 1
+    finally:
+        call.cancel()
