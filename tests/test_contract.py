@@ -232,3 +232,53 @@ async def test_a_targets_load_report_counts_what_it_served(target):
         assert 0 < r.token_efficiency <= 1
     finally:
         call.cancel()
+
+
+# --- router.proto ----------------------------------------------------------
+
+
+async def test_the_router_lists_labels_pools_priorities_and_cache_evictions(target):
+    """InstanceSpec.labels (kept and listed), InstanceStatus.problem ("" while
+    routable, "draining" once drained), InstanceStatus.state,
+    ListInstancesRequest.role and .pool (filters), PoolAdmission.priorities
+    (the classes whose requests go to the pool first), PoolAdmission.in_flight
+    and max_in_flight (0: no bound), RouterStats.cache_evictions (answers
+    dropped for the size bound), cache_entries, cache_capacity, in_flight;
+    CompleteResponse.instance_id (the id the router registered the instance
+    under), usage, timing, finish_reason, cached; Router.DrainInstance."""
+    from tests.router_helpers import running_router, wait_routable
+    from services.common.stubs import router_pb2
+
+    app, _, _ = target
+    async with running_router(cache_size=2, pools=["batch=bulk"]) as (_, stub, _):
+        await stub.RegisterInstance(router_pb2.RegisterInstanceRequest(instance=router_pb2.InstanceSpec(
+            id="t1", address=app.address, role=stats_pb2.ROLE_TARGET, labels={"rack": "a", "zone": "z"})))
+        await wait_routable(stub, ["t1"])
+        replies = [await stub.Complete(request([9, 8, i], 3, spec=False)) for i in range(3)]
+        for r in replies:
+            assert r.instance_id == "t1" and not r.cached
+            assert r.finish_reason == gen.FINISH_REASON_LENGTH and len(r.token_ids) == 3
+            assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 3)
+            assert 0 < r.timing.ttft_ms <= r.timing.elapsed_ms
+        again = await stub.Complete(request([9, 8, 2], 3, spec=False))
+        assert again.cached and list(again.token_ids) == list(replies[2].token_ids)
+        listed = await stub.ListInstances(router_pb2.ListInstancesRequest())
+        stats = listed.router
+        assert (stats.cache_capacity, stats.cache_entries, stats.cache_evictions) == (2, 2, 1)
+        assert (stats.cache_hits, stats.cache_misses) == (1, 3)
+        assert stats.in_flight == 0
+        pools = {p.pool: p for p in stats.pools}
+        assert set(pools) == {"bulk", "default"}
+        assert list(pools["bulk"].priorities) == [gen.PRIORITY_BATCH]
+        assert sorted(pools["default"].priorities) == [gen.PRIORITY_NORMAL, gen.PRIORITY_INTERACTIVE]
+        assert all(p.in_flight == 0 and p.max_in_flight == 0 for p in pools.values())
+        (inst,) = listed.instances
+        assert dict(inst.spec.labels) == {"rack": "a", "zone": "z"} and inst.spec.pool == "default"
+        assert inst.problem == "" and inst.state == router_pb2.INSTANCE_STATE_ACTIVE
+        for req, ids in ((router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_DRAFT), []),
+                         (router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_TARGET), ["t1"]),
+                         (router_pb2.ListInstancesRequest(pool="bulk"), []),
+                         (router_pb2.ListInstancesRequest(pool="default"), ["t1"])):
+            assert [i.spec.id for i in (await stub.ListInstances(req)).instances] == ids
+        drained = (await stub.DrainInstance(router_pb2.DrainInstanceRequest(id="t1"))).instance
+        assert drained.state == router_pb2.INSTANCE_STATE_DRAINING and "draining" in drained.problem
