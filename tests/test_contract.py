@@ -282,3 +282,41 @@ async def test_the_router_lists_labels_pools_priorities_and_cache_evictions(targ
             assert [i.spec.id for i in (await stub.ListInstances(req)).instances] == ids
         drained = (await stub.DrainInstance(router_pb2.DrainInstanceRequest(id="t1"))).instance
         assert drained.state == router_pb2.INSTANCE_STATE_DRAINING and "draining" in drained.problem
+
+
+# --- monitor.proto ---------------------------------------------------------
+
+from tests.test_monitor_service import fake_router, instances, monitor  # noqa: E402,F401  (fixtures)
+
+
+async def test_the_monitor_reports_time_per_output_token(fake_router, instances, monitor):  # noqa: F811
+    """ThroughputMetrics.tpot (from LoadReport.tpot: per instance as reported,
+    merged over a pool: p50 and mean count-weighted, p95/p99 the worst,
+    count summed), GetThroughputResponse.per_instance, Scope.pool."""
+    from services.common.stubs import monitor_pb2
+
+    a = await instances("target-a", tokens_per_s=100, requests_per_s=10, tpot=stats_pb2.LatencySummary(
+        p50_ms=10, p95_ms=30, p99_ms=50, mean_ms=12, count=30))
+    b = await instances("target-b", tokens_per_s=100, requests_per_s=10, tpot=stats_pb2.LatencySummary(
+        p50_ms=20, p95_ms=25, p99_ms=60, mean_ms=22, count=10))
+    fake_router.add("a", a.address, pool="p")
+    fake_router.add("b", b.address, pool="p")
+    mon = await monitor(fake_router.address)
+
+    async def both():
+        try:
+            reply = await mon.throughput(window_s=1.0, pool="p")
+        except grpc.aio.AioRpcError as err:  # NOT_FOUND until the monitor has discovered the pool
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            return False
+        return reply.metrics.instances == 2 and reply.metrics.tpot.count == 40 and reply
+
+    from tests.conftest import eventually
+
+    reply = await eventually(both, what="both instances' tpot")
+    t = reply.metrics.tpot
+    assert t.p50_ms == pytest.approx((10 * 30 + 20 * 10) / 40)
+    assert t.mean_ms == pytest.approx((12 * 30 + 22 * 10) / 40)
+    assert (t.p95_ms, t.p99_ms) == (30, 60)
+    assert reply.per_instance["a"].tpot.p50_ms == 10 and reply.per_instance["b"].tpot.p99_ms == 60
+    assert isinstance(reply, monitor_pb2.GetThroughputResponse)
