@@ -5,6 +5,7 @@ warm-up, drain, failures."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -136,6 +137,9 @@ async def test_set_policy_without_pool_or_policy_is_refused(fake_router, scaler)
 
 
 async def test_policy_scale_to_history_and_events(fake_router, scaler):
+    """Also ManagedInstance.started_at: wall-clock time the scaler started
+    the instance (0 for an external one)."""
+    began = time.time()
     fake_router.add("t1", "10.0.0.1:50061")
     running = await scaler(fake_router.address)
     stub = running.stub
@@ -166,6 +170,8 @@ async def test_policy_scale_to_history_and_events(fake_router, scaler):
     assert (pool.current, pool.desired, pool.starting) == (3, 3, 0)
     managed = [i for i in pool.instances if i.state == scaler_pb2.MANAGED_STATE_SERVING]
     assert len(managed) == 2 and all(i.backend_ref.startswith("fake ") for i in managed)
+    assert all(began <= i.started_at <= time.time() for i in managed)
+    assert [i.started_at for i in pool.instances if i.state == scaler_pb2.MANAGED_STATE_EXTERNAL] == [0.0]
     for target in running.backend.targets.values():
         (warmup,) = target.generations
         assert warmup.sampling.max_new_tokens == 2 and not warmup.speculation.enabled
