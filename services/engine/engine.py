@@ -137,14 +137,19 @@ class Engine:
         self._commands.post(lambda: self._resume(seq, discard, append, budget), seq)
 
     def update_settings(self, **changes) -> EngineSettings:
-        """Applies knob changes at the next step boundary and returns the new
-        settings. Raises InvalidArgument for invalid values, FailedPrecondition
-        for ``num_slots`` (fixed while the engine runs)."""
+        """Applies knob changes and returns the new settings: admission
+        (``max_queue``, checked by :meth:`submit` on callers' threads) from the
+        next submit on, so a caller that sees the answer sees the change; the
+        scheduler's knobs at the next step boundary. Raises InvalidArgument for
+        invalid values, FailedPrecondition for ``num_slots`` (fixed while the
+        engine runs)."""
         candidate = EngineSettings(**{**vars(self.settings), **changes})
         candidate.validate()
         if candidate.num_slots != self.settings.num_slots:
             raise FailedPrecondition("num_slots cannot change while the engine runs")
-        self._commands.post(lambda: setattr(self.scheduler, "settings", candidate) or setattr(self, "settings", candidate))
+        with self._queued_lock:  # submit reads max_queue under this lock
+            self.settings = candidate  # one reference swap; EngineSettings is not changed in place
+        self._commands.post(lambda: setattr(self.scheduler, "settings", candidate))
         return candidate
 
     def load(self) -> EngineLoad:
