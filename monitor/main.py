@@ -80,7 +80,7 @@ async def serve(config: MonitorConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = MonitorConfig.from_args(argv, prog="llmesh-monitor")
+    config = MonitorConfig.from_command_line(argv, prog="llmesh-monitor")
     setup_logging(config.log_level)
     return run_service("llmesh serve monitor", lambda: serve(config))
 

@@ -69,7 +69,7 @@ async def serve(config: RouterConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = RouterConfig.from_args(argv, prog="llmesh-router")
+    config = RouterConfig.from_command_line(argv, prog="llmesh-router")
     setup_logging(config.log_level)
     return run_service("llmesh serve router", lambda: serve(config))
 

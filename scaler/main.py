@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level)
         make_backend(config)  # refuse an unimplemented backend before anything starts
     except (ConfigError, BackendError) as exc:
-        print(f"llmesh-scaler: {exc}", file=sys.stderr)
+        print(f"llmesh-scaler: error: {exc}", file=sys.stderr)
         return 2
     return run_service("llmesh serve scaler", lambda: serve(config))
 

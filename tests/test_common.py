@@ -176,3 +176,42 @@ def test_a_service_that_cannot_start_says_why_in_one_line_and_exits_1(argv, says
     assert run.returncode == 1
     assert f"llmesh serve {argv[0]}: cannot start: {says.replace('{busy}', port)}" in run.stderr
     assert "Traceback" not in run.stderr and "never awaited" not in run.stderr
+
+
+def test_a_port_held_by_a_running_grpc_server_is_refused_not_shared():
+    """gRPC servers set SO_REUSEPORT by default, so a second llmesh service on
+    a port in use used to bind beside the first (the kernel then splits the
+    connections); llmesh servers turn it off and refuse instead."""
+    import subprocess
+    import sys
+    from concurrent import futures
+    from pathlib import Path
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # grpc's defaults: SO_REUSEPORT on
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "services.cli.main", "serve", "router", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        server.stop(0)
+    assert run.returncode == 1
+    assert f"llmesh serve router: cannot start: could not bind 127.0.0.1:{port}" in run.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["router", "--host", "0.0.0.0", "--port", "0"], "host: '0.0.0.0' is reachable from other machines"),
+    (["router", "--port", "0", "--eject-for-s", "-1"], "eject_for_s: must be >= 0"),
+    (["target", "--port", "0", "--max-batch-size", "0"], "max_batch_size: must be >= 1"),
+    (["monitor", "--port", "0", "--watch-interval-s", "nan"], "watch_interval_s"),
+])
+def test_a_config_a_service_cannot_use_is_one_line_and_exit_2(argv, says):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-m", "services.cli.main", "serve", *argv], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2
+    assert "error:" in run.stderr and says in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

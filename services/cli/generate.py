@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             if not ends_with_newline:
                 print(flush=True)
-            print(f"llmesh generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            hint = ""
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and tls is None and tokens == 0:
+                hint = " (if the suite serves TLS, as `llmesh up --tls` does, pass --tls or --tls-ca)"
+            print(f"llmesh generate: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
             return 1
     if not ends_with_newline:
         print(flush=True)

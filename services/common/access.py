@@ -132,12 +132,14 @@ class Access:
         return (method in ADMIN_METHODS and not self.admin_open) or method.startswith(self.client_prefixes)
 
     def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None,
-              identity: str | None = None) -> None:
+              identity: str | None = None, certificates: bool = False) -> None:
         """Allows the call or raises Unauthenticated / PermissionDenied.
 
         ``method``: the full method name; ``metadata``: the call's metadata;
         ``identity``: the common name of the client certificate the transport
-        verified (None: no verified certificate).
+        verified (None: no verified certificate); ``certificates``: whether
+        this port asks clients for certificates at all (the refusal says only
+        what can work on it).
         """
         need_admin = method in ADMIN_METHODS and not self.admin_open
         need_client = method.startswith(self.client_prefixes)
@@ -151,11 +153,14 @@ class Access:
             return
         if need_admin:
             if token is None and identity is None:
-                raise Unauthenticated(
-                    f"{_short(method)} is an admin RPC: send `authorization: Bearer <admin token>` (the token "
-                    f"the service was given with --admin-token / LLMESH_ADMIN_TOKEN) or call with a llmesh "
-                    f"service certificate" + ("" if self.has_admin_token else
-                                              " (this service has no admin token: only certificates can)"))
+                how = ("send `authorization: Bearer <admin token>` (the token the service was given with "
+                       "--admin-token / LLMESH_ADMIN_TOKEN)")
+                if certificates:
+                    how += " or call with an admin llmesh certificate" + (
+                        "" if self.has_admin_token else " (this service has no admin token: only certificates can)")
+                elif not self.has_admin_token:
+                    how += " (this service was given none: start it with --admin-token)"
+                raise Unauthenticated(f"{_short(method)} is an admin RPC: {how}")
             who = "the client token" if token is not None else f"the certificate of {identity!r}"
             raise PermissionDenied(
                 f"{_short(method)} is an admin RPC and {who} does not allow administration: use the admin token"
@@ -204,7 +209,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         def check(context) -> None:
             identity = peer_identity(context) if self.verified_peers else None
-            self.access.check(method, context.invocation_metadata(), identity)
+            self.access.check(method, context.invocation_metadata(), identity, certificates=self.verified_peers)
 
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)

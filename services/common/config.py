@@ -19,6 +19,7 @@ to users by default) each time one is used.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import enum
 import math
@@ -196,6 +197,17 @@ class BaseConfig:
                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv), env)
+
+    @classmethod
+    def from_command_line(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
+        """:meth:`from_args` for a service's ``main``: a value the service
+        cannot use (ConfigError) is one line on stderr naming the field and
+        exit status 2, as argparse's own usage errors are, not a traceback."""
+        try:
+            return cls.from_args(argv, prog=prog)
+        except ConfigError as exc:
+            print(f"{prog or 'llmesh'}: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     # -- validation -------------------------------------------------------
     def validate(self) -> None:

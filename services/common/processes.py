@@ -49,9 +49,10 @@ def connect_address(spec: ServiceSpec) -> str:
 def busy_ports(host: str, ports: Sequence[int]) -> list[int]:
     """The ports that cannot be bound on ``host`` right now.
 
-    gRPC servers set SO_REUSEPORT, so a second suite would bind next to a
-    running one and its health checks would reach the old processes; a bind
-    without SO_REUSEPORT fails on any port a server listens on. The probe
+    Checked before anything starts, so that `llmesh up` names every busy
+    port at once (each service would also refuse its own: llmesh servers
+    turn gRPC's default SO_REUSEPORT off). A bind without SO_REUSEPORT fails
+    on any port a server listens on, with or without it. The probe
     sets SO_REUSEADDR (as servers do), so connections of a suite that just
     stopped, left in TIME_WAIT for a minute, do not count as busy.
     """

@@ -41,6 +41,9 @@ MAX_REQUEST_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use would
+    # bind beside the first and the kernel would split connections between them.
+    ("grpc.so_reuseport", 0),
 ]
 
 

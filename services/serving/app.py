@@ -21,7 +21,7 @@ from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
 from services.serving.model_service import ModelServiceConfig, load_report
 from services.serving.prompts import PromptEncoder, max_token_bytes
-from services.common.server import Health, new_server, run_service, serve_until_signal, setup_logging
+from services.common.server import new_server, run_service, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, generation_pb2, stats_pb2, stats_pb2_grpc
 from services.engine.build import LoadedModel, build_engine
@@ -158,6 +158,6 @@ async def serve_app(make_app: Callable[[], ModelApp], label: str) -> int:
 def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, argv) -> int:
     """A model service's ``main``: config from flags and environment, then
     serve. Returns the exit status: 0 after a signal, 1 if the engine died."""
-    config = config_cls.from_args(argv, prog=f"llmesh serve {label.split('-')[0]}")
+    config = config_cls.from_command_line(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
     return run_service(f"llmesh serve {label.split('-')[0]}", lambda: serve_app(lambda: create_server(config), label))
