@@ -383,11 +383,16 @@ def test_status_renders_instances_and_throughput():
         "services": [{"name": "router", "address": "r:1", "health": "SERVING"}],
         "instances": [{"id": "t@1", "address": "t:1", "role": "target", "pool": "default", "health": "serving",
                        "state": "active", "queue": 2, "running": 3, "tokens_per_second": 41.5,
-                       "utilization": 0.5}],
+                       "utilization": 0.5},
+                      {"id": "m@2", "address": "m:2", "role": "target", "pool": "default", "health": "not_serving",
+                       "state": "active", "queue": 0, "running": 0, "tokens_per_second": 0.0, "utilization": 0.0,
+                       "problem": "does not answer as a target (UNIMPLEMENTED)"}],
         "throughput": {"window_s": 10.0, "requests_per_second": 1.5, "tokens_per_second": 41.5,
                        "accelerator_utilization": 0.5, "queue_length": 2, "in_flight": 5, "instances": 1},
     }
     lines = status.render(snapshot).splitlines()
+    assert "  m@2 gets no requests: does not answer as a target (UNIMPLEMENTED)" in lines
+    assert lines[-1].endswith("· 5 in flight · 1 instance")
     assert lines[:3] == ["SERVICE  ADDRESS  HEALTH", "router   r:1      SERVING", ""]
     assert lines[3].split() == ["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING",
                                 "TOK/S", "UTIL"]

@@ -61,6 +61,8 @@ def instance_row(inst) -> dict[str, Any]:
         "queue": load.queue_length, "running": load.running, "tokens_per_second": round(load.tokens_per_second, 2),
         "utilization": round(load.accelerator_utilization, 4), "load_age_s": round(inst.load_age_s, 2),
         "score": round(inst.score, 4),
+        # Why the router sends it nothing right now ("" when it can route to it).
+        "problem": inst.problem,
     }
 
 
@@ -177,6 +179,7 @@ def render(snapshot: dict[str, Any]) -> str:
                         + [[i["id"], i["role"], i["address"], i["health"], i["state"], i["pool"],
                             str(i["queue"]), str(i["running"]), f"{i['tokens_per_second']:.1f}",
                             f"{i['utilization']:.0%}"] + ([f"{i['score']:.3f}"] if scored else []) for i in rows])
+        lines += [f"  {i['id']} gets no requests: {i['problem']}" for i in rows if i.get("problem")]
     r = snapshot.get("router_stats")
     if r is not None:
         cache = (f"cache {r['cache_hits']} hits / {r['cache_misses']} misses ({r['cache_entries']}/"
@@ -196,7 +199,8 @@ def render(snapshot: dict[str, Any]) -> str:
     else:
         lines.append(f"fleet over {t['window_s']:.0f} s: {t['requests_per_second']:.2f} req/s · "
                      f"{t['tokens_per_second']:.1f} tokens/s · utilisation {t['accelerator_utilization']:.0%} · "
-                     f"queue {t['queue_length']} · {t['in_flight']} in flight · {t['instances']} instances")
+                     f"queue {t['queue_length']} · {t['in_flight']} in flight · {t['instances']} instance"
+                     + ("" if t["instances"] == 1 else "s"))
     if "recommendation_error" in snapshot:
         lines.append(f"top recommendation: unknown (monitor: {snapshot['recommendation_error']})")
     elif "recommendation" in snapshot:
