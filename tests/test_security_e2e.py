@@ -13,18 +13,14 @@ import grpc
 import pytest
 
 from services.common.stubs import model_pb2, model_pb2_grpc, router_pb2_grpc
-from tests.test_e2e import REPO, Suite, alive, greedy, tokens_of, wait_until_routable
+from tests.e2e_helpers import REPO, Suite, alive, greedy, make_home, tokens_of, wait_until_routable
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def home(tiny_models, tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("llmesh-tls-home")
-    (home / "models").mkdir()
-    (home / "models" / "target").symlink_to(tiny_models.target)
-    (home / "models" / "draft").symlink_to(tiny_models.draft)
-    return home
+    return make_home(tiny_models, tmp_path_factory, "llmesh-tls-home")
 
 
 def test_up_with_tls_serves_over_tls_only_and_stops_cleanly(home):
