@@ -30,7 +30,7 @@ from services.common.config import BaseConfig
 from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
-from services.common.tls import MAX_MESSAGE_BYTES, Channels, is_loopback
+from services.common.tls import MAX_MESSAGE_BYTES, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
         log.warning("serving plaintext on %s (--insecure): anyone on the network can read and send calls; "
                     "admin RPCs need the admin token", where)
     return server, port, health_handle
-
-
-def insecure_channel(address: str, provider: TracerProvider | None = None,
-                     options: list[tuple[str, object]] = ()) -> grpc.aio.Channel:
-    """A plaintext client channel that propagates trace context when given a
-    provider; ``options`` add to (or override) the message-size limits.
-    Services open theirs with ``config.channels().open`` (TLS when configured)."""
-    return Channels(None).open(address, provider, options)
 
 
 async def serve_until_signal(server: grpc.aio.Server, health_handle: Health, grace_s: float,
