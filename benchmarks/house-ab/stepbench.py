@@ -10,9 +10,15 @@ from services.engine.settings import EngineSettings
 from services.engine.sequence import GenerationRequest, SamplingOptions
 
 VOCAB = 4096
-class Cache: capacity_tokens = 64 * 2048
+class Cache:
+    capacity_tokens = 64 * 2048
+    num_slots = 64
 class FakeRunner:
     max_len = 2048; vocab_size = VOCAB; cache = Cache()
+    # The real per-row precondition check, where the runner has one (issue 11 and later).
+    from services.engine.model_runner import ModelRunner as _Real
+    if hasattr(_Real, "check"):
+        check = _Real.check
     def timed_forward(self, rows):
         out = []
         for r in rows:

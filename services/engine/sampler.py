@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import random
 
+import math
+
 import torch
 
 from services.common.errors import ModelFault
@@ -66,7 +68,11 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
 
 def check_logits(logits: torch.Tensor) -> None:
     """Raises ModelFault unless every row of ``logits`` (``[..., vocab]``) is
-    usable: no NaN or +inf, and at least one finite value (-inf masks a token)."""
+    usable: no NaN or +inf, and at least one finite value (-inf masks a token).
+    One reduction on the usual path (``amax`` propagates NaN), on the hot path
+    of every sampled row; the details only when something is wrong."""
+    if bool(torch.isfinite(logits.amax(-1)).all()):  # no NaN (amax propagates it), no +inf, not all -inf
+        return
     if torch.isnan(logits).any():
         raise ModelFault("the model's scores for this sequence are NaN; the request cannot continue")
     if torch.isposinf(logits).any():
@@ -130,9 +136,10 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, seed: int, position: int
     Gumbel-max draw of (seed, position). Pure: any thread (the engine's in
     practice). Raises ModelFault for unusable logits."""
     if opts.greedy:
-        check_logits(logits)
-        token = int(torch.argmax(logits))
-        return token, (warp(logits, opts) if want_probs else None)
+        best, index = logits.max(-1)  # one pass: the first maximal id, and a value that is NaN/inf if the row is
+        if not math.isfinite(float(best)):
+            check_logits(logits)  # raises, saying what is wrong
+        return int(index), (warp(logits, opts) if want_probs else None)
     scores = warp_scores(logits, opts)
     token = gumbel_argmax(scores, seed, position)
     return token, (torch.softmax(scores, dim=-1) if want_probs else None)
