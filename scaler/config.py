@@ -41,6 +41,8 @@ class ScalerConfig(BaseConfig):
     default_scale_up_window_s: float = field(30.0, "scale_up_window_s of a pool that has no policy set")
     default_scale_down_window_s: float = field(300.0, "scale_down_window_s of a pool that has no policy set")
     history_limit: int = field(10_000, "scaling events kept (the oldest are forgotten first)")
+    metrics_port: int = field(-1, "HTTP port of the Prometheus /metrics (instances per pool) (0: any free port, "
+                                  "-1: none)")
     # -- the local backend --------------------------------------------------------
     target_model: str = field("", "model directory of the target instances the local backend starts "
                                   "(default: HOME/models/target)")
@@ -79,6 +81,7 @@ class ScalerConfig(BaseConfig):
         self.require(math.isfinite(self.default_capacity_tokens_per_s) and self.default_capacity_tokens_per_s >= 0,
                      "default_capacity_tokens_per_s", "must be a finite number >= 0")
         self.require(self.history_limit >= 1, "history_limit", "must be >= 1")
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in [-1, 65535] (-1: none)")
         self.require(self.warmup_tokens >= 0, "warmup_tokens", "must be >= 0")
         for name in ("stop_grace_s", "retry_after_s"):
             value = getattr(self, name)

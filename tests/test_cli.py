@@ -87,7 +87,9 @@ def test_a_base_port_offsets_every_port_and_options_reach_the_processes():
     assert arg(specs["target"], "--model") == "/m/t" and arg(specs["draft"], "--model") == "/m/d"
     assert arg(specs["target"], "--threads") == "3"
     assert all(arg(s, "--host") == "0.0.0.0" and arg(s, "--log-level") == "debug" for s in specs.values())
-    assert len(set(ports(20000).values())) == 6
+    assert arg(specs["target"], "--metrics-port") == "20012" and arg(specs["draft"], "--metrics-port") == "20022"
+    assert arg(specs["scaler"], "--metrics-port") == "20042"
+    assert len(set(ports(20000).values())) == 9
 
 
 def test_ports_out_of_range_are_refused():

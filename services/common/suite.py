@@ -30,6 +30,8 @@ DEFAULT_PROMETHEUS_PORT = 9464
 PORT_OFFSETS = {"router": 0, "target": 10, "draft": 20, "monitor": 30, "scaler": 40}
 #: With a non-default base, the monitor's Prometheus exposition sits next to it.
 PROMETHEUS_OFFSET = 31
+#: The /metrics port of target, draft and scaler (their llmesh: metrics), relative to the base port.
+METRICS_OFFSETS = {"target-metrics": 12, "draft-metrics": 22, "scaler-metrics": 42}
 
 #: Default addresses of a suite started with the default ports.
 DEFAULT_ADDRESSES = {name: f"127.0.0.1:{DEFAULT_BASE_PORT + off}" for name, off in PORT_OFFSETS.items()}
@@ -86,9 +88,11 @@ def ports(base_port: int = DEFAULT_BASE_PORT, prometheus_port: int | None = None
 
     The default base gives the documented ports (router 50051, target 50061,
     draft 50071, monitor 50081 with Prometheus on 9464, scaler 50091); any
-    other base offsets all of them from it, Prometheus at base + 31.
+    other base offsets all of them from it, Prometheus at base + 31. The
+    target's, draft's and scaler's own /metrics (``"target-metrics"``, ...)
+    sit at base + 12, + 22 and + 42 (50063, 50073, 50093 by default).
     """
-    out = {name: base_port + off for name, off in PORT_OFFSETS.items()}
+    out = {name: base_port + off for name, off in (PORT_OFFSETS | METRICS_OFFSETS).items()}
     if prometheus_port is None:
         prometheus_port = (DEFAULT_PROMETHEUS_PORT if base_port == DEFAULT_BASE_PORT
                            else base_port + PROMETHEUS_OFFSET)
@@ -151,12 +155,14 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
         return f"[{reach}]:{port[name]}" if ":" in reach else f"{reach}:{port[name]}"
 
     extra = {
-        "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"])),
+        "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"]),
+                  "--metrics-port", str(port["draft-metrics"])),
         "target": ("--model", str(models["target"]), "--threads", str(threads["target"]),
-                   "--draft-address", addr("draft")),
+                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"])),
         "router": ("--targets", addr("target"), "--drafts", addr("draft")),
         "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
-        "scaler": ("--router", addr("router"), "--monitor", addr("monitor")),
+        "scaler": ("--router", addr("router"), "--monitor", addr("monitor"),
+                   "--metrics-port", str(port["scaler-metrics"])),
     }
     def env(name: str) -> dict[str, str]:
         out = _env(options.home, threads[name])

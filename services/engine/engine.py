@@ -32,6 +32,7 @@ from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
 from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
+from services.engine.observer import EngineObserver
 from services.engine.scheduler import Row, Scheduler, StepPlan
 from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
 from services.engine.settings import EngineSettings
@@ -47,13 +48,15 @@ class Engine:
     ``clock`` gives every ``now`` of the engine, scheduler and speculation
     (time.monotonic() seconds unless injected). The windowed metrics in
     :meth:`load` are recomputed at most every ``publish_interval_s`` seconds
-    while busy, and as soon as the engine goes idle.
+    while busy, and as soon as the engine goes idle. ``observer`` sees every
+    request's figures as they happen (engine thread); set :attr:`observer`
+    before :meth:`start` to give one after construction.
     """
 
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, speculation: Speculation | None = None,
-                 publish_interval_s: float = 0.5) -> None:
+                 publish_interval_s: float = 0.5, observer: EngineObserver | None = None) -> None:
         """Raises InvalidArgument for invalid ``settings``."""
         settings.validate()
         self.runner = runner
@@ -64,6 +67,7 @@ class Engine:
         self.speculation = speculation
         self.scheduler = Scheduler(settings)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
+        self.observer = observer or EngineObserver()
         self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
         self._commands = Commands()
         self._queued = 0  # submitted but not yet admitted (or dropped)
@@ -275,6 +279,8 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - one sequence's fault stays that sequence's
                 self._fail(seq, exc)
         self.metrics.record_tokens(now, produced)
+        if produced:
+            self.observer.tokens(produced)
 
     def _advance_row(self, row: Row, lg: torch.Tensor, now: float) -> int:
         """One row's sequence takes its new tokens; returns how many."""
@@ -307,6 +313,7 @@ class Engine:
         seq.verifying = None
         counts = RoundCounts.of(gamma, accepted, len(seq.tokens) - before, seq.status is not Status.RUNNING)
         self.metrics.record_speculation(now, 1, counts.proposed, counts.accepted, counts.emitted)
+        self.observer.speculation_round(counts.proposed, counts.accepted)
         self.speculation.after_emit(seq, counts)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
@@ -322,12 +329,14 @@ class Engine:
 
     def _emit(self, seq: Sequence, tokens: list[int], probs, now: float) -> int:
         """Appends ``tokens`` one by one until the sequence stops; returns how many it took."""
-        taken = 0
+        taken, previous = 0, seq.last_token_at
         for token in tokens:
             if seq.status is not Status.RUNNING:
                 break
             self._emit_token(seq, token, probs, now)
             taken += 1
+        if taken and previous is not None:
+            self.observer.inter_token(now - previous)
         return taken
 
     def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
@@ -374,6 +383,10 @@ class Engine:
         ttft, tpot = timeline.ttft_tpot()
         self.metrics.record_request(now, ttft, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
                                     error=error is not None)
+        self.observer.finished(ttft_s=ttft, tpot_s=tpot, e2e_s=now - seq.arrival,
+                               queue_s=(seq.admitted_at or now) - seq.arrival,
+                               prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
+                               reason=reason.value)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
                                spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline))
 

@@ -19,7 +19,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
+from services.common.exposition import MetricsEndpoint
+from services.common.load_codec import role_of
 from services.serving.model_service import ModelServiceConfig, load_report
+from services.serving.prometheus_metrics import ServingMetrics
 from services.serving.prompts import PromptEncoder, max_token_bytes
 from services.common.server import new_server, run_service, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
@@ -53,6 +56,8 @@ class ModelApp:
         #: Tokenizes text prompts (set once the model is loaded).
         self.prompts: PromptEncoder | None = None
         self._nvml = None
+        #: This instance's Prometheus /metrics (None with --metrics-port -1); serves once the model is loaded.
+        self.metrics: MetricsEndpoint | None = None
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(
@@ -110,6 +115,13 @@ class ModelApp:
         self._nvml = nvml_for(self.loaded.device)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
+        if c.metrics_port >= 0:
+            # A target exports its draft positions up to the highest gamma (a draft has none).
+            observer = ServingMetrics(loaded.model_name, self.instance_id, role_of(self.role).value, engine.load,
+                                      draft_positions=getattr(c, "gamma_max", 0) if self._speculation else 0)
+            self.metrics = MetricsEndpoint(observer.registry)
+            self.metrics.start(c.host, c.metrics_port)
+            engine.observer = observer  # before the engine thread starts: it alone calls the observer
         self.loaded.engine.start(on_fatal=self._engine_died)
 
     def _engine_died(self, exc: BaseException) -> None:
@@ -135,6 +147,8 @@ class ModelApp:
     def close_engine(self) -> None:
         if self.loaded is not None:
             self.loaded.engine.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def serve_app(make_app: Callable[[], ModelApp], label: str) -> int:

@@ -32,6 +32,8 @@ class ModelServiceConfig(BaseConfig):
     num_slots: int = field(64, "KV-cache slots (sequences holding a cache at once)")
     metrics_window_s: float = field(10.0, "window of the rates and percentiles in load reports")
     warmup: bool = field(True, "run a warm-up forward pass before reporting SERVING")
+    metrics_port: int = field(-1, "HTTP port of this instance's Prometheus /metrics (vLLM's metric names, "
+                                  "prefixed llmesh:) (0: any free port, -1: none)")
 
     def validate(self) -> None:
         super().validate()
@@ -41,6 +43,7 @@ class ModelServiceConfig(BaseConfig):
         self.require(self.max_context >= 0, "max_context", "must be >= 0 (0: the model's own)")
         self.require(self.num_slots >= 1, "num_slots", "must be >= 1")
         self.require(self.metrics_window_s > 0, "metrics_window_s", "must be > 0")
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in [-1, 65535] (-1: none)")
         try:
             self.engine_settings().validate()
         except Exception as exc:  # InvalidArgument names the field
