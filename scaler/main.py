@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 def make_backend(config: ScalerConfig) -> ScalingBackend:
     """The configured backend; BackendError for one that is not implemented yet."""
+    if config.backend == Backend.KUBERNETES:
+        from scaler.backends.kubernetes import from_cluster
+
+        return from_cluster(config.k8s_namespace, config.k8s_cluster_domain)
     if config.backend != Backend.LOCAL:
         refuse(config.backend.value)
     from scaler.backends.local import LocalBackend
@@ -56,6 +60,8 @@ class ScalerApp(ServiceApp):
                                         scale_up_window_s=config.default_scale_up_window_s,
                                         scale_down_window_s=config.default_scale_down_window_s),
                                  backend.name, config.history_limit)
+        for pool in config.pools:  # governed from the start, under the default policy
+            self.state.policies.setdefault(pool, self.state.default_policy)
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
         channels = config.channels()
         self.router_channel = channels.open(config.router)

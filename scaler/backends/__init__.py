@@ -3,9 +3,9 @@
 A backend starts a model-service instance and says where to reach it,
 stops one it started, and tells whether one has died on its own. Readiness,
 warm-up, registration and draining are the controller's, the same for
-every backend. ``local`` (processes on this machine) is the only backend so
-far; ``docker`` and ``kubernetes`` fit the same three methods (a container
-or a Deployment's replica per instance) and are refused until written.
+every backend. ``local`` (processes on this machine) and ``kubernetes`` (pods
+of a pool's Deployment) are written; ``docker`` fits the same three methods
+(a container per instance) and is refused until written.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class NotImplementedBackend(BackendError):
 
 
 def refuse(name: str) -> None:
-    """``docker`` and ``kubernetes`` are declared (config, protos) but not written yet."""
+    """``docker`` is declared (config, protos) but not written yet."""
     raise NotImplementedBackend(
         f"backend {name!r} is not implemented yet: this scaler can only start local processes. "
         "Run it with --backend local (the default), or scale containers by hand until the "
