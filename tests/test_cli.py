@@ -460,3 +460,16 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
     finally:
         for server in servers:
             server.stop(0)
+
+
+def test_up_insecure_passes_a_flag_each_service_accepts():
+    from monitor.config import MonitorConfig
+    from router.config import RouterConfig
+    from scaler.config import ScalerConfig
+    from services.draft.config import DraftConfig
+    from services.target.config import TargetConfig
+
+    configs = {"router": RouterConfig, "target": TargetConfig, "draft": DraftConfig, "monitor": MonitorConfig,
+               "scaler": ScalerConfig}
+    for spec in plan(UpOptions(home=Path("/h"), host="0.0.0.0", insecure=True), cpus=2):
+        assert configs[spec.name].from_args(list(spec.args), env={}).insecure is True

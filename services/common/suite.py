@@ -172,7 +172,7 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
             out["LLMESH_ADMIN_TOKEN"] = options.admin_token
         return out
 
-    insecure = ("--insecure",) if options.insecure else ()
+    insecure = ("--insecure", "true") if options.insecure else ()  # a bool field takes a value
     return [ServiceSpec(name=name, module=MODULES[name], port=port[name], host=options.host,
                         args=("--host", options.host, "--port", str(port[name]),
                               "--log-level", options.log_level, *extra[name], *insecure),
