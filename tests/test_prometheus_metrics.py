@@ -101,3 +101,25 @@ def test_the_scaler_exports_its_last_published_pools():
     assert value(found, "llmesh:scaler_desired_instances", pool="default") == 3
     assert value(found, "llmesh:scaler_starting_instances", pool="default") == 2
     assert value(found, "llmesh:scaler_draining_instances", pool="batch") == 1
+
+
+def test_the_endpoint_keeps_the_colons_whatever_format_prometheus_asks_for():
+    import urllib.request
+
+    from services.common.exposition import MetricsEndpoint
+
+    m = ServingMetrics("tiny", "t", "target", load)
+    m.tokens(3)
+    endpoint = MetricsEndpoint(m.registry)
+    endpoint.start("127.0.0.1", 0)
+    try:
+        # Prometheus 2.x's Accept header: OpenMetrics 1.0.0 first, with no escaping parameter.
+        accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                  "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+        request = urllib.request.Request(f"http://127.0.0.1:{endpoint.port}/metrics", headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'llmesh:generation_tokens_total{instance="t",model_name="tiny",role="target"} 3.0' in text
+        assert "llmesh_generation_tokens" not in text
+    finally:
+        endpoint.stop()
