@@ -196,8 +196,9 @@ async def test_a_stop_removes_exactly_the_chosen_pod_through_its_deletion_cost()
     # Unmarked, the ReplicaSet would remove the newest (llmesh-target-3); the scaler chose the oldest.
     await backend.stop(launched[0], 1.0)
     assert cluster.deleted == ["llmesh-target-1"] and cluster.replicas == 2
-    assert cluster.calls[-3:] == ["patch_namespaced_pod", "read_namespaced_deployment_scale",
-                                  "patch_namespaced_deployment_scale"]  # marked before replicas drop
+    changes = [c for c in cluster.calls if c != "list_namespaced_pod"]  # the watcher lists pods meanwhile
+    assert changes[-3:] == ["patch_namespaced_pod", "read_namespaced_deployment_scale",
+                            "patch_namespaced_deployment_scale"]  # marked before replicas drop
     assert set(backend.claimed) == {"llmesh-target-2", "llmesh-target-3"}
     await backend.close(0)
 
@@ -215,6 +216,31 @@ async def test_a_pod_deleted_behind_the_scalers_back_is_reported_and_its_stop_st
     await backend.stop(a, 1.0)  # 404 on the mark: already gone
     assert cluster.replicas == 1
     await backend.close(0)
+
+
+async def test_a_pod_claimed_while_the_watcher_lists_is_not_taken_for_gone():
+    import asyncio
+    import threading
+
+    cluster = FakeCluster(range(50061, 50070), replicas=0)
+    backend = backend_of(cluster)
+    a = await backend.start(LaunchSpec("a", "default"))
+    real_list, taken, go = cluster.list_namespaced_pod, threading.Event(), threading.Event()
+
+    def slow_list(*args, **kwargs):  # the watcher's listing, answered late
+        listing = real_list(*args, **kwargs)
+        taken.set()
+        go.wait(10)
+        return listing
+
+    cluster.list_namespaced_pod = slow_list
+    watching = asyncio.create_task(backend.refresh())
+    await asyncio.to_thread(taken.wait, 10)
+    cluster.list_namespaced_pod = real_list
+    b = await backend.start(LaunchSpec("b", "default"))  # a new pod, absent from that listing
+    go.set()
+    await watching
+    assert backend.problem(a) is None and backend.problem(b) is None
 
 
 async def test_a_pool_without_its_deployment_and_api_errors_are_backend_errors_that_say_why():

@@ -272,10 +272,12 @@ class KubernetesBackend(Backend):
     async def refresh(self) -> None:
         """Reads the claimed pods again (what :meth:`problem` answers from)."""
         for pool in set(self.claimed.values()):
+            # Only pods claimed before the listing: one a start claims meanwhile may be newer than it.
+            names = [name for name, owner in self.claimed.items() if owner == pool]
             _, selector = await self._deployment(pool)
             listed = {p.name: p for p in await self._pods(selector)}
-            for name, owner in list(self.claimed.items()):
-                if owner == pool:
+            for name in names:
+                if name in self.claimed:
                     self._seen[name] = listed.get(name)
 
     async def _refresh_loop(self) -> None:

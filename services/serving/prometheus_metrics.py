@@ -79,7 +79,7 @@ class ServingMetrics(EngineObserver):
 
     def __init__(self, model_name: str, instance: str, role: str, load: Callable[[], EngineLoad],
                  draft_positions: int = 0) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)  # the gauges read the load only at scrapes
         values = [model_name, instance, role]
         self.registry.register(_LoadGauges(load, values))
 
@@ -110,8 +110,9 @@ class ServingMetrics(EngineObserver):
         self.accepted = counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.")
         self.accepted_per_pos = counter("spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted tokens per draft position.", ("position",))
-        for position in range(draft_positions):
-            self.accepted_per_pos.labels(*values, str(position))
+        # Labelled children looked up once (a labels() call costs microseconds, on the engine thread).
+        self._positions = [self.accepted_per_pos.labels(*values, str(p)) for p in range(draft_positions)]
+        self._reasons: dict[str, Counter] = {}
 
     # -- EngineObserver (engine thread) -----------------------------------------------
     def tokens(self, generated: int) -> None:
@@ -126,8 +127,10 @@ class ServingMetrics(EngineObserver):
         self.drafts.inc()
         self.draft_tokens.inc(proposed)
         self.accepted.inc(accepted)
+        while len(self._positions) < accepted:
+            self._positions.append(self.accepted_per_pos.labels(*self._values, str(len(self._positions))))
         for position in range(accepted):
-            self.accepted_per_pos.labels(*self._values, str(position)).inc()
+            self._positions[position].inc()
 
     def finished(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float, queue_s: float,
                  prompt_tokens: int, generation_tokens: int, reason: str) -> None:
@@ -139,4 +142,6 @@ class ServingMetrics(EngineObserver):
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
         if reason != "error":
-            self.success.labels(*self._values, reason).inc()
+            if reason not in self._reasons:
+                self._reasons[reason] = self.success.labels(*self._values, reason)
+            self._reasons[reason].inc()
