@@ -95,7 +95,7 @@ async def tls_suite(tiny_models, certs):
          "draft_address": draft.address, "admin_token": ADMIN, **tls_values(certs, "target")}, env={}))
     await target.start()
     router = create_router(RouterConfig.from_namespace(
-        {"port": 0, "targets": [target.address], "drafts": [draft.address], "load_interval_s": 0.1,
+        {"port": 0, "http_port": 0, "targets": [target.address], "drafts": [draft.address], "load_interval_s": 0.1,
          "admin_token": ADMIN, **tls_values(certs, "router")}, env={}))
     await router.start()
     channel = client_channel(router.address, certs, "cli")
@@ -233,7 +233,7 @@ async def plaintext_services(tiny_models, host: str = "127.0.0.1", **values):
     target = create_target(TargetConfig.from_namespace(
         {"model": str(tiny_models.target), "max_batch_size": 4, "warmup": False, **common}, env={}))
     await target.start()
-    router = create_router(RouterConfig.from_namespace({"targets": [f"127.0.0.1:{target.port}"],
+    router = create_router(RouterConfig.from_namespace({"http_port": 0, "targets": [f"127.0.0.1:{target.port}"],
                                                         "load_interval_s": 0.1, **common}, env={}))
     await router.start()
     scaler = create_scaler(ScalerConfig.from_namespace(
