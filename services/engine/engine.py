@@ -277,8 +277,7 @@ class Engine:
         seq, req = row.seq, row.seq.request
         if seq.prompt_logprobs is None:
             seq.prompt_logprobs = [TokenLogprob(t, None) for t in req.prompt_ids[:row.start + 1]]
-        end = min(row.start + row.chunk, len(req.prompt_ids))
-        targets = req.prompt_ids[row.start + 1:end]
+        targets = req.prompt_ids[row.start + 1:row.start + row.chunk + 1]  # the next chunk's first one too
         if targets:
             seq.prompt_logprobs += sampler.token_logprobs(lg[:len(targets)], targets, req.logprobs or 0)
 
