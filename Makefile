@@ -42,6 +42,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PIP) install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(LLMESH) models build
 	$(LLMESH) bench --all --markdown BENCHMARKS.md
 

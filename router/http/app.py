@@ -19,8 +19,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from router.forwarder import Forwarder
 from router.http import translate
@@ -230,34 +230,40 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def invalid(exc: ValidationError) -> JSONResponse:
+    """A 400 naming the first field the body got wrong."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument",
+                                                loc[0] if loc else None), status_code=400)
+
+
 def create_app(door: FrontDoor) -> FastAPI:
     """The FastAPI application of ``door``; errors in the API's shape."""
     app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = loc[0] if loc else None
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument", param),
-                            status_code=400)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
+    # The body is parsed here, not by FastAPI: it is JSON whatever the Content-Type
+    # says (`curl -d` sends application/x-www-form-urlencoded), as the reference server takes it.
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        try:
-            return await door.respond(request, body, chat=False)
-        except Exception as exc:  # noqa: BLE001 - answered in the API's shape
-            return error_response(exc)
+    async def completions(request: Request) -> Response:
+        return await answer(request, CompletionRequest, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, ChatCompletionRequest, chat=True)
+
+    async def answer(request: Request, schema, chat: bool) -> Response:
         try:
-            return await door.respond(request, body, chat=True)
+            body = schema.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return invalid(exc)
+        try:
+            return await door.respond(request, body, chat=chat)
         except Exception as exc:  # noqa: BLE001 - answered in the API's shape
             return error_response(exc)
 
