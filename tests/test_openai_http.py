@@ -11,14 +11,14 @@ import contextlib
 import json
 import shutil
 
-import grpc
 import httpx2 as httpx
 import openai
 import pytest
 import torch
 
-from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import router_pb2_grpc
+from router.http import translate
+from services.common.errors import (DeadlineExceeded, InvalidArgument, NotFound, OutOfRange, Relayed,
+                                    ResourceExhausted, Unauthenticated, Unavailable)
 from tests.conftest import eventually, free_port
 from tests.router_helpers import request, running_router, start_target
 
@@ -262,3 +262,25 @@ async def test_curl_sees_sse_framing(served):
     assert sum(len(c["choices"]) for c in chunks) == 5 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert text == await grpc_text(stub, "The meaning of", 5, ignore_eos=True)
+
+
+@pytest.mark.parametrize("exc, status, param", [
+    (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
+    (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),
+    (Unauthenticated("invalid bearer token"), 401, None),
+    (NotFound("model 'x' does not exist"), 404, None),
+    (ResourceExhausted("pool full", retry_after_s=2.2), 429, None),
+    (Unavailable("no target"), 503, None),
+    (DeadlineExceeded("late"), 504, None),
+    (Relayed("OUT_OF_RANGE", "sampling.max_new_tokens: too many"), 400, "max_tokens"),
+    (Relayed("RESOURCE_EXHAUSTED", "queue full", (("retry-after-ms", "300"),)), 429, None),
+    (RuntimeError("secret traceback detail"), 500, None),
+])
+def test_every_error_has_its_status_and_the_apis_shape(exc, status, param):
+    http, body, headers = translate.error_body(exc)
+    assert http == status and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+    if status == 429:
+        assert int(headers["Retry-After"]) == (3 if isinstance(exc, ResourceExhausted) else 1)
+    if status == 500:
+        assert "secret" not in body["error"]["message"] and "incident" in body["error"]["message"]
