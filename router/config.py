@@ -30,6 +30,9 @@ class RouterConfig(BaseConfig):
     SERVICE = "router"
 
     port: int = field(50051, "port to listen on (0: any free port)")
+    http_port: int = field(8000, "port of the OpenAI-compatible HTTP front door (/v1/completions, "
+                                 "/v1/chat/completions, /v1/models, /health) on --host (0: none)")
+    http_timeout_s: float = field(0.0, "seconds an HTTP request may take before it ends with 504 (0: no bound)")
     targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
                                    "pool@host:port")
     drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")
@@ -105,6 +108,8 @@ class RouterConfig(BaseConfig):
         self.require(self.affinity_block >= 1, "affinity_block", "must be >= 1")
         self.require(self.affinity_max_imbalance >= 0, "affinity_max_imbalance", "must be >= 0")
         self.require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
+        self.require(0 <= self.http_port <= 65535, "http_port", "must be in [0, 65535] (0: no HTTP front door)")
+        self.require(self.http_timeout_s >= 0, "http_timeout_s", "must be >= 0 (0: no bound)")
         self.require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         self.require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
         self.require(self.pool_max_in_flight >= 0, "pool_max_in_flight", "must be >= 0")

@@ -11,14 +11,17 @@ from services.speculative.sync import DraftSync
 
 
 class Recorder:
-    """A sequence's sink: its tokens, texts, finish reason, error and last statistics."""
+    """A sequence's sink: its tokens, texts, logprobs, finish reason, error and last statistics."""
 
     def __init__(self):
         self.tokens, self.text, self.finish, self.error, self.spec = [], "", None, None, None
         self.texts: list[str] = []
+        self.logprobs, self.prompt_logprobs = [], []
 
     def __call__(self, ev):
         self.tokens += ev.token_ids
+        self.logprobs += ev.logprobs
+        self.prompt_logprobs += ev.prompt_logprobs
         self.text += ev.text
         self.texts += [self.text] * len(ev.token_ids)
         if ev.finish_reason is not None:

@@ -55,6 +55,7 @@ def test_default_plan_starts_five_services_on_the_documented_ports():
     assert arg(specs["target"], "--draft-address") == "127.0.0.1:50071"
     assert arg(specs["router"], "--targets") == "127.0.0.1:50061"
     assert arg(specs["router"], "--drafts") == "127.0.0.1:50071"
+    assert arg(specs["router"], "--http-port") == "8000"
     assert arg(specs["monitor"], "--router") == "127.0.0.1:50051"
     assert arg(specs["monitor"], "--prometheus-port") == "9464"
     assert arg(specs["scaler"], "--router") == "127.0.0.1:50051"
@@ -89,7 +90,8 @@ def test_a_base_port_offsets_every_port_and_options_reach_the_processes():
     assert all(arg(s, "--host") == "0.0.0.0" and arg(s, "--log-level") == "debug" for s in specs.values())
     assert arg(specs["target"], "--metrics-port") == "20012" and arg(specs["draft"], "--metrics-port") == "20022"
     assert arg(specs["scaler"], "--metrics-port") == "20042"
-    assert len(set(ports(20000).values())) == 9
+    assert arg(specs["router"], "--http-port") == "20032"
+    assert len(set(ports(20000).values())) == 10
 
 
 def test_ports_out_of_range_are_refused():
@@ -297,7 +299,7 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
         from services.common.processes import ProcessGroup
         from services.common.suite import ServiceSpec
         spec = ServiceSpec(name="router", module="router.main", port={port},
-                           args=("--port", "{port}", "--host", "127.0.0.1"))
+                           args=("--port", "{port}", "--http-port", "0", "--host", "127.0.0.1"))
         fleet = ProcessGroup([spec], Path({str(tmp_path / "logs")!r}))
         fleet.start()
         print(fleet.children[0].proc.pid, flush=True)

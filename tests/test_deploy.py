@@ -52,7 +52,7 @@ def test_each_service_is_healthy_when_grpc_health_says_serving(services, name):
 
 
 def test_only_the_router_is_published_among_the_llmesh_services(services):
-    assert services["router"]["ports"] == ["50051:50051"]
+    assert services["router"]["ports"] == ["50051:50051", "8000:8000"]
     assert [name for name in LLMESH if services[name].get("ports")] == ["router"]
 
 

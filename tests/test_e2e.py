@@ -21,9 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
-from services.common.suite import MODULES, ports
+from services.common.suite import HTTP_OFFSET, MODULES, ports
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,7 @@ from services.common.stubs import SERVICE_NAMES  # noqa: E402
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
-from tests.e2e_helpers import Suite, alive, greedy, make_home, tokens_of, wait_until_routable  # noqa: E402
+from tests.e2e_helpers import PROMPT, Suite, alive, greedy, make_home, tokens_of, wait_until_routable  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,17 @@ def wait(condition, timeout_s: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)  # sleep-ok: bounded poll of another process's state
+def test_the_openai_http_api_serves_what_router_complete_does(suite):
+    """`llmesh up` serves the OpenAI API on the router's HTTP port (base + 32)."""
+    port = int(suite.addresses["router"].rsplit(":", 1)[1]) + HTTP_OFFSET
+    with grpc.insecure_channel(suite.addresses["router"]) as channel:
+        router = router_pb2_grpc.RouterStub(channel)
+        wait_until_routable(router)
+        reply = router.Complete(greedy(), timeout=60)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    out = client.completions.create(model="target", prompt=PROMPT, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 12 and out.choices[0].text == reply.text
 
 
 def test_sigterm_stops_all_five_cleanly(suite):

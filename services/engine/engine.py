@@ -34,7 +34,8 @@ from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.observer import EngineObserver
 from services.engine.scheduler import Row, Scheduler, StepPlan
-from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
+from services.engine.sequence import (FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline,
+                                      TokenLogprob)
 from services.engine.settings import EngineSettings
 from services.engine.speculation import RoundCounts, Speculation
 from services.engine.validation import validate
@@ -234,8 +235,10 @@ class Engine:
         out: list[torch.Tensor | None] = [None] * len(rows)
         fwd: dict[int, ForwardRow] = {}
         for i, r in enumerate(rows):  # a row that cannot run fails alone, before the batch runs
+            # A prompt whose logprobs are asked keeps every position's logits while it is fed.
+            keep = r.chunk + len(r.proposal) if self._scores_prompt(r) else 1 + len(r.proposal)
             f = ForwardRow(r.seq.slot if r.seq.slot is not None else -1, r.start,
-                           r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=1 + len(r.proposal))
+                           r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=keep)
             try:
                 self.runner.check(f)
             except LlmeshError as exc:
@@ -264,6 +267,24 @@ class Engine:
                 out[i] = lg
         return out, busy
 
+    @staticmethod
+    def _scores_prompt(row: Row) -> bool:
+        """Whether ``row`` feeds prompt tokens whose logprobs its request asked for."""
+        req = row.seq.request
+        return req.prompt_logprobs and row.start < len(req.prompt_ids)
+
+    def _score_prompt(self, row: Row, lg: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens after ``row``'s first (row i of ``lg``
+        predicts token ``start + i + 1``), gathered on the sequence until its
+        first event. A prompt position before ``row.start`` that was not fed
+        (none is today: every prefill starts at 0) has no logprob."""
+        seq, req = row.seq, row.seq.request
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [TokenLogprob(t, None) for t in req.prompt_ids[:row.start + 1]]
+        targets = req.prompt_ids[row.start + 1:row.start + row.chunk + 1]  # the next chunk's first one too
+        if targets:
+            seq.prompt_logprobs += sampler.token_logprobs(lg[:len(targets)], targets, req.logprobs or 0)
+
     def _advance(self, rows: list[Row], logits: list[torch.Tensor | None]) -> None:
         """Each row's sequence takes its new tokens: sampled, or verified ones.
         What goes wrong for one row (its logits are NaN, its proposal is
@@ -285,19 +306,25 @@ class Engine:
     def _advance_row(self, row: Row, lg: torch.Tensor, now: float) -> int:
         """One row's sequence takes its new tokens; returns how many."""
         seq = row.seq
+        if self._scores_prompt(row):
+            self._score_prompt(row, lg)
         seq.num_cached = row.start + row.chunk
         if not row.completes:
             return 0  # a partial prefill chunk: nothing to sample yet
+        top = seq.request.logprobs
         if row.proposal:
             tokens = self.speculation.after_verify(seq, row, lg)
             seq.num_cached += len(tokens) - 1  # keys of rejected proposals are overwritten later
             seq.verifying = (len(row.proposal), len(tokens) - 1, len(seq.tokens))
-            produced = self._emit(seq, tokens, None, now)
+            # Accepted proposals score under the verify pass's target logits, row i for token i.
+            lps = sampler.token_logprobs(lg[:len(tokens)], tokens, top) if top is not None else None
+            produced = self._emit(seq, tokens, None, now, lps)
             self._settle_round(seq, now)
         else:
             token, probs = sampler.sample(lg[-1], seq.request.sampling, seq.base_seed, len(seq.tokens),
                                           seq.request.want_probs)
-            produced = self._emit(seq, [token], probs, now)
+            lps = sampler.token_logprobs(lg[-1:], [token], top) if top is not None else None
+            produced = self._emit(seq, [token], probs, now, lps)
         if seq.spec is not None and seq.status is Status.RUNNING:
             room = min(seq.budget, self.max_context - len(seq.tokens)) - 1
             self.speculation.after_tokens(seq, now, self._demand(), room)
@@ -327,19 +354,20 @@ class Engine:
         if seq.status is not Status.FINISHED:
             self._finish(seq, FinishReason.ERROR, [], error=exc)
 
-    def _emit(self, seq: Sequence, tokens: list[int], probs, now: float) -> int:
-        """Appends ``tokens`` one by one until the sequence stops; returns how many it took."""
+    def _emit(self, seq: Sequence, tokens: list[int], probs, now: float, logprobs=None) -> int:
+        """Appends ``tokens`` one by one until the sequence stops; returns how
+        many it took. ``logprobs``: one TokenLogprob per token, or None."""
         taken, previous = 0, seq.last_token_at
-        for token in tokens:
+        for i, token in enumerate(tokens):
             if seq.status is not Status.RUNNING:
                 break
-            self._emit_token(seq, token, probs, now)
+            self._emit_token(seq, token, probs, now, [logprobs[i]] if logprobs is not None else [])
             taken += 1
         if taken and previous is not None:
             self.observer.inter_token(now - previous)
         return taken
 
-    def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
+    def _emit_token(self, seq: Sequence, token: int, probs, now: float, logprobs=()) -> None:
         seq.tokens.append(token)
         seq.generated += 1
         seq.budget -= 1
@@ -359,15 +387,21 @@ class Engine:
             return
         text = seq.detok.add(token)
         if seq.detok.stopped:
-            self._finish(seq, FinishReason.STOP, [token], text)
+            self._finish(seq, FinishReason.STOP, [token], text, logprobs=logprobs)
         elif seq.budget <= 0 or len(seq.tokens) >= self.max_context:
-            self._finish(seq, FinishReason.LENGTH, [token], text)
+            self._finish(seq, FinishReason.LENGTH, [token], text, logprobs=logprobs)
         else:
-            seq.sink(SequenceEvent([token], text))
+            seq.sink(SequenceEvent([token], text, logprobs=list(logprobs), prompt_logprobs=self._prompt_lps(seq)))
 
     # -- transitions (engine thread) ------------------------------------------------------
+    @staticmethod
+    def _prompt_lps(seq: Sequence) -> list:
+        """The prompt logprobs the sequence gathered, once (its first event carries them)."""
+        lps, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return lps or []
+
     def _finish(self, seq: Sequence, reason: FinishReason, tokens: list[int], text: str = "",
-                error: BaseException | None = None) -> None:
+                error: BaseException | None = None, logprobs=()) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
         now = self.clock()
@@ -388,7 +422,8 @@ class Engine:
                                prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
                                reason=reason.value)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
-                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline))
+                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline,
+                               logprobs=list(logprobs), prompt_logprobs=self._prompt_lps(seq)))
 
     def _dequeued(self) -> None:
         with self._queued_lock:

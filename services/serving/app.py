@@ -23,7 +23,7 @@ from services.common.exposition import MetricsEndpoint
 from services.common.load_codec import role_of
 from services.serving.model_service import ModelServiceConfig, load_report
 from services.serving.prometheus_metrics import ServingMetrics
-from services.serving.prompts import PromptEncoder, max_token_bytes
+from services.serving.prompts import PromptEncoder, chat_text, max_token_bytes
 from services.common.server import new_server, run_service, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, generation_pb2, stats_pb2, stats_pb2_grpc
@@ -76,9 +76,12 @@ class ModelApp:
         """The token ids of a checked prompt: its ids, or its text tokenized off
         the event loop. OutOfRange, before tokenizing, for a text too long for
         the context; Unavailable while the model loads."""
-        self.require_loaded()
-        if prompt.WhichOneof("kind") == "text":
+        loaded = self.require_loaded()
+        kind = prompt.WhichOneof("kind")
+        if kind == "text":
             return await self.prompts.encode(prompt.text)
+        if kind == "chat":
+            return await self.prompts.encode(chat_text(loaded.engine.tokenizer, loaded.model_name, prompt.chat))
         return list(prompt.tokens.ids)
 
     def report(self) -> stats_pb2.LoadReport:

@@ -44,11 +44,20 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                           completion_tokens=len(req.resume_ids))
         # echo_prompt: the prompt's text leads the first chunk's text.
         echo = loaded.engine.tokenizer.decode(req.prompt_ids) if request.echo_prompt else ""
+        tokenizer = loaded.engine.tokenizer
+
+        def token_text(ids: list[int]) -> list[str]:
+            return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
+
         async for event in engine.generate(req):
             usage.completion_tokens += len(event.token_ids)
             chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=echo + event.text,
                                       usage=usage, instance_id=self.instance_id)
             echo = ""
+            if event.logprobs or event.prompt_logprobs:
+                chunk.logprobs.extend(codec.logprobs_pb(event.logprobs, token_text))
+                chunk.prompt_logprobs.extend(codec.logprobs_pb(event.prompt_logprobs, token_text))
             if event.finish_reason is not None:
                 if event.error is not None:
                     raise event.error
