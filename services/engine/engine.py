@@ -28,6 +28,7 @@ from services.common.errors import (FailedPrecondition, InvalidArgument, LlmeshE
                                     Unavailable)
 from services.common.metrics import WindowedMetrics
 from services.engine import sampler
+from services.engine.block_manager import BlockManager
 from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
 from services.engine.load import EngineLoad, LoadPublisher
@@ -42,18 +43,19 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Continuous batching of sequences over one model runner and its slot KV cache.
+    """Continuous batching of sequences over one model runner and its paged KV cache.
 
     ``clock`` gives every ``now`` of the engine, scheduler and speculation
     (time.monotonic() seconds unless injected). The windowed metrics in
     :meth:`load` are recomputed at most every ``publish_interval_s`` seconds
-    while busy, and as soon as the engine goes idle.
+    while busy, and as soon as the engine goes idle. ``prefix_caching``:
+    reuse the KV cache of prompts' cached prefixes (automatic prefix caching).
     """
 
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, speculation: Speculation | None = None,
-                 publish_interval_s: float = 0.5) -> None:
+                 publish_interval_s: float = 0.5, prefix_caching: bool = True) -> None:
         """Raises InvalidArgument for invalid ``settings``."""
         settings.validate()
         self.runner = runner
@@ -62,7 +64,8 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids or [])
         self.clock = clock
         self.speculation = speculation
-        self.scheduler = Scheduler(settings)
+        self.scheduler = Scheduler(settings, BlockManager(runner.cache.num_blocks, runner.cache.block_size,
+                                                          enable_prefix_caching=prefix_caching))
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
         self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
         self._commands = Commands()
@@ -208,12 +211,15 @@ class Engine:
     def _publish(self, stepped: bool) -> None:
         s = self.scheduler
         self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
-                           self.settings.max_batch_size, s.cached_tokens)
+                           self.settings.max_batch_size, s.cached_tokens, s.kv)
 
     def _settle(self, plan: StepPlan) -> None:
         """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
         for _ in plan.admitted:
             self._dequeued()
+        if plan.preempted:
+            with self._queued_lock:
+                self._queued += len(plan.preempted)
         for seq in plan.dropped:
             self._finish(seq, FinishReason.CANCELLED, [])
         self._wake_at = plan.wake_at
@@ -230,7 +236,7 @@ class Engine:
         out: list[torch.Tensor | None] = [None] * len(rows)
         fwd: dict[int, ForwardRow] = {}
         for i, r in enumerate(rows):  # a row that cannot run fails alone, before the batch runs
-            f = ForwardRow(r.seq.slot if r.seq.slot is not None else -1, r.start,
+            f = ForwardRow(list(r.seq.block_table), r.start,
                            r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=1 + len(r.proposal))
             try:
                 self.runner.check(f)
@@ -272,6 +278,7 @@ class Engine:
                 continue
             try:
                 produced += self._advance_row(row, lg, now)
+                self.scheduler.after_step(seq)
             except Exception as exc:  # noqa: BLE001 - one sequence's fault stays that sequence's
                 self._fail(seq, exc)
         self.metrics.record_tokens(now, produced)
@@ -365,7 +372,8 @@ class Engine:
         self._settle_round(seq, now)  # before the last event carries the statistics
         if seq.spec is not None:
             seq.spec.close()
-        if seq.admitted_at is None:  # dropped while waiting
+        if seq.queued:  # dropped while waiting
+            seq.queued = False
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
             text += seq.detok.flush()
@@ -423,6 +431,7 @@ class Engine:
                                                 f"{self.max_context}: no room to generate")
         if error is None:
             seq.next_round(discard, append, budget, self.max_context)
+            self.scheduler.kv.trim(seq)  # positions past the kept tokens are rewritten
             self.scheduler.resume(seq)
         elif seq.status is Status.FINISHED:
             seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))

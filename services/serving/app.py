@@ -102,7 +102,9 @@ class ModelApp:
         loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
-            model_name=c.model_name, speculation=self._speculation() if self._speculation else None)
+            model_name=c.model_name, speculation=self._speculation() if self._speculation else None,
+            block_size=c.block_size, kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
+            prefix_caching=not c.no_prefix_cache)
         engine = loaded.engine
         self.prompts = PromptEncoder(engine.tokenizer, engine.max_context,
                                      await asyncio.to_thread(max_token_bytes, engine.tokenizer))
