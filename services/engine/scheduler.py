@@ -266,12 +266,15 @@ class Scheduler:
 
     # -- transitions ----------------------------------------------------------
     def finish(self, seq: Sequence) -> None:
-        """Removes a running or paused sequence and frees its slot and blocks."""
+        """Removes a running or paused sequence and frees its slot and blocks
+        (its computed full blocks join the prefix cache first)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.paused:
             self.paused.remove(seq)
-        self.kv.free_all(seq)
+        if seq.block_table:
+            self.kv.commit(seq)
+            self.kv.free_all(seq)
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None
