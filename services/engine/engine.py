@@ -31,6 +31,7 @@ from services.engine import sampler
 from services.engine.block_manager import BlockManager
 from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
+from services.engine.kv_events import KVEventLog
 from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.scheduler import Row, Scheduler, StepPlan
@@ -65,7 +66,9 @@ class Engine:
         self.clock = clock
         self.speculation = speculation
         self.scheduler = Scheduler(settings, BlockManager(runner.cache.num_blocks, runner.cache.block_size,
-                                                          enable_prefix_caching=prefix_caching))
+                                                          enable_prefix_caching=prefix_caching, record_events=True))
+        #: The prefix cache's stored/evicted block hashes, for other threads (KV-aware routing).
+        self.kv_events = KVEventLog(runner.cache.block_size)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
         self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
         self._commands = Commands()
@@ -210,6 +213,8 @@ class Engine:
 
     def _publish(self, stepped: bool) -> None:
         s = self.scheduler
+        if s.kv.events:
+            self.kv_events.append(s.kv.take_events())
         self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
                            self.settings.max_batch_size, s.cached_tokens, s.kv)
 
