@@ -203,12 +203,15 @@ class Upstreams:
 
     def _choose_kv_aware(self, role: Role, pools: Sequence[str], sequence: int, exclude: frozenset[str],
                          prompt_ids: tuple[int, ...]) -> Instance | None:
+        now = self.clock()
         for pool in pools:
             instances = self.registry.select(role, pool)
-            cached = self.kv_index.cached_tokens([i.id for i in instances], prompt_ids) if prompt_ids else {}
+            cached = self.kv_index.cached_tokens([i.id for i in instances], prompt_ids, now) if prompt_ids else {}
             prefill = {iid: len(prompt_ids) - hit for iid, hit in cached.items()}
             inst = policy.choose(self.config.policy, instances, self.snapshot(sequence, exclude, prefill=prefill))
             if inst is not None:
+                if prompt_ids:
+                    self.kv_index.expect(inst.id, prompt_ids, now)
                 return inst
         return None
 

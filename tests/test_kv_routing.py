@@ -135,3 +135,14 @@ async def test_watch_kv_events_streams_a_snapshot_then_changes(tiny_models):
         await none.stop(None)
     finally:
         await server.stop(None)
+
+
+def test_a_routed_prompt_counts_as_held_until_its_events_come_or_it_expires():
+    prompt = PREFIX * 2  # 42 tokens: 10 usable blocks of 4
+    index = KvIndex(expect_s=2.0)
+    index.apply("a", True, [], [], 4)
+    index.expect("a", prompt, now=10.0)
+    assert index.cached_tokens(["a"], prompt, now=11.0) == {"a": 40}  # a burst's next request follows it
+    assert index.cached_tokens(["a"], prompt, now=12.5) == {"a": 0}  # no events confirmed it: expired
+    index.expect("unknown", prompt, now=10.0)  # no snapshot yet: nothing expected
+    assert index.cached_tokens(["unknown"], prompt, now=10.5) == {"unknown": 0}
