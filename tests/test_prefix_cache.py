@@ -109,3 +109,21 @@ def test_rejected_proposals_give_their_blocks_back(tiny_models, reference_model)
             assert len(seq.block_table) == -(-seq.num_cached // bs)
     assert proposer.rounds > 0 and rec.tokens == hf_greedy(reference_model, PREFIX, 12)
     assert engine.scheduler.kv.num_free == engine.scheduler.kv.usable_blocks
+
+
+def test_the_memory_of_one_2048_token_slot_holds_18_sequences_of_100_tokens(tiny_models):
+    """The capacity figure: the slot cache gave each sequence max_len (2048 on the
+    default models) positions; 128 blocks of 16 hold 18 sequences of 100 tokens."""
+    def preemptions(n):
+        engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=32, max_wait_ms=0.0,
+                                                                      max_batch_tokens=2048, num_slots=32),
+                              block_size=16, num_kv_blocks=129).engine  # 128 usable + the null block
+        recs = [Recorder() for _ in range(n)]
+        for i, r in enumerate(recs):
+            engine.submit(greedy([(3 * i + j) % 300 + 1 for j in range(36)], 64), r)
+        drain(engine, limit=5000)
+        assert all(r.finish is FinishReason.LENGTH for r in recs)
+        return engine.load().preemptions
+
+    assert preemptions(18) == 0
+    assert preemptions(19) > 0  # one more does not fit: preempted and recomputed, still served
