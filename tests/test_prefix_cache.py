@@ -4,6 +4,9 @@ speculative rollback gives blocks back."""
 
 from __future__ import annotations
 
+import pytest
+
+from services.common.errors import OutOfRange
 from services.engine.build import build_engine
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
 from services.engine.settings import EngineSettings
@@ -127,3 +130,16 @@ def test_the_memory_of_one_2048_token_slot_holds_18_sequences_of_100_tokens(tiny
 
     assert preemptions(18) == 0
     assert preemptions(19) > 0  # one more does not fit: preempted and recomputed, still served
+
+
+def test_a_kv_cache_smaller_than_the_context_bounds_it(tiny_models):
+    """A sequence the whole cache cannot hold is refused, never left waiting forever."""
+    engine = engine_with(tiny_models, num_kv_blocks=6)  # 5 usable blocks of 4: 20 positions
+    assert engine.max_context == 20
+    for prompt_len, n in ((21, 1), (9, 12)):  # the prompt, or prompt + max_new_tokens, past 20
+        with pytest.raises(OutOfRange, match="context of 20"):
+            engine.submit(greedy(list(range(1, prompt_len + 1)), n), Recorder())
+    rec = Recorder()
+    engine.submit(greedy(list(range(1, 10)), 11), rec)
+    drain(engine)
+    assert rec.finish is FinishReason.LENGTH and len(rec.tokens) == 11

@@ -83,8 +83,10 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        """Most tokens (prompt + generated) a sequence may hold."""
-        return self.runner.max_len
+        """Most tokens (prompt + generated) a sequence may hold: the model's
+        context, or what the whole KV cache holds if that is less (so a lone
+        sequence always fits, and preemption always ends)."""
+        return min(self.runner.max_len, self.runner.cache.capacity_tokens)
 
     @property
     def vocab_size(self) -> int:
