@@ -146,3 +146,12 @@ def test_a_routed_prompt_counts_as_held_until_its_events_come_or_it_expires():
     assert index.cached_tokens(["a"], prompt, now=12.5) == {"a": 0}  # no events confirmed it: expired
     index.expect("unknown", prompt, now=10.0)  # no snapshot yet: nothing expected
     assert index.cached_tokens(["unknown"], prompt, now=10.5) == {"unknown": 0}
+
+
+def test_the_router_tokenizes_text_prompts_as_the_target_does(tiny_models):
+    from transformers import AutoTokenizer
+
+    from router.tokenizer import load_tokenizer
+    target, router = AutoTokenizer.from_pretrained(str(tiny_models.target)), load_tokenizer(str(tiny_models.target))
+    for text in ["The meaning of life is", "  spaced\ttext, ünïcode — and 123 numbers!\n\nnew para"]:
+        assert router.encode(text, add_special_tokens=False).ids == target.encode(text, add_special_tokens=False)
