@@ -30,7 +30,7 @@ _GAUGES: list[tuple[str, str, Callable[[Throughput], float]]] = [
     ("batch_fill", "Mean batch size / max batch size over the window.", lambda m: m.batch_fill),
     ("accelerator_utilization", "Accelerator utilisation in [0, 1] over the window.",
      lambda m: m.accelerator_utilization),
-    ("kv_cache_usage", "KV-cache tokens in use / capacity.", lambda m: m.kv_cache_usage),
+    ("kv_cache_usage", "Fraction of the paged KV cache's blocks in use.", lambda m: m.kv_cache_usage),
     ("saturation", "Fraction of the window's reports in which the instance was saturated.",
      lambda m: m.saturation),
     ("acceptance_rate", "Accepted / proposed draft tokens over the window.", lambda m: m.acceptance_rate),

@@ -387,7 +387,8 @@ def test_status_renders_instances_and_throughput():
         "services": [{"name": "router", "address": "r:1", "health": "SERVING"}],
         "instances": [{"id": "t@1", "address": "t:1", "role": "target", "pool": "default", "health": "serving",
                        "state": "active", "queue": 2, "running": 3, "tokens_per_second": 41.5,
-                       "utilization": 0.5},
+                       "utilization": 0.5, "kv_usage": 0.25, "prefix_cache_hits": 300,
+                       "prefix_cache_queries": 400, "preemptions": 2},
                       {"id": "m@2", "address": "m:2", "role": "target", "pool": "default", "health": "not_serving",
                        "state": "active", "queue": 0, "running": 0, "tokens_per_second": 0.0, "utilization": 0.0,
                        "problem": "does not answer as a target (UNIMPLEMENTED)"}],
@@ -399,8 +400,10 @@ def test_status_renders_instances_and_throughput():
     assert lines[-1].endswith("· 5 in flight · 1 instance")
     assert lines[:3] == ["SERVICE  ADDRESS  HEALTH", "router   r:1      SERVING", ""]
     assert lines[3].split() == ["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING",
-                                "TOK/S", "UTIL"]
-    assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%"]
+                                "TOK/S", "UTIL", "KV", "HIT", "PREEMPT"]
+    # KV: blocks in use; HIT: prefix-cache hit tokens / looked-up tokens; PREEMPT: sequences preempted.
+    assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%",
+                                "25%", "75%", "2"]
     assert lines[-1].startswith("fleet over 10 s: 1.50 req/s · 41.5 tokens/s · utilisation 50%")
 
 

@@ -93,12 +93,15 @@ def test_a_token_outside_the_vocabulary_is_refused_before_the_round(tiny_models)
 def test_the_runner_names_every_row_that_cannot_run(tiny_models):
     engine = make_engine(tiny_models, max_context=DRAFT_CONTEXT)
     runner, vocab = engine.runner, tiny_models.vocab_size
-    runner.check(ForwardRow(0, 0, [1, 2, 3]))  # fine
-    runner.check(ForwardRow(7, DRAFT_CONTEXT - 2, [1, 2], keep=2))  # fine: ends at the last position
-    for row, what in [(ForwardRow(8, 0, [1]), "slot"), (ForwardRow(-1, 0, [1]), "slot"),
-                      (ForwardRow(0, 0, []), "tokens"), (ForwardRow(0, DRAFT_CONTEXT - 1, [1, 2]), "context"),
-                      (ForwardRow(0, -1, [1]), "context"), (ForwardRow(0, 0, [1, vocab]), "vocabulary"),
-                      (ForwardRow(0, 0, [-3, 1]), "vocabulary"), (ForwardRow(0, 0, [1, 2], keep=3), "keep")]:
+    blocks, bs = runner.cache.num_blocks, runner.cache.block_size
+    whole = list(range(1, 1 + -(-DRAFT_CONTEXT // bs)))  # a table covering the whole context
+    runner.check(ForwardRow([1], 0, [1, 2, 3]))  # fine
+    runner.check(ForwardRow(whole, DRAFT_CONTEXT - 2, [1, 2], keep=2))  # fine: ends at the last position
+    for row, what in [(ForwardRow([blocks], 0, [1]), "block_table"), (ForwardRow([0], 0, [1]), "block_table"),
+                      (ForwardRow([], 0, [1]), "block_table"), (ForwardRow([1], bs - 1, [1, 2]), "block_table"),
+                      (ForwardRow([1], 0, []), "tokens"), (ForwardRow(whole, DRAFT_CONTEXT - 1, [1, 2]), "context"),
+                      (ForwardRow([1], -1, [1]), "context"), (ForwardRow([1], 0, [1, vocab]), "vocabulary"),
+                      (ForwardRow([1], 0, [-3, 1]), "vocabulary"), (ForwardRow([1], 0, [1, 2], keep=3), "keep")]:
         with pytest.raises(InvalidArgument, match=what):
             runner.check(row)
 

@@ -212,7 +212,7 @@ def registry() -> dict:
     import importlib
 
     for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak",
-                   "services.bench.openai_scenario"):
+                   "services.bench.openai_scenario", "services.bench.prefix"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -28,8 +28,10 @@ from services.common.errors import (FailedPrecondition, InvalidArgument, LlmeshE
                                     Unavailable)
 from services.common.metrics import WindowedMetrics
 from services.engine import sampler
+from services.engine.block_manager import BlockManager
 from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
+from services.engine.kv_events import KVEventLog
 from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
 from services.engine.observer import EngineObserver
@@ -44,20 +46,22 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Continuous batching of sequences over one model runner and its slot KV cache.
+    """Continuous batching of sequences over one model runner and its paged KV cache.
 
     ``clock`` gives every ``now`` of the engine, scheduler and speculation
     (time.monotonic() seconds unless injected). The windowed metrics in
     :meth:`load` are recomputed at most every ``publish_interval_s`` seconds
     while busy, and as soon as the engine goes idle. ``observer`` sees every
     request's figures as they happen (engine thread); set :attr:`observer`
-    before :meth:`start` to give one after construction.
+    before :meth:`start` to give one after construction. ``prefix_caching``:
+    reuse the KV cache of prompts' cached prefixes (automatic prefix caching).
     """
 
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, speculation: Speculation | None = None,
-                 publish_interval_s: float = 0.5, observer: EngineObserver | None = None) -> None:
+                 publish_interval_s: float = 0.5, observer: EngineObserver | None = None,
+                 prefix_caching: bool = True) -> None:
         """Raises InvalidArgument for invalid ``settings``."""
         settings.validate()
         self.runner = runner
@@ -66,7 +70,10 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids or [])
         self.clock = clock
         self.speculation = speculation
-        self.scheduler = Scheduler(settings)
+        self.scheduler = Scheduler(settings, BlockManager(runner.cache.num_blocks, runner.cache.block_size,
+                                                          enable_prefix_caching=prefix_caching, record_events=True))
+        #: The prefix cache's stored/evicted block hashes, for other threads (KV-aware routing).
+        self.kv_events = KVEventLog(runner.cache.block_size)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
         self.observer = observer or EngineObserver()
         self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
@@ -82,8 +89,10 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        """Most tokens (prompt + generated) a sequence may hold."""
-        return self.runner.max_len
+        """Most tokens (prompt + generated) a sequence may hold: the model's
+        context, or what the whole KV cache holds if that is less (so a lone
+        sequence always fits, and preemption always ends)."""
+        return min(self.runner.max_len, self.runner.cache.capacity_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -212,13 +221,18 @@ class Engine:
 
     def _publish(self, stepped: bool) -> None:
         s = self.scheduler
+        if s.kv.events:
+            self.kv_events.append(s.kv.take_events())
         self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
-                           self.settings.max_batch_size, s.cached_tokens)
+                           self.settings.max_batch_size, s.cached_tokens, s.kv)
 
     def _settle(self, plan: StepPlan) -> None:
         """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
         for _ in plan.admitted:
             self._dequeued()
+        if plan.preempted:
+            with self._queued_lock:
+                self._queued += len(plan.preempted)
         for seq in plan.dropped:
             self._finish(seq, FinishReason.CANCELLED, [])
         self._wake_at = plan.wake_at
@@ -237,7 +251,7 @@ class Engine:
         for i, r in enumerate(rows):  # a row that cannot run fails alone, before the batch runs
             # A prompt whose logprobs are asked keeps every position's logits while it is fed.
             keep = r.chunk + len(r.proposal) if self._scores_prompt(r) else 1 + len(r.proposal)
-            f = ForwardRow(r.seq.slot if r.seq.slot is not None else -1, r.start,
+            f = ForwardRow(list(r.seq.block_table), r.start,
                            r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=keep)
             try:
                 self.runner.check(f)
@@ -297,6 +311,7 @@ class Engine:
                 continue
             try:
                 produced += self._advance_row(row, lg, now)
+                self.scheduler.after_step(seq)
             except Exception as exc:  # noqa: BLE001 - one sequence's fault stays that sequence's
                 self._fail(seq, exc)
         self.metrics.record_tokens(now, produced)
@@ -408,7 +423,8 @@ class Engine:
         self._settle_round(seq, now)  # before the last event carries the statistics
         if seq.spec is not None:
             seq.spec.close()
-        if seq.admitted_at is None:  # dropped while waiting
+        if seq.queued:  # dropped while waiting
+            seq.queued = False
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
             text += seq.detok.flush()
@@ -471,6 +487,7 @@ class Engine:
                                                 f"{self.max_context}: no room to generate")
         if error is None:
             seq.next_round(discard, append, budget, self.max_context)
+            self.scheduler.kv.trim(seq)  # positions past the kept tokens are rewritten
             self.scheduler.resume(seq)
         elif seq.status is Status.FINISHED:
             seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))

@@ -146,7 +146,18 @@ class Sequence:
     prompt_len: int = 0
     #: Tokens of ``tokens`` whose keys and values are in the cache.
     num_cached: int = 0
+    #: The sequence's admission slot (a cap on sequences holding cache), or None.
     slot: int | None = None
+    #: Paged KV cache (services.engine.block_manager): block ids holding positions
+    #: ``[i * block_size, (i + 1) * block_size)``; hashes of its full blocks known so
+    #: far; how many of its first blocks are registered in the prefix cache.
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
+    #: Times its blocks were taken back for others (it recomputed them).
+    preemptions: int = 0
+    #: In the waiting queue (admission counts it as leaving the queue).
+    queued: bool = False
     status: Status = Status.WAITING
     #: Tokens this sequence may still generate before finishing (or pausing).
     budget: int = 0

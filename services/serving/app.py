@@ -61,7 +61,7 @@ class ModelApp:
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(
-            StatsServicer(self.report, config.stats_interval_s), self.server)
+            StatsServicer(self.report, config.stats_interval_s, kv_events=_EngineKVEvents(self)), self.server)
 
     @property
     def address(self) -> str:
@@ -110,7 +110,9 @@ class ModelApp:
         loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
-            model_name=c.model_name, speculation=self._speculation() if self._speculation else None)
+            model_name=c.model_name, speculation=self._speculation() if self._speculation else None,
+            block_size=c.block_size, kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
+            prefix_caching=not c.no_prefix_cache)
         engine = loaded.engine
         self.prompts = PromptEncoder(engine.tokenizer, engine.max_context,
                                      await asyncio.to_thread(max_token_bytes, engine.tokenizer))
@@ -178,3 +180,17 @@ def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, arg
     config = config_cls.from_command_line(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
     return run_service(f"llmesh serve {label.split('-')[0]}", lambda: serve_app(lambda: create_server(config), label))
+
+
+class _EngineKVEvents:
+    """The loaded engine's KV event log for Stats/WatchKvEvents (Unavailable until loaded)."""
+
+    def __init__(self, app) -> None:
+        self._app = app
+
+    @property
+    def block_size(self) -> int:
+        return self._app.require_loaded().engine.kv_events.block_size
+
+    def read(self, cursor):
+        return self._app.require_loaded().engine.kv_events.read(cursor)
