@@ -19,10 +19,10 @@ from tests.helpers import OracleProposer, Recorder
 PROMPT = [21, 22, 23, 24, 40, 41, 42, 43, 50, 51, 52, 53, 60, 61]
 
 
-def make_engine(tiny_models, max_batch_tokens=2048):
+def make_engine(tiny_models, max_batch_tokens=2048, block_size=16):
     speculator = Speculator(SpeculationSettings(min_acceptance=0.0))
     settings = EngineSettings(max_batch_size=8, max_wait_ms=0.0, num_slots=8, max_batch_tokens=max_batch_tokens)
-    return build_engine(str(tiny_models.target), settings, speculation=speculator).engine
+    return build_engine(str(tiny_models.target), settings, speculation=speculator, block_size=block_size).engine
 
 
 def run(engine, request) -> Recorder:
@@ -75,3 +75,15 @@ def test_prompt_logprobs_over_a_chunked_prefill(tiny_models, reference_model):
     assert all(len(e.top) == 1 for e in rec.prompt_logprobs[1:])
     # The generated tokens are those of a run without prompt logprobs (the logits kept do not change them).
     assert rec.tokens == run(make_engine(tiny_models), request(2)).tokens
+
+
+def test_prompt_logprobs_of_a_prompt_whose_prefix_is_cached(tiny_models, reference_model):
+    """A prompt already in the prefix cache still gets every position's logprob
+    (lm-evaluation-harness scores the same context many times)."""
+    engine = make_engine(tiny_models, block_size=4)
+    run(engine, request(2))  # caches the prompt's three full blocks
+    rec = run(engine, request(2, top=1, prompt_logprobs=True))
+    ref = reference_logprobs(reference_model, PROMPT)
+    assert len(rec.prompt_logprobs) == len(PROMPT)
+    got = [e.logprob for e in rec.prompt_logprobs[1:]]
+    assert got == pytest.approx([ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], abs=1e-4)
