@@ -211,7 +211,8 @@ async def target_with_short_draft(tiny_models, short_draft):
     draft_app, _, _ = short_draft
     target = create_target(TargetConfig.from_namespace({
         "model": str(tiny_models.target), "port": 0, "draft_address": draft_app.address,
-        "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0}, env={}))
+        "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0,
+        "speculative_disable_by_batch_size": 64}, env={}))
     await target.start()
     channel = grpc.aio.insecure_channel(target.address)
     yield model_pb2_grpc.TargetModelStub(channel)

@@ -255,6 +255,8 @@ class Engine:
             busy += took
             for i in group:
                 rows[i].forward_s = took
+            if self.speculation is not None:
+                self.speculation.after_forward([rows[i] for i in group], took, self.clock())
             self._computed += len(group) * max(len(r.tokens) for r in batch)
             for i, lg in zip(group, logits):
                 out[i] = lg
