@@ -172,3 +172,13 @@ def test_a_static_disable_by_batch_size_overrides_the_cost_model():
     speculator.before_schedule(seqs, 16)
     speculator.after_tokens(seqs[0], 11.0, 16, room=10)
     assert seqs[0].spec.proposer.rounds  # the static rule speculates up to 64
+
+
+def test_gaps_are_kept_apart_by_proposer_kind():
+    costs = StepCosts()
+    costs.observe(1, 0, 0.010, 0.001, now=1.0)
+    costs.observe(1, 4, 0.012, 0.020, now=2.0, kind="draft_model")
+    costs.observe(1, 4, 0.012, 0.002, now=3.0, kind="ngram")
+    assert costs.period(1, 4, "draft_model") == pytest.approx(0.032)
+    assert costs.period(1, 4, "ngram") == pytest.approx(0.014)
+    assert costs.period(1, 0, "ngram") == costs.period(1, 0, "draft_model") == pytest.approx(0.011)

@@ -341,11 +341,15 @@ class Engine:
         seq.last_token_at = now
         req = seq.request
         if req.persistent:
-            event = SequenceEvent([token], probs=[probs] if probs is not None else [])
+            # A persistent sequence (a draft's) hears once per round, when it pauses:
+            # one event with the round's tokens, not a cross-thread wake-up per token.
+            seq.round_tokens.append(token)
+            if probs is not None:
+                seq.round_probs.append(probs)
             if seq.budget <= 0 or len(seq.tokens) >= self.max_context:
                 self.scheduler.pause(seq)
-                event.paused = True
-            seq.sink(event)
+                seq.sink(SequenceEvent(seq.round_tokens, probs=seq.round_probs, paused=True))
+                seq.round_tokens, seq.round_probs = [], []
             return
         if token in self.eos_token_ids and not req.sampling.ignore_eos:
             self._finish(seq, FinishReason.EOS, [])

@@ -108,8 +108,9 @@ def _line(points: dict[int, Ewma], x: int) -> float | None:
 class _Bucket:
     #: tokens per row (gamma + 1) -> forward seconds
     forward: dict[int, Ewma] = field(default_factory=dict)
-    #: gamma -> seconds between the end of the last forward and the start of this one
-    gap: dict[int, Ewma] = field(default_factory=dict)
+    #: proposer kind -> gamma -> seconds between the end of the last forward and the start of this one
+    #: (gamma 0 under kind "": a plain step waits for no proposer)
+    gap: dict[str, dict[int, Ewma]] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
 
@@ -122,32 +123,36 @@ class StepCosts:
     def __init__(self) -> None:
         self._buckets: dict[int, _Bucket] = {}
 
-    def observe(self, batch: int, gamma: int, forward_s: float, gap_s: float | None, now: float) -> None:
+    def observe(self, batch: int, gamma: int, forward_s: float, gap_s: float | None, now: float,
+                kind: str = "") -> None:
         """A forward of ``batch`` rows of ``gamma + 1`` tokens took ``forward_s``
         and started ``gap_s`` after the previous forward ended (None: not
-        measurable, e.g. the engine was idle in between)."""
+        measurable, e.g. the engine was idle in between), the proposals coming
+        from proposers of ``kind`` (a draft model and a lookup differ in what
+        the batch waits for)."""
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         b.forward.setdefault(gamma + 1, Ewma()).add(forward_s)
         if gap_s is not None:
-            b.gap.setdefault(gamma, Ewma()).add(max(0.0, gap_s))
+            b.gap.setdefault(kind if gamma else "", {}).setdefault(gamma, Ewma()).add(max(0.0, gap_s))
         if gamma > 0:
             b.speculated_at = now
 
-    def period(self, batch: int, gamma: int) -> float | None:
+    def period(self, batch: int, gamma: int, kind: str = "") -> float | None:
         """Expected seconds of a step of ``batch`` rows verifying ``gamma``
-        proposals each (0: plain decode), None when nothing was measured for
-        this batch size's bucket."""
+        proposals each (0: plain decode) from proposers of ``kind``, None when
+        nothing was measured for this batch size's bucket."""
         b = self._buckets.get(bucket(batch))
         if b is None:
             return None
         forward = _line(b.forward, gamma + 1)
         if forward is None:
             return None
-        return forward + (_line(b.gap, gamma) or 0.0)
+        gaps = {**b.gap.get("", {}), **(b.gap.get(kind, {}) if gamma else {})}
+        return forward + (_line(gaps, gamma) or 0.0)
 
-    def periods(self, batch: int, gamma_max: int) -> list[float] | None:
+    def periods(self, batch: int, gamma_max: int, kind: str = "") -> list[float] | None:
         """:meth:`period` for gamma 0..gamma_max, None when unmeasured."""
-        out = [self.period(batch, g) for g in range(gamma_max + 1)]
+        out = [self.period(batch, g, kind) for g in range(gamma_max + 1)]
         return None if any(p is None for p in out) else out
 
     def speculated_at(self, batch: int) -> float | None:
@@ -156,9 +161,10 @@ class StepCosts:
         return b.speculated_at if b is not None else None
 
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
-        """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {gamma: ms}}."""
+        """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
-                    "gap_ms": {g: round(e.value * 1000, 3) for g, e in sorted(b.gap.items())}}
+                    "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
+                               for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())}}
                 for k, b in sorted(self._buckets.items())}
 
 

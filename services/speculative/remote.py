@@ -214,6 +214,11 @@ class RemoteProposer:
         self._context = contextvars.copy_context()
 
     @property
+    def kind(self) -> str:
+        """How the draft proposes: "ngram" or "draft_model" (the cost model keeps their costs apart)."""
+        return "ngram" if self._method == gen.SPECULATION_METHOD_NGRAM else "draft_model"
+
+    @property
     def max_context(self) -> int | None:
         """The most tokens the draft holds (context + proposal), None while
         unknown. Any thread."""

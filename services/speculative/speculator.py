@@ -64,6 +64,13 @@ class ReportsUnresponsive(Protocol):
         """The draft let :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass their deadline."""
 
 
+def _kind(specs: list[SpecState]) -> str:
+    """What a batch of these sequences waits for: "ngram" when every one looks
+    its proposal up (no model), else "draft_model" (the slowest decides)."""
+    kinds = {getattr(spec.proposer, "kind", "draft_model") for spec in specs}
+    return "ngram" if kinds == {"ngram"} else "draft_model"
+
+
 class Speculator:
     """Speculative decoding with per-sequence proposers, for one engine."""
 
@@ -123,7 +130,7 @@ class Speculator:
         gamma_max = max(spec.control.hi for spec in specs)
         prior = self.pool.alpha(0.5)
         acceptance = [spec.control.acceptance.alpha(prior) for spec in specs]
-        periods = self.costs.periods(len(running), gamma_max)
+        periods = self.costs.periods(len(running), gamma_max, _kind(specs))
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
             return max(spec.control.gamma for spec in specs)
@@ -144,7 +151,8 @@ class Speculator:
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
-            self.costs.observe(len(rows), gamma, seconds, gap, now)
+            kind = _kind([r.seq.spec for r in rows if r.proposal])
+            self.costs.observe(len(rows), gamma, seconds, gap, now, kind)
             if gamma > 0:
                 self._exploring = False
         self._last_end = now
