@@ -47,3 +47,19 @@ def test_hand_written_findings_survive_a_rewrite(tmp_path):
     assert report.kept_findings(page) == "## Findings\nverify costs 22 ms"
     page.write_text("# tables only\n")
     assert report.kept_findings(page) == ""
+
+
+def test_mbu_counts_the_weights_a_decode_step_reads_and_the_kv_cache(tmp_path):
+    import json
+
+    from services.bench.machine import bytes_per_token, mbu
+
+    cfg = {"hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 10, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "intermediate_size": 16, "dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    # Per layer: q and o 8x8 each, k and v 8x4 each, MLP 3 x 8x16, two norms of 8; then the final norm and the output layer.
+    weights = 2 * (64 * 2 + 32 * 2 + 3 * 128 + 16) + 8 + 80
+    assert bytes_per_token(tmp_path, 0) == weights * 4
+    assert bytes_per_token(tmp_path, 10) == (weights + 2 * 2 * 1 * 4 * 10) * 4  # keys and values, 10 positions
+    assert mbu(100.0, tmp_path, 0, weights * 4 * 200 / 1e9) == 0.5  # half the batch-1 bound
+    assert mbu(0.0, tmp_path, 0, 1.0) is None

@@ -200,7 +200,7 @@ def _draft_ms_per_token(runs: list[RunResult]) -> float | None:
 
 
 def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, gamma: int | None = None,
-                sweep_new_tokens: int = 64, prompt_set_n: int = 6) -> dict:
+                sweep_new_tokens: int = 64, prompt_set_n: int = 4) -> dict:
     """Target-only vs speculation (the cost model) through the suite vs HF
     assisted generation, at concurrency 1; on/off at 16 streams; the on/off
     sweep over concurrencies with the cost model and the static overrides;
