@@ -58,11 +58,13 @@ class OracleProposer:
         pass
 
 
-def spec_request(prompt, n, spec=True, gamma=None, draft=None, **sampling) -> gen.GenerateRequest:
+def spec_request(prompt, n, spec=True, gamma=None, draft=None, method=None, **sampling) -> gen.GenerateRequest:
     """A token-id GenerateRequest of ``n`` tokens (EOS ignored), speculating or not."""
     req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=prompt)),
                               sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
     req.speculation.enabled = spec
+    if method is not None:
+        req.speculation.method = method
     if gamma is not None:
         req.speculation.gamma = gamma
     if draft is not None:

@@ -276,6 +276,8 @@ class Engine:
             busy += took
             for i in group:
                 rows[i].forward_s = took
+            if self.speculation is not None:
+                self.speculation.after_forward([rows[i] for i in group], took, self.clock())
             self._computed += len(group) * max(len(r.tokens) for r in batch)
             for i, lg in zip(group, logits):
                 out[i] = lg
@@ -391,11 +393,15 @@ class Engine:
         seq.last_token_at = now
         req = seq.request
         if req.persistent:
-            event = SequenceEvent([token], probs=[probs] if probs is not None else [])
+            # A persistent sequence (a draft's) hears once per round, when it pauses:
+            # one event with the round's tokens, not a cross-thread wake-up per token.
+            seq.round_tokens.append(token)
+            if probs is not None:
+                seq.round_probs.append(probs)
             if seq.budget <= 0 or len(seq.tokens) >= self.max_context:
                 self.scheduler.pause(seq)
-                event.paused = True
-            seq.sink(event)
+                seq.sink(SequenceEvent(seq.round_tokens, probs=seq.round_probs, paused=True))
+                seq.round_tokens, seq.round_probs = [], []
             return
         if token in self.eos_token_ids and not req.sampling.ignore_eos:
             self._finish(seq, FinishReason.EOS, [])

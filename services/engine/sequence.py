@@ -166,6 +166,10 @@ class Sequence:
     #: Seed of every draw of this sequence (the request's, or a random one).
     base_seed: int = 0
     detok: Any = None
+    #: A persistent sequence's tokens (and distributions) of the round under way,
+    #: delivered in one event when it pauses.
+    round_tokens: list[int] = field(default_factory=list)
+    round_probs: list[Any] = field(default_factory=list)
     #: The speculation strategy's state (services.engine.speculation.SequenceSpeculation)
     #: while the sequence speculates, else None.
     spec: Any = None
