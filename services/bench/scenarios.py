@@ -211,7 +211,8 @@ def registry() -> dict:
     """Every scenario, those defined in their own modules included."""
     import importlib
 
-    for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak"):
+    for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak",
+                   "services.bench.parallel_scenario"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class LoadedModel:
     tokenizer_hash: str
     dtype: str
     device: str
+    #: Releases what the engine's runner holds outside this process (a parallel group's ranks); None: nothing.
+    close: Callable[[], None] | None = None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -47,6 +50,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_model_dir(model_path: str) -> None:
+    """FileNotFoundError, saying how to get one, when ``model_path`` holds no model."""
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {model_path}: build the default models with `llmesh models build` "
+            f"or pass --model PATH to a Hugging Face causal LM directory")
+
+
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
                  threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
                  model_name: str = "", speculation: Speculation | None = None) -> LoadedModel:
@@ -54,14 +65,20 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     (not started), with ``speculation`` as its speculative-decoding strategy.
     Blocking (seconds); any thread. Raises FileNotFoundError when
     ``model_path`` holds no model, InvalidArgument for invalid settings."""
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model at {model_path}: build the default models with `llmesh models build` "
-            f"or pass --model PATH to a Hugging Face causal LM directory")
+    check_model_dir(model_path)
     configure_threads(threads)
     device = resolve_device(device)
     model, tokenizer = load_model(model_path, DTYPES[dtype], device)
     runner = ModelRunner(model, settings.num_slots, max_context or None, prepack=prepack)
+    return engine_for(runner, model, tokenizer, model_path, settings, device=device, dtype=dtype,
+                      metrics_window_s=metrics_window_s, model_name=model_name, speculation=speculation)
+
+
+def engine_for(runner, model, tokenizer, model_path: str, settings: EngineSettings, *, device: str, dtype: str,
+               metrics_window_s: float = 10.0, model_name: str = "", speculation: Speculation | None = None,
+               close: Callable[[], None] | None = None) -> LoadedModel:
+    """An engine (not started) over ``runner`` (a ModelRunner, or one that
+    stands for a group of ranks), with the EOS ids and names of ``model``."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -71,4 +88,4 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN", model_path,
              runner.num_parameters / 1e6, device, runner.max_len, runner.prepacked)
     return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
-                       tokenizer_hash(tokenizer), dtype, device)
+                       tokenizer_hash(tokenizer), dtype, device, close)
