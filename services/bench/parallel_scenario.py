@@ -110,7 +110,7 @@ def _arm(model_dir, tp: int, pp: int, micro: int, threads: int, prompts, new_tok
     return out
 
 
-def parallel(opts: BenchOptions, new_tokens: int = 32, c1_requests: int = 4, c32_requests: int = 64) -> dict:
+def parallel(opts: BenchOptions, new_tokens: int = 32, c1_requests: int = 2, c32_requests: int = 32) -> dict:
     """Every arm of :data:`ARMS` on ``opts.model`` (see the module docstring)."""
     from transformers import AutoTokenizer
 
