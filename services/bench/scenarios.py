@@ -204,7 +204,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
 SCENARIOS = {"batching": batching, "speculative": speculative}
 
 #: What `make bench` runs: (scenario, model) pairs, in order.
-ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large"), ("soak", "target")]
+ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large"), ("soak", "target"),
+            ("parallel", "target-large")]
 
 
 def registry() -> dict:

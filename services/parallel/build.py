@@ -61,9 +61,11 @@ def build_parallel_engine(spec: ParallelSpec, settings: EngineSettings, *, metri
                                 heartbeat_s=max(1.0, min(5.0, spec.timeout_s / 4)))
 
         def close() -> None:
+            log.info("stopping the parallel group")
             runner.close()
             if workers is not None:
                 workers.stop()
+            log.info("parallel group stopped")
 
         tokenizer = AutoTokenizer.from_pretrained(spec.model)
         loaded = engine_for(runner, shard.runner.model, tokenizer, spec.model, settings, device=spec.device,

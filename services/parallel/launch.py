@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from services.parallel.group import ParallelSpec
@@ -68,12 +69,13 @@ class LocalRanks:
                         return
         threading.Thread(target=loop, name="llmesh-parallel-watch", daemon=True).start()
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Waits up to ``grace_s`` for the workers (told to stop), then kills them."""
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Waits up to ``grace_s`` in all for the workers (told to stop), then kills those left."""
         self._stopping.set()
+        deadline = time.monotonic() + grace_s
         for proc in self.procs.values():
             try:
-                proc.wait(grace_s)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -12,8 +12,6 @@ import logging
 import os
 import sys
 
-import torch.distributed as dist
-
 from services.parallel.group import ParallelSpec, join, load_shard
 from services.parallel.launch import PARENT_ENV, SPEC_ENV, LocalRanks, under_torchrun, watch_parent
 from services.parallel.runner import serve_commands
@@ -23,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(spec: ParallelSpec, rank: int) -> int:
-    """Runs rank ``rank`` (not 0) to the end; returns the exit status. The
+    """Runs rank ``rank`` (not 0) to the end and exits the process (status 0
+    when rank 0 said stop, 1 when the group failed). The
     first rank of a node other than the first starts its node's other ranks
     (unless torchrun did)."""
     siblings = None
@@ -38,11 +37,10 @@ def run_worker(spec: ParallelSpec, rank: int) -> int:
     except Exception as exc:  # noqa: BLE001 - rank 0 or a peer is gone: exit, don't linger
         log.error("rank %d stops: %s: %s", rank, type(exc).__name__, str(exc)[:300])
         os._exit(1)  # Gloo's teardown may block on a dead peer
-    finally:
-        if siblings is not None:
-            siblings.stop()
-    dist.destroy_process_group()
-    return 0
+    if siblings is not None:
+        siblings.stop()
+    logging.shutdown()
+    os._exit(0)  # told to stop: nothing to save, and interpreter teardown with torch loaded takes seconds
 
 
 def main(argv: list[str] | None = None) -> int:
