@@ -12,11 +12,14 @@ Pipeline parallelism: the rank keeps its stage's decoder layers (balanced by
 parameter count, :func:`services.parallel.layout.balance_stages`); the
 embedding lives on the first stage, the final norm and LM head on the last.
 
-Why not transformers' ``tp_plan``: it turns the weights into DTensors with
-forward hooks and has no vocabulary-parallel embedding on the local path;
-the engine's oneDNN weight packing (services.engine.cpu_linear) and its
-slot KV cache want plain tensors, and pipeline stages are not in it at all.
-The slicing below is a few lines per projection.
+Why not transformers' ``tp_plan``: the split is the same one (Llama's
+``base_model_tp_plan``: q/k/v/gate/up colwise, o/down rowwise; lm_head
+``colwise_gather_output``), but ``from_pretrained(tp_plan="auto")`` makes
+the parameters DTensors, needs ``accelerate`` and the process group before
+loading, keeps the embedding whole and knows no pipeline stages, while the
+engine's oneDNN weight packing (services.engine.cpu_linear) and KV cache
+want plain tensors of known local shapes. It was not tried on this tree;
+the slicing below is a few lines per projection.
 """
 
 from __future__ import annotations
@@ -154,12 +157,15 @@ def _shard_tensor_parallel(model, tp: int, rank: int, group) -> None:
     vocab = cfg.vocab_size
     sizes = [hi - lo for lo, hi in (_split(vocab, tp, r) for r in range(tp))]
     v_lo, v_hi = _split(vocab, tp, rank)
+    head = model.get_output_embeddings()
+    tied = head is not None and decoder.embed_tokens is not None and head.weight is decoder.embed_tokens.weight
     if decoder.embed_tokens is not None:
         decoder.embed_tokens = VocabParallelEmbedding(decoder.embed_tokens, v_lo, v_hi, group)
-    head = model.get_output_embeddings()
     if head is not None:
         model.config.tie_word_embeddings = False
         _keep_rows(head, v_lo, v_hi)
+        if tied:  # the same vocabulary rows: one tensor, as before the cut
+            head.weight = decoder.embed_tokens.weight
         model.set_output_embeddings(VocabParallelHead(head, sizes, group))
     # What this rank's attention and KV cache see.
     cfg.head_dim = head_dim
