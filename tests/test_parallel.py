@@ -8,15 +8,21 @@ process start-up and model load per rank; three groups are run.
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from services.common.config import ConfigError
-from services.engine.model_runner import ModelRunner, load_model
+from services.common.errors import Unavailable
+from services.engine.engine import Engine
+from services.engine.model_runner import ModelRunner, RunnerLost, load_model
+from services.engine.sequence import GenerationRequest, SamplingOptions
+from services.engine.settings import EngineSettings
 from services.parallel.layout import Layout, balance_stages, split_micro_batches
 from services.target.config import TargetConfig
 from tests.parallel_probe import STEPS
@@ -89,3 +95,23 @@ def test_a_group_gives_tp1_logits_on_prefill_decode_verification_and_mixed_rows(
     # Each rank holds about 1/(tp*pp) of the weights... at most 0.6 of TP=1's on this tiny model.
     assert max(s["weight_bytes"] for s in stats) <= 0.6 * tp1_bytes
     assert all(s["steps"] == len(STEPS) for s in stats)
+
+
+def test_a_lost_runner_stops_the_engine_and_fails_its_requests_unavailable(tiny_models):
+    """What a rank's death does to rank 0's engine (the process-level test is in test_parallel_service)."""
+    model, tokenizer = load_model(tiny_models.target)
+
+    class LostRunner(ModelRunner):
+        def forward(self, rows):
+            raise RunnerLost("worker rank 1 (pid 0) exited with status -9")
+
+    engine = Engine(LostRunner(model, 4), tokenizer, EngineSettings(num_slots=4, max_batch_size=4))
+    died = threading.Event()
+    engine.start(on_fatal=lambda exc: died.set())
+    events: queue.Queue = queue.Queue()
+    engine.submit(GenerationRequest(prompt_ids=[5, 6, 7], sampling=SamplingOptions(max_new_tokens=4)), events.put)
+    last = events.get(timeout=60)
+    assert isinstance(last.error, Unavailable) and last.finish_reason is not None
+    assert died.wait(60)
+    with pytest.raises(Unavailable):
+        engine.submit(GenerationRequest(prompt_ids=[5], sampling=SamplingOptions(max_new_tokens=1)), events.put)
