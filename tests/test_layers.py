@@ -22,6 +22,7 @@ LAYERS = {
     "services.common": 0,       # base: config, errors, server bootstrap, telemetry, stubs, windowed metrics
     "services.engine": 1,       # continuous batching
     "services.speculative": 2,  # proposer, rejection sampler, target/draft sync
+    "services.parallel": 2,     # TP x PP ranks over torch.distributed, each running the engine's model runner
     "services.serving": 3,      # what the two model services share
     "services.target": 4,
     "services.draft": 4,

@@ -64,6 +64,36 @@ def plot(result: dict, path: Path) -> None:
         _plot_soak(result, path)
     elif result["scenario"] == "prefix":
         _plot_prefix(result, path)
+    elif result["scenario"] == "parallel":
+        _plot_parallel(result, path)
+
+
+def _plot_parallel(r: dict, path: Path) -> None:
+    """Tokens/s per arm at c1 and c32, and each rank's step time split (c32)."""
+    arms = list(r["tps_c32"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(len(arms))
+    ax1.bar([i - 0.2 for i in x], [r["tps_c1"][a] for a in arms], 0.4, label="concurrency 1")
+    ax1.bar([i + 0.2 for i in x], [r["tps_c32"][a] for a in arms], 0.4, label="concurrency 32")
+    ax1.set_xticks(list(x), arms)
+    ax1.set(ylabel="tokens/s", title=f"Throughput, {r['model']}")
+    ax1.legend()
+    labels, parts = [], {"compute": [], "communication": [], "bubble": []}
+    for a in arms:
+        for rank in r["arms"][a]["ranks"]:
+            labels.append(f"{a}\nr{rank['rank']}")
+            for k in parts:
+                parts[k].append(rank[f"{k}_fraction"])
+    bottom = [0.0] * len(labels)
+    for k, values in parts.items():
+        ax2.bar(range(len(labels)), values, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax2.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax2.set(ylabel="share of step time (c32)", title="Where each rank's step time went")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_batching(r: dict, path: Path) -> None:
@@ -243,6 +273,10 @@ GOALS = [
     ("prefix", "target-large", "throughput_ratio_kv_aware_vs_round_robin", ">=", 1.3),
     ("prefix", "target-large", "identical_greedy", "==", True),
     ("prefix", "target-large", "errors", "==", 0),
+    ("parallel", "target-large", "identical_greedy", "==", True),
+    ("parallel", "target-large", "weight_memory_ratio_tp2", "<=", 0.6),
+    ("parallel", "target-large", "weight_memory_ratio_pp2", "<=", 0.6),
+    ("parallel", "target-large", "errors", "==", 0),
 ]
 _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
         "==": lambda a, b: a == b}

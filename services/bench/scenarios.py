@@ -278,7 +278,8 @@ def _prompt_tokens(model_dir: Path, prompts: list[str]) -> float:
 SCENARIOS = {"batching": batching, "speculative": speculative}
 
 #: What `make bench` runs: (scenario, model) pairs, in order.
-ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large"), ("soak", "target")]
+ALL_RUNS = [("batching", "target-large"), ("batching", "target"), ("speculative", "target-large"), ("soak", "target"),
+            ("parallel", "target-large")]
 
 
 def registry() -> dict:
@@ -286,7 +287,8 @@ def registry() -> dict:
     import importlib
 
     for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak",
-                   "services.bench.openai_scenario", "services.bench.prefix"):
+                   "services.bench.openai_scenario", "services.bench.prefix",
+                   "services.bench.parallel_scenario"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

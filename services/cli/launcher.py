@@ -44,7 +44,8 @@ def options_of(args: argparse.Namespace) -> UpOptions:
                      base_port=args.base_port, threads=args.threads, log_level=args.log_level,
                      target_model=Path(args.target_model) if args.target_model else None,
                      draft_model=Path(args.draft_model) if args.draft_model else None,
-                     prometheus_port=args.prometheus_port, tls_dir=tls_dir, insecure=args.insecure)
+                     prometheus_port=args.prometheus_port, tls_dir=tls_dir, insecure=args.insecure,
+                     tp=args.tp, pp=args.pp)
 
 
 def with_certs(options: UpOptions) -> tuple[UpOptions, TlsFiles | None]:
@@ -154,6 +155,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-model", help="draft model directory (default: HOME/models/draft)")
     p.add_argument("--threads", type=argtypes.non_negative_int32, default=0,
                    help="target's torch threads; the draft gets a quarter (default: every core)")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=argtypes.positive_int32, default=1,
+                   help="the target's tensor-parallel ranks (default: %(default)s)")
+    p.add_argument("--pipeline-parallel-size", "--pp", dest="pp", type=argtypes.positive_int32, default=1,
+                   help="the target's pipeline stages; it runs tp x pp ranks (default: %(default)s)")
     p.add_argument("--log-level", default="info", help="every service's logging level (default: %(default)s)")
     p.add_argument("--timeout", type=argtypes.seconds, default=300.0,
                    help="seconds the suite gets to report SERVING (default: %(default)s)")

@@ -40,11 +40,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def field(default: Any, help: str, deprecated: tuple[str, ...] = (), **kw: Any) -> Any:  # noqa: A002
+def field(default: Any, help: str, deprecated: tuple[str, ...] = (), aliases: tuple[str, ...] = (),  # noqa: A002
+          **kw: Any) -> Any:
     """A config field with its help text and the old names it still answers
     to (``deprecated``: former field names, whose flags and variables work
-    with a warning)."""
-    metadata = {"help": help, "deprecated": tuple(deprecated), **kw}
+    with a warning; ``aliases``: short flags, e.g. ``("tp",)`` for ``--tp``)."""
+    metadata = {"help": help, "deprecated": tuple(deprecated), "aliases": tuple(aliases), **kw}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -141,7 +142,8 @@ class BaseConfig:
             help_text = f"{f.metadata.get('help', '')} (default: {shown!r}; env {env})"
             # A bare boolean flag (--no-prefix-cache) means true; --flag false still works.
             bare = {"nargs": "?", "const": True} if tp is bool else {}
-            parser.add_argument(_flag(f.name), dest=f.name, type=_converter(tp), default=None, help=help_text, **bare)
+            parser.add_argument(_flag(f.name), *map(_flag, f.metadata.get("aliases", ())), dest=f.name,
+                                type=_converter(tp), default=None, help=help_text, **bare)
             for old in f.metadata.get("deprecated", ()):
                 parser.add_argument(_flag(old), dest=old, type=_converter(tp), default=None,
                                     help=f"deprecated alias of {_flag(f.name)}")

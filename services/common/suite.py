@@ -61,6 +61,8 @@ class UpOptions:
     tls_dir: Path | None = None
     admin_token: str = ""
     insecure: bool = False
+    tp: int = 1   # the target's tensor-parallel size (ranks per stage)
+    pp: int = 1   # the target's pipeline-parallel size (stages)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
     cpus = cpus or os.cpu_count() or 1
     port = ports(options.base_port, options.prometheus_port)
     threads = thread_counts(options.threads, cpus)
+    ranks = options.tp * options.pp
+    threads["target"] = max(1, threads["target"] // ranks)  # per rank: the ranks share the target's cores
     models = model_paths(options)
 
     # Where the services reach each other: a wildcard bind is reached on loopback
@@ -163,7 +167,9 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
         "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"]),
                   "--metrics-port", str(port["draft-metrics"])),
         "target": ("--model", str(models["target"]), "--threads", str(threads["target"]),
-                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"])),
+                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"]),
+                   *(("--tensor-parallel-size", str(options.tp), "--pipeline-parallel-size", str(options.pp))
+                     if ranks > 1 else ())),
         "router": ("--targets", addr("target"), "--drafts", addr("draft"), "--http-port", str(port["http"])),
         "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
         "scaler": ("--router", addr("router"), "--monitor", addr("monitor"),

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class LoadedModel:
     tokenizer_hash: str
     dtype: str
     device: str
+    #: Releases what the engine's runner holds outside this process (a parallel group's ranks); None: nothing.
+    close: Callable[[], None] | None = None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -52,6 +55,25 @@ def resolve_device(device: str) -> str:
 DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
+def check_model_dir(model_path: str) -> None:
+    """FileNotFoundError, saying how to get one, when ``model_path`` holds no model."""
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {model_path}: build the default models with `llmesh models build` "
+            f"or pass --model PATH to a Hugging Face causal LM directory")
+
+
+def kv_cache_blocks(num_kv_blocks: int, kv_cache_memory: int, block_size: int, token_bytes: int) -> int:
+    """Blocks of the paged KV cache: ``num_kv_blocks``, or (0) as many blocks of
+    ``block_size`` tokens of ``token_bytes`` bytes each as ``kv_cache_memory``
+    bytes hold. InvalidArgument when that is fewer than 2 (the null block and one)."""
+    blocks = num_kv_blocks or kv_cache_memory // (block_size * token_bytes)
+    if blocks < 2:
+        raise InvalidArgument("kv_cache_memory", f"{kv_cache_memory} bytes hold {blocks} blocks of {block_size} "
+                                                 f"tokens ({token_bytes} bytes each); at least 2 are needed")
+    return blocks
+
+
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
                  threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
                  model_name: str = "", speculation: Speculation | None = None, block_size: int = 16,
@@ -64,18 +86,23 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     caching when ``prefix_caching``. Blocking (seconds); any thread. Raises
     FileNotFoundError when ``model_path`` holds no model, InvalidArgument for
     invalid settings or a cache that cannot hold one block beside the null block."""
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model at {model_path}: build the default models with `llmesh models build` "
-            f"or pass --model PATH to a Hugging Face causal LM directory")
+    check_model_dir(model_path)
     configure_threads(threads)
     device = resolve_device(device)
     model, tokenizer = load_model(model_path, DTYPES[dtype], device)
-    blocks = num_kv_blocks or kv_cache_memory // (block_size * bytes_per_token(model))
-    if blocks < 2:
-        raise InvalidArgument("kv_cache_memory", f"{kv_cache_memory} bytes hold {blocks} blocks of {block_size} "
-                                                 f"tokens ({bytes_per_token(model)} bytes each); at least 2 are needed")
+    blocks = kv_cache_blocks(num_kv_blocks, kv_cache_memory, block_size, bytes_per_token(model))
     runner = ModelRunner(model, blocks, block_size, max_context or None, prepack=prepack)
+    return engine_for(runner, model, tokenizer, model_path, settings, device=device, dtype=dtype,
+                      metrics_window_s=metrics_window_s, model_name=model_name, speculation=speculation,
+                      prefix_caching=prefix_caching)
+
+
+def engine_for(runner, model, tokenizer, model_path: str, settings: EngineSettings, *, device: str, dtype: str,
+               metrics_window_s: float = 10.0, model_name: str = "", speculation: Speculation | None = None,
+               prefix_caching: bool = True, close: Callable[[], None] | None = None) -> LoadedModel:
+    """An engine (not started) over ``runner`` (a ModelRunner, or one that
+    stands for a group of ranks: its ``cache`` gives the block count and size
+    the engine's block manager keeps), with the EOS ids and names of ``model``."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -84,6 +111,7 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
                     speculation=speculation, prefix_caching=prefix_caching)
     log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN, KV cache %d "
              "blocks of %d tokens, prefix caching %s", model_path, runner.num_parameters / 1e6, device,
-             runner.max_len, runner.prepacked, blocks, block_size, "on" if prefix_caching else "off")
+             runner.max_len, runner.prepacked, runner.cache.num_blocks, runner.cache.block_size,
+             "on" if prefix_caching else "off")
     return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
-                       tokenizer_hash(tokenizer), dtype, device)
+                       tokenizer_hash(tokenizer), dtype, device, close)

@@ -33,7 +33,7 @@ from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
 from services.engine.kv_events import KVEventLog
 from services.engine.load import EngineLoad, LoadPublisher
-from services.engine.model_runner import ForwardRow, ModelRunner
+from services.engine.model_runner import ForwardRow, ModelRunner, RunnerLost
 from services.engine.observer import EngineObserver
 from services.engine.scheduler import Row, Scheduler, StepPlan
 from services.engine.sequence import (FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline,
@@ -166,6 +166,14 @@ class Engine:
         self._commands.post(lambda: setattr(self.scheduler, "settings", candidate))
         return candidate
 
+    def fail(self, exc: BaseException) -> None:
+        """Any thread: the engine stops at its next step boundary as if its
+        loop had raised ``exc`` (its requests fail with Unavailable, the
+        owner's ``on_fatal`` is called). For a runner that lost its ranks between steps."""
+        def _raise() -> None:
+            raise exc
+        self._commands.post(_raise)
+
     def load(self) -> EngineLoad:
         """The snapshot the engine thread published last (never blocks)."""
         return self._load.latest
@@ -268,6 +276,8 @@ class Engine:
             batch = [fwd[i] for i in group]
             try:
                 logits, took = self.runner.timed_forward(batch)
+            except RunnerLost:
+                raise  # no step can run any more: the loop stops (see _die)
             except Exception as exc:  # noqa: BLE001 - fans out to every sequence in the batch
                 log.exception("forward pass failed for %d sequences", len(group))
                 for i in group:

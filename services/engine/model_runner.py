@@ -30,6 +30,11 @@ from services.engine.kv_cache import PagedKVCache
 log = logging.getLogger(__name__)
 
 
+class RunnerLost(RuntimeError):
+    """The runner can run no more steps (a parallel rank died or hung): the
+    engine stops, failing its requests with UNAVAILABLE."""
+
+
 @dataclass
 class ForwardRow:
     """Feed ``tokens`` at positions ``start..`` of the sequence whose positions
@@ -46,6 +51,12 @@ class ForwardRow:
 @dataclass
 class _StepContext:
     cache: PagedKVCache
+    ids: torch.Tensor        # [n, width] token ids, padded with 0
+    positions: torch.Tensor  # [n, width] position of each token
+    mask: torch.Tensor       # [n, 1, width, kv_len] bool: what each query sees
+    keep_rows: torch.Tensor  # (row, t) of every logit kept, flattened
+    keep_t: torch.Tensor
+    keeps: list[int]
     write_row: torch.Tensor
     write_t: torch.Tensor
     #: Flat cache slot (block * block_size + offset) of each written token.
@@ -73,22 +84,28 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, max_len: int | None = None,
                  prepack: bool = True, prepack_min_elements: int = MIN_ELEMENTS,
-                 prepack_measure: bool = True) -> None:
+                 prepack_measure: bool = True, layers: range | None = None) -> None:
+        """``layers``: the decoder layers this runner holds (global indices; a
+        pipeline stage's, see services.parallel); default all. The KV cache
+        holds those layers and ``config.num_key_value_heads`` heads (a tensor-
+        parallel shard's own, once services.parallel.shard has set them)."""
         self.model = model
         cfg = model.config
+        self.layers = layers if layers is not None else range(cfg.num_hidden_layers)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = cfg.vocab_size
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim,
+        self.cache = PagedKVCache(len(self.layers), num_blocks, block_size, kv_heads, head_dim,
                                   dtype=self.dtype, device=self.device)
         self._ctx: _StepContext | None = None
         # A name per runner: the registry is global, the step context is ours.
         self._attn_name = f"llmesh_paged_{id(self):x}"
         AttentionInterface.register(self._attn_name, self._attention)
         model.set_attn_implementation(self._attn_name)
+        #: Parameters of the whole model (a shard's runner: set by services.parallel).
         self.num_parameters = sum(p.numel() for p in model.parameters())
         #: Linear layers whose weights were packed for oneDNN (0: stock F.linear).
         #: With ``prepack_measure``, only where packing is faster on this CPU (timed at start-up).
@@ -100,7 +117,7 @@ class ModelRunner:
     # -- attention ------------------------------------------------------------
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         ctx = self._ctx
-        k_cache, v_cache = ctx.cache.layers[module.layer_idx]
+        k_cache, v_cache = ctx.cache.layers[module.layer_idx - self.layers.start]
         k_new = key.transpose(1, 2)  # [B, T, kv_heads, D]
         v_new = value.transpose(1, 2)
         k_cache.index_copy_(0, ctx.write_slot, k_new[ctx.write_row, ctx.write_t])
@@ -148,6 +165,14 @@ class ModelRunner:
         propagates (the engine fails that batch's sequences)."""
         if not rows:
             return []
+        ctx = self.prepare(rows)
+        return self.head(self.run_layers(self.embed(ctx), ctx), ctx)
+
+    # -- the forward's phases (a pipeline stage runs some of them: services.parallel) --
+    def prepare(self, rows: list[ForwardRow]) -> _StepContext:
+        """The step context of ``rows`` (non-empty, each passed :meth:`check`):
+        ids, positions, mask and where keys/values go; zeroes the cache
+        positions the rows will read. Any rank computes the same from the same rows."""
         dev = self.device
         n = len(rows)
         width = max(len(r.tokens) for r in rows)
@@ -172,21 +197,39 @@ class ModelRunner:
         # Padded queries see only position 0, so softmax stays finite; their output is dropped.
         mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)[:, None]
         self.cache.ensure_clean(int(tables.max()) + 1)
-        self._ctx = _StepContext(
-            cache=self.cache, write_row=write_row.to(dev), write_t=write_t.to(dev),
+        keep_idx = [(i, p) for i, r in enumerate(rows) for p in range(len(r.tokens) - r.keep, len(r.tokens))]
+        return _StepContext(
+            cache=self.cache, ids=ids.to(dev), positions=positions.to(dev), mask=mask.to(dev),
+            keep_rows=torch.tensor([i for i, _ in keep_idx], device=dev),
+            keep_t=torch.tensor([p for _, p in keep_idx], device=dev), keeps=[r.keep for r in rows],
+            write_row=write_row.to(dev), write_t=write_t.to(dev),
             write_slot=read_slots[write_row, positions[write_row, write_t]].to(dev),
             read_slots=read_slots.view(-1).to(dev), kv_len=kv_len,
         )
+
+    @torch.inference_mode()
+    def embed(self, ctx: _StepContext) -> torch.Tensor:
+        """Input embeddings ``[n, width, hidden]`` (first stage only)."""
+        return self._decoder.embed_tokens(ctx.ids)
+
+    @torch.inference_mode()
+    def run_layers(self, hidden: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        """Runs this runner's decoder layers over ``hidden`` ``[n, width, hidden]``."""
+        position_embeddings = self._decoder.rotary_emb(hidden, position_ids=ctx.positions)
+        self._ctx = ctx
         try:
-            hidden = self._decoder(input_ids=ids.to(dev), position_ids=positions.to(dev),
-                                   attention_mask=mask.to(dev)).last_hidden_state
+            for layer in self._decoder.layers[: len(self.layers)]:
+                hidden = layer(hidden, attention_mask=ctx.mask, position_ids=ctx.positions,
+                               position_embeddings=position_embeddings)
         finally:
             self._ctx = None
-        keep_idx = [(i, p) for i, r in enumerate(rows) for p in range(len(r.tokens) - r.keep, len(r.tokens))]
-        ri = torch.tensor([i for i, _ in keep_idx], device=dev)
-        pi = torch.tensor([p for _, p in keep_idx], device=dev)
-        logits = self._lm_head(hidden[ri, pi]).float()
-        return list(logits.split([r.keep for r in rows]))
+        return hidden
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor, ctx: _StepContext) -> list[torch.Tensor]:
+        """Final norm and LM head at the kept positions: float32 ``[keep, vocab]`` per row (last stage only)."""
+        hidden = self._decoder.norm(hidden[ctx.keep_rows, ctx.keep_t])
+        return list(self._lm_head(hidden).float().split(ctx.keeps))
 
     def timed_forward(self, rows: list[ForwardRow]) -> tuple[list[torch.Tensor], float]:
         """:meth:`forward` and its wall time in seconds (the device synchronised)."""
@@ -223,4 +266,4 @@ def bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
 
 
-__all__ = ["ForwardRow", "ModelRunner", "bytes_per_token", "configure_threads", "load_model"]
+__all__ = ["ForwardRow", "ModelRunner", "RunnerLost", "bytes_per_token", "configure_threads", "load_model"]

@@ -39,9 +39,14 @@ class ModelApp:
     def __init__(self, config: ModelServiceConfig, role: int, service_key: str,
                  servicer_factory: Callable[["ModelApp"], object],
                  add_servicer: Callable[[object, grpc.aio.Server], None],
-                 provider: TracerProvider, speculation: Callable[[], Speculation] | None = None) -> None:
+                 provider: TracerProvider, speculation: Callable[[], Speculation] | None = None,
+                 build: Callable[[Speculation | None], LoadedModel] | None = None) -> None:
+        """``build``: loads the engine given its speculation strategy (blocking;
+        default: :func:`services.engine.build.build_engine` from the config), e.g.
+        over a group of parallel ranks."""
         self.config = config
         self._speculation = speculation
+        self._build = build
         #: Set (on the event loop) when the process should stop: the engine died.
         self.stopped = asyncio.Event()
         #: The engine's fatal error, once it died.
@@ -107,12 +112,16 @@ class ModelApp:
         """Loads the model, warms it up and starts the engine (off the event
         loop). FileNotFoundError for a path with no model; what loading raised."""
         c = self.config
-        loaded = await asyncio.to_thread(
-            build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
-            max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
-            model_name=c.model_name, speculation=self._speculation() if self._speculation else None,
-            block_size=c.block_size, kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
-            prefix_caching=not c.no_prefix_cache)
+        speculation = self._speculation() if self._speculation else None
+        if self._build is not None:
+            loaded = await asyncio.to_thread(self._build, speculation)
+        else:
+            loaded = await asyncio.to_thread(
+                build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
+                max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
+                model_name=c.model_name, speculation=speculation, block_size=c.block_size,
+                kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
+                prefix_caching=not c.no_prefix_cache)
         engine = loaded.engine
         self.prompts = PromptEncoder(engine.tokenizer, engine.max_context,
                                      await asyncio.to_thread(max_token_bytes, engine.tokenizer))
@@ -152,6 +161,8 @@ class ModelApp:
     def close_engine(self) -> None:
         if self.loaded is not None:
             self.loaded.engine.stop()
+            if self.loaded.close is not None:
+                self.loaded.close()
         if self.metrics is not None:
             self.metrics.stop()
 
@@ -174,11 +185,16 @@ async def serve_app(make_app: Callable[[], ModelApp], label: str) -> int:
     return app.exit_code
 
 
-def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, argv) -> int:
+def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, argv,
+             route: Callable[[object], int | None] | None = None) -> int:
     """A model service's ``main``: config from flags and environment, then
-    serve. Returns the exit status: 0 after a signal, 1 if the engine died."""
+    serve. Returns the exit status: 0 after a signal, 1 if the engine died.
+    ``route(config)``: an exit status when this process does something else
+    than serve (a worker rank of a parallel group), None to serve."""
     config = config_cls.from_command_line(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
+    if route is not None and (status := route(config)) is not None:
+        return status
     return run_service(f"llmesh serve {label.split('-')[0]}", lambda: serve_app(lambda: create_server(config), label))
 
 
