@@ -147,6 +147,8 @@ def suite(engine, receiver, tiny_models, tmp_path_factory):
         if left:
             sh("docker", "rm", "-f", *left, check=False)
         print(f"\ncompose e2e timings: {TIMES}", file=sys.stderr)
+        (REPO / "build").mkdir(exist_ok=True)
+        (REPO / "build" / "compose-e2e-times.json").write_text(json.dumps(TIMES, indent=1) + "\n")
         assert not left, f"containers left after down: {left}\n{logs}"
 
 

@@ -20,6 +20,7 @@ OWN = {  # the parts of `docker inspect` of the scaler's own container that the 
     "Image": "sha256:abc",
     "Name": "/llmesh_scaler_1",
     "Config": {"Labels": {"com.docker.compose.project": "llmesh"}},
+    "HostConfig": {"ExtraHosts": ["host.docker.internal:host-gateway"]},
     "NetworkSettings": {"Networks": {"llmesh_default": {}}},
     "Mounts": [{"Type": "volume", "Name": "llmesh_models", "Destination": "/data"},
                {"Type": "volume", "Name": "llmesh_certs", "Destination": "/certs"},
@@ -70,6 +71,7 @@ def test_an_instance_is_a_labelled_target_container_reached_at_its_alias():
                                 LABEL_ADDRESS: "default-auto-1.llmesh.internal:50061"}
     assert kwargs["network"] == "llmesh_default" and kwargs["image"] == "sha256:abc"
     assert kwargs["restart_policy"] == {"Name": "no"} and kwargs["detach"]
+    assert kwargs["extra_hosts"] == ["host.docker.internal:host-gateway"]  # the scaler's own
     assert kwargs["name"] == "llmesh.default-auto-1"
 
 

@@ -60,6 +60,8 @@ class Template:
     domain: str = "llmesh.internal"
     port: int = TARGET_PORT
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: ``HOST:IP`` entries for /etc/hosts (the scaler's own: e.g. where traces go).
+    extra_hosts: tuple[str, ...] = ()
 
 
 def dns_label(text: str) -> str:
@@ -92,6 +94,7 @@ def run_arguments(template: Template, spec: LaunchSpec) -> dict:
         network=template.network,
         detach=True,
         restart_policy={"Name": "no"},
+        extra_hosts=list(template.extra_hosts),
     )
 
 
@@ -147,6 +150,7 @@ def template_from(own: Mapping | None, *, image: str, network: str, volumes: str
         args=tuple(shlex.split(args)),
         owner=owner or labels.get(COMPOSE_PROJECT, "") or own.get("Name", "").strip("/"),
         domain=domain,
+        extra_hosts=tuple(own.get("HostConfig", {}).get("ExtraHosts") or ()),
     )
     for name in ("image", "network", "owner"):
         if not getattr(template, name):
