@@ -36,10 +36,13 @@ up: install
 	$(LLMESH) models build
 	$(LLMESH) up
 
+# curl: the front door's SSE framing is checked with it (installed with apt when root).
 test: install docker-deps
+	command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq curl; }
 	$(PY) -m pytest -q
 
 bench: install
+	$(PIP) install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(LLMESH) models build
 	$(LLMESH) bench --all --markdown BENCHMARKS.md
 

@@ -146,7 +146,7 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
     if m.queue_length < 1 or m.accelerator_utilization >= t.low_utilization:
         return None
     kv_full = m.kv_cache_usage >= 0.9
-    action = ("raise num_slots (or free KV cache: shorter max_context) on " if kv_full
+    action = ("raise kv_cache_memory (the paged KV cache's blocks are nearly all in use) on " if kv_full
               else "raise max_batch_size and max_batch_tokens on ") + key
     return Recommendation(
         "low_utilization_with_queue", Severity.WARNING,
@@ -167,7 +167,7 @@ def low_batch_fill(key: str, m: Throughput, t: Thresholds) -> Recommendation | N
         f"the batch is {m.batch_fill:.0%} full while {m.queue_length} request(s) wait: "
         "admission holds them back",
         f"on {key}: lower max_wait_ms (queued requests wait for companions that do not come), raise "
-        "max_batch_tokens (so queued prefills fit in a step) or num_slots when the KV cache is full; "
+        "max_batch_tokens (so queued prefills fit in a step) or kv_cache_memory when the KV cache is full; "
         "if the batch never fills, lower max_batch_size to the batch it reaches",
         "fuller batches: more tokens per step at the same step time, shorter queue time",
         key, m.batch_fill, t.min_batch_fill,

@@ -10,19 +10,15 @@ monitor with ``honor_labels: true``.
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from monitor.analysis import Alert
 from monitor.metrics import Scope, Throughput, throughput
 from monitor.store import COUNTERS, Snapshot
-
-log = logging.getLogger(__name__)
+from services.common.exposition import MetricsEndpoint
 
 LABELS = ["instance", "pool", "role"]
 _GAUGES: list[tuple[str, str, Callable[[Throughput], float]]] = [
@@ -34,7 +30,7 @@ _GAUGES: list[tuple[str, str, Callable[[Throughput], float]]] = [
     ("batch_fill", "Mean batch size / max batch size over the window.", lambda m: m.batch_fill),
     ("accelerator_utilization", "Accelerator utilisation in [0, 1] over the window.",
      lambda m: m.accelerator_utilization),
-    ("kv_cache_usage", "KV-cache tokens in use / capacity.", lambda m: m.kv_cache_usage),
+    ("kv_cache_usage", "Fraction of the paged KV cache's blocks in use.", lambda m: m.kv_cache_usage),
     ("saturation", "Fraction of the window's reports in which the instance was saturated.",
      lambda m: m.saturation),
     ("acceptance_rate", "Accepted / proposed draft tokens over the window.", lambda m: m.acceptance_rate),
@@ -94,26 +90,10 @@ class PrometheusCollector(Collector):
         yield alerts
 
 
-class PrometheusExporter:
-    """Serves ``/metrics`` over HTTP from a daemon thread (prometheus-client's own server)."""
+class PrometheusExporter(MetricsEndpoint):
+    """Serves the fleet's ``/metrics`` (``collector`` on a registry of its own)."""
 
     def __init__(self, collector: Collector) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
-        self._server = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int | None:
-        return self._server.server_port if self._server is not None else None
-
-    def start(self, host: str, port: int) -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, self.port)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = self._thread = None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        super().__init__(registry)

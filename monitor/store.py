@@ -19,7 +19,8 @@ from services.common.load import LoadReport, Role
 
 #: The cumulative counters of a report; a decrease of any of them means the instance restarted.
 COUNTERS = ("requests_total", "tokens_generated_total", "errors_total", "rejected_total",
-            "proposed_tokens_total", "accepted_tokens_total")
+            "proposed_tokens_total", "accepted_tokens_total", "prefix_cache_queries_total",
+            "prefix_cache_hits_total", "preemptions_total")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,11 @@ PRIORITY_OF_CLASS = {"batch": gen.PRIORITY_BATCH, "normal": gen.PRIORITY_NORMAL,
 
 
 def prompt_units(prompt: gen.Prompt) -> str | tuple[int, ...]:
-    """The prompt as text or token ids, for prefix affinity."""
-    return prompt.text if prompt.WhichOneof("kind") == "text" else tuple(prompt.tokens.ids)
+    """The prompt as text or token ids, for prefix affinity (a conversation: its turns' text)."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "chat":
+        return "".join(f"{m.role}: {m.content}\n" for m in prompt.chat.messages)
+    return prompt.text if kind == "text" else tuple(prompt.tokens.ids)
 
 
 def wants_draft(req: gen.GenerateRequest) -> bool:
@@ -61,7 +64,10 @@ def cache_key(req: gen.GenerateRequest, pool: str) -> bytes | None:
     s = req.sampling
     if (s.temperature > 0 and not s.HasField("seed")) or req.resume_tokens:
         return None
-    keyed = gen.GenerateRequest(prompt=req.prompt, sampling=s, echo_prompt=req.echo_prompt)
+    keyed = gen.GenerateRequest(prompt=req.prompt, sampling=s, echo_prompt=req.echo_prompt,
+                                prompt_logprobs=req.prompt_logprobs)
+    if req.HasField("logprobs"):
+        keyed.logprobs = req.logprobs
     if s.temperature > 0:
         keyed.speculation.CopyFrom(req.speculation)
     return pool.encode() + b"\0" + keyed.SerializeToString(deterministic=True)
@@ -90,6 +96,8 @@ class CompletionBuilder:
         r = self.response
         r.request_id = chunk.request_id
         r.token_ids.extend(chunk.token_ids)
+        r.logprobs.extend(chunk.logprobs)
+        r.prompt_logprobs.extend(chunk.prompt_logprobs)
         self._text.append(chunk.text)
         r.instance_id = chunk.instance_id
         r.cached = chunk.cached

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from router.tokenizer import tokenizer_file
 from services.common.config import BaseConfig, ConfigError, field
 from services.common.validation import valid_address
 
@@ -17,6 +18,7 @@ class PolicyName(enum.Enum):
     SCORE = "score"
     POWER_OF_TWO = "power_of_two"
     PREFIX_AFFINITY = "prefix_affinity"
+    KV_AWARE = "kv_aware"
 
 
 #: Priority classes as written in ``--pools`` (the Priority enum without its prefix).
@@ -30,6 +32,9 @@ class RouterConfig(BaseConfig):
     SERVICE = "router"
 
     port: int = field(50051, "port to listen on (0: any free port)")
+    http_port: int = field(8000, "port of the OpenAI-compatible HTTP front door (/v1/completions, "
+                                 "/v1/chat/completions, /v1/models, /health) on --host (0: none)")
+    http_timeout_s: float = field(0.0, "seconds an HTTP request may take before it ends with 504 (0: no bound)")
     targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
                                    "pool@host:port")
     drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")
@@ -41,7 +46,7 @@ class RouterConfig(BaseConfig):
                                      "instance or is full, comma-separated class->pool in order of preference, "
                                      "e.g. batch->default (none: a class stays in its pool)")
     policy: PolicyName = field(PolicyName.SCORE, "routing policy: score, round_robin, least_loaded, "
-                                                 "power_of_two or prefix_affinity")
+                                                 "power_of_two, prefix_affinity or kv_aware")
     weight_idle: float = field(0.3, "score: weight of an idle accelerator (1 - utilisation)")
     weight_queue: float = field(0.3, "score: weight of a short queue, 1 / (queue + 1)")
     weight_latency: float = field(0.2, "score: weight of a low time to first token, 0.1 / (ttft_s + 0.1)")
@@ -52,6 +57,12 @@ class RouterConfig(BaseConfig):
                                            "most this many requests more than the least loaded")
     affinity_table_size: int = field(65536, "prefix_affinity: most prefix blocks remembered (least recently "
                                             "used go first)")
+    kv_load_weight: float = field(256.0, "kv_aware: cost of one request in flight on an instance, in prompt tokens "
+                                         "to prefill (cost = tokens to prefill + this x requests in flight)")
+    kv_events_interval_s: float = field(0.1, "kv_aware: how often targets send their KV-cache block events")
+    tokenizer: str = field("", "kv_aware: the targets' tokenizer (a model directory or tokenizer.json), to hash "
+                               "text prompts as the targets do; without it only token-id prompts get KV-aware "
+                               "routing (text prompts go to the least loaded)")
     max_attempts: int = field(3, "most instances one request is sent to (first try, retries and resumes)")
     resume: bool = field(True, "resume a stream broken after its first token on another instance")
     max_in_flight: int = field(0, "requests in flight beyond which new ones get RESOURCE_EXHAUSTED (0: no bound)")
@@ -105,6 +116,15 @@ class RouterConfig(BaseConfig):
         self.require(self.affinity_block >= 1, "affinity_block", "must be >= 1")
         self.require(self.affinity_max_imbalance >= 0, "affinity_max_imbalance", "must be >= 0")
         self.require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
+        self.require(0 <= self.http_port <= 65535, "http_port", "must be in [0, 65535] (0: no HTTP front door)")
+        self.require(self.http_timeout_s >= 0, "http_timeout_s", "must be >= 0 (0: no bound)")
+        self.require(self.kv_load_weight >= 0, "kv_load_weight", "must be >= 0 (prompt tokens per request in flight)")
+        self.require(0.01 <= self.kv_events_interval_s <= 60, "kv_events_interval_s", "must be in [0.01, 60] seconds")
+        if self.tokenizer:
+            try:
+                tokenizer_file(self.tokenizer)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"tokenizer: {exc}") from None
         self.require(self.max_attempts >= 1, "max_attempts", "must be >= 1")
         self.require(self.max_in_flight >= 0, "max_in_flight", "must be >= 0")
         self.require(self.pool_max_in_flight >= 0, "pool_max_in_flight", "must be >= 0")

@@ -257,6 +257,7 @@ class Forwarder:
         attempt.resume_tokens.extend(streamed)
         if sent:
             attempt.echo_prompt = False  # the client has it already
+            attempt.prompt_logprobs = False
         draft = None
         if codec.wants_draft(req):
             # A draft of the target's pool, else of the pools the request may use.

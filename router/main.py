@@ -15,10 +15,12 @@ from router.upstreams import Upstreams
 from router.forwarder import Forwarder
 from router.registry import InstanceSpec
 from router.servicer import RouterServicer
+from router.http.app import FrontDoor, create_app
+from router.http.server import HttpServer
 from services.common import telemetry
 from services.common.load import Role
-from services.common.server import ServiceApp, run_service, setup_logging
-from services.common.stubs import router_pb2_grpc, stats_pb2
+from services.common.server import ServiceApp, access_of, run_service, setup_logging
+from services.common.stubs import SERVICE_NAMES, router_pb2_grpc, stats_pb2
 from services.common.metrics import WindowedMetrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,13 @@ class RouterApp(ServiceApp):
         self.upstreams = Upstreams(config)
         self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder), self.server)
+        self.http: HttpServer | None = None
+        if config.http_port:
+            door = FrontDoor(self.forwarder, self.upstreams,
+                             access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s)
+            tls = config.tls()
+            self.http = HttpServer(create_app(door), config.host, config.http_port,
+                                   ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None)
 
     def report(self) -> stats_pb2.LoadReport:
         return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,
@@ -44,17 +53,26 @@ class RouterApp(ServiceApp):
         """Serves, registers the configured instances, and turns SERVING (the
         router serves even before any target is healthy)."""
         await self.server.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except BaseException:
+                await self.server.stop(0)
+                raise
         for role, addresses in ((Role.TARGET, self.config.targets), (Role.DRAFT, self.config.drafts)):
             for entry in addresses:
                 pool, address = split_target(entry, self.config.pool)
                 self.upstreams.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
         await self.health.set(True)
-        log.info("%s routing on %s (%s%s%s)", self.instance_id, self.address, self.config.policy.value,
+        log.info("%s routing on %s (%s%s%s%s)", self.instance_id, self.address, self.config.policy.value,
+                 f", HTTP on port {self.http.port}" if self.http is not None else "",
                  f", cache of {self.config.cache_size}" if self.config.cache_size else "",
                  ", bearer token required" if self.config.auth_token else "")
 
     async def close(self) -> None:
         """Cancels every watcher and closes every channel (after the server has stopped)."""
+        if self.http is not None:
+            await self.http.stop()
         await self.upstreams.close()
 
 

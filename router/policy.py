@@ -52,6 +52,10 @@ class Snapshot:
     affinity: Mapping[str, int] = field(default_factory=dict)
     #: prefix_affinity: how many requests above the least loaded a prefix's instance may be.
     max_imbalance: int = 4
+    #: kv_aware: instance id -> prompt tokens it would have to prefill (its KV events' hits taken off).
+    prefill_tokens: Mapping[str, int] = field(default_factory=dict)
+    #: kv_aware: prompt tokens one request in flight on an instance is worth.
+    kv_load_weight: float = 256.0
 
 
 Policy = Callable[[list[Instance], Snapshot], Instance]
@@ -121,6 +125,22 @@ def prefix_affinity(instances: list[Instance], snapshot: Snapshot) -> Instance:
     return best if load_of(best, snapshot) <= floor + snapshot.max_imbalance else least
 
 
+def kv_cost(instance: Instance, snapshot: Snapshot) -> float:
+    """kv_aware's cost of an instance: the prompt tokens it would prefill (what
+    its prefix cache holds taken off, from its KV events) + ``kv_load_weight``
+    x its requests in flight. Both terms are in prefill tokens; a request in
+    flight costs as much as prefilling ``kv_load_weight`` tokens (default 256:
+    on the default models about one decode step of a full batch's time)."""
+    return snapshot.prefill_tokens.get(instance.id, 0) + snapshot.kv_load_weight * load_of(instance, snapshot)
+
+
+def kv_aware(instances: list[Instance], snapshot: Snapshot) -> Instance:
+    """The instance with the lowest :func:`kv_cost`; ties rotate like round
+    robin. As NVIDIA Dynamo's KV router (overlap score against load) and
+    llm-d's precise prefix-cache scorer; with no KV events it is least loaded."""
+    return min(_rotated(instances, snapshot.sequence), key=lambda r: (kv_cost(r[1], snapshot), r[0]))[1]
+
+
 def score(instance: Instance, snapshot: Snapshot, weights: Weights | None = None) -> float:
     """How good a target the instance is, in [0, 1] (0 when not routable).
 
@@ -158,6 +178,7 @@ POLICIES: dict[PolicyName, Policy] = {
     PolicyName.SCORE: best_score,
     PolicyName.POWER_OF_TWO: power_of_two,
     PolicyName.PREFIX_AFFINITY: prefix_affinity,
+    PolicyName.KV_AWARE: kv_aware,
 }
 
 

@@ -18,7 +18,9 @@ import grpc
 
 from router import policy
 from router.config import PolicyName, RouterConfig
+from router.kv_index import KvIndex
 from router.policy_prefix import PrefixTable, prefix_blocks
+from router.tokenizer import load_tokenizer
 from router.registry import Identity, Instance, InstanceSpec, Registry, Role
 from router.watcher import InstanceWatcher
 from services.common.tls import Channels
@@ -61,6 +63,10 @@ class Upstreams:
         spill = config.spillover_map()
         self.priority_pools = {cls: (pool, *spill.get(cls, ())) for cls, pool in config.priority_pools().items()}
         self._prefixes = {role: PrefixTable(config.affinity_table_size) for role in (Role.TARGET, Role.DRAFT)}
+        #: kv_aware: which target holds which KV blocks (from their KV events), and the
+        #: targets' tokenizer for text prompts (None: token-id prompts only).
+        self.kv_index = KvIndex() if config.policy is PolicyName.KV_AWARE else None
+        self._tokenizer = load_tokenizer(config.tokenizer) if self.kv_index is not None and config.tokenizer else None
 
     # -- membership ------------------------------------------------------------
     def register(self, spec: InstanceSpec) -> Instance:
@@ -68,14 +74,17 @@ class Upstreams:
         if replaced is not None:
             self._disconnect(replaced.id)
             self._prefixes[replaced.spec.role].forget(replaced.id)
+            if self.kv_index is not None:
+                self.kv_index.forget(replaced.id)
         if inst.id not in self._channels:
             channel = open_channel(spec.address, self.config.reconnect_max_s, self.channels)
             self._generate[inst.id] = channel.unary_stream(
                 GENERATE_METHOD, request_serializer=gen.GenerateRequest.SerializeToString,
                 response_deserializer=gen.GenerateChunk.FromString)
             c = self.config
+            kv = self.kv_index if spec.role is Role.TARGET else None
             watcher = InstanceWatcher(inst.id, channel, self.registry, c.load_interval_s, c.health_interval_s,
-                                      c.reconnect_min_s, c.reconnect_max_s, self.clock)
+                                      c.reconnect_min_s, c.reconnect_max_s, self.clock, kv, c.kv_events_interval_s)
             self._channels[inst.id], self._watchers[inst.id] = channel, watcher
             watcher.start()
             log.info("registered %s %s at %s (pool %s)", spec.role.value, inst.id, spec.address, spec.pool)
@@ -87,6 +96,8 @@ class Upstreams:
         inst = self.registry.remove(instance_id)
         self._disconnect(instance_id)
         self._prefixes[inst.spec.role].forget(instance_id)
+        if self.kv_index is not None:
+            self.kv_index.forget(instance_id)
         log.info("deregistered %s", instance_id)
         return inst
 
@@ -154,22 +165,32 @@ class Upstreams:
         return sorted(named | {i.spec.pool for i in self.registry})
 
     def snapshot(self, sequence: int = 0, exclude: frozenset[str] = frozenset(),
-                 affinity: dict[str, int] | None = None) -> policy.Snapshot:
+                 affinity: dict[str, int] | None = None, prefill: dict[str, int] | None = None) -> policy.Snapshot:
         now = self.clock()
         self.registry.readmit(now)
         return policy.Snapshot(now=now, stale_after_s=self.config.stale_after_s, sequence=sequence, exclude=exclude,
                                seed=self._rng.getrandbits(64), weights=self.weights, affinity=affinity or {},
-                               max_imbalance=self.config.affinity_max_imbalance)
+                               max_imbalance=self.config.affinity_max_imbalance, prefill_tokens=prefill or {},
+                               kv_load_weight=self.config.kv_load_weight)
 
     def prefix_blocks(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
-        """The prompt's prefix blocks when the policy uses them, else ()."""
+        """What the policy routes a prompt by: prefix_affinity's prefix blocks;
+        kv_aware's prompt token ids (text tokenized as the targets do, () without
+        a tokenizer); () for the other policies."""
+        if self.config.policy is PolicyName.KV_AWARE:
+            if isinstance(prompt, str):
+                return tuple(self._tokenizer.encode(prompt, add_special_tokens=False).ids) if self._tokenizer else ()
+            return tuple(prompt)
         if self.config.policy is not PolicyName.PREFIX_AFFINITY:
             return ()
         return prefix_blocks(prompt, self.config.affinity_block)
 
     def choose(self, role: Role, pools: Sequence[str], sequence: int, exclude: frozenset[str] = frozenset(),
                prefix: tuple[int, ...] = ()) -> Instance | None:
-        """The policy's pick in the first of ``pools`` that has an eligible instance."""
+        """The policy's pick in the first of ``pools`` that has an eligible instance
+        (``prefix``: what :meth:`prefix_blocks` gave for the request's prompt)."""
+        if self.kv_index is not None:
+            return self._choose_kv_aware(role, pools, sequence, exclude, prefix)
         table = self._prefixes[role]
         snapshot = self.snapshot(sequence, exclude, table.match(prefix) if prefix else None)
         for pool in pools:
@@ -177,6 +198,20 @@ class Upstreams:
             if inst is not None:
                 if prefix:
                     table.record(prefix, inst.id)
+                return inst
+        return None
+
+    def _choose_kv_aware(self, role: Role, pools: Sequence[str], sequence: int, exclude: frozenset[str],
+                         prompt_ids: tuple[int, ...]) -> Instance | None:
+        now = self.clock()
+        for pool in pools:
+            instances = self.registry.select(role, pool)
+            cached = self.kv_index.cached_tokens([i.id for i in instances], prompt_ids, now) if prompt_ids else {}
+            prefill = {iid: len(prompt_ids) - hit for iid, hit in cached.items()}
+            inst = policy.choose(self.config.policy, instances, self.snapshot(sequence, exclude, prefill=prefill))
+            if inst is not None:
+                if prompt_ids:
+                    self.kv_index.expect(inst.id, prompt_ids, now)
                 return inst
         return None
 

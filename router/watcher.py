@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router import codec
 from router.failover import Fault, fault_of, short_reason
+from router.kv_index import KvIndex
 from router.registry import Health, Identity, Registry, Role
 from services.common.backoff import Backoff
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2, stats_pb2_grpc
@@ -56,8 +57,12 @@ class InstanceWatcher:
 
     def __init__(self, instance_id: str, channel: grpc.aio.Channel, registry: Registry,
                  load_interval_s: float, health_interval_s: float, reconnect_min_s: float,
-                 reconnect_max_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 reconnect_max_s: float, clock: Callable[[], float] = time.monotonic,
+                 kv_index: KvIndex | None = None, kv_interval_s: float = 0.1) -> None:
+        """``kv_index``: follow the instance's Stats/WatchKvEvents into it (kv_aware routing)."""
         self.instance_id = instance_id
+        self._kv_index = kv_index
+        self._kv_interval = kv_interval_s
         self._health = health_pb2_grpc.HealthStub(channel)
         self._stats = stats_pb2_grpc.StatsStub(channel)
         self._models = {Role.TARGET: model_pb2_grpc.TargetModelStub(channel),
@@ -79,6 +84,8 @@ class InstanceWatcher:
         self._health_task = asyncio.create_task(self._health_loop(), name=f"health:{self.instance_id}")
         self._tasks = [self._health_task,
                        asyncio.create_task(self._stats_loop(), name=f"stats:{self.instance_id}")]
+        if self._kv_index is not None:
+            self._tasks.append(asyncio.create_task(self._kv_loop(), name=f"kv:{self.instance_id}"))
 
     def recheck(self) -> None:
         """Looks at the instance's health again now (a call to it failed): a
@@ -194,6 +201,28 @@ class InstanceWatcher:
             return f"unreachable ({short_reason(exc.details() or exc.code().name)})"
         self._observe(reply.status)
         return None
+
+    async def _kv_loop(self) -> None:
+        """Follows the instance's KV events into the index; while the stream is
+        down the instance is forgotten (a reconnect starts with a snapshot).
+        Ends for good on UNIMPLEMENTED (a service without a KV cache)."""
+        backoff = Backoff(*self._backoff)
+        index = self._kv_index
+        while True:
+            call = self._stats.WatchKvEvents(stats_pb2.WatchKvEventsRequest(interval_s=self._kv_interval))
+            try:
+                async for ev in call:
+                    index.apply(self.instance_id, ev.snapshot, ev.stored, ev.removed, ev.block_size)
+                    backoff.reset()
+            except grpc.aio.AioRpcError as exc:
+                log.debug("KV events of %s: %s", self.instance_id, exc.code().name)
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    index.forget(self.instance_id)
+                    return
+            finally:
+                call.cancel()
+                index.forget(self.instance_id)
+            await self._sleep(backoff.next())
 
     async def _stats_loop(self) -> None:
         backoff = Backoff(*self._backoff)

@@ -28,7 +28,8 @@ class ScalerConfig(BaseConfig):
     router: str = field("127.0.0.1:50051", "the router (host:port) whose registry lists the pools")
     monitor: str = field("127.0.0.1:50081", "the monitor (host:port) whose metrics drive the policy")
     backend: Backend = field(Backend.LOCAL, "where instances run: local (processes on this machine), docker "
-                                            "(containers of the suite's image)")
+                                            "(containers of the suite's image), kubernetes (pods of each pool's "
+                                            "Deployment)")
     rpc_timeout_s: float = field(2.0, "deadline of a call to the router or the monitor")
     interval_s: float = field(2.0, "seconds between two looks at the load (SetPolicy and ScaleTo act at once)")
     metrics_window_s: float = field(30.0, "the stable window: load and capacity are measured over it")
@@ -41,6 +42,10 @@ class ScalerConfig(BaseConfig):
     default_scale_up_window_s: float = field(30.0, "scale_up_window_s of a pool that has no policy set")
     default_scale_down_window_s: float = field(300.0, "scale_down_window_s of a pool that has no policy set")
     history_limit: int = field(10_000, "scaling events kept (the oldest are forgotten first)")
+    pools: list[str] = field([], "pools sized from the start, before the router lists any target of theirs "
+                                 "(under Kubernetes: the pools of the target Deployments)")
+    metrics_port: int = field(-1, "HTTP port of the Prometheus /metrics (instances per pool) (0: any free port, "
+                                  "-1: none)")
     # -- the local backend --------------------------------------------------------
     target_model: str = field("", "model directory of the target instances the local backend starts "
                                   "(default: HOME/models/target)")
@@ -63,6 +68,9 @@ class ScalerConfig(BaseConfig):
     warmup_tokens: int = field(4, "tokens of the warm-up generation before an instance is registered (0: none)")
     stop_grace_s: float = field(20.0, "seconds between SIGTERM and SIGKILL when an instance is stopped")
     retry_after_s: float = field(30.0, "after a failed start, seconds before the pool tries again")
+    # -- the kubernetes backend -------------------------------------------------
+    k8s_namespace: str = field("", "namespace of the target Deployments (default: the scaler pod's own)")
+    k8s_cluster_domain: str = field("cluster.local", "the cluster's DNS domain, in the pods' addresses")
 
     def __post_init__(self) -> None:
         # Values given in code (tests, the bench) may be plain text, as flags are.
@@ -90,6 +98,7 @@ class ScalerConfig(BaseConfig):
         self.require(math.isfinite(self.default_capacity_tokens_per_s) and self.default_capacity_tokens_per_s >= 0,
                      "default_capacity_tokens_per_s", "must be a finite number >= 0")
         self.require(self.history_limit >= 1, "history_limit", "must be >= 1")
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in [-1, 65535] (-1: none)")
         self.require(self.warmup_tokens >= 0, "warmup_tokens", "must be >= 0")
         for name in ("stop_grace_s", "retry_after_s"):
             value = getattr(self, name)

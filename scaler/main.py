@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -16,12 +17,14 @@ from scaler.config import Backend, ScalerConfig
 from scaler.controller import Controller
 from scaler.router_client import RouterClient
 from scaler.load import MonitorLoad
+from scaler.metrics import ScalerMetrics
 from scaler.policy import Policy
 from scaler.servicer import ScalerServicer
 from scaler.state import ScalerState
 from services.common import telemetry
 from services.common.config import ConfigError
 from services.common.access import bearer_metadata
+from services.common.exposition import MetricsEndpoint
 from services.common.server import ServiceApp, run_service, setup_logging
 from services.common.stubs import scaler_pb2_grpc, stats_pb2
 from services.common.paths import default_home, default_model_path
@@ -35,6 +38,10 @@ def make_backend(config: ScalerConfig) -> ScalingBackend:
         from scaler.backends.docker import DockerBackend
 
         return DockerBackend.from_config(config)
+    if config.backend == Backend.KUBERNETES:
+        from scaler.backends.kubernetes import from_cluster
+
+        return from_cluster(config.k8s_namespace, config.k8s_cluster_domain)
     if config.backend != Backend.LOCAL:
         refuse(config.backend.value)
     from scaler.backends.local import LocalBackend
@@ -57,6 +64,8 @@ class ScalerApp(ServiceApp):
                                         scale_up_window_s=config.default_scale_up_window_s,
                                         scale_down_window_s=config.default_scale_down_window_s),
                                  backend.name, config.history_limit)
+        for pool in config.pools:  # governed from the start, under the default policy
+            self.state.policies.setdefault(pool, self.state.default_policy)
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.
         channels = config.channels()
         self.router_channel = channels.open(config.router)
@@ -72,19 +81,34 @@ class ScalerApp(ServiceApp):
             retry_after_s=config.retry_after_s, clock=clock, channels=channels)
         scaler_pb2_grpc.add_ScalerServicer_to_server(
             ScalerServicer(self.state, self.router, self.controller, clock), self.server)
+        self.metrics = ScalerMetrics()
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry) if config.metrics_port >= 0 else None
+        self._publisher: asyncio.Task | None = None
 
     def report(self) -> stats_pb2.LoadReport:
         return stats_pb2.LoadReport(instance_id=self.instance_id, role=stats_pb2.ROLE_SCALER, timestamp=self.clock())
 
     async def start(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start(self.config.host, self.config.metrics_port)
+            self._publisher = asyncio.create_task(self._publish_metrics(), name="scaler-metrics")
         await self.server.start()
         self.controller.start()
         await self.health.set(True)
         log.info("%s serving on %s (router %s, monitor %s, backend %s)", self.instance_id, self.address,
                  self.config.router, self.config.monitor, self.state.backend)
 
+    async def _publish_metrics(self) -> None:
+        while True:
+            self.metrics.publish(self.state.pools(self.clock()))
+            await asyncio.sleep(self.config.interval_s)
+
     async def close(self) -> None:
         """Stops the control loop and the instances it started, then closes the channels."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         await self.controller.close()
         await self.router_channel.close()
         await self.monitor_channel.close()

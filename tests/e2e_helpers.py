@@ -29,7 +29,7 @@ PROMPT = [5, 17, 42, 99, 3]
 
 
 def free_base_port() -> int:
-    """A base port whose six suite ports are all free right now."""
+    """A base port whose suite ports (HTTP and Prometheus included) are all free right now."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 60000, 100)

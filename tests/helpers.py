@@ -11,14 +11,17 @@ from services.speculative.sync import DraftSync
 
 
 class Recorder:
-    """A sequence's sink: its tokens, texts, finish reason, error and last statistics."""
+    """A sequence's sink: its tokens, texts, logprobs, finish reason, error and last statistics."""
 
     def __init__(self):
         self.tokens, self.text, self.finish, self.error, self.spec = [], "", None, None, None
         self.texts: list[str] = []
+        self.logprobs, self.prompt_logprobs = [], []
 
     def __call__(self, ev):
         self.tokens += ev.token_ids
+        self.logprobs += ev.logprobs
+        self.prompt_logprobs += ev.prompt_logprobs
         self.text += ev.text
         self.texts += [self.text] * len(ev.token_ids)
         if ev.finish_reason is not None:
@@ -55,11 +58,13 @@ class OracleProposer:
         pass
 
 
-def spec_request(prompt, n, spec=True, gamma=None, draft=None, **sampling) -> gen.GenerateRequest:
+def spec_request(prompt, n, spec=True, gamma=None, draft=None, method=None, **sampling) -> gen.GenerateRequest:
     """A token-id GenerateRequest of ``n`` tokens (EOS ignored), speculating or not."""
     req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=prompt)),
                               sampling=gen.SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling))
     req.speculation.enabled = spec
+    if method is not None:
+        req.speculation.method = method
     if gamma is not None:
         req.speculation.gamma = gamma
     if draft is not None:

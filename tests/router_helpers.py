@@ -42,7 +42,7 @@ async def start_target(tiny_models, **overrides):
 @contextlib.asynccontextmanager
 async def running_router(targets=(), provider=None, **overrides):
     # Round robin unless a test asks otherwise: several tests count on its order.
-    config = RouterConfig.from_namespace({"port": 0, "targets": list(targets), "load_interval_s": 0.1,
+    config = RouterConfig.from_namespace({"port": 0, "http_port": 0, "targets": list(targets), "load_interval_s": 0.1,
                                           "policy": "round_robin", **overrides}, env={})
     app = create_router(config, provider)
     await app.start()

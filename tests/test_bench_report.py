@@ -14,13 +14,15 @@ def test_break_even_is_the_last_batch_before_speculation_first_loses():
     assert break_even({"1": point(2.0), "2": point(1.4), "4": point(1.1), "8": point(0.8), "16": point(1.01)}) == 4
     assert break_even({"16": point(0.6), "1": point(0.9)}) == 0  # order of the keys does not matter
     assert break_even({"1": point(1.2), "2": point(1.0)}) == 2
+    assert break_even({"1": {"static_always_ratio": 1.5}, "2": {"static_always_ratio": 0.9}}, "static_always_ratio") == 1
 
 
 def test_the_speculative_plot_shows_arms_and_sweep(tmp_path):
     result = {"scenario": "speculative", "model": "m", "draft": "d", "target_only_tps": 30.0, "spec_tps": 60.0,
               "hf_assisted_tps": 29.0, "hf_assisted_packed_tps": 55.0, "c16_off_tps": 300.0, "c16_on_tps": 299.0,
-              "acceptance_rate": 0.6, "batch_sweep": {"1": point(2.0), "8": point(0.8)}, "break_even_batch": 1,
-              "disable_by_batch_size_default": 4}
+              "acceptance_rate": 0.6, "break_even_batch": 1, "min_ratio_on_off": 1.0,
+              "batch_sweep": {"1": {**point(2.0), "static_4_tps": 200.0, "static_4_ratio": 2.0},
+                              "8": {**point(1.0), "static_4_tps": 80.0, "static_4_ratio": 0.8}}}
     report.plot(result, tmp_path / "spec.png")
     assert (tmp_path / "spec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -45,3 +47,19 @@ def test_hand_written_findings_survive_a_rewrite(tmp_path):
     assert report.kept_findings(page) == "## Findings\nverify costs 22 ms"
     page.write_text("# tables only\n")
     assert report.kept_findings(page) == ""
+
+
+def test_mbu_counts_the_weights_a_decode_step_reads_and_the_kv_cache(tmp_path):
+    import json
+
+    from services.bench.machine import bytes_per_token, mbu
+
+    cfg = {"hidden_size": 8, "num_hidden_layers": 2, "vocab_size": 10, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "intermediate_size": 16, "dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    # Per layer: q and o 8x8 each, k and v 8x4 each, MLP 3 x 8x16, two norms of 8; then the final norm and the output layer.
+    weights = 2 * (64 * 2 + 32 * 2 + 3 * 128 + 16) + 8 + 80
+    assert bytes_per_token(tmp_path, 0) == weights * 4
+    assert bytes_per_token(tmp_path, 10) == (weights + 2 * 2 * 1 * 4 * 10) * 4  # keys and values, 10 positions
+    assert mbu(100.0, tmp_path, 0, weights * 4 * 200 / 1e9) == 0.5  # half the batch-1 bound
+    assert mbu(0.0, tmp_path, 0, 1.0) is None

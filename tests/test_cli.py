@@ -55,6 +55,7 @@ def test_default_plan_starts_five_services_on_the_documented_ports():
     assert arg(specs["target"], "--draft-address") == "127.0.0.1:50071"
     assert arg(specs["router"], "--targets") == "127.0.0.1:50061"
     assert arg(specs["router"], "--drafts") == "127.0.0.1:50071"
+    assert arg(specs["router"], "--http-port") == "8000"
     assert arg(specs["monitor"], "--router") == "127.0.0.1:50051"
     assert arg(specs["monitor"], "--prometheus-port") == "9464"
     assert arg(specs["scaler"], "--router") == "127.0.0.1:50051"
@@ -87,7 +88,10 @@ def test_a_base_port_offsets_every_port_and_options_reach_the_processes():
     assert arg(specs["target"], "--model") == "/m/t" and arg(specs["draft"], "--model") == "/m/d"
     assert arg(specs["target"], "--threads") == "3"
     assert all(arg(s, "--host") == "0.0.0.0" and arg(s, "--log-level") == "debug" for s in specs.values())
-    assert len(set(ports(20000).values())) == 6
+    assert arg(specs["target"], "--metrics-port") == "20012" and arg(specs["draft"], "--metrics-port") == "20022"
+    assert arg(specs["scaler"], "--metrics-port") == "20042"
+    assert arg(specs["router"], "--http-port") == "20032"
+    assert len(set(ports(20000).values())) == 10
 
 
 def test_ports_out_of_range_are_refused():
@@ -295,7 +299,7 @@ def test_services_do_not_outlive_a_killed_launcher(tmp_path):
         from services.common.processes import ProcessGroup
         from services.common.suite import ServiceSpec
         spec = ServiceSpec(name="router", module="router.main", port={port},
-                           args=("--port", "{port}", "--host", "127.0.0.1"))
+                           args=("--port", "{port}", "--http-port", "0", "--host", "127.0.0.1"))
         fleet = ProcessGroup([spec], Path({str(tmp_path / "logs")!r}))
         fleet.start()
         print(fleet.children[0].proc.pid, flush=True)
@@ -383,7 +387,8 @@ def test_status_renders_instances_and_throughput():
         "services": [{"name": "router", "address": "r:1", "health": "SERVING"}],
         "instances": [{"id": "t@1", "address": "t:1", "role": "target", "pool": "default", "health": "serving",
                        "state": "active", "queue": 2, "running": 3, "tokens_per_second": 41.5,
-                       "utilization": 0.5},
+                       "utilization": 0.5, "kv_usage": 0.25, "prefix_cache_hits": 300,
+                       "prefix_cache_queries": 400, "preemptions": 2},
                       {"id": "m@2", "address": "m:2", "role": "target", "pool": "default", "health": "not_serving",
                        "state": "active", "queue": 0, "running": 0, "tokens_per_second": 0.0, "utilization": 0.0,
                        "problem": "does not answer as a target (UNIMPLEMENTED)"}],
@@ -395,8 +400,10 @@ def test_status_renders_instances_and_throughput():
     assert lines[-1].endswith("· 5 in flight · 1 instance")
     assert lines[:3] == ["SERVICE  ADDRESS  HEALTH", "router   r:1      SERVING", ""]
     assert lines[3].split() == ["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING",
-                                "TOK/S", "UTIL"]
-    assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%"]
+                                "TOK/S", "UTIL", "KV", "HIT", "PREEMPT"]
+    # KV: blocks in use; HIT: prefix-cache hit tokens / looked-up tokens; PREEMPT: sequences preempted.
+    assert lines[4].split() == ["t@1", "target", "t:1", "serving", "active", "default", "2", "3", "41.5", "50%",
+                                "25%", "75%", "2"]
     assert lines[-1].startswith("fleet over 10 s: 1.50 req/s · 41.5 tokens/s · utilisation 50%")
 
 
@@ -458,3 +465,16 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
     finally:
         for server in servers:
             server.stop(0)
+
+
+def test_up_insecure_passes_a_flag_each_service_accepts():
+    from monitor.config import MonitorConfig
+    from router.config import RouterConfig
+    from scaler.config import ScalerConfig
+    from services.draft.config import DraftConfig
+    from services.target.config import TargetConfig
+
+    configs = {"router": RouterConfig, "target": TargetConfig, "draft": DraftConfig, "monitor": MonitorConfig,
+               "scaler": ScalerConfig}
+    for spec in plan(UpOptions(home=Path("/h"), host="0.0.0.0", insecure=True), cpus=2):
+        assert configs[spec.name].from_args(list(spec.args), env={}).insecure is True

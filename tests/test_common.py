@@ -116,7 +116,7 @@ async def test_undecodable_requests_are_invalid_argument_and_the_service_stays_u
     from router.config import RouterConfig
     from router.main import create_server as create_router
 
-    app = create_router(RouterConfig.from_namespace({"port": 0}, env={}))
+    app = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0}, env={}))
     await app.start()
     try:
         async with grpc.aio.insecure_channel(app.address) as channel:

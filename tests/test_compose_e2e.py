@@ -59,7 +59,8 @@ class Compose:
     def __init__(self, project: str, override: Path) -> None:
         self.project = project
         self.argv = ["docker-compose", "-p", project, "-f", str(REPO / "docker-compose.yml"), "-f", str(override)]
-        self.env = {**os.environ, "LLMESH_IMAGE": IMAGE, "LLMESH_ROUTER_PUBLISH": "127.0.0.1:0"}
+        self.env = {**os.environ, "LLMESH_IMAGE": IMAGE, "LLMESH_ROUTER_PUBLISH": "127.0.0.1:0",
+                    "LLMESH_HTTP_PUBLISH": "127.0.0.1:0"}
 
     def __call__(self, *args: str, timeout: float = 600) -> str:
         return sh(*self.argv, *args, timeout=timeout, env=self.env, cwd=REPO).stdout

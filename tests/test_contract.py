@@ -34,7 +34,8 @@ async def target(tiny_models, draft):
     draft_app, _ = draft
     app = create_target(TargetConfig.from_namespace({
         "model": str(tiny_models.target), "port": 0, "draft_address": draft_app.address,
-        "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0}, env={}))
+        "speculation_min_acceptance": 0.0, "draft_timeout_ms": 5000.0,
+        "speculative_disable_by_batch_size": 64}, env={}))
     await app.start()
     channel = grpc.aio.insecure_channel(app.address)
     yield app, model_pb2_grpc.TargetModelStub(channel), stats_pb2_grpc.StatsStub(channel)

@@ -52,7 +52,7 @@ def test_each_service_is_healthy_when_grpc_health_says_serving(services, name):
 
 
 def test_only_the_router_is_published_among_the_llmesh_services(services):
-    assert services["router"]["ports"] == ["${LLMESH_ROUTER_PUBLISH:-50051}:50051"]
+    assert services["router"]["ports"] == ["${LLMESH_ROUTER_PUBLISH:-50051}:50051", "${LLMESH_HTTP_PUBLISH:-8000}:8000"]
     assert [name for name in LLMESH if services[name].get("ports")] == ["router"]
 
 
@@ -97,6 +97,26 @@ def test_prometheus_scrapes_the_monitor_exposition_port(services):
     targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert f"monitor:{flag(services['monitor']['command'], '--prometheus-port')}" in targets
     assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+@pytest.mark.parametrize("name", ["target", "draft", "scaler"])
+def test_prometheus_scrapes_each_services_own_metrics_port(services, name):
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    jobs = {t: job for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    job = jobs[f"{name}:{flag(services[name]['command'], '--metrics-port')}"]
+    assert job["honor_labels"] is True  # the series' own `instance` (the llmesh id) wins
+
+
+def test_grafana_provisions_the_dashboard_from_prometheus_by_uid(services):
+    volumes = services["grafana"]["volumes"]
+    provider = yaml.safe_load((REPO / "docker" / "grafana" / "dashboards.yml").read_text())["providers"][0]
+    assert f"./docker/grafana/llmesh.json:{provider['options']['path']}/llmesh.json:ro" in volumes
+    assert "./docker/grafana/dashboards.yml:/etc/grafana/provisioning/dashboards/llmesh.yml:ro" in volumes
+    sources = yaml.safe_load((REPO / "docker" / "grafana" / "datasources.yml").read_text())["datasources"]
+    uids = {s["uid"] for s in sources if s["type"] == "prometheus"}
+    import json
+    dashboard = json.loads((REPO / "docker" / "grafana" / "llmesh.json").read_text())
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} <= uids
 
 
 def test_the_dockerfile_installs_cpu_torch_first_then_the_project_and_runs_llmesh():

@@ -116,3 +116,30 @@ async def test_sampled_proposals_are_drawn_with_the_streams_seed_and_send_no_dis
         await conv.close()
     assert not replies[0].distributions and len(replies[0].tokens) == 4
     assert list(replies[0].tokens) == list(replies[1].tokens)
+
+
+async def test_the_ngram_method_proposes_what_followed_the_sequences_end_earlier(draft):
+    conv = Conversation(draft)
+    ctx = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+    r1 = await conv.round(append_tokens=ctx, gamma=3, method=gen.SPECULATION_METHOD_NGRAM)
+    assert list(r1.tokens) == [8, 9, 10]  # [5, 6, 7] occurred before, followed by these
+    # The target kept 1 (8) and corrected the next with 40: [..., 7, 8, 40] occurs nowhere before.
+    r2 = await conv.round(append_tokens=[40], discard=2, gamma=3)
+    assert list(r2.tokens) == []
+    # Nothing was proposed, so nothing is kept (discard = gamma); [9, 10] recurs: what followed it comes back.
+    r3 = await conv.round(append_tokens=[9, 10], discard=3, gamma=3)
+    assert list(r3.tokens) == [11, 5, 6]
+    await conv.close()
+
+
+async def test_the_ngram_method_refuses_distributions_and_bad_ids(draft, tiny_models):
+    conv = Conversation(draft)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await conv.round(append_tokens=[1, 2, 1], gamma=2, want_probs=True, method=gen.SPECULATION_METHOD_NGRAM)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "want_probs" in err.value.details()
+    await conv.close()
+    conv = Conversation(draft)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await conv.round(append_tokens=[1, tiny_models.vocab_size], gamma=2, method=gen.SPECULATION_METHOD_NGRAM)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    await conv.close()

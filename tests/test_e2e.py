@@ -9,15 +9,22 @@ that the router's answer can be timed while the rest keeps running.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
-from services.common.suite import MODULES
+from services.common.suite import HTTP_OFFSET, MODULES, ports
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +39,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (  # no
 from services.common.stubs import SERVICE_NAMES  # noqa: E402
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc  # noqa: E402
 
-from tests.e2e_helpers import Suite, alive, greedy, make_home, tokens_of, wait_until_routable  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.e2e_helpers import PROMPT, Suite, alive, greedy, make_home, tokens_of, wait_until_routable  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +80,137 @@ def test_greedy_through_the_router_equals_the_target_directly(suite, speculate):
         routed = tokens_of(router, greedy(speculate=speculate))
     assert len(direct) == 12
     assert routed == direct
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                "offset"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not its functions, labels or keywords)."""
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
+    return {m.group() for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)
+            if m.group() not in PROMQL_WORDS and not expr[m.end():].lstrip().startswith("(")}
+
+
+def scrape(port: int) -> dict[str, list]:
+    """Every family and sample name of one /metrics endpoint, with the samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        out.setdefault(family.name, [])
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def test_every_dashboard_query_reads_metrics_the_live_suite_exports(suite):
+    n = 4
+    with grpc.insecure_channel(suite.addresses["router"]) as channel:
+        router = router_pb2_grpc.RouterStub(channel)
+        wait_until_routable(router)
+        for i in range(n):
+            assert len(tokens_of(router, greedy(speculate=i % 2 == 0))) == 12
+    port = ports(int(suite.addresses["router"].rsplit(":", 1)[1]))
+    scraped = {name: scrape(port[name]) for name in ("target-metrics", "draft-metrics", "scaler-metrics",
+                                                    "prometheus")}
+    exported = {name for found in scraped.values() for name in found}
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docker" / "grafana" / "llmesh.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = metric_names(target["expr"])
+            assert names, (panel["title"], target["expr"])
+            assert names <= exported, (panel["title"], names - exported)
+    # The histograms hold the requests themselves: one TTFT per request (the test's, and any
+    # other request this suite served before), accepted tokens per position add up.
+    target = scraped["target-metrics"]
+    assert target["llmesh:time_to_first_token_seconds_count"][0].value >= n
+    assert target["llmesh:inter_token_latency_seconds_count"][0].value >= n * 11
+    assert target["llmesh:generation_tokens_total"][0].value >= n * 12
+    accepted = target["llmesh:spec_decode_num_accepted_tokens_total"][0].value
+    assert sum(s.value for s in target.get("llmesh:spec_decode_num_accepted_tokens_per_pos_total", [])) == accepted
+    assert target["llmesh:spec_decode_num_drafts_total"][0].value > 0
+    assert {s.labels["role"] for s in target["llmesh:num_requests_running"]} == {"target"}
+    assert scraped["draft-metrics"]["llmesh:num_requests_running"][0].labels["role"] == "draft"
+
+
+def query(prometheus: str, expr: str) -> list:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        answer = json.loads(reply.read())
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def test_prometheus_evaluates_every_dashboard_query_over_the_live_suite(suite, tmp_path):
+    """Debian's Prometheus scrapes the suite; each panel's query parses and, but for the
+    alerts table (empty when nothing fires), returns series."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("LOUD SKIP: no `prometheus` binary (Debian package prometheus): the dashboard's queries "
+                    "are checked against the scraped names only")
+    port = ports(int(suite.addresses["router"].rsplit(":", 1)[1]))
+    targets = [f"127.0.0.1:{port[name]}" for name in ("target-metrics", "draft-metrics", "scaler-metrics",
+                                                       "prometheus")]
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "llmesh", "honor_labels": True, "static_configs": [{"targets": targets}]}]}))
+    web = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={web}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prometheus = f"http://{web}"
+    try:
+        def scraped_at_least(n: int) -> bool:
+            try:
+                found = query(prometheus, "count(up == 1)")
+            except OSError:
+                return False
+            return bool(found) and int(found[0]["value"][1]) == len(targets) and \
+                float(query(prometheus, "min(count_over_time(up[1m]))")[0]["value"][1]) >= n
+
+        wait(lambda: scraped_at_least(1), 30, "Prometheus scraping all four endpoints")
+        with grpc.insecure_channel(suite.addresses["router"]) as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            for i in range(4):
+                tokens_of(router, greedy(speculate=i % 2 == 0))
+        seen = float(query(prometheus, "min(count_over_time(up[1m]))")[0]["value"][1])
+        wait(lambda: scraped_at_least(seen + 2), 30, "two more scrapes")
+        dashboard = json.loads((Path(__file__).resolve().parents[1] / "docker" / "grafana" / "llmesh.json")
+                               .read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                result = query(prometheus, target["expr"].replace("$__rate_interval", "1m"))
+                assert result or panel["title"] == "Firing alerts", (panel["title"], target["expr"])
+        p95 = query(prometheus, "histogram_quantile(0.95, sum by (le) (rate("
+                                "llmesh:time_to_first_token_seconds_bucket{role=\"target\"}[1m])))")
+        assert 0 < float(p95[0]["value"][1]) < 60
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def wait(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)  # sleep-ok: bounded poll of another process's state
+def test_the_openai_http_api_serves_what_router_complete_does(suite):
+    """`llmesh up` serves the OpenAI API on the router's HTTP port (base + 32)."""
+    port = int(suite.addresses["router"].rsplit(":", 1)[1]) + HTTP_OFFSET
+    with grpc.insecure_channel(suite.addresses["router"]) as channel:
+        router = router_pb2_grpc.RouterStub(channel)
+        wait_until_routable(router)
+        reply = router.Complete(greedy(), timeout=60)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    out = client.completions.create(model="target", prompt=PROMPT, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 12 and out.choices[0].text == reply.text
 
 
 def test_sigterm_stops_all_five_cleanly(suite):

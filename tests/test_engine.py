@@ -187,12 +187,14 @@ def test_forward_error_fans_out_and_engine_keeps_serving(tiny_models, monkeypatc
 
 
 def test_stale_cache_memory_never_leaks_into_outputs(tiny_models, reference_model):
-    """Rows of different lengths read each other's window (masked); memory the
-    cache was given may hold NaN from earlier use, and must not matter."""
+    """Rows of different lengths read each other's window (masked), and blocks
+    past a row's length (the null block, a block's unwritten tail); memory the
+    cache was given (never zeroed by it yet) may hold NaN, and must not matter."""
     engine = make_engine(tiny_models)
     for k, v in engine.runner.cache.layers:
         k.fill_(float("nan"))
         v.fill_(float("nan"))
+    engine.runner.cache._clean = 0  # as given by torch.empty: nothing zeroed yet
     short, long = Recorder(), Recorder()
     engine.submit(greedy([5, 6], 6), short)
     engine.submit(greedy(list(range(1, 30)), 6), long)

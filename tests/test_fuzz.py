@@ -211,11 +211,11 @@ async def fleet(tiny_models):
         "model": str(tiny_models.target), "port": 0, "warmup": False, "draft_address": draft.address,
         "max_wait_ms": 0.0}, env={}))
     await target.start()
-    router = create_router(RouterConfig.from_namespace({"port": 0, "targets": [target.address],
+    router = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0, "targets": [target.address],
                                                         "drafts": [draft.address], "load_interval_s": 0.1},
                                                        env={}))
     await router.start()
-    admin_router = create_router(RouterConfig.from_namespace({"port": 0}, env={}))
+    admin_router = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0}, env={}))
     await admin_router.start()
     monitor = create_monitor(MonitorConfig.from_namespace({"port": 0, "router": router.address,
                                                            "prometheus_port": 0}, env={}))

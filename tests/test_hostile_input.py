@@ -42,7 +42,7 @@ async def suite(tiny_models):
     target = create_target(TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0,
                                                         "warmup": False, "draft_address": draft.address}, env={}))
     await target.start()
-    router = create_router(RouterConfig.from_namespace({"port": 0, "targets": [target.address],
+    router = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0, "targets": [target.address],
                                                         "load_interval_s": 0.1}, env={}))
     await router.start()
     channels = [grpc.aio.insecure_channel(a.address) for a in (target, draft, router)]

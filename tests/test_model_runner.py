@@ -22,17 +22,19 @@ def stock_logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("prepack", [False, True])
 def test_mixed_prefill_decode_and_verify_rows_match_stock_transformers(tiny_models, prepack):
     reference = LlamaForCausalLM.from_pretrained(tiny_models.target).eval()
-    runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_slots=4, max_len=64,
-                         prepack=prepack, prepack_min_elements=0,  # tiny layers: pack them all anyway
+    runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_blocks=12, block_size=4,
+                         max_len=64, prepack=prepack, prepack_min_elements=0,  # tiny layers: pack them all anyway
                          prepack_measure=False)
     assert (runner.prepacked > 0) == (prepack and cpu_linear.supported())
+    # Block tables in no order, interleaved between rows, and partly past what a row reads.
+    tables = [[9, 2], [5, 3], [7, 1, 11]]
     # Prefill all three prompts but the last token in one step.
-    runner.forward([ForwardRow(slot, 0, p[:-1]) for slot, p in enumerate(PROMPTS)])
+    runner.forward([ForwardRow(t, 0, p[:-1]) for t, p in zip(tables, PROMPTS)])
     # One step: a decode row, a 4-token verify row (all logits kept) and a one-token row.
     extra = [33, 34, 35]
-    rows = [ForwardRow(0, len(PROMPTS[0]) - 1, PROMPTS[0][-1:]),
-            ForwardRow(1, len(PROMPTS[1]) - 1, PROMPTS[1][-1:] + extra, keep=4),
-            ForwardRow(2, len(PROMPTS[2]) - 1, PROMPTS[2][-1:])]
+    rows = [ForwardRow(tables[0], len(PROMPTS[0]) - 1, PROMPTS[0][-1:]),
+            ForwardRow(tables[1], len(PROMPTS[1]) - 1, PROMPTS[1][-1:] + extra, keep=4),
+            ForwardRow(tables[2], len(PROMPTS[2]) - 1, PROMPTS[2][-1:])]
     got = runner.forward(rows)
     want = [stock_logits(reference, PROMPTS[0])[-1:], stock_logits(reference, PROMPTS[1] + extra)[-4:],
             stock_logits(reference, PROMPTS[2])[-1:]]

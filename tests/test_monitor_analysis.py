@@ -48,7 +48,7 @@ def test_host_side_bottleneck_low_utilisation_with_work_queued():
     rec = only(rules(store, now), "low_utilization_with_queue")
     assert rec.subject == "a" and rec.severity == Severity.WARNING and "host-side" in rec.bottleneck
     assert rec.evidence["queue_length"] == 6 and rec.evidence["accelerator_utilization"] == pytest.approx(0.2)
-    assert "num_slots" in rec.action  # the KV cache is the bound here
+    assert "kv_cache_memory" in rec.action  # the KV cache is the bound here
     assert "tokens/s" in rec.expected_effect
 
 

@@ -78,7 +78,8 @@ def speculative(prompt, n, draft=None):
 
 
 async def test_a_silent_draft_stops_the_request_and_the_link_until_it_answers(tiny_models, reference_model):
-    target = await start_target(tiny_models, draft_timeout_ms=100.0, speculation_min_acceptance=0.0)
+    target = await start_target(tiny_models, draft_timeout_ms=100.0, speculation_min_acceptance=0.0,
+                                speculative_disable_by_batch_size=64)
     try:
         async with stuck_draft(target.loaded.tokenizer_hash) as (draft, address):
             prompt = [5, 6, 7]
@@ -156,7 +157,8 @@ async def collect_direct(target, req):
 
 
 async def test_the_router_stops_choosing_a_silent_draft_until_it_steps_again(tiny_models, reference_model):
-    target = await start_target(tiny_models, draft_timeout_ms=100.0, speculation_min_acceptance=0.0)
+    target = await start_target(tiny_models, draft_timeout_ms=100.0, speculation_min_acceptance=0.0,
+                                speculative_disable_by_batch_size=64)
     proxy = FakeTarget(upstream=target.address)
     try:
         async with stuck_draft(target.loaded.tokenizer_hash) as (draft, address), \

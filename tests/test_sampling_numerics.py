@@ -163,12 +163,13 @@ def test_extreme_sampling_values_are_served_beside_greedy_batch_mates(tiny_model
 
 
 def poison_slot(engine, monkeypatch, value_of):
-    """Makes the forward return ``value_of(logits)`` for the row of slot 0."""
+    """Makes the forward return ``value_of(logits)`` for the row of the first
+    sequence admitted (the one holding block 1, the first handed out)."""
     original = engine.runner.timed_forward
 
     def forward(rows):
         out, took = original(rows)
-        return [value_of(lg) if r.slot == 0 else lg for r, lg in zip(rows, out)], took
+        return [value_of(lg) if r.block_table[0] == 1 else lg for r, lg in zip(rows, out)], took
 
     monkeypatch.setattr(engine.runner, "timed_forward", forward)
     return original
@@ -184,7 +185,7 @@ def test_unusable_logits_fail_that_sequence_and_the_engine_keeps_serving(tiny_mo
                                                                          monkeypatch, poison, temperature):
     engine = make_engine(tiny_models)
     victim, mates = Recorder(), [Recorder(), Recorder()]
-    engine.submit(request([1, 2, 3], 5, temperature=temperature, seed=3), victim)  # slot 0
+    engine.submit(request([1, 2, 3], 5, temperature=temperature, seed=3), victim)  # block 1
     for i, rec in enumerate(mates):
         engine.submit(request([7 + i, 8, 9], 5), rec)
     original = poison_slot(engine, monkeypatch, poison)

@@ -50,7 +50,7 @@ async def test_scale_to_two_then_one_warms_up_registers_and_drains_without_failu
         {"model": str(tiny_models.target), "port": 0, "max_batch_size": 8, "warmup": False, "threads": 1}, env={}))
     await target.start()
     router = create_router(RouterConfig.from_namespace(
-        {"port": 0, "targets": [target.address], "load_interval_s": 0.1, "policy": "round_robin"}, env={}))
+        {"port": 0, "http_port": 0, "targets": [target.address], "load_interval_s": 0.1, "policy": "round_robin"}, env={}))
     await router.start()
     monitor = create_monitor(MonitorConfig.from_namespace(
         {"port": 0, "router": router.address, "watch_interval_s": 0.1, "list_interval_s": 0.2,

@@ -347,15 +347,6 @@ async def test_a_docker_backend_without_docker_is_refused_in_one_line(capsys, mo
     assert "cannot reach the Docker engine" in err and "docker.sock" in err and "Traceback" not in err
 
 
-async def test_unimplemented_backends_are_refused(capsys):
-    for name in ("kubernetes",):
-        assert main(["--backend", name, "--port", "0"]) == 2
-        err = capsys.readouterr().err
-        assert f"backend {name!r} is not implemented yet" in err and "--backend local" in err
-        with pytest.raises(BackendError):
-            create_server(ScalerConfig.from_namespace({"port": 0, "backend": name}, env={}))
-
-
 async def test_local_backend_refuses_a_missing_model(tmp_path):
     backend = LocalBackend(tmp_path / "nothing", tmp_path / "logs")
     with pytest.raises(BackendError, match="no model at"):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 import grpc
+import httpx2 as httpx
 import pytest
 
 from monitor.config import MonitorConfig
@@ -95,7 +97,8 @@ async def tls_suite(tiny_models, certs):
          "draft_address": draft.address, "admin_token": ADMIN, **tls_values(certs, "target")}, env={}))
     await target.start()
     router = create_router(RouterConfig.from_namespace(
-        {"port": 0, "targets": [target.address], "drafts": [draft.address], "load_interval_s": 0.1,
+        {"port": 0, "http_port": free_port(), "targets": [target.address], "drafts": [draft.address],
+         "load_interval_s": 0.1,
          "admin_token": ADMIN, **tls_values(certs, "router")}, env={}))
     await router.start()
     channel = client_channel(router.address, certs, "cli")
@@ -119,6 +122,19 @@ async def test_generation_works_over_tls_with_a_server_auth_only_client(tls_suit
         tokens, last = await generate(router_pb2_grpc.RouterStub(channel), request(6, enabled=True, gamma=2))
     assert len(tokens) == 6
     assert last.speculation.proposed_tokens > 0  # the target reached its draft over mutual TLS
+
+
+async def test_the_http_front_door_serves_https_with_the_routers_certificate(tls_suite, certs):
+    router = tls_suite["router"]
+    url = f"https://127.0.0.1:{router.http.port}"
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    async with httpx.AsyncClient(verify=context, timeout=60) as http:
+        reply = await http.post(f"{url}/v1/completions", json={"model": "target", "prompt": [5, 6, 7],
+                                                                "max_tokens": 3, "ignore_eos": True})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    async with httpx.AsyncClient(timeout=10) as http:  # a client that does not trust the CA is refused
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"{url}/health")
 
 
 async def test_a_plaintext_client_is_refused_by_every_service(tls_suite):
@@ -233,7 +249,7 @@ async def plaintext_services(tiny_models, host: str = "127.0.0.1", **values):
     target = create_target(TargetConfig.from_namespace(
         {"model": str(tiny_models.target), "max_batch_size": 4, "warmup": False, **common}, env={}))
     await target.start()
-    router = create_router(RouterConfig.from_namespace({"targets": [f"127.0.0.1:{target.port}"],
+    router = create_router(RouterConfig.from_namespace({"http_port": 0, "targets": [f"127.0.0.1:{target.port}"],
                                                         "load_interval_s": 0.1, **common}, env={}))
     await router.start()
     scaler = create_scaler(ScalerConfig.from_namespace(

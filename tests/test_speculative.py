@@ -15,6 +15,7 @@ import grpc
 import pytest
 from scipy.stats import chi2_contingency
 
+from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2_grpc
 from services.draft.config import DraftConfig
 from services.draft.main import create_server as create_draft
@@ -126,3 +127,23 @@ async def test_sampled_speculation_keeps_the_target_distribution(suite):
     cells = sorted(set(with_spec) | set(without))
     table = [[with_spec[c] for c in cells], [without[c] for c in cells]]
     assert chi2_contingency(table).pvalue > 1e-3
+
+
+async def test_ngram_speculation_equals_target_only_and_is_accepted_on_a_repeating_text(suite, reference_model):
+    stub, *_ = suite
+    # The tiny target repeats itself quickly: a lookup in its own output finds what comes next.
+    prompt = [7, 3, 9, 7, 3, 9, 7, 3]
+    tokens, last = await run_stream(stub, spec_request(prompt, 40, gamma=4, method=gen.SPECULATION_METHOD_NGRAM))
+    assert tokens == hf_greedy(reference_model, prompt, 40)
+    assert last.speculation.rounds > 0 and last.speculation.accepted_tokens > 0
+    seeded = dict(temperature=0.9, seed=11)
+    plain, _ = await run_stream(stub, spec_request(prompt, 30, spec=False, **seeded))
+    ngram, _ = await run_stream(stub, spec_request(prompt, 30, method=gen.SPECULATION_METHOD_NGRAM, **seeded))
+    assert ngram == plain  # the seed contract holds for any proposer
+
+
+async def test_an_unknown_speculation_method_is_refused(suite):
+    stub, *_ = suite
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await run_stream(stub, spec_request([1, 2, 3], 4, method=9))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "method" in err.value.details()

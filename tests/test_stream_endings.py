@@ -52,7 +52,7 @@ async def suite(tiny_models):
         await t.start()
         targets.append(t)
     router = create_router(RouterConfig.from_namespace({
-        "port": 0, "targets": [t.address for t in targets], "drafts": [draft.address], "policy": "round_robin",
+        "port": 0, "http_port": 0, "targets": [t.address for t in targets], "drafts": [draft.address], "policy": "round_robin",
         "load_interval_s": 0.1}, env={}), provider("router"))
     await router.start()
     channel = grpc.aio.insecure_channel(router.address)
@@ -162,7 +162,7 @@ async def test_failover_to_another_target(tiny_models, detach_errors):
         await t.start()
         apps.append(t)
     router = create_router(RouterConfig.from_namespace({
-        "port": 0, "targets": [a.address for a in apps], "policy": "round_robin", "load_interval_s": 0.1}, env={}),
+        "port": 0, "http_port": 0, "targets": [a.address for a in apps], "policy": "round_robin", "load_interval_s": 0.1}, env={}),
         provider("router"))
     await router.start()
     try:

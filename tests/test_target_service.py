@@ -164,7 +164,7 @@ def test_the_old_speculation_max_batch_names_still_work_with_a_warning():
     assert TargetConfig.from_args([], env=env).speculative_disable_by_batch_size == 11
     with pytest.warns(FutureWarning):
         assert TargetConfig.from_args(["--speculation-max-batch", "13"], env=env).speculative_disable_by_batch_size == 13
-    assert TargetConfig.from_args([], env={}).speculative_disable_by_batch_size == 4
+    assert TargetConfig.from_args([], env={}).speculative_disable_by_batch_size == 0  # the cost model decides
 
 
 def _broken_schedule(now):

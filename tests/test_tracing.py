@@ -48,7 +48,7 @@ async def test_one_trace_from_router_to_draft(tiny_models):
         "model": str(tiny_models.target), "port": 0, "draft_address": draft.address,
         "speculation_min_acceptance": 0.0}, env={}), target_tp)
     await target.start()
-    router = create_router(RouterConfig.from_namespace({"port": 0, "targets": [target.address],
+    router = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0, "targets": [target.address],
                                                         "drafts": [draft.address]}, env={}), router_tp)
     await router.start()
     try:

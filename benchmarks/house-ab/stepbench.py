@@ -1,6 +1,7 @@
 """Engine overhead per step with a free forward pass (a fake runner), everything else the real engine.
 
 Run from a tree's root: `PYTHONPATH=.:build/gen python benchmarks/house-ab/stepbench.py ~/.cache/llmesh/models/target`.
+`--observer` adds the Prometheus observer a model service has with --metrics-port (issue 13).
 """
 import statistics, sys, time
 import torch
@@ -26,8 +27,12 @@ class FakeRunner:
             out.append(lg)
         return out, 0.0
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
+OBSERVE = "--observer" in sys.argv[2:]
 def run(batch, new_tokens=200):
     eng = Engine(FakeRunner(), tok, EngineSettings(max_batch_size=64, max_wait_ms=0, num_slots=64))
+    if OBSERVE:
+        from services.serving.prometheus_metrics import ServingMetrics
+        eng.observer = ServingMetrics("bench", "bench", "target", eng.load, 8)
     done = []
     for i in range(batch):
         eng.submit(GenerationRequest(prompt_ids=[5 + i, 6, 7], sampling=SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)),

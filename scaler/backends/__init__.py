@@ -4,7 +4,8 @@ A backend starts a model-service instance and says where to reach it,
 stops one it started, and tells whether one has died on its own. Readiness,
 warm-up, registration and draining are the controller's, the same for
 every backend. ``local`` runs processes on this machine, ``docker``
-containers of the suite's image (:mod:`scaler.backends.docker`).
+containers of the suite's image (:mod:`scaler.backends.docker`), ``kubernetes``
+pods of a pool's Deployment.
 """
 
 from __future__ import annotations

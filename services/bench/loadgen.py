@@ -142,11 +142,13 @@ async def open_loop(stub, make_request: Callable[[int], gen.GenerateRequest], ra
 
 
 def greedy_request(prompt: str, new_tokens: int, speculate: bool | None = None, gamma: int | None = None,
-                   request_id: str = "") -> gen.GenerateRequest:
+                   request_id: str = "", method: int | None = None) -> gen.GenerateRequest:
     req = gen.GenerateRequest(request_id=request_id, prompt=gen.Prompt(text=prompt),
                               sampling=gen.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     if speculate is not None:
         req.speculation.enabled = speculate
     if gamma is not None:
         req.speculation.gamma = gamma
+    if method is not None:
+        req.speculation.method = method
     return req

@@ -37,7 +37,7 @@ def draft_spec(model: Path, threads: int, name: str = "draft") -> ServiceSpec:
 def router_spec(targets: list[str], drafts: list[str] = (), flags: tuple[str, ...] = ()) -> ServiceSpec:
     """The router over ``targets`` (and ``drafts``), with extra command-line ``flags``."""
     port = free_port()
-    args = ["--port", str(port), "--targets", ",".join(targets), "--log-level", "warning"]
+    args = ["--port", str(port), "--http-port", "0", "--targets", ",".join(targets), "--log-level", "warning"]
     if drafts:
         args += ["--drafts", ",".join(drafts)]
     return ServiceSpec("router", "router.main", port, (*args, *flags), env=_env(1))

@@ -62,6 +62,8 @@ def plot(result: dict, path: Path) -> None:
         _plot_router(result, path)
     elif result["scenario"] == "soak":
         _plot_soak(result, path)
+    elif result["scenario"] == "prefix":
+        _plot_prefix(result, path)
 
 
 def _plot_batching(r: dict, path: Path) -> None:
@@ -103,15 +105,17 @@ def _plot_speculative(r: dict, path: Path) -> None:
         cs = sorted(int(c) for c in sweep)
         ax2 = axes[0][1]
         ax2.plot(cs, [sweep[str(c)]["off_tps"] for c in cs], "o-", color="gray", label="speculation off")
-        ax2.plot(cs, [sweep[str(c)]["on_tps"] for c in cs], "o-", color="C0",
-                 label="speculation on (never switched off)")
+        ax2.plot(cs, [sweep[str(c)]["on_tps"] for c in cs], "o-", color="C0", label="speculation on (cost model)")
         for c in cs:
             ax2.annotate(f"{sweep[str(c)]['ratio']}x", (c, sweep[str(c)]["on_tps"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
-        ax2.axvline(r["disable_by_batch_size_default"], color="C3", ls=":",
-                    label=f"--speculative-disable-by-batch-size {r['disable_by_batch_size_default']}")
+        statics = sorted({k[:-4] for p in sweep.values() for k in p if k.startswith("static_") and k.endswith("_tps")})
+        for i, arm in enumerate(statics):
+            ax2.plot(cs, [sweep[str(c)].get(f"{arm}_tps") for c in cs], "x--", color=f"C{i + 1}",
+                     label=f"speculation on ({arm.replace('_', ' ')})")
         ax2.set(xlabel="concurrent streams", ylabel="tokens/s", xscale="log",
-                title=f"Break-even: speculation pays up to {r['break_even_batch']} streams")
+                title=f"On/off sweep: min on/off {r.get('min_ratio_on_off')} (cost model); static break-even "
+                      f"{r['break_even_batch']}")
         ax2.set_xticks(cs, [str(c) for c in cs])
         ax2.minorticks_off()
         ax2.legend(fontsize=8)
@@ -170,6 +174,31 @@ def _plot_router(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_prefix(r: dict, path: Path) -> None:
+    """TTFT p50/p90 and throughput per arm (one target cache off/on; two targets per routing policy)."""
+    names = list(r["arms"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    for offset, q, color in ((-0.2, "p50", "C0"), (0.2, "p90", "C1")):
+        bars = ax1.bar([i + offset for i in x], [r["arms"][n][f"ttft_{q}_ms"] for n in names], width=0.4,
+                       color=color, label=f"TTFT {q}")
+        ax1.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax1.set_xticks(list(x), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax1.set(ylabel="ms", yscale="log", title=f"{r['groups']} groups x {r['requests_per_group']} requests, "
+                                             f"{r['prefix_tokens']}-token shared prefixes")
+    ax1.legend(fontsize=8)
+    bars = ax2.bar(list(x), [r["arms"][n]["throughput_tokens_per_s"] for n in names],
+                   color=["gray", "C0", "C3", "C4", "C2"][:len(names)])
+    ax2.bar_label(bars, labels=[f"{r['arms'][n]['throughput_tokens_per_s']:.1f}\nhit {r['arms'][n]['prefix_hit_rate']:.0%}"
+                                for n in names], fontsize=7)
+    ax2.set_xticks(list(x), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax2.set(ylabel="tokens/s", title=f"cache on/off TTFT p50 x{r['ttft_p50_ratio_cache_on_vs_off']}; kv_aware vs "
+                                     f"round_robin TTFT p90 x{r['ttft_p90_ratio_kv_aware_vs_round_robin']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_soak(r: dict, path: Path) -> None:
     """Each service's resident memory through the run; warm-up end and load end marked."""
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -196,12 +225,24 @@ GOALS = [
     ("speculative", "target-large", "ratio_vs_hf_assisted", ">=", 1.0),
     ("speculative", "target-large", "load_ratio_c16", ">=", 0.98),
     ("speculative", "target-large", "identical_greedy", "==", True),
+    ("speculative", "target-large", "min_ratio_on_off", ">=", 1.0),
+    ("speculative", "target-large", "ratio_vs_hf_assisted_packed", ">=", 1.0),
+    ("speculative", "target-large", "draft_ms_per_token", "<=", 1.0),
+    ("speculative", "target-large", "mbu_c1", ">=", 0.6),
     ("router", "target", "added_latency_p50_ms", "<=", 1.0),
     ("router", "target", "throughput_ratio", ">=", 0.97),
+    ("openai", "target", "http_added_latency_p50_ms", "<=", 1.0),
+    ("openai", "target", "http_throughput_ratio", ">=", 0.95),
+    ("openai", "target", "errors", "==", 0),
     ("autoscale", "target", "failed_requests", "==", 0),
     ("soak", "target", "errors", "==", 0),
     ("soak", "target", "rss_growth_max", "<", 0.05),
     ("soak", "target", "drained", "==", True),
+    ("prefix", "target-large", "ttft_p50_ratio_cache_on_vs_off", "<=", 0.33),
+    ("prefix", "target-large", "ttft_p90_ratio_kv_aware_vs_round_robin", "<=", 0.5),
+    ("prefix", "target-large", "throughput_ratio_kv_aware_vs_round_robin", ">=", 1.3),
+    ("prefix", "target-large", "identical_greedy", "==", True),
+    ("prefix", "target-large", "errors", "==", 0),
 ]
 _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
         "==": lambda a, b: a == b}

@@ -13,9 +13,11 @@ import grpc
 
 from services.bench import local_suite, offline
 from services.bench.loadgen import RunResult, closed_loop, greedy_request
+from services.bench.machine import machine_info, mbu
+from services.bench.prompt_sets import copy_heavy, open_ended
+from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import router_pb2_grpc
 from services.models.corpus import heldout_prompts
-from services.speculative.gamma import SpeculationSettings
 
 
 @dataclass
@@ -68,6 +70,7 @@ async def _measure(address: str, arms: dict, concurrency: int, total: int, repea
 
 def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int = 64) -> dict:
     """Served tokens/s through the router at each concurrency vs HF generate at batch 32."""
+    machine = machine_info(opts.threads)
     prompts = _prompts(256)
     model_dir = opts.model_dir(opts.model)
     offline_tps = offline.hf_generate_tps(model_dir, prompts, new_tokens, 32, opts.repeats)
@@ -89,8 +92,11 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     mid = {c: sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2] for c, runs in points.items()}
     cmax, cmin = max(concurrencies), min(concurrencies)
     off, off_packed = median(offline_tps), median(packed_tps)
+    context = _prompt_tokens(model_dir, prompts[:8]) + new_tokens / 2
     return {
         "scenario": "batching", "model": opts.model, "new_tokens": new_tokens, "repeats": opts.repeats,
+        **machine, "packed_weights": True,
+        f"mbu_c{cmin}": mbu(served[cmin], model_dir, context, machine["memory_bandwidth_gbs"]),
         "served_tps": {str(c): round(v, 1) for c, v in served.items()},
         "offline_hf_tps_b32": round(off, 1),
         "offline_hf_tps_b32_runs": [round(x, 1) for x in offline_tps],
@@ -107,97 +113,165 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     }
 
 
-#: Concurrencies of the speculation on/off sweep that finds the break-even batch size.
-SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16)
+#: Concurrencies of the speculation on/off sweep.
+SWEEP_CONCURRENCIES = (1, 2, 4, 8, 16, 32)
+#: Static overrides measured beside the cost model: arm name -> --speculative-disable-by-batch-size
+#: (4: the break-even shipped before the cost model; 1024: never stand down, which finds the break-even).
+STATIC_ARMS = {"static_4": 4, "static_always": 1024}
 
 
-def speculation_batch_sweep(opts: BenchOptions, make, concurrencies=SWEEP_CONCURRENCIES) -> dict:
-    """Speculation on vs off at each concurrency, on a target that never switches
-    speculation off by batch size: where it stops paying is the break-even that
-    ``--speculative-disable-by-batch-size`` should be set to."""
-    target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
+def _tps(runs: list[RunResult]) -> float:
+    return median([r.tokens_per_s for r in runs])
 
-    def specs():
-        draft = local_suite.draft_spec(draft_dir, 1)
-        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address, speculative_disable_by_batch_size=1024)
-        return [draft, target, local_suite.router_spec([target.address], [draft.address])]
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def _spec_suite(opts: BenchOptions, **target_flags):
+    """A draft, a target speculating through it (with ``target_flags``) and a router."""
+    draft = local_suite.draft_spec(opts.model_dir(opts.draft), 1)
+    target = local_suite.target_spec(opts.model_dir(opts.model), opts.threads, draft=draft.address, **target_flags)
+    specs = [draft, target, local_suite.router_spec([target.address], [draft.address])]
+    return local_suite.running(specs, Path(tempfile.mkdtemp(prefix="llmesh-bench-")))
+
+
+def speculation_batch_sweep(opts: BenchOptions, make, router: str,
+                            concurrencies=SWEEP_CONCURRENCIES) -> dict:
+    """Speculation off and on (the cost model, on the suite at ``router``) at
+    each concurrency, then each static override of :data:`STATIC_ARMS` on a
+    suite of its own (on only; its ratio is against the same run's off)."""
     points = {}
-    with local_suite.running(specs(), Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
-        for c in concurrencies:
-            runs = asyncio.run(_measure(addrs["router"], {"off": make(False, 32), "on": make(True, 32)}, c,
-                                        max(4, 2 * c), opts.repeats, f"sweep c={c}", opts.progress))
-            off, on = runs["off"], runs["on"]
-            off_tps, on_tps = median([r.tokens_per_s for r in off]), median([r.tokens_per_s for r in on])
-            points[str(c)] = {"off_tps": round(off_tps, 1), "on_tps": round(on_tps, 1),
-                              "ratio": round(on_tps / off_tps, 3) if off_tps else None}
+    for c in concurrencies:
+        runs = asyncio.run(_measure(router, {"off": make(False), "on": make(True)}, c, max(4, 2 * c), opts.repeats,
+                                    f"sweep c={c}", opts.progress))
+        off, on = _tps(runs["off"]), _tps(runs["on"])
+        points[str(c)] = {"off_tps": round(off, 1), "on_tps": round(on, 1), "ratio": _ratio(on, off)}
+    for arm, limit in STATIC_ARMS.items():
+        with _spec_suite(opts, speculative_disable_by_batch_size=limit) as addrs:
+            for c in concurrencies:
+                runs = asyncio.run(_measure(addrs["router"], {arm: make(True)}, c, max(4, 2 * c), opts.repeats,
+                                            f"sweep {arm} c={c}", opts.progress))
+                tps = _tps(runs[arm])
+                points[str(c)][f"{arm}_tps"] = round(tps, 1)
+                points[str(c)][f"{arm}_ratio"] = _ratio(tps, points[str(c)]["off_tps"] * 1.0)
     return points
 
 
-def break_even(sweep: dict) -> int:
-    """The largest concurrency up to which speculation never lost (0: it lost at once)."""
+def break_even(sweep: dict, key: str = "ratio") -> int:
+    """The largest concurrency up to which speculation (the ``key`` ratio) never lost (0: it lost at once)."""
     best = 0
     for c, point in sorted(sweep.items(), key=lambda kv: int(kv[0])):
-        if point["ratio"] is None or point["ratio"] < 1.0:
+        if point.get(key) is None or point[key] < 1.0:
             break
         best = int(c)
     return best
 
 
-def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, gamma: int | None = None) -> dict:
-    """Target-only vs speculation through the suite vs HF assisted generation, at
-    concurrency 1; speculation on/off at concurrency 16 with the default
-    settings; and (on a fleet of its own) the on/off sweep over batch sizes."""
+def _prompt_set_arms(router: str, opts: BenchOptions, prompts: list[str], new_tokens: int, label: str) -> dict:
+    """Off, the draft model and ngram at concurrency 1 on one prompt set."""
+    n = len(prompts)
+
+    def make(spec: bool, method: int | None = None):
+        return lambda i: greedy_request(prompts[i % n], new_tokens, speculate=spec, method=method)
+
+    arms = {"off": make(False), "draft_model": make(True, gen.SPECULATION_METHOD_DRAFT_MODEL),
+            "ngram": make(True, gen.SPECULATION_METHOD_NGRAM)}
+    runs = asyncio.run(_measure(router, arms, 1, n, opts.repeats, label, opts.progress))
+    off = _tps(runs["off"])
+    out = {"prompts": n}
+    for name, rs in runs.items():
+        out[f"{name}_tps"] = round(_tps(rs), 1)
+        if name != "off":
+            mid = sorted(rs, key=lambda r: r.tokens_per_s)[len(rs) // 2].summary()
+            out[f"{name}_speedup"] = _ratio(_tps(rs), off)
+            out[f"{name}_acceptance"] = mid["acceptance_rate"]
+            out[f"{name}_mean_accepted_len"] = mid["mean_accepted_len"]
+    out["identical_greedy"] = all([r.tokens for r in a.results] == [r.tokens for r in b.results] == [r.tokens for r in c.results]
+                                  for a, b, c in zip(runs["off"], runs["draft_model"], runs["ngram"]))
+    return out
+
+
+def _draft_ms_per_token(runs: list[RunResult]) -> float | None:
+    """The draft's compute per proposed token (ms), over every request of ``runs``."""
+    ok = [r for run in runs for r in run.results if r.ok]
+    proposed = sum(r.proposed for r in ok)
+    return round(sum(r.draft_compute_ms for r in ok) / proposed, 3) if proposed else None
+
+
+def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, gamma: int | None = None,
+                sweep_new_tokens: int = 64, prompt_set_n: int = 4) -> dict:
+    """Target-only vs speculation (the cost model) through the suite vs HF
+    assisted generation, at concurrency 1; on/off at 16 streams; the on/off
+    sweep over concurrencies with the cost model and the static overrides;
+    the draft model vs ngram on copy-heavy and open-ended prompts; the
+    machine and the batch-1 figures' model-bandwidth utilisation (``mbu``)."""
+    machine = machine_info(opts.threads)
     prompts = _prompts(64)
     target_dir, draft_dir = opts.model_dir(opts.model), opts.model_dir(opts.draft)
     hf_rates, hf_outputs = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats)
     hf_packed_rates, _ = offline.hf_assisted(target_dir, draft_dir, prompts[:prompts_n], new_tokens, opts.repeats,
                                              packed=True)
 
-    def specs():
-        draft = local_suite.draft_spec(draft_dir, 1)
-        target = local_suite.target_spec(target_dir, opts.threads, draft=draft.address)
-        return [draft, target, local_suite.router_spec([target.address], [draft.address])]
+    def make(spec: bool, n: int, tokens: int = new_tokens):
+        return lambda i: greedy_request(prompts[i % n], tokens, speculate=spec, gamma=gamma)
 
-    def make(spec: bool, n: int):
-        return lambda i: greedy_request(prompts[i % n], new_tokens, speculate=spec, gamma=gamma)
-
-    with _suite(opts, specs) as addrs:
+    with (nullcontext({"router": opts.router}) if opts.router else _spec_suite(opts)) as addrs:
         router = addrs["router"]
         c1 = asyncio.run(_measure(router, {"off": make(False, prompts_n), "on": make(True, prompts_n)}, 1,
                                   prompts_n, opts.repeats, "c1 speculation", opts.progress))
         c16 = asyncio.run(_measure(router, {"off": make(False, 32), "on": make(True, 32)}, 16, 32, opts.repeats,
                                    "c16 speculation", opts.progress))
-        off, on, off16, on16 = c1["off"], c1["on"], c16["off"], c16["on"]
-    sweep = speculation_batch_sweep(opts, make) if not opts.router else {}
-    target_only = median([r.tokens_per_s for r in off])
-    spec = median([r.tokens_per_s for r in on])
+        copy = _prompt_set_arms(router, opts, copy_heavy(prompt_set_n), new_tokens, "copy-heavy")
+        open_ = _prompt_set_arms(router, opts, open_ended(prompt_set_n), new_tokens, "open-ended")
+        sweep = (speculation_batch_sweep(opts, lambda spec: make(spec, 32, sweep_new_tokens), router)
+                 if not opts.router else {})
+    off, on, off16, on16 = c1["off"], c1["on"], c16["off"], c16["on"]
+    target_only, spec = _tps(off), _tps(on)
     hf, hf_packed = median(hf_rates), median(hf_packed_rates)
     identical = all([r.tokens for r in a.results] == [r.tokens for r in b.results] for a, b in zip(off, on))
     spec_summary = sorted(on, key=lambda r: r.tokens_per_s)[len(on) // 2].summary()
+    # Batch-1 decoding reads the weights and the KV cache of the context (prompt + half the output, on average).
+    context = statistics.mean(len(r.tokens) for r in off[0].results) / 2 + _prompt_tokens(target_dir, prompts[:prompts_n])
+    ratios = [p["ratio"] for p in sweep.values() if p.get("ratio") is not None]
     return {
         "scenario": "speculative", "model": opts.model, "draft": opts.draft, "new_tokens": new_tokens,
-        "prompts": prompts_n, "repeats": opts.repeats, "gamma": gamma or "adaptive",
+        "prompts": prompts_n, "repeats": opts.repeats, "gamma": gamma or "cost model",
+        **machine, "packed_weights": True,
         "target_only_tps": round(target_only, 1), "spec_tps": round(spec, 1), "hf_assisted_tps": round(hf, 1),
-        "speedup_vs_target_only": round(spec / target_only, 3) if target_only else None,
-        "ratio_vs_hf_assisted": round(spec / hf, 3) if hf else None,
+        "speedup_vs_target_only": _ratio(spec, target_only),
+        "ratio_vs_hf_assisted": _ratio(spec, hf),
         "hf_assisted_packed_tps": round(hf_packed, 1),
-        "ratio_vs_hf_assisted_packed": round(spec / hf_packed, 3) if hf_packed else None,
+        "ratio_vs_hf_assisted_packed": _ratio(spec, hf_packed),
+        "mbu_c1": mbu(target_only, target_dir, context, machine["memory_bandwidth_gbs"]),
+        "mbu_c1_speculative": mbu(spec, target_dir, context, machine["memory_bandwidth_gbs"]),
         "acceptance_rate": spec_summary["acceptance_rate"], "mean_accepted_len": spec_summary["mean_accepted_len"],
-        "identical_greedy": identical,
+        "identical_greedy": identical and copy["identical_greedy"] and open_["identical_greedy"],
         "hf_assisted_matches_target_only": [r.tokens for r in off[0].results] == hf_outputs,
-        "c16_off_tps": round(median([r.tokens_per_s for r in off16]), 1),
-        "c16_on_tps": round(median([r.tokens_per_s for r in on16]), 1),
-        "load_ratio_c16": round(median([r.tokens_per_s for r in on16]) / median([r.tokens_per_s for r in off16]), 3),
+        "c16_off_tps": round(_tps(off16), 1),
+        "c16_on_tps": round(_tps(on16), 1),
+        "load_ratio_c16": _ratio(_tps(on16), _tps(off16)),
         # Where a round goes at concurrency 1 (means per round, from the requests' stats).
         "round_draft_wait_ms": spec_summary["round_draft_wait_ms"],
         "round_draft_compute_ms": spec_summary["round_draft_compute_ms"],
         "round_verify_ms": spec_summary["round_verify_ms"],
+        "draft_ms_per_token": _draft_ms_per_token(on),
+        "copy_heavy": copy, "open_ended": open_,
+        "ngram_speedup_copy_heavy": copy["ngram_speedup"],
+        "ngram_speedup_open_ended": open_["ngram_speedup"],
         "batch_sweep": sweep,
-        "break_even_batch": break_even(sweep) if sweep else None,
-        "disable_by_batch_size_default": SpeculationSettings().disable_by_batch_size,
+        "min_ratio_on_off": min(ratios) if ratios else None,
+        "break_even_batch": break_even(sweep, "static_always_ratio") if sweep else None,
         "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
     }
+
+
+def _prompt_tokens(model_dir: Path, prompts: list[str]) -> float:
+    """Mean prompt length in tokens of the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return statistics.mean(len(tok(p)["input_ids"]) for p in prompts)
 
 
 #: name -> function(opts, **kw) -> result dict. Scenarios in other modules add themselves here.
@@ -211,7 +285,8 @@ def registry() -> dict:
     """Every scenario, those defined in their own modules included."""
     import importlib
 
-    for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak"):
+    for module in ("services.bench.router_scenario", "services.bench.autoscale", "services.bench.soak",
+                   "services.bench.openai_scenario", "services.bench.prefix"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -12,7 +12,8 @@ from services.cli import argtypes
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="run a benchmark scenario (starts the services it needs)",
                               description=__doc__)
-    p.add_argument("--scenario", help="the scenario to run: batching, speculative, router, autoscale, soak")
+    p.add_argument("--scenario", help="the scenario to run: batching, speculative, router, autoscale, soak, openai, "
+                                      "prefix")
     p.add_argument("--all", action="store_true", help="every scenario, as `make bench` runs them")
     p.add_argument("--model", default="target-large", help="target model name under HOME/models")
     p.add_argument("--draft", default="draft", help="draft model name under HOME/models")

@@ -60,6 +60,9 @@ def instance_row(inst) -> dict[str, Any]:
         "state": _enum(router_pb2.InstanceState.Name(inst.state), "INSTANCE_STATE_"),
         "queue": load.queue_length, "running": load.running, "tokens_per_second": round(load.tokens_per_second, 2),
         "utilization": round(load.accelerator_utilization, 4), "load_age_s": round(inst.load_age_s, 2),
+        # Paged KV cache: blocks in use, prefix-cache hits / queries (tokens, since start), preemptions.
+        "kv_usage": round(load.kv_cache_usage, 4), "prefix_cache_hits": load.prefix_cache_hits_total,
+        "prefix_cache_queries": load.prefix_cache_queries_total, "preemptions": load.preemptions_total,
         "score": round(inst.score, 4),
         # Why the router sends it nothing right now ("" when it can route to it).
         "problem": inst.problem,
@@ -162,6 +165,12 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
+def _hit_rate(row: dict[str, Any]) -> str:
+    """Prefix-cache hit rate of an instance row ("-" before any lookup)."""
+    queries = row.get("prefix_cache_queries", 0)
+    return f"{row.get('prefix_cache_hits', 0) / queries:.0%}" if queries else "-"
+
+
 def render(snapshot: dict[str, Any]) -> str:
     """The snapshot as text tables (pure)."""
     lines = _table([["SERVICE", "ADDRESS", "HEALTH"]]
@@ -175,10 +184,12 @@ def render(snapshot: dict[str, Any]) -> str:
         rows = snapshot["instances"]
         scored = all("score" in i for i in rows)  # the routing policy's score, when the router gave it
         lines += _table([["INSTANCE", "ROLE", "ADDRESS", "HEALTH", "STATE", "POOL", "QUEUE", "RUNNING", "TOK/S",
-                          "UTIL"] + (["SCORE"] if scored else [])]
+                          "UTIL", "KV", "HIT", "PREEMPT"] + (["SCORE"] if scored else [])]
                         + [[i["id"], i["role"], i["address"], i["health"], i["state"], i["pool"],
                             str(i["queue"]), str(i["running"]), f"{i['tokens_per_second']:.1f}",
-                            f"{i['utilization']:.0%}"] + ([f"{i['score']:.3f}"] if scored else []) for i in rows])
+                            f"{i['utilization']:.0%}", f"{i.get('kv_usage', 0.0):.0%}", _hit_rate(i),
+                            str(i.get("preemptions", 0))] + ([f"{i['score']:.3f}"] if scored else [])
+                           for i in rows])
         lines += [f"  {i['id']} gets no requests: {i['problem']}" for i in rows if i.get("problem")]
     r = snapshot.get("router_stats")
     if r is not None:

@@ -139,7 +139,9 @@ class BaseConfig:
             shown = default.value if isinstance(default, enum.Enum) else default
             env = cls.env_names(f.name)[0]
             help_text = f"{f.metadata.get('help', '')} (default: {shown!r}; env {env})"
-            parser.add_argument(_flag(f.name), dest=f.name, type=_converter(tp), default=None, help=help_text)
+            # A bare boolean flag (--no-prefix-cache) means true; --flag false still works.
+            bare = {"nargs": "?", "const": True} if tp is bool else {}
+            parser.add_argument(_flag(f.name), dest=f.name, type=_converter(tp), default=None, help=help_text, **bare)
             for old in f.metadata.get("deprecated", ()):
                 parser.add_argument(_flag(old), dest=old, type=_converter(tp), default=None,
                                     help=f"deprecated alias of {_flag(f.name)}")

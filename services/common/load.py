@@ -81,6 +81,9 @@ class LoadReport:
     accepted_tokens_total: int = 0
     speculation_rounds_total: int = 0
     steps_total: int = 0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    preemptions_total: int = 0
 
 
 def windowed(m: MetricsSnapshot, **fields) -> LoadReport:

@@ -30,6 +30,11 @@ DEFAULT_PROMETHEUS_PORT = 9464
 PORT_OFFSETS = {"router": 0, "target": 10, "draft": 20, "monitor": 30, "scaler": 40}
 #: With a non-default base, the monitor's Prometheus exposition sits next to it.
 PROMETHEUS_OFFSET = 31
+#: The /metrics port of target, draft and scaler (their llmesh: metrics), relative to the base port.
+METRICS_OFFSETS = {"target-metrics": 12, "draft-metrics": 22, "scaler-metrics": 42}
+#: The router's OpenAI-compatible HTTP port: 8000 with the default base, else base + 32.
+DEFAULT_HTTP_PORT = 8000
+HTTP_OFFSET = 32
 
 #: Default addresses of a suite started with the default ports.
 DEFAULT_ADDRESSES = {name: f"127.0.0.1:{DEFAULT_BASE_PORT + off}" for name, off in PORT_OFFSETS.items()}
@@ -82,17 +87,21 @@ class ServiceSpec:
 
 
 def ports(base_port: int = DEFAULT_BASE_PORT, prometheus_port: int | None = None) -> dict[str, int]:
-    """Every service's port, plus ``"prometheus"``.
+    """Every service's port, plus ``"prometheus"`` and ``"http"`` (the router's HTTP front door).
 
-    The default base gives the documented ports (router 50051, target 50061,
-    draft 50071, monitor 50081 with Prometheus on 9464, scaler 50091); any
-    other base offsets all of them from it, Prometheus at base + 31.
+    The default base gives the documented ports (router 50051 with HTTP on
+    8000, target 50061, draft 50071, monitor 50081 with Prometheus on 9464,
+    scaler 50091); any other base offsets all of them from it, Prometheus at
+    base + 31, HTTP at base + 32. The target's, draft's and scaler's own
+    /metrics (``"target-metrics"``, ...) sit at base + 12, + 22 and + 42
+    (50063, 50073, 50093 by default).
     """
-    out = {name: base_port + off for name, off in PORT_OFFSETS.items()}
+    out = {name: base_port + off for name, off in (PORT_OFFSETS | METRICS_OFFSETS).items()}
     if prometheus_port is None:
         prometheus_port = (DEFAULT_PROMETHEUS_PORT if base_port == DEFAULT_BASE_PORT
                            else base_port + PROMETHEUS_OFFSET)
     out["prometheus"] = prometheus_port
+    out["http"] = DEFAULT_HTTP_PORT if base_port == DEFAULT_BASE_PORT else base_port + HTTP_OFFSET
     if not all(0 < p <= 65535 for p in out.values()):
         raise ValueError(f"base port {base_port} puts a port out of range: {out}")
     return out
@@ -151,12 +160,14 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
         return f"[{reach}]:{port[name]}" if ":" in reach else f"{reach}:{port[name]}"
 
     extra = {
-        "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"])),
+        "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"]),
+                  "--metrics-port", str(port["draft-metrics"])),
         "target": ("--model", str(models["target"]), "--threads", str(threads["target"]),
-                   "--draft-address", addr("draft")),
-        "router": ("--targets", addr("target"), "--drafts", addr("draft")),
+                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"])),
+        "router": ("--targets", addr("target"), "--drafts", addr("draft"), "--http-port", str(port["http"])),
         "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
-        "scaler": ("--router", addr("router"), "--monitor", addr("monitor")),
+        "scaler": ("--router", addr("router"), "--monitor", addr("monitor"),
+                   "--metrics-port", str(port["scaler-metrics"])),
     }
     def env(name: str) -> dict[str, str]:
         out = _env(options.home, threads[name])
@@ -166,7 +177,7 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
             out["LLMESH_ADMIN_TOKEN"] = options.admin_token
         return out
 
-    insecure = ("--insecure",) if options.insecure else ()
+    insecure = ("--insecure", "true") if options.insecure else ()  # a bool field takes a value
     return [ServiceSpec(name=name, module=MODULES[name], port=port[name], host=options.host,
                         args=("--host", options.host, "--port", str(port[name]),
                               "--log-level", options.log_level, *extra[name], *insecure),

@@ -35,6 +35,10 @@ MAX_PROMPT_BYTES = 2 * 1024 * 1024
 MAX_PROMPT_TOKENS = 512 * 1024
 #: Longest ``request_id`` (it is echoed in every chunk).
 MAX_REQUEST_ID_CHARS = 256
+#: Most alternatives per token a request may ask log-probabilities of (OpenAI's bound).
+MAX_LOGPROBS = 20
+#: The roles a chat turn may have.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 #: A host name (letters, digits, dots, hyphens, underscores: DNS names, IPv4,
@@ -137,9 +141,25 @@ def check_prompt(prompt: gen.Prompt) -> str:
         if len(prompt.tokens.ids) > MAX_PROMPT_TOKENS:
             raise OutOfRange("prompt.tokens", f"has {len(prompt.tokens.ids)} ids; llmesh accepts at most "
                                               f"{MAX_PROMPT_TOKENS}, and a model's context usually far fewer")
+    if kind == "chat":
+        check_chat(prompt.chat)
     if kind is None:
-        raise InvalidArgument("prompt", "must not be empty: set prompt.text or prompt.tokens")
+        raise InvalidArgument("prompt", "must not be empty: set prompt.text, prompt.tokens or prompt.chat")
     return kind
+
+
+def check_chat(chat: gen.ChatMessages) -> None:
+    """At least one turn, each with a known role; at most :data:`MAX_PROMPT_BYTES` of content in all."""
+    if not chat.messages:
+        raise InvalidArgument("prompt.chat.messages", "must hold at least one message")
+    size = 0
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidArgument(f"prompt.chat.messages[{i}].role",
+                                  f"must be one of {', '.join(CHAT_ROLES)}, got {m.role[:40]!r}")
+        size += len(m.content) if len(m.content) > MAX_PROMPT_BYTES else len(m.content.encode("utf-8"))
+        if size > MAX_PROMPT_BYTES:
+            raise OutOfRange("prompt.chat.messages", f"hold more than {MAX_PROMPT_BYTES} bytes of UTF-8")
 
 
 def check_generate_request(req: gen.GenerateRequest) -> None:
@@ -159,6 +179,8 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
         check_gamma("speculation.gamma", req.speculation.gamma)
     if req.draft_address:
         check_address("draft_address", req.draft_address)
+    if req.HasField("logprobs") and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
     if len(req.resume_tokens) >= s.max_new_tokens:
         raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
     if len(req.resume_tokens) > MAX_PROMPT_TOKENS:

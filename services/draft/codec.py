@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2
 from services.common.validation import distribution_params
 from services.draft.proposer import StreamStart
@@ -21,7 +22,8 @@ def start_of(msg: model_pb2.ProposeRequest) -> StreamStart:
     """The first message's request id and sampling; stop sequences and EOS are
     the target's business. Raises InvalidArgument naming a bad sampling field."""
     sampling = SamplingOptions(**distribution_params(msg.sampling), max_new_tokens=1, ignore_eos=True)
-    return StreamStart(msg.request_id, sampling, msg.want_probs)
+    return StreamStart(msg.request_id, sampling, msg.want_probs,
+                       ngram=msg.method == gen.SPECULATION_METHOD_NGRAM)
 
 
 def response_pb(tokens: list[int], probs: list[torch.Tensor], compute_ms: float) -> model_pb2.ProposeResponse:

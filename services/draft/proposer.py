@@ -3,7 +3,9 @@
 Each round the target sends (discard, append, gamma); :class:`DraftSync`
 checks it against what this side holds and the persistent sequence rolls
 back, takes the new tokens and generates gamma more, keeping its KV cache
-between rounds. Event loop only.
+between rounds (:class:`DraftProposer`), or, for a stream that asks for the
+``ngram`` method, looks the proposal up in the sequence itself, with no
+model (:class:`NgramProposer`). Event loop only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.async_engine import AsyncEngine, PersistentSequence
 from services.engine.sequence import GenerationRequest, SamplingOptions
+from services.speculative.ngram import propose_ngram
 from services.speculative.sync import DraftSync, Round
 
 
@@ -27,6 +30,8 @@ class StreamStart:
     sampling: SamplingOptions
     #: Send each proposal's distribution (the target's verification does not need them).
     want_probs: bool = False
+    #: Propose by n-gram lookup in the sequence (no model) instead of with the draft model.
+    ngram: bool = False
 
 
 class DraftProposer:
@@ -78,3 +83,38 @@ class DraftProposer:
         """Ends the sequence and frees its cache."""
         if self._seq is not None:
             self._seq.close()
+
+
+class NgramProposer:
+    """Proposes by n-gram lookup in one target sequence (prompt lookup decoding,
+    :mod:`services.speculative.ngram`), round after round, with the same sync
+    protocol as :class:`DraftProposer` and no model: it holds the sequence's
+    token ids and its last proposal. Proposes fewer than gamma tokens (none
+    when the sequence's end does not occur earlier in it)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self._vocab_size = vocab_size
+        self.sync = DraftSync()
+        self._tokens: list[int] = []
+
+    async def propose(self, round_: Round, start: StreamStart | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """Applies ``round_`` and returns the proposal (no distributions).
+        Raises InvalidArgument naming the field for a round that breaks the
+        protocol or asks for distributions, OutOfRange for a token id outside
+        the vocabulary."""
+        bad = next((t for t in round_.append if not 0 <= t < self._vocab_size), None)
+        if bad is not None:
+            raise OutOfRange("append_tokens", f"token id {bad} is outside the vocabulary [0, {self._vocab_size})")
+        if start is not None and start.want_probs:
+            raise InvalidArgument("want_probs", "the ngram method has no draft distributions to send")
+        rollback = self.sync.apply(round_)
+        if rollback:
+            del self._tokens[-rollback:]
+        self._tokens += round_.append
+        tokens = propose_ngram(self._tokens, round_.gamma)
+        self._tokens += tokens
+        self.sync.proposed(len(tokens))
+        return tokens, []
+
+    def close(self) -> None:
+        """Nothing to free beyond the token list."""

@@ -6,7 +6,7 @@ import time
 
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.draft import codec
-from services.draft.proposer import DraftProposer
+from services.draft.proposer import DraftProposer, NgramProposer
 from services.engine.async_engine import AsyncEngine
 from services.serving.model_service import configure_changes, model_info, settings_pb
 
@@ -18,15 +18,20 @@ class DraftServicer(model_pb2_grpc.DraftModelServicer):
         self.app = app
 
     async def Propose(self, request_iterator, context):
-        proposer = DraftProposer(AsyncEngine(self.app.require_loaded().engine))
+        engine = self.app.require_loaded().engine
+        proposer = None
         try:
             async for msg in request_iterator:
                 started = time.perf_counter()
-                start = None if proposer.started else codec.start_of(msg)
+                start = None
+                if proposer is None:  # the first message says how to propose
+                    start = codec.start_of(msg)
+                    proposer = NgramProposer(engine.vocab_size) if start.ngram else DraftProposer(AsyncEngine(engine))
                 tokens, probs = await proposer.propose(codec.round_of(msg), start)
                 yield codec.response_pb(tokens, probs, (time.perf_counter() - started) * 1000)
         finally:
-            proposer.close()
+            if proposer is not None:
+                proposer.close()
 
     async def GetInfo(self, request, context):
         return model_info(self.app.require_loaded(), self.app.instance_id, stats_pb2.ROLE_DRAFT, self._settings())

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from services.engine.engine import Engine
-from services.engine.model_runner import ModelRunner, configure_threads, load_model
+from services.common.errors import InvalidArgument
+from services.engine.model_runner import ModelRunner, bytes_per_token, configure_threads, load_model
 from services.engine.settings import EngineSettings
 from services.engine.speculation import Speculation
 
@@ -47,13 +48,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: KV-cache memory when none is given (bytes).
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
                  threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
-                 model_name: str = "", speculation: Speculation | None = None) -> LoadedModel:
+                 model_name: str = "", speculation: Speculation | None = None, block_size: int = 16,
+                 kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY, num_kv_blocks: int = 0,
+                 prefix_caching: bool = True) -> LoadedModel:
     """Loads the model with transformers' own path and wraps it in an engine
     (not started), with ``speculation`` as its speculative-decoding strategy.
-    Blocking (seconds); any thread. Raises FileNotFoundError when
-    ``model_path`` holds no model, InvalidArgument for invalid settings."""
+    The paged KV cache has ``num_kv_blocks`` blocks of ``block_size`` tokens
+    (0: as many as ``kv_cache_memory`` bytes hold), with automatic prefix
+    caching when ``prefix_caching``. Blocking (seconds); any thread. Raises
+    FileNotFoundError when ``model_path`` holds no model, InvalidArgument for
+    invalid settings or a cache that cannot hold one block beside the null block."""
     if not Path(model_path, "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {model_path}: build the default models with `llmesh models build` "
@@ -61,14 +71,19 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     configure_threads(threads)
     device = resolve_device(device)
     model, tokenizer = load_model(model_path, DTYPES[dtype], device)
-    runner = ModelRunner(model, settings.num_slots, max_context or None, prepack=prepack)
+    blocks = num_kv_blocks or kv_cache_memory // (block_size * bytes_per_token(model))
+    if blocks < 2:
+        raise InvalidArgument("kv_cache_memory", f"{kv_cache_memory} bytes hold {blocks} blocks of {block_size} "
+                                                 f"tokens ({bytes_per_token(model)} bytes each); at least 2 are needed")
+    runner = ModelRunner(model, blocks, block_size, max_context or None, prepack=prepack)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     engine = Engine(runner, tokenizer, settings, eos_token_ids=eos_ids, metrics_window_s=metrics_window_s,
-                    speculation=speculation)
-    log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN", model_path,
-             runner.num_parameters / 1e6, device, runner.max_len, runner.prepacked)
+                    speculation=speculation, prefix_caching=prefix_caching)
+    log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN, KV cache %d "
+             "blocks of %d tokens, prefix caching %s", model_path, runner.num_parameters / 1e6, device,
+             runner.max_len, runner.prepacked, blocks, block_size, "on" if prefix_caching else "off")
     return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
                        tokenizer_hash(tokenizer), dtype, device)

@@ -28,12 +28,16 @@ from services.common.errors import (FailedPrecondition, InvalidArgument, LlmeshE
                                     Unavailable)
 from services.common.metrics import WindowedMetrics
 from services.engine import sampler
+from services.engine.block_manager import BlockManager
 from services.engine.commands import Commands
 from services.engine.detokenizer import Detokenizer
+from services.engine.kv_events import KVEventLog
 from services.engine.load import EngineLoad, LoadPublisher
 from services.engine.model_runner import ForwardRow, ModelRunner
+from services.engine.observer import EngineObserver
 from services.engine.scheduler import Row, Scheduler, StepPlan
-from services.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline
+from services.engine.sequence import (FinishReason, GenerationRequest, Sequence, SequenceEvent, Status, Timeline,
+                                      TokenLogprob)
 from services.engine.settings import EngineSettings
 from services.engine.speculation import RoundCounts, Speculation
 from services.engine.validation import validate
@@ -42,18 +46,22 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Continuous batching of sequences over one model runner and its slot KV cache.
+    """Continuous batching of sequences over one model runner and its paged KV cache.
 
     ``clock`` gives every ``now`` of the engine, scheduler and speculation
     (time.monotonic() seconds unless injected). The windowed metrics in
     :meth:`load` are recomputed at most every ``publish_interval_s`` seconds
-    while busy, and as soon as the engine goes idle.
+    while busy, and as soon as the engine goes idle. ``observer`` sees every
+    request's figures as they happen (engine thread); set :attr:`observer`
+    before :meth:`start` to give one after construction. ``prefix_caching``:
+    reuse the KV cache of prompts' cached prefixes (automatic prefix caching).
     """
 
     def __init__(self, runner: ModelRunner, tokenizer, settings: EngineSettings,
                  eos_token_ids: list[int] | None = None, metrics_window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, speculation: Speculation | None = None,
-                 publish_interval_s: float = 0.5) -> None:
+                 publish_interval_s: float = 0.5, observer: EngineObserver | None = None,
+                 prefix_caching: bool = True) -> None:
         """Raises InvalidArgument for invalid ``settings``."""
         settings.validate()
         self.runner = runner
@@ -62,8 +70,12 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids or [])
         self.clock = clock
         self.speculation = speculation
-        self.scheduler = Scheduler(settings)
+        self.scheduler = Scheduler(settings, BlockManager(runner.cache.num_blocks, runner.cache.block_size,
+                                                          enable_prefix_caching=prefix_caching, record_events=True))
+        #: The prefix cache's stored/evicted block hashes, for other threads (KV-aware routing).
+        self.kv_events = KVEventLog(runner.cache.block_size)
         self.metrics = WindowedMetrics(metrics_window_s, started_at=clock())
+        self.observer = observer or EngineObserver()
         self._load = LoadPublisher(self.metrics, publish_interval_s, clock(), runner.cache.capacity_tokens)
         self._commands = Commands()
         self._queued = 0  # submitted but not yet admitted (or dropped)
@@ -77,8 +89,10 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        """Most tokens (prompt + generated) a sequence may hold."""
-        return self.runner.max_len
+        """Most tokens (prompt + generated) a sequence may hold: the model's
+        context, or what the whole KV cache holds if that is less (so a lone
+        sequence always fits, and preemption always ends)."""
+        return min(self.runner.max_len, self.runner.cache.capacity_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -207,13 +221,18 @@ class Engine:
 
     def _publish(self, stepped: bool) -> None:
         s = self.scheduler
+        if s.kv.events:
+            self.kv_events.append(s.kv.take_events())
         self._load.publish(self.clock(), stepped, s.idle, self._queued, len(s.running), len(s.paused),
-                           self.settings.max_batch_size, s.cached_tokens)
+                           self.settings.max_batch_size, s.cached_tokens, s.kv)
 
     def _settle(self, plan: StepPlan) -> None:
         """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
         for _ in plan.admitted:
             self._dequeued()
+        if plan.preempted:
+            with self._queued_lock:
+                self._queued += len(plan.preempted)
         for seq in plan.dropped:
             self._finish(seq, FinishReason.CANCELLED, [])
         self._wake_at = plan.wake_at
@@ -230,8 +249,10 @@ class Engine:
         out: list[torch.Tensor | None] = [None] * len(rows)
         fwd: dict[int, ForwardRow] = {}
         for i, r in enumerate(rows):  # a row that cannot run fails alone, before the batch runs
-            f = ForwardRow(r.seq.slot if r.seq.slot is not None else -1, r.start,
-                           r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=1 + len(r.proposal))
+            # A prompt whose logprobs are asked keeps every position's logits while it is fed.
+            keep = r.chunk + len(r.proposal) if self._scores_prompt(r) else 1 + len(r.proposal)
+            f = ForwardRow(list(r.seq.block_table), r.start,
+                           r.seq.tokens[r.start:r.start + r.chunk] + r.proposal, keep=keep)
             try:
                 self.runner.check(f)
             except LlmeshError as exc:
@@ -255,10 +276,30 @@ class Engine:
             busy += took
             for i in group:
                 rows[i].forward_s = took
+            if self.speculation is not None:
+                self.speculation.after_forward([rows[i] for i in group], took, self.clock())
             self._computed += len(group) * max(len(r.tokens) for r in batch)
             for i, lg in zip(group, logits):
                 out[i] = lg
         return out, busy
+
+    @staticmethod
+    def _scores_prompt(row: Row) -> bool:
+        """Whether ``row`` feeds prompt tokens whose logprobs its request asked for."""
+        req = row.seq.request
+        return req.prompt_logprobs and row.start < len(req.prompt_ids)
+
+    def _score_prompt(self, row: Row, lg: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens after ``row``'s first (row i of ``lg``
+        predicts token ``start + i + 1``), gathered on the sequence until its
+        first event. A prompt position before ``row.start`` that was not fed
+        (none is today: every prefill starts at 0) has no logprob."""
+        seq, req = row.seq, row.seq.request
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [TokenLogprob(t, None) for t in req.prompt_ids[:row.start + 1]]
+        targets = req.prompt_ids[row.start + 1:row.start + row.chunk + 1]  # the next chunk's first one too
+        if targets:
+            seq.prompt_logprobs += sampler.token_logprobs(lg[:len(targets)], targets, req.logprobs or 0)
 
     def _advance(self, rows: list[Row], logits: list[torch.Tensor | None]) -> None:
         """Each row's sequence takes its new tokens: sampled, or verified ones.
@@ -272,26 +313,35 @@ class Engine:
                 continue
             try:
                 produced += self._advance_row(row, lg, now)
+                self.scheduler.after_step(seq)
             except Exception as exc:  # noqa: BLE001 - one sequence's fault stays that sequence's
                 self._fail(seq, exc)
         self.metrics.record_tokens(now, produced)
+        if produced:
+            self.observer.tokens(produced)
 
     def _advance_row(self, row: Row, lg: torch.Tensor, now: float) -> int:
         """One row's sequence takes its new tokens; returns how many."""
         seq = row.seq
+        if self._scores_prompt(row):
+            self._score_prompt(row, lg)
         seq.num_cached = row.start + row.chunk
         if not row.completes:
             return 0  # a partial prefill chunk: nothing to sample yet
+        top = seq.request.logprobs
         if row.proposal:
             tokens = self.speculation.after_verify(seq, row, lg)
             seq.num_cached += len(tokens) - 1  # keys of rejected proposals are overwritten later
             seq.verifying = (len(row.proposal), len(tokens) - 1, len(seq.tokens))
-            produced = self._emit(seq, tokens, None, now)
+            # Accepted proposals score under the verify pass's target logits, row i for token i.
+            lps = sampler.token_logprobs(lg[:len(tokens)], tokens, top) if top is not None else None
+            produced = self._emit(seq, tokens, None, now, lps)
             self._settle_round(seq, now)
         else:
             token, probs = sampler.sample(lg[-1], seq.request.sampling, seq.base_seed, len(seq.tokens),
                                           seq.request.want_probs)
-            produced = self._emit(seq, [token], probs, now)
+            lps = sampler.token_logprobs(lg[-1:], [token], top) if top is not None else None
+            produced = self._emit(seq, [token], probs, now, lps)
         if seq.spec is not None and seq.status is Status.RUNNING:
             room = min(seq.budget, self.max_context - len(seq.tokens)) - 1
             self.speculation.after_tokens(seq, now, self._demand(), room)
@@ -307,6 +357,7 @@ class Engine:
         seq.verifying = None
         counts = RoundCounts.of(gamma, accepted, len(seq.tokens) - before, seq.status is not Status.RUNNING)
         self.metrics.record_speculation(now, 1, counts.proposed, counts.accepted, counts.emitted)
+        self.observer.speculation_round(counts.proposed, counts.accepted)
         self.speculation.after_emit(seq, counts)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
@@ -320,17 +371,20 @@ class Engine:
         if seq.status is not Status.FINISHED:
             self._finish(seq, FinishReason.ERROR, [], error=exc)
 
-    def _emit(self, seq: Sequence, tokens: list[int], probs, now: float) -> int:
-        """Appends ``tokens`` one by one until the sequence stops; returns how many it took."""
-        taken = 0
-        for token in tokens:
+    def _emit(self, seq: Sequence, tokens: list[int], probs, now: float, logprobs=None) -> int:
+        """Appends ``tokens`` one by one until the sequence stops; returns how
+        many it took. ``logprobs``: one TokenLogprob per token, or None."""
+        taken, previous = 0, seq.last_token_at
+        for i, token in enumerate(tokens):
             if seq.status is not Status.RUNNING:
                 break
-            self._emit_token(seq, token, probs, now)
+            self._emit_token(seq, token, probs, now, [logprobs[i]] if logprobs is not None else [])
             taken += 1
+        if taken and previous is not None:
+            self.observer.inter_token(now - previous)
         return taken
 
-    def _emit_token(self, seq: Sequence, token: int, probs, now: float) -> None:
+    def _emit_token(self, seq: Sequence, token: int, probs, now: float, logprobs=()) -> None:
         seq.tokens.append(token)
         seq.generated += 1
         seq.budget -= 1
@@ -339,33 +393,44 @@ class Engine:
         seq.last_token_at = now
         req = seq.request
         if req.persistent:
-            event = SequenceEvent([token], probs=[probs] if probs is not None else [])
+            # A persistent sequence (a draft's) hears once per round, when it pauses:
+            # one event with the round's tokens, not a cross-thread wake-up per token.
+            seq.round_tokens.append(token)
+            if probs is not None:
+                seq.round_probs.append(probs)
             if seq.budget <= 0 or len(seq.tokens) >= self.max_context:
                 self.scheduler.pause(seq)
-                event.paused = True
-            seq.sink(event)
+                seq.sink(SequenceEvent(seq.round_tokens, probs=seq.round_probs, paused=True))
+                seq.round_tokens, seq.round_probs = [], []
             return
         if token in self.eos_token_ids and not req.sampling.ignore_eos:
             self._finish(seq, FinishReason.EOS, [])
             return
         text = seq.detok.add(token)
         if seq.detok.stopped:
-            self._finish(seq, FinishReason.STOP, [token], text)
+            self._finish(seq, FinishReason.STOP, [token], text, logprobs=logprobs)
         elif seq.budget <= 0 or len(seq.tokens) >= self.max_context:
-            self._finish(seq, FinishReason.LENGTH, [token], text)
+            self._finish(seq, FinishReason.LENGTH, [token], text, logprobs=logprobs)
         else:
-            seq.sink(SequenceEvent([token], text))
+            seq.sink(SequenceEvent([token], text, logprobs=list(logprobs), prompt_logprobs=self._prompt_lps(seq)))
 
     # -- transitions (engine thread) ------------------------------------------------------
+    @staticmethod
+    def _prompt_lps(seq: Sequence) -> list:
+        """The prompt logprobs the sequence gathered, once (its first event carries them)."""
+        lps, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return lps or []
+
     def _finish(self, seq: Sequence, reason: FinishReason, tokens: list[int], text: str = "",
-                error: BaseException | None = None) -> None:
+                error: BaseException | None = None, logprobs=()) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
         now = self.clock()
         self._settle_round(seq, now)  # before the last event carries the statistics
         if seq.spec is not None:
             seq.spec.close()
-        if seq.admitted_at is None:  # dropped while waiting
+        if seq.queued:  # dropped while waiting
+            seq.queued = False
             self._dequeued()
         if seq.detok is not None and reason is not FinishReason.CANCELLED:
             text += seq.detok.flush()
@@ -374,8 +439,13 @@ class Engine:
         ttft, tpot = timeline.ttft_tpot()
         self.metrics.record_request(now, ttft, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
                                     error=error is not None)
+        self.observer.finished(ttft_s=ttft, tpot_s=tpot, e2e_s=now - seq.arrival,
+                               queue_s=(seq.admitted_at or now) - seq.arrival,
+                               prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
+                               reason=reason.value)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
-                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline))
+                               spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline,
+                               logprobs=list(logprobs), prompt_logprobs=self._prompt_lps(seq)))
 
     def _dequeued(self) -> None:
         with self._queued_lock:
@@ -423,6 +493,7 @@ class Engine:
                                                 f"{self.max_context}: no room to generate")
         if error is None:
             seq.next_round(discard, append, budget, self.max_context)
+            self.scheduler.kv.trim(seq)  # positions past the kept tokens are rewritten
             self.scheduler.resume(seq)
         elif seq.status is Status.FINISHED:
             seq.sink(SequenceEvent([], finish_reason=FinishReason.ERROR, error=error))

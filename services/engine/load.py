@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.metrics import MetricsSnapshot, WindowedMetrics
+from services.engine.block_manager import BlockManager
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,13 @@ class EngineLoad:
     kv_used_tokens: int
     kv_capacity_tokens: int
     metrics: MetricsSnapshot
+    #: Fraction of the paged cache's blocks some sequence holds.
+    kv_usage: float = 0.0
+    #: Prefix cache since start: prompt tokens looked up, and of them found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    #: Sequences preempted since start (their blocks taken back; recomputed later).
+    preemptions: int = 0
 
 
 class LoadPublisher:
@@ -45,9 +53,10 @@ class LoadPublisher:
         self.latest = EngineLoad(0, 0, 0, 0, 0, kv_capacity_tokens, metrics.snapshot(now))  # until the first publish
 
     def publish(self, now: float, stepped: bool, idle: bool, queue_length: int, running: int, paused: int,
-                max_batch_size: int, kv_used_tokens: int) -> None:
+                max_batch_size: int, kv_used_tokens: int, kv: BlockManager) -> None:
         """Swaps in a new EngineLoad (engine thread). ``stepped``: a step ran
-        rows just now; ``idle``: nothing waits, runs or is paused."""
+        rows just now; ``idle``: nothing waits, runs or is paused; ``kv``: the
+        block manager whose usage and counters are reported."""
         if stepped:
             self.last_step_at = now
             idle = False
@@ -55,7 +64,7 @@ class LoadPublisher:
         if now - self._metrics_at >= self.interval_s or (idle and self.last_step_at > self._metrics_at):
             metrics, self._metrics_at = self.metrics.snapshot(now), now
         self.latest = EngineLoad(queue_length, running, paused, max_batch_size, kv_used_tokens, self._kv_capacity,
-                                 metrics)
+                                 metrics, kv.usage, kv.stats.queries, kv.stats.hits, kv.stats.preemptions)
 
     def refresh_at(self, now: float) -> float | None:
         """When an idle engine should wake to republish (its windowed rates decay

@@ -1,11 +1,15 @@
-"""Runs a Hugging Face causal LM over a step's rows against the slot KV cache.
+"""Runs a Hugging Face causal LM over a step's rows against the paged KV cache.
 
 The model is loaded by transformers' own ``from_pretrained`` path; only its
 attention is routed, through transformers' ``AttentionInterface``, to a
-function that writes each row's new keys and values into its slot and
-attends over the slot's cached prefix. Rows of different lengths and
-positions share one forward pass: positions are per token (so rotary
-embeddings are right) and a 4-D boolean mask says what each query sees.
+function that writes each row's new keys and values into the blocks of its
+block table and attends over the row's cached prefix, gathered by block
+table (vLLM's PagedAttention, done with one ``index_select`` per layer and
+tensor). Rows of different lengths and positions share one forward pass:
+positions are per token (so rotary embeddings are right) and a 4-D boolean
+mask says what each query sees. The slot mapping and the gather index are
+computed once per forward from the rows alone: the runner keeps no block
+bookkeeping (the engine's block manager does).
 """
 
 from __future__ import annotations
@@ -21,17 +25,19 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears
-from services.engine.kv_cache import SlotKVCache
+from services.engine.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ForwardRow:
-    """Feed ``tokens`` at positions ``start..`` of ``slot``; return logits at the
-    last ``keep`` of them (1 for a decode or prefill, gamma+1 to verify)."""
+    """Feed ``tokens`` at positions ``start..`` of the sequence whose positions
+    live in ``block_table`` (block ids; position p in block ``p // block_size``);
+    return logits at the last ``keep`` of them (1 for a decode or prefill,
+    gamma+1 to verify). Plain data: picklable, all a runner needs."""
 
-    slot: int
+    block_table: list[int]
     start: int
     tokens: list[int]
     keep: int = 1
@@ -39,14 +45,13 @@ class ForwardRow:
 
 @dataclass
 class _StepContext:
-    cache: SlotKVCache
+    cache: PagedKVCache
     write_row: torch.Tensor
     write_t: torch.Tensor
+    #: Flat cache slot (block * block_size + offset) of each written token.
     write_slot: torch.Tensor
-    write_pos: torch.Tensor
-    slots: torch.Tensor
-    #: When the rows' slots are s0, s0+1, ..., read the cache as a view.
-    contiguous_from: int | None
+    #: ``[n * kv_len]`` flat slots each row reads, padded with the null block.
+    read_slots: torch.Tensor
     kv_len: int
 
 
@@ -61,11 +66,14 @@ class ModelRunner:
     """Owns the model, its KV cache and the step context the attention reads.
 
     Engine thread only (the step context is per call). ``max_len`` caps the
-    positions per slot (default: the model's ``max_position_embeddings``).
+    positions per sequence (default: the model's ``max_position_embeddings``);
+    the cache holds ``num_blocks`` blocks of ``block_size`` positions (block 0
+    is the null block).
     """
 
-    def __init__(self, model, num_slots: int, max_len: int | None = None, prepack: bool = True,
-                 prepack_min_elements: int = MIN_ELEMENTS, prepack_measure: bool = True) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int = 16, max_len: int | None = None,
+                 prepack: bool = True, prepack_min_elements: int = MIN_ELEMENTS,
+                 prepack_measure: bool = True) -> None:
         self.model = model
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -74,11 +82,11 @@ class ModelRunner:
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.cache = SlotKVCache(cfg.num_hidden_layers, num_slots, self.max_len, kv_heads, head_dim,
-                                 dtype=self.dtype, device=self.device)
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim,
+                                  dtype=self.dtype, device=self.device)
         self._ctx: _StepContext | None = None
         # A name per runner: the registry is global, the step context is ours.
-        self._attn_name = f"llmesh_slots_{id(self):x}"
+        self._attn_name = f"llmesh_paged_{id(self):x}"
         AttentionInterface.register(self._attn_name, self._attention)
         model.set_attn_implementation(self._attn_name)
         self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -95,16 +103,11 @@ class ModelRunner:
         k_cache, v_cache = ctx.cache.layers[module.layer_idx]
         k_new = key.transpose(1, 2)  # [B, T, kv_heads, D]
         v_new = value.transpose(1, 2)
-        k_cache[ctx.write_slot, ctx.write_pos] = k_new[ctx.write_row, ctx.write_t]
-        v_cache[ctx.write_slot, ctx.write_pos] = v_new[ctx.write_row, ctx.write_t]
-        if ctx.contiguous_from is not None:
-            s0, n = ctx.contiguous_from, query.shape[0]
-            keys = k_cache[s0:s0 + n, : ctx.kv_len]
-            values = v_cache[s0:s0 + n, : ctx.kv_len]
-        else:
-            # Slice before gathering: copy kv_len positions per row, not max_len.
-            keys = k_cache[:, : ctx.kv_len].index_select(0, ctx.slots)
-            values = v_cache[:, : ctx.kv_len].index_select(0, ctx.slots)
+        k_cache.index_copy_(0, ctx.write_slot, k_new[ctx.write_row, ctx.write_t])
+        v_cache.index_copy_(0, ctx.write_slot, v_new[ctx.write_row, ctx.write_t])
+        shape = (query.shape[0], ctx.kv_len) + k_cache.shape[1:]
+        keys = k_cache.index_select(0, ctx.read_slots).view(shape)
+        values = v_cache.index_select(0, ctx.read_slots).view(shape)
         out = F.scaled_dot_product_attention(
             query, keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
@@ -114,17 +117,22 @@ class ModelRunner:
     # -- forward ----------------------------------------------------------------
     def check(self, row: ForwardRow) -> None:
         """Raises OutOfRange / InvalidArgument (naming what) when ``row`` cannot
-        run: a slot outside ``[0, num_slots)``, no tokens, positions past
-        ``max_len``, a token id outside the vocabulary, ``keep`` outside
-        ``[1, len(tokens)]``. :meth:`forward` assumes every row passed, so that
+        run: no tokens, positions past ``max_len``, a block table that does not
+        cover the positions or names a block outside ``[1, num_blocks)``, a
+        token id outside the vocabulary, ``keep`` outside ``[1, len(tokens)]``. :meth:`forward` assumes every row passed, so that
         one row's fault never fails the rows batched with it. Any thread."""
-        if not 0 <= row.slot < self.cache.num_slots:
-            raise OutOfRange("slot", f"{row.slot} is not a KV-cache slot (0..{self.cache.num_slots - 1})")
         if not row.tokens:
             raise InvalidArgument("tokens", "a row must feed at least one token")
-        if row.start < 0 or row.start + len(row.tokens) > self.max_len:
-            raise OutOfRange("context", f"positions {row.start}..{row.start + len(row.tokens) - 1} do not fit "
+        end = row.start + len(row.tokens)
+        if row.start < 0 or end > self.max_len:
+            raise OutOfRange("context", f"positions {row.start}..{end - 1} do not fit "
                                         f"the context of {self.max_len} tokens")
+        if len(row.block_table) * self.cache.block_size < end:
+            raise OutOfRange("block_table", f"{len(row.block_table)} blocks of {self.cache.block_size} do not "
+                                            f"hold positions up to {end - 1}")
+        if row.block_table and not (1 <= min(row.block_table) and max(row.block_table) < self.cache.num_blocks):
+            raise OutOfRange("block_table", f"block ids must be in [1, {self.cache.num_blocks}), "
+                                            f"got {min(row.block_table)}..{max(row.block_table)}")
         low, high = min(row.tokens), max(row.tokens)
         if low < 0 or high >= self.vocab_size:
             raise OutOfRange("tokens", f"token id {low if low < 0 else high} is outside the vocabulary "
@@ -135,7 +143,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, rows: list[ForwardRow]) -> list[torch.Tensor]:
         """Logits (float32, ``[keep, vocab]``) for each row, in order; writes
-        each row's keys and values into its slot at positions ``start..``.
+        each row's keys and values into its blocks at positions ``start..``.
         Every row must pass :meth:`check`. Engine thread; what the model raises
         propagates (the engine fails that batch's sequences)."""
         if not rows:
@@ -152,19 +160,22 @@ class ModelRunner:
         positions = (starts[:, None] + t[None, :]).clamp(max=self.max_len - 1)
         valid = t[None, :] < lens[:, None]  # [n, width]
         write_row, write_t = valid.nonzero(as_tuple=True)
-        slots = torch.tensor([r.slot for r in rows])
         kv_len = int((starts + lens).max())
+        bs = self.cache.block_size
+        num_blocks = -(-kv_len // bs)
+        tables = torch.zeros(n, num_blocks, dtype=torch.long)  # padded with the null block
+        for i, r in enumerate(rows):
+            tables[i, : min(len(r.block_table), num_blocks)] = torch.tensor(r.block_table[:num_blocks])
         j = torch.arange(kv_len)
+        read_slots = tables[:, j // bs] * bs + j % bs  # [n, kv_len]
         mask = j[None, None, :] <= positions[:, :, None]  # causal within each row's own positions
         # Padded queries see only position 0, so softmax stays finite; their output is dropped.
         mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)[:, None]
-        self.cache.ensure_clean([r.slot for r in rows], kv_len)
-        s0 = rows[0].slot
-        contiguous = bool((slots == torch.arange(s0, s0 + n)).all())
+        self.cache.ensure_clean(int(tables.max()) + 1)
         self._ctx = _StepContext(
             cache=self.cache, write_row=write_row.to(dev), write_t=write_t.to(dev),
-            write_slot=slots[write_row].to(dev), write_pos=positions[write_row, write_t].to(dev),
-            slots=slots.to(dev), contiguous_from=s0 if contiguous else None, kv_len=kv_len,
+            write_slot=read_slots[write_row, positions[write_row, write_t]].to(dev),
+            read_slots=read_slots.view(-1).to(dev), kv_len=kv_len,
         )
         try:
             hidden = self._decoder(input_ids=ids.to(dev), position_ids=positions.to(dev),
@@ -187,9 +198,9 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Runs a small prefill and decode so first requests don't pay for lazy init."""
-        rows = [ForwardRow(slot=0, start=0, tokens=[0] * 4)]
-        self.forward(rows)
-        self.forward([ForwardRow(slot=0, start=4, tokens=[0])])
+        table = [1]  # the first block the block manager hands out; what it holds is overwritten before use
+        self.forward([ForwardRow(table, start=0, tokens=[0] * 4)])
+        self.forward([ForwardRow(table, start=4, tokens=[0])])
 
 
 def configure_threads(num_threads: int) -> None:

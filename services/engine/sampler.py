@@ -34,7 +34,7 @@ import math
 import torch
 
 from services.common.errors import ModelFault
-from services.engine.sequence import SamplingOptions
+from services.engine.sequence import SamplingOptions, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 #: Smallest uniform draw used for the noise (keeps -log(-log(u)) finite).
@@ -143,3 +143,19 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, seed: int, position: int
     scores = warp_scores(logits, opts)
     token = gumbel_argmax(scores, seed, position)
     return token, (torch.softmax(scores, dim=-1) if want_probs else None)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each of ``tokens``' log-probability under the row of ``logits``
+    (``[len(tokens), vocab]``, row i the distribution token i was drawn from)
+    and the ``top`` most likely alternatives of its row: the log-softmax of the
+    raw logits (float32; OpenAI's and vLLM's default, not the warped sampling
+    distribution). Pure; any thread."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, torch.tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    if top:
+        values, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(t, p, tp) for t, p, tp in zip(tokens, picked, tops)]

@@ -5,9 +5,19 @@ and expired sequences (their slots are free for this very step), give each
 running sequence its row (one token when decoding, a chunk when it has
 several pending: a prefill, or tokens appended to a paused draft stream),
 then admit waiting requests by priority (higher first, then arrival) while
-the batch has room, slots are free and the token budget lasts. A lone
+the batch has room, slots are free, the token budget lasts and the paged
+KV cache has blocks for them (a prompt's cached prefix is shared, not
+recomputed: :class:`~services.engine.block_manager.BlockManager`). A lone
 request waits up to ``max_wait_ms`` for companions before its prefill is
 forced, unless enough are waiting to fill the batch.
+
+When a running row needs a block and the pool has none, a sequence is
+preempted: the lowest priority (then the latest arrival) among the paused,
+the running ones not yet given a row this step, and the one asking. Its
+blocks go back to the pool (their registered prefix stays cached); a running
+one goes back to the waiting queue and recomputes its tokens when admitted
+again (vLLM's recompute preemption), a paused one recomputes when resumed.
+Nothing is dropped; each preemption is counted.
 
 While a speculating sequence waits for its draft's proposal (up to what
 its ``spec.hold(now)`` says), the whole step waits with it. A forward pass costs
@@ -29,6 +39,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from services.engine.block_manager import BlockManager
 from services.engine.sequence import FinishReason, Sequence, Status
 from services.engine.settings import EngineSettings
 
@@ -84,6 +95,8 @@ class StepPlan:
     dropped: list[Sequence] = field(default_factory=list)
     #: Sequences admitted from the waiting queue this step.
     admitted: list[Sequence] = field(default_factory=list)
+    #: Running sequences sent back to the waiting queue this step (KV blocks ran out).
+    preempted: list[Sequence] = field(default_factory=list)
     #: When to look again if nothing runs now (a lone request's max_wait).
     wake_at: float | None = None
 
@@ -95,11 +108,13 @@ class StepPlan:
 
 class Scheduler:
     """Which sequences run in each step (see the module docstring). Owns the
-    waiting queue, the running and paused lists and the slots. Engine thread only."""
+    waiting queue, the running and paused lists, the slots and the block
+    manager (default: 2048 tokens per slot, in blocks of 16). Engine thread only."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, kv: BlockManager | None = None) -> None:
         self.settings = settings
         self.slots = SlotAllocator(settings.num_slots)
+        self.kv = kv if kv is not None else BlockManager(settings.num_slots * 128 + 1, 16)
         self._waiting: list[tuple[int, int, Sequence]] = []
         self._order = itertools.count()
         self.running: list[Sequence] = []
@@ -114,6 +129,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queues a sequence for admission (by priority, then arrival)."""
         seq.status = Status.WAITING
+        seq.queued = True
         heapq.heappush(self._waiting, (-seq.priority, next(self._order), seq))
 
     def has_work(self) -> bool:
@@ -143,18 +159,49 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.pending):
             if budget <= 0:
                 break
-            if self._awaits_draft(seq, now, plan):
-                continue
+            if seq.status is not Status.RUNNING or self._awaits_draft(seq, now, plan):
+                continue  # preempted for an earlier row this step, or waiting for its draft
             chunk = min(seq.pending, budget)
             if chunk <= 0:
                 continue
             row = Row(seq, seq.num_cached, chunk)
             if seq.spec is not None and chunk == seq.pending:
                 row.proposal = seq.spec.take_proposal()
+            if not self._reserve(seq, row.start + chunk + len(row.proposal), plan):
+                continue
             plan.rows.append(row)
             budget -= chunk + len(row.proposal)
         self._admit(now, plan, budget)
         return plan
+
+    def _reserve(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
+        """Blocks for ``seq``'s positions below ``num_tokens``, preempting
+        others (or ``seq`` itself, then False) while the pool is short."""
+        while not self.kv.ensure(seq, num_tokens):
+            rowed = {id(r.seq) for r in plan.rows}
+            candidates = [s for s in self.paused if s.block_table] + [
+                s for s in self.running if id(s) not in rowed and s.block_table]
+            victim = min(candidates, key=lambda s: (s.priority, -s.arrival, s is not seq), default=seq)
+            self.preempt(victim, plan)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Takes back ``seq``'s blocks: a running sequence returns to the
+        waiting queue (and its slot is freed), a paused one stays paused; both
+        recompute their tokens when they run again."""
+        self.kv.free_all(seq)
+        seq.num_cached = 0
+        seq.preemptions += 1
+        self.kv.stats.preemptions += 1
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            if seq.slot is not None:
+                self.slots.release(seq.slot)
+                seq.slot = None
+            self.add(seq)
+            plan.preempted.append(seq)
 
     def _draft_hold(self, now: float) -> float | None:
         """Until when the step waits for outstanding draft proposals, or None."""
@@ -201,10 +248,15 @@ class Scheduler:
             plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
             return
         while self._waiting and room > 0 and budget > 0:
-            _, _, seq = heapq.heappop(self._waiting)
+            seq = self._waiting[0][2]
+            if not self.kv.admit(seq, budget):
+                break  # the pool is short: it waits for blocks to come back
+            heapq.heappop(self._waiting)
             seq.slot = self.slots.allocate()
             seq.status = Status.RUNNING
-            seq.admitted_at = now
+            seq.queued = False
+            if seq.admitted_at is None:
+                seq.admitted_at = now
             self.running.append(seq)
             plan.admitted.append(seq)
             chunk = min(seq.pending, budget)
@@ -214,11 +266,15 @@ class Scheduler:
 
     # -- transitions ----------------------------------------------------------
     def finish(self, seq: Sequence) -> None:
-        """Removes a running or paused sequence and frees its slot."""
+        """Removes a running or paused sequence and frees its slot and blocks
+        (its computed full blocks join the prefix cache first)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.paused:
             self.paused.remove(seq)
+        if seq.block_table:
+            self.kv.commit(seq)
+            self.kv.free_all(seq)
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None
@@ -235,6 +291,13 @@ class Scheduler:
         self.paused.remove(seq)
         self.running.append(seq)
         seq.status = Status.RUNNING
+
+    def after_step(self, seq: Sequence) -> None:
+        """``seq`` took its step's tokens: its full blocks join the prefix
+        cache and blocks past its cached tokens (rejected proposals) go back."""
+        if seq.block_table:
+            self.kv.commit(seq)
+            self.kv.trim(seq)
 
     @property
     def cached_tokens(self) -> int:

@@ -66,9 +66,26 @@ class GenerationRequest:
     persistent: bool = False
     #: Return the sampling distribution of each generated token.
     want_probs: bool = False
+    #: Return each generated token's log-probability and this many top
+    #: alternatives (:class:`TokenLogprob`); None: none.
+    logprobs: int | None = None
+    #: Return the log-probability of every prompt token (``prompt_ids``) too.
+    prompt_logprobs: bool = False
     #: Speculative decoding: the engine's Speculation strategy's request type
     #: (services.speculative.state.SpeculationRequest in the target); None: plain decoding.
     speculation: Any = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's natural-log probability under the model's raw distribution
+    (log-softmax of the logits, before temperature, top-k and top-p; None for
+    the first prompt token) and the ``top`` most likely (token id, logprob)
+    pairs at its position, most likely first."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -80,6 +97,10 @@ class SequenceEvent:
     finish_reason: FinishReason | None = None
     #: Per generated token: its distribution (dense probs tensor) when asked.
     probs: list[Any] = field(default_factory=list)
+    #: Per generated token, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: On the sequence's first event, when it asked for prompt_logprobs: one per prompt token.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Persistent sequences: the budget is spent and the sequence waits.
     paused: bool = False
     error: BaseException | None = None
@@ -125,7 +146,18 @@ class Sequence:
     prompt_len: int = 0
     #: Tokens of ``tokens`` whose keys and values are in the cache.
     num_cached: int = 0
+    #: The sequence's admission slot (a cap on sequences holding cache), or None.
     slot: int | None = None
+    #: Paged KV cache (services.engine.block_manager): block ids holding positions
+    #: ``[i * block_size, (i + 1) * block_size)``; hashes of its full blocks known so
+    #: far; how many of its first blocks are registered in the prefix cache.
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
+    #: Times its blocks were taken back for others (it recomputed them).
+    preemptions: int = 0
+    #: In the waiting queue (admission counts it as leaving the queue).
+    queued: bool = False
     status: Status = Status.WAITING
     #: Tokens this sequence may still generate before finishing (or pausing).
     budget: int = 0
@@ -134,6 +166,10 @@ class Sequence:
     #: Seed of every draw of this sequence (the request's, or a random one).
     base_seed: int = 0
     detok: Any = None
+    #: A persistent sequence's tokens (and distributions) of the round under way,
+    #: delivered in one event when it pauses.
+    round_tokens: list[int] = field(default_factory=list)
+    round_probs: list[Any] = field(default_factory=list)
     #: The speculation strategy's state (services.engine.speculation.SequenceSpeculation)
     #: while the sequence speculates, else None.
     spec: Any = None
@@ -143,6 +179,8 @@ class Sequence:
     #: A verified round whose tokens are being emitted: (gamma, accepted,
     #: len(tokens) before them); engine thread.
     verifying: tuple[int, int, int] | None = None
+    #: Prompt logprobs gathered over the prefill's chunks, until the first event carries them.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.request.prompt_ids) + list(self.request.resume_ids)

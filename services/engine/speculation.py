@@ -6,6 +6,7 @@ service) is handed to the engine and called, on the engine thread only, at:
 
 - ``open``            when a request that speculates is submitted (caller's thread);
 - ``before_schedule`` at the start of every step;
+- ``after_forward``   after each forward pass, with its rows and seconds (the cost it measures);
 - ``after_verify``    after the forward pass that scored a row's proposal;
 - ``after_emit``      once the verified tokens were emitted (all of them, or fewer
                       when the sequence ended among them): the round's figures;
@@ -98,6 +99,10 @@ class Speculation(Protocol):
 
     def before_schedule(self, running: list["Sequence"], demand: int) -> None:
         """Start of a step; ``demand`` is the sequences running or waiting."""
+
+    def after_forward(self, rows: list["Row"], seconds: float, now: float) -> None:
+        """One forward pass ran ``rows`` (decode and verify rows, or prefill
+        chunks) in ``seconds``, ending at ``now`` (engine clock)."""
 
     def after_verify(self, seq: "Sequence", row: "Row", logits: "torch.Tensor") -> list[int]:
         """``row`` carried a proposal of gamma tokens and ``logits``

@@ -8,6 +8,7 @@ Contracts of the tokenizer ``train_tokenizer`` returns:
 * Byte-level: every string encodes (no unk ever appears) and
   ``decode(encode(s)) == s`` for any text without the special token string.
 * ``padding_side`` is "left", as batched generation with a decoder-only model needs.
+* A simple chat template (:data:`CHAT_TEMPLATE`), for chat requests.
 * Saves and loads with ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
 """
 
@@ -19,6 +20,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
+#: The built tokenizer's chat template (Jinja, as ``apply_chat_template`` reads it):
+#: one "role: content" line per turn, then "assistant:" for the reply.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def train_tokenizer(
@@ -47,7 +52,7 @@ def train_tokenizer(
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
@@ -58,3 +63,5 @@ def train_tokenizer(
         padding_side="left",
         model_max_length=model_max_length,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -19,8 +19,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable
+from services.common.exposition import MetricsEndpoint
+from services.common.load_codec import role_of
 from services.serving.model_service import ModelServiceConfig, load_report
-from services.serving.prompts import PromptEncoder, max_token_bytes
+from services.serving.prometheus_metrics import ServingMetrics
+from services.serving.prompts import PromptEncoder, chat_text, max_token_bytes
 from services.common.server import new_server, run_service, serve_until_signal, setup_logging
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES, generation_pb2, stats_pb2, stats_pb2_grpc
@@ -53,10 +56,12 @@ class ModelApp:
         #: Tokenizes text prompts (set once the model is loaded).
         self.prompts: PromptEncoder | None = None
         self._nvml = None
+        #: This instance's Prometheus /metrics (None with --metrics-port -1); serves once the model is loaded.
+        self.metrics: MetricsEndpoint | None = None
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(
-            StatsServicer(self.report, config.stats_interval_s), self.server)
+            StatsServicer(self.report, config.stats_interval_s, kv_events=_EngineKVEvents(self)), self.server)
 
     @property
     def address(self) -> str:
@@ -71,9 +76,12 @@ class ModelApp:
         """The token ids of a checked prompt: its ids, or its text tokenized off
         the event loop. OutOfRange, before tokenizing, for a text too long for
         the context; Unavailable while the model loads."""
-        self.require_loaded()
-        if prompt.WhichOneof("kind") == "text":
+        loaded = self.require_loaded()
+        kind = prompt.WhichOneof("kind")
+        if kind == "text":
             return await self.prompts.encode(prompt.text)
+        if kind == "chat":
+            return await self.prompts.encode(chat_text(loaded.engine.tokenizer, loaded.model_name, prompt.chat))
         return list(prompt.tokens.ids)
 
     def report(self) -> stats_pb2.LoadReport:
@@ -102,7 +110,9 @@ class ModelApp:
         loaded = await asyncio.to_thread(
             build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
             max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
-            model_name=c.model_name, speculation=self._speculation() if self._speculation else None)
+            model_name=c.model_name, speculation=self._speculation() if self._speculation else None,
+            block_size=c.block_size, kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
+            prefix_caching=not c.no_prefix_cache)
         engine = loaded.engine
         self.prompts = PromptEncoder(engine.tokenizer, engine.max_context,
                                      await asyncio.to_thread(max_token_bytes, engine.tokenizer))
@@ -110,6 +120,13 @@ class ModelApp:
         self._nvml = nvml_for(self.loaded.device)
         if c.warmup:
             await asyncio.to_thread(self.loaded.engine.runner.warmup)
+        if c.metrics_port >= 0:
+            # A target exports its draft positions up to the highest gamma (a draft has none).
+            observer = ServingMetrics(loaded.model_name, self.instance_id, role_of(self.role).value, engine.load,
+                                      draft_positions=getattr(c, "gamma_max", 0) if self._speculation else 0)
+            self.metrics = MetricsEndpoint(observer.registry)
+            self.metrics.start(c.host, c.metrics_port)
+            engine.observer = observer  # before the engine thread starts: it alone calls the observer
         self.loaded.engine.start(on_fatal=self._engine_died)
 
     def _engine_died(self, exc: BaseException) -> None:
@@ -135,6 +152,8 @@ class ModelApp:
     def close_engine(self) -> None:
         if self.loaded is not None:
             self.loaded.engine.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def serve_app(make_app: Callable[[], ModelApp], label: str) -> int:
@@ -161,3 +180,17 @@ def run_main(config_cls, create_server: Callable[..., ModelApp], label: str, arg
     config = config_cls.from_command_line(argv, prog=f"llmesh serve {label.split('-')[0]}")
     setup_logging(config.log_level)
     return run_service(f"llmesh serve {label.split('-')[0]}", lambda: serve_app(lambda: create_server(config), label))
+
+
+class _EngineKVEvents:
+    """The loaded engine's KV event log for Stats/WatchKvEvents (Unavailable until loaded)."""
+
+    def __init__(self, app) -> None:
+        self._app = app
+
+    @property
+    def block_size(self) -> int:
+        return self._app.require_loaded().engine.kv_events.block_size
+
+    def read(self, cursor):
+        return self._app.require_loaded().engine.kv_events.read(cursor)

@@ -39,4 +39,20 @@ def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float 
         prompt_ids=prompt_ids, sampling=sampling_of(req.sampling),
         request_id=req.request_id, priority=priority_of(req.priority), deadline=deadline,
         resume_ids=list(req.resume_tokens),
+        logprobs=req.logprobs if req.HasField("logprobs") else None, prompt_logprobs=req.prompt_logprobs,
     )
+
+
+def logprobs_pb(entries, token_text) -> list[gen.TokenLogprob]:
+    """TokenLogprob messages of engine TokenLogprobs; ``token_text(ids)`` gives
+    each id's text (one batched decode for all the ids of the entries)."""
+    ids = [e.token_id for e in entries] + [i for e in entries for i, _ in e.top]
+    text = dict(zip(ids, token_text(ids))) if ids else {}
+    out = []
+    for e in entries:
+        pb = gen.TokenLogprob(token_id=e.token_id, token=text[e.token_id],
+                              top=[gen.TokenLogprob(token_id=i, token=text[i], logprob=v) for i, v in e.top])
+        if e.logprob is not None:
+            pb.logprob = e.logprob
+        out.append(pb)
+    return out

@@ -11,6 +11,7 @@ from services.engine.build import LoadedModel
 from services.engine.engine import EngineLoad
 from services.common.load import windowed
 from services.common.load_codec import SOURCE_OF_PB, report_pb, role_of
+from services.engine.kv_cache import parse_bytes
 from services.engine.settings import EngineSettings
 
 
@@ -29,9 +30,17 @@ class ModelServiceConfig(BaseConfig):
     max_wait_ms: float = field(2.0, "how long a new request may wait for companions before its prefill is forced")
     max_batch_tokens: int = field(2048, "token budget per engine step (prefill chunks counted)")
     max_queue: int = field(256, "waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
-    num_slots: int = field(64, "KV-cache slots (sequences holding a cache at once)")
+    num_slots: int = field(64, "most sequences holding KV cache at once (running or paused)")
+    block_size: int = field(16, "tokens per KV-cache block (paged KV cache)")
+    kv_cache_memory: str = field("1GiB", "memory of the paged KV cache: bytes, or a size with a unit "
+                                         "(512MiB, 2GiB, 1.5GB); --num-kv-blocks overrides it")
+    num_kv_blocks: int = field(0, "KV-cache blocks (0: as many as --kv-cache-memory holds)")
+    no_prefix_cache: bool = field(False, "turn automatic prefix caching off (a prompt's cached prefix is "
+                                         "reused by default)")
     metrics_window_s: float = field(10.0, "window of the rates and percentiles in load reports")
     warmup: bool = field(True, "run a warm-up forward pass before reporting SERVING")
+    metrics_port: int = field(-1, "HTTP port of this instance's Prometheus /metrics (vLLM's metric names, "
+                                  "prefixed llmesh:) (0: any free port, -1: none)")
 
     def validate(self) -> None:
         super().validate()
@@ -40,11 +49,23 @@ class ModelServiceConfig(BaseConfig):
         self.require(self.threads >= 0, "threads", "must be >= 0 (0: torch's default)")
         self.require(self.max_context >= 0, "max_context", "must be >= 0 (0: the model's own)")
         self.require(self.num_slots >= 1, "num_slots", "must be >= 1")
+        self.require(1 <= self.block_size <= 1024, "block_size", "must be in [1, 1024] tokens")
+        self.require(self.num_kv_blocks == 0 or self.num_kv_blocks >= 2, "num_kv_blocks",
+                     "must be 0 (from --kv-cache-memory) or >= 2 (one is the null block)")
+        try:
+            self.require(self.kv_cache_memory_bytes() > 0, "kv_cache_memory", "must be more than 0 bytes")
+        except ValueError as exc:
+            raise ConfigError(f"kv_cache_memory: {exc}") from None
         self.require(self.metrics_window_s > 0, "metrics_window_s", "must be > 0")
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in [-1, 65535] (-1: none)")
         try:
             self.engine_settings().validate()
         except Exception as exc:  # InvalidArgument names the field
             raise ConfigError(str(exc)) from None
+
+    def kv_cache_memory_bytes(self) -> int:
+        """``kv_cache_memory`` in bytes; ValueError when it is not a size."""
+        return parse_bytes(self.kv_cache_memory)
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
@@ -67,7 +88,8 @@ def load_report(load: EngineLoad, instance_id: str, role: int, timestamp: float,
         batch_fill=m.mean_batch_size / load.max_batch_size if load.max_batch_size else 0.0,
         accelerator_utilization=util, utilization_source=SOURCE_OF_PB[source],
         kv_cache_used_tokens=load.kv_used_tokens, kv_cache_capacity_tokens=load.kv_capacity_tokens,
-        kv_cache_usage=load.kv_used_tokens / load.kv_capacity_tokens if load.kv_capacity_tokens else 0.0))
+        kv_cache_usage=load.kv_usage, prefix_cache_queries_total=load.prefix_cache_queries,
+        prefix_cache_hits_total=load.prefix_cache_hits, preemptions_total=load.preemptions))
 
 
 def settings_pb(settings: EngineSettings, **extra) -> model_pb2.EngineSettings:

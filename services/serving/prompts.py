@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.errors import OutOfRange
+from services.common.errors import InvalidArgument, OutOfRange
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -51,3 +51,21 @@ class PromptEncoder:
         thread; OutOfRange, before tokenizing, when it cannot fit."""
         self.check_size(text)
         return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False)
+
+
+def chat_text(tokenizer, model_name: str, chat) -> str:
+    """The text of a conversation (a ``ChatMessages``: its ``messages`` with
+    ``role`` and ``content``) through the tokenizer's chat template, with the
+    generation prompt appended (transformers' ``apply_chat_template``, Jinja).
+    InvalidArgument when the model has no chat template or the template
+    refuses the conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("prompt.chat", f"model {model_name!r} has no chat template (its tokenizer_config.json "
+                                             "or chat_template.jinja names none): send a text prompt instead "
+                                             "(/v1/completions)")
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template's own refusal (raise_exception) is the request's fault
+        raise InvalidArgument("prompt.chat", f"the chat template of {model_name!r} refused the conversation: "
+                                             f"{str(exc)[:200]}") from None

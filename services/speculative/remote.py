@@ -143,8 +143,8 @@ class ProposerClient:
         finally:
             self._asking.pop(address, None)
 
-    def proposer(self, address: str, request_id: str, sampling: SamplingOptions, vocab_size: int
-                 ) -> "RemoteProposer":
+    def proposer(self, address: str, request_id: str, sampling: SamplingOptions, vocab_size: int,
+                 ngram: bool = False) -> "RemoteProposer":
         """A proposer for one sequence on the draft at ``address`` ("host:port"),
         sampling as ``sampling`` says (temperature, top_p, top_k and seed;
         a sampled request's seed must be the one the target samples with, so
@@ -160,7 +160,7 @@ class ProposerClient:
             draft_sampling.seed = sampling.seed
         proposer = RemoteProposer(stub, asyncio.get_running_loop(), request_id, draft_sampling, vocab_size,
                                   context=lambda: self._contexts.get(address),
-                                  learning=self._learn(address, stub), link=link)
+                                  learning=self._learn(address, stub), link=link, ngram=ngram)
         if link.unresponsive:
             proposer.refuse(f"draft {address} is unresponsive ({link.unresponsive}); not waiting for it")
         return proposer
@@ -192,8 +192,9 @@ class RemoteProposer:
     def __init__(self, stub: model_pb2_grpc.DraftModelStub, loop: asyncio.AbstractEventLoop, request_id: str,
                  sampling: gen.SamplingParams, vocab_size: int,
                  context: Callable[[], int | None] = lambda: None, learning: asyncio.Task | None = None,
-                 link: DraftLink | None = None) -> None:
+                 link: DraftLink | None = None, ngram: bool = False) -> None:
         self._context_of = context
+        self._method = gen.SPECULATION_METHOD_NGRAM if ngram else gen.SPECULATION_METHOD_DRAFT_MODEL
         self._learning = learning
         self._stub = stub
         self._loop = loop
@@ -211,6 +212,11 @@ class RemoteProposer:
         # The stream's span joins the trace of the request that opened the proposer,
         # not the engine thread's (empty) context the rounds are requested from.
         self._context = contextvars.copy_context()
+
+    @property
+    def kind(self) -> str:
+        """How the draft proposes: "ngram" or "draft_model" (the cost model keeps their costs apart)."""
+        return "ngram" if self._method == gen.SPECULATION_METHOD_NGRAM else "draft_model"
 
     @property
     def max_context(self) -> int | None:
@@ -288,6 +294,7 @@ class RemoteProposer:
                 if first:
                     msg.request_id = self._request_id
                     msg.sampling.CopyFrom(self._sampling)
+                    msg.method = self._method
                     first = False
                 await call.write(msg)
                 reply = await call.read()

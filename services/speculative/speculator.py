@@ -11,9 +11,15 @@ roll back (:mod:`services.speculative.sync`). Output is token for token what
 target-only decoding gives, greedy or seeded, and sampled output has the
 target's distribution.
 
-Speculation pays only while the batch is small: past ``disable_by_batch_size``
-sequences running or waiting, no round starts, and rounds under way are
-dropped (vLLM's ``disable_by_batch_size``). A sequence whose drafts are
+Speculation pays only while verifying costs less than it saves. By default
+the Speculator decides at every step from a cost model it measures as the
+engine runs (:mod:`services.speculative.cost_model`, after SmartSpec and
+vLLM's dynamic speculation): the batch's gamma, 0 for none, maximises the
+expected emitted tokens per second given each sequence's acceptance and the
+measured step costs at this batch size. With a static
+``disable_by_batch_size`` (an override), past that many sequences running or
+waiting no round starts (vLLM's ``disable_by_batch_size``). Either way, when
+the batch stops speculating, rounds under way are dropped. A sequence whose drafts are
 mostly rejected, or whose draft fails, goes on without speculation; so does
 one whose draft lets :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass
 their deadline (alive but silent: a stuck engine behind a SERVING health),
@@ -35,6 +41,7 @@ from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
+from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
@@ -57,11 +64,32 @@ class ReportsUnresponsive(Protocol):
         """The draft let :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass their deadline."""
 
 
+def _kind(specs: list[SpecState]) -> str:
+    """What a batch of these sequences waits for: "ngram" when every one looks
+    its proposal up (no model), else "draft_model" (the slowest decides)."""
+    kinds = {getattr(spec.proposer, "kind", "draft_model") for spec in specs}
+    return "ngram" if kinds == {"ngram"} else "draft_model"
+
+
 class Speculator:
     """Speculative decoding with per-sequence proposers, for one engine."""
 
     def __init__(self, settings: SpeculationSettings | None = None) -> None:
         self.settings = settings or SpeculationSettings()
+        #: Measured step costs per batch size (the cost model's input).
+        self.costs = StepCosts()
+        #: Acceptance over every sequence: the prior of a new sequence's estimate.
+        self.pool = Acceptance(decay=0.98)
+        #: The cost model's gamma for the batch at this step (0: no speculation).
+        self.gamma = 0
+        self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
+        self._now = 0.0
+        self._exploring = False
+
+    @property
+    def uses_cost_model(self) -> bool:
+        """True unless a static ``disable_by_batch_size`` overrides the cost model."""
+        return self.settings.disable_by_batch_size <= 0
 
     # -- named points ------------------------------------------------------------
     def open(self, request: SpeculationRequest, post: Post) -> SpecState:
@@ -73,15 +101,61 @@ class Speculator:
         return SpecState(request.proposer, control, post)
 
     def before_schedule(self, running: list[Sequence], demand: int) -> None:
-        """Past the break-even batch size, rounds under way are dropped: their
-        sequences stop waiting for drafts and proposals not yet verified are
-        not scored, so that none sits out a step or widens every row of a big
-        batch to gamma + 1 tokens. The draft discards them at the next round."""
-        if demand <= self.settings.disable_by_batch_size:
+        """Decides whether (and, with the cost model, with what gamma) the
+        batch speculates in this step. When it does not, rounds under way are
+        dropped: their sequences stop waiting for drafts and proposals not yet
+        verified are not scored, so that none sits out a step or widens every
+        row of a big batch to gamma + 1 tokens. The draft discards them at the
+        next round."""
+        if not running:
+            self._last_end = None  # idle: the next gap is not a step's cost
+        if self.uses_cost_model:
+            if self._exploring and not any(s.spec is not None and (s.spec.waiting or s.spec.proposal)
+                                           for s in running):
+                self._exploring = False
+            self.gamma = self._decide(running)
+            if self.gamma > 0 or self._exploring:  # an exploring round is verified, to be measured
+                return
+        elif demand <= self.settings.disable_by_batch_size:
             return
         for seq in running:
             if seq.spec is not None:
                 seq.spec.drop_round()
+
+    def _decide(self, running: list[Sequence]) -> int:
+        """The cost model's gamma for a batch of ``running`` (0: none)."""
+        specs = [s.spec for s in running if s.spec is not None and s.spec.active]
+        if not specs:
+            return 0
+        gamma_max = max(spec.control.hi for spec in specs)
+        prior = self.pool.alpha(0.5)
+        acceptance = [spec.control.acceptance.alpha(prior) for spec in specs]
+        periods = self.costs.periods(len(running), gamma_max, _kind(specs))
+        if periods is None:  # nothing measured at this batch size yet: try it
+            self._exploring = True
+            return max(spec.control.gamma for spec in specs)
+        plain = len(running) - len(specs)
+        gamma = choose_gamma(acceptance, plain, periods)
+        last = self.costs.speculated_at(len(running))
+        if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
+            # Costs measured long ago may no longer hold: one round to measure them again.
+            self._exploring = True
+            return choose_gamma(acceptance, plain, periods, lowest=1)
+        return gamma
+
+    def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
+        """Measures the step: its forward, and the gap since the last one ended
+        (waiting for drafts, the engine's own work). Prefill passes only move
+        the mark (their cost is not a decode step's)."""
+        self._now = now
+        if rows and all(r.chunk == 1 for r in rows):
+            gamma = max(len(r.proposal) for r in rows)
+            gap = None if self._last_end is None else now - seconds - self._last_end
+            kind = _kind([r.seq.spec for r in rows if r.proposal])
+            self.costs.observe(len(rows), gamma, seconds, gap, now, kind)
+            if gamma > 0:
+                self._exploring = False
+        self._last_end = now
 
     def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
         """The rejection sampler over the target's ``logits`` (``[gamma + 1,
@@ -98,6 +172,7 @@ class Speculator:
         spec.sync.accepted(n)
         spec.stats.verify_ms += row.forward_s * 1000.0
         spec.control.update(n, gamma)
+        self.pool.update(n, gamma)
         return [*row.proposal[:n], token]
 
     def after_emit(self, seq: Sequence, counts: RoundCounts) -> None:
@@ -121,9 +196,17 @@ class Speculator:
             if isinstance(proposer, ReportsUnresponsive):
                 proposer.unresponsive(reason)
             return
-        if demand > s.disable_by_batch_size:
+        self._now = now
+        if self.uses_cost_model:
+            if self.gamma < 1:
+                return
+            c = spec.control
+            gamma = c.gamma if c.fixed else min(max(self.gamma, c.lo), c.hi)
+        elif demand > s.disable_by_batch_size:
             return
-        gamma = min(spec.control.gamma, room)
+        else:
+            gamma = spec.control.gamma
+        gamma = min(gamma, room)
         if gamma < 1:
             return
         if (limit := spec.draft_context) is not None:

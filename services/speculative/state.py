@@ -67,8 +67,9 @@ class SpecStats:
     draft_compute_ms: float = 0.0
     verify_ms: float = 0.0
     draft_timeouts: int = 0
-    #: Rounds dropped unverified because the batch grew past
-    #: ``disable_by_batch_size`` while they were under way.
+    #: Rounds dropped unverified because the batch stopped speculating while
+    #: they were under way (the cost model chose gamma 0, or the batch grew
+    #: past a static ``disable_by_batch_size``).
     dropped_by_batch_size: int = 0
 
     def record(self, accepted: int, proposed: int, emitted: int | None = None) -> None:

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import replace
 
 from services.serving import generation_codec as codec
+from services.common.errors import InvalidArgument
 from services.common.telemetry import record_phases
 from services.common.validation import check_address, check_gamma_range
 from services.serving.model_service import SPECULATION_FIELDS, configure_changes, model_info, settings_pb
@@ -16,6 +17,7 @@ from services.engine.async_engine import AsyncEngine
 from services.engine.sampler import random_seed
 from services.speculative.remote import ProposerClient
 from services.speculative.state import SpecStats, SpeculationRequest
+from services.target.config import SpeculativeMethod
 
 
 class TargetServicer(model_pb2_grpc.TargetModelServicer):
@@ -44,11 +46,20 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                           completion_tokens=len(req.resume_ids))
         # echo_prompt: the prompt's text leads the first chunk's text.
         echo = loaded.engine.tokenizer.decode(req.prompt_ids) if request.echo_prompt else ""
+        tokenizer = loaded.engine.tokenizer
+
+        def token_text(ids: list[int]) -> list[str]:
+            return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False)
+
         async for event in engine.generate(req):
             usage.completion_tokens += len(event.token_ids)
             chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=echo + event.text,
                                       usage=usage, instance_id=self.instance_id)
             echo = ""
+            if event.logprobs or event.prompt_logprobs:
+                chunk.logprobs.extend(codec.logprobs_pb(event.logprobs, token_text))
+                chunk.prompt_logprobs.extend(codec.logprobs_pb(event.prompt_logprobs, token_text))
             if event.finish_reason is not None:
                 if event.error is not None:
                     raise event.error
@@ -71,7 +82,13 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         c = self.config
         if req.sampling.seed is None:
             req.sampling = replace(req.sampling, seed=random_seed())
-        proposer = self.proposers.proposer(address, request_id, req.sampling, vocab_size)
+        if s.method not in gen.SpeculationMethod.values():
+            raise InvalidArgument("speculation.method", f"unknown method {s.method}; use DRAFT_MODEL or NGRAM")
+        if s.method == gen.SPECULATION_METHOD_UNSPECIFIED:
+            ngram = c.speculative_method is SpeculativeMethod.NGRAM
+        else:
+            ngram = s.method == gen.SPECULATION_METHOD_NGRAM
+        proposer = self.proposers.proposer(address, request_id, req.sampling, vocab_size, ngram=ngram)
         if s.HasField("gamma"):
             return SpeculationRequest(proposer, s.gamma, s.gamma, s.gamma, fixed=True)
         return SpeculationRequest(proposer, c.gamma, c.gamma_min, c.gamma_max)

@@ -1,0 +1,286 @@
+"""The front door's routes (FastAPI): ``POST /v1/completions``,
+``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
+
+Every generation goes through :meth:`router.forwarder.Forwarder.generate`,
+the function ``Router.Generate`` calls, on the router's event loop: this
+module only translates (:mod:`router.http.translate`). The bearer token rules
+are the gRPC front door's (:class:`services.common.access.Access`, checked as
+a ``Router/Generate`` call). A client that goes away cancels its
+generations: the upstream calls are cancelled and the target frees their KV
+cache at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from router.forwarder import Forwarder
+from router.http import translate
+from router.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
+from router.registry import Role
+from router.upstreams import Upstreams
+from services.common.access import Access
+from services.common.errors import NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+#: The gRPC method whose access rules the HTTP routes follow.
+GENERATE_METHOD = "/llmesh.v1.Router/Generate"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    http, body, headers = translate.error_body(exc)
+    return JSONResponse(body, status_code=http, headers=headers)
+
+
+class FrontDoor:
+    """The routes' state: the router's forwarder and upstreams, its access
+    rules and the HTTP deadline (``timeout_s``, 0: none). Event-loop thread."""
+
+    def __init__(self, forwarder: Forwarder, upstreams: Upstreams, access: Access, timeout_s: float = 0.0) -> None:
+        self.forwarder = forwarder
+        self.upstreams = upstreams
+        self.access = access
+        self.timeout_s = timeout_s
+
+    # -- checks -------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        """Raises Unauthenticated as Router/Generate would for this request's ``Authorization``."""
+        header = request.headers.get("authorization")
+        self.access.check(GENERATE_METHOD, [("authorization", header)] if header is not None else [])
+
+    def model_names(self) -> list[str]:
+        """The model names the registered targets answered GetInfo with, sorted."""
+        return sorted({i.info.model_name for i in self.upstreams.registry.select(Role.TARGET)
+                       if i.info is not None and i.info.model_name})
+
+    def check_model(self, model: str) -> None:
+        names = self.model_names()
+        if not names:
+            raise Unavailable("no target has answered yet (none registered, or none serving): no model to serve")
+        if model not in names:
+            raise NotFound(f"model {model!r} does not exist; models served: {', '.join(names)}")
+
+    def serving(self) -> bool:
+        return any(self.upstreams.routable(Role.TARGET, pool) for pool in self.upstreams.pools())
+
+    def time_remaining(self) -> Callable[[], float | None]:
+        if not self.timeout_s:
+            return lambda: None
+        deadline = time.monotonic() + self.timeout_s
+        return lambda: deadline - time.monotonic()
+
+    # -- generation ---------------------------------------------------------
+    def start(self, requests, queue: asyncio.Queue) -> list[asyncio.Task]:
+        """One task per choice through the forwarder; each puts (index, chunk)
+        items on ``queue``, then (index, None) or (index, exception)."""
+        remaining = self.time_remaining()
+
+        async def run(index: int, req) -> None:
+            async def emit(chunk) -> None:
+                queue.put_nowait((index, chunk))
+
+            try:
+                await self.forwarder.generate(req, remaining, emit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the consumer answers it in the API's shape
+                queue.put_nowait((index, exc))
+                return
+            queue.put_nowait((index, None))
+
+        return [asyncio.create_task(run(i, r)) for i, r in enumerate(requests)]
+
+    async def respond(self, request: Request, body: SamplingBody, chat: bool) -> Response:
+        self.authorize(request)
+        self.check_model(body.model)
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        requests = translate.generate_requests(body, request_id)
+        logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = self.start(requests, queue)
+        head = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": body.model}
+        choices = [translate.Choice(i) for i in range(len(requests))]
+        if body.stream:
+            first = await self._first(request, queue, tasks)
+            if first is None:
+                self._cancel(tasks)
+                return Response(status_code=499)
+            if isinstance(first[1], BaseException):
+                self._cancel(tasks)
+                return error_response(first[1])
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._events(first, queue, tasks, choices, head, chat, logprobs, include_usage, body.n)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            done = await self._collect(request, queue, tasks, choices)
+        finally:
+            self._cancel(tasks)
+        if not done:  # the client went away
+            return Response(status_code=499)
+        shape = translate.Choice.chat if chat else translate.Choice.completion
+        return JSONResponse({**head, "choices": [shape(c, logprobs) for c in choices],
+                             "usage": translate.usage_of(choices, body.n)})
+
+    async def _collect(self, request: Request, queue: asyncio.Queue, tasks, choices) -> bool:
+        """Folds every choice's chunks; False when the client disconnected first.
+        Raises the first choice's error."""
+        left = len(tasks)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while left:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return False
+                index, item = get.result()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    c = choices[index]
+                    c.add(item)
+                    c.logprobs.extend(item.prompt_logprobs)
+                    c.logprobs.extend(item.logprobs)
+            return True
+        finally:
+            gone.cancel()
+
+    async def _first(self, request: Request, queue: asyncio.Queue, tasks):
+        """The first item of a stream (a chunk, or the error that comes before
+        any); None when the client went away first."""
+        gone = asyncio.ensure_future(_disconnected(request))
+        get = asyncio.ensure_future(queue.get())
+        try:
+            await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not get.done():
+            get.cancel()
+            return None
+        return get.result()
+
+    async def _events(self, first, queue: asyncio.Queue, tasks, choices, head, chat: bool, logprobs: bool,
+                      include_usage: bool, n: int) -> AsyncIterator[bytes]:
+        """The stream's Server-Sent Events; cancelling it (the client went away)
+        cancels the generations. An error after the first chunk is one
+        ``data: {"error": ...}`` event, then the stream ends (no [DONE])."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        left = len(tasks)
+        item = first
+        try:
+            if chat:
+                for c in choices:
+                    yield translate.sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant",
+                                                                                          "content": ""},
+                                                              "logprobs": None, "finish_reason": None}]})
+            while True:
+                index, chunk = item
+                if chunk is None:
+                    left -= 1
+                    if not left:
+                        break
+                elif isinstance(chunk, BaseException):
+                    yield translate.sse(translate.error_body(chunk)[1])
+                    return
+                else:
+                    c = choices[index]
+                    c.add(chunk)
+                    yield translate.sse({**head, "choices": [self._delta(c, chunk, chat, logprobs)]})
+                item = await queue.get()
+            if include_usage:
+                yield translate.sse({**head, "choices": [], "usage": translate.usage_of(choices, n)})
+            yield translate.DONE
+        finally:
+            self._cancel(tasks)
+
+    @staticmethod
+    def _delta(c: translate.Choice, chunk, chat: bool, logprobs: bool) -> dict:
+        entries = [*chunk.prompt_logprobs, *chunk.logprobs]
+        if chat:
+            return {"index": c.index, "delta": {"content": chunk.text} if chunk.text else {},
+                    "logprobs": c.chat_logprobs(entries) if logprobs and entries else None,
+                    "finish_reason": c.finish_reason}
+        return {"index": c.index, "text": chunk.text,
+                "logprobs": c.completion_logprobs(entries) if logprobs else None,
+                "finish_reason": c.finish_reason}
+
+    @staticmethod
+    def _cancel(tasks) -> None:
+        for t in tasks:
+            t.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read:
+    the server's next message is ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def invalid(exc: ValidationError) -> JSONResponse:
+    """A 400 naming the first field the body got wrong."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument",
+                                                loc[0] if loc else None), status_code=400)
+
+
+def create_app(door: FrontDoor) -> FastAPI:
+    """The FastAPI application of ``door``; errors in the API's shape."""
+    app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    # The body is parsed here, not by FastAPI: it is JSON whatever the Content-Type
+    # says (`curl -d` sends application/x-www-form-urlencoded), as the reference server takes it.
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await answer(request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, ChatCompletionRequest, chat=True)
+
+    async def answer(request: Request, schema, chat: bool) -> Response:
+        try:
+            body = schema.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return invalid(exc)
+        try:
+            return await door.respond(request, body, chat=chat)
+        except Exception as exc:  # noqa: BLE001 - answered in the API's shape
+            return error_response(exc)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            door.authorize(request)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"} for name in door.model_names()]})
+
+    @app.get("/health")
+    async def health() -> Response:
+        if door.serving():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(translate.error_payload("no target instance can serve now", "service_unavailable_error",
+                                                    "unavailable"), status_code=503)
+
+    return app

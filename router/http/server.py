@@ -1,0 +1,60 @@
+"""The front door's HTTP server: uvicorn serving the FastAPI app as a task of
+the router's event loop (no thread, no second loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class HttpServer:
+    """uvicorn on ``host:port``. :meth:`start` binds (OSError when the port is
+    in use) and serves as a task; :meth:`stop` lets running requests finish
+    for up to ``grace_s`` seconds. ``ssl``: (certfile, keyfile) for HTTPS.
+    Event-loop thread."""
+
+    def __init__(self, app, host: str, port: int, ssl: tuple[str, str] | None = None) -> None:
+        self.host, self.port = host, port
+        certfile, keyfile = ssl or (None, None)
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                     lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                     timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(self.config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"could not bind HTTP {self.host}:{self.port} ({exc.strerror}): the port is in use; "
+                          "choose another --http-port (0: no HTTP front door)") from None
+        self.port = sock.getsockname()[1]
+        sock.listen(2048)
+        sock.setblocking(False)
+        # uvicorn would take SIGTERM/SIGINT over with signal.signal; the router's own handlers stop it.
+        self.server.capture_signals = contextlib.nullcontext
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name="llmesh-http")
+        while not self.server.started and not self._task.done():
+            await asyncio.sleep(0.005)
+        if self._task.done():
+            self._task.result()
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self.server.should_exit = True
+        try:
+            await self._task
+        except Exception:  # noqa: BLE001 - stopping: what the server raised is logged, not fatal
+            log.exception("the HTTP server stopped with an error")
+        self._task = None

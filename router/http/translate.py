@@ -1,0 +1,207 @@
+"""OpenAI API bodies ⇄ llmesh's contract (pure: no I/O).
+
+A request becomes one ``GenerateRequest`` per choice (``n`` per prompt,
+OpenAI's order: prompt-major); the chunks of each choice fold into a
+:class:`Choice`, which writes the API's choice objects, whole or as stream
+deltas. Errors become the API's error body and HTTP status in
+:func:`error_body`, from the same status code the gRPC front door would send
+(:func:`services.common.status.status_of`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from router.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
+from services.common import status
+from services.common.errors import InvalidArgument
+from services.common.stubs import generation_pb2 as gen
+
+#: max_tokens when a request gives none: OpenAI's for completions; chat has no
+#: documented default (the context's end), so a bounded one.
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+#: The API's finish reasons (an end-of-sequence token is a "stop", as in the API).
+FINISH_REASONS = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_EOS: "stop",
+                  gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_CANCELLED: "abort",
+                  gen.FINISH_REASON_ERROR: "error"}
+PRIORITIES = {"batch": gen.PRIORITY_BATCH, "normal": gen.PRIORITY_NORMAL, "interactive": gen.PRIORITY_INTERACTIVE}
+#: Chat roles the contract has (the API's "developer" is a system turn).
+CHAT_ROLES = {"developer": "system"}
+
+#: HTTP status of each gRPC status code, and the API's error type.
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"), "OUT_OF_RANGE": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"), "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"), "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"), "UNAVAILABLE": (503, "service_unavailable_error"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"), "CANCELLED": (499, "cancelled"),
+}
+#: The contract's field names -> the API's (for an error's ``param``).
+PARAMS = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
+          "sampling.max_new_tokens": "max_tokens", "sampling.stop": "stop", "sampling.seed": "seed",
+          "prompt": "prompt", "prompt.text": "prompt", "prompt.tokens": "prompt", "prompt.chat": "messages",
+          "prompt.chat.messages": "messages", "logprobs": "logprobs", "priority": "priority"}
+
+
+# -- requests ---------------------------------------------------------------
+def prompts_of(body: CompletionRequest) -> list[gen.Prompt]:
+    """The prompts of a completion request (one per string or token-id list)."""
+    p = body.prompt
+    if isinstance(p, str):
+        return [gen.Prompt(text=p)]
+    if not p:
+        raise InvalidArgument("prompt", "must not be empty")
+    if isinstance(p[0], str):
+        return [gen.Prompt(text=t) for t in p]
+    if isinstance(p[0], int):
+        return [gen.Prompt(tokens=gen.TokenIds(ids=p))]
+    return [gen.Prompt(tokens=gen.TokenIds(ids=ids)) for ids in p]
+
+
+def chat_prompt(body: ChatCompletionRequest) -> gen.Prompt:
+    return gen.Prompt(chat=gen.ChatMessages(messages=[
+        gen.ChatMessage(role=CHAT_ROLES.get(m.role, m.role), content=m.text()) for m in body.messages]))
+
+
+def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.SamplingParams:
+    s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                           max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS[kind], ignore_eos=body.ignore_eos)
+    if body.top_p is not None:
+        s.top_p = body.top_p
+    if body.top_k is not None and body.top_k > 0:
+        s.top_k = body.top_k
+    if body.stop:
+        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.seed is not None:
+        s.seed = body.seed
+    return s
+
+
+def generate_requests(body: SamplingBody, request_id: str) -> list[gen.GenerateRequest]:
+    """One GenerateRequest per choice: ``n`` per prompt, prompt-major. A seeded
+    request's choice j samples with seed + j (independent choices, each
+    reproducible). Raises InvalidArgument for what the body's types allow but
+    the API does not (an empty prompt list)."""
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat:
+        prompts = [chat_prompt(body)]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        echo = False
+    else:
+        prompts = prompts_of(body)
+        max_tokens, top, echo = body.max_tokens, body.logprobs, body.echo
+    sampling = sampling_of(body, max_tokens, "chat" if chat else "completion")
+    priority = PRIORITIES[body.priority] if body.priority else gen.PRIORITY_UNSPECIFIED
+    out = []
+    for prompt in prompts:
+        for j in range(body.n):
+            req = gen.GenerateRequest(request_id=f"{request_id}-{len(out)}", prompt=prompt, sampling=sampling,
+                                      priority=priority, echo_prompt=echo, prompt_logprobs=echo and top is not None)
+            if top is not None:
+                req.logprobs = top
+            if j and sampling.HasField("seed"):
+                req.sampling.seed = (sampling.seed + j) % 2 ** 64
+            out.append(req)
+    return out
+
+
+# -- responses --------------------------------------------------------------
+class Choice:
+    """One choice's chunks, folded: text, finish reason, usage and logprobs."""
+
+    __slots__ = ("index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "offset")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+        #: Prompt then generated TokenLogprobs (whole responses).
+        self.logprobs: list[gen.TokenLogprob] = []
+        #: Characters of text before the next token (completions' text_offset).
+        self.offset = 0
+
+    def add(self, chunk: gen.GenerateChunk) -> None:
+        self.text.append(chunk.text)
+        if chunk.HasField("usage"):
+            self.prompt_tokens, self.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+        if chunk.finish_reason:
+            self.finish_reason = FINISH_REASONS[chunk.finish_reason]
+
+    # completions
+    def completion_logprobs(self, entries) -> dict:
+        """The legacy completions ``logprobs`` object of ``entries``; the
+        ``top_logprobs`` dict holds the chosen token and the alternatives
+        (as vLLM's), None for the first prompt token."""
+        tokens, lps, tops, offsets = [], [], [], []
+        for e in entries:
+            tokens.append(e.token)
+            has = e.HasField("logprob")
+            lps.append(e.logprob if has else None)
+            top = {t.token: t.logprob for t in e.top}
+            if has:
+                top.setdefault(e.token, e.logprob)
+            tops.append(top if has else None)
+            offsets.append(self.offset)
+            self.offset += len(e.token)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def completion(self, logprobs: bool) -> dict:
+        return {"index": self.index, "text": "".join(self.text),
+                "logprobs": self.completion_logprobs(self.logprobs) if logprobs else None,
+                "finish_reason": self.finish_reason}
+
+    # chat
+    @staticmethod
+    def chat_logprobs(entries) -> dict:
+        def one(e: gen.TokenLogprob) -> dict:
+            return {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode())}
+
+        return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
+
+    def chat(self, logprobs: bool) -> dict:
+        return {"index": self.index, "message": {"role": "assistant", "content": "".join(self.text)},
+                "logprobs": self.chat_logprobs(self.logprobs) if logprobs else None,
+                "finish_reason": self.finish_reason}
+
+
+def usage_of(choices: list[Choice], n: int) -> dict:
+    """Token counts of a request: each prompt counted once (choice 0 of its ``n``)."""
+    prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload: dict) -> bytes:
+    """One Server-Sent Event carrying ``payload`` as JSON."""
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+# -- errors -----------------------------------------------------------------
+def param_of(message: str) -> str | None:
+    """The API parameter an error message names ("sampling.top_p: ..." -> "top_p")."""
+    field = message.partition(":")[0]
+    return PARAMS.get(field) or PARAMS.get(field.split("[")[0].rsplit(".", 1)[0])
+
+
+def error_payload(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_body(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, the API's error body, headers) of an exception, from the
+    gRPC status the router would answer (a traceback never leaves: anything
+    unexpected is an internal error with an incident id, logged)."""
+    code, message, trailers = status.status_of(exc)
+    http, type_ = HTTP_STATUS.get(code.name, (500, "internal_error"))
+    headers = {}
+    retry_ms = dict(trailers).get(status.RETRY_AFTER_KEY)
+    if http == 429:
+        seconds = int(retry_ms) / 1000 if retry_ms and retry_ms.isdigit() else 1.0
+        headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+    return http, error_payload(message, type_, code.name.lower(), param_of(message)), headers

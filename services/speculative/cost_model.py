@@ -1,0 +1,191 @@
+"""Speculation that pays: gamma per step from step costs measured as the engine runs.
+
+The idea of SmartSpec (Liu et al. 2024, "Optimizing Speculative Decoding for
+Serving Large Language Models Using Goodput") and vLLM's dynamic speculative
+decoding: at each step pick the proposal length gamma (0 = no speculation)
+that maximises the batch's expected *goodput*, emitted tokens per second::
+
+    goodput(0)     = b / period(b, 0)
+    goodput(gamma) = (sum_i E(alpha_i, gamma) + plain) / period(b, gamma)
+
+with ``E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)`` the expected
+tokens a round of gamma emits when each proposal is accepted with
+probability alpha (Leviathan et al. 2023, eq. 1), ``alpha_i`` each
+speculating sequence's measured acceptance, ``plain`` the rows that do not
+speculate (one token each) and ``period(b, gamma)`` the measured wall time
+of a step of ``b`` rows that verifies gamma proposals per row: the forward
+pass of ``gamma + 1`` tokens per row plus the gap before it (the wait for the
+drafts, the engine's own Python), both measured on this machine as it runs.
+Nothing machine-specific is a default: an unmeasured cost is taken to be
+the cheapest one measured (a forward bound by reading the weights costs
+about the same for 1 and 9 tokens per row), so speculation is tried where it
+has not been measured and kept only where it pays. :func:`choose_gamma` is
+the pure decision; :class:`StepCosts` keeps the measurements.
+
+Pure Python; engine thread only; times in seconds of the engine's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens a round of ``gamma`` proposals emits (accepted ones and
+    the target's own) when each is accepted with probability ``alpha``
+    (Leviathan et al. 2023, eq. 1); 1.0 for gamma 0."""
+    alpha = min(max(alpha, 0.0), 1.0)
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float) -> float:
+    """Expected tokens per second of a step of ``period_s`` seconds in which the
+    rows with acceptance ``acceptance`` verify ``gamma`` proposals each and
+    ``plain`` rows decode one token."""
+    tokens = sum(expected_tokens(a, gamma) for a in acceptance) + plain
+    return tokens / period_s if period_s > 0 else 0.0
+
+
+def choose_gamma(acceptance: Sequence[float], plain: int, period_s: Sequence[float], lowest: int = 0) -> int:
+    """The gamma in ``[lowest, len(period_s) - 1]`` that maximises :func:`goodput`.
+
+    ``acceptance`` holds each speculating row's acceptance probability (in
+    [0, 1]), ``plain`` the rows that never speculate, ``period_s[g]`` the
+    expected seconds of a step verifying ``g`` proposals per row (``g = 0``:
+    a plain decode step). Ties go to the smaller gamma (0 when nothing
+    speculates and ``lowest`` is 0). Pure."""
+    if not acceptance or len(period_s) < 2:
+        return 0
+    lowest = min(max(lowest, 0), len(period_s) - 1)
+    best, best_rate = lowest, goodput(acceptance, plain, lowest, period_s[lowest])
+    for g in range(lowest + 1, len(period_s)):
+        rate = goodput(acceptance, plain, g, period_s[g])
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = g, rate
+    return best
+
+
+def bucket(batch: int) -> int:
+    """The batch-size bucket costs are kept under: 1, 2, 4, 8, ... (the
+    smallest power of two >= ``batch``)."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+@dataclass
+class Ewma:
+    """An exponentially weighted moving average (the first sample sets it)."""
+
+    value: float = 0.0
+    samples: int = 0
+    weight: float = 0.2
+
+    def add(self, x: float) -> None:
+        self.value = x if self.samples == 0 else (1 - self.weight) * self.value + self.weight * x
+        self.samples += 1
+
+
+def _line(points: dict[int, Ewma], x: int) -> float | None:
+    """The value at ``x`` of the least-squares line through the measured
+    points, its slope clamped at >= 0 (more tokens never cost less); the
+    point itself where measured; None when nothing is."""
+    if x in points:
+        return points[x].value
+    if not points:
+        return None
+    xs, ys = list(points), [p.value for p in points.values()]
+    if len(xs) == 1:
+        return ys[0]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((a - mx) ** 2 for a in xs)
+    slope = max(0.0, sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx) if sxx else 0.0
+    return max(min(ys), my + slope * (x - mx))
+
+
+@dataclass
+class _Bucket:
+    #: tokens per row (gamma + 1) -> forward seconds
+    forward: dict[int, Ewma] = field(default_factory=dict)
+    #: proposer kind -> gamma -> seconds between the end of the last forward and the start of this one
+    #: (gamma 0 under kind "": a plain step waits for no proposer)
+    gap: dict[str, dict[int, Ewma]] = field(default_factory=dict)
+    #: Engine-clock time of the last step that verified proposals in this bucket.
+    speculated_at: float | None = None
+
+
+class StepCosts:
+    """Measured step costs per batch-size bucket (see the module docstring):
+    the forward seconds for each tokens-per-row width and the gap before the
+    forward for each gamma. Engine thread only."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, _Bucket] = {}
+
+    def observe(self, batch: int, gamma: int, forward_s: float, gap_s: float | None, now: float,
+                kind: str = "") -> None:
+        """A forward of ``batch`` rows of ``gamma + 1`` tokens took ``forward_s``
+        and started ``gap_s`` after the previous forward ended (None: not
+        measurable, e.g. the engine was idle in between), the proposals coming
+        from proposers of ``kind`` (a draft model and a lookup differ in what
+        the batch waits for)."""
+        b = self._buckets.setdefault(bucket(batch), _Bucket())
+        b.forward.setdefault(gamma + 1, Ewma()).add(forward_s)
+        if gap_s is not None:
+            b.gap.setdefault(kind if gamma else "", {}).setdefault(gamma, Ewma()).add(max(0.0, gap_s))
+        if gamma > 0:
+            b.speculated_at = now
+
+    def period(self, batch: int, gamma: int, kind: str = "") -> float | None:
+        """Expected seconds of a step of ``batch`` rows verifying ``gamma``
+        proposals each (0: plain decode) from proposers of ``kind``, None when
+        nothing was measured for this batch size's bucket."""
+        b = self._buckets.get(bucket(batch))
+        if b is None:
+            return None
+        forward = _line(b.forward, gamma + 1)
+        if forward is None:
+            return None
+        gaps = {**b.gap.get("", {}), **(b.gap.get(kind, {}) if gamma else {})}
+        return forward + (_line(gaps, gamma) or 0.0)
+
+    def periods(self, batch: int, gamma_max: int, kind: str = "") -> list[float] | None:
+        """:meth:`period` for gamma 0..gamma_max, None when unmeasured."""
+        out = [self.period(batch, g, kind) for g in range(gamma_max + 1)]
+        return None if any(p is None for p in out) else out
+
+    def speculated_at(self, batch: int) -> float | None:
+        """When a step of this batch size's bucket last verified proposals."""
+        b = self._buckets.get(bucket(batch))
+        return b.speculated_at if b is not None else None
+
+    def table(self) -> dict[int, dict[str, dict[int, float]]]:
+        """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms}}."""
+        return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
+                    "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
+                               for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())}}
+                for k, b in sorted(self._buckets.items())}
+
+
+@dataclass
+class Acceptance:
+    """A sequence's per-token acceptance probability, estimated from its rounds:
+    a round that kept ``n`` of ``gamma`` proposals is ``n`` successes and, when
+    ``n < gamma``, one failure of a geometric trial (the maximum-likelihood
+    estimate of alpha under Leviathan's model); counts decay by ``decay`` per
+    round so that the estimate follows the text. ``prior`` pseudo-rounds of
+    ``prior_alpha`` (the engine-wide estimate) stand in before the first rounds."""
+
+    successes: float = 0.0
+    failures: float = 0.0
+    decay: float = 0.8
+
+    def update(self, accepted: int, gamma: int) -> None:
+        self.successes = self.decay * self.successes + accepted
+        self.failures = self.decay * self.failures + (1.0 if accepted < gamma else 0.0)
+
+    def alpha(self, prior_alpha: float, prior: float = 1.0) -> float:
+        """The estimate, shrunk towards ``prior_alpha`` by ``prior`` pseudo-trials."""
+        n = self.successes + self.failures
+        return (self.successes + prior * prior_alpha) / (n + prior)

@@ -1,0 +1,184 @@
+"""The speculation cost model: the pure gamma decision, the measured costs, and
+the Speculator acting on them (no model, no clock: steps are fed by hand)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine.scheduler import Row
+from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
+from services.speculative.cost_model import Acceptance, StepCosts, bucket, choose_gamma, expected_tokens, goodput
+from services.speculative.gamma import SpeculationSettings
+from services.speculative.speculator import Speculator
+from services.speculative.state import Proposal, SpeculationRequest
+
+
+def test_expected_tokens_is_leviathans_formula():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(0.8, 3) == pytest.approx((1 - 0.8 ** 4) / 0.2)
+
+
+def test_cheap_verification_and_good_drafts_pick_a_long_gamma():
+    # Weight-bound forward: a step of 9 tokens per row costs little more than 1.
+    periods = [10.0 + 0.2 * g for g in range(9)]
+    assert choose_gamma([0.9], 0, periods) == 8
+    assert choose_gamma([0.9, 0.8], 0, periods) == 8
+
+
+def test_verification_that_costs_more_than_it_saves_turns_speculation_off():
+    # Compute-bound forward (a big batch): every proposed token costs almost a step.
+    periods = [10.0 + 9.0 * g for g in range(9)]
+    assert choose_gamma([0.6] * 16, 0, periods) == 0
+    # ... and a draft that is never right never pays, however cheap verifying is.
+    assert choose_gamma([0.0], 0, [10.0 + 0.01 * g for g in range(9)]) == 0
+
+
+def test_the_optimum_is_in_between_when_costs_grow_and_acceptance_is_middling():
+    periods = [10.0 + 4.0 * g for g in range(9)]
+    gamma = choose_gamma([0.7], 0, periods)
+    assert 0 < gamma < 8
+    rates = [goodput([0.7], 0, g, periods[g]) for g in range(9)]
+    assert rates[gamma] == max(rates)
+
+
+def test_plain_rows_count_but_do_not_gain():
+    # One good speculating row among many plain ones: widening every row is not worth it.
+    periods = [10.0 + 2.0 * g for g in range(5)]
+    assert choose_gamma([0.9], 0, periods) > 0
+    assert choose_gamma([0.9], 15, periods) == 0
+
+
+def test_nothing_to_speculate_or_no_gamma_means_zero_and_lowest_forces_a_round():
+    assert choose_gamma([], 4, [1.0, 1.0]) == 0
+    assert choose_gamma([0.9], 0, [1.0]) == 0
+    assert choose_gamma([0.0], 0, [1.0, 5.0, 9.0], lowest=1) == 1
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 32]
+
+
+def test_step_costs_estimate_unmeasured_widths_from_the_measured_ones():
+    costs = StepCosts()
+    assert costs.period(4, 0) is None and costs.periods(4, 3) is None
+    costs.observe(4, 0, forward_s=0.010, gap_s=0.001, now=1.0)
+    # Only decode measured: a wider step is taken to cost the same (so it gets tried).
+    assert costs.periods(3, 2) == pytest.approx([0.011] * 3)
+    costs.observe(4, 4, forward_s=0.030, gap_s=0.009, now=2.0)
+    # The line through width 1 (10 ms) and width 5 (30 ms): width 3 costs 20 ms; gaps 1 and 9 ms: gamma 2 is 5 ms.
+    assert costs.period(4, 2) == pytest.approx(0.020 + 0.005)
+    assert costs.period(4, 4) == pytest.approx(0.039)
+    assert costs.speculated_at(4) == 2.0 and costs.speculated_at(1) is None
+    assert costs.table()[4]["forward_ms"] == {1: 10.0, 5: 30.0}
+
+
+def test_acceptance_estimate_follows_the_rounds():
+    good, bad = Acceptance(), Acceptance()
+    for _ in range(10):
+        good.update(4, 4)
+        bad.update(0, 4)
+    assert good.alpha(0.5) > 0.95 and bad.alpha(0.5) < 0.1
+    assert Acceptance().alpha(0.3) == pytest.approx(0.3)  # nothing seen: the prior
+
+
+class InstantProposer:
+    def __init__(self):
+        self.rounds = []
+
+    def propose(self, round_, on_result):
+        self.rounds.append(round_.gamma)
+        on_result(Proposal([1] * round_.gamma), None)
+
+    def close(self):
+        pass
+
+
+def speculating(speculator, n, prompt=(1, 2, 3)):
+    seqs = []
+    for _ in range(n):
+        request = GenerationRequest(prompt_ids=list(prompt), sampling=SamplingOptions(max_new_tokens=64))
+        seq = Sequence(request=request, sink=lambda ev: None, arrival=0.0)
+        seq.tokens = list(prompt)
+        seq.status = Status.RUNNING
+        seq.spec = speculator.open(SpeculationRequest(InstantProposer()), post=lambda fn: fn(0.0))
+        seqs.append(seq)
+    return seqs
+
+
+def feed(speculator, seqs, gamma, forward_s, gap_s, now, accepted=None):
+    """One step of ``seqs`` verifying ``gamma`` proposals each, ``accepted`` of them kept."""
+    speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, now - forward_s - gap_s)  # a prefill pass: the mark
+    speculator.after_forward([Row(s, 0, 1, [1] * gamma) for s in seqs], forward_s, now)
+    if gamma:
+        for s in seqs:
+            s.spec.control.update(gamma if accepted is None else accepted, gamma)
+
+
+def test_the_speculator_stops_where_its_measured_verify_cost_outweighs_the_gain():
+    speculator = Speculator()
+    assert speculator.uses_cost_model
+    seqs = speculating(speculator, 16)
+    # Nothing measured at batch 16 yet: it tries speculation.
+    speculator.before_schedule(seqs, 16)
+    assert speculator.gamma > 0
+    for t in range(10):  # measured: a verify of 5 tokens per row costs 4x a decode step
+        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t)
+        feed(speculator, seqs, 4, 0.040, 0.010, now=1.5 + t, accepted=2)
+    speculator.after_tokens(seqs[0], 11.0, 16, room=10)
+    seqs[0].spec.waiting = True  # a round under way
+    speculator.before_schedule(seqs, 16)
+    assert speculator.gamma == 0
+    assert not seqs[0].spec.waiting and seqs[0].spec.stats.dropped_by_batch_size == 1
+    before = len(seqs[1].spec.proposer.rounds)
+    speculator.after_tokens(seqs[1], 11.0, 16, room=10)
+    assert len(seqs[1].spec.proposer.rounds) == before  # no round while it does not pay
+
+
+def test_the_speculator_speculates_where_verifying_is_nearly_free():
+    speculator = Speculator()
+    seqs = speculating(speculator, 1)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t)
+        feed(speculator, seqs, 4, 0.011, 0.002, now=1.5 + t, accepted=4)
+    speculator.before_schedule(seqs, 1)
+    assert speculator.gamma >= 4
+    speculator.after_tokens(seqs[0], 11.0, 1, room=3)
+    assert seqs[0].spec.proposer.rounds[-1] == 3  # capped by the room the sequence has left
+
+
+def test_a_bucket_that_stopped_speculating_tries_again_after_explore_s():
+    speculator = Speculator(SpeculationSettings(explore_s=5.0))
+    seqs = speculating(speculator, 16)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t * 0.1)
+        feed(speculator, seqs, 4, 0.040, 0.010, now=1.05 + t * 0.1, accepted=1)
+    feed(speculator, seqs, 0, 0.010, 0.001, now=3.0)
+    speculator.before_schedule(seqs, 16)
+    assert speculator.gamma == 0
+    feed(speculator, seqs, 0, 0.010, 0.001, now=8.0)  # 7 s since it last verified proposals here
+    speculator.before_schedule(seqs, 16)
+    assert speculator.gamma > 0
+
+
+def test_a_static_disable_by_batch_size_overrides_the_cost_model():
+    speculator = Speculator(SpeculationSettings(disable_by_batch_size=64))
+    assert not speculator.uses_cost_model
+    seqs = speculating(speculator, 16)
+    for t in range(10):
+        feed(speculator, seqs, 4, 0.040, 0.010, now=1.0 + t, accepted=2)
+    speculator.before_schedule(seqs, 16)
+    speculator.after_tokens(seqs[0], 11.0, 16, room=10)
+    assert seqs[0].spec.proposer.rounds  # the static rule speculates up to 64
+
+
+def test_gaps_are_kept_apart_by_proposer_kind():
+    costs = StepCosts()
+    costs.observe(1, 0, 0.010, 0.001, now=1.0)
+    costs.observe(1, 4, 0.012, 0.020, now=2.0, kind="draft_model")
+    costs.observe(1, 4, 0.012, 0.002, now=3.0, kind="ngram")
+    assert costs.period(1, 4, "draft_model") == pytest.approx(0.032)
+    assert costs.period(1, 4, "ngram") == pytest.approx(0.014)
+    assert costs.period(1, 0, "ngram") == costs.period(1, 0, "draft_model") == pytest.approx(0.011)

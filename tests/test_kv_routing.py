@@ -1,0 +1,157 @@
+"""KV events from a real engine into the router's index: consistent across
+evictions and restarts; the kv_aware policy routes to the holder unless its
+load outweighs the prefill it saves."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from router.config import PolicyName
+from router.kv_index import KvIndex
+from router.policy import Snapshot, choose, kv_aware, kv_cost
+from services.common.block_hash import block_hashes
+from services.common.stats_service import StatsServicer
+from services.common.status import ErrorInterceptor
+from services.common.stubs import stats_pb2, stats_pb2_grpc
+from services.engine.kv_events import KVEventLog
+from tests.test_prefix_cache import PREFIX, engine_with, run
+from tests.test_router_policy import instance
+
+
+def follow(index: KvIndex, log: KVEventLog, cursor, instance_id="t1"):
+    """What the router's watcher does with one KvEvents message."""
+    batch = log.read(cursor)
+    if not batch.empty:
+        index.apply(instance_id, batch.snapshot, batch.stored, batch.removed, log.block_size)
+    return batch.cursor
+
+
+def test_the_index_follows_the_engine_across_evictions_and_a_restart(tiny_models):
+    # 10 usable blocks of 4: a few prompts of 21+ tokens evict each other's blocks.
+    engine = engine_with(tiny_models, num_kv_blocks=11)
+    index, cursor = KvIndex(), None
+    prompts = [[p + k for p in PREFIX] for k in range(4)] + [PREFIX]
+    for p in prompts:
+        run(engine, [p], 3, together=False)
+        cursor = follow(index, engine.kv_events, cursor)
+        assert index.held("t1") == set(engine.scheduler.kv.cached)  # what is cached, no more, no less
+    assert engine.kv_events.read(None).snapshot  # evictions happened: the first prompts' blocks are gone
+    cached = index.cached_tokens(["t1", "other"], PREFIX + [1, 2])
+    assert cached == {"t1": 20, "other": 0}  # the last prompt's 5 blocks are held
+    # The target restarts: a new engine, a new log; the reconnecting watcher gets a snapshot.
+    restarted = engine_with(tiny_models, num_kv_blocks=11)
+    cursor = follow(index, restarted.kv_events, None)
+    assert index.held("t1") == set() and index.cached_tokens(["t1"], PREFIX + [1]) == {"t1": 0}
+    run(restarted, [PREFIX + [9]], 2, together=False)
+    follow(index, restarted.kv_events, cursor)
+    assert index.cached_tokens(["t1"], PREFIX + [1]) == {"t1": 20}
+
+
+def test_a_subscriber_that_falls_behind_gets_a_snapshot():
+    log = KVEventLog(block_size=4, capacity=2)
+    from services.engine.block_manager import KVEvent
+    first = log.read(None)
+    assert first.snapshot and first.stored == ()
+    log.append([KVEvent(stored=(1, 2)), KVEvent(removed=(1,)), KVEvent(stored=(3,))])
+    late = log.read(first.cursor)  # 3 events since, 2 kept: the log cannot replay them
+    assert late.snapshot and set(late.stored) == {2, 3}
+    log.append([KVEvent(stored=(4,)), KVEvent(removed=(4, 2))])
+    delta = log.read(late.cursor)
+    assert not delta.snapshot and delta.stored == () and set(delta.removed) == {2, 4}
+    assert log.read(delta.cursor).empty
+
+
+def test_changes_before_a_snapshot_are_ignored_and_forget_clears():
+    index = KvIndex()
+    index.apply("a", False, [1, 2], [], 4)
+    assert "a" not in index
+    index.apply("a", True, [1, 2], [], 4)
+    index.apply("a", False, [3], [1], 4)
+    assert index.held("a") == {2, 3}
+    index.forget("a")
+    assert "a" not in index and index.held("a") == frozenset()
+
+
+def test_the_index_predicts_exactly_the_blocks_the_target_reuses():
+    """At most (len - 1) // block_size blocks: one token is always computed."""
+    prompt = list(range(100, 116))  # exactly 4 blocks of 4
+    index = KvIndex()
+    index.apply("a", True, block_hashes(prompt, 4), [], 4)
+    assert index.cached_tokens(["a"], prompt) == {"a": 12}
+    assert index.cached_tokens(["a"], prompt + [7]) == {"a": 16}
+    assert index.cached_tokens(["a"], [0] + prompt) == {"a": 0}  # a different first block: no chain
+
+
+def test_kv_aware_picks_the_holder_unless_its_load_outweighs_the_saving():
+    prompt = PREFIX * 5  # 105 tokens
+    index = KvIndex()
+    index.apply("holder", True, block_hashes(prompt, 4), [], 4)
+    fleet = [instance("holder", in_flight=1), instance("idle"), instance("busy", in_flight=5)]
+    prefill = {iid: len(prompt) - hit for iid, hit in index.cached_tokens([i.id for i in fleet], prompt).items()}
+    snap = Snapshot(now=1.0, prefill_tokens=prefill, kv_load_weight=16.0)
+    assert choose(PolicyName.KV_AWARE, fleet, snap).id == "holder"  # 1 + 16 x 1 < 105 + 0
+    assert kv_cost(fleet[0], snap) == 1 + 16.0
+    heavy = Snapshot(now=1.0, prefill_tokens=prefill, kv_load_weight=200.0)
+    assert choose(PolicyName.KV_AWARE, fleet, heavy).id == "idle"  # 1 + 200 > 105
+    # No events at all: the least loaded, ties rotating with the request's ordinal.
+    picks = {kv_aware([instance("a"), instance("b")], Snapshot(now=1.0, sequence=s)).id for s in range(4)}
+    assert picks == {"a", "b"}
+
+
+async def test_watch_kv_events_streams_a_snapshot_then_changes(tiny_models):
+    engine = engine_with(tiny_models)
+    run(engine, [PREFIX], 2, together=False)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])  # as every llmesh server has
+    stats_pb2_grpc.add_StatsServicer_to_server(
+        StatsServicer(lambda: stats_pb2.LoadReport(), 1.0, kv_events=engine.kv_events), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = stats_pb2_grpc.StatsStub(channel)
+            call = stub.WatchKvEvents(stats_pb2.WatchKvEventsRequest(interval_s=0.01))
+            first = await call.read()
+            assert first.snapshot and set(first.stored) == set(engine.scheduler.kv.cached)
+            assert first.block_size == 4
+            run(engine, [[p + 1 for p in PREFIX]], 2, together=False)
+            second = await asyncio.wait_for(call.read(), 5)
+            assert not second.snapshot and set(second.stored) == set(engine.scheduler.kv.cached) - set(first.stored)
+            call.cancel()
+            bad = stub.WatchKvEvents(stats_pb2.WatchKvEventsRequest(interval_s=100))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bad.read()
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        none = grpc.aio.server()
+        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(lambda: stats_pb2.LoadReport(), 1.0), none)
+        port2 = none.add_insecure_port("127.0.0.1:0")
+        await none.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port2}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stats_pb2_grpc.StatsStub(channel).WatchKvEvents(stats_pb2.WatchKvEventsRequest()).read()
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        await none.stop(None)
+    finally:
+        await server.stop(None)
+
+
+def test_a_routed_prompt_counts_as_held_until_its_events_come_or_it_expires():
+    prompt = PREFIX * 2  # 42 tokens: 10 usable blocks of 4
+    index = KvIndex(expect_s=2.0)
+    index.apply("a", True, [], [], 4)
+    index.expect("a", prompt, now=10.0)
+    assert index.cached_tokens(["a"], prompt, now=11.0) == {"a": 40}  # a burst's next request follows it
+    assert index.cached_tokens(["a"], prompt, now=12.5) == {"a": 0}  # no events confirmed it: expired
+    index.expect("unknown", prompt, now=10.0)  # no snapshot yet: nothing expected
+    assert index.cached_tokens(["unknown"], prompt, now=10.5) == {"unknown": 0}
+
+
+def test_the_router_tokenizes_text_prompts_as_the_target_does(tiny_models):
+    from transformers import AutoTokenizer
+
+    from router.tokenizer import load_tokenizer
+    target, router = AutoTokenizer.from_pretrained(str(tiny_models.target)), load_tokenizer(str(tiny_models.target))
+    for text in ["The meaning of life is", "  spaced\ttext, ünïcode — and 123 numbers!\n\nnew para"]:
+        assert router.encode(text, add_special_tokens=False).ids == target.encode(text, add_special_tokens=False)

@@ -1,0 +1,286 @@
+"""The router's OpenAI-compatible HTTP front door, through real clients: the
+official ``openai`` SDK (async: the router runs on the test's event loop) and
+``curl`` for the SSE framing, against a tiny target behind a real router.
+Answers are compared with the same request through ``Router.Complete`` and
+logprobs with the reference model's own log-softmax."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+
+import httpx2 as httpx
+import openai
+import pytest
+import torch
+
+from router.http import translate
+from services.common.errors import (DeadlineExceeded, InvalidArgument, NotFound, OutOfRange, Relayed,
+                                    ResourceExhausted, Unauthenticated, Unavailable)
+from tests.conftest import eventually, free_port
+from tests.router_helpers import request, running_router, start_target
+
+MODEL = "target"  # the tiny target's directory name, as GetInfo reports it
+
+
+@contextlib.asynccontextmanager
+async def front_door(targets, **overrides):
+    """A router serving HTTP on a free port over ``targets``; yields (app, base_url, stub)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with running_router(targets, http_port=port, **overrides) as (app, stub, _):
+        if targets:
+            async with httpx.AsyncClient() as http:
+                async def healthy() -> bool:
+                    return (await http.get(f"{url}/health")).status_code == 200
+
+                await eventually(healthy, what="a routable target (/health 200)")
+        yield app, url, stub
+
+
+@pytest.fixture(scope="module")
+async def served(tiny_models):
+    target = await start_target(tiny_models)
+    try:
+        async with front_door([target.address]) as (router, url, stub):
+            yield router, url, stub, target
+    finally:
+        await target.stop(0)
+
+
+def client(url: str, key: str = "x") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+async def grpc_text(stub, text: str, n: int, ignore_eos: bool = False) -> str:
+    req = request(text=text, max_new_tokens=n, ignore_eos=ignore_eos)
+    return (await stub.Complete(req)).text
+
+
+async def test_completion_is_the_grpc_answer_whole_and_streamed(served):
+    router, url, stub, _ = served
+    c = client(url)
+    whole = await c.completions.create(model=MODEL, prompt="The meaning of", max_tokens=12, temperature=0)
+    assert whole.object == "text_completion" and whole.model == MODEL
+    assert whole.choices[0].text == await grpc_text(stub, "The meaning of", 12)
+    assert whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens >= 1
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    stream = await c.completions.create(model=MODEL, prompt="The meaning of", max_tokens=12, temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+    parts = [chunk async for chunk in stream]
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].choices == [] and parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == whole.choices[0].finish_reason
+
+
+async def test_chat_goes_through_the_chat_template(served, tiny_models):
+    router, url, stub, _ = served
+    c = client(url)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    templated = tiny_models.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert templated == "system: Be brief.\nuser: What is a list?\nassistant:"
+    whole = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == await grpc_text(stub, templated, 10)
+
+    stream = await c.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
+                                             temperature=0, stream=True)
+    parts = [chunk async for chunk in stream]
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+async def test_completion_logprobs_and_echo_are_the_models_log_softmax(served, reference_model, tiny_models):
+    router, url, stub, _ = served
+    c = client(url)
+    prompt = tiny_models.tokenizer.encode("def f(x): return x")
+    # What lm-evaluation-harness asks for a log-likelihood: the prompt's logprobs, echoed, one new token.
+    out = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+                                     echo=True)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(prompt) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.inference_mode():
+        ids = prompt + tiny_models.tokenizer.encode(out.choices[0].text[len(tiny_models.tokenizer.decode(prompt)):])
+        ref = torch.log_softmax(reference_model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [ref[i - 1, ids[i]].item() for i in range(1, len(prompt) + 3)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+    for top, chosen in zip(lp.top_logprobs[len(prompt):], lp.token_logprobs[len(prompt):]):
+        assert max(top.values()) == pytest.approx(chosen)  # greedy: the chosen token is the most likely
+    assert out.choices[0].text.startswith(tiny_models.tokenizer.decode(prompt))
+
+
+async def test_chat_logprobs_have_top_alternatives(served):
+    router, url, stub, _ = served
+    out = await client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+                                                    extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+
+
+async def test_n_seed_and_stop(served):
+    router, url, stub, _ = served
+    c = client(url)
+    kw = dict(model=MODEL, prompt="class A:", max_tokens=8, temperature=1.0, seed=7, n=3,
+              extra_body={"ignore_eos": True})
+    first, again = await c.completions.create(**kw), await c.completions.create(**kw)
+    assert [ch.index for ch in first.choices] == [0, 1, 2]
+    assert [ch.text for ch in first.choices] == [ch.text for ch in again.choices]  # seeded: reproducible
+    assert first.usage.completion_tokens == 24
+    greedy = await c.completions.create(model=MODEL, prompt="class A:", max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    text = greedy.choices[0].text
+    stop = text[4:7]
+    cut = await c.completions.create(model=MODEL, prompt="class A:", max_tokens=12, temperature=0,
+                                     stop=[stop, "\x00never"])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[:text.index(stop)]
+
+
+async def test_models_and_health(served):
+    router, url, stub, _ = served
+    models = await client(url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/health")).status_code == 200
+
+
+async def test_errors_raise_the_sdks_exceptions_in_the_apis_shape(served):
+    router, url, stub, _ = served
+    c = client(url)
+    with pytest.raises(openai.NotFoundError) as info:
+        await c.completions.create(model="gpt-nope", prompt="x", max_tokens=2)
+    assert info.value.body["code"] == "not_found" and MODEL in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        await c.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1)
+    assert info.value.body["param"] == "temperature" and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as info:  # the target's own check: the context is 256 tokens
+        await c.completions.create(model=MODEL, prompt="x", max_tokens=100000)
+    assert "context" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        await c.completions.create(model=MODEL, prompt=[], max_tokens=2)
+    assert info.value.body["param"] == "prompt"
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{url}/v1/completions", content=b"{not json")
+    assert reply.status_code == 400 and set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_a_bearer_token_is_required_as_on_grpc(tiny_models, served):
+    _, _, _, target = served
+    async with front_door([target.address], auth_token="s3cret") as (router, url, stub):
+        with pytest.raises(openai.AuthenticationError):
+            await client(url, "wrong").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await client(url, "wrong").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        out = await client(url, "s3cret").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert out.choices[0].finish_reason
+        async with httpx.AsyncClient() as http:
+            reply = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+
+
+async def test_full_router_is_429_with_retry_after_and_a_gone_client_cancels(served):
+    _, _, _, target = served
+    async with front_door([target.address], max_in_flight=1) as (router, url, stub):
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True, "extra": 1,
+                    "ignore_eos": True, "temperature": 0}
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as held:
+                assert held.status_code == 200
+                first = await anext(held.aiter_lines())
+                assert first.startswith("data: {")
+                busy = await http.post(f"{url}/v1/completions", json={**body, "stream": False})
+                assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+            # The client closed its stream: the router and the target let the generation go.
+            await eventually(lambda: router.forwarder.in_flight == 0, what="the router to cancel the stream")
+            await eventually(lambda: target.loaded.engine.load().running == 0, what="the target to free it")
+        c = client(url)
+        held = await c.completions.create(model=MODEL, prompt="x", max_tokens=200, stream=True,
+                                          extra_body={"ignore_eos": True})
+        try:
+            with pytest.raises(openai.RateLimitError):
+                await c.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        finally:
+            await held.close()
+
+
+async def test_no_target_is_503_and_a_past_deadline_504(served):
+    async with front_door([]) as (router, url, stub):
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/health")).status_code == 503
+        with pytest.raises(openai.InternalServerError) as info:
+            await client(url).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert info.value.status_code == 503
+    _, _, _, target = served
+    async with front_door([target.address], http_timeout_s=1e-9) as (router, url, stub):
+        with pytest.raises(openai.InternalServerError) as info:
+            await client(url).completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert info.value.status_code == 504 and info.value.body["type"] == "timeout_error"
+
+
+async def test_a_model_without_chat_template_is_a_clear_400(tiny_models, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_models.target, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    target = await start_target(tiny_models, model=str(plain))
+    try:
+        async with front_door([target.address]) as (router, url, stub):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client(url).chat.completions.create(model="plain", messages=[{"role": "user", "content": "x"}])
+            assert "no chat template" in info.value.body["message"] and info.value.body["param"] == "messages"
+    finally:
+        await target.stop(0)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (make test installs it)")
+async def test_curl_sees_sse_framing(served):
+    router, url, stub, _ = served
+    body = json.dumps({"model": MODEL, "prompt": "The meaning of", "max_tokens": 5, "stream": True,
+                       "temperature": 0, "ignore_eos": True})
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sN", f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d", body,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    events = out.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert sum(len(c["choices"]) for c in chunks) == 5 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == await grpc_text(stub, "The meaning of", 5, ignore_eos=True)
+
+
+@pytest.mark.parametrize("exc, status, param", [
+    (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
+    (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),
+    (Unauthenticated("invalid bearer token"), 401, None),
+    (NotFound("model 'x' does not exist"), 404, None),
+    (ResourceExhausted("pool full", retry_after_s=2.2), 429, None),
+    (Unavailable("no target"), 503, None),
+    (DeadlineExceeded("late"), 504, None),
+    (Relayed("OUT_OF_RANGE", "sampling.max_new_tokens: too many"), 400, "max_tokens"),
+    (Relayed("RESOURCE_EXHAUSTED", "queue full", (("retry-after-ms", "300"),)), 429, None),
+    (RuntimeError("secret traceback detail"), 500, None),
+])
+def test_every_error_has_its_status_and_the_apis_shape(exc, status, param):
+    http, body, headers = translate.error_body(exc)
+    assert http == status and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+    if status == 429:
+        assert int(headers["Retry-After"]) == (3 if isinstance(exc, ResourceExhausted) else 1)
+    if status == 500:
+        assert "secret" not in body["error"]["message"] and "incident" in body["error"]["message"]
