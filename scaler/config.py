@@ -27,8 +27,9 @@ class ScalerConfig(BaseConfig):
     port: int = field(50091, "port to listen on (0: any free port)")
     router: str = field("127.0.0.1:50051", "the router (host:port) whose registry lists the pools")
     monitor: str = field("127.0.0.1:50081", "the monitor (host:port) whose metrics drive the policy")
-    backend: Backend = field(Backend.LOCAL, "where instances run: local (processes on this machine), kubernetes "
-                                            "(pods of each pool's Deployment); docker is not implemented yet")
+    backend: Backend = field(Backend.LOCAL, "where instances run: local (processes on this machine), docker "
+                                            "(containers of the suite's image), kubernetes (pods of each pool's "
+                                            "Deployment)")
     rpc_timeout_s: float = field(2.0, "deadline of a call to the router or the monitor")
     interval_s: float = field(2.0, "seconds between two looks at the load (SetPolicy and ScaleTo act at once)")
     metrics_window_s: float = field(30.0, "the stable window: load and capacity are measured over it")
@@ -52,6 +53,17 @@ class ScalerConfig(BaseConfig):
                                  "(e.g. '--threads 2 --max-batch-size 16')")
     instance_host: str = field("127.0.0.1", "address the started instances listen on and are registered at")
     log_dir: str = field("", "where started instances write their logs (default: HOME/logs/scaler)")
+    # -- the docker backend (blanks: taken from the scaler's own container) ----------
+    docker_image: str = field("", "image of the target containers (default: the scaler's own container's)")
+    docker_network: str = field("", "network they join (default: the scaler's own container's first)")
+    docker_volumes: str = field("", "named volumes they mount, 'VOLUME:/PATH[:ro|rw] ...' (default: the "
+                                    "scaler's own container's named volumes, read-only)")
+    docker_env: str = field("", "their environment besides the scaler's LLMESH_HOME, LLMESH_TLS_CA, "
+                                "LLMESH_ADMIN_TOKEN_FILE, OMP_* and OTEL_*: 'NAME=VALUE ...'")
+    docker_owner: str = field("", "value of their owner label, how a restarted scaler finds them "
+                                  "(default: the scaler's compose project)")
+    docker_domain: str = field("llmesh.internal", "they are reached at INSTANCE-ID.DOMAIN:50061, their network "
+                                                  "alias (TLS certificates must name *.DOMAIN)")
     start_timeout_s: float = field(300.0, "longest wait for a started instance to report SERVING")
     warmup_tokens: int = field(4, "tokens of the warm-up generation before an instance is registered (0: none)")
     stop_grace_s: float = field(20.0, "seconds between SIGTERM and SIGKILL when an instance is stopped")

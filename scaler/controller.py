@@ -75,6 +75,7 @@ class Controller:
         self._wake.set()
 
     async def _loop(self) -> None:
+        await self._adopt()
         while True:
             self._wake.clear()
             try:
@@ -145,9 +146,30 @@ class Controller:
         self.state.record(Event(self.clock(), m.pool, before, after, reason, kind,
                                 {k: float(v) for k, v in figures.items()}, m.id))
 
+    async def _adopt(self) -> None:
+        """Manages as its own the instances a previous scaler left running (backend.adopt)."""
+        try:
+            left = await self.backend.adopt()
+        except Exception as exc:  # noqa: BLE001 - adoption is best effort; the loop must start
+            log.warning("could not look for instances a previous scaler left: %s", _describe(exc))
+            return
+        for spec, launched, started_at in left:
+            m = Managed(spec.instance_id, spec.pool, Role.TARGET, ManagedState.SERVING, started_at,
+                        launched.address, launched.ref, launched)
+            self.state.managed[m.id] = m
+            n = self._serving(m.pool)
+            self._event(m, "serving", f"adopted {m.id} at {m.address} ({launched.ref}): a previous scaler "
+                                      "started it and it still runs", n, n)
+
+    def _new_id(self, pool: str) -> str:
+        taken = set(self.state.managed) | {i.id for i in self.state.listing}
+        while (instance_id := f"{pool}-auto-{next(self._sequence)}") in taken:
+            pass
+        return instance_id
+
     # -- scale up ---------------------------------------------------------------
     async def _scale_up(self, pool: str) -> None:
-        m = Managed(f"{pool}-auto-{next(self._sequence)}", pool, Role.TARGET, ManagedState.STARTING, self.clock())
+        m = Managed(self._new_id(pool), pool, Role.TARGET, ManagedState.STARTING, self.clock())
         self.state.managed[m.id] = m
         launched: Launched | None = None
         began = time.monotonic()

@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def make_backend(config: ScalerConfig) -> ScalingBackend:
-    """The configured backend; BackendError for one that is not implemented yet."""
+    """The configured backend; BackendError for one that is not implemented yet or cannot start."""
+    if config.backend == Backend.DOCKER:
+        from scaler.backends.docker import DockerBackend
+
+        return DockerBackend.from_config(config)
     if config.backend == Backend.KUBERNETES:
         from scaler.backends.kubernetes import from_cluster
 
@@ -119,19 +123,19 @@ def create_server(config: ScalerConfig, provider: TracerProvider | None = None,
     return ScalerApp(config, provider, backend)
 
 
-async def serve(config: ScalerConfig) -> None:
-    await create_server(config).serve("scaler")
+async def serve(config: ScalerConfig, backend: ScalingBackend | None = None) -> None:
+    await create_server(config, backend=backend).serve("scaler")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = ScalerConfig.from_args(argv, prog="llmesh-scaler")
         setup_logging(config.log_level)
-        make_backend(config)  # refuse an unimplemented backend before anything starts
+        backend = make_backend(config)  # refuse an unimplemented or unreachable one before anything starts
     except (ConfigError, BackendError) as exc:
         print(f"llmesh-scaler: error: {exc}", file=sys.stderr)
         return 2
-    return run_service("llmesh serve scaler", lambda: serve(config))
+    return run_service("llmesh serve scaler", lambda: serve(config, backend))
 
 
 if __name__ == "__main__":

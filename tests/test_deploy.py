@@ -52,7 +52,7 @@ def test_each_service_is_healthy_when_grpc_health_says_serving(services, name):
 
 
 def test_only_the_router_is_published_among_the_llmesh_services(services):
-    assert services["router"]["ports"] == ["50051:50051", "8000:8000"]
+    assert services["router"]["ports"] == ["${LLMESH_ROUTER_PUBLISH:-50051}:50051", "${LLMESH_HTTP_PUBLISH:-8000}:8000"]
     assert [name for name in LLMESH if services[name].get("ports")] == ["router"]
 
 
@@ -123,16 +123,26 @@ def test_the_dockerfile_installs_cpu_torch_first_then_the_project_and_runs_llmes
     text = (REPO / "docker" / "Dockerfile").read_text()
     lines = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()
              and not line.lstrip().startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    assert lines[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    assert "ARG TORCH=torch==2.13.0" in lines and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in lines
 
     def first(pattern: str) -> int:
         return next(i for i, line in enumerate(lines) if re.search(pattern, line))
 
-    torch = first(r"pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cpu")
+    torch = first(r'pip install -q "\$\{TORCH\}" --index-url "\$\{TORCH_INDEX_URL\}"')
     stubs = first(r"grpc_tools\.protoc -I protos .*--grpc_python_out=build/gen")
-    project = first(r"pip install (--no-deps )?\.(\s|$)")
-    assert torch < stubs < project
+    project = first(r"pip install -q --no-deps --no-build-isolation \.(\s|$)")
+    final = first(r"^FROM \$\{BASE_IMAGE\}$")  # the image users run: no wheelhouse, no build tools
+    assert torch < stubs < project < final and first(r"^COPY --from=build /opt/llmesh /opt/llmesh$") > final
     assert lines[-2] == 'ENTRYPOINT ["llmesh"]'
+
+
+def test_the_scaler_scales_target_containers_through_the_docker_socket(services):
+    scaler = services["scaler"]
+    assert flag(scaler["command"], "--backend") == "docker" and "--default-max-instances" not in scaler["command"]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in scaler["volumes"]
+    assert any(v.split(":")[0] == "models" for v in scaler["volumes"])  # what its targets mount
+    assert "*.llmesh.internal" in services["certs"]["command"]  # the started targets' network aliases
 
 
 def test_dockerignore_keeps_local_environments_out():

@@ -340,13 +340,11 @@ async def test_an_instance_the_router_forgot_is_registered_again(fake_router, sc
     assert any("registered again" in e.reason for e in history.events)
 
 
-async def test_unimplemented_backends_are_refused(capsys):
-    for name in ("docker",):
-        assert main(["--backend", name, "--port", "0"]) == 2
-        err = capsys.readouterr().err
-        assert f"backend {name!r} is not implemented yet" in err and "--backend local" in err
-        with pytest.raises(BackendError):
-            create_server(ScalerConfig.from_namespace({"port": 0, "backend": name}, env={}))
+async def test_a_docker_backend_without_docker_is_refused_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    assert main(["--backend", "docker", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Docker engine" in err and "docker.sock" in err and "Traceback" not in err
 
 
 async def test_local_backend_refuses_a_missing_model(tmp_path):

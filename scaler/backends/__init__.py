@@ -3,9 +3,9 @@
 A backend starts a model-service instance and says where to reach it,
 stops one it started, and tells whether one has died on its own. Readiness,
 warm-up, registration and draining are the controller's, the same for
-every backend. ``local`` (processes on this machine) and ``kubernetes`` (pods
-of a pool's Deployment) are written; ``docker`` fits the same three methods
-(a container per instance) and is refused until written.
+every backend. ``local`` runs processes on this machine, ``docker``
+containers of the suite's image (:mod:`scaler.backends.docker`), ``kubernetes``
+pods of a pool's Deployment.
 """
 
 from __future__ import annotations
@@ -56,14 +56,20 @@ class Backend(abc.ABC):
     async def close(self, grace_s: float) -> None:
         """Stops whatever this backend still runs (the scaler is shutting down)."""
 
+    async def adopt(self) -> list[tuple[LaunchSpec, Launched, float]]:
+        """Instances a previous scaler of this deployment started and left running, with
+        their wall-clock start times: the controller manages them as its own. None by default
+        (local processes die with the scaler)."""
+        return []
+
 
 class NotImplementedBackend(BackendError):
     pass
 
 
 def refuse(name: str) -> None:
-    """``docker`` is declared (config, protos) but not written yet."""
+    """A backend declared (config, protos) but not written yet."""
     raise NotImplementedBackend(
-        f"backend {name!r} is not implemented yet: this scaler can only start local processes. "
-        "Run it with --backend local (the default), or scale containers by hand until the "
+        f"backend {name!r} is not implemented yet. "
+        "Run it with --backend local (the default) or docker, or scale by hand until the "
         f"{name} backend lands.")
