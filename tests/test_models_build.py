@@ -214,3 +214,21 @@ def test_no_bf16_where_torch_runs_avx2_kernels(monkeypatch):
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert train.native_bf16() is False
+
+
+def test_a_kept_model_without_a_chat_template_gets_one(tokenizer, tmp_path):
+    """Models built before the tokenizer had a chat template answer chat requests
+    after `llmesh models build` keeps them (no rebuild)."""
+    from services.models.build import _ensure_chat_template
+
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not getattr(AutoTokenizer.from_pretrained(str(tmp_path)), "chat_template", None)
+    assert _ensure_chat_template(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "user: hi\nassistant:"
+    assert not _ensure_chat_template(tmp_path)  # once

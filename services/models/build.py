@@ -47,7 +47,7 @@ from services.common.paths import default_home
 from . import corpus
 from .grow import grow_llama
 from .measure import argmax_agreement, equivalence, generation_speed
-from .tokenizer import train_tokenizer
+from .tokenizer import CHAT_TEMPLATE, train_tokenizer
 from .train import (
     TrainConfig,
     distill,
@@ -363,6 +363,18 @@ def _needs_build(ctx: _Ctx, name: str, force: bool) -> bool:
     return name != "target" and report.get("target_fingerprint") != ctx.target_fingerprint
 
 
+def _ensure_chat_template(model_dir: Path) -> bool:
+    """Gives a kept model built before the tokenizer had a chat template that
+    template (``chat_template.jinja``, which ``from_pretrained`` reads), so chat
+    requests work without a rebuild. Returns whether it was added."""
+    config = model_dir / "tokenizer_config.json"
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists() or not config.exists() or "chat_template" in json.loads(config.read_text()):
+        return False
+    jinja.write_text(CHAT_TEMPLATE)
+    return True
+
+
 def build_models(home: Path, seed: int = 0, force: bool = False, progress: bool = True, plan: BuildPlan | None = None) -> dict:
     """Build (or keep) ``target``, ``draft`` and ``target-large`` under ``home / "models"``.
 
@@ -402,6 +414,9 @@ def build_models(home: Path, seed: int = 0, force: bool = False, progress: bool 
                 reports[name] = dict(builder(ctx), built=True)
             else:
                 reports[name] = dict(read_report(models / name), built=False)
+        for name, report in reports.items():
+            if not report["built"] and _ensure_chat_template(models / name):
+                log(f"{name}: added the chat template to its tokenizer")
     finally:
         torch.set_num_threads(threads)
     summary = {
