@@ -26,8 +26,10 @@ def value(found, name: str, **labels) -> float:
     return hits[0]
 
 
-def load(queue: int = 0, running: int = 0, used: int = 0, capacity: int = 100) -> EngineLoad:
-    return EngineLoad(queue, running, 0, 8, used, capacity, WindowedMetrics().snapshot(1.0))
+def load(queue: int = 0, running: int = 0, used: int = 0, capacity: int = 100, queries: int = 0, hits: int = 0,
+         preemptions: int = 0) -> EngineLoad:
+    return EngineLoad(queue, running, 0, 8, used, capacity, WindowedMetrics().snapshot(1.0),
+                      used / capacity if capacity else 0.0, queries, hits, preemptions)
 
 
 def test_each_finished_request_is_one_observation_in_each_histogram_with_vllms_labels():
@@ -80,12 +82,15 @@ def test_a_target_exports_every_draft_position_from_the_start():
 
 
 def test_gauges_are_read_from_the_engines_last_published_load_at_each_scrape():
-    current = [load(queue=3, running=2, used=25, capacity=100)]
+    current = [load(queue=3, running=2, used=25, capacity=100, queries=640, hits=480, preemptions=2)]
     m = ServingMetrics("tiny", "t", "target", lambda: current[0])
     found = samples(m.registry)
     assert value(found, "llmesh:num_requests_waiting") == 3
     assert value(found, "llmesh:num_requests_running") == 2
     assert value(found, "llmesh:kv_cache_usage_perc") == 0.25
+    assert value(found, "llmesh:prefix_cache_queries_total") == 640
+    assert value(found, "llmesh:prefix_cache_hits_total") == 480
+    assert value(found, "llmesh:num_preemptions_total") == 2
     current[0] = load(capacity=0)
     found = samples(m.registry)
     assert value(found, "llmesh:num_requests_waiting") == 0 and value(found, "llmesh:kv_cache_usage_perc") == 0

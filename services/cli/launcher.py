@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
                           (("authorization", f"Bearer {options.admin_token}"),) if options.admin_token else ())
             how = (f"TLS, mutual between services; clients: llmesh generate --tls (certificates in "
                    f"{options.tls_dir})" if tls else "plaintext")
-            _say(f"ready; router at {router.address}, {how} (Ctrl-C stops every service)")
+            http = _flag(router.args, "--http-port")
+            web = f", OpenAI HTTP API at {'https' if tls else 'http'}://{router.host}:{http}/v1" if http not in (None, "0") else ""
+            _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C stops every service)")
             healthy = supervise(group, stop, args.keep_going)
         else:
             healthy = True  # stopped on request before the suite was ready
@@ -174,3 +176,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="when a service dies, report it but keep the others running")
     p.set_defaults(func=run)
     return p
+
+
+def _flag(args, name: str) -> str | None:
+    """The value after ``name`` in a service's arguments, or None."""
+    args = list(args)
+    return args[args.index(name) + 1] if name in args[:-1] else None

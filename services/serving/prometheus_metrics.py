@@ -14,9 +14,9 @@ scrape time from the engine's last published load. Everything lives on a
 registry of the service's own, never the process-global one, so two
 instances in one process (tests) do not mix.
 
-vLLM's ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` and
-``num_preemptions_total`` have reserved names here (:data:`PREFIX_CACHE_QUERIES`,
-...) but are not exported until the engine counts them.
+vLLM's ``prefix_cache_queries_total`` / ``prefix_cache_hits_total`` (tokens)
+and ``num_preemptions_total`` are counters read from the same load (the
+engine's block manager counts them).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from services.engine.load import EngineLoad
@@ -59,10 +59,19 @@ class _LoadGauges(Collector):
             ("num_requests_running", "Number of requests in model execution batches.", load.running),
             ("num_requests_waiting", "Number of requests waiting to be processed.", load.queue_length),
             ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-             load.kv_used_tokens / load.kv_capacity_tokens if load.kv_capacity_tokens else 0.0),
+             load.kv_usage),
         )
         for name, doc, value in figures:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=LABELS)
+            family.add_metric(self._labels, float(value))
+            yield family
+        counters = (
+            (PREFIX_CACHE_QUERIES, "Prefix-cache queries, in tokens.", load.prefix_cache_queries),
+            (PREFIX_CACHE_HITS, "Prefix-cache hits, in tokens.", load.prefix_cache_hits),
+            (NUM_PREEMPTIONS, "Cumulative number of preemptions from the engine.", load.preemptions),
+        )
+        for name, doc, value in counters:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
             family.add_metric(self._labels, float(value))
             yield family
 
