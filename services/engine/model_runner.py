@@ -233,17 +233,24 @@ class ModelRunner:
 
     def timed_forward(self, rows: list[ForwardRow]) -> tuple[list[torch.Tensor], float]:
         """:meth:`forward` and its wall time in seconds (the device synchronised)."""
-        t0 = time.perf_counter()
-        out = self.forward(rows)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, time.perf_counter() - t0
+        return timed(self.forward, rows, self.device)
 
     def warmup(self) -> None:
         """Runs a small prefill and decode so first requests don't pay for lazy init."""
         table = [1]  # the first block the block manager hands out; what it holds is overwritten before use
         self.forward([ForwardRow(table, start=0, tokens=[0] * 4)])
         self.forward([ForwardRow(table, start=4, tokens=[0])])
+
+
+def timed(forward, rows: list[ForwardRow], device: torch.device) -> tuple[list[torch.Tensor], float]:
+    """``forward(rows)`` and its wall time in seconds (``time.perf_counter``),
+    ``device`` synchronised first when it is a GPU; what every runner's
+    ``timed_forward`` measures for the speculation cost model."""
+    t0 = time.perf_counter()
+    out = forward(rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
 
 
 def configure_threads(num_threads: int) -> None:
@@ -266,4 +273,4 @@ def bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
 
 
-__all__ = ["ForwardRow", "ModelRunner", "RunnerLost", "bytes_per_token", "configure_threads", "load_model"]
+__all__ = ["ForwardRow", "ModelRunner", "RunnerLost", "bytes_per_token", "configure_threads", "load_model", "timed"]

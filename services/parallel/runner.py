@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from services.engine.model_runner import ForwardRow, RunnerLost
+from services.engine.model_runner import ForwardRow, RunnerLost, timed
 from services.parallel.stage import StageExecutor, StageStats
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,7 @@ class ParallelRunner:
         """:meth:`forward` and its wall time in seconds, the broadcast included
         and rank 0's device synchronised, as ModelRunner.timed_forward (the
         speculation cost model's ``after_forward`` sees this time)."""
-        t0 = time.perf_counter()
-        out = self.forward(rows)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, time.perf_counter() - t0
+        return timed(self.forward, rows, self.device)
 
     def warmup(self) -> None:
         """A small prefill and decode through every rank (block 1: what it holds is overwritten before use)."""
