@@ -185,7 +185,10 @@ class Forwarder:
             remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
-            error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally)
+            try:
+                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally)
+            finally:
+                self.upstreams.finished(inst.id, sequence)
             if error is None:
                 return
             self._record_failure(inst, error)

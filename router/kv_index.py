@@ -11,10 +11,13 @@ a hit predicted here is the hit the target serves. A snapshot replaces what
 was known (a restarted instance, or a subscriber that fell behind); an
 instance that leaves, or whose stream breaks, is forgotten until its next
 snapshot. A request just routed is expected to store its prompt's blocks
-on its instance: until its events say so (or ``expect_s`` passes) those
-blocks count as held there, so the next requests of a burst sharing the
-prefix follow it instead of spreading while it is still being prefilled
-(Dynamo's router likewise counts blocks it routed before the events arrive).
+on its instance: from the moment it is routed until its instance's events
+report the blocks stored, those blocks count as held there, so the next
+requests of a group sharing the prefix follow it instead of spreading while
+it waits in the instance's queue or is still being prefilled (Dynamo's router
+likewise counts blocks it routed before the events arrive). The expectation
+lasts while the request is in flight (:meth:`settle` ends it; ``pending_s``
+bounds it) and ``expect_s`` after, for its events to arrive.
 As NVIDIA Dynamo's KV router and llm-d's KV-cache indexer. Event-loop
 thread only (no locks); times are the caller's clock (seconds).
 """
@@ -29,11 +32,13 @@ from services.common.block_hash import block_hashes
 class KvIndex:
     """Instance id -> the block hashes its cache holds, and its block size."""
 
-    def __init__(self, expect_s: float = 5.0) -> None:
+    def __init__(self, expect_s: float = 5.0, pending_s: float = 600.0) -> None:
         self.expect_s = expect_s
+        self.pending_s = pending_s
         self._held: dict[str, set[int]] = {}
         self._block_size: dict[str, int] = {}
-        self._expected: dict[str, dict[int, float]] = {}  # instance -> hash -> until
+        # instance -> hash -> [requests in flight expecting it, held until (while none is)]
+        self._expected: dict[str, dict[int, list]] = {}
 
     def __contains__(self, instance_id: str) -> bool:
         return instance_id in self._held
@@ -53,8 +58,13 @@ class KvIndex:
         held = self._held.get(instance_id)
         if held is None:
             return
+        stored = list(stored)
         held.update(stored)
         held.difference_update(removed)
+        expected = self._expected.get(instance_id)
+        if expected:
+            for h in stored:  # what was expected is held now: its events speak for it from here
+                expected.pop(h, None)
 
     def forget(self, instance_id: str) -> None:
         """The instance left, restarted or stopped streaming: nothing is known of it."""
@@ -62,19 +72,38 @@ class KvIndex:
         self._block_size.pop(instance_id, None)
         self._expected.pop(instance_id, None)
 
-    def expect(self, instance_id: str, prompt_ids: Sequence[int], now: float) -> None:
+    def expect(self, instance_id: str, prompt_ids: Sequence[int], now: float) -> tuple[int, ...]:
         """A request with ``prompt_ids`` was just routed to the instance: its
-        full blocks count as held there until ``now + expect_s``."""
+        full blocks count as held there until the instance reports them stored,
+        while the request is in flight (at most ``pending_s``) and ``expect_s``
+        after :meth:`settle`. Returns the hashes to pass to :meth:`settle`
+        (none when the instance has sent no snapshot)."""
         size = self._block_size.get(instance_id)
         if size is None or instance_id not in self._held:
-            return
+            return ()
         expected = self._expected.setdefault(instance_id, {})
-        for h in list(expected):
-            if expected[h] <= now:
-                del expected[h]
-        until = now + self.expect_s
-        for h in block_hashes(prompt_ids, size):
-            expected[h] = until
+        for h in [h for h, (pending, until) in expected.items() if until <= now]:
+            del expected[h]
+        hashes = tuple(block_hashes(prompt_ids, size))
+        for h in hashes:
+            entry = expected.setdefault(h, [0, 0.0])
+            entry[0] += 1
+            entry[1] = now + self.pending_s
+        return hashes
+
+    def settle(self, instance_id: str, hashes: Sequence[int], now: float) -> None:
+        """The request :meth:`expect` returned ``hashes`` for has ended: what it
+        expected stays counted for ``expect_s`` more unless another request in
+        flight still expects it."""
+        expected = self._expected.get(instance_id)
+        if not expected:
+            return
+        for h in hashes:
+            entry = expected.get(h)
+            if entry is not None:
+                entry[0] = max(0, entry[0] - 1)
+                if entry[0] == 0:
+                    entry[1] = now + self.expect_s
 
     def cached_tokens(self, instance_ids: Iterable[str], prompt_ids: Sequence[int],
                       now: float = float("inf")) -> dict[str, int]:
@@ -93,8 +122,10 @@ class KvIndex:
             expected = self._expected.get(iid, {})
             depth = 0
             for h in by_size[size]:
-                if h not in held and expected.get(h, 0.0) <= now:
-                    break
+                if h not in held:
+                    entry = expected.get(h)
+                    if entry is None or entry[1] <= now:
+                        break
                 depth += 1
             out[iid] = depth * size
         return out

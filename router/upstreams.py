@@ -66,6 +66,8 @@ class Upstreams:
         #: kv_aware: which target holds which KV blocks (from their KV events), and the
         #: targets' tokenizer for text prompts (None: token-id prompts only).
         self.kv_index = KvIndex() if config.policy is PolicyName.KV_AWARE else None
+        #: (instance id, request sequence) -> block hashes kv_aware expects the request to store there.
+        self._expecting: dict[tuple[str, int], tuple[int, ...]] = {}
         self._tokenizer = load_tokenizer(config.tokenizer) if self.kv_index is not None and config.tokenizer else None
 
     # -- membership ------------------------------------------------------------
@@ -211,9 +213,19 @@ class Upstreams:
             inst = policy.choose(self.config.policy, instances, self.snapshot(sequence, exclude, prefill=prefill))
             if inst is not None:
                 if prompt_ids:
-                    self.kv_index.expect(inst.id, prompt_ids, now)
+                    hashes = self.kv_index.expect(inst.id, prompt_ids, now)
+                    if hashes:
+                        self._expecting[(inst.id, sequence)] = hashes
                 return inst
         return None
+
+    def finished(self, instance_id: str, sequence: int) -> None:
+        """Request ``sequence`` on the instance has ended (finished or failed):
+        the blocks kv_aware expected it to store stay expected only until its
+        KV events arrive or a short grace passes (:meth:`KvIndex.settle`)."""
+        hashes = self._expecting.pop((instance_id, sequence), None)
+        if hashes and self.kv_index is not None:
+            self.kv_index.settle(instance_id, hashes, self.clock())
 
     def routable(self, role: Role, pool: str) -> bool:
         """Has the pool an instance of the role that may take a request now?"""

@@ -137,15 +137,39 @@ async def test_watch_kv_events_streams_a_snapshot_then_changes(tiny_models):
         await server.stop(None)
 
 
-def test_a_routed_prompt_counts_as_held_until_its_events_come_or_it_expires():
+def test_a_routed_prompt_counts_as_held_while_in_flight_then_until_its_events_come_or_it_expires():
     prompt = PREFIX * 2  # 42 tokens: 10 usable blocks of 4
+    index = KvIndex(expect_s=2.0, pending_s=100.0)
+    index.apply("a", True, [], [], 4)
+    hashes = index.expect("a", prompt, now=10.0)
+    assert len(hashes) == 10
+    assert index.cached_tokens(["a"], prompt, now=11.0) == {"a": 40}  # a burst's next request follows it
+    # Still queued on the instance long after: still expected there.
+    assert index.cached_tokens(["a"], prompt, now=60.0) == {"a": 40}
+    index.settle("a", hashes, now=60.0)
+    assert index.cached_tokens(["a"], prompt, now=61.0) == {"a": 40}  # a grace for its events
+    assert index.cached_tokens(["a"], prompt, now=62.5) == {"a": 0}  # no events confirmed it: expired
+    # A request in flight past pending_s stops counting (a lost settle cannot pin a prefix forever).
+    index.expect("a", prompt, now=200.0)
+    assert index.cached_tokens(["a"], prompt, now=301.0) == {"a": 0}
+    index.expect("unknown", prompt, now=10.0)  # no snapshot yet: nothing expected
+    assert index.expect("unknown", prompt, now=10.0) == ()
+    assert index.cached_tokens(["unknown"], prompt, now=10.5) == {"unknown": 0}
+
+
+def test_two_requests_expecting_a_prefix_keep_it_until_both_end_and_events_replace_the_expectation():
+    prompt = PREFIX * 2
     index = KvIndex(expect_s=2.0)
     index.apply("a", True, [], [], 4)
-    index.expect("a", prompt, now=10.0)
-    assert index.cached_tokens(["a"], prompt, now=11.0) == {"a": 40}  # a burst's next request follows it
-    assert index.cached_tokens(["a"], prompt, now=12.5) == {"a": 0}  # no events confirmed it: expired
-    index.expect("unknown", prompt, now=10.0)  # no snapshot yet: nothing expected
-    assert index.cached_tokens(["unknown"], prompt, now=10.5) == {"unknown": 0}
+    first, second = index.expect("a", prompt, now=0.0), index.expect("a", prompt, now=0.5)
+    index.settle("a", first, now=1.0)
+    assert index.cached_tokens(["a"], prompt, now=50.0) == {"a": 40}  # the second is still in flight
+    # Its events report the blocks stored: held; once evicted, no expectation props them up.
+    index.apply("a", False, list(first), [], 4)
+    index.apply("a", False, [], list(first[5:]), 4)
+    assert index.cached_tokens(["a"], prompt, now=50.0) == {"a": 20}
+    index.settle("a", second, now=51.0)
+    assert index.cached_tokens(["a"], prompt, now=51.5) == {"a": 20}
 
 
 def test_the_router_tokenizes_text_prompts_as_the_target_does(tiny_models):
@@ -155,3 +179,43 @@ def test_the_router_tokenizes_text_prompts_as_the_target_does(tiny_models):
     target, router = AutoTokenizer.from_pretrained(str(tiny_models.target)), load_tokenizer(str(tiny_models.target))
     for text in ["The meaning of life is", "  spaced\ttext, ünïcode — and 123 numbers!\n\nnew para"]:
         assert router.encode(text, add_special_tokens=False).ids == target.encode(text, add_special_tokens=False)
+
+
+async def _hits(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = stats_pb2_grpc.StatsStub(channel).Watch(stats_pb2.WatchStatsRequest())
+        report = await call.read()
+        call.cancel()
+    return report.prefix_cache_hits_total
+
+
+async def test_kv_aware_routes_each_group_to_the_target_holding_its_prefix(tiny_models, reference_model):
+    """Two real targets behind a kv_aware router: after each group's first request,
+    the rest of the group (sent together, interleaved) follows its prefix and hits
+    the cache there, and the tokens are those of the model."""
+    from tests.conftest import hf_greedy
+    from tests.router_helpers import collect, request, running_router, start_target, wait_routable
+
+    group_a = [(7 * i) % 250 + 5 for i in range(40)]
+    group_b = [(13 * i) % 250 + 5 for i in range(40)]
+    apps = [await start_target(tiny_models, block_size=4) for _ in range(2)]
+    try:
+        # Prompts of 40 tokens save at most 40 prefill tokens: a small load weight
+        # lets the saving outweigh a few requests in flight, as ~1,000-token prefixes do at 256.
+        async with running_router([a.address for a in apps], policy="kv_aware", kv_load_weight=4) as (_, stub, _):
+            await wait_routable(stub, [a.address for a in apps])
+            _, first_a = await collect(stub, request(group_a + [1], max_new_tokens=4))
+            _, first_b = await collect(stub, request(group_b + [1], max_new_tokens=4))
+            holder = {"a": first_a[-1].instance_id, "b": first_b[-1].instance_id}
+            assert holder["a"] != holder["b"]  # idle and cold: the tie rotates
+            hits_before = {a.address: await _hits(a.address) for a in apps}
+            prompts = [(g, (group_a if g == "a" else group_b) + [2 + k]) for k in range(3) for g in "ab"]
+            results = await asyncio.gather(*(collect(stub, request(p, max_new_tokens=6)) for _, p in prompts))
+            for (group, prompt), (tokens, chunks) in zip(prompts, results):
+                assert chunks[-1].instance_id == holder[group], (group, [c.instance_id for c in chunks])
+                assert tokens == hf_greedy(reference_model, prompt, 6)
+            for a in apps:  # every later request reused its group's 10 cached blocks
+                assert await _hits(a.address) - hits_before[a.address] == 3 * 40
+    finally:
+        for a in apps:
+            await a.stop(0)

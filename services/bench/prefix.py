@@ -3,8 +3,8 @@
 A shared-prefix workload: ``GROUPS`` groups of ``PER_GROUP`` requests, each
 group sharing a ``PREFIX_TOKENS``-token prefix with a short distinct suffix
 (token-id prompts, so every arm and the router see the same ids), greedy,
-``new_tokens`` each, sent open loop (Poisson arrivals at ``RATE`` requests/s,
-the same arrival times in every arm). Arms, each on freshly started
+``new_tokens`` each, sent open loop (Poisson arrivals at ``RATE`` requests/s for one target,
+``ROUTED_RATE`` for the routed arms; the same arrival times in every arm of a kind). Arms, each on freshly started
 processes (cold caches):
 
 - one target, prefix cache off (``--no-prefix-cache``) vs on;
@@ -44,6 +44,12 @@ PREFIX_TOKENS = 1000
 #: (2 cores) out of saturation. At 1.0 every single-target arm is saturated on 2 cores
 #: and TTFT measures the queue, not the prefill (see BENCHMARKS.md: one such run).
 RATE = 0.25
+#: Requests per second of the routed arms' open loop: 1.0 is more than two targets
+#: (one thread each) can prefill when every group's prefix is recomputed (round robin
+#: spreads each group over both, evicting), and less than they serve when each holds
+#: its groups' prefixes. Throughput differs between policies only above the first
+#: capacity: below it every arm serves the offered load. Measured: BENCHMARKS.md.
+ROUTED_RATE = 1.0
 #: Each routed target's KV-cache memory: about 5 prefixes of 1,000 tokens on target-large (48 KiB a token).
 ROUTED_KV_MEMORY = "256MiB"
 ROUTED_TARGETS = 2
@@ -75,10 +81,10 @@ async def _prefix_counters(address: str) -> tuple[int, int]:
 
 
 async def _arm(entry: str, stub_of, targets: list[str], prompts: list[list[int]], new_tokens: int,
-               label: str, progress: bool) -> tuple[RunResult, list[tuple[int, int]]]:
-    """The open-loop run through ``entry``, and each target's (hits, queries) after it."""
+               label: str, progress: bool, rate: float) -> tuple[RunResult, list[tuple[int, int]]]:
+    """The open-loop run through ``entry`` at ``rate`` requests/s, and each target's (hits, queries) after it."""
     async with grpc.aio.insecure_channel(entry) as channel:
-        run = await open_loop(stub_of(channel), lambda i: _request(prompts[i], new_tokens), RATE, len(prompts),
+        run = await open_loop(stub_of(channel), lambda i: _request(prompts[i], new_tokens), rate, len(prompts),
                               seed=1, label=label, progress=progress)
     return run, [await _prefix_counters(t) for t in targets]
 
@@ -99,24 +105,24 @@ def prefix(opts: BenchOptions, new_tokens: int = 16) -> dict:
     arms: dict[str, dict] = {}
     tokens: dict[str, list[list[int]]] = {}
 
-    def measure(name: str, specs, entry_name: str, stub_of) -> None:
+    def measure(name: str, specs, entry_name: str, stub_of, rate: float) -> None:
         with local_suite.running(specs, log_dir / name) as addrs:
             targets = [spec.address for spec in specs if spec.name.startswith("target")]
             run, counters = asyncio.run(_arm(addrs[entry_name], stub_of, targets, prompts, new_tokens, name,
-                                             opts.progress))
+                                             opts.progress, rate))
         arms[name] = _figures(run, counters)
         tokens[name] = [r.tokens for r in run.results]
 
     target_stub = model_pb2_grpc.TargetModelStub
     for name, flags in (("cache_off", {"no_prefix_cache": "true"}), ("cache_on", {})):
         spec = local_suite.target_spec(model, opts.threads, max_batch_size=32, **flags)
-        measure(name, [spec], "target", target_stub)
+        measure(name, [spec], "target", target_stub, RATE)
     threads = max(1, opts.threads // ROUTED_TARGETS)
     for policy in ("round_robin", "prefix_affinity", "kv_aware"):
         specs = [local_suite.target_spec(model, threads, name=f"target{k}", max_batch_size=32,
                                          kv_cache_memory=ROUTED_KV_MEMORY) for k in range(ROUTED_TARGETS)]
         router = local_suite.router_spec([s.address for s in specs], flags=("--policy", policy))
-        measure(policy, [*specs, router], "router", router_pb2_grpc.RouterStub)
+        measure(policy, [*specs, router], "router", router_pb2_grpc.RouterStub, ROUTED_RATE)
 
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
@@ -125,6 +131,7 @@ def prefix(opts: BenchOptions, new_tokens: int = 16) -> dict:
     return {
         "scenario": "prefix", "model": opts.model, "new_tokens": new_tokens, "groups": GROUPS,
         "requests_per_group": PER_GROUP, "prefix_tokens": PREFIX_TOKENS, "rate_per_s": RATE,
+        "routed_rate_per_s": ROUTED_RATE,
         "routed_targets": ROUTED_TARGETS, "routed_kv_cache_memory": ROUTED_KV_MEMORY, "arms": arms,
         "ttft_p50_ratio_cache_on_vs_off": ratio(arms["cache_on"]["ttft_p50_ms"], arms["cache_off"]["ttft_p50_ms"]),
         "ttft_p90_ratio_kv_aware_vs_round_robin": ratio(arms["kv_aware"]["ttft_p90_ms"],
