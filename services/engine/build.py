@@ -75,7 +75,8 @@ def kv_cache_blocks(num_kv_blocks: int, kv_cache_memory: int, block_size: int, t
 
 
 def build_engine(model_path: str, settings: EngineSettings, *, device: str = "auto", dtype: str = "float32",
-                 threads: int = 0, max_context: int = 0, prepack: bool = True, metrics_window_s: float = 10.0,
+                 threads: int = 0, max_context: int = 0, prepack: bool = True, lean: bool = True,
+                 metrics_window_s: float = 10.0,
                  model_name: str = "", speculation: Speculation | None = None, block_size: int = 16,
                  kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY, num_kv_blocks: int = 0,
                  prefix_caching: bool = True) -> LoadedModel:
@@ -83,7 +84,8 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     (not started), with ``speculation`` as its speculative-decoding strategy.
     The paged KV cache has ``num_kv_blocks`` blocks of ``block_size`` tokens
     (0: as many as ``kv_cache_memory`` bytes hold), with automatic prefix
-    caching when ``prefix_caching``. Blocking (seconds); any thread. Raises
+    caching when ``prefix_caching``; ``lean``: the lean forward where it
+    applies (:class:`ModelRunner`). Blocking (seconds); any thread. Raises
     FileNotFoundError when ``model_path`` holds no model, InvalidArgument for
     invalid settings or a cache that cannot hold one block beside the null block."""
     check_model_dir(model_path)
@@ -91,7 +93,7 @@ def build_engine(model_path: str, settings: EngineSettings, *, device: str = "au
     device = resolve_device(device)
     model, tokenizer = load_model(model_path, DTYPES[dtype], device)
     blocks = kv_cache_blocks(num_kv_blocks, kv_cache_memory, block_size, bytes_per_token(model))
-    runner = ModelRunner(model, blocks, block_size, max_context or None, prepack=prepack)
+    runner = ModelRunner(model, blocks, block_size, max_context or None, prepack=prepack, lean=lean)
     return engine_for(runner, model, tokenizer, model_path, settings, device=device, dtype=dtype,
                       metrics_window_s=metrics_window_s, model_name=model_name, speculation=speculation,
                       prefix_caching=prefix_caching)
@@ -109,9 +111,9 @@ def engine_for(runner, model, tokenizer, model_path: str, settings: EngineSettin
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     engine = Engine(runner, tokenizer, settings, eos_token_ids=eos_ids, metrics_window_s=metrics_window_s,
                     speculation=speculation, prefix_caching=prefix_caching)
-    log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN, KV cache %d "
-             "blocks of %d tokens, prefix caching %s", model_path, runner.num_parameters / 1e6, device,
-             runner.max_len, runner.prepacked, runner.cache.num_blocks, runner.cache.block_size,
-             "on" if prefix_caching else "off")
+    log.info("loaded %s (%.1fM parameters) on %s, context %d, %d linear layers packed for oneDNN, %s forward, "
+             "KV cache %d blocks of %d tokens, prefix caching %s", model_path, runner.num_parameters / 1e6, device,
+             runner.max_len, runner.prepacked, "lean" if getattr(runner, "lean", None) else "transformers'",
+             runner.cache.num_blocks, runner.cache.block_size, "on" if prefix_caching else "off")
     return LoadedModel(engine, model_name or Path(model_path).name, str(model_path), eos_ids,
                        tokenizer_hash(tokenizer), dtype, device, close)

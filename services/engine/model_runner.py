@@ -26,6 +26,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears
 from services.engine.kv_cache import PagedKVCache
+from services.engine.lean_llama import LeanLlama, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ class _StepContext:
     ids: torch.Tensor        # [n, width] token ids, padded with 0
     positions: torch.Tensor  # [n, width] position of each token
     mask: torch.Tensor       # [n, 1, width, kv_len] bool: what each query sees
-    keep_rows: torch.Tensor  # (row, t) of every logit kept, flattened
-    keep_t: torch.Tensor
+    #: Index of every kept logit's token in the ``[n * width]`` flattened step
+    #: (None: every token, in order: each row feeds ``width`` tokens and keeps them all).
+    keep_index: torch.Tensor | None
     keeps: list[int]
-    write_row: torch.Tensor
-    write_t: torch.Tensor
+    #: (row, t) of every token fed, flattened (None: all ``n * width``, in order: no padding).
+    write_rows: tuple[torch.Tensor, torch.Tensor] | None
     #: Flat cache slot (block * block_size + offset) of each written token.
     write_slot: torch.Tensor
     #: ``[n * kv_len]`` flat slots each row reads, padded with the null block.
@@ -84,11 +86,15 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, max_len: int | None = None,
                  prepack: bool = True, prepack_min_elements: int = MIN_ELEMENTS,
-                 prepack_measure: bool = True, layers: range | None = None) -> None:
+                 prepack_measure: bool = True, layers: range | None = None, lean: bool = True) -> None:
         """``layers``: the decoder layers this runner holds (global indices; a
         pipeline stage's, see services.parallel); default all. The KV cache
         holds those layers and ``config.num_key_value_heads`` heads (a tensor-
-        parallel shard's own, once services.parallel.shard has set them)."""
+        parallel shard's own, once services.parallel.shard has set them).
+        ``lean``: run a Llama-family model's layers through
+        :mod:`services.engine.lean_llama` (the same logits, less Python per
+        step) where it supports the model and reproduces transformers' logits
+        on a probe; transformers' module tree otherwise, said once in the log."""
         self.model = model
         cfg = model.config
         self.layers = layers if layers is not None else range(cfg.num_hidden_layers)
@@ -113,23 +119,71 @@ class ModelRunner:
                           if prepack else 0)
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
+        #: The lean forward of the model's layers, or None: transformers' modules.
+        self.lean: LeanLlama | None = None
+        self.lean = self._lean_forward() if lean else None
+
+    def _lean_forward(self) -> LeanLlama | None:
+        """A LeanLlama for this model when it supports it and its logits equal
+        transformers' path on a probe (a prefill and a decode), else None; says
+        which in the log."""
+        reason = unsupported(self.model, self.layers)
+        if reason is None:
+            lean = LeanLlama(self.model)
+            probe = self._probe_rows()
+            with torch.inference_mode():
+                want = [ModelRunner.forward(self, rows) for rows in probe]
+                self.lean = lean
+                try:
+                    got = [ModelRunner.forward(self, rows) for rows in probe]
+                finally:
+                    self.lean = None
+            if all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)):
+                log.info("lean forward: %s runs without transformers' module tree (same logits on a probe)",
+                         type(self.model).__name__)
+                return lean
+            reason = "its logits differ from transformers' on a probe"
+        log.info("transformers' forward for this model: the lean one does not apply (%s)", reason)
+        return None
+
+    def _probe_rows(self) -> list[list[ForwardRow]]:
+        """A prefill of two rows (one keeping several logits) then a decode row, in blocks 1 and 2."""
+        n = max(1, min(4, self.cache.block_size, self.max_len - 1))
+        tokens = [t % self.vocab_size for t in (3, 1, 4, 1)][:n]
+        second = [ForwardRow([2], 0, tokens[: max(1, n - 1)])] if self.cache.num_blocks > 2 else []
+        return [[ForwardRow([1], 0, tokens, keep=n)] + second, [ForwardRow([1], n - 1, tokens[-1:])]]
 
     # -- attention ------------------------------------------------------------
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """transformers' AttentionInterface signature over :meth:`_paged_attention`
+        (``attention_mask`` is the step context's mask, which that reads itself)."""
+        return self._paged_attention(module.layer_idx, query, key, value, scaling), None
+
+    def _paged_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scaling: float | None) -> torch.Tensor:
+        """Writes the step's new keys and values (``[n, kv_heads, width, head_dim]``)
+        into their cache slots, then attends ``query`` (``[n, heads, width,
+        head_dim]``) over each row's cached positions, gathered by block table,
+        under the step context's mask. Returns ``[n, width, heads, head_dim]``,
+        contiguous. Both forwards (transformers' and the lean one) call this."""
         ctx = self._ctx
-        k_cache, v_cache = ctx.cache.layers[module.layer_idx - self.layers.start]
+        k_cache, v_cache = ctx.cache.layers[layer_idx - self.layers.start]
         k_new = key.transpose(1, 2)  # [B, T, kv_heads, D]
         v_new = value.transpose(1, 2)
-        k_cache.index_copy_(0, ctx.write_slot, k_new[ctx.write_row, ctx.write_t])
-        v_cache.index_copy_(0, ctx.write_slot, v_new[ctx.write_row, ctx.write_t])
+        if ctx.write_rows is None:  # every token of the step, in order
+            k_new, v_new = k_new.reshape(-1, *k_new.shape[2:]), v_new.reshape(-1, *v_new.shape[2:])
+        else:
+            k_new, v_new = k_new[ctx.write_rows], v_new[ctx.write_rows]
+        k_cache.index_copy_(0, ctx.write_slot, k_new)
+        v_cache.index_copy_(0, ctx.write_slot, v_new)
         shape = (query.shape[0], ctx.kv_len) + k_cache.shape[1:]
         keys = k_cache.index_select(0, ctx.read_slots).view(shape)
         values = v_cache.index_select(0, ctx.read_slots).view(shape)
         out = F.scaled_dot_product_attention(
             query, keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
+            attn_mask=ctx.mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
         )
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
 
     # -- forward ----------------------------------------------------------------
     def check(self, row: ForwardRow) -> None:
@@ -173,38 +227,38 @@ class ModelRunner:
         """The step context of ``rows`` (non-empty, each passed :meth:`check`):
         ids, positions, mask and where keys/values go; zeroes the cache
         positions the rows will read. Any rank computes the same from the same rows."""
-        dev = self.device
+        dev, bs = self.device, self.cache.block_size
         n = len(rows)
-        width = max(len(r.tokens) for r in rows)
-        ids = torch.zeros(n, width, dtype=torch.long)
-        starts = torch.tensor([r.start for r in rows])
-        lens = torch.tensor([len(r.tokens) for r in rows])
-        for i, r in enumerate(rows):
-            ids[i, : len(r.tokens)] = torch.tensor(r.tokens)
-        t = torch.arange(width)
-        positions = (starts[:, None] + t[None, :]).clamp(max=self.max_len - 1)
-        valid = t[None, :] < lens[:, None]  # [n, width]
-        write_row, write_t = valid.nonzero(as_tuple=True)
-        kv_len = int((starts + lens).max())
-        bs = self.cache.block_size
+        lens = [len(r.tokens) for r in rows]
+        width = max(lens)
+        kv_len = max(r.start + k for r, k in zip(rows, lens))
         num_blocks = -(-kv_len // bs)
-        tables = torch.zeros(n, num_blocks, dtype=torch.long)  # padded with the null block
-        for i, r in enumerate(rows):
-            tables[i, : min(len(r.block_table), num_blocks)] = torch.tensor(r.block_table[:num_blocks])
+        tables = [r.block_table[:num_blocks] + [0] * (num_blocks - len(r.block_table)) for r in rows]  # null-padded
+        # Built as Python lists, one tensor each: a draft's step is one short row, where per-op cost rules.
+        ids = torch.tensor([r.tokens + [0] * (width - k) for r, k in zip(rows, lens)])
+        t = torch.arange(width)
+        positions = (torch.tensor([r.start for r in rows])[:, None] + t[None, :]).clamp(max=self.max_len - 1)
+        slots = torch.tensor(tables)[:, :, None] * bs + torch.arange(bs)  # [n, num_blocks, bs]
+        read_slots = slots.view(n, -1)[:, :kv_len].reshape(-1)
+        write_slot = [tb[p // bs] * bs + p % bs for r, tb in zip(rows, tables)
+                      for p in range(r.start, r.start + len(r.tokens))]
         j = torch.arange(kv_len)
-        read_slots = tables[:, j // bs] * bs + j % bs  # [n, kv_len]
         mask = j[None, None, :] <= positions[:, :, None]  # causal within each row's own positions
-        # Padded queries see only position 0, so softmax stays finite; their output is dropped.
-        mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)[:, None]
-        self.cache.ensure_clean(int(tables.max()) + 1)
-        keep_idx = [(i, p) for i, r in enumerate(rows) for p in range(len(r.tokens) - r.keep, len(r.tokens))]
+        write_rows = None
+        if min(lens) < width:
+            valid = t[None, :] < torch.tensor(lens)[:, None]  # [n, width]
+            write_rows = tuple(x.to(dev) for x in valid.nonzero(as_tuple=True))
+            # Padded queries see only position 0, so softmax stays finite; their output is dropped.
+            mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)
+        self.cache.ensure_clean(max(max(tb) for tb in tables) + 1)
+        keep_index = None
+        if write_rows is not None or any(r.keep != width for r in rows):
+            keep_index = torch.tensor([i * width + p for i, (r, k) in enumerate(zip(rows, lens))
+                                       for p in range(k - r.keep, k)], device=dev)
         return _StepContext(
-            cache=self.cache, ids=ids.to(dev), positions=positions.to(dev), mask=mask.to(dev),
-            keep_rows=torch.tensor([i for i, _ in keep_idx], device=dev),
-            keep_t=torch.tensor([p for _, p in keep_idx], device=dev), keeps=[r.keep for r in rows],
-            write_row=write_row.to(dev), write_t=write_t.to(dev),
-            write_slot=read_slots[write_row, positions[write_row, write_t]].to(dev),
-            read_slots=read_slots.view(-1).to(dev), kv_len=kv_len,
+            cache=self.cache, ids=ids.to(dev), positions=positions.to(dev), mask=mask[:, None].to(dev),
+            keep_index=keep_index, keeps=[r.keep for r in rows], write_rows=write_rows,
+            write_slot=torch.tensor(write_slot, device=dev), read_slots=read_slots.to(dev), kv_len=kv_len,
         )
 
     @torch.inference_mode()
@@ -215,8 +269,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run_layers(self, hidden: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         """Runs this runner's decoder layers over ``hidden`` ``[n, width, hidden]``."""
-        position_embeddings = self._decoder.rotary_emb(hidden, position_ids=ctx.positions)
         self._ctx = ctx
+        if self.lean is not None:
+            try:
+                return self.lean.run_layers(hidden, ctx.positions, self._paged_attention)
+            finally:
+                self._ctx = None
+        position_embeddings = self._decoder.rotary_emb(hidden, position_ids=ctx.positions)
         try:
             for layer in self._decoder.layers[: len(self.layers)]:
                 hidden = layer(hidden, attention_mask=ctx.mask, position_ids=ctx.positions,
@@ -228,8 +287,11 @@ class ModelRunner:
     @torch.inference_mode()
     def head(self, hidden: torch.Tensor, ctx: _StepContext) -> list[torch.Tensor]:
         """Final norm and LM head at the kept positions: float32 ``[keep, vocab]`` per row (last stage only)."""
-        hidden = self._decoder.norm(hidden[ctx.keep_rows, ctx.keep_t])
-        return list(self._lm_head(hidden).float().split(ctx.keeps))
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if ctx.keep_index is not None:
+            hidden = hidden.index_select(0, ctx.keep_index)
+        logits = self.lean.head(hidden) if self.lean is not None else self._lm_head(self._decoder.norm(hidden))
+        return list(logits.float().split(ctx.keeps))
 
     def timed_forward(self, rows: list[ForwardRow]) -> tuple[list[torch.Tensor], float]:
         """:meth:`forward` and its wall time in seconds (the device synchronised)."""

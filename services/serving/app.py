@@ -118,7 +118,7 @@ class ModelApp:
         else:
             loaded = await asyncio.to_thread(
                 build_engine, c.model, c.engine_settings(), device=c.device, dtype=c.dtype, threads=c.threads,
-                max_context=c.max_context, prepack=c.prepack_weights, metrics_window_s=c.metrics_window_s,
+                max_context=c.max_context, prepack=c.prepack_weights, lean=c.lean_forward, metrics_window_s=c.metrics_window_s,
                 model_name=c.model_name, speculation=speculation, block_size=c.block_size,
                 kv_cache_memory=c.kv_cache_memory_bytes(), num_kv_blocks=c.num_kv_blocks,
                 prefix_caching=not c.no_prefix_cache)

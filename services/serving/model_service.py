@@ -25,6 +25,8 @@ class ModelServiceConfig(BaseConfig):
     dtype: str = field("float32", "weights and KV-cache dtype: float32, bfloat16, float16")
     threads: int = field(0, "torch intra-op threads for this process (0: torch's default)")
     prepack_weights: bool = field(True, "on CPU, pack linear weights once for oneDNN (2x faster multi-row products)")
+    lean_forward: bool = field(True, "run Llama-family models through llmesh's lean forward (transformers' logits "
+                                     "bit for bit, less Python per step); false: transformers' module tree")
     max_context: int = field(0, "most tokens per sequence (0: the model's max_position_embeddings)")
     max_batch_size: int = field(32, "most sequences in the running batch")
     max_wait_ms: float = field(2.0, "how long a new request may wait for companions before its prefill is forced")

@@ -1,0 +1,169 @@
+"""A lean forward for Llama-family decoder layers: the same tensor ops as
+transformers' ``LlamaDecoderLayer``, in the same order and dtypes, without
+its module tree.
+
+transformers runs a Llama layer through about fifteen ``nn.Module`` calls,
+deprecation and kernel-hub wrappers, keyword plumbing and an attention
+registry lookup. For a small model on a CPU that Python, not the
+arithmetic, is the cost of a step: the 0.36 M-parameter built draft spent
+~1.5 ms per one-token forward on the 2-core build machine, almost all of it
+outside the kernels. This module reads each layer's own weights once (after
+:func:`services.engine.cpu_linear.prepack_linears` has packed the large
+ones) and replays the layer's ops directly: RMSNorm, q/k/v projections,
+rotary embedding, the runner's paged attention, o-projection, residual,
+RMSNorm, gated MLP, residual, as ``modeling_llama`` computes them, so the
+logits are the same bit for bit (the runner checks that on a probe at
+start-up and keeps transformers' path when they are not). The model is
+still loaded by ``from_pretrained``; what cannot be replayed exactly (another
+architecture, a module whose forward was swapped, a rotary embedding that
+updates itself per call, a sharded layer) keeps transformers' path:
+:func:`unsupported` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.models.llama import modeling_llama as hf
+
+from services.engine.cpu_linear import PackedLinear
+
+#: paged_attention(layer_index, query, key, value, scaling) -> [n, width, heads, head_dim]
+#: (query/key/value as transformers' attention functions get them: ``[n, heads, width, head_dim]``).
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's own product, without ``nn.Module.__call__``."""
+    if type(module) is PackedLinear:
+        return module.forward
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _act(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return F.silu if type(module) in (SiLUActivation, nn.SiLU) else module.forward
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, op for op."""
+    input_dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+def unsupported(model, layers: range) -> str | None:
+    """Why the lean path cannot replay ``model`` exactly (None: it can).
+    ``layers``: the decoder layers the runner holds (all of them, or it is a
+    pipeline stage, which keeps transformers' path)."""
+    if type(model) is not hf.LlamaForCausalLM:
+        return f"{type(model).__name__} is not LlamaForCausalLM"
+    decoder = model.get_decoder()
+    cfg = model.config
+    if layers != range(cfg.num_hidden_layers) or len(decoder.layers) != cfg.num_hidden_layers:
+        return "the runner holds a pipeline stage, not the whole model"
+    rotary = decoder.rotary_emb
+    if type(rotary) is not hf.LlamaRotaryEmbedding or "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
+        return f"rotary embedding {getattr(rotary, 'rope_type', type(rotary).__name__)} updates itself per call"
+    expected = {hf.LlamaDecoderLayer, hf.LlamaAttention, hf.LlamaMLP, hf.LlamaRMSNorm, nn.Linear, PackedLinear,
+                SiLUActivation, nn.SiLU, nn.Embedding}
+    if type(decoder.norm) is not hf.LlamaRMSNorm or type(model.get_output_embeddings()) not in (nn.Linear,
+                                                                                                  PackedLinear):
+        return "the final norm or LM head is not transformers' own"
+    for layer in decoder.layers:
+        for name, module in layer.named_modules():
+            if type(module) not in expected and not isinstance(module, nn.Identity):
+                return f"layer module {name or 'layer'} is a {type(module).__name__}"
+            if "forward" in vars(module):
+                return f"layer module {name or 'layer'} has its forward replaced (a hub kernel?)"
+        if not isinstance(layer.mlp.act_fn, (SiLUActivation, nn.SiLU)):
+            return f"activation {type(layer.mlp.act_fn).__name__} (only SiLU is replayed)"
+    if model.training:
+        return "the model is in training mode (dropout)"
+    return None
+
+
+class _Layer:
+    """One decoder layer's weights and products, read once."""
+
+    def __init__(self, layer: hf.LlamaDecoderLayer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.in_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.q, self.k, self.v, self.o = (_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj),
+                                          _linear(attn.o_proj))
+        self.gate, self.up, self.down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
+        self.act = _act(mlp.act_fn)
+
+
+class LeanLlama:
+    """Runs a whole Llama decoder's layers (``run_layers``) and its final norm
+    and LM head (``head``) with transformers' ops, without its modules.
+    Build it after the weights are packed (it keeps references to the
+    tensors it reads). Same threads as the runner that owns it."""
+
+    def __init__(self, model) -> None:
+        decoder = model.get_decoder()
+        rotary = decoder.rotary_emb
+        self._inv_freq = rotary.inv_freq
+        self._rope_scaling = rotary.attention_scaling
+        self._layers = [_Layer(layer) for layer in decoder.layers]
+        self._norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+        self._lm_head = _linear(model.get_output_embeddings())
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``LlamaRotaryEmbedding.forward`` (non-dynamic types): cos, sin ``[n, width, head_dim]``."""
+        freqs = positions[..., None].float() * self._inv_freq.to(device=hidden.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self._rope_scaling
+        sin = emb.sin() * self._rope_scaling
+        return cos.to(dtype=hidden.dtype), sin.to(dtype=hidden.dtype)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Every decoder layer over ``hidden`` ``[n, width, hidden]`` at
+        ``positions`` ``[n, width]``; attention by ``attention`` (the runner's
+        paged attention, which reads and writes the KV cache).
+
+        Two rewrites keep every value: the row-wise ops (norms, products) run
+        on the ``[n * width, hidden]`` view, which is the matrix product
+        ``F.linear`` computes for a contiguous 3-D input anyway; and
+        ``rotate_half(x) * sin``, i.e. ``cat(-x2, x1) * sin``, is computed as
+        ``roll(x) * cat(-sin1, sin2)`` (a sign flip is exact, so each product
+        is the same float)."""
+        n, width, _ = hidden.shape
+        cos, sin = self.rotary(hidden, positions)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
+        hidden = hidden.reshape(n * width, -1)
+        for layer in self._layers:
+            residual = hidden
+            x = _rms_norm(hidden, *layer.in_norm)
+            shape = (n, width, -1, layer.head_dim)
+            q = layer.q(x).view(shape).transpose(1, 2)
+            k = layer.k(x).view(shape).transpose(1, 2)
+            v = layer.v(x).view(shape).transpose(1, 2)
+            q = (q * cos) + (torch.roll(q, half, -1) * sin)
+            k = (k * cos) + (torch.roll(k, half, -1) * sin)
+            out = attention(layer.index, q, k, v, layer.scaling)
+            hidden = residual + layer.o(out.view(n * width, -1))
+            residual = hidden
+            x = _rms_norm(hidden, *layer.post_norm)
+            hidden = residual + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+        return hidden.view(n, width, -1)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``[k, hidden]`` -> logits ``[k, vocab]`` in the model's dtype."""
+        return self._lm_head(_rms_norm(hidden, *self._norm))
+
+
+__all__ = ["LeanLlama", "unsupported"]

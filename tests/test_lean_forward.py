@@ -1,0 +1,138 @@
+"""The lean Llama forward against transformers' path: the same logits, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from services.engine import cpu_linear, lean_llama
+from services.engine.model_runner import ForwardRow, ModelRunner
+
+PROMPTS = [[5, 9, 13, 2, 77, 31, 8], [40, 41, 42], [100, 7, 7, 7, 12, 250, 3, 9, 61, 18, 4]]
+
+
+def _config(**overrides) -> LlamaConfig:
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    return LlamaConfig(**{**base, **overrides})
+
+
+def _model(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(copy.deepcopy(config)).eval()  # a config each: it names the runner's attention
+
+
+def _runner(model_or_config, lean: bool, prepack: bool = False, **kw) -> ModelRunner:
+    model = _model(model_or_config) if isinstance(model_or_config, LlamaConfig) else model_or_config
+    return ModelRunner(model, num_blocks=12, block_size=4, max_len=64, prepack=prepack, prepack_min_elements=0,
+                       prepack_measure=False, lean=lean, **kw)
+
+
+def _steps() -> list[list[ForwardRow]]:
+    """A mixed-length prefill batch, a decode batch, a batch of a decode and two
+    verify rows (keep > 1), then a lone decode: what an engine runs."""
+    tables = [[9, 2, 6], [5, 3], [7, 1, 11, 10]]
+    prefill = [ForwardRow(t, 0, p[:-1], keep=1 + i) for i, (t, p) in enumerate(zip(tables, PROMPTS))]
+    decode = [ForwardRow(t, len(p) - 1, p[-1:]) for t, p in zip(tables, PROMPTS)]
+    verify = [ForwardRow(tables[0], len(PROMPTS[0]), [33]),
+              ForwardRow(tables[1], len(PROMPTS[1]), [34, 35, 36, 37], keep=4),
+              ForwardRow(tables[2], len(PROMPTS[2]), [38, 39], keep=2)]
+    lone = [ForwardRow(tables[1], len(PROMPTS[1]) + 4, [12])]
+    return [prefill, decode, verify, lone]
+
+
+def _assert_same_logits(config_or_model, prepack: bool = False) -> ModelRunner:
+    twin = config_or_model if isinstance(config_or_model, LlamaConfig) else _clone(config_or_model)
+    hf_runner = _runner(config_or_model, lean=False, prepack=prepack)
+    lean_runner = _runner(twin, lean=True, prepack=prepack)
+    assert hf_runner.lean is None
+    assert lean_runner.lean is not None, "the lean forward should apply to this model"
+    for rows in _steps():
+        want, got = hf_runner.forward(rows), lean_runner.forward(rows)
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    return lean_runner
+
+
+def _clone(model):
+    return copy.deepcopy(model)  # weights, buffers and config: before any runner names its attention in it
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_lean_logits_equal_transformers_bit_for_bit(prepack):
+    if prepack and not cpu_linear.supported():
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    runner = _assert_same_logits(_config(), prepack=prepack)
+    assert (runner.prepacked > 0) == prepack
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_word_embeddings=True),
+    dict(attention_bias=True, mlp_bias=True),
+    dict(num_key_value_heads=4, head_dim=8),  # MHA, a head_dim that is not hidden // heads
+    dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
+    dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+], ids=["tied", "bias", "mha-head-dim", "rope-linear", "rope-llama3"])
+def test_lean_logits_equal_transformers_for_config_variants(overrides):
+    _assert_same_logits(_config(**overrides))
+
+
+def test_lean_on_tiny_test_models_bf16(tiny_models):
+    """The session's tiny target, loaded by from_pretrained in bfloat16 (the norm's dtype casts matter)."""
+    model = LlamaForCausalLM.from_pretrained(tiny_models.target, dtype=torch.bfloat16).eval()
+    _assert_same_logits(model)
+
+
+@pytest.mark.parametrize("model_fn, why", [
+    (lambda: _model(_config(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+     "updates itself"),
+    (lambda: MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64)).eval(),
+     "is not LlamaForCausalLM"),
+], ids=["dynamic-rope", "mistral"])
+def test_unsupported_models_keep_transformers_path_and_say_so_once(model_fn, why, caplog):
+    model = model_fn()
+    reference = _clone(model)
+    with caplog.at_level(logging.INFO, logger="services.engine.model_runner"):
+        runner = _runner(model, lean=True)
+    assert runner.lean is None
+    said = [r.getMessage() for r in caplog.records if "lean one does not apply" in r.getMessage()]
+    assert len(said) == 1 and why in said[0]
+    want = _runner(reference, lean=False)
+    for rows in _steps():
+        assert all(torch.equal(g, w) for g, w in zip(runner.forward(rows), want.forward(rows)))
+
+
+def test_a_lean_forward_that_disagrees_on_the_probe_is_not_used(monkeypatch, caplog):
+    """Never a wrong answer: logits that differ from transformers' by one ulp keep transformers' path."""
+    head = lean_llama.LeanLlama.head
+    monkeypatch.setattr(lean_llama.LeanLlama, "head", lambda self, h: torch.nextafter(head(self, h), head(self, h) + 1))
+    with caplog.at_level(logging.INFO, logger="services.engine.model_runner"):
+        runner = _runner(_config(), lean=True)
+    assert runner.lean is None
+    assert any("differ from transformers'" in r.getMessage() for r in caplog.records)
+
+
+def test_pipeline_stage_keeps_transformers_path():
+    assert "pipeline stage" in lean_llama.unsupported(_model(_config()), range(1, 2))
+
+
+def test_lean_forward_flag_reaches_the_runner(tiny_models):
+    from services.draft.config import DraftConfig
+    from services.engine.build import build_engine
+    from services.engine.settings import EngineSettings
+
+    assert DraftConfig.from_args([], env={}).lean_forward is True
+    config = DraftConfig.from_args(["--lean-forward", "false"], env={})
+    assert config.lean_forward is False
+    for lean in (True, False):
+        runner = build_engine(str(tiny_models.draft), EngineSettings(), device="cpu", lean=lean,
+                              num_kv_blocks=8).engine.runner
+        assert (runner.lean is not None) == lean
