@@ -4,7 +4,7 @@ An offline measurement (not a test, not part of ``llmesh bench``), on the
 built models (``~/.cache/llmesh/models``), with the services' engine and
 thread setup (``OMP_WAIT_POLICY=PASSIVE``, one interop thread):
 
-- the draft: ms per proposed token of γ = 4 rounds through the draft
+- the draft (one torch thread, as ``llmesh bench`` runs it): ms per proposed token of γ = 4 rounds through the draft
   service's proposer (``DraftProposer`` on a persistent sequence, the engine
   on its own thread, as ``DraftModel/Propose`` drives it; each round
   discards one proposal and appends two tokens, as a partly accepted round
@@ -122,14 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft", default=str(default_model_path("draft")))
     parser.add_argument("--target", default=str(default_model_path("target-large")))
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the bench's services use 2)")
+    parser.add_argument("--threads", type=int, default=2, help="the target's torch threads (the bench's use 2; "
+                                                                   "the draft has 1, as in the bench)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     out: dict = {"machine": machine_info(args.threads), "gamma": GAMMA, "new_tokens": args.new_tokens}
 
-    draft = build_engine(args.draft, EngineSettings(), device="cpu", threads=args.threads).engine
+    # One thread for the draft, as `llmesh bench` starts it (services/bench/scenarios.py _spec_suite).
+    draft = build_engine(args.draft, EngineSettings(), device="cpu", threads=1).engine
     arms = _arms(draft.runner)
     out["draft_forward_ms"] = bare_forward_ms(draft.runner, arms, args.repeats)
     draft.start()
@@ -137,6 +139,7 @@ def main() -> None:
     draft.stop()
     del draft
 
+    torch.set_num_threads(args.threads)
     target = build_engine(args.target, EngineSettings(), device="cpu", threads=args.threads).engine
     arms = _arms(target.runner)
     target.start()

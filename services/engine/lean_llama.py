@@ -50,12 +50,13 @@ def _act(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, op for op."""
+    """``LlamaRMSNorm.forward``, op for op (its casts only where the dtype is not float32)."""
     input_dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
+    if input_dtype is not torch.float32:
+        hidden = hidden.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
     hidden = hidden * torch.rsqrt(variance + eps)
-    return weight * hidden.to(input_dtype)
+    return weight * (hidden if input_dtype is torch.float32 else hidden.to(input_dtype))
 
 
 def unsupported(model, layers: range) -> str | None:
@@ -119,6 +120,15 @@ class LeanLlama:
         self._layers = [_Layer(layer) for layer in decoder.layers]
         self._norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
         self._lm_head = _linear(model.get_output_embeddings())
+        embed = decoder.embed_tokens
+        self._embed_weight = embed.weight if type(embed) is nn.Embedding and embed.max_norm is None else None
+        self._embed = embed
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` ``[n, width]``: ``[n, width, hidden]``."""
+        if self._embed_weight is None:
+            return self._embed(ids)
+        return F.embedding(ids, self._embed_weight)
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``LlamaRotaryEmbedding.forward`` (non-dynamic types): cos, sin ``[n, width, head_dim]``."""

@@ -236,8 +236,8 @@ class ModelRunner:
         tables = [r.block_table[:num_blocks] + [0] * (num_blocks - len(r.block_table)) for r in rows]  # null-padded
         # Built as Python lists, one tensor each: a draft's step is one short row, where per-op cost rules.
         ids = torch.tensor([r.tokens + [0] * (width - k) for r, k in zip(rows, lens)])
-        t = torch.arange(width)
-        positions = (torch.tensor([r.start for r in rows])[:, None] + t[None, :]).clamp(max=self.max_len - 1)
+        last = self.max_len - 1
+        positions = torch.tensor([[min(r.start + t, last) for t in range(width)] for r in rows])
         slots = torch.tensor(tables)[:, :, None] * bs + torch.arange(bs)  # [n, num_blocks, bs]
         read_slots = slots.view(n, -1)[:, :kv_len].reshape(-1)
         write_slot = [tb[p // bs] * bs + p % bs for r, tb in zip(rows, tables)
@@ -246,7 +246,7 @@ class ModelRunner:
         mask = j[None, None, :] <= positions[:, :, None]  # causal within each row's own positions
         write_rows = None
         if min(lens) < width:
-            valid = t[None, :] < torch.tensor(lens)[:, None]  # [n, width]
+            valid = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]  # [n, width]
             write_rows = tuple(x.to(dev) for x in valid.nonzero(as_tuple=True))
             # Padded queries see only position 0, so softmax stays finite; their output is dropped.
             mask = torch.where(valid[:, :, None], mask, j[None, None, :] == 0)
@@ -264,6 +264,8 @@ class ModelRunner:
     @torch.inference_mode()
     def embed(self, ctx: _StepContext) -> torch.Tensor:
         """Input embeddings ``[n, width, hidden]`` (first stage only)."""
+        if self.lean is not None:
+            return self.lean.embed(ctx.ids)
         return self._decoder.embed_tokens(ctx.ids)
 
     @torch.inference_mode()
