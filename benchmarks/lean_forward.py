@@ -139,7 +139,6 @@ def main() -> None:
     draft.stop()
     del draft
 
-    torch.set_num_threads(args.threads)
     target = build_engine(args.target, EngineSettings(), device="cpu", threads=args.threads).engine
     arms = _arms(target.runner)
     target.start()
