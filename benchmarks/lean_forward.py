@@ -91,12 +91,17 @@ async def _rounds(engine, rounds: int) -> float:
     return took / proposed
 
 
-def draft_ms_per_token(engine, arms: dict, repeats: int, rounds: int = 100) -> dict:
+async def draft_ms_per_token(engine, arms: dict, repeats: int, rounds: int = 100) -> dict:
+    """On one event loop, which outlives the engine thread (stopped here): a
+    closed stream's last event is delivered to it."""
     times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(repeats):
-        for name in arms:
-            _use(engine.runner, arms, name)
-            times[name].append(asyncio.run(_rounds(engine, rounds)))
+    try:
+        for _ in range(repeats):
+            for name in arms:
+                _use(engine.runner, arms, name)
+                times[name].append(await _rounds(engine, rounds))
+    finally:
+        await asyncio.to_thread(engine.stop)
     return {name: round(statistics.median(ts) * 1e3, 3) for name, ts in times.items()}
 
 
@@ -109,12 +114,17 @@ async def _decode_tps(engine, new_tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def target_tps(engine, arms: dict, repeats: int, new_tokens: int) -> dict:
+async def target_tps(engine, arms: dict, repeats: int, new_tokens: int) -> dict:
+    """Decode tokens/s of one request at a time (on one event loop, which outlives the engine thread)."""
     rates: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(repeats):
-        for name in arms:
-            _use(engine.runner, arms, name)
-            rates[name].append(asyncio.run(_decode_tps(engine, new_tokens)))
+    try:
+        await _decode_tps(engine, 8)  # warm-up
+        for _ in range(repeats):
+            for name in arms:
+                _use(engine.runner, arms, name)
+                rates[name].append(await _decode_tps(engine, new_tokens))
+    finally:
+        await asyncio.to_thread(engine.stop)
     return {name: round(statistics.median(r), 2) for name, r in rates.items()}
 
 
@@ -135,16 +145,13 @@ def main() -> None:
     arms = _arms(draft.runner)
     out["draft_forward_ms"] = bare_forward_ms(draft.runner, arms, args.repeats)
     draft.start()
-    out["draft_ms_per_token"] = draft_ms_per_token(draft, arms, args.repeats)
-    draft.stop()
+    out["draft_ms_per_token"] = asyncio.run(draft_ms_per_token(draft, arms, args.repeats))
     del draft
 
     target = build_engine(args.target, EngineSettings(), device="cpu", threads=args.threads).engine
     arms = _arms(target.runner)
     target.start()
-    asyncio.run(_decode_tps(target, 8))  # warm-up
-    tps = target_tps(target, arms, args.repeats, args.new_tokens)
-    target.stop()
+    tps = asyncio.run(target_tps(target, arms, args.repeats, args.new_tokens))
     context = len(PROMPT) + args.new_tokens / 2
     bandwidth = out["machine"]["memory_bandwidth_gbs"]
     out["target_c1_decode_tps"] = tps

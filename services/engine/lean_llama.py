@@ -14,10 +14,11 @@ rotary embedding, the runner's paged attention, o-projection, residual,
 RMSNorm, gated MLP, residual, as ``modeling_llama`` computes them, so the
 logits are the same bit for bit (the runner checks that on a probe at
 start-up and keeps transformers' path when they are not). The model is
-still loaded by ``from_pretrained``; what cannot be replayed exactly (another
-architecture, a module whose forward was swapped, a rotary embedding that
-updates itself per call, a sharded layer) keeps transformers' path:
-:func:`unsupported` says why.
+still loaded by ``from_pretrained``, and the rotary embedding's cos/sin still
+come from its own module (once per forward, so every RoPE type transformers
+has, dynamic ones included, is as transformers computes it); what cannot be
+replayed exactly (another architecture, a module whose forward was swapped, a
+sharded layer) keeps transformers' path: :func:`unsupported` says why.
 """
 
 from __future__ import annotations
@@ -65,28 +66,24 @@ def unsupported(model, layers: range) -> str | None:
     pipeline stage, which keeps transformers' path)."""
     if type(model) is not hf.LlamaForCausalLM:
         return f"{type(model).__name__} is not LlamaForCausalLM"
-    decoder = model.get_decoder()
-    cfg = model.config
-    if layers != range(cfg.num_hidden_layers) or len(decoder.layers) != cfg.num_hidden_layers:
-        return "the runner holds a pipeline stage, not the whole model"
-    rotary = decoder.rotary_emb
-    if type(rotary) is not hf.LlamaRotaryEmbedding or "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
-        return f"rotary embedding {getattr(rotary, 'rope_type', type(rotary).__name__)} updates itself per call"
-    expected = {hf.LlamaDecoderLayer, hf.LlamaAttention, hf.LlamaMLP, hf.LlamaRMSNorm, nn.Linear, PackedLinear,
-                SiLUActivation, nn.SiLU, nn.Embedding}
-    if type(decoder.norm) is not hf.LlamaRMSNorm or type(model.get_output_embeddings()) not in (nn.Linear,
-                                                                                                  PackedLinear):
-        return "the final norm or LM head is not transformers' own"
-    for layer in decoder.layers:
-        for name, module in layer.named_modules():
-            if type(module) not in expected and not isinstance(module, nn.Identity):
-                return f"layer module {name or 'layer'} is a {type(module).__name__}"
-            if "forward" in vars(module):
-                return f"layer module {name or 'layer'} has its forward replaced (a hub kernel?)"
-        if not isinstance(layer.mlp.act_fn, (SiLUActivation, nn.SiLU)):
-            return f"activation {type(layer.mlp.act_fn).__name__} (only SiLU is replayed)"
     if model.training:
         return "the model is in training mode (dropout)"
+    decoder = model.get_decoder()
+    if layers != range(model.config.num_hidden_layers) or len(decoder.layers) != len(layers):
+        return "the runner holds a pipeline stage, not the whole model"
+    expected = {hf.LlamaDecoderLayer, hf.LlamaAttention, hf.LlamaMLP, hf.LlamaRMSNorm, hf.LlamaRotaryEmbedding,
+                nn.Linear, PackedLinear, SiLUActivation, nn.SiLU, nn.Embedding}
+    parts = {"embed_tokens": decoder.embed_tokens, "norm": decoder.norm, "rotary_emb": decoder.rotary_emb,
+             "lm_head": model.get_output_embeddings(),
+             **{f"layers.{i}.{name}".rstrip("."): m for i, layer in enumerate(decoder.layers)
+                for name, m in layer.named_modules()}}
+    for name, module in parts.items():
+        if type(module) not in expected:
+            return f"module {name} is a {type(module).__name__}"
+        if "forward" in vars(module):
+            return f"module {name} has its forward replaced (a hub kernel?)"
+    if type(model.get_output_embeddings()) not in (nn.Linear, PackedLinear):
+        return "the LM head is not a linear layer"
     return None
 
 
@@ -114,9 +111,7 @@ class LeanLlama:
 
     def __init__(self, model) -> None:
         decoder = model.get_decoder()
-        rotary = decoder.rotary_emb
-        self._inv_freq = rotary.inv_freq
-        self._rope_scaling = rotary.attention_scaling
+        self._rotary = decoder.rotary_emb
         self._layers = [_Layer(layer) for layer in decoder.layers]
         self._norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
         self._lm_head = _linear(model.get_output_embeddings())
@@ -130,14 +125,6 @@ class LeanLlama:
             return self._embed(ids)
         return F.embedding(ids, self._embed_weight)
 
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``LlamaRotaryEmbedding.forward`` (non-dynamic types): cos, sin ``[n, width, head_dim]``."""
-        freqs = positions[..., None].float() * self._inv_freq.to(device=hidden.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self._rope_scaling
-        sin = emb.sin() * self._rope_scaling
-        return cos.to(dtype=hidden.dtype), sin.to(dtype=hidden.dtype)
-
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         """Every decoder layer over ``hidden`` ``[n, width, hidden]`` at
         ``positions`` ``[n, width]``; attention by ``attention`` (the runner's
@@ -150,7 +137,7 @@ class LeanLlama:
         ``roll(x) * cat(-sin1, sin2)`` (a sign flip is exact, so each product
         is the same float)."""
         n, width, _ = hidden.shape
-        cos, sin = self.rotary(hidden, positions)
+        cos, sin = self._rotary(hidden, position_ids=positions)  # transformers' own, once per forward
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
