@@ -58,7 +58,8 @@ class RouterConfig(BaseConfig):
     affinity_table_size: int = field(65536, "prefix_affinity: most prefix blocks remembered (least recently "
                                             "used go first)")
     kv_load_weight: float = field(256.0, "kv_aware: cost of one request in flight on an instance, in prompt tokens "
-                                         "to prefill (cost = tokens to prefill + this x requests in flight)")
+                                         "to prefill (cost = tokens to prefill + tokens queued there unprefilled "
+                                         "+ this x requests in flight)")
     kv_events_interval_s: float = field(0.1, "kv_aware: how often targets send their KV-cache block events")
     tokenizer: str = field("", "kv_aware: the targets' tokenizer (a model directory or tokenizer.json), to hash "
                                "text prompts as the targets do; without it only token-id prompts get KV-aware "
