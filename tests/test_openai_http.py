@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 
 import httpx2 as httpx
 import openai
@@ -262,6 +263,20 @@ async def test_curl_sees_sse_framing(served):
     assert sum(len(c["choices"]) for c in chunks) == 5 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert text == await grpc_text(stub, "The meaning of", 5, ignore_eos=True)
+
+
+async def test_sse_events_leave_at_once_nagle_is_off_on_every_connection(served):
+    """Each SSE event is a small write after the headers: with Nagle's algorithm
+    on, it waits for the client's delayed ACK (tens of ms per event)."""
+    router, url, _, _ = served
+    async with httpx.AsyncClient() as http:  # keeps its connection open
+        reply = await http.get(f"{url}/v1/models")
+        assert reply.status_code == 200
+        connections = router.http.server.server_state.connections
+        assert connections
+        for conn in connections:
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 @pytest.mark.parametrize("exc, status, param", [
