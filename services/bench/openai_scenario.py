@@ -285,9 +285,12 @@ def openai_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
         model = model_dir.name
         cost = asyncio.run(_cost(router.address, url, model, prompts, latency_requests * opts.repeats, new_tokens,
                                  stream_new_tokens, 2 * STREAM_CONCURRENCY, opts.repeats, opts.progress))
-        peer = _guidellm(url, model, model_dir, out_dir)
-        own = asyncio.run(_own_sweep(router.address, prompts, opts.progress))
-        lm_eval = _lm_eval(url, model, model_dir, out_dir, prompts)
+        if opts.harnesses:
+            peer = _guidellm(url, model, model_dir, out_dir)
+            own = asyncio.run(_own_sweep(router.address, prompts, opts.progress))
+            lm_eval = _lm_eval(url, model, model_dir, out_dir, prompts)
+        else:
+            peer = own = lm_eval = {"skipped": "--no-harnesses"}
     result = {"scenario": "openai", "model": opts.model, "repeats": opts.repeats, "target_threads": threads,
               **cost, "sweep": {"rates": list(RATES), "requests_per_rate": REQUESTS_PER_RATE,
                                 "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
