@@ -178,7 +178,8 @@ class Upstreams:
         return policy.Snapshot(now=now, stale_after_s=self.config.stale_after_s, sequence=sequence, exclude=exclude,
                                seed=self._rng.getrandbits(64), weights=self.weights, affinity=affinity or {},
                                max_imbalance=self.config.affinity_max_imbalance, prefill_tokens=prefill or {},
-                               queued_prefill=queued or {}, kv_load_weight=self.config.kv_load_weight)
+                               queued_prefill=queued or {}, kv_queue_weight=self.config.kv_queue_weight,
+                               kv_load_weight=self.config.kv_load_weight)
 
     def prefix_blocks(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         """What the policy routes a prompt by: prefix_affinity's prefix blocks;
