@@ -42,7 +42,7 @@ class RouterApp(ServiceApp):
             door = FrontDoor(self.forwarder, self.upstreams,
                              access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s)
             tls = config.tls()
-            self.http = HttpServer(create_app(door), config.host, config.http_port,
+            self.http = HttpServer(create_app(door, provider), config.host, config.http_port,
                                    ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None)
 
     def report(self) -> stats_pb2.LoadReport:
