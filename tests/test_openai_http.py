@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 
 import httpx2 as httpx
 import openai
@@ -264,6 +265,20 @@ async def test_curl_sees_sse_framing(served):
     assert text == await grpc_text(stub, "The meaning of", 5, ignore_eos=True)
 
 
+async def test_sse_events_leave_at_once_nagle_is_off_on_every_connection(served):
+    """Each SSE event is a small write after the headers: with Nagle's algorithm
+    on, it waits for the client's delayed ACK (tens of ms per event)."""
+    router, url, _, _ = served
+    async with httpx.AsyncClient() as http:  # keeps its connection open
+        reply = await http.get(f"{url}/v1/models")
+        assert reply.status_code == 200
+        connections = router.http.server.server_state.connections
+        assert connections
+        for conn in connections:
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 @pytest.mark.parametrize("exc, status, param", [
     (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
     (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),
@@ -284,3 +299,54 @@ def test_every_error_has_its_status_and_the_apis_shape(exc, status, param):
         assert int(headers["Retry-After"]) == (3 if isinstance(exc, ResourceExhausted) else 1)
     if status == 500:
         assert "secret" not in body["error"]["message"] and "incident" in body["error"]["message"]
+
+
+async def test_the_benchs_http_stub_counts_every_token_with_either_client(served):
+    """`llmesh bench --scenario openai` measures the front door with aiohttp (and
+    the SDK's httpx beside it): both must see every token the stream carries."""
+    from services.bench.loadgen import greedy_request
+    from services.bench.openai_scenario import HttpStub, _cost, _lean_client, _sdk_client
+
+    router, url, _, _ = served
+    async with _lean_client() as lean, _sdk_client() as sdk:
+        for client in (lean, sdk):
+            chunks = [c async for c in HttpStub(client, url, MODEL).Generate(greedy_request("The meaning of", 5))]
+            assert sum(len(c.token_ids) for c in chunks) == 5 and chunks[-1].finish_reason
+    out = await _cost(router.address, url, MODEL, ["The meaning of", "Once upon a"], n=2, new_tokens=3,
+                      stream_new_tokens=4, total=4, repeats=1, progress=False)
+    assert out["errors"] == 0 and out["http_throughput_ratio"] > 0
+    assert out["http_p50_ms"] > 0 and out["http_httpx_p50_ms"] > 0 and out["grpc_p50_ms"] > 0
+
+
+async def test_an_http_request_continues_the_clients_trace_to_the_target(tiny_models):
+    """The front door's server span continues the caller's W3C traceparent; the
+    router's upstream call and the target's spans are its descendants, and the
+    request's ``user`` is the span's ``enduser.id``."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common import telemetry
+
+    router_spans, target_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    target = await start_target(tiny_models, provider=telemetry.make_tracer_provider("t", exporter=target_spans))
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        provider = telemetry.make_tracer_provider("r", exporter=router_spans)
+        async with front_door([target.address], provider=provider) as (_, url, _):
+            async with httpx.AsyncClient() as http:
+                reply = await http.post(f"{url}/v1/completions",
+                                        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+                                        json={"model": MODEL, "prompt": "The meaning of", "max_tokens": 3,
+                                              "stream": True, "user": "user-42"})
+                assert reply.status_code == 200 and reply.text.endswith("data: [DONE]\n\n")
+    finally:
+        await target.stop(0)
+    server = [s for s in router_spans.get_finished_spans() if s.kind.name == "SERVER"]
+    assert [s.name for s in server] == ["POST /v1/completions"]  # one span, none per SSE event, none for /health
+    span = server[0]
+    assert format(span.context.trace_id, "032x") == trace_id and format(span.parent.span_id, "016x") == parent_id
+    assert span.attributes["enduser.id"] == "user-42"
+    client = [s for s in router_spans.get_finished_spans() if s.name.endswith("TargetModel/Generate")]
+    assert client and client[0].parent.span_id == span.context.span_id
+    target_server = [s for s in target_spans.get_finished_spans()
+                     if s.kind.name == "SERVER" and s.name.endswith("TargetModel/Generate")]
+    assert target_server and target_server[0].context.trace_id == span.context.trace_id

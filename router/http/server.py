@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl as _ssl
 
 import uvicorn
 
@@ -16,22 +17,32 @@ log = logging.getLogger(__name__)
 class HttpServer:
     """uvicorn on ``host:port``. :meth:`start` binds (OSError when the port is
     in use) and serves as a task; :meth:`stop` lets running requests finish
-    for up to ``grace_s`` seconds. ``ssl``: (certfile, keyfile) for HTTPS.
+    for up to ``grace_s`` seconds. ``ssl``: (certfile, keyfile) for HTTPS;
+    ``client_ca``: with HTTPS, every client must present a certificate signed
+    by this CA (the router's ``--tls-client-auth``, as on its gRPC port).
     Event-loop thread."""
 
-    def __init__(self, app, host: str, port: int, ssl: tuple[str, str] | None = None) -> None:
+    def __init__(self, app, host: str, port: int, ssl: tuple[str, str] | None = None,
+                 client_ca: str | None = None) -> None:
         self.host, self.port = host, port
         certfile, keyfile = ssl or (None, None)
+        mutual = {"ssl_ca_certs": client_ca, "ssl_cert_reqs": _ssl.CERT_REQUIRED} if ssl and client_ca else {}
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                      lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile,
-                                     timeout_graceful_shutdown=5)
+                                     timeout_graceful_shutdown=5, **mutual)
         self.server = uvicorn.Server(self.config)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off
+        # (TCP_NODELAY) only on sockets whose proto says TCP, and accepted sockets
+        # take the listener's. With Nagle on, each small SSE event after the
+        # headers waited for the client's delayed ACK (tens of ms). The option is
+        # also set here, for the accepted sockets to inherit (Linux).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="with --all: JSON and plots go here")
     p.add_argument("--markdown", type=Path, default=None, help="with --all: write this BENCHMARKS.md")
+    p.add_argument("--no-harnesses", action="store_true",
+                   help="openai: measure the front door's cost only (no GuideLLM sweep, no lm-evaluation-harness run)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
               f"run `llmesh models build`", file=sys.stderr)
         return 2
     opts = BenchOptions(home=home, model=args.model, draft=args.draft, router=args.router, repeats=args.repeats,
-                        threads=args.threads, progress=not args.no_progress)
+                        threads=args.threads, progress=not args.no_progress, harnesses=not args.no_harnesses)
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     if not args.all:
         if not args.scenario:
@@ -75,7 +78,22 @@ def _one(name, opts, concurrencies, new_tokens, duration_s=None, streams=None):
         kw = {k: v for k, v in (("duration_s", duration_s), ("streams", streams)) if v}
     from services.bench.report import cpu_capability
 
-    return {**scenarios[name](opts, **kw), "cpu_capability": cpu_capability()}
+    load_before = os.getloadavg()[0]
+    result = scenarios[name](opts, **kw)
+    # Other work on the machine moves every figure: say how busy it was. With the
+    # kernel's autogroup scheduling on, `nice` does not shield a benchmark from
+    # other terminal sessions' processes.
+    return {**result, "cpu_capability": cpu_capability(),
+            "host_load": {"load_average_1m_start": round(load_before, 2),
+                          "load_average_1m_end": round(os.getloadavg()[0], 2),
+                          "sched_autogroup_enabled": _autogroup()}}
+
+
+def _autogroup() -> bool | None:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return None
 
 
 def _all(args, opts, concurrencies) -> int:
