@@ -58,7 +58,10 @@ class RouterConfig(BaseConfig):
     affinity_table_size: int = field(65536, "prefix_affinity: most prefix blocks remembered (least recently "
                                             "used go first)")
     kv_load_weight: float = field(256.0, "kv_aware: cost of one request in flight on an instance, in prompt tokens "
-                                         "to prefill (cost = tokens to prefill + this x requests in flight)")
+                                         "to prefill (cost = tokens to prefill + tokens queued there unprefilled "
+                                         "+ this x requests in flight)")
+    kv_queue_weight: float = field(1.0, "kv_aware: weight of the prefill queued on an instance (prompt tokens "
+                                        "routed there, not yet prefilled) in its cost; 0 leaves it out")
     kv_events_interval_s: float = field(0.1, "kv_aware: how often targets send their KV-cache block events")
     tokenizer: str = field("", "kv_aware: the targets' tokenizer (a model directory or tokenizer.json), to hash "
                                "text prompts as the targets do; without it only token-id prompts get KV-aware "
@@ -118,6 +121,7 @@ class RouterConfig(BaseConfig):
         self.require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
         self.require(0 <= self.http_port <= 65535, "http_port", "must be in [0, 65535] (0: no HTTP front door)")
         self.require(self.http_timeout_s >= 0, "http_timeout_s", "must be >= 0 (0: no bound)")
+        self.require(self.kv_queue_weight >= 0, "kv_queue_weight", "must be >= 0 (a weight of prompt tokens)")
         self.require(self.kv_load_weight >= 0, "kv_load_weight", "must be >= 0 (prompt tokens per request in flight)")
         self.require(0.01 <= self.kv_events_interval_s <= 60, "kv_events_interval_s", "must be in [0.01, 60] seconds")
         if self.tokenizer:

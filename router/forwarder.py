@@ -186,7 +186,7 @@ class Forwarder:
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
             try:
-                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally)
+                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally, sequence)
             finally:
                 self.upstreams.finished(inst.id, sequence)
             if error is None:
@@ -200,11 +200,12 @@ class Forwarder:
             last = error
 
     async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, draft: Instance | None,
-                       timeout: float | None, streamed: list[int], emit: Emit, tally: _Tally) -> UpstreamError | None:
+                       timeout: float | None, streamed: list[int], emit: Emit, tally: _Tally,
+                       sequence: int) -> UpstreamError | None:
         """One upstream call, its chunks passed on as they come; the error that
         ended it early, or None when it finished. The last chunk's speculation
         figures are what the router learns of ``draft`` (the draft it chose)."""
-        instance_id, resumed = inst.id, len(streamed)
+        instance_id, resumed, prefilling = inst.id, len(streamed), True
         clock, record_tokens, kept = self.clock, self.metrics.record_tokens, tally.kept
         registry = self.upstreams.registry
         with self.tracer.start_as_current_span(GENERATE_METHOD, kind=trace.SpanKind.CLIENT,
@@ -221,6 +222,9 @@ class Forwarder:
                     chunk.instance_id = instance_id
                     ids = chunk.token_ids
                     if ids:
+                        if prefilling:
+                            self.upstreams.prefilled(instance_id, sequence)
+                            prefilling = False
                         n = len(ids)
                         streamed.extend(ids)
                         now = clock()

@@ -54,6 +54,11 @@ class Snapshot:
     max_imbalance: int = 4
     #: kv_aware: instance id -> prompt tokens it would have to prefill (its KV events' hits taken off).
     prefill_tokens: Mapping[str, int] = field(default_factory=dict)
+    #: kv_aware: instance id -> prompt tokens of the requests this router sent there that
+    #: are not prefilled yet (no first token): the prefill queued ahead of this request.
+    queued_prefill: Mapping[str, int] = field(default_factory=dict)
+    #: kv_aware: weight of ``queued_prefill`` in the cost.
+    kv_queue_weight: float = 1.0
     #: kv_aware: prompt tokens one request in flight on an instance is worth.
     kv_load_weight: float = 256.0
 
@@ -126,12 +131,19 @@ def prefix_affinity(instances: list[Instance], snapshot: Snapshot) -> Instance:
 
 
 def kv_cost(instance: Instance, snapshot: Snapshot) -> float:
-    """kv_aware's cost of an instance: the prompt tokens it would prefill (what
-    its prefix cache holds taken off, from its KV events) + ``kv_load_weight``
-    x its requests in flight. Both terms are in prefill tokens; a request in
-    flight costs as much as prefilling ``kv_load_weight`` tokens (default 256:
-    on the default models about one decode step of a full batch's time)."""
-    return snapshot.prefill_tokens.get(instance.id, 0) + snapshot.kv_load_weight * load_of(instance, snapshot)
+    """kv_aware's cost of an instance, in prompt tokens to prefill before this
+    request's first token: the prompt tokens it would prefill itself (what the
+    instance's prefix cache holds taken off, from its KV events) + ``kv_queue_weight``
+    x the prefill queued there ahead of it (prompt tokens of requests this router sent that
+    have no first token yet, their cache hits taken off) + ``kv_load_weight`` x
+    its requests in flight (default 256: a request decoding costs about as
+    much as prefilling 256 tokens on the default models, one decode step of a
+    full batch). Counting queued prefill in tokens rather than requests tells a
+    queue of cache hits from a queue of cold prompts, as NVIDIA Dynamo's KV
+    router counts the prefill blocks and active blocks of each worker."""
+    return (snapshot.prefill_tokens.get(instance.id, 0)
+            + snapshot.kv_queue_weight * snapshot.queued_prefill.get(instance.id, 0)
+            + snapshot.kv_load_weight * load_of(instance, snapshot))
 
 
 def kv_aware(instances: list[Instance], snapshot: Snapshot) -> Instance:

@@ -68,6 +68,10 @@ class Upstreams:
         self.kv_index = KvIndex() if config.policy is PolicyName.KV_AWARE else None
         #: (instance id, request sequence) -> block hashes kv_aware expects the request to store there.
         self._expecting: dict[tuple[str, int], tuple[int, ...]] = {}
+        #: kv_aware: instance id -> prompt tokens routed there and not yet prefilled, and
+        #: (instance id, request sequence) -> that request's share.
+        self._queued_prefill: dict[str, int] = {}
+        self._queued_of: dict[tuple[str, int], int] = {}
         self._tokenizer = load_tokenizer(config.tokenizer) if self.kv_index is not None and config.tokenizer else None
 
     # -- membership ------------------------------------------------------------
@@ -167,12 +171,14 @@ class Upstreams:
         return sorted(named | {i.spec.pool for i in self.registry})
 
     def snapshot(self, sequence: int = 0, exclude: frozenset[str] = frozenset(),
-                 affinity: dict[str, int] | None = None, prefill: dict[str, int] | None = None) -> policy.Snapshot:
+                 affinity: dict[str, int] | None = None, prefill: dict[str, int] | None = None,
+                 queued: dict[str, int] | None = None) -> policy.Snapshot:
         now = self.clock()
         self.registry.readmit(now)
         return policy.Snapshot(now=now, stale_after_s=self.config.stale_after_s, sequence=sequence, exclude=exclude,
                                seed=self._rng.getrandbits(64), weights=self.weights, affinity=affinity or {},
                                max_imbalance=self.config.affinity_max_imbalance, prefill_tokens=prefill or {},
+                               queued_prefill=queued or {}, kv_queue_weight=self.config.kv_queue_weight,
                                kv_load_weight=self.config.kv_load_weight)
 
     def prefix_blocks(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
@@ -210,19 +216,35 @@ class Upstreams:
             instances = self.registry.select(role, pool)
             cached = self.kv_index.cached_tokens([i.id for i in instances], prompt_ids, now) if prompt_ids else {}
             prefill = {iid: len(prompt_ids) - hit for iid, hit in cached.items()}
-            inst = policy.choose(self.config.policy, instances, self.snapshot(sequence, exclude, prefill=prefill))
+            snapshot = self.snapshot(sequence, exclude, prefill=prefill, queued=self._queued_prefill)
+            inst = policy.choose(self.config.policy, instances, snapshot)
             if inst is not None:
                 if prompt_ids:
                     hashes = self.kv_index.expect(inst.id, prompt_ids, now)
                     if hashes:
                         self._expecting[(inst.id, sequence)] = hashes
+                    tokens = prefill.get(inst.id, 0)
+                    self._queued_of[(inst.id, sequence)] = tokens
+                    self._queued_prefill[inst.id] = self._queued_prefill.get(inst.id, 0) + tokens
                 return inst
         return None
+
+    def prefilled(self, instance_id: str, sequence: int) -> None:
+        """Request ``sequence`` got its first token from the instance: its prompt
+        no longer counts in the prefill queued there (kv_aware)."""
+        tokens = self._queued_of.pop((instance_id, sequence), None)
+        if tokens is not None:
+            left = self._queued_prefill.get(instance_id, 0) - tokens
+            if left > 0:
+                self._queued_prefill[instance_id] = left
+            else:
+                self._queued_prefill.pop(instance_id, None)
 
     def finished(self, instance_id: str, sequence: int) -> None:
         """Request ``sequence`` on the instance has ended (finished or failed):
         the blocks kv_aware expected it to store stay expected only until its
         KV events arrive or a short grace passes (:meth:`KvIndex.settle`)."""
+        self.prefilled(instance_id, sequence)
         hashes = self._expecting.pop((instance_id, sequence), None)
         if hashes and self.kv_index is not None:
             self.kv_index.settle(instance_id, hashes, self.clock())

@@ -219,3 +219,42 @@ async def test_kv_aware_routes_each_group_to_the_target_holding_its_prefix(tiny_
     finally:
         for a in apps:
             await a.stop(0)
+
+
+def test_kv_aware_counts_the_prefill_queued_on_an_instance_in_tokens():
+    # Both hold nothing of this prompt and have two requests in flight, but a's are
+    # cold 1,000-token prompts not yet prefilled while b's were cache hits: b is cheaper.
+    a, b = instance("a", in_flight=2), instance("b", in_flight=2)
+    snap = Snapshot(now=1.0, prefill_tokens={"a": 500, "b": 500}, queued_prefill={"a": 2000, "b": 30})
+    assert kv_aware([a, b], snap).id == "b"
+    assert kv_cost(a, snap) == 500 + 2000 + 256 * 2
+
+
+def test_the_router_counts_a_routed_prompt_as_queued_prefill_until_its_first_token():
+    from router.config import RouterConfig
+    from router.registry import Health, Identity, InstanceSpec, Role
+    from router.upstreams import Upstreams
+    from services.common.stubs import stats_pb2
+
+    up = Upstreams(RouterConfig.from_namespace({"port": 0, "http_port": 0, "policy": "kv_aware"}, env={}),
+                   clock=lambda: 1.0)
+    for name in ("a", "b"):
+        inst, _ = up.registry.upsert(InstanceSpec(id=name, address=f"127.0.0.1:{len(name)}", role=Role.TARGET))
+        inst.health, inst.identity = Health.SERVING, Identity.CONFIRMED
+        inst.load, inst.load_at = stats_pb2.LoadReport(), 1.0
+        up.kv_index.apply(name, True, [], [], 4)
+    prompt = tuple(PREFIX * 2)  # 42 tokens, 40 cacheable
+    first = up.choose(Role.TARGET, ["default"], 0, prefix=prompt)
+    # The first request's 42 tokens are queued there: a cold prompt goes to the other...
+    # (sequence 2 breaks a tie toward the first, as sequence 0 did)
+    other = up.choose(Role.TARGET, ["default"], 2, prefix=tuple(range(3, 45)))
+    assert other.id != first.id
+    # ...while the same prefix follows the first (its 40 expected tokens outweigh the queue).
+    assert up.choose(Role.TARGET, ["default"], 4, prefix=prompt).id == first.id
+    assert up._queued_prefill == {first.id: 42 + 2, other.id: 42}
+    up.prefilled(first.id, 0)
+    up.finished(first.id, 4)  # ended before its first token: no longer queued either
+    up.finished(other.id, 2)
+    assert up._queued_prefill == {}
+    up.finished(first.id, 0)  # the end after the first token changes nothing more
+    assert up._queued_prefill == {}

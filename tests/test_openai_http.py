@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import socket
 
 import httpx2 as httpx
 import openai
@@ -264,6 +265,20 @@ async def test_curl_sees_sse_framing(served):
     assert text == await grpc_text(stub, "The meaning of", 5, ignore_eos=True)
 
 
+async def test_sse_events_leave_at_once_nagle_is_off_on_every_connection(served):
+    """Each SSE event is a small write after the headers: with Nagle's algorithm
+    on, it waits for the client's delayed ACK (tens of ms per event)."""
+    router, url, _, _ = served
+    async with httpx.AsyncClient() as http:  # keeps its connection open
+        reply = await http.get(f"{url}/v1/models")
+        assert reply.status_code == 200
+        connections = router.http.server.server_state.connections
+        assert connections
+        for conn in connections:
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 @pytest.mark.parametrize("exc, status, param", [
     (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
     (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),
@@ -284,3 +299,20 @@ def test_every_error_has_its_status_and_the_apis_shape(exc, status, param):
         assert int(headers["Retry-After"]) == (3 if isinstance(exc, ResourceExhausted) else 1)
     if status == 500:
         assert "secret" not in body["error"]["message"] and "incident" in body["error"]["message"]
+
+
+async def test_the_benchs_http_stub_counts_every_token_with_either_client(served):
+    """`llmesh bench --scenario openai` measures the front door with aiohttp (and
+    the SDK's httpx beside it): both must see every token the stream carries."""
+    from services.bench.loadgen import greedy_request
+    from services.bench.openai_scenario import HttpStub, _cost, _lean_client, _sdk_client
+
+    router, url, _, _ = served
+    async with _lean_client() as lean, _sdk_client() as sdk:
+        for client in (lean, sdk):
+            chunks = [c async for c in HttpStub(client, url, MODEL).Generate(greedy_request("The meaning of", 5))]
+            assert sum(len(c.token_ids) for c in chunks) == 5 and chunks[-1].finish_reason
+    out = await _cost(router.address, url, MODEL, ["The meaning of", "Once upon a"], n=2, new_tokens=3,
+                      stream_new_tokens=4, total=4, repeats=1, progress=False)
+    assert out["errors"] == 0 and out["http_throughput_ratio"] > 0
+    assert out["http_p50_ms"] > 0 and out["http_httpx_p50_ms"] > 0 and out["grpc_p50_ms"] > 0

@@ -30,8 +30,14 @@ class HttpServer:
 
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off
+        # (TCP_NODELAY) only on sockets whose proto says TCP, and accepted sockets
+        # take the listener's. With Nagle on, each small SSE event after the
+        # headers waited for the client's delayed ACK (tens of ms). The option is
+        # also set here, for the accepted sockets to inherit (Linux).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

@@ -155,3 +155,38 @@ def greedy_request(prompt: str, new_tokens: int, speculate: bool | None = None, 
     if method is not None:
         req.speculation.method = method
     return req
+
+
+async def interleaved_latency(kinds: dict[str, Callable], make_request: Callable[[int], gen.GenerateRequest],
+                              n: int, warmup: int = 4) -> dict[str, list[float]]:
+    """Seconds per call of each kind (``kinds``: name -> async call of one
+    request, awaited to its end), ``n`` calls each at concurrency 1, the kinds
+    interleaved in rotating order so that drift hits them alike; after
+    ``warmup`` untimed rounds (channels, caches, first choices). Wall clock:
+    ``time.perf_counter``."""
+    for i in range(warmup):
+        for call in kinds.values():
+            await call(make_request(i))
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    order = list(kinds)
+    for i in range(n):
+        req = make_request(i)
+        for kind in order[i % len(order):] + order[:i % len(order)]:
+            started = time.perf_counter()
+            await kinds[kind](req)
+            times[kind].append(time.perf_counter() - started)
+    return times
+
+
+async def alternating_runs(stubs: dict, make_request: Callable[[int], gen.GenerateRequest], concurrency: int,
+                           total: int, repeats: int, progress: bool) -> dict[str, list[RunResult]]:
+    """``repeats`` closed-loop runs of each stub (name -> stub), alternating
+    stub by stub, after one untimed warm-up run of ``concurrency`` requests each."""
+    for stub in stubs.values():
+        await closed_loop(stub, make_request, concurrency, concurrency, progress=False)
+    runs: dict[str, list[RunResult]] = {k: [] for k in stubs}
+    for r in range(repeats):
+        for kind, stub in stubs.items():
+            runs[kind].append(await closed_loop(stub, make_request, concurrency, total,
+                                                label=f"{kind} c{concurrency} run {r + 1}", progress=progress))
+    return runs

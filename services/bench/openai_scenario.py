@@ -33,11 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import httpx2 as httpx
 
 from services.bench import local_suite
-from services.bench.loadgen import RunResult, closed_loop, greedy_request, open_loop
+from services.bench.loadgen import alternating_runs, greedy_request, interleaved_latency, open_loop
 from services.bench.router_scenario import STREAM_CONCURRENCY, _ms, running, target_threads
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions, median
 from services.common.stubs import generation_pb2 as gen
@@ -55,72 +56,88 @@ class HttpStub:
     """``Generate`` over the HTTP front door, as :mod:`services.bench.loadgen`
     calls it: each SSE event with text is one chunk of one token (greedy,
     no speculation: the router streams a chunk per token), corrected to the
-    usage the last event reports."""
+    usage the last event reports. ``client``: an ``aiohttp.ClientSession``
+    (the lean client the front door's cost is measured with) or an
+    ``httpx.AsyncClient`` (the openai SDK's client, reported beside it)."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, model: str) -> None:
+    def __init__(self, client, url: str, model: str) -> None:
         self.client, self.url, self.model = client, url, model
+
+    async def _lines(self, body: dict):
+        """The reply's lines (bytes), raising for a status other than 200."""
+        url = f"{self.url}/v1/completions"
+        if isinstance(self.client, httpx.AsyncClient):
+            async with self.client.stream("POST", url, json=body) as reply:
+                if reply.status_code != 200:
+                    raise _http_error(reply.status_code, await reply.aread())
+                async for line in reply.aiter_lines():
+                    yield line.encode()
+            return
+        async with self.client.post(url, json=body) as reply:
+            if reply.status != 200:
+                raise _http_error(reply.status, await reply.read())
+            async for line in reply.content:
+                yield line
 
     async def Generate(self, request: gen.GenerateRequest, timeout=None):
         body = {"model": self.model, "prompt": request.prompt.text, "max_tokens": request.sampling.max_new_tokens,
                 "temperature": 0, "ignore_eos": request.sampling.ignore_eos, "stream": True,
                 "stream_options": {"include_usage": True}}
         seen = 0
-        async with self.client.stream("POST", f"{self.url}/v1/completions", json=body) as reply:
-            if reply.status_code != 200:
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None,
-                                           f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if event.get("choices"):
-                    seen += 1
-                    finish = event["choices"][0].get("finish_reason")
-                    yield gen.GenerateChunk(token_ids=[0], finish_reason=gen.FINISH_REASON_LENGTH if finish else 0)
-                elif event.get("usage") and event["usage"]["completion_tokens"] > seen:
-                    yield gen.GenerateChunk(token_ids=[0] * (event["usage"]["completion_tokens"] - seen))
+        async for line in self._lines(body):
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                seen += 1
+                finish = event["choices"][0].get("finish_reason")
+                yield gen.GenerateChunk(token_ids=[0], finish_reason=gen.FINISH_REASON_LENGTH if finish else 0)
+            elif event.get("usage") and event["usage"]["completion_tokens"] > seen:
+                yield gen.GenerateChunk(token_ids=[0] * (event["usage"]["completion_tokens"] - seen))
 
 
-def _lean_client() -> httpx.AsyncClient:
+def _http_error(status: int, body: bytes) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None, f"HTTP {status}: {body[:200]!r}")
+
+
+def _lean_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                 connector=aiohttp.TCPConnector(limit=256))
+
+
+def _sdk_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
 
 
 # -- the front door's cost ----------------------------------------------------------
 async def _cost(router: str, url: str, model: str, prompts: list[str], n: int, new_tokens: int,
                 stream_new_tokens: int, total: int, repeats: int, progress: bool) -> dict:
-    async with grpc.aio.insecure_channel(router) as channel, _lean_client() as client:
-        stubs = {"grpc": router_pb2_grpc.RouterStub(channel), "http": HttpStub(client, url, model)}
+    """The front door's cost: HTTP (the lean aiohttp client; the openai SDK's
+    httpx beside it, latency only) vs ``Router.Generate``, same requests."""
+    async with grpc.aio.insecure_channel(router) as channel, _lean_client() as lean, _sdk_client() as sdk:
+        stubs = {"grpc": router_pb2_grpc.RouterStub(channel), "http": HttpStub(lean, url, model)}
 
-        async def stream(stub, req) -> int:
-            return sum([len(c.token_ids) async for c in stub.Generate(req)])
+        def stream(stub):
+            async def call(req) -> int:
+                return sum([len(c.token_ids) async for c in stub.Generate(req)])
+            return call
 
-        for i in range(4):  # warm-up
-            for stub in stubs.values():
-                await stream(stub, greedy_request(prompts[i], new_tokens, speculate=False))
-        times: dict[str, list[float]] = {k: [] for k in stubs}
-        order = list(stubs)
-        for i in range(n):
-            req = greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)
-            for kind in order[i % 2:] + order[:i % 2]:
-                started = time.perf_counter()
-                await stream(stubs[kind], req)
-                times[kind].append(time.perf_counter() - started)
+        kinds = {k: stream(s) for k, s in {**stubs, "http_httpx": HttpStub(sdk, url, model)}.items()}
+        times = await interleaved_latency(
+            kinds, lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False), n)
         make = lambda i: greedy_request(prompts[i % len(prompts)], stream_new_tokens, speculate=False)  # noqa: E731
-        runs: dict[str, list[RunResult]] = {k: [] for k in stubs}
-        for r in range(repeats):
-            for kind, stub in stubs.items():
-                runs[kind].append(await closed_loop(stub, make, STREAM_CONCURRENCY, total,
-                                                    label=f"{kind} c{STREAM_CONCURRENCY} run {r + 1}",
-                                                    progress=progress))
+        runs = await alternating_runs(stubs, make, STREAM_CONCURRENCY, total, repeats, progress)
     tps = {k: [r.tokens_per_s for r in v] for k, v in runs.items()}
     ratio = median(tps["http"]) / median(tps["grpc"]) if median(tps["grpc"]) else None
     paired = [h - g for h, g in zip(times["http"], times["grpc"])]
     return {
-        "latency_requests": n, "new_tokens": new_tokens,
+        "latency_requests": n, "new_tokens": new_tokens, "http_client": f"aiohttp {aiohttp.__version__}",
         "grpc_p50_ms": round(_ms(times["grpc"], 50), 3), "http_p50_ms": round(_ms(times["http"], 50), 3),
         "grpc_p99_ms": round(_ms(times["grpc"], 99), 3), "http_p99_ms": round(_ms(times["http"], 99), 3),
         "http_added_latency_p50_ms": round(_ms(times["http"], 50) - _ms(times["grpc"], 50), 3),
         "http_added_latency_paired_p50_ms": round(_ms(paired, 50), 3),
+        "http_httpx_p50_ms": round(_ms(times["http_httpx"], 50), 3),
+        "http_httpx_added_latency_p50_ms": round(_ms(times["http_httpx"], 50) - _ms(times["grpc"], 50), 3),
         "stream_concurrency": STREAM_CONCURRENCY, "stream_new_tokens": stream_new_tokens,
         "grpc_tps_runs": [round(x, 1) for x in tps["grpc"]], "http_tps_runs": [round(x, 1) for x in tps["http"]],
         "http_throughput_ratio": round(ratio, 4) if ratio is not None else None,
@@ -268,9 +285,12 @@ def openai_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
         model = model_dir.name
         cost = asyncio.run(_cost(router.address, url, model, prompts, latency_requests * opts.repeats, new_tokens,
                                  stream_new_tokens, 2 * STREAM_CONCURRENCY, opts.repeats, opts.progress))
-        peer = _guidellm(url, model, model_dir, out_dir)
-        own = asyncio.run(_own_sweep(router.address, prompts, opts.progress))
-        lm_eval = _lm_eval(url, model, model_dir, out_dir, prompts)
+        if opts.harnesses:
+            peer = _guidellm(url, model, model_dir, out_dir)
+            own = asyncio.run(_own_sweep(router.address, prompts, opts.progress))
+            lm_eval = _lm_eval(url, model, model_dir, out_dir, prompts)
+        else:
+            peer = own = lm_eval = {"skipped": "--no-harnesses"}
     result = {"scenario": "openai", "model": opts.model, "repeats": opts.repeats, "target_threads": threads,
               **cost, "sweep": {"rates": list(RATES), "requests_per_rate": REQUESTS_PER_RATE,
                                 "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,

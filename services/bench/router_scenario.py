@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 
 from services.bench import local_suite
-from services.bench.loadgen import RunResult, closed_loop, greedy_request
+from services.bench.loadgen import RunResult, alternating_runs, greedy_request, interleaved_latency
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions, median
 from services.common.suite import ServiceSpec
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc
@@ -77,18 +77,8 @@ async def _latency(target: str, router: str, prompts: list[str], n: int, new_tok
 
         kinds = {"direct": lambda req: generate(direct, req), "router_generate": lambda req: generate(routed, req),
                  "router_complete": lambda req: routed.Complete(req)}
-        for i in range(4):  # warm-up: channels, caches, the router's first choices
-            for call in kinds.values():
-                await call(greedy_request(prompts[i], new_tokens, speculate=False))
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        order = list(kinds)
-        for i in range(n):
-            req = greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)
-            for kind in order[i % 3:] + order[:i % 3]:
-                started = time.perf_counter()
-                await kinds[kind](req)
-                times[kind].append(time.perf_counter() - started)
-        return times
+        make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
+        return await interleaved_latency(kinds, make, n)
 
 
 async def _throughput(target: str, router: str, prompts: list[str], new_tokens: int, total: int,
@@ -97,15 +87,7 @@ async def _throughput(target: str, router: str, prompts: list[str], new_tokens: 
     make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
     async with grpc.aio.insecure_channel(target) as tc, grpc.aio.insecure_channel(router) as rc:
         stubs = {"direct": model_pb2_grpc.TargetModelStub(tc), "router": router_pb2_grpc.RouterStub(rc)}
-        for stub in stubs.values():
-            await closed_loop(stub, make, STREAM_CONCURRENCY, STREAM_CONCURRENCY, progress=False)
-        runs: dict[str, list[RunResult]] = {k: [] for k in stubs}
-        for r in range(repeats):
-            for kind, stub in stubs.items():
-                runs[kind].append(await closed_loop(stub, make, STREAM_CONCURRENCY, total,
-                                                    label=f"{kind} c{STREAM_CONCURRENCY} run {r + 1}",
-                                                    progress=progress))
-        return runs
+        return await alternating_runs(stubs, make, STREAM_CONCURRENCY, total, repeats, progress)
 
 
 # -- failover -------------------------------------------------------------------

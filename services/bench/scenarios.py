@@ -29,6 +29,8 @@ class BenchOptions:
     repeats: int = 3
     threads: int = 2
     progress: bool = True
+    #: openai: run the peer harnesses (GuideLLM, lm-evaluation-harness) after the front door's cost.
+    harnesses: bool = True
 
     def model_dir(self, name: str) -> Path:
         return self.home / "models" / name

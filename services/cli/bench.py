@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks"), help="with --all: JSON and plots go here")
     p.add_argument("--markdown", type=Path, default=None, help="with --all: write this BENCHMARKS.md")
+    p.add_argument("--no-harnesses", action="store_true",
+                   help="openai: measure the front door's cost only (no GuideLLM sweep, no lm-evaluation-harness run)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
               f"run `llmesh models build`", file=sys.stderr)
         return 2
     opts = BenchOptions(home=home, model=args.model, draft=args.draft, router=args.router, repeats=args.repeats,
-                        threads=args.threads, progress=not args.no_progress)
+                        threads=args.threads, progress=not args.no_progress, harnesses=not args.no_harnesses)
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     if not args.all:
         if not args.scenario:
