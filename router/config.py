@@ -60,8 +60,9 @@ class RouterConfig(BaseConfig):
     kv_load_weight: float = field(256.0, "kv_aware: cost of one request in flight on an instance, in prompt tokens "
                                          "to prefill (cost = tokens to prefill + tokens queued there unprefilled "
                                          "+ this x requests in flight)")
-    kv_queue_weight: float = field(1.0, "kv_aware: weight of the prefill queued on an instance (prompt tokens "
-                                        "routed there, not yet prefilled) in its cost; 0 leaves it out")
+    kv_queue_weight: float = field(0.0, "kv_aware: weight of the prefill queued on an instance (prompt tokens "
+                                        "routed there, not yet prefilled) in its cost; 0 (default) leaves it "
+                                        "out: on the prefix benchmark it spread groups over instances")
     kv_events_interval_s: float = field(0.1, "kv_aware: how often targets send their KV-cache block events")
     tokenizer: str = field("", "kv_aware: the targets' tokenizer (a model directory or tokenizer.json), to hash "
                                "text prompts as the targets do; without it only token-id prompts get KV-aware "

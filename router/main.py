@@ -42,8 +42,9 @@ class RouterApp(ServiceApp):
             door = FrontDoor(self.forwarder, self.upstreams,
                              access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s)
             tls = config.tls()
-            self.http = HttpServer(create_app(door), config.host, config.http_port,
-                                   ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None)
+            self.http = HttpServer(create_app(door, provider), config.host, config.http_port,
+                                   ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None,
+                                   client_ca=str(tls.ca) if tls is not None and config.tls_client_auth else None)
 
     def report(self) -> stats_pb2.LoadReport:
         return codec.router_report(self.metrics.snapshot(time.monotonic()), self.forwarder.in_flight,

@@ -58,7 +58,7 @@ class Snapshot:
     #: are not prefilled yet (no first token): the prefill queued ahead of this request.
     queued_prefill: Mapping[str, int] = field(default_factory=dict)
     #: kv_aware: weight of ``queued_prefill`` in the cost.
-    kv_queue_weight: float = 1.0
+    kv_queue_weight: float = 0.0
     #: kv_aware: prompt tokens one request in flight on an instance is worth.
     kv_load_weight: float = 256.0
 
@@ -140,7 +140,10 @@ def kv_cost(instance: Instance, snapshot: Snapshot) -> float:
     much as prefilling 256 tokens on the default models, one decode step of a
     full batch). Counting queued prefill in tokens rather than requests tells a
     queue of cache hits from a queue of cold prompts, as NVIDIA Dynamo's KV
-    router counts the prefill blocks and active blocks of each worker."""
+    router counts the prefill blocks and active blocks of each worker; its
+    weight is 0 by default: on the prefix benchmark (BENCHMARKS.md) a weight of 1
+    sent a group's second request away from the instance still prefilling the
+    group's prefix, so groups spread and their prefixes were computed twice."""
     return (snapshot.prefill_tokens.get(instance.id, 0)
             + snapshot.kv_queue_weight * snapshot.queued_prefill.get(instance.id, 0)
             + snapshot.kv_load_weight * load_of(instance, snapshot))

@@ -31,10 +31,10 @@ from tests.conftest import eventually
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-async def start_target(tiny_models, **overrides):
+async def start_target(tiny_models, provider=None, **overrides):
     config = TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0, "max_batch_size": 8,
                                           "warmup": False, **overrides}, env={})
-    app = create_target(config)
+    app = create_target(config, provider)
     await app.start()
     return app
 

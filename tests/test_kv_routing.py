@@ -225,7 +225,8 @@ def test_kv_aware_counts_the_prefill_queued_on_an_instance_in_tokens():
     # Both hold nothing of this prompt and have two requests in flight, but a's are
     # cold 1,000-token prompts not yet prefilled while b's were cache hits: b is cheaper.
     a, b = instance("a", in_flight=2), instance("b", in_flight=2)
-    snap = Snapshot(now=1.0, prefill_tokens={"a": 500, "b": 500}, queued_prefill={"a": 2000, "b": 30})
+    snap = Snapshot(now=1.0, prefill_tokens={"a": 500, "b": 500}, queued_prefill={"a": 2000, "b": 30},
+                    kv_queue_weight=1.0)
     assert kv_aware([a, b], snap).id == "b"
     assert kv_cost(a, snap) == 500 + 2000 + 256 * 2
 
@@ -236,7 +237,8 @@ def test_the_router_counts_a_routed_prompt_as_queued_prefill_until_its_first_tok
     from router.upstreams import Upstreams
     from services.common.stubs import stats_pb2
 
-    up = Upstreams(RouterConfig.from_namespace({"port": 0, "http_port": 0, "policy": "kv_aware"}, env={}),
+    up = Upstreams(RouterConfig.from_namespace({"port": 0, "http_port": 0, "policy": "kv_aware",
+                                                "kv_queue_weight": 1.0}, env={}),
                    clock=lambda: 1.0)
     for name in ("a", "b"):
         inst, _ = up.registry.upsert(InstanceSpec(id=name, address=f"127.0.0.1:{len(name)}", role=Role.TARGET))

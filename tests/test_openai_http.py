@@ -316,3 +316,37 @@ async def test_the_benchs_http_stub_counts_every_token_with_either_client(served
                       stream_new_tokens=4, total=4, repeats=1, progress=False)
     assert out["errors"] == 0 and out["http_throughput_ratio"] > 0
     assert out["http_p50_ms"] > 0 and out["http_httpx_p50_ms"] > 0 and out["grpc_p50_ms"] > 0
+
+
+async def test_an_http_request_continues_the_clients_trace_to_the_target(tiny_models):
+    """The front door's server span continues the caller's W3C traceparent; the
+    router's upstream call and the target's spans are its descendants, and the
+    request's ``user`` is the span's ``enduser.id``."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common import telemetry
+
+    router_spans, target_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    target = await start_target(tiny_models, provider=telemetry.make_tracer_provider("t", exporter=target_spans))
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        provider = telemetry.make_tracer_provider("r", exporter=router_spans)
+        async with front_door([target.address], provider=provider) as (_, url, _):
+            async with httpx.AsyncClient() as http:
+                reply = await http.post(f"{url}/v1/completions",
+                                        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+                                        json={"model": MODEL, "prompt": "The meaning of", "max_tokens": 3,
+                                              "stream": True, "user": "user-42"})
+                assert reply.status_code == 200 and reply.text.endswith("data: [DONE]\n\n")
+    finally:
+        await target.stop(0)
+    server = [s for s in router_spans.get_finished_spans() if s.kind.name == "SERVER"]
+    assert [s.name for s in server] == ["POST /v1/completions"]  # one span, none per SSE event, none for /health
+    span = server[0]
+    assert format(span.context.trace_id, "032x") == trace_id and format(span.parent.span_id, "016x") == parent_id
+    assert span.attributes["enduser.id"] == "user-42"
+    client = [s for s in router_spans.get_finished_spans() if s.name.endswith("TargetModel/Generate")]
+    assert client and client[0].parent.span_id == span.context.span_id
+    target_server = [s for s in target_spans.get_finished_spans()
+                     if s.kind.name == "SERVER" and s.name.endswith("TargetModel/Generate")]
+    assert target_server and target_server[0].context.trace_id == span.context.trace_id

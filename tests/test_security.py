@@ -137,6 +137,27 @@ async def test_the_http_front_door_serves_https_with_the_routers_certificate(tls
             await http.get(f"{url}/health")
 
 
+async def test_with_tls_client_auth_the_http_front_door_asks_for_a_client_certificate(tls_suite, certs):
+    """--tls-client-auth on the router holds for its HTTP port as for its gRPC port."""
+    router = create_router(RouterConfig.from_namespace(
+        {"port": 0, "http_port": free_port(), "targets": [tls_suite["target"].address], "tls_client_auth": True,
+         **tls_values(certs, "router")}, env={}))
+    await router.start()
+    try:
+        url = f"https://127.0.0.1:{router.http.port}"
+        trusting = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        async with httpx.AsyncClient(verify=trusting, timeout=10) as http:  # trusts the server, no certificate
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                await http.get(f"{url}/v1/models")
+        f = files(certs, "cli")
+        presenting = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        presenting.load_cert_chain(str(f.cert), str(f.key))
+        async with httpx.AsyncClient(verify=presenting, timeout=10) as http:
+            assert (await http.get(f"{url}/v1/models")).status_code == 200
+    finally:
+        await router.stop(0)
+
+
 async def test_a_plaintext_client_is_refused_by_every_service(tls_suite):
     for name, app in tls_suite.items():
         async with grpc.aio.insecure_channel(app.address) as channel:

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
 
 from router.forwarder import Forwarder
@@ -239,8 +242,12 @@ def invalid(exc: ValidationError) -> JSONResponse:
                                                 loc[0] if loc else None), status_code=400)
 
 
-def create_app(door: FrontDoor) -> FastAPI:
-    """The FastAPI application of ``door``; errors in the API's shape."""
+def create_app(door: FrontDoor, provider: TracerProvider | None = None):
+    """The ASGI application of ``door``: FastAPI routes, errors in the API's
+    shape, inside OpenTelemetry's ASGI middleware (with ``provider``): a server
+    span per request (not per SSE event, not for ``/health``), continuing the
+    client's W3C ``traceparent``; the router's upstream spans are its children
+    and the request's ``user`` is its ``enduser.id``."""
     app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Exception)
@@ -262,6 +269,8 @@ def create_app(door: FrontDoor) -> FastAPI:
             body = schema.model_validate_json(await request.body())
         except ValidationError as exc:
             return invalid(exc)
+        if body.user:
+            trace.get_current_span().set_attribute("enduser.id", body.user)
         try:
             return await door.respond(request, body, chat=chat)
         except Exception as exc:  # noqa: BLE001 - answered in the API's shape
@@ -283,4 +292,7 @@ def create_app(door: FrontDoor) -> FastAPI:
         return JSONResponse(translate.error_payload("no target instance can serve now", "service_unavailable_error",
                                                     "unavailable"), status_code=503)
 
-    return app
+    if provider is None:
+        return app
+    return OpenTelemetryMiddleware(app, excluded_urls="/health", tracer_provider=provider,
+                                   exclude_spans=["receive", "send"])

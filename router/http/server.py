@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl as _ssl
 
 import uvicorn
 
@@ -16,15 +17,19 @@ log = logging.getLogger(__name__)
 class HttpServer:
     """uvicorn on ``host:port``. :meth:`start` binds (OSError when the port is
     in use) and serves as a task; :meth:`stop` lets running requests finish
-    for up to ``grace_s`` seconds. ``ssl``: (certfile, keyfile) for HTTPS.
+    for up to ``grace_s`` seconds. ``ssl``: (certfile, keyfile) for HTTPS;
+    ``client_ca``: with HTTPS, every client must present a certificate signed
+    by this CA (the router's ``--tls-client-auth``, as on its gRPC port).
     Event-loop thread."""
 
-    def __init__(self, app, host: str, port: int, ssl: tuple[str, str] | None = None) -> None:
+    def __init__(self, app, host: str, port: int, ssl: tuple[str, str] | None = None,
+                 client_ca: str | None = None) -> None:
         self.host, self.port = host, port
         certfile, keyfile = ssl or (None, None)
+        mutual = {"ssl_ca_certs": client_ca, "ssl_cert_reqs": _ssl.CERT_REQUIRED} if ssl and client_ca else {}
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                      lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile,
-                                     timeout_graceful_shutdown=5)
+                                     timeout_graceful_shutdown=5, **mutual)
         self.server = uvicorn.Server(self.config)
         self._task: asyncio.Task | None = None
 

@@ -15,7 +15,8 @@ processes (cold caches):
   group over both evicts them (SGLang's cache-aware router, NVIDIA Dynamo's
   KV router).
 
-Per arm: TTFT p50/p90, throughput (generated tokens / wall time, the last
+The routed arms run ``--repeats`` times each, interleaved, and report each
+figure's median (every run is in ``runs``). Per arm: TTFT p50/p90, throughput (generated tokens / wall time, the last
 answer included), prefix-cache hit rate (hit tokens / looked-up tokens, from
 the targets' load reports, per instance too). Every arm's greedy tokens must
 equal the cache-off arm's (``identical_greedy``). Importing this module
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -99,31 +101,50 @@ def _figures(run: RunResult, counters: list[tuple[int, int]]) -> dict:
             "prefix_hit_rate_per_instance": [round(h / q, 3) if q else 0.0 for h, q in counters]}
 
 
+def _median_figures(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the runs (lists: the median run's by
+    throughput), but ``errors``: their sum (an error in any run counts)."""
+    middle = sorted(runs, key=lambda f: f["throughput_tokens_per_s"])[len(runs) // 2]
+    out = {k: (round(statistics.median(f[k] for f in runs), 3) if isinstance(v, (int, float)) else middle[k])
+           for k, v in runs[0].items()}
+    out["errors"] = sum(f["errors"] for f in runs)
+    return out
+
+
 def prefix(opts: BenchOptions, new_tokens: int = 16) -> dict:
     model = opts.model_dir(opts.model)
     prompts = workload()
     log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-prefix-"))
     arms: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     tokens: dict[str, list[list[int]]] = {}
 
-    def measure(name: str, specs, entry_name: str, stub_of, rate: float) -> None:
-        with local_suite.running(specs, log_dir / name) as addrs:
+    def measure(name: str, specs, entry_name: str, stub_of, rate: float, label: str = "") -> None:
+        label = label or name
+        with local_suite.running(specs, log_dir / label) as addrs:
             targets = [spec.address for spec in specs if spec.name.startswith("target")]
-            run, counters = asyncio.run(_arm(addrs[entry_name], stub_of, targets, prompts, new_tokens, name,
+            run, counters = asyncio.run(_arm(addrs[entry_name], stub_of, targets, prompts, new_tokens, label,
                                              opts.progress, rate))
-        arms[name] = _figures(run, counters)
-        tokens[name] = [r.tokens for r in run.results]
+        runs.setdefault(name, []).append(_figures(run, counters))
+        arms[name] = _median_figures(runs[name])
+        if tokens.setdefault(name, [r.tokens for r in run.results]) != [r.tokens for r in run.results]:
+            tokens[name] = []  # two runs of one arm disagree: not identical
 
     target_stub = model_pb2_grpc.TargetModelStub
     for name, flags in (("cache_off", {"no_prefix_cache": "true"}), ("cache_on", {})):
         spec = local_suite.target_spec(model, opts.threads, max_batch_size=32, **flags)
         measure(name, [spec], "target", target_stub, RATE)
     threads = max(1, opts.threads // ROUTED_TARGETS)
-    for policy in ("round_robin", "prefix_affinity", "kv_aware"):
-        specs = [local_suite.target_spec(model, threads, name=f"target{k}", max_batch_size=32,
-                                         kv_cache_memory=ROUTED_KV_MEMORY) for k in range(ROUTED_TARGETS)]
-        router = local_suite.router_spec([s.address for s in specs], flags=("--policy", policy))
-        measure(policy, [*specs, router], "router", router_pb2_grpc.RouterStub, ROUTED_RATE)
+    # The routed arms are short and sensitive to whatever else runs: ``opts.repeats``
+    # runs of each, interleaved (round robin, prefix_affinity, kv_aware, round robin...),
+    # each figure the median over the runs (each run in ``runs``).
+    for r in range(opts.repeats):
+        for policy in ("round_robin", "prefix_affinity", "kv_aware"):
+            specs = [local_suite.target_spec(model, threads, name=f"target{k}", max_batch_size=32,
+                                             kv_cache_memory=ROUTED_KV_MEMORY) for k in range(ROUTED_TARGETS)]
+            router = local_suite.router_spec([s.address for s in specs], flags=("--policy", policy))
+            measure(policy, [*specs, router], "router", router_pb2_grpc.RouterStub, ROUTED_RATE,
+                    label=f"{policy} run {r + 1}")
 
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 3) if b else None
@@ -132,7 +153,7 @@ def prefix(opts: BenchOptions, new_tokens: int = 16) -> dict:
     return {
         "scenario": "prefix", "model": opts.model, "new_tokens": new_tokens, "groups": GROUPS,
         "requests_per_group": PER_GROUP, "prefix_tokens": PREFIX_TOKENS, "rate_per_s": RATE,
-        "routed_rate_per_s": ROUTED_RATE,
+        "routed_rate_per_s": ROUTED_RATE, "routed_repeats": opts.repeats,
         "routed_targets": ROUTED_TARGETS, "routed_kv_cache_memory": ROUTED_KV_MEMORY, "arms": arms,
         "ttft_p50_ratio_cache_on_vs_off": ratio(arms["cache_on"]["ttft_p50_ms"], arms["cache_off"]["ttft_p50_ms"]),
         "ttft_p90_ratio_kv_aware_vs_round_robin": ratio(arms["kv_aware"]["ttft_p90_ms"],
@@ -141,6 +162,7 @@ def prefix(opts: BenchOptions, new_tokens: int = 16) -> dict:
                                                           arms["round_robin"]["throughput_tokens_per_s"]),
         "prefix_hit_rate": {name: a["prefix_hit_rate"] for name, a in arms.items()},
         "identical_greedy": all(t == reference for t in tokens.values()),
+        "runs": {name: r for name, r in runs.items() if len(r) > 1},
         "errors": sum(a["errors"] for a in arms.values()),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +78,22 @@ def _one(name, opts, concurrencies, new_tokens, duration_s=None, streams=None):
         kw = {k: v for k, v in (("duration_s", duration_s), ("streams", streams)) if v}
     from services.bench.report import cpu_capability
 
-    return {**scenarios[name](opts, **kw), "cpu_capability": cpu_capability()}
+    load_before = os.getloadavg()[0]
+    result = scenarios[name](opts, **kw)
+    # Other work on the machine moves every figure: say how busy it was. With the
+    # kernel's autogroup scheduling on, `nice` does not shield a benchmark from
+    # other terminal sessions' processes.
+    return {**result, "cpu_capability": cpu_capability(),
+            "host_load": {"load_average_1m_start": round(load_before, 2),
+                          "load_average_1m_end": round(os.getloadavg()[0], 2),
+                          "sched_autogroup_enabled": _autogroup()}}
+
+
+def _autogroup() -> bool | None:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return None
 
 
 def _all(args, opts, concurrencies) -> int:
