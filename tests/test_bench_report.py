@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from services.bench import report
-from services.bench.scenarios import break_even
+from services.bench.loadgen import RequestResult, RunResult
+from services.bench.scenarios import _arms_report, break_even
 
 
 def point(ratio):
@@ -15,6 +16,21 @@ def test_break_even_is_the_last_batch_before_speculation_first_loses():
     assert break_even({"16": point(0.6), "1": point(0.9)}) == 0  # order of the keys does not matter
     assert break_even({"1": point(1.2), "2": point(1.0)}) == 2
     assert break_even({"1": {"static_always_ratio": 1.5}, "2": {"static_always_ratio": 0.9}}, "static_always_ratio") == 1
+
+
+def test_prompt_set_arms_report_speedups_fallbacks_and_whether_outputs_agree():
+    def run(wall_s, outputs, fallbacks=0, proposed=4, accepted=2):
+        return RunResult([RequestResult(True, list(o), proposed=proposed, accepted=accepted, rounds=2,
+                                        fallback_reason="acceptance 0.10 below 0.25" if i < fallbacks else "")
+                          for i, o in enumerate(outputs)], wall_s)
+
+    same = [[1, 2, 3], [4, 5, 6]]
+    runs = {"off": [run(2.0, same), run(2.0, same)], "auto": [run(1.0, same, fallbacks=1), run(1.0, same, 2)]}
+    out = _arms_report(runs)
+    assert out["prompts"] == 2 and out["off_tps"] == 3.0 and out["auto_speedup"] == 2.0
+    assert out["auto_acceptance"] == 0.5 and out["auto_fallbacks"] in (1, 2) and out["identical_greedy"]
+    runs["auto"][1].results[0].tokens = [1, 2, 4]
+    assert not _arms_report(runs)["identical_greedy"]
 
 
 def test_the_speculative_plot_shows_arms_and_sweep(tmp_path):

@@ -246,10 +246,18 @@ async def test_a_target_stops_speculating_before_its_drafts_context_ends(target_
     tokens, last = await run(stub, generate_request(prompt, 60))
     assert tokens == hf_greedy(reference_model, prompt, 60)
     s = last.speculation
-    assert s.rounds > 0 and "the draft's context (32 tokens) is full" in s.disabled_reason
-    # A prompt longer than the draft's context: no round is asked, the request is served alone.
+    # Then it proposes by n-gram lookup on the target (no context to run out of).
+    assert s.rounds > 0 and "the draft's context (32 tokens) is full" in s.fallback_reason
+    assert s.method == gen.SPECULATION_METHOD_NGRAM
+    # A prompt longer than the draft's context: the draft is not asked.
     long_prompt = [(3 * i) % 300 + 1 for i in range(40)]
     tokens, last = await run(stub, generate_request(long_prompt, 5))
+    assert tokens == hf_greedy(reference_model, long_prompt, 5)
+    assert "context" in last.speculation.fallback_reason
+    # A request that names the draft model gets it alone: no lookup, no speculation past its context.
+    pinned = generate_request(long_prompt, 5)
+    pinned.speculation.method = gen.SPECULATION_METHOD_DRAFT_MODEL
+    tokens, last = await run(stub, pinned)
     assert tokens == hf_greedy(reference_model, long_prompt, 5)
     assert last.speculation.rounds == 0 and "context" in last.speculation.disabled_reason
 
@@ -287,7 +295,7 @@ async def test_a_draft_proposing_what_cannot_be_scored_is_dropped_not_scored(
         plain.speculation.enabled = False
         (tokens, last), (mate, _) = await asyncio.gather(run(stub, lying), run(stub, plain))
         assert tokens == hf_greedy(reference_model, [1, 2, 3], 10)
-        assert reason in last.speculation.disabled_reason
+        assert reason in last.speculation.fallback_reason
         assert mate == hf_greedy(reference_model, [4, 5, 6], 10)
     finally:
         await server.stop(0)

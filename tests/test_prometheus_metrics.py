@@ -128,3 +128,16 @@ def test_the_endpoint_keeps_the_colons_whatever_format_prometheus_asks_for():
         assert "llmesh_generation_tokens" not in text
     finally:
         endpoint.stop()
+
+
+def test_requests_that_fell_back_to_ngram_are_counted_by_cause():
+    from services.speculative.state import SpecStats
+
+    m = ServingMetrics("tiny", "t", "target", load)
+    for stats in (SpecStats(fallback="no_draft"), SpecStats(fallback="low_acceptance"),
+                  SpecStats(fallback="low_acceptance"), SpecStats(), None):
+        m.finished(ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, queue_s=0.0, prompt_tokens=3, generation_tokens=4,
+                   reason="length", speculation=stats)
+    found = samples(m.registry)
+    assert value(found, "llmesh:spec_decode_num_fallbacks_total", cause="low_acceptance") == 2
+    assert value(found, "llmesh:spec_decode_num_fallbacks_total", cause="no_draft") == 1

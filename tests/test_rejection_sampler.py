@@ -9,7 +9,8 @@ from scipy.stats import chisquare
 from services.engine.sampler import draw
 from services.speculative import rejection_sampler as acceptance
 from services.speculative.rejection_sampler import accept_greedy, accept_sampled
-from services.speculative.gamma import GammaController, SpeculationSettings
+from services.speculative.fallback import Action, MethodRecord, review
+from services.speculative.gamma import GammaController
 
 SIGNIFICANCE = 1e-3
 
@@ -97,7 +98,9 @@ def test_gamma_adapts_within_bounds_and_switches_off_on_low_acceptance():
     for _ in range(10):
         c.update(0, c.gamma)
     assert c.gamma == 2
-    assert not c.worth_it(SpeculationSettings(min_acceptance=0.25, min_rounds=4))
+    action, reason = review(MethodRecord(c.rounds, 0.0, c.ema), 0, None, min_acceptance=0.25, min_rounds=4,
+                            can_fall_back=False)
+    assert action is Action.STOP and reason.startswith("acceptance 0.")
     fixed = GammaController(gamma=3, lo=3, hi=3, fixed=True)
     fixed.update(3, 3)
     assert fixed.gamma == 3

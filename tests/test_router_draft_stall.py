@@ -19,6 +19,7 @@ from services.common.load import LoadReport
 from services.common.server import new_server
 from services.common.stats_service import StatsServicer
 from services.common.stubs import SERVICE_NAMES
+from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, router_pb2, stats_pb2, stats_pb2_grpc
 from services.speculative.speculator import MAX_CONSECUTIVE_TIMEOUTS
 from tests.conftest import eventually, hf_greedy
@@ -87,9 +88,11 @@ async def test_a_silent_draft_stops_the_request_and_the_link_until_it_answers(ti
             tokens, chunks = await collect_direct(target, speculative(prompt, 20, address))
             spec = chunks[-1].speculation
             assert tokens == expected
-            # Two deadlines, not one per token (it used to wait out all 19 rounds).
-            assert spec.draft_timeouts == MAX_CONSECUTIVE_TIMEOUTS == 2 and spec.rounds == 0
-            assert "draft unresponsive: 2 rounds in a row" in spec.disabled_reason
+            # Two deadlines, not one per token (it used to wait out all 19 rounds); then
+            # the request proposes by n-gram lookup on the target (services.speculative.fallback).
+            assert spec.draft_timeouts == MAX_CONSECUTIVE_TIMEOUTS == 2
+            assert "draft unresponsive: 2 rounds in a row" in spec.fallback_reason
+            assert spec.method == gen.SPECULATION_METHOD_NGRAM
             link = target.servicer.proposers.link(address)
             await eventually(lambda: link.unresponsive, what="the draft's address to be marked")
             opened = len(draft.streams)
@@ -97,8 +100,8 @@ async def test_a_silent_draft_stops_the_request_and_the_link_until_it_answers(ti
             # The next request does not wait at all: no stream, no round, no timeout.
             tokens, chunks = await collect_direct(target, speculative(prompt, 20, address))
             spec = chunks[-1].speculation
-            assert tokens == expected and spec.draft_timeouts == 0 and spec.rounds == 0
-            assert f"draft {address} is unresponsive" in spec.disabled_reason and len(draft.streams) == opened
+            assert tokens == expected and spec.draft_timeouts == 0
+            assert f"draft {address} is unresponsive" in spec.fallback_reason and len(draft.streams) == opened
 
             # Once it answers (the probe's round, or a late one), the link speculates again.
             draft.release.set()
@@ -106,6 +109,7 @@ async def test_a_silent_draft_stops_the_request_and_the_link_until_it_answers(ti
             tokens, chunks = await collect_direct(target, speculative(prompt, 20, address))
             assert tokens == expected and chunks[-1].speculation.rounds > 0
             assert chunks[-1].speculation.draft_timeouts == 0
+            assert chunks[-1].speculation.method == gen.SPECULATION_METHOD_DRAFT_MODEL
     finally:
         await target.stop(0)
 

@@ -94,17 +94,24 @@ async def test_killing_the_draft_mid_request_changes_nothing(suite, tiny_models,
             doomed = None
         last = chunk
     assert tokens == hf_greedy(reference_model, prompt, 48)
-    assert "draft" in last.speculation.disabled_reason
+    assert "draft unavailable" in last.speculation.fallback_reason
+    assert last.speculation.method == gen.SPECULATION_METHOD_NGRAM
 
 
-async def test_unreachable_draft_falls_back_to_plain_decoding(suite, reference_model):
+async def test_an_unreachable_draft_falls_back_to_ngram_or_to_plain_decoding_when_pinned(suite, reference_model):
     stub, *_ = suite
     from tests.conftest import free_port
 
     prompt = [4, 5, 6]
-    tokens, last = await run_stream(stub, spec_request(prompt, 10, draft=f"127.0.0.1:{free_port()}"))
+    gone = f"127.0.0.1:{free_port()}"
+    tokens, last = await run_stream(stub, spec_request(prompt, 10, draft=gone))
     assert tokens == hf_greedy(reference_model, prompt, 10)
-    assert "draft" in last.speculation.disabled_reason
+    assert "draft unavailable" in last.speculation.fallback_reason
+    assert last.speculation.method == gen.SPECULATION_METHOD_NGRAM
+    pinned = spec_request(prompt, 10, draft=gone, method=gen.SPECULATION_METHOD_DRAFT_MODEL)
+    tokens, last = await run_stream(stub, pinned)
+    assert tokens == hf_greedy(reference_model, prompt, 10)
+    assert "draft" in last.speculation.disabled_reason and last.speculation.fallback_reason == ""
 
 
 async def test_sampled_speculation_keeps_the_target_distribution(suite):

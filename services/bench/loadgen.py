@@ -34,6 +34,8 @@ class RequestResult:
     draft_wait_ms: float = 0.0
     draft_compute_ms: float = 0.0
     verify_ms: float = 0.0
+    #: Why it fell back from the draft model to ngram ("" if it did not; SpeculationStats.fallback_reason).
+    fallback_reason: str = ""
 
     @property
     def tpot_s(self) -> float | None:
@@ -75,6 +77,7 @@ class RunResult:
                 "e2e_p50_ms": round(self.pct("e2e_s", 50), 2), "e2e_p99_ms": round(self.pct("e2e_s", 99), 2),
                 "acceptance_rate": round(sum(r.accepted for r in ok) / proposed, 4) if proposed else None,
                 "mean_accepted_len": round((sum(r.accepted for r in ok) + rounds) / rounds, 3) if rounds else None,
+                "fallbacks": sum(bool(r.fallback_reason) for r in ok),
                 # Where a round goes: waiting for the draft (its compute included) and verifying.
                 **{f"round_{name}": round(sum(getattr(r, name) for r in ok) / rounds, 2) if rounds else None
                    for name in ("draft_wait_ms", "draft_compute_ms", "verify_ms")}}
@@ -92,7 +95,7 @@ async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | Non
                 s = chunk.speculation
                 result.accepted, result.proposed, result.rounds = s.accepted_tokens, s.proposed_tokens, s.rounds
                 result.draft_wait_ms, result.draft_compute_ms = s.draft_wait_ms, s.draft_compute_ms
-                result.verify_ms = s.verify_ms
+                result.verify_ms, result.fallback_reason = s.verify_ms, s.fallback_reason
         result.ok = True
     except grpc.aio.AioRpcError as exc:
         result.error = f"{exc.code().name}: {exc.details()}"

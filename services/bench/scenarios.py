@@ -171,17 +171,39 @@ def break_even(sweep: dict, key: str = "ratio") -> int:
 
 
 def _prompt_set_arms(router: str, opts: BenchOptions, prompts: list[str], new_tokens: int, label: str) -> dict:
-    """Off, the draft model and ngram at concurrency 1 on one prompt set."""
-    n = len(prompts)
-
-    def make(spec: bool, method: int | None = None):
-        return lambda i: greedy_request(prompts[i % n], new_tokens, speculate=spec, method=method)
-
+    """Off, the draft model, ngram and the target's default (the draft model,
+    falling back to ngram where it does not pay: "auto") at concurrency 1 on one prompt set."""
+    make = _maker(prompts, new_tokens)
     arms = {"off": make(False), "draft_model": make(True, gen.SPECULATION_METHOD_DRAFT_MODEL),
-            "ngram": make(True, gen.SPECULATION_METHOD_NGRAM)}
-    runs = asyncio.run(_measure(router, arms, 1, n, opts.repeats, label, opts.progress))
+            "ngram": make(True, gen.SPECULATION_METHOD_NGRAM), "auto": make(True)}
+    return _arms_report(asyncio.run(_measure(router, arms, 1, len(prompts), opts.repeats, label, opts.progress)))
+
+
+def no_draft_arms(opts: BenchOptions, prompts: list[str], new_tokens: int, label: str) -> dict:
+    """Off, the default ("auto": with no draft, n-gram lookup on the target from
+    the first round) and ``ngram`` named by the request, at concurrency 1 on a
+    target that has no draft (a suite of its own)."""
+    make = _maker(prompts, new_tokens)
+    target = local_suite.target_spec(opts.model_dir(opts.model), opts.threads)
+    specs = [target, local_suite.router_spec([target.address])]
+    with local_suite.running(specs, Path(tempfile.mkdtemp(prefix="llmesh-bench-"))) as addrs:
+        arms = {"off": make(False), "auto": make(True), "ngram": make(True, gen.SPECULATION_METHOD_NGRAM)}
+        return _arms_report(asyncio.run(_measure(addrs["router"], arms, 1, len(prompts), opts.repeats, label,
+                                                 opts.progress)))
+
+
+def _maker(prompts: list[str], new_tokens: int):
+    """``make(speculate, method)``: request ``i`` of an arm is greedy on ``prompts[i % len(prompts)]``."""
+    def make(spec: bool, method: int | None = None):
+        return lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=spec, method=method)
+    return make
+
+
+def _arms_report(runs: dict[str, list[RunResult]]) -> dict:
+    """Each arm's tokens/s, and its speedup, acceptance and mean accepted length (median run) against "off";
+    how many requests of the default arm ("auto") fell back to ngram; whether every arm's output was the same."""
     off = _tps(runs["off"])
-    out = {"prompts": n}
+    out = {"prompts": len(runs["off"][0].results)}
     for name, rs in runs.items():
         out[f"{name}_tps"] = round(_tps(rs), 1)
         if name != "off":
@@ -189,8 +211,9 @@ def _prompt_set_arms(router: str, opts: BenchOptions, prompts: list[str], new_to
             out[f"{name}_speedup"] = _ratio(_tps(rs), off)
             out[f"{name}_acceptance"] = mid["acceptance_rate"]
             out[f"{name}_mean_accepted_len"] = mid["mean_accepted_len"]
-    out["identical_greedy"] = all([r.tokens for r in a.results] == [r.tokens for r in b.results] == [r.tokens for r in c.results]
-                                  for a, b, c in zip(runs["off"], runs["draft_model"], runs["ngram"]))
+    out["auto_fallbacks"] = sorted(rs.summary()["fallbacks"] for rs in runs["auto"])[len(runs["auto"]) // 2]
+    out["identical_greedy"] = all(len({tuple(tuple(r.tokens) for r in run.results) for run in same}) == 1
+                                  for same in zip(*runs.values()))
     return out
 
 
@@ -206,7 +229,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
     """Target-only vs speculation (the cost model) through the suite vs HF
     assisted generation, at concurrency 1; on/off at 16 streams; the on/off
     sweep over concurrencies with the cost model and the static overrides;
-    the draft model vs ngram on copy-heavy and open-ended prompts; the
+    the draft model vs ngram vs the default (falling back to ngram) on
+    copy-heavy and open-ended prompts, and on a target with no draft; the
     machine and the batch-1 figures' model-bandwidth utilisation (``mbu``)."""
     machine = machine_info(opts.threads)
     prompts = _prompts(64)
@@ -228,6 +252,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         open_ = _prompt_set_arms(router, opts, open_ended(prompt_set_n), new_tokens, "open-ended")
         sweep = (speculation_batch_sweep(opts, lambda spec: make(spec, 32, sweep_new_tokens), router)
                  if not opts.router else {})
+    no_draft = (no_draft_arms(opts, copy_heavy(prompt_set_n), new_tokens, "no draft, copy-heavy")
+                if not opts.router else {})
     off, on, off16, on16 = c1["off"], c1["on"], c16["off"], c16["on"]
     target_only, spec = _tps(off), _tps(on)
     hf, hf_packed = median(hf_rates), median(hf_packed_rates)
@@ -248,7 +274,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "mbu_c1": mbu(target_only, target_dir, context, machine["memory_bandwidth_gbs"]),
         "mbu_c1_speculative": mbu(spec, target_dir, context, machine["memory_bandwidth_gbs"]),
         "acceptance_rate": spec_summary["acceptance_rate"], "mean_accepted_len": spec_summary["mean_accepted_len"],
-        "identical_greedy": identical and copy["identical_greedy"] and open_["identical_greedy"],
+        "identical_greedy": (identical and copy["identical_greedy"] and open_["identical_greedy"]
+                             and no_draft.get("identical_greedy", True)),
         "hf_assisted_matches_target_only": [r.tokens for r in off[0].results] == hf_outputs,
         "c16_off_tps": round(_tps(off16), 1),
         "c16_on_tps": round(_tps(on16), 1),
@@ -261,6 +288,10 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "copy_heavy": copy, "open_ended": open_,
         "ngram_speedup_copy_heavy": copy["ngram_speedup"],
         "ngram_speedup_open_ended": open_["ngram_speedup"],
+        # The default (the draft model, falling back to ngram where it does not pay) on both sets, and on a
+        # target with no draft at all (ngram looked up on the target).
+        "auto_speedup_copy_heavy": copy["auto_speedup"], "auto_speedup_open_ended": open_["auto_speedup"],
+        "no_draft_copy_heavy": no_draft, "no_draft_speedup_copy_heavy": no_draft.get("auto_speedup"),
         "batch_sweep": sweep,
         "min_ratio_on_off": min(ratios) if ratios else None,
         "break_even_batch": break_even(sweep, "static_always_ratio") if sweep else None,

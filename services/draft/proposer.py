@@ -17,7 +17,7 @@ import torch
 from services.common.errors import InvalidArgument, OutOfRange
 from services.engine.async_engine import AsyncEngine, PersistentSequence
 from services.engine.sequence import GenerationRequest, SamplingOptions
-from services.speculative.ngram import propose_ngram
+from services.speculative.ngram import NgramLookup
 from services.speculative.sync import DraftSync, Round
 
 
@@ -94,8 +94,7 @@ class NgramProposer:
 
     def __init__(self, vocab_size: int) -> None:
         self._vocab_size = vocab_size
-        self.sync = DraftSync()
-        self._tokens: list[int] = []
+        self._lookup = NgramLookup()
 
     async def propose(self, round_: Round, start: StreamStart | None = None) -> tuple[list[int], list[torch.Tensor]]:
         """Applies ``round_`` and returns the proposal (no distributions).
@@ -107,14 +106,7 @@ class NgramProposer:
             raise OutOfRange("append_tokens", f"token id {bad} is outside the vocabulary [0, {self._vocab_size})")
         if start is not None and start.want_probs:
             raise InvalidArgument("want_probs", "the ngram method has no draft distributions to send")
-        rollback = self.sync.apply(round_)
-        if rollback:
-            del self._tokens[-rollback:]
-        self._tokens += round_.append
-        tokens = propose_ngram(self._tokens, round_.gamma)
-        self._tokens += tokens
-        self.sync.proposed(len(tokens))
-        return tokens, []
+        return self._lookup.round(round_), []
 
     def close(self) -> None:
         """Nothing to free beyond the token list."""

@@ -452,7 +452,7 @@ class Engine:
         self.observer.finished(ttft_s=ttft, tpot_s=tpot, e2e_s=now - seq.arrival,
                                queue_s=(seq.admitted_at or now) - seq.arrival,
                                prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
-                               reason=reason.value)
+                               reason=reason.value, speculation=seq.spec.stats if seq.spec is not None else None)
         seq.sink(SequenceEvent(tokens, text, finish_reason=reason, error=error,
                                spec=seq.spec.stats if seq.spec is not None else None, timeline=timeline,
                                logprobs=list(logprobs), prompt_logprobs=self._prompt_lps(seq)))

@@ -12,6 +12,8 @@ nanoseconds).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EngineObserver:
     """Hooks the engine thread calls; times are seconds of the engine's clock."""
@@ -29,8 +31,10 @@ class EngineObserver:
         the first ``accepted`` of them kept (acceptance is a prefix)."""
 
     def finished(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float, queue_s: float,
-                 prompt_tokens: int, generation_tokens: int, reason: str) -> None:
+                 prompt_tokens: int, generation_tokens: int, reason: str, speculation: Any = None) -> None:
         """A request ended: its time to first token and mean time per output
         token (None when it never got there), arrival to end, arrival to
-        admission, its prompt and generated token counts, and why it ended
-        (a :class:`services.engine.sequence.FinishReason` value)."""
+        admission, its prompt and generated token counts, why it ended
+        (a :class:`services.engine.sequence.FinishReason` value) and its
+        speculation statistics (the strategy's own type, None when it did
+        not speculate)."""

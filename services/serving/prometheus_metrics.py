@@ -119,9 +119,13 @@ class ServingMetrics(EngineObserver):
         self.accepted = counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.")
         self.accepted_per_pos = counter("spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted tokens per draft position.", ("position",))
+        # llmesh's own (vLLM has no fallback): requests that switched from the draft model to ngram.
+        self.fallbacks = counter("spec_decode_num_fallbacks",
+                                 "Requests that fell back from the draft model to ngram, by cause.", ("cause",))
         # Labelled children looked up once (a labels() call costs microseconds, on the engine thread).
         self._positions = [self.accepted_per_pos.labels(*values, str(p)) for p in range(draft_positions)]
         self._reasons: dict[str, Counter] = {}
+        self._causes: dict[str, Counter] = {}
 
     # -- EngineObserver (engine thread) -----------------------------------------------
     def tokens(self, generated: int) -> None:
@@ -142,8 +146,12 @@ class ServingMetrics(EngineObserver):
             self._positions[position].inc()
 
     def finished(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float, queue_s: float,
-                 prompt_tokens: int, generation_tokens: int, reason: str) -> None:
+                 prompt_tokens: int, generation_tokens: int, reason: str, speculation=None) -> None:
         self.prompt_tokens.inc(prompt_tokens)
+        if cause := getattr(speculation, "fallback", ""):  # SpecStats.fallback: a Fallback value
+            if cause not in self._causes:
+                self._causes[cause] = self.fallbacks.labels(*self._values, cause)
+            self._causes[cause].inc()
         self.e2e.observe(e2e_s)
         self.queue.observe(queue_s)
         if ttft_s is not None:

@@ -34,7 +34,8 @@ class SpeculationSettings:
     #: costs follow the machine (a neighbour's load, a warmer cache).
     explore_s: float = 10.0
     #: A sequence whose acceptance (moving average) falls below this after
-    #: ``min_rounds`` rounds stops speculating.
+    #: ``min_rounds`` rounds falls back to n-gram lookup, or stops speculating
+    #: (:func:`services.speculative.fallback.review`).
     min_acceptance: float = 0.25
     min_rounds: int = 4
 
@@ -53,6 +54,16 @@ class GammaController:
     #: The per-token acceptance estimate the cost model reads.
     acceptance: Acceptance = field(default_factory=Acceptance)
     _alpha: float = field(default=0.3, repr=False)
+    #: The gamma it started with.
+    start: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = self.gamma
+
+    def restart(self) -> "GammaController":
+        """A fresh controller (gamma back at its start, no rounds, no acceptance
+        measured) with the same bounds: for a new proposal method."""
+        return GammaController(self.start, self.lo, self.hi, self.fixed)
 
     def update(self, accepted: int, proposed: int) -> None:
         """One verified round: ``accepted`` of ``proposed`` tokens kept."""
@@ -66,9 +77,3 @@ class GammaController:
             self.gamma = min(self.hi, self.gamma + 1)
         elif accepted < proposed / 2:
             self.gamma = max(self.lo, self.gamma - 1)
-
-    def worth_it(self, settings: SpeculationSettings) -> bool:
-        """Whether to go on speculating: always for the first ``min_rounds``
-        rounds, then while the acceptance moving average (``ema``) stays at or
-        above ``min_acceptance``."""
-        return self.rounds < settings.min_rounds or self.ema >= settings.min_acceptance

@@ -19,12 +19,14 @@ expected emitted tokens per second given each sequence's acceptance and the
 measured step costs at this batch size. With a static
 ``disable_by_batch_size`` (an override), past that many sequences running or
 waiting no round starts (vLLM's ``disable_by_batch_size``). Either way, when
-the batch stops speculating, rounds under way are dropped. A sequence whose drafts are
-mostly rejected, or whose draft fails, goes on without speculation; so does
-one whose draft lets :data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass
-their deadline (alive but silent: a stuck engine behind a SERVING health),
-and its proposer is told (:class:`ReportsUnresponsive`), so that new
-sequences do not wait on that draft until it answers again.
+the batch stops speculating, rounds under way are dropped. A sequence whose
+drafts are mostly rejected, or whose draft fails, falls back to n-gram lookup
+when its request allows it (:mod:`services.speculative.fallback`), else goes
+on without speculation; so does one whose draft lets
+:data:`MAX_CONSECUTIVE_TIMEOUTS` rounds in a row pass their deadline (alive
+but silent: a stuck engine behind a SERVING health), and its proposer is told
+(:class:`ReportsUnresponsive`), so that new sequences do not wait on that
+draft until it answers again.
 
 Every method runs on the engine thread except :meth:`Speculator.open`
 (the submitting thread); times are seconds of the engine's clock.
@@ -32,6 +34,8 @@ Every method runs on the engine thread except :meth:`Speculator.open`
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,10 +46,12 @@ from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
 from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma
+from services.speculative.fallback import NGRAM, Action, Fallback, MethodRecord, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
 
+log = logging.getLogger(__name__)
 
 #: Rounds in a row that pass their deadline (``draft_timeout_ms``) after which
 #: a sequence stops speculating: each costs the sequence the whole deadline,
@@ -78,8 +84,10 @@ class Speculator:
         self.settings = settings or SpeculationSettings()
         #: Measured step costs per batch size (the cost model's input).
         self.costs = StepCosts()
-        #: Acceptance over every sequence: the prior of a new sequence's estimate.
-        self.pool = Acceptance(decay=0.98)
+        #: Acceptance over every sequence, per method: the prior of a sequence's estimate.
+        self.pools: defaultdict[str, Acceptance] = defaultdict(lambda: Acceptance(decay=0.98))
+        #: Sequences running at the last step (the batch a request's review prices).
+        self._batch = 0
         #: The cost model's gamma for the batch at this step (0: no speculation).
         self.gamma = 0
         self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
@@ -97,8 +105,16 @@ class Speculator:
         InvalidArgument for a request that is not a SpeculationRequest."""
         if not isinstance(request, SpeculationRequest):
             raise InvalidArgument("speculation", f"expected a SpeculationRequest, got {type(request).__name__}")
+        if request.proposer is None and request.fallback is None:
+            raise InvalidArgument("speculation", "a SpeculationRequest needs a proposer or a fallback")
         control = GammaController(request.gamma, request.gamma_min, request.gamma_max, request.fixed)
-        return SpecState(request.proposer, control, post)
+        if request.proposer is None:  # no draft for this request: n-gram lookup from the first round
+            spec = SpecState(request.fallback(), control, post)
+            spec.stats.fallback, spec.stats.fallback_reason = Fallback.NO_DRAFT.value, "no draft to propose with"
+        else:
+            spec = SpecState(request.proposer, control, post, fallback=request.fallback)
+        spec.stats.method = getattr(spec.proposer, "kind", "draft_model")
+        return spec
 
     def before_schedule(self, running: list[Sequence], demand: int) -> None:
         """Decides whether (and, with the cost model, with what gamma) the
@@ -109,6 +125,7 @@ class Speculator:
         next round."""
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
+        self._batch = len(running)
         if self.uses_cost_model:
             if self._exploring and not any(s.spec is not None and (s.spec.waiting or s.spec.proposal)
                                            for s in running):
@@ -128,8 +145,7 @@ class Speculator:
         if not specs:
             return 0
         gamma_max = max(spec.control.hi for spec in specs)
-        prior = self.pool.alpha(0.5)
-        acceptance = [spec.control.acceptance.alpha(prior) for spec in specs]
+        acceptance = [self._alpha(spec) for spec in specs]
         periods = self.costs.periods(len(running), gamma_max, _kind(specs))
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
@@ -172,7 +188,7 @@ class Speculator:
         spec.sync.accepted(n)
         spec.stats.verify_ms += row.forward_s * 1000.0
         spec.control.update(n, gamma)
-        self.pool.update(n, gamma)
+        self.pools[spec.method].update(n, gamma)
         return [*row.proposal[:n], token]
 
     def after_emit(self, seq: Sequence, counts: RoundCounts) -> None:
@@ -185,17 +201,21 @@ class Speculator:
         if not spec.active or spec.waiting or spec.proposal:
             return
         s = self.settings
-        if not spec.control.worth_it(s):
-            spec.disable(f"acceptance {spec.control.ema:.2f} below {s.min_acceptance}")
+        action, reason = self._review(spec)
+        if action is Action.STOP:
+            spec.disable(reason)
             return
+        if action is Action.FALL_BACK:
+            self._fall_back(spec, Fallback.LOW_ACCEPTANCE, reason)
         missed = spec.timeouts_in_a_row
         if missed >= MAX_CONSECUTIVE_TIMEOUTS:
             reason = f"draft unresponsive: {missed} rounds in a row passed their {s.draft_timeout_ms:g} ms deadline"
             proposer = spec.proposer
-            spec.disable(reason)
+            self._fall_back(spec, Fallback.DRAFT_FAILED, reason)
             if isinstance(proposer, ReportsUnresponsive):
                 proposer.unresponsive(reason)
-            return
+            if not spec.active:
+                return
         self._now = now
         if self.uses_cost_model:
             if self.gamma < 1:
@@ -212,9 +232,11 @@ class Speculator:
         if (limit := spec.draft_context) is not None:
             # The draft holds the whole sequence and then its proposal: stop before its context ends.
             if limit - len(seq.tokens) < 1:
-                spec.disable(f"the draft's context ({limit} tokens) is full")
-                return
-            gamma = min(gamma, limit - len(seq.tokens))
+                self._fall_back(spec, Fallback.DRAFT_FAILED, f"the draft's context ({limit} tokens) is full")
+                if not spec.active or spec.draft_context is not None:
+                    return
+            else:
+                gamma = min(gamma, limit - len(seq.tokens))
         round_ = spec.sync.next_round(seq.tokens, gamma)
         spec.round_id += 1
         spec.waiting = True
@@ -233,7 +255,7 @@ class Speculator:
             return  # finished, or a late answer to a round that timed out or was dropped
         spec.waiting = False
         if error is not None:
-            spec.disable(f"draft unavailable: {error}")
+            self._fall_back(spec, Fallback.DRAFT_FAILED, f"draft unavailable: {error}")
             return
         spec.timeouts_in_a_row = 0
         spec.stats.draft_wait_ms += (now - spec.requested_at) * 1000.0
@@ -241,6 +263,34 @@ class Speculator:
         if not proposal.tokens:
             return
         if len(proposal.tokens) > spec.sync.asked:
-            spec.disable(f"the draft proposed {len(proposal.tokens)} tokens when asked for {spec.sync.asked}")
+            self._fall_back(spec, Fallback.DRAFT_FAILED,
+                            f"the draft proposed {len(proposal.tokens)} tokens when asked for {spec.sync.asked}")
             return
         spec.proposal = list(proposal.tokens)
+
+    # -- the method a sequence proposes with ------------------------------------------
+    def _alpha(self, spec: SpecState) -> float:
+        """The sequence's acceptance estimate, shrunk towards its method's engine-wide one."""
+        return spec.control.acceptance.alpha(self.pools[spec.method].alpha(0.5))
+
+    def _review(self, spec: SpecState) -> tuple[Action, str]:
+        """:func:`services.speculative.fallback.review` for ``spec`` after a
+        verified round, priced at the last step's batch size."""
+        c, s = spec.control, self.settings
+        can_fall_back = spec.fallback is not None
+        periods = fallback_periods = None
+        if can_fall_back and c.rounds and self.uses_cost_model and self._batch:  # only a fallback reads them
+            periods = self.costs.periods(self._batch, c.hi, spec.method)
+            fallback_periods = self.costs.periods(self._batch, c.hi, NGRAM)
+        return review(MethodRecord(c.rounds, self._alpha(spec), c.ema), max(0, self._batch - 1), periods,
+                      s.min_acceptance, s.min_rounds, can_fall_back, fallback_periods)
+
+    def _fall_back(self, spec: SpecState, cause: Fallback, reason: str) -> None:
+        """The draft model does not serve ``spec`` (``reason``): it proposes by
+        n-gram lookup from its next round on, or, when its request cannot fall
+        back (or did already), stops speculating."""
+        if spec.fallback is None:
+            spec.disable(reason)
+            return
+        log.info("a sequence falls back from the draft model to ngram (%s): %s", cause.value, reason)
+        spec.switch(spec.fallback(), cause.value, reason)

@@ -47,7 +47,8 @@ class Proposer(Protocol):
 
     # Optional: ``max_context``, the most tokens (context + proposal) the
     # proposer's model holds, None while unknown; the target stops asking for
-    # rounds before the draft's context ends (see SpecState.draft_context).
+    # rounds before the draft's context ends (see SpecState.draft_context);
+    # ``kind``, "draft_model" (the default) or "ngram": how it proposes.
 
 
 @dataclass
@@ -71,6 +72,12 @@ class SpecStats:
     #: they were under way (the cost model chose gamma 0, or the batch grew
     #: past a static ``disable_by_batch_size``).
     dropped_by_batch_size: int = 0
+    #: The method the request proposed with last: "draft_model" or "ngram".
+    method: str = "draft_model"
+    #: Why it switched from the draft model to n-gram lookup ("" if it did not):
+    #: a :class:`services.speculative.fallback.Fallback` value, and in words.
+    fallback: str = ""
+    fallback_reason: str = ""
 
     def record(self, accepted: int, proposed: int, emitted: int | None = None) -> None:
         """One verified round: ``accepted`` of ``proposed`` tokens kept, and
@@ -116,6 +123,13 @@ class SpecState:
     #: Rounds given up at their deadline since the draft last answered one in time.
     timeouts_in_a_row: int = 0
     stats: SpecStats = field(default_factory=SpecStats)
+    #: Makes the proposer this sequence falls back to (None: it cannot, or did).
+    fallback: Callable[[], Proposer] | None = None
+
+    @property
+    def method(self) -> str:
+        """How the sequence proposes now: "draft_model" or "ngram"."""
+        return self.stats.method
 
     @property
     def draft_context(self) -> int | None:
@@ -157,6 +171,23 @@ class SpecState:
         self.stats.dropped_by_batch_size += 1
         return True
 
+    def switch(self, proposer: Proposer, cause: str, reason: str) -> None:
+        """The sequence proposes with ``proposer`` (its fallback) from its next
+        round on: the old proposer is closed (the draft frees its cache), the
+        round under way abandoned (a late answer to it is ignored: the round
+        id moves on), the sync starts over (the first round carries the whole
+        sequence) and the acceptance estimate too (it is the new method's)."""
+        self.proposer.close()
+        self.proposer, self.fallback = proposer, None
+        self.sync = DraftSync()
+        self.round_id += 1
+        self.waiting = False
+        self.proposal = None
+        self.timeouts_in_a_row = 0
+        self.control = self.control.restart()
+        self.stats.method = getattr(proposer, "kind", "draft_model")
+        self.stats.fallback, self.stats.fallback_reason = cause, reason
+
     def disable(self, reason: str) -> None:
         """Speculation ends for this sequence (it decodes on alone)."""
         if self.active:
@@ -174,10 +205,13 @@ class SpecState:
 @dataclass
 class SpeculationRequest:
     """What a caller asks: speculate with ``proposer``, starting at ``gamma``
-    (adapting within [gamma_min, gamma_max] unless ``fixed``)."""
+    (adapting within [gamma_min, gamma_max] unless ``fixed``). ``fallback``
+    makes the proposer to fall back to (:mod:`services.speculative.fallback`);
+    with no ``proposer`` (no draft for this request) the sequence starts with it."""
 
-    proposer: Proposer
+    proposer: Proposer | None
     gamma: int = 4
     gamma_min: int = 1
     gamma_max: int = 8
     fixed: bool = False
+    fallback: Callable[[], Proposer] | None = None

@@ -41,7 +41,9 @@ class TargetConfig(ModelServiceConfig):
     speculative_method: SpeculativeMethod = field(
         SpeculativeMethod.DRAFT_MODEL, "how the draft proposes for requests that do not say: draft_model (its "
                                        "model) or ngram (n-gram lookup in the sequence, no model; vLLM's name)")
-    speculation_min_acceptance: float = field(0.25, "a sequence below this acceptance stops speculating")
+    speculation_min_acceptance: float = field(
+        0.25, "a sequence below this acceptance falls back to ngram (a request that did not name its method) or "
+              "stops speculating")
     tensor_parallel_size: int = field(1, "ranks each layer's heads and MLP are split over (Megatron-style)",
                                       aliases=("tp",))
     pipeline_parallel_size: int = field(1, "pipeline stages the layers are split over (by parameter count)",

@@ -15,9 +15,13 @@ from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampler import random_seed
+from services.speculative.ngram import LocalNgramProposer
 from services.speculative.remote import ProposerClient
 from services.speculative.state import SpecStats, SpeculationRequest
 from services.target.config import SpeculativeMethod
+
+#: SpecStats.method -> SpeculationStats.method.
+METHODS = {"draft_model": gen.SPECULATION_METHOD_DRAFT_MODEL, "ngram": gen.SPECULATION_METHOD_NGRAM}
 
 
 class TargetServicer(model_pb2_grpc.TargetModelServicer):
@@ -71,27 +75,40 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
             yield chunk
 
     def _speculation(self, request, req, request_id: str, vocab_size: int) -> SpeculationRequest | None:
-        """A remote proposer when this request speculates (its own setting, else
-        the default). An unseeded request gets its random seed here, so that
-        the draft draws with the same noise as the target."""
+        """The request's proposer when it speculates (its own setting, else the
+        default). A request that does not name its method proposes as
+        ``--speculative-method`` says; with the draft model, it falls back to
+        n-gram lookup in this process when no draft serves it or its acceptance
+        does not pay (:mod:`services.speculative.fallback`). A request that
+        names the draft model gets exactly that (no draft: no speculation); one
+        that names ngram looks up in this process when it has no draft address.
+        An unseeded request gets its random seed here, so that the draft draws
+        with the same noise as the target."""
         s = request.speculation
         enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
-        address = request.draft_address or self.config.draft_address
-        if not enabled or not address:
+        if not enabled:
             return None
         c = self.config
-        if req.sampling.seed is None:
-            req.sampling = replace(req.sampling, seed=random_seed())
         if s.method not in gen.SpeculationMethod.values():
             raise InvalidArgument("speculation.method", f"unknown method {s.method}; use DRAFT_MODEL or NGRAM")
+        fallback = None
         if s.method == gen.SPECULATION_METHOD_UNSPECIFIED:
             ngram = c.speculative_method is SpeculativeMethod.NGRAM
+            fallback = None if ngram else LocalNgramProposer
         else:
             ngram = s.method == gen.SPECULATION_METHOD_NGRAM
-        proposer = self.proposers.proposer(address, request_id, req.sampling, vocab_size, ngram=ngram)
+        address = request.draft_address or c.draft_address
+        if not address and not ngram and fallback is None:
+            return None
+        if req.sampling.seed is None:
+            req.sampling = replace(req.sampling, seed=random_seed())
+        if address:
+            proposer = self.proposers.proposer(address, request_id, req.sampling, vocab_size, ngram=ngram)
+        else:
+            proposer = LocalNgramProposer() if ngram else None  # None: the fallback from the first round
         if s.HasField("gamma"):
-            return SpeculationRequest(proposer, s.gamma, s.gamma, s.gamma, fixed=True)
-        return SpeculationRequest(proposer, c.gamma, c.gamma_min, c.gamma_max)
+            return SpeculationRequest(proposer, s.gamma, s.gamma, s.gamma, fixed=True, fallback=fallback)
+        return SpeculationRequest(proposer, c.gamma, c.gamma_min, c.gamma_max, fallback=fallback)
 
     @staticmethod
     def _spec_pb(stats: SpecStats) -> gen.SpeculationStats:
@@ -102,7 +119,8 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     disabled_reason=stats.disabled_reason, draft_wait_ms=stats.draft_wait_ms,
                                     draft_compute_ms=stats.draft_compute_ms, verify_ms=stats.verify_ms,
                                     draft_timeouts=stats.draft_timeouts,
-                                    rounds_dropped_by_batch_size=stats.dropped_by_batch_size)
+                                    rounds_dropped_by_batch_size=stats.dropped_by_batch_size,
+                                    method=METHODS[stats.method], fallback_reason=stats.fallback_reason)
 
     @staticmethod
     def _timing(t) -> gen.Timing:

@@ -1,0 +1,98 @@
+"""The n-gram fallback end to end, over real gRPC, with tiny models.
+
+A request that does not name its proposal method starts with the draft model
+and falls back to n-gram lookup on the target when the draft's acceptance
+does not pay, or when it has no draft; its output stays what target-only
+decoding gives, token for token.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.common.stubs import generation_pb2 as gen
+from services.common.stubs import model_pb2_grpc
+from services.draft.config import DraftConfig
+from services.draft.main import create_server as create_draft
+from services.target.config import TargetConfig
+from services.target.main import create_server as create_target
+from tests.conftest import hf_greedy
+from tests.helpers import run_stream, spec_request
+
+#: Copy-heavy: the tiny target continues a repeating text by repeating it, so a lookup finds it.
+COPY_HEAVY = [7, 3, 9, 7, 3, 9, 7, 3]
+
+
+async def start_target(tiny_models, **overrides):
+    app = create_target(TargetConfig.from_namespace({
+        "model": str(tiny_models.target), "port": 0, "metrics_port": 0, "warmup": False, **overrides}, env={}))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    return app, channel, model_pb2_grpc.TargetModelStub(channel)
+
+
+def fallbacks(app, cause: str) -> float:
+    """The target's llmesh:spec_decode_num_fallbacks_total for ``cause``."""
+    labels = {"model_name": app.loaded.model_name, "instance": app.instance_id, "role": "target", "cause": cause}
+    return app.loaded.engine.observer.registry.get_sample_value("llmesh:spec_decode_num_fallbacks_total", labels) or 0
+
+
+@pytest.fixture(scope="module")
+async def wrong_draft(tiny_models):
+    """A draft whose random weights are not the target's: its proposals are ~never accepted."""
+    app = create_draft(DraftConfig.from_namespace({"model": str(tiny_models.draft), "port": 0}, env={}))
+    await app.start()
+    yield app
+    await app.stop(0)
+
+
+async def test_a_draft_that_is_never_right_hands_a_copy_heavy_request_to_ngram(tiny_models, reference_model,
+                                                                               wrong_draft):
+    # The target's defaults: the cost model decides, a request that does not name its method may fall back.
+    target, channel, stub = await start_target(tiny_models, draft_address=wrong_draft.address)
+    try:
+        tokens, last = await run_stream(stub, spec_request(COPY_HEAVY, 48))
+        plain, _ = await run_stream(stub, spec_request(COPY_HEAVY, 48, spec=False))
+        assert tokens == plain == hf_greedy(reference_model, COPY_HEAVY, 48)
+        s = last.speculation
+        assert s.method == gen.SPECULATION_METHOD_NGRAM, s
+        assert "acceptance" in s.fallback_reason and s.disabled_reason == ""
+        assert s.accepted_tokens > 0  # the lookup's proposals were accepted
+        assert fallbacks(target, "low_acceptance") == 1
+
+        # Pinned to the draft model, the same request keeps it: no fallback.
+        pinned = spec_request(COPY_HEAVY, 48, method=gen.SPECULATION_METHOD_DRAFT_MODEL)
+        tokens, last = await run_stream(stub, pinned)
+        assert tokens == plain
+        assert last.speculation.method == gen.SPECULATION_METHOD_DRAFT_MODEL
+        assert last.speculation.fallback_reason == "" and fallbacks(target, "low_acceptance") == 1
+
+        # Sampled: the lookup's point-mass proposals keep the seeded output what target-only gives.
+        seeded = dict(temperature=0.8, top_k=20, seed=5)
+        tokens, last = await run_stream(stub, spec_request(COPY_HEAVY, 40, **seeded))
+        plain, _ = await run_stream(stub, spec_request(COPY_HEAVY, 40, spec=False, **seeded))
+        assert tokens == plain
+    finally:
+        await channel.close()
+        await target.stop(0)
+
+
+async def test_a_target_without_a_draft_speculates_by_lookup(tiny_models, reference_model):
+    target, channel, stub = await start_target(tiny_models)
+    try:
+        tokens, last = await run_stream(stub, spec_request(COPY_HEAVY, 40))
+        assert tokens == hf_greedy(reference_model, COPY_HEAVY, 40)
+        s = last.speculation
+        assert s.method == gen.SPECULATION_METHOD_NGRAM and s.fallback_reason == "no draft to propose with"
+        assert s.rounds > 0 and s.accepted_tokens > 0 and s.draft_wait_ms < 1000
+        assert fallbacks(target, "no_draft") == 1
+        # Naming ngram: the same lookup, and not a fallback.
+        tokens, last = await run_stream(stub, spec_request(COPY_HEAVY, 40, method=gen.SPECULATION_METHOD_NGRAM))
+        assert tokens == hf_greedy(reference_model, COPY_HEAVY, 40) and last.speculation.fallback_reason == ""
+        # Naming the draft model with no draft: no speculation, as before.
+        tokens, last = await run_stream(stub, spec_request(COPY_HEAVY, 8, method=gen.SPECULATION_METHOD_DRAFT_MODEL))
+        assert tokens == hf_greedy(reference_model, COPY_HEAVY, 8) and not last.HasField("speculation")
+    finally:
+        await channel.close()
+        await target.stop(0)
