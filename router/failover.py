@@ -122,12 +122,14 @@ class DraftVerdict(enum.Enum):
     UNKNOWN = "unknown"    # no round was asked or none answered for another reason
 
 
-def draft_verdict(rounds: int, draft_timeouts: int) -> DraftVerdict:
+def draft_verdict(rounds: int, draft_timeouts: int, fell_back: bool = False) -> DraftVerdict:
     """What a finished request's speculation stats (``rounds`` verified,
-    ``draft_timeouts`` missed the deadline) say about the draft it used."""
+    ``draft_timeouts`` missed the deadline, ``fell_back``: the request left
+    the draft for n-gram lookup, so its verified rounds may be the lookup's)
+    say about the draft it used."""
     if draft_timeouts >= DRAFT_STALL_TIMEOUTS:
         return DraftVerdict.STALLED
-    if rounds > 0:
+    if rounds > 0 and not fell_back:
         return DraftVerdict.ANSWERED
     return DraftVerdict.UNKNOWN
 

@@ -277,8 +277,9 @@ class Forwarder:
     def _judge_draft(self, draft: Instance, target: Instance, stats: gen.SpeculationStats) -> None:
         """A draft whose rounds timed out on the target (alive, maybe SERVING,
         but silent) is ejected until its engine steps again; one whose rounds
-        were verified is a success (see router.failover.draft_verdict)."""
-        verdict = draft_verdict(stats.rounds, stats.draft_timeouts)
+        were verified is a success, unless the request fell back to n-gram
+        lookup (see router.failover.draft_verdict)."""
+        verdict = draft_verdict(stats.rounds, stats.draft_timeouts, fell_back=bool(stats.fallback_reason))
         if verdict is DraftVerdict.STALLED:
             reason = f"stalled ({stats.draft_timeouts} draft rounds timed out on {target.id})"
             log.warning("draft %s %s: out of rotation until it steps again", draft.id, reason)

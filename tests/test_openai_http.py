@@ -350,3 +350,35 @@ async def test_an_http_request_continues_the_clients_trace_to_the_target(tiny_mo
     target_server = [s for s in target_spans.get_finished_spans()
                      if s.kind.name == "SERVER" and s.name.endswith("TargetModel/Generate")]
     assert target_server and target_server[0].context.trace_id == span.context.trace_id
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"max_tokens": 2 ** 31}, "max_tokens"),
+    ({"max_tokens": 10 ** 20, "stream": True}, "max_tokens"),
+    ({"top_k": 2 ** 31, "max_tokens": 4000}, "max_tokens"),
+    ({"prompt": [5, 2 ** 31]}, "prompt"),
+    ({"prompt": [[5, -2 ** 31 - 1]]}, "prompt"),
+])
+async def test_integers_past_the_contracts_int32_are_a_400_not_a_500(served, extra, param):
+    """JSON integers have no bound; the contract's fields are int32. A count past it
+    is clamped (and refused for the context it exceeds), a token id past it is out
+    of every vocabulary: a 400 naming the field, never an internal error."""
+    _, url, _, _ = served
+    async with httpx.AsyncClient(timeout=60) as http:
+        reply = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", **extra})
+        chat = await http.post(f"{url}/v1/chat/completions",
+                               json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                     "max_completion_tokens": extra.get("max_tokens", 2 ** 40)})
+    for r in (reply, chat):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and "internal" not in error["message"]
+    assert param in (reply.json()["error"]["param"] or reply.json()["error"]["message"])
+
+
+async def test_unknown_paths_and_methods_answer_in_the_apis_error_shape(served):
+    _, url, _, _ = served
+    async with httpx.AsyncClient(timeout=30) as http:
+        missing, wrong = await http.post(f"{url}/v1/embeddings", json={}), await http.get(f"{url}/v1/completions")
+    assert missing.status_code == 404 and "no such endpoint: POST /v1/embeddings" in missing.json()["error"]["message"]
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"

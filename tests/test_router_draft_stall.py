@@ -203,6 +203,9 @@ def test_draft_verdict_from_a_requests_speculation_stats():
     assert draft_verdict(rounds=7, draft_timeouts=1) is DraftVerdict.ANSWERED
     assert draft_verdict(rounds=0, draft_timeouts=1) is DraftVerdict.UNKNOWN
     assert draft_verdict(rounds=0, draft_timeouts=0) is DraftVerdict.UNKNOWN
+    # Rounds after a fallback to n-gram lookup may not be the draft's: no proof it answered.
+    assert draft_verdict(rounds=7, draft_timeouts=1, fell_back=True) is DraftVerdict.UNKNOWN
+    assert draft_verdict(rounds=7, draft_timeouts=DRAFT_STALL_TIMEOUTS, fell_back=True) is DraftVerdict.STALLED
 
 
 def test_a_stalled_draft_is_ejected_until_its_engine_steps_or_its_time_is_up():

@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.forwarder import Forwarder
 from router.http import translate
@@ -253,6 +254,16 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # An unknown path (404) or method (405): the API's error shape too.
+        what = f"{request.method} {request.url.path}"
+        message = {404: f"no such endpoint: {what}", 405: f"method not allowed: {what}"}.get(exc.status_code,
+                                                                                             str(exc.detail))
+        return JSONResponse(translate.error_payload(message, "invalid_request_error",
+                                                    "not_found" if exc.status_code == 404 else None),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     # The body is parsed here, not by FastAPI: it is JSON whatever the Content-Type
     # says (`curl -d` sends application/x-www-form-urlencoded), as the reference server takes it.

@@ -6,7 +6,7 @@ class: batch, normal, interactive)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 16
 #: Most alternatives per token (OpenAI's bound).
 MAX_TOP_LOGPROBS = 20
+#: The contract carries token ids as int32: a larger id is out of every vocabulary.
+TokenId = Annotated[int, Field(ge=0, lt=2 ** 31)]
 
 
 class StreamOptions(BaseModel):
@@ -48,7 +50,7 @@ class CompletionRequest(SamplingBody):
     """``POST /v1/completions``."""
 
     #: A string, strings, token ids, or lists of token ids (one choice set per prompt).
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 

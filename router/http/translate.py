@@ -26,6 +26,10 @@ FINISH_REASONS = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_EOS: "st
                   gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_CANCELLED: "abort",
                   gen.FINISH_REASON_ERROR: "error"}
 PRIORITIES = {"batch": gen.PRIORITY_BATCH, "normal": gen.PRIORITY_NORMAL, "interactive": gen.PRIORITY_INTERACTIVE}
+#: The largest value of the contract's int32 fields: larger counts (max_tokens,
+#: top_k) are clamped to it, and the target answers for what is still too many
+#: (max_tokens past the model's context) with its own message.
+INT32_MAX = 2 ** 31 - 1
 #: Chat roles the contract has (the API's "developer" is a system turn).
 CHAT_ROLES = {"developer": "system"}
 
@@ -66,11 +70,12 @@ def chat_prompt(body: ChatCompletionRequest) -> gen.Prompt:
 
 def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.SamplingParams:
     s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                           max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS[kind], ignore_eos=body.ignore_eos)
+                           max_new_tokens=min(max_tokens or DEFAULT_MAX_TOKENS[kind], INT32_MAX),
+                           ignore_eos=body.ignore_eos)
     if body.top_p is not None:
         s.top_p = body.top_p
     if body.top_k is not None and body.top_k > 0:
-        s.top_k = body.top_k
+        s.top_k = min(body.top_k, INT32_MAX)
     if body.stop:
         s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     if body.seed is not None:

@@ -197,8 +197,8 @@ class BaseConfig:
     @classmethod
     def from_args(cls: type[C], argv: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None, prog: str | None = None) -> C:
-        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # Each flag's help already says its default and its variable (add_arguments).
+        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         cls.add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv), env)
 
