@@ -91,18 +91,25 @@ async def _rounds(engine, rounds: int) -> float:
     return took / proposed
 
 
-async def draft_ms_per_token(engine, arms: dict, repeats: int, rounds: int = 100) -> dict:
-    """On one event loop, which outlives the engine thread (stopped here): a
-    closed stream's last event is delivered to it."""
-    times: dict[str, list[float]] = {name: [] for name in arms}
+async def _interleaved(engine, arms: dict, repeats: int, measure) -> dict[str, float]:
+    """The median of ``measure()`` per arm, arms interleaved ``repeats`` times; on
+    one event loop, which outlives the engine thread (stopped here): a closed
+    stream's last event is delivered to it."""
+    values: dict[str, list[float]] = {name: [] for name in arms}
     try:
         for _ in range(repeats):
             for name in arms:
                 _use(engine.runner, arms, name)
-                times[name].append(await _rounds(engine, rounds))
+                values[name].append(await measure())
     finally:
         await asyncio.to_thread(engine.stop)
-    return {name: round(statistics.median(ts) * 1e3, 3) for name, ts in times.items()}
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
+async def draft_ms_per_token(engine, arms: dict, repeats: int, rounds: int = 100) -> dict:
+    """Milliseconds per proposed token of each arm (median of ``repeats``)."""
+    times = await _interleaved(engine, arms, repeats, lambda: _rounds(engine, rounds))
+    return {name: round(t * 1e3, 3) for name, t in times.items()}
 
 
 async def _decode_tps(engine, new_tokens: int) -> float:
@@ -115,17 +122,10 @@ async def _decode_tps(engine, new_tokens: int) -> float:
 
 
 async def target_tps(engine, arms: dict, repeats: int, new_tokens: int) -> dict:
-    """Decode tokens/s of one request at a time (on one event loop, which outlives the engine thread)."""
-    rates: dict[str, list[float]] = {name: [] for name in arms}
-    try:
-        await _decode_tps(engine, 8)  # warm-up
-        for _ in range(repeats):
-            for name in arms:
-                _use(engine.runner, arms, name)
-                rates[name].append(await _decode_tps(engine, new_tokens))
-    finally:
-        await asyncio.to_thread(engine.stop)
-    return {name: round(statistics.median(r), 2) for name, r in rates.items()}
+    """Decode tokens/s of one request at a time, after a warm-up (median of ``repeats``)."""
+    await _decode_tps(engine, 8)
+    rates = await _interleaved(engine, arms, repeats, lambda: _decode_tps(engine, new_tokens))
+    return {name: round(r, 2) for name, r in rates.items()}
 
 
 def main() -> None:
