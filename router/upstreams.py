@@ -223,9 +223,10 @@ class Upstreams:
                     hashes = self.kv_index.expect(inst.id, prompt_ids, now)
                     if hashes:
                         self._expecting[(inst.id, sequence)] = hashes
-                    tokens = prefill.get(inst.id, 0)
-                    self._queued_of[(inst.id, sequence)] = tokens
-                    self._queued_prefill[inst.id] = self._queued_prefill.get(inst.id, 0) + tokens
+                    if self.config.kv_queue_weight:  # off by default: no bookkeeping nothing reads
+                        tokens = prefill.get(inst.id, 0)
+                        self._queued_of[(inst.id, sequence)] = tokens
+                        self._queued_prefill[inst.id] = self._queued_prefill.get(inst.id, 0) + tokens
                 return inst
         return None
 

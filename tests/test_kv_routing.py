@@ -260,3 +260,19 @@ def test_the_router_counts_a_routed_prompt_as_queued_prefill_until_its_first_tok
     assert up._queued_prefill == {}
     up.finished(first.id, 0)  # the end after the first token changes nothing more
     assert up._queued_prefill == {}
+
+
+def test_with_the_queue_weight_off_the_router_keeps_no_queued_prefill():
+    from router.config import RouterConfig
+    from router.registry import Health, Identity, InstanceSpec, Role
+    from router.upstreams import Upstreams
+    from services.common.stubs import stats_pb2
+
+    up = Upstreams(RouterConfig.from_namespace({"port": 0, "http_port": 0, "policy": "kv_aware"}, env={}),
+                   clock=lambda: 1.0)
+    inst, _ = up.registry.upsert(InstanceSpec(id="a", address="127.0.0.1:1", role=Role.TARGET))
+    inst.health, inst.identity, inst.load, inst.load_at = Health.SERVING, Identity.CONFIRMED, stats_pb2.LoadReport(), 1.0
+    up.kv_index.apply("a", True, [], [], 4)
+    assert up.choose(Role.TARGET, ["default"], 0, prefix=tuple(PREFIX * 2)).id == "a"
+    assert up._queued_prefill == {} and up._queued_of == {}
+    up.finished("a", 0)
