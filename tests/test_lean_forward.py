@@ -76,6 +76,15 @@ def test_lean_logits_equal_transformers_bit_for_bit(prepack):
         pytest.skip("oneDNN packed linears are not available in this torch build")
     runner = _assert_same_logits(_config(), prepack=prepack)
     assert (runner.prepacked > 0) == prepack
+    # q/k/v and gate/up run as one product each (packed layers stay apart), with no weight copied.
+    layers = runner.model.model.layers
+    assert runner.lean.fused == (0 if prepack else 2 * len(layers))
+    if not prepack:
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            shared = {p.weight.untyped_storage().data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)}
+            assert len(shared) == 1 and m.gate_proj.weight.untyped_storage().data_ptr() == \
+                m.up_proj.weight.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("overrides", [
@@ -86,9 +95,13 @@ def test_lean_logits_equal_transformers_bit_for_bit(prepack):
     dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
-], ids=["tied", "bias", "mha-head-dim", "rope-linear", "rope-llama3", "rope-dynamic"])
+    # 30 x 4-byte rows: k's rows would start off a 64-byte boundary, so q/k/v stay apart; gate/up fuse.
+    dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=3, intermediate_size=48),
+], ids=["tied", "bias", "mha-head-dim", "rope-linear", "rope-llama3", "rope-dynamic", "unaligned"])
 def test_lean_logits_equal_transformers_for_config_variants(overrides):
-    _assert_same_logits(_config(**overrides))
+    runner = _assert_same_logits(_config(**overrides))
+    per_layer = 1 if overrides.get("hidden_size") == 30 else 2
+    assert runner.lean.fused == per_layer * runner.model.config.num_hidden_layers
 
 
 def test_lean_on_tiny_test_models_bf16(tiny_models):
@@ -125,6 +138,25 @@ def test_a_lean_forward_that_disagrees_on_the_probe_is_not_used(monkeypatch, cap
         runner = _runner(_config(), lean=True)
     assert runner.lean is None
     assert any("differ from transformers'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fused_product_that_disagrees_falls_back_to_separate_products(monkeypatch, caplog):
+    """Fusing is exact where the kernel computes each output column alike whatever the
+    matrix's height; where a CPU's kernel does not, the probe keeps the separate products."""
+    fused = lean_llama._fused
+
+    def off_by_one_ulp(modules):
+        product = fused(modules)
+        return None if product is None else (lambda x: tuple(torch.nextafter(t, t + 1) for t in product(x)))
+
+    monkeypatch.setattr(lean_llama, "_fused", off_by_one_ulp)
+    with caplog.at_level(logging.INFO, logger="services.engine.model_runner"):
+        runner = _runner(_config(), lean=True)
+    assert runner.lean is not None and runner.lean.fused == 0
+    assert any("0 of 4" in r.getMessage() for r in caplog.records)
+    want = _runner(_config(), lean=False)
+    for rows in _steps():
+        assert all(torch.equal(g, w) for g, w in zip(runner.forward(rows), want.forward(rows)))
 
 
 def test_pipeline_stage_keeps_transformers_path():

@@ -126,22 +126,28 @@ class ModelRunner:
     def _lean_forward(self) -> LeanLlama | None:
         """A LeanLlama for this model when it supports it and its logits equal
         transformers' path on a probe (a prefill and a decode), else None; says
-        which in the log."""
+        which in the log. The one with fused q/k/v and gate/up products is tried
+        first, then the one without."""
         reason = unsupported(self.model, self.layers)
         if reason is None:
-            lean = LeanLlama(self.model)
             probe = self._probe_rows()
             with torch.inference_mode():
                 want = [ModelRunner.forward(self, rows) for rows in probe]
-                self.lean = lean
-                try:
-                    got = [ModelRunner.forward(self, rows) for rows in probe]
-                finally:
-                    self.lean = None
-            if all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)):
-                log.info("lean forward: %s runs without transformers' module tree (same logits on a probe)",
-                         type(self.model).__name__)
-                return lean
+            for fuse in (True, False):
+                lean = LeanLlama(self.model, fuse=fuse)
+                if fuse and not lean.fused:
+                    continue
+                with torch.inference_mode():
+                    self.lean = lean
+                    try:
+                        got = [ModelRunner.forward(self, rows) for rows in probe]
+                    finally:
+                        self.lean = None
+                if all(torch.equal(g, w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)):
+                    log.info("lean forward: %s runs without transformers' module tree (same logits on a probe; "
+                             "%d of %d q/k/v and gate/up groups fused)", type(self.model).__name__,
+                             lean.fused, 2 * len(self.layers))
+                    return lean
             reason = "its logits differ from transformers' on a probe"
         log.info("transformers' forward for this model: the lean one does not apply (%s)", reason)
         return None
