@@ -91,3 +91,27 @@ def test_packing_pays_compares_both_arms_at_every_probe_row_count():
     pays, ratios = cpu_linear.packing_pays(nn.Linear(64, 48), reps=3)
     assert set(ratios) == set(cpu_linear.PROBE_ROWS) and all(r > 0 for r in ratios.values())
     assert pays == (ratios[5] < cpu_linear.PAYS_BELOW and ratios[1] <= cpu_linear.ONE_ROW_AT_MOST)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_one_sequence_in_consecutive_blocks_reads_a_slice_with_the_same_logits(tiny_models, lean):
+    """A lone sequence whose blocks were handed out in order reads its keys and values
+    as a view of the cache instead of a gather: the same logits, bit for bit, as the same
+    sequence scattered over the cache, for its prefill, decode and verify steps."""
+    def run(table: list[int]) -> list[torch.Tensor]:
+        runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_blocks=12,
+                             block_size=4, max_len=64, prepack=False, lean=lean)
+        prompt = PROMPTS[2]
+        steps = [[ForwardRow(table, 0, prompt[:-1], keep=3)], [ForwardRow(table, len(prompt) - 1, prompt[-1:])],
+                 [ForwardRow(table, len(prompt), [33, 34, 35], keep=3)]]
+        out = []
+        for rows in steps:
+            ctx = runner.prepare(rows)
+            assert (ctx.read_slots is None) == (table == [4, 5, 6, 7])
+            out += runner.forward(rows)
+        return out
+
+    consecutive, scattered = run([4, 5, 6, 7]), run([9, 2, 11, 5])
+    assert len(consecutive) == 3
+    for c, s in zip(consecutive, scattered):
+        assert torch.equal(c, s)

@@ -63,9 +63,12 @@ class _StepContext:
     write_rows: tuple[torch.Tensor, torch.Tensor] | None
     #: Flat cache slot (block * block_size + offset) of each written token.
     write_slot: torch.Tensor
-    #: ``[n * kv_len]`` flat slots each row reads, padded with the null block.
-    read_slots: torch.Tensor
+    #: ``[n * kv_len]`` flat slots each row reads, padded with the null block
+    #: (None: one row whose blocks are consecutive, read as a slice from ``read_start``).
+    read_slots: torch.Tensor | None
     kv_len: int
+    #: First flat slot of the slice when ``read_slots`` is None.
+    read_start: int = 0
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -183,8 +186,12 @@ class ModelRunner:
         k_cache.index_copy_(0, ctx.write_slot, k_new)
         v_cache.index_copy_(0, ctx.write_slot, v_new)
         shape = (query.shape[0], ctx.kv_len) + k_cache.shape[1:]
-        keys = k_cache.index_select(0, ctx.read_slots).view(shape)
-        values = v_cache.index_select(0, ctx.read_slots).view(shape)
+        if ctx.read_slots is None:  # one row in consecutive blocks: a view of the cache, no gather
+            keys = k_cache.narrow(0, ctx.read_start, ctx.kv_len).view(shape)
+            values = v_cache.narrow(0, ctx.read_start, ctx.kv_len).view(shape)
+        else:
+            keys = k_cache.index_select(0, ctx.read_slots).view(shape)
+            values = v_cache.index_select(0, ctx.read_slots).view(shape)
         out = F.scaled_dot_product_attention(
             query, keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=ctx.mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[2],
@@ -244,8 +251,14 @@ class ModelRunner:
         ids = torch.tensor([r.tokens + [0] * (width - k) for r, k in zip(rows, lens)])
         last = self.max_len - 1
         positions = torch.tensor([[min(r.start + t, last) for t in range(width)] for r in rows])
-        slots = torch.tensor(tables)[:, :, None] * bs + torch.arange(bs)  # [n, num_blocks, bs]
-        read_slots = slots.view(n, -1)[:, :kv_len].reshape(-1)
+        first = tables[0][0]
+        if n == 1 and tables[0] == list(range(first, first + num_blocks)):
+            # The usual case of one sequence (a draft's step, a lone decode): its blocks were handed
+            # out in order, so what it reads is one slice of the cache, the same values in the same layout.
+            read_slots = None
+        else:
+            slots = torch.tensor(tables)[:, :, None] * bs + torch.arange(bs)  # [n, num_blocks, bs]
+            read_slots = slots.view(n, -1)[:, :kv_len].reshape(-1).to(dev)
         write_slot = [tb[p // bs] * bs + p % bs for r, tb in zip(rows, tables)
                       for p in range(r.start, r.start + len(r.tokens))]
         j = torch.arange(kv_len)
@@ -264,7 +277,8 @@ class ModelRunner:
         return _StepContext(
             cache=self.cache, ids=ids.to(dev), positions=positions.to(dev), mask=mask[:, None].to(dev),
             keep_index=keep_index, keeps=[r.keep for r in rows], write_rows=write_rows,
-            write_slot=torch.tensor(write_slot, device=dev), read_slots=read_slots.to(dev), kv_len=kv_len,
+            write_slot=torch.tensor(write_slot, device=dev), read_slots=read_slots, kv_len=kv_len,
+            read_start=first * bs,
         )
 
     @torch.inference_mode()
