@@ -167,9 +167,13 @@ class Speculator:
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
-            kind = _kind([r.seq.spec for r in rows if r.proposal])
-            self.costs.observe(len(rows), gamma, seconds, gap, now, kind)
-            if gamma > 0:
+            speculating = [r.seq.spec for r in rows if r.proposal]
+            # A step that waited for catch-up rounds says what resuming costs, not what a speculating
+            # step does: priced by it, speculation that pays would look too dear to try again. An
+            # exploration goes on to the next step, whose wait is the steady one.
+            catch_up = any(spec.catching_up for spec in speculating)
+            self.costs.observe(len(rows), gamma, seconds, None if catch_up else gap, now, _kind(speculating))
+            if gamma > 0 and not catch_up:
                 self._exploring = False
         self._last_end = now
 
@@ -238,6 +242,7 @@ class Speculator:
             else:
                 gamma = min(gamma, limit - len(seq.tokens))
         round_ = spec.sync.next_round(seq.tokens, gamma)
+        spec.catching_up = len(round_.append) > gamma + 1
         spec.round_id += 1
         spec.waiting = True
         spec.requested_at = now
