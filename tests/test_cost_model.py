@@ -4,7 +4,6 @@ the Speculator acting on them (no model, no clock: steps are fed by hand)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from services.engine.scheduler import Row
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
@@ -88,11 +87,9 @@ def test_acceptance_estimate_follows_the_rounds():
 class InstantProposer:
     def __init__(self):
         self.rounds = []
-        self.appended = []
 
     def propose(self, round_, on_result):
         self.rounds.append(round_.gamma)
-        self.appended.append(round_.append)
         on_result(Proposal([1] * round_.gamma), None)
 
     def close(self):
@@ -164,87 +161,6 @@ def test_a_bucket_that_stopped_speculating_tries_again_after_explore_s():
     feed(speculator, seqs, 0, 0.010, 0.001, now=8.0)  # 7 s since it last verified proposals here
     speculator.before_schedule(seqs, 16)
     assert speculator.gamma > 0
-
-
-def test_a_catch_up_round_does_not_price_speculation_and_the_exploration_measures_the_next():
-    """Resuming after steps without speculation, each draft first takes every token it
-    missed (a prefill): that one-off wait, priced as if every step paid it, kept a batch
-    that gains from speculating off for good (found in the sweep: off at 4 streams where
-    always-on gained 1.33x). The step that waited for it is not a gap sample; the
-    exploration goes on to the next round, whose wait is the steady one."""
-    speculator = Speculator(SpeculationSettings(explore_s=5.0))
-    seqs = speculating(speculator, 4)
-    for t in range(12):  # plain decode measured; generated tokens the draft has not seen
-        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t * 0.01)
-        for s in seqs:
-            s.tokens.append(7)
-    speculator.before_schedule(seqs, 4)
-    assert speculator.gamma > 0  # nothing measured with proposals at this size: it explores
-    for s in seqs:
-        speculator.after_tokens(s, 1.2, 4, room=10)
-        # The prompt and 12 tokens: more than a round of gamma + 1 could have brought.
-        assert s.spec.catching_up and len(s.spec.proposer.appended[-1]) == 15 > s.spec.sync.asked + 1
-    rows = [Row(s, 0, 1, s.spec.proposal) for s in seqs]
-    speculator.after_forward(rows, 0.012, now=1.3)  # waited 88 ms for the drafts' catch-up
-    gamma = len(seqs[0].spec.proposal)
-    assert f"draft_model:{gamma}" not in speculator.costs.table()[4]["gap_ms"]
-    for s in seqs:
-        s.spec.proposal = None
-        s.spec.sync.accepted(gamma)
-        s.tokens += [1] * gamma + [9]
-    speculator.before_schedule(seqs, 4)
-    for s in seqs:
-        speculator.after_tokens(s, 1.3, 4, room=10)
-        assert not s.spec.catching_up  # one token to take: the steady round
-    speculator.before_schedule(seqs, 4)
-    speculator.after_forward([Row(s, 0, 1, s.spec.proposal) for s in seqs], 0.012, now=1.315)
-    steady = len(seqs[0].spec.proposal)
-    assert speculator.costs.table()[4]["gap_ms"][f"draft_model:{steady}"] == pytest.approx(3.0)
-    for s in seqs:
-        s.spec.control.update(steady, steady)
-    speculator.before_schedule(seqs, 4)
-    assert speculator.gamma > 0  # 12 + 3 ms for several tokens a row against 11 ms for one: it speculates
-
-
-def _verify(speculator, seq, gamma):
-    """Scores a proposal of ``gamma`` ones that the target agrees with entirely (greedy)."""
-    logits = torch.zeros(gamma + 1, 8)
-    logits[:, 1] = 1.0
-    row = Row(seq, 0, 1, [1] * gamma)
-    return speculator.after_verify(seq, row, logits)
-
-
-def test_speculation_that_delivers_less_than_the_model_promised_is_turned_off():
-    """The model prices a step as if every row verified its proposal. At 32 streams on 2
-    cores most rows' proposals missed the step (the draft, on the same cores, could not keep
-    up) and the model kept promising 1.4x while the steps delivered 0.74x: realized over
-    predicted goodput, kept per batch size, prices speculation back off."""
-    speculator = Speculator(SpeculationSettings(explore_s=60.0))
-    seqs = speculating(speculator, 16)
-    for t in range(10):  # measured: a step costs 12 ms + 1 ms per proposal a row; every proposal kept
-        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t * 0.1)
-        feed(speculator, seqs, 4, 0.016, 0.002, now=1.03 + t * 0.1, accepted=4)
-        feed(speculator, seqs, 8, 0.020, 0.002, now=1.06 + t * 0.1, accepted=8)
-    now = 3.0
-    speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, now)  # the mark
-    speculator.before_schedule(seqs, 16)
-    assert speculator.gamma > 0  # the model: up to 9 tokens a row for 2x the time
-    for step in range(30):
-        if speculator.gamma == 0:
-            break
-        # Only one row's proposal made it in time; the other 15 decode one token each.
-        speculator.after_tokens(seqs[0], now, 16, room=100)
-        gamma = len(seqs[0].spec.proposal)
-        rows = [Row(seqs[0], 0, 1, seqs[0].spec.proposal)] + [Row(s, 0, 1) for s in seqs[1:]]
-        now += 0.014 + 0.001 * gamma
-        speculator.after_forward(rows, 0.012 + 0.001 * gamma, now)
-        assert _verify(speculator, seqs[0], gamma) == [1] * (gamma + 1)
-        seqs[0].spec.proposal = None
-        seqs[0].tokens += [1] * (gamma + 1)
-        speculator.before_schedule(seqs, 16)
-    assert speculator.gamma == 0, speculator.costs.table()[16]
-    assert speculator.costs.calibration(16, "draft_model") < 0.5
-    assert speculator.costs.calibration(1, "draft_model") == 1.0  # another batch size: not measured
 
 
 def test_a_static_disable_by_batch_size_overrides_the_cost_model():

@@ -19,13 +19,7 @@ drafts, the engine's own Python), both measured on this machine as it runs.
 Nothing machine-specific is a default: an unmeasured cost is taken to be
 the cheapest one measured (a forward bound by reading the weights costs
 about the same for 1 and 9 tokens per row), so speculation is tried where it
-has not been measured and kept only where it pays. The prediction is then
-held to account: each speculating step's realized goodput over the predicted
-one is kept per batch size (:meth:`StepCosts.calibration`), and a
-speculating step is priced at its period divided by that ratio, so a model
-that promises more than steps deliver turns speculation off (at 32 streams
-on 2 cores it priced speculating steps at 1.4x a plain step's goodput while
-the run with speculation on delivered 0.74-0.84x of the run without). :func:`choose_gamma` is
+has not been measured and kept only where it pays. :func:`choose_gamma` is
 the pure decision; :class:`StepCosts` keeps the measurements.
 
 Pure Python; engine thread only; times in seconds of the engine's clock.
@@ -119,8 +113,6 @@ class _Bucket:
     gap: dict[str, dict[int, Ewma]] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
-    #: proposer kind -> realized goodput of speculating steps over what the model predicted for them
-    calibration: dict[str, Ewma] = field(default_factory=dict)
 
 
 class StepCosts:
@@ -163,25 +155,6 @@ class StepCosts:
         out = [self.period(batch, g, kind) for g in range(gamma_max + 1)]
         return None if any(p is None for p in out) else out
 
-    def calibrate(self, batch: int, ratio: float, kind: str = "") -> None:
-        """A speculating step of ``batch`` rows, its proposals from proposers
-        of ``kind``, emitted ``ratio`` times the tokens per second
-        :func:`goodput` predicted for it."""
-        cells = self._buckets.setdefault(bucket(batch), _Bucket()).calibration
-        # Starts from 1.0 (the model taken at its word) as if that were one sample: a single step,
-        # such as a blind first try at the longest gamma, moves it a fifth of the way, not all of it.
-        cells.setdefault(kind, Ewma(1.0, 1)).add(min(max(ratio, 0.0), 2.0))
-
-    def calibration(self, batch: int, kind: str = "") -> float:
-        """Realized over predicted goodput of this bucket's speculating steps
-        (1.0 until one is measured). What the model leaves out lands here:
-        acceptance that falls with the position in the proposal (the model
-        takes it as constant), rows whose proposal missed the step, the
-        draft's and the catch-ups' load on shared cores."""
-        b = self._buckets.get(bucket(batch))
-        cell = b.calibration.get(kind) if b is not None else None
-        return cell.value if cell is not None else 1.0
-
     def speculated_at(self, batch: int) -> float | None:
         """When a step of this batch size's bucket last verified proposals."""
         b = self._buckets.get(bucket(batch))
@@ -191,8 +164,7 @@ class StepCosts:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
                     "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
-                               for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())},
-                    "calibration": {kind: round(e.value, 3) for kind, e in sorted(b.calibration.items())}}
+                               for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())}}
                 for k, b in sorted(self._buckets.items())}
 
 

@@ -45,7 +45,7 @@ from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
-from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma, goodput
+from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma
 from services.speculative.fallback import NGRAM, Action, Fallback, MethodRecord, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
@@ -93,13 +93,6 @@ class Speculator:
         self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
         self._now = 0.0
         self._exploring = False
-        #: What the model priced this step's batch with: (acceptance, plain rows, step periods), None
-        #: when nothing was measured at its size yet.
-        self._priced: tuple[list[float], int, list[float]] | None = None
-        #: A speculating decode step awaiting its accepted counts:
-        #: (rows, period seconds, predicted goodput, proposer kind).
-        self._pending: tuple[int, float, float, str] | None = None
-        self._accepted = 0
 
     @property
     def uses_cost_model(self) -> bool:
@@ -130,10 +123,6 @@ class Speculator:
         verified are not scored, so that none sits out a step or widens every
         row of a big batch to gamma + 1 tokens. The draft discards them at the
         next round."""
-        if self._pending is not None:  # the last speculating step's tokens are all counted now
-            rows, period, predicted, kind = self._pending
-            self.costs.calibrate(rows, (rows + self._accepted) / period / predicted, kind)
-            self._pending = None
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
         self._batch = len(running)
@@ -152,27 +141,22 @@ class Speculator:
 
     def _decide(self, running: list[Sequence]) -> int:
         """The cost model's gamma for a batch of ``running`` (0: none)."""
-        self._priced = None
         specs = [s.spec for s in running if s.spec is not None and s.spec.active]
         if not specs:
             return 0
         gamma_max = max(spec.control.hi for spec in specs)
         acceptance = [self._alpha(spec) for spec in specs]
-        kind = _kind(specs)
-        periods = self.costs.periods(len(running), gamma_max, kind)
+        periods = self.costs.periods(len(running), gamma_max, _kind(specs))
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
             return max(spec.control.gamma for spec in specs)
         plain = len(running) - len(specs)
-        self._priced = (acceptance, plain, periods)
-        trust = max(self.costs.calibration(len(running), kind), 1e-3)
-        priced = [periods[0], *(p / trust for p in periods[1:])]
-        gamma = choose_gamma(acceptance, plain, priced)
+        gamma = choose_gamma(acceptance, plain, periods)
         last = self.costs.speculated_at(len(running))
         if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
             # Costs measured long ago may no longer hold: one round to measure them again.
             self._exploring = True
-            gamma = choose_gamma(acceptance, plain, priced, lowest=1)
+            return choose_gamma(acceptance, plain, periods, lowest=1)
         return gamma
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
@@ -183,23 +167,10 @@ class Speculator:
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
-            speculating = [r.seq.spec for r in rows if r.proposal]
-            # A step that waited for catch-up rounds says what resuming costs, not what a speculating
-            # step does: priced by it, speculation that pays would look too dear to try again. An
-            # exploration goes on to the next step, whose wait is the steady one.
-            catch_up = any(spec.catching_up for spec in speculating)
-            kind = _kind(speculating)
-            self.costs.observe(len(rows), gamma, seconds, None if catch_up else gap, now, kind)
-            if gamma > 0 and not catch_up:
+            kind = _kind([r.seq.spec for r in rows if r.proposal])
+            self.costs.observe(len(rows), gamma, seconds, gap, now, kind)
+            if gamma > 0:
                 self._exploring = False
-            if gamma > 0 and gap is not None and self._priced is not None:
-                # Realized against what the model promised for this batch at this gamma (every
-                # speculating sequence verifying, no catch-up): rows whose proposal missed the step,
-                # and the wait for catch-ups, count against it, since speculating costs them.
-                acceptance, plain, periods = self._priced
-                predicted = goodput(acceptance, plain, gamma, periods[gamma]) if gamma < len(periods) else 0.0
-                if predicted > 0 and seconds + gap > 0:
-                    self._pending, self._accepted = (len(rows), seconds + gap, predicted, kind), 0
         self._last_end = now
 
     def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
@@ -215,7 +186,6 @@ class Speculator:
             n, token = accept_gumbel(sampler.warp_scores(logits, opts), row.proposal, seq.base_seed,
                                      len(seq.tokens))
         spec.sync.accepted(n)
-        self._accepted += n
         spec.stats.verify_ms += row.forward_s * 1000.0
         spec.control.update(n, gamma)
         self.pools[spec.method].update(n, gamma)
@@ -268,7 +238,6 @@ class Speculator:
             else:
                 gamma = min(gamma, limit - len(seq.tokens))
         round_ = spec.sync.next_round(seq.tokens, gamma)
-        spec.catching_up = len(round_.append) > gamma + 1
         spec.round_id += 1
         spec.waiting = True
         spec.requested_at = now

@@ -119,10 +119,6 @@ class SpecState:
     hold_until: float = 0.0
     #: An answered proposal not yet scored.
     proposal: list[int] | None = None
-    #: The round under way brings the proposer more tokens than a round's worth (its first round, or
-    #: the first after steps without speculation): the wait for it is a one-off catch-up, not what a
-    #: speculating step costs, so the cost model does not price speculation by it.
-    catching_up: bool = False
     active: bool = True
     #: Rounds given up at their deadline since the draft last answered one in time.
     timeouts_in_a_row: int = 0
