@@ -34,7 +34,7 @@ models: install
 
 up: install
 	$(LLMESH) models build
-	$(LLMESH) up
+	$(LLMESH) up $(UP_ARGS)
 
 # curl: the front door's SSE framing is checked with it (installed with apt when root).
 test: install docker-deps

@@ -272,19 +272,30 @@ class _Condition:
 
 
 class AlertTracker:
-    """Alerts from successive analyses, one per (rule, subject), with time hysteresis."""
+    """Alerts from successive analyses, one per (rule, subject), with time hysteresis.
 
-    def __init__(self, for_s: float, clear_s: float) -> None:
+    ``startup_grace_s``: a fleet that is starting (models loading, the
+    router not reached yet) is not a fleet that is down. A condition seen in
+    the first ``startup_grace_s`` seconds after the first update counts as
+    beginning at the end of that grace, so a normal start raises no alert and
+    one that does not come up still does, ``for_s`` after the grace."""
+
+    def __init__(self, for_s: float, clear_s: float, startup_grace_s: float = 0.0) -> None:
         self.for_s = for_s
         self.clear_s = clear_s
+        self.startup_grace_s = startup_grace_s
+        self._started_at: float | None = None
         self._conditions: dict[tuple[str, str], _Condition] = {}
 
     def update(self, recommendations: list[Recommendation], now: float) -> list[Alert]:
         """The alerts that fired or cleared at ``now``."""
         out: list[Alert] = []
+        if self._started_at is None:
+            self._started_at = now
+        begins = max(now, self._started_at + self.startup_grace_s)
         present = {(r.rule, r.subject): r for r in recommendations}
         for key, rec in present.items():
-            c = self._conditions.setdefault(key, _Condition(since=now, last_seen=now, rec=rec))
+            c = self._conditions.setdefault(key, _Condition(since=begins, last_seen=now, rec=rec))
             escalated = c.firing and rec.severity != c.rec.severity
             c.last_seen, c.rec = now, rec
             if (not c.firing and now - c.since >= self.for_s) or escalated:

@@ -33,6 +33,10 @@ class MonitorConfig(BaseConfig):
     analysis_interval_s: float = field(2.0, "seconds between evaluations of the alert rules")
     alert_for_s: float = field(5.0, "a condition must hold this long before its alert fires")
     alert_clear_s: float = field(10.0, "a firing alert clears after its condition has been gone this long")
+    alert_startup_grace_s: float = field(60.0, "the fleet's start: a condition the monitor sees in its first "
+                                         "seconds (models loading, the router not reached yet) counts toward "
+                                         "alert_for_s only from this many seconds after the monitor's first "
+                                         "evaluation")
     prometheus_port: int = field(9464, "HTTP port of the Prometheus exposition at /metrics (0: disabled)")
 
     def validate(self) -> None:
@@ -47,7 +51,7 @@ class MonitorConfig(BaseConfig):
                      "must be >= reconnect_initial_s")
         self.require(0 < self.default_window_s <= MAX_WINDOW_S, "default_window_s",
                      f"must be in (0, {MAX_WINDOW_S:g}]")
-        for name in ("alert_for_s", "alert_clear_s"):
+        for name in ("alert_for_s", "alert_clear_s", "alert_startup_grace_s"):
             value = getattr(self, name)
             self.require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
         self.require(0 <= self.prometheus_port <= 65535, "prometheus_port", "must be in [0, 65535]")

@@ -39,7 +39,8 @@ class MonitorApp(ServiceApp):
             reconnect_initial_s=config.reconnect_initial_s, reconnect_max_s=config.reconnect_max_s,
             channel_factory=config.channels().open, clock=clock)
         thresholds = config.thresholds()
-        self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s),
+        self.alerts = AlertHub(self.store.snapshot, AlertTracker(config.alert_for_s, config.alert_clear_s,
+                                                                  config.alert_startup_grace_s),
                                window_s=config.default_window_s, interval_s=config.analysis_interval_s, clock=clock,
                                thresholds=thresholds)
         self.exporter = PrometheusExporter(PrometheusCollector(self.store.snapshot, config.default_window_s, clock,

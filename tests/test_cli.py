@@ -117,6 +117,27 @@ def test_generate_flags_become_a_request_and_unset_ones_stay_unset():
     plain = build_request(build_parser().parse_args(["generate", "hi"]))
     assert plain.sampling.temperature == 0.0 and plain.priority == gen.PRIORITY_NORMAL
     assert not plain.speculation.HasField("enabled") and not plain.speculation.HasField("gamma")
+    assert plain.speculation.method == gen.SPECULATION_METHOD_UNSPECIFIED  # the target's, with its fallback
+
+    pinned = build_request(build_parser().parse_args(["generate", "hi", "--speculate",
+                                                      "--speculative-method", "ngram"]))
+    assert pinned.speculation.enabled and pinned.speculation.method == gen.SPECULATION_METHOD_NGRAM
+
+
+def test_the_summary_says_how_the_stream_speculated():
+    """A user who asked for speculation learns which proposer served it, and why it fell back."""
+    from services.cli.generate import summary
+
+    last = gen.GenerateChunk(finish_reason=gen.FINISH_REASON_LENGTH)
+    last.speculation.method = gen.SPECULATION_METHOD_NGRAM
+    last.speculation.proposed_tokens, last.speculation.accepted_tokens = 40, 9
+    last.speculation.fallback_reason = "at acceptance 0.20 the cost model would not speculate"
+    line = summary(32, 0.05, 0.2, last)
+    assert "speculation ngram: accepted 9/40 proposed tokens" in line
+    assert "fell back to ngram: at acceptance 0.20" in line
+    last.speculation.method, last.speculation.fallback_reason = gen.SPECULATION_METHOD_DRAFT_MODEL, ""
+    assert "speculation draft_model: accepted 9/40" in summary(32, 0.05, 0.2, last)
+    assert "speculation" not in summary(32, 0.05, 0.2, gen.GenerateChunk(finish_reason=gen.FINISH_REASON_LENGTH))
 
 
 def test_up_flags_become_options(tmp_path):

@@ -246,6 +246,23 @@ def test_a_flapping_condition_below_for_s_never_fires():
         assert tracker.update([_rec()] if t % 2 == 0 else [], t) == []
 
 
+def test_a_fleet_that_is_starting_raises_no_alert_and_one_that_never_comes_up_does():
+    """Found by a new user: every `llmesh up` fired no_healthy_instances while the models loaded."""
+    tracker = AlertTracker(for_s=5, clear_s=10, startup_grace_s=60)
+    for t in (0, 10, 30, 59):  # the router not reached, then targets loading
+        assert tracker.update([_rec(rule="no_healthy_instances")], t) == []
+    assert tracker.update([], 62) == []  # up before the grace ended: nothing fired, nothing to clear
+    assert tracker.firing() == []
+    down = AlertTracker(for_s=5, clear_s=10, startup_grace_s=60)
+    for t in (0, 30, 60, 64):
+        assert down.update([_rec(rule="no_healthy_instances")], t) == []
+    assert [a.rule for a in down.update([_rec(rule="no_healthy_instances")], 65)] == ["no_healthy_instances"]
+    # After the start, a condition counts from when it is seen, as before.
+    later = AlertTracker(for_s=5, clear_s=10, startup_grace_s=60)
+    later.update([], 0)
+    assert later.update([_rec()], 100) == [] and [a.rule for a in later.update([_rec()], 105)] == ["r"]
+
+
 def test_escalation_fires_again_with_the_new_severity():
     tracker = AlertTracker(for_s=0, clear_s=0)
     assert tracker.update([_rec()], 0)[0].severity == Severity.WARNING

@@ -19,7 +19,8 @@ from tests.test_monitor_fakes import FakeInstance, FakeRouter, eventually
 def monitor_config(router: str, **overrides) -> MonitorConfig:
     values = {"port": 0, "router": router, "watch_interval_s": 0.05, "list_interval_s": 0.05,
               "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2, "analysis_interval_s": 0.05,
-              "alert_for_s": 0.0, "alert_clear_s": 0.0, "prometheus_port": 0, **overrides}
+              "alert_for_s": 0.0, "alert_clear_s": 0.0, "alert_startup_grace_s": 0.0, "prometheus_port": 0,
+              **overrides}
     return MonitorConfig.from_namespace(values, env={})
 
 

@@ -279,6 +279,15 @@ async def test_sse_events_leave_at_once_nagle_is_off_on_every_connection(served)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+def test_error_messages_name_the_apis_parameters():
+    assert translate.api_message("sampling.max_new_tokens: 5000 exceeds the context") == \
+        "max_tokens: 5000 exceeds the context"
+    assert translate.api_message("prompt.text: must not be empty") == "prompt: must not be empty"
+    assert translate.api_message("prompt.chat.messages[2].content: too long") == "messages[2].content: too long"
+    assert translate.api_message("queue full: retry later") == "queue full: retry later"
+    assert translate.api_message("no colon here") == "no colon here"
+
+
 @pytest.mark.parametrize("exc, status, param", [
     (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
     (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),
@@ -295,6 +304,8 @@ def test_every_error_has_its_status_and_the_apis_shape(exc, status, param):
     http, body, headers = translate.error_body(exc)
     assert http == status and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["param"] == param
+    if param:  # the message names the parameter the client sent, not the gRPC contract's field
+        assert body["error"]["message"].startswith(f"{param}: ") and "sampling." not in body["error"]["message"]
     if status == 429:
         assert int(headers["Retry-After"]) == (3 if isinstance(exc, ResourceExhausted) else 1)
     if status == 500:

@@ -194,6 +194,19 @@ def param_of(message: str) -> str | None:
     return PARAMS.get(field) or PARAMS.get(field.split("[")[0].rsplit(".", 1)[0])
 
 
+def api_message(message: str) -> str:
+    """The message with its leading contract field named as the API names it
+    ("sampling.max_new_tokens: ..." -> "max_tokens: ...", "prompt.chat.messages[2].content: ..." ->
+    "messages[2].content: ..."), so that an HTTP client reads the parameter it sent."""
+    field, sep, rest = message.partition(":")
+    if not sep:
+        return message
+    for contract in sorted(PARAMS, key=len, reverse=True):
+        if field == contract or field.startswith((contract + "[", contract + ".")):
+            return PARAMS[contract] + field[len(contract):] + sep + rest
+    return message
+
+
 def error_payload(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -209,4 +222,4 @@ def error_body(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     if http == 429:
         seconds = int(retry_ms) / 1000 if retry_ms and retry_ms.isdigit() else 1.0
         headers["Retry-After"] = str(max(1, math.ceil(seconds)))
-    return http, error_payload(message, type_, code.name.lower(), param_of(message)), headers
+    return http, error_payload(api_message(message), type_, code.name.lower(), param_of(message)), headers

@@ -32,6 +32,8 @@ def build_request(args: argparse.Namespace):
         speculation.enabled = args.speculate
     if args.gamma is not None:
         speculation.gamma = args.gamma
+    if args.speculative_method is not None:
+        speculation.method = gen.SpeculationMethod.Value(f"SPECULATION_METHOD_{args.speculative_method.upper()}")
     return gen.GenerateRequest(prompt=gen.Prompt(text=args.prompt), sampling=sampling,
                                priority=gen.Priority.Value(f"PRIORITY_{args.priority.upper()}"),
                                speculation=speculation)
@@ -48,9 +50,13 @@ def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
                           if last is not None else "none")]
     if last is not None and last.instance_id:
         parts.append(f"instance {last.instance_id}")
-    if last is not None and last.speculation.proposed_tokens:
+    if last is not None and (last.speculation.proposed_tokens or last.speculation.fallback_reason):
         s = last.speculation
-        parts.append(f"accepted {s.accepted_tokens}/{s.proposed_tokens} draft tokens")
+        method = gen.SpeculationMethod.Name(s.method).removeprefix("SPECULATION_METHOD_").lower()
+        part = f"speculation {method}: accepted {s.accepted_tokens}/{s.proposed_tokens} proposed tokens"
+        if s.fallback_reason:
+            part += f" (fell back to ngram: {s.fallback_reason})"
+        parts.append(part)
     if last is not None and last.cached:
         parts.append("cached")
     return " · ".join(parts)
@@ -111,7 +117,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence tokens")
     p.add_argument("--priority", choices=PRIORITIES, default="normal", help="scheduling class (default: %(default)s)")
     p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the draft model (default: the target's setting)")
+                   help="speculative decoding (default: the target's setting); with no --speculative-method, the "
+                        "target's method: the draft model, falling back to n-gram lookup where it does not pay")
+    p.add_argument("--speculative-method", choices=("draft_model", "ngram"), default=None,
+                   help="propose with this method only, no fallback (default: the target's)")
     p.add_argument("--gamma", type=argtypes.positive_int32, help="draft tokens per round (default: adaptive)")
     p.add_argument("--timeout", type=argtypes.seconds, default=300.0, help="deadline in seconds (default: %(default)s)")
     add_client_tls_arguments(p)
