@@ -282,6 +282,8 @@ async def test_sse_events_leave_at_once_nagle_is_off_on_every_connection(served)
 def test_error_messages_name_the_apis_parameters():
     assert translate.api_message("sampling.max_new_tokens: 5000 exceeds the context") == \
         "max_tokens: 5000 exceeds the context"
+    assert translate.api_message("sampling.max_new_tokens: prompt (1 tokens) + max_new_tokens (9) exceeds it") == \
+        "max_tokens: prompt (1 tokens) + max_tokens (9) exceeds it"
     assert translate.api_message("prompt.text: must not be empty") == "prompt: must not be empty"
     assert translate.api_message("prompt.chat.messages[2].content: too long") == "messages[2].content: too long"
     assert translate.api_message("queue full: retry later") == "queue full: retry later"

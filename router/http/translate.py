@@ -199,12 +199,13 @@ def api_message(message: str) -> str:
     ("sampling.max_new_tokens: ..." -> "max_tokens: ...", "prompt.chat.messages[2].content: ..." ->
     "messages[2].content: ..."), so that an HTTP client reads the parameter it sent."""
     field, sep, rest = message.partition(":")
+    rest = rest.replace("max_new_tokens", "max_tokens")  # the one contract name the text itself quotes
     if not sep:
         return message
     for contract in sorted(PARAMS, key=len, reverse=True):
         if field == contract or field.startswith((contract + "[", contract + ".")):
             return PARAMS[contract] + field[len(contract):] + sep + rest
-    return message
+    return field + sep + rest
 
 
 def error_payload(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
