@@ -288,6 +288,10 @@ def test_error_messages_name_the_apis_parameters():
     assert translate.api_message("prompt.chat.messages[2].content: too long") == "messages[2].content: too long"
     assert translate.api_message("queue full: retry later") == "queue full: retry later"
     assert translate.api_message("no colon here") == "no colon here"
+    # param and message read the field through the same map
+    assert translate.param_of("prompt.chat.messages[2].content: too long") == "messages"
+    assert translate.param_of("prompt.tokens.ids[3]: out of range") == "prompt"
+    assert translate.param_of("priority_x: y") is None and translate.param_of("queue full") is None
 
 
 @pytest.mark.parametrize("exc, status, param", [

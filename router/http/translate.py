@@ -188,10 +188,20 @@ DONE = b"data: [DONE]\n\n"
 
 
 # -- errors -----------------------------------------------------------------
+def _named(field: str) -> tuple[str, str] | None:
+    """The API parameter a contract field path belongs to and the path's rest
+    ("prompt.chat.messages[2].content" -> ("messages", "[2].content")), None
+    for a field the API does not name."""
+    for contract in sorted(PARAMS, key=len, reverse=True):
+        if field == contract or field.startswith((contract + "[", contract + ".")):
+            return PARAMS[contract], field[len(contract):]
+    return None
+
+
 def param_of(message: str) -> str | None:
     """The API parameter an error message names ("sampling.top_p: ..." -> "top_p")."""
-    field = message.partition(":")[0]
-    return PARAMS.get(field) or PARAMS.get(field.split("[")[0].rsplit(".", 1)[0])
+    named = _named(message.partition(":")[0])
+    return named[0] if named else None
 
 
 def api_message(message: str) -> str:
@@ -199,13 +209,11 @@ def api_message(message: str) -> str:
     ("sampling.max_new_tokens: ..." -> "max_tokens: ...", "prompt.chat.messages[2].content: ..." ->
     "messages[2].content: ..."), so that an HTTP client reads the parameter it sent."""
     field, sep, rest = message.partition(":")
-    rest = rest.replace("max_new_tokens", "max_tokens")  # the one contract name the text itself quotes
     if not sep:
         return message
-    for contract in sorted(PARAMS, key=len, reverse=True):
-        if field == contract or field.startswith((contract + "[", contract + ".")):
-            return PARAMS[contract] + field[len(contract):] + sep + rest
-    return field + sep + rest
+    rest = rest.replace("max_new_tokens", "max_tokens")  # the one contract name the text itself quotes
+    named = _named(field)
+    return (named[0] + named[1] if named else field) + sep + rest
 
 
 def error_payload(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
