@@ -575,7 +575,8 @@ async def test_a_client_going_away_or_out_of_time_stops_the_targets_work(tiny_mo
             await wait_routable(stub, [target.address])
             call = stub.Generate(request([1, 2, 3], max_new_tokens=240), timeout=30)
             await call.read()
-            assert engine.load().running == 1
+            # The load snapshot is published after the step that sent the chunk.
+            await eventually(lambda: engine.load().running == 1, what="the target to run the sequence")
             call.cancel()
             await eventually(idle, what="the target to drop the cancelled sequence")
             assert generated() < 240 and target.report().in_flight == 0
