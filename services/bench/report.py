@@ -182,10 +182,13 @@ def _plot_autoscale(r: dict, path: Path) -> None:
 
 
 def _plot_router(r: dict, path: Path) -> None:
-    """Latency at concurrency 1 (direct vs through the router) and streaming throughput at concurrency 32."""
+    """Latency at concurrency 1 (direct, through the router, through a pass-through
+    proxy where measured) and streaming throughput at concurrency 32."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     arms = [("direct\n(Generate)", "direct"), ("router\nGenerate", "router_generate"),
             ("router\nComplete", "router_complete")]
+    if "proxy_generate_p50_ms" in r:
+        arms.append(("pass-through\nproxy", "proxy_generate"))
     x = range(len(arms))
     for offset, q, color in ((-0.2, "p50", "C0"), (0.2, "p99", "C1")):
         bars = ax1.bar([i + offset for i in x], [r[f"{key}_{q}_ms"] for _, key in arms], width=0.4, color=color,
@@ -194,7 +197,10 @@ def _plot_router(r: dict, path: Path) -> None:
     ax1.set_xticks(list(x), [a for a, _ in arms])
     ax1.set(ylabel="ms", title=f"{r['new_tokens']} tokens at concurrency 1: +{r['added_latency_p50_ms']} ms p50")
     ax1.legend()
-    bars = ax2.bar(["direct", "through the router"], [r["direct_tps"], r["router_tps"]], color=["gray", "C0"])
+    tput = [("direct", "direct_tps", "gray"), ("through the router", "router_tps", "C0")]
+    if "proxy_tps" in r:
+        tput.append(("through the proxy", "proxy_tps", "C2"))
+    bars = ax2.bar([a for a, _, _ in tput], [r[k] for _, k, _ in tput], color=[c for _, _, c in tput])
     ax2.bar_label(bars, fmt="%.0f")
     f = r["failover"]
     ax2.set(ylabel="tokens/s", title=f"c{r['stream_concurrency']} streams: ratio {r['throughput_ratio']}; failover "

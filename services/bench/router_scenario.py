@@ -13,6 +13,13 @@ Same run, same target process, direct vs through the router:
 - failover: two targets behind the router, 16 greedy streams, one target
   SIGKILLed once every stream has a few tokens; every output is compared with
   a reference run of the same streams.
+- the floor: a pass-through proxy (:mod:`services.bench.passthrough`, a
+  grpcio hop that relays bytes and does nothing else) takes part in the same
+  interleaved latency calls and alternating throughput runs, so that the
+  router's added latency splits into what any grpcio hop costs on this machine
+  (``proxy_added_latency_p50_ms``) and the router's own work
+  (``router_over_proxy_paired_p50_ms``), and its throughput ratio has the
+  proxy's beside it (``proxy_throughput_ratio``).
 
 The target gets at most one core fewer than the machine has (``--threads``
 capped at cores - 1): a target whose threads use every core measures how the
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -61,32 +70,56 @@ def running(specs: list[ServiceSpec]):
         yield group
 
 
+@contextmanager
+def passthrough(target: str, timeout_s: float = 30.0):
+    """A pass-through proxy to ``target`` in a process of its own; yields its address."""
+    port = local_suite.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.bench.passthrough", "--port", str(port),
+                             "--target", target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # "passthrough ready on ..." once it listens
+        if "ready" not in line:
+            raise RuntimeError(f"the pass-through proxy did not start: {line.strip() or proc.wait(timeout_s)}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _ms(values: list[float], q: float) -> float:
     return percentile(sorted(values), q) * 1000.0
 
 
 # -- latency and throughput -------------------------------------------------------
-async def _latency(target: str, router: str, prompts: list[str], n: int, new_tokens: int) -> dict[str, list[float]]:
+async def _latency(target: str, router: str, proxy: str, prompts: list[str], n: int, new_tokens: int
+                   ) -> dict[str, list[float]]:
     """Seconds per call of each kind, n calls each, interleaved in rotating order."""
-    async with grpc.aio.insecure_channel(target) as tc, grpc.aio.insecure_channel(router) as rc:
+    async with (grpc.aio.insecure_channel(target) as tc, grpc.aio.insecure_channel(router) as rc,
+                grpc.aio.insecure_channel(proxy) as pc):
         direct, routed = model_pb2_grpc.TargetModelStub(tc), router_pb2_grpc.RouterStub(rc)
+        proxied = router_pb2_grpc.RouterStub(pc)
 
         async def generate(stub, req):
             async for _ in stub.Generate(req):
                 pass
 
         kinds = {"direct": lambda req: generate(direct, req), "router_generate": lambda req: generate(routed, req),
-                 "router_complete": lambda req: routed.Complete(req)}
+                 "router_complete": lambda req: routed.Complete(req), "proxy_generate": lambda req: generate(proxied, req)}
         make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
         return await interleaved_latency(kinds, make, n)
 
 
-async def _throughput(target: str, router: str, prompts: list[str], new_tokens: int, total: int,
+async def _throughput(target: str, router: str, proxy: str, prompts: list[str], new_tokens: int, total: int,
                       repeats: int, progress: bool) -> dict[str, list[RunResult]]:
-    """Alternating closed-loop runs at concurrency 32, direct then through the router."""
+    """Alternating closed-loop runs at concurrency 32: direct, through the router, through the proxy."""
     make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
-    async with grpc.aio.insecure_channel(target) as tc, grpc.aio.insecure_channel(router) as rc:
-        stubs = {"direct": model_pb2_grpc.TargetModelStub(tc), "router": router_pb2_grpc.RouterStub(rc)}
+    async with (grpc.aio.insecure_channel(target) as tc, grpc.aio.insecure_channel(router) as rc,
+                grpc.aio.insecure_channel(proxy) as pc):
+        stubs = {"direct": model_pb2_grpc.TargetModelStub(tc), "router": router_pb2_grpc.RouterStub(rc),
+                 "proxy": router_pb2_grpc.RouterStub(pc)}
         return await alternating_runs(stubs, make, STREAM_CONCURRENCY, total, repeats, progress)
 
 
@@ -173,18 +206,22 @@ def router_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
     threads = target_threads(opts)
     target = local_suite.target_spec(model_dir, threads, max_batch_size=STREAM_CONCURRENCY)
     specs = [target, router_spec([target.address])]
-    with running(specs) as group:
+    with running(specs) as group, passthrough(target.address) as proxy:
         router = group.specs[-1].address
-        lat = asyncio.run(_latency(target.address, router, prompts, latency_requests * opts.repeats, new_tokens))
-        tput = asyncio.run(_throughput(target.address, router, prompts, stream_new_tokens, 2 * STREAM_CONCURRENCY,
-                                       opts.repeats, opts.progress))
+        lat = asyncio.run(_latency(target.address, router, proxy, prompts, latency_requests * opts.repeats,
+                                   new_tokens))
+        tput = asyncio.run(_throughput(target.address, router, proxy, prompts, stream_new_tokens,
+                                       2 * STREAM_CONCURRENCY, opts.repeats, opts.progress))
     failover = _failover(opts, prompts[:FAILOVER_STREAMS], failover_new_tokens)
 
     direct_tps = [r.tokens_per_s for r in tput["direct"]]
     router_tps = [r.tokens_per_s for r in tput["router"]]
+    proxy_tps = [r.tokens_per_s for r in tput["proxy"]]
     p = {kind: (_ms(v, 50), _ms(v, 99)) for kind, v in lat.items()}
     paired = [r - d for r, d in zip(lat["router_generate"], lat["direct"])]
+    over_proxy = [r - x for r, x in zip(lat["router_generate"], lat["proxy_generate"])]
     ratio = median(router_tps) / median(direct_tps) if median(direct_tps) else None
+    proxy_ratio = median(proxy_tps) / median(direct_tps) if median(direct_tps) else None
     errors = sum(r.errors for runs in tput.values() for r in runs) + failover["failed"]
     result = {
         "scenario": "router", "model": opts.model, "new_tokens": new_tokens, "repeats": opts.repeats,
@@ -197,12 +234,18 @@ def router_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
         "added_latency_p50_ms": round(p["router_generate"][0] - p["direct"][0], 3),
         "added_latency_p99_ms": round(p["router_generate"][1] - p["direct"][1], 3),
         "added_latency_paired_p50_ms": round(_ms(paired, 50), 3),
+        "proxy_generate_p50_ms": round(p["proxy_generate"][0], 3),
+        "proxy_generate_p99_ms": round(p["proxy_generate"][1], 3),
+        "proxy_added_latency_p50_ms": round(p["proxy_generate"][0] - p["direct"][0], 3),
+        "router_over_proxy_paired_p50_ms": round(_ms(over_proxy, 50), 3),
         "complete_added_latency_p50_ms": round(p["router_complete"][0] - p["direct"][0], 3),
         "complete_added_latency_p99_ms": round(p["router_complete"][1] - p["direct"][1], 3),
         "stream_concurrency": STREAM_CONCURRENCY, "stream_new_tokens": stream_new_tokens,
         "direct_tps": round(median(direct_tps), 1), "router_tps": round(median(router_tps), 1),
         "direct_tps_runs": [round(x, 1) for x in direct_tps], "router_tps_runs": [round(x, 1) for x in router_tps],
         "throughput_ratio": round(ratio, 4) if ratio is not None else None,
+        "proxy_tps": round(median(proxy_tps), 1), "proxy_tps_runs": [round(x, 1) for x in proxy_tps],
+        "proxy_throughput_ratio": round(proxy_ratio, 4) if proxy_ratio is not None else None,
         "errors": errors,
         "failover": failover,
     }
