@@ -182,3 +182,42 @@ def test_gaps_are_kept_apart_by_proposer_kind():
     assert costs.period(1, 4, "draft_model") == pytest.approx(0.032)
     assert costs.period(1, 4, "ngram") == pytest.approx(0.014)
     assert costs.period(1, 0, "ngram") == costs.period(1, 0, "draft_model") == pytest.approx(0.011)
+
+
+def test_rows_whose_proposals_come_late_gain_nothing_and_can_turn_speculation_off():
+    # 32 rows, acceptance 0.74, each proposed token adds 40 ms to a 91 ms decode step.
+    periods = [0.091 + 0.040 * g for g in range(9)]
+    alphas = [0.74] * 32
+    assert choose_gamma(alphas, 0, periods) > 0  # every row verified: speculation looks like a win
+    assert choose_gamma(alphas, 0, periods, ready=[1.0] + [0.5] * 8) == 0  # half of them in time: it is not
+    assert goodput(alphas, 0, 4, 0.18, ready=0.0) == pytest.approx(32 / 0.18)  # none in time: one token a row
+    assert goodput(alphas, 0, 0, 0.09, ready=0.0) == goodput(alphas, 0, 0, 0.09)  # gamma 0 waits for nothing
+
+
+def test_step_costs_keep_the_measured_readiness_per_gamma():
+    costs = StepCosts()
+    assert costs.readiness(32, 3) == [1.0] * 4  # nothing measured: every proposal counts as in time
+    costs.observe(32, 4, 0.15, 0.03, now=1.0, kind="draft_model", ready=0.5)
+    costs.observe(32, 2, 0.12, 0.02, now=2.0, kind="draft_model", ready=0.9)
+    # gamma 1 and 2 take gamma 2's, 3 (a tie) the smaller's, 4 and up gamma 4's; other kinds know nothing.
+    assert costs.readiness(32, 5, "draft_model") == [1.0, 0.9, 0.9, 0.9, 0.5, 0.5]
+    assert costs.readiness(32, 2, "ngram") == [1.0] * 3
+    assert costs.table()[32]["ready"] == {"draft_model:2": 0.9, "draft_model:4": 0.5}
+
+
+def test_the_speculator_measures_how_many_rows_had_their_proposals_in():
+    speculator = Speculator()
+    seqs = speculating(speculator, 32)
+    for t in range(10):
+        speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, 0.5 + t)
+        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.091, 0.6 + t)  # plain decode
+        speculator.after_forward([Row(s, 0, 1, [1] * 4 if i % 2 else []) for i, s in enumerate(seqs)], 0.18,
+                                 0.86 + t)  # gamma 4 after an 80 ms wait, half the rows without their proposals
+        for s in seqs:
+            s.spec.control.update(3, 4)
+    assert speculator.costs.readiness(32, 4, "draft_model")[4] == pytest.approx(0.5)
+    speculator.before_schedule(seqs, 32)
+    assert speculator.gamma == 0
+    # Had every row been verified, the same costs and acceptance would have paid.
+    periods = speculator.costs.periods(32, 8, "draft_model")
+    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0

@@ -36,6 +36,8 @@ class RequestResult:
     verify_ms: float = 0.0
     #: Why it fell back from the draft model to ngram ("" if it did not; SpeculationStats.fallback_reason).
     fallback_reason: str = ""
+    #: When each chunk with tokens came (``time.perf_counter`` seconds) and how many tokens it held.
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def tpot_s(self) -> float | None:
@@ -45,10 +47,14 @@ class RequestResult:
 
 @dataclass
 class RunResult:
-    """One measured run: its requests and wall time."""
+    """One measured run: its requests and wall time; for a closed loop, also
+    when it started and when its first worker found no request left to send
+    (``time.perf_counter`` seconds), the end of its steady phase."""
 
     results: list[RequestResult]
     wall_s: float
+    started_at: float | None = None
+    steady_until: float | None = None
 
     @property
     def errors(self) -> int:
@@ -61,6 +67,21 @@ class RunResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s while every worker still had a request to send: tokens that
+        arrived between the start and :attr:`steady_until`, over that time.
+        A closed loop of ``total`` requests ends with a drain in which fewer
+        than ``concurrency`` streams run; when requests take unequal times (as
+        speculation makes them: each one's acceptance differs) that drain is
+        long and runs small batches, so the whole-run figure
+        (:attr:`tokens_per_s`, the makespan's) measures stragglers as much as
+        the concurrency asked for. None when the run has no steady phase."""
+        if self.started_at is None or self.steady_until is None or self.steady_until <= self.started_at:
+            return None
+        tokens = sum(n for r in self.results if r.ok for t, n in r.arrivals if t <= self.steady_until)
+        return tokens / (self.steady_until - self.started_at)
 
     def pct(self, attr: str, q: float) -> float:
         values = sorted(v for r in self.results if r.ok and (v := getattr(r, attr)) is not None)
@@ -88,8 +109,11 @@ async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | Non
     result = RequestResult(ok=False)
     try:
         async for chunk in stub.Generate(request, timeout=timeout_s):
-            if chunk.token_ids and not result.tokens:
-                result.ttft_s = time.perf_counter() - started
+            if chunk.token_ids:
+                now = time.perf_counter()
+                if not result.tokens:
+                    result.ttft_s = now - started
+                result.arrivals.append((now, len(chunk.token_ids)))
             result.tokens.extend(chunk.token_ids)
             if chunk.finish_reason:
                 s = chunk.speculation
@@ -105,21 +129,25 @@ async def one_request(stub, request: gen.GenerateRequest, timeout_s: float | Non
 
 async def closed_loop(stub, make_request: Callable[[int], gen.GenerateRequest], concurrency: int, total: int,
                       label: str = "", progress: bool = True) -> RunResult:
-    """``concurrency`` workers, each sending its next request when the last one ends."""
+    """``concurrency`` workers, each sending its next request when the last one
+    ends; the result knows when the first worker ran out of requests (the end
+    of the steady phase, :attr:`RunResult.steady_tokens_per_s`)."""
     results: list[RequestResult | None] = [None] * total
     counter = iter(range(total))
     bar = tqdm(total=total, desc=label or f"c={concurrency}", leave=False, disable=not progress, unit="req")
+    ran_out: list[float] = []
 
     async def worker() -> None:
         for i in counter:
             results[i] = await one_request(stub, make_request(i))
             bar.update(1)
+        ran_out.append(time.perf_counter())
 
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - started
     bar.close()
-    return RunResult([r for r in results if r is not None], wall)
+    return RunResult([r for r in results if r is not None], wall, started, min(ran_out, default=None))
 
 
 async def open_loop(stub, make_request: Callable[[int], gen.GenerateRequest], rate: float, total: int,

@@ -126,6 +126,12 @@ def _tps(runs: list[RunResult]) -> float:
     return median([r.tokens_per_s for r in runs])
 
 
+def _steady_tps(runs: list[RunResult]) -> float:
+    """The median run's tokens/s in its steady phase (every worker busy), the
+    whole run's where it had none (see RunResult.steady_tokens_per_s)."""
+    return median([r.steady_tokens_per_s or r.tokens_per_s for r in runs])
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -142,21 +148,35 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
                             concurrencies=SWEEP_CONCURRENCIES) -> dict:
     """Speculation off and on (the cost model, on the suite at ``router``) at
     each concurrency, then each static override of :data:`STATIC_ARMS` on a
-    suite of its own (on only; its ratio is against the same run's off)."""
+    suite of its own (on only; its ratio is against the same run's off).
+
+    Each run is a closed loop of ``max(4, 2c)`` requests at concurrency ``c``.
+    ``*_tps`` and ``*ratio`` are tokens/s in the run's steady phase, while all
+    ``c`` streams run (:attr:`RunResult.steady_tokens_per_s`): the concurrency
+    the point stands for. ``*_makespan_tps`` and ``*makespan_ratio`` count the
+    whole run, the drain at its end included, where speculation's unequal
+    request times leave a tail of small batches that plain decoding, whose
+    streams finish together, does not have."""
     points = {}
     for c in concurrencies:
         runs = asyncio.run(_measure(router, {"off": make(False), "on": make(True)}, c, max(4, 2 * c), opts.repeats,
                                     f"sweep c={c}", opts.progress))
-        off, on = _tps(runs["off"]), _tps(runs["on"])
-        points[str(c)] = {"off_tps": round(off, 1), "on_tps": round(on, 1), "ratio": _ratio(on, off)}
+        off, on = _steady_tps(runs["off"]), _steady_tps(runs["on"])
+        off_all, on_all = _tps(runs["off"]), _tps(runs["on"])
+        points[str(c)] = {"off_tps": round(off, 1), "on_tps": round(on, 1), "ratio": _ratio(on, off),
+                          "off_makespan_tps": round(off_all, 1), "on_makespan_tps": round(on_all, 1),
+                          "makespan_ratio": _ratio(on_all, off_all)}
     for arm, limit in STATIC_ARMS.items():
         with _spec_suite(opts, speculative_disable_by_batch_size=limit) as addrs:
             for c in concurrencies:
                 runs = asyncio.run(_measure(addrs["router"], {arm: make(True)}, c, max(4, 2 * c), opts.repeats,
                                             f"sweep {arm} c={c}", opts.progress))
-                tps = _tps(runs[arm])
-                points[str(c)][f"{arm}_tps"] = round(tps, 1)
-                points[str(c)][f"{arm}_ratio"] = _ratio(tps, points[str(c)]["off_tps"] * 1.0)
+                point = points[str(c)]
+                tps, tps_all = _steady_tps(runs[arm]), _tps(runs[arm])
+                point[f"{arm}_tps"] = round(tps, 1)
+                point[f"{arm}_ratio"] = _ratio(tps, point["off_tps"])
+                point[f"{arm}_makespan_tps"] = round(tps_all, 1)
+                point[f"{arm}_makespan_ratio"] = _ratio(tps_all, point["off_makespan_tps"])
     return points
 
 
@@ -294,6 +314,8 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
         "no_draft_copy_heavy": no_draft, "no_draft_speedup_copy_heavy": no_draft.get("auto_speedup"),
         "batch_sweep": sweep,
         "min_ratio_on_off": min(ratios) if ratios else None,
+        "min_makespan_ratio_on_off": min((p["makespan_ratio"] for p in sweep.values()
+                                          if p.get("makespan_ratio") is not None), default=None),
         "break_even_batch": break_even(sweep, "static_always_ratio") if sweep else None,
         "errors": sum(r.errors for runs in (off, on, off16, on16) for r in runs),
     }

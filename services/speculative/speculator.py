@@ -151,24 +151,28 @@ class Speculator:
             self._exploring = True
             return max(spec.control.gamma for spec in specs)
         plain = len(running) - len(specs)
-        gamma = choose_gamma(acceptance, plain, periods)
+        ready = self.costs.readiness(len(running), gamma_max, _kind(specs))
+        gamma = choose_gamma(acceptance, plain, periods, ready=ready)
         last = self.costs.speculated_at(len(running))
         if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
             # Costs measured long ago may no longer hold: one round to measure them again.
             self._exploring = True
-            return choose_gamma(acceptance, plain, periods, lowest=1)
+            return choose_gamma(acceptance, plain, periods, lowest=1, ready=ready)
         return gamma
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
-        """Measures the step: its forward, and the gap since the last one ended
-        (waiting for drafts, the engine's own work). Prefill passes only move
-        the mark (their cost is not a decode step's)."""
+        """Measures the step: its forward, the gap since the last one ended
+        (waiting for drafts, the engine's own work) and, when it verified
+        proposals, the fraction of the speculating rows whose proposals were
+        in. Prefill passes only move the mark (their cost is not a decode step's)."""
         self._now = now
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
             kind = _kind([r.seq.spec for r in rows if r.proposal])
-            self.costs.observe(len(rows), gamma, seconds, gap, now, kind)
+            speculating = sum(1 for r in rows if r.seq.spec is not None and (r.proposal or r.seq.spec.active))
+            ready = sum(1 for r in rows if r.proposal) / speculating if gamma and speculating else None
+            self.costs.observe(len(rows), gamma, seconds, gap, now, kind, ready)
             if gamma > 0:
                 self._exploring = False
         self._last_end = now
