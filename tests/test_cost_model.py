@@ -184,40 +184,63 @@ def test_gaps_are_kept_apart_by_proposer_kind():
     assert costs.period(1, 0, "ngram") == costs.period(1, 0, "draft_model") == pytest.approx(0.011)
 
 
-def test_rows_whose_proposals_come_late_gain_nothing_and_can_turn_speculation_off():
+def test_sequences_whose_proposals_come_late_gain_nothing_and_can_turn_speculation_off():
     # 32 rows, acceptance 0.74, each proposed token adds 40 ms to a 91 ms decode step.
     periods = [0.091 + 0.040 * g for g in range(9)]
     alphas = [0.74] * 32
     assert choose_gamma(alphas, 0, periods) > 0  # every row verified: speculation looks like a win
-    assert choose_gamma(alphas, 0, periods, ready=[1.0] + [0.5] * 8) == 0  # half of them in time: it is not
-    assert goodput(alphas, 0, 4, 0.18, ready=0.0) == pytest.approx(32 / 0.18)  # none in time: one token a row
-    assert goodput(alphas, 0, 0, 0.09, ready=0.0) == goodput(alphas, 0, 0, 0.09)  # gamma 0 waits for nothing
+    half = [1.0] + [0.5] * 8
+    # Half verified, the other half decoding one token without a proposal: it does not pay.
+    assert choose_gamma(alphas, 0, periods, ready=half) == 0
+    # Half verified, half sitting the step out (no token at all): it pays even less.
+    assert goodput(alphas, 0, 2, periods[2], 0.5, 0.5) < goodput(alphas, 0, 2, periods[2], 0.5, 0.0)
+    assert goodput(alphas, 0, 4, 0.18, ready=0.0) == pytest.approx(32 / 0.18)  # none in: one token a row
+    assert goodput(alphas, 0, 4, 0.18, ready=0.0, sat_out=1.0) == 0.0  # all out: nothing
+    assert goodput(alphas, 0, 0, 0.09, ready=0.0, sat_out=1.0) == goodput(alphas, 0, 0, 0.09)  # gamma 0 waits for none
 
 
 def test_step_costs_keep_the_measured_readiness_per_gamma():
     costs = StepCosts()
-    assert costs.readiness(32, 3) == [1.0] * 4  # nothing measured: every proposal counts as in time
-    costs.observe(32, 4, 0.15, 0.03, now=1.0, kind="draft_model", ready=0.5)
-    costs.observe(32, 2, 0.12, 0.02, now=2.0, kind="draft_model", ready=0.9)
+    assert costs.readiness(32, 3) == ([1.0] * 4, [0.0] * 4)  # nothing measured: every proposal counts as in time
+    costs.observe_readiness(32, 4, "draft_model", ready=0.5, sat_out=0.25)
+    costs.observe_readiness(32, 2, "draft_model", ready=0.9, sat_out=0.0)
     # gamma 1 and 2 take gamma 2's, 3 (a tie) the smaller's, 4 and up gamma 4's; other kinds know nothing.
-    assert costs.readiness(32, 5, "draft_model") == [1.0, 0.9, 0.9, 0.9, 0.5, 0.5]
-    assert costs.readiness(32, 2, "ngram") == [1.0] * 3
+    ready, out = costs.readiness(32, 5, "draft_model")
+    assert ready == [1.0, 0.9, 0.9, 0.9, 0.5, 0.5] and out == [0.0, 0.0, 0.0, 0.0, 0.25, 0.25]
+    assert costs.readiness(32, 2, "ngram") == ([1.0] * 3, [0.0] * 3)
     assert costs.table()[32]["ready"] == {"draft_model:2": 0.9, "draft_model:4": 0.5}
 
 
-def test_the_speculator_measures_how_many_rows_had_their_proposals_in():
-    speculator = Speculator()
+class SilentProposer(InstantProposer):
+    """A draft that has not answered yet: the round stays under way."""
+
+    def propose(self, round_, on_result):
+        self.rounds.append(round_.gamma)
+
+
+def test_the_speculator_counts_the_sequences_that_sat_a_step_out_waiting_for_their_drafts():
+    speculator = Speculator(SpeculationSettings(explore_s=0.0))  # measuring: a round at every decision
     seqs = speculating(speculator, 32)
     for t in range(10):
         speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, 0.5 + t)
-        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.091, 0.6 + t)  # plain decode
-        speculator.after_forward([Row(s, 0, 1, [1] * 4 if i % 2 else []) for i, s in enumerate(seqs)], 0.18,
-                                 0.86 + t)  # gamma 4 after an 80 ms wait, half the rows without their proposals
+        speculator.before_schedule(seqs, 32)
+        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.091, 0.6 + t)  # no round under way yet
+        # The scheduler leaves out the half whose drafts are still working: they emit nothing this step.
+        for s in seqs[1::2]:
+            s.spec.waiting = True
+        speculator.before_schedule(seqs, 32)
+        assert speculator.gamma > 0
+        speculator.after_forward([Row(s, 0, 1, [1] * 4) for s in seqs[::2]], 0.18, 0.86 + t)  # after an 80 ms wait
         for s in seqs:
+            s.spec.waiting = False
             s.spec.control.update(3, 4)
-    assert speculator.costs.readiness(32, 4, "draft_model")[4] == pytest.approx(0.5)
+    costs = speculator.costs
+    ready, out = costs.readiness(32, 4, "draft_model")
+    assert ready[4] == pytest.approx(0.5) and out[4] == pytest.approx(0.5)  # the plain steps left no mark
+    assert costs.table()[32]["forward_ms"] == {1: 91.0, 5: 180.0}  # the 16-row step is the cost of 32 running
+    speculator.settings.explore_s = 60.0
     speculator.before_schedule(seqs, 32)
     assert speculator.gamma == 0
-    # Had every row been verified, the same costs and acceptance would have paid.
-    periods = speculator.costs.periods(32, 8, "draft_model")
+    # Had every sequence been verified, the same costs and acceptance would have paid.
+    periods = costs.periods(32, 8, "draft_model")
     assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0

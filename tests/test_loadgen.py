@@ -47,3 +47,5 @@ async def test_a_closed_loop_ends_its_steady_phase_when_the_first_worker_has_not
     assert steady < run.tokens  # the long request's tail came after the first worker ran out
     alone = await closed_loop(UnequalStub(sizes), make, concurrency=1, total=4, progress=False)
     assert alone.steady_until >= max(t for r in alone.results for t, _ in r.arrivals)  # one worker: no drain
+    few = await closed_loop(UnequalStub(sizes), make, concurrency=8, total=2, progress=False)
+    assert few.steady_until is not None and few.steady_tokens_per_s > 0  # idle workers end nothing

@@ -138,10 +138,13 @@ async def closed_loop(stub, make_request: Callable[[int], gen.GenerateRequest], 
     ran_out: list[float] = []
 
     async def worker() -> None:
+        sent = False
         for i in counter:
             results[i] = await one_request(stub, make_request(i))
             bar.update(1)
-        ran_out.append(time.perf_counter())
+            sent = True
+        if sent:  # a worker that never had a request (total < concurrency) ends no steady phase
+            ran_out.append(time.perf_counter())
 
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])

@@ -20,6 +20,8 @@ import signal
 
 import grpc
 
+from services.common import lifeline
+
 ROUTER_GENERATE = "/llmesh.v1.Router/Generate"
 TARGET_GENERATE = "/llmesh.v1.TargetModel/Generate"
 
@@ -30,7 +32,8 @@ def _same(data: bytes) -> bytes:
 
 class Passthrough(grpc.GenericRpcHandler):
     """Relays Router/Generate to the target's Generate, bytes in, bytes out,
-    with the client's deadline; a target status goes back as it came."""
+    with the client's deadline; a target's status goes back with its code,
+    details and trailing metadata (initial metadata is not relayed)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._generate = channel.unary_stream(TARGET_GENERATE, request_serializer=_same,
@@ -48,7 +51,7 @@ class Passthrough(grpc.GenericRpcHandler):
             async for chunk in call:
                 await context.write(chunk)
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
+            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
         finally:
             call.cancel()
 
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--target", required=True, help="the target's HOST:PORT")
     args = p.parse_args(argv)
+    if not lifeline.bind_to_launcher():
+        return 1  # the launcher is gone already
     asyncio.run(serve(args.port, args.target))
     return 0
 

@@ -47,6 +47,7 @@ import grpc
 from services.bench import local_suite
 from services.bench.loadgen import RunResult, alternating_runs, greedy_request, interleaved_latency
 from services.bench.scenarios import ALL_RUNS, SCENARIOS, BenchOptions, median
+from services.common import lifeline
 from services.common.suite import ServiceSpec
 from services.common.stubs import model_pb2_grpc, router_pb2_grpc
 from services.common.metrics import percentile
@@ -71,15 +72,24 @@ def running(specs: list[ServiceSpec]):
 
 
 @contextmanager
-def passthrough(target: str, timeout_s: float = 30.0):
-    """A pass-through proxy to ``target`` in a process of its own; yields its address."""
+def passthrough(target: str, log_dir: Path, timeout_s: float = 30.0):
+    """A pass-through proxy to ``target`` in a process of its own (bound to
+    this one's life; its output in ``log_dir/passthrough.log``); yields its
+    address. RuntimeError, with the log's tail, if it is not listening
+    within ``timeout_s``."""
     port = local_suite.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.bench.passthrough", "--port", str(port),
-                             "--target", target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = log_dir / "passthrough.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.bench.passthrough", "--port", str(port),
+                                 "--target", target], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **lifeline.launcher_env()})
     try:
-        line = proc.stdout.readline()  # "passthrough ready on ..." once it listens
-        if "ready" not in line:
-            raise RuntimeError(f"the pass-through proxy did not start: {line.strip() or proc.wait(timeout_s)}")
+        deadline = time.monotonic() + timeout_s
+        while "passthrough ready" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-2000:]
+                raise RuntimeError(f"the pass-through proxy did not start (exit {proc.poll()}): {tail}")
+            time.sleep(0.05)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -87,6 +97,7 @@ def passthrough(target: str, timeout_s: float = 30.0):
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout_s)
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -206,7 +217,8 @@ def router_bench(opts: BenchOptions, new_tokens: int = 8, stream_new_tokens: int
     threads = target_threads(opts)
     target = local_suite.target_spec(model_dir, threads, max_batch_size=STREAM_CONCURRENCY)
     specs = [target, router_spec([target.address])]
-    with running(specs) as group, passthrough(target.address) as proxy:
+    log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-router-proxy-"))
+    with running(specs) as group, passthrough(target.address, log_dir) as proxy:
         router = group.specs[-1].address
         lat = asyncio.run(_latency(target.address, router, proxy, prompts, latency_requests * opts.repeats,
                                    new_tokens))

@@ -129,7 +129,7 @@ def _tps(runs: list[RunResult]) -> float:
 def _steady_tps(runs: list[RunResult]) -> float:
     """The median run's tokens/s in its steady phase (every worker busy), the
     whole run's where it had none (see RunResult.steady_tokens_per_s)."""
-    return median([r.steady_tokens_per_s or r.tokens_per_s for r in runs])
+    return median([r.tokens_per_s if r.steady_tokens_per_s is None else r.steady_tokens_per_s for r in runs])
 
 
 def _ratio(a: float, b: float) -> float | None:

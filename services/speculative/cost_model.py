@@ -6,27 +6,30 @@ decoding: at each step pick the proposal length gamma (0 = no speculation)
 that maximises the batch's expected *goodput*, emitted tokens per second::
 
     goodput(0)     = b / period(b, 0)
-    goodput(gamma) = (sum_i [r E(alpha_i, gamma) + (1 - r)] + plain) / period(b, gamma)
+    goodput(gamma) = (sum_i [r E(alpha_i, gamma) + (1 - r - s)] + plain) / period(b, gamma)
 
 with ``E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)`` the expected
 tokens a round of gamma emits when each proposal is accepted with
 probability alpha (Leviathan et al. 2023, eq. 1), ``alpha_i`` each
-speculating sequence's measured acceptance, ``r = ready(b, gamma)`` the
-measured fraction of speculating rows whose proposals are in when a step of
-gamma starts (the batch waits at most ``draft_hold_ms`` for the rest; a row
-without its proposal decodes one token), ``plain`` the rows that do not
-speculate (one token each) and ``period(b, gamma)`` the measured wall time
+speculating sequence's measured acceptance; ``r`` and ``s`` what steps of
+gamma at this batch size were measured to find among the speculating
+sequences: ``r`` the fraction whose proposals were in (verified), ``s`` the
+fraction that sat the step out, their drafts still working (the batch waits
+at most ``draft_hold_ms`` for them; then they wait alone, up to
+``draft_timeout_ms``, and emit nothing in that step), the rest decoding one
+token without a proposal (none asked: too close to their end, or an n-gram
+lookup that found nothing); ``plain`` the rows that do not speculate (one
+token each) and ``period(b, gamma)`` the measured wall time
 of a step of ``b`` rows that verifies gamma proposals per row: the forward
 pass of ``gamma + 1`` tokens per row plus the gap before it (the wait for the
 drafts, the engine's own Python), both measured on this machine as it runs.
 Nothing machine-specific is a default: an unmeasured cost is taken to be
 the cheapest one measured (a forward bound by reading the weights costs
-about the same for 1 and 9 tokens per row), and an unmeasured ``r`` is 1, so
-speculation is tried where it has not been measured and kept only where it
-pays. ``r`` matters where the draft is the bottleneck: on a 2-core CPU at 32
-streams about half of the rows had their proposals in time, and a model
-that counted every row as verified chose gamma 5-6 and lost 15 % to plain
-decoding. :func:`choose_gamma` is
+about the same for 1 and 9 tokens per row), and an unmeasured ``r`` is 1
+(``s`` 0), so speculation is tried where it has not been measured and kept
+only where it pays. ``r`` and ``s`` matter where the draft is the
+bottleneck (many streams on few cores): a sequence that sits a step out
+gains nothing in it. :func:`choose_gamma` is
 the pure decision; :class:`StepCosts` keeps the measurements.
 
 Pure Python; engine thread only; times in seconds of the engine's clock.
@@ -48,33 +51,42 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0) -> float:
-    """Expected tokens per second of a step of ``period_s`` seconds in which the
-    rows with acceptance ``acceptance`` verify ``gamma`` proposals each (a
-    fraction ``ready`` of them; the others, their proposals late, decode one
-    token) and ``plain`` rows decode one token."""
-    ready = min(max(ready, 0.0), 1.0) if gamma else 1.0
-    tokens = sum(ready * expected_tokens(a, gamma) + (1.0 - ready) for a in acceptance) + plain
+def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
+            sat_out: float = 0.0) -> float:
+    """Expected tokens per second of a step of ``period_s`` seconds in which,
+    of the sequences with acceptance ``acceptance``, a fraction ``ready``
+    verify ``gamma`` proposals each, a fraction ``sat_out`` wait for their
+    drafts outside the step (no token) and the rest decode one token; and
+    ``plain`` rows decode one token. With gamma 0 every row decodes one token."""
+    if gamma:
+        ready = min(max(ready, 0.0), 1.0)
+        one = max(0.0, 1.0 - ready - max(sat_out, 0.0))
+    else:
+        ready, one = 1.0, 0.0
+    tokens = sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
     return tokens / period_s if period_s > 0 else 0.0
 
 
 def choose_gamma(acceptance: Sequence[float], plain: int, period_s: Sequence[float], lowest: int = 0,
-                 ready: Sequence[float] | None = None) -> int:
+                 ready: Sequence[float] | None = None, sat_out: Sequence[float] | None = None) -> int:
     """The gamma in ``[lowest, len(period_s) - 1]`` that maximises :func:`goodput`.
 
     ``acceptance`` holds each speculating row's acceptance probability (in
     [0, 1]), ``plain`` the rows that never speculate, ``period_s[g]`` the
     expected seconds of a step verifying ``g`` proposals per row (``g = 0``:
-    a plain decode step), ``ready[g]`` the fraction of speculating rows whose
-    proposals are in when such a step starts (None: all of them). Ties go to
-    the smaller gamma (0 when nothing speculates and ``lowest`` is 0). Pure."""
+    a plain decode step), ``ready[g]`` and ``sat_out[g]`` the fractions of
+    the speculating sequences verified in such a step and sitting it out
+    (:func:`goodput`; None: all verified, none out; each as long as
+    ``period_s``). Ties go to the smaller gamma (0 when nothing speculates
+    and ``lowest`` is 0). Pure."""
     if not acceptance or len(period_s) < 2:
         return 0
     lowest = min(max(lowest, 0), len(period_s) - 1)
     r = ready if ready is not None else [1.0] * len(period_s)
-    best, best_rate = lowest, goodput(acceptance, plain, lowest, period_s[lowest], r[lowest])
+    out = sat_out if sat_out is not None else [0.0] * len(period_s)
+    best, best_rate = lowest, goodput(acceptance, plain, lowest, period_s[lowest], r[lowest], out[lowest])
     for g in range(lowest + 1, len(period_s)):
-        rate = goodput(acceptance, plain, g, period_s[g], r[g])
+        rate = goodput(acceptance, plain, g, period_s[g], r[g], out[g])
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = g, rate
     return best
@@ -123,8 +135,9 @@ class _Bucket:
     #: proposer kind -> gamma -> seconds between the end of the last forward and the start of this one
     #: (gamma 0 under kind "": a plain step waits for no proposer)
     gap: dict[str, dict[int, Ewma]] = field(default_factory=dict)
-    #: proposer kind -> gamma -> fraction of the speculating rows whose proposals were in at the step
+    #: proposer kind -> gamma -> fractions of the speculating sequences verified / sitting out at a step of gamma
     ready: dict[str, dict[int, Ewma]] = field(default_factory=dict)
+    sat_out: dict[str, dict[int, Ewma]] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
 
@@ -138,32 +151,41 @@ class StepCosts:
         self._buckets: dict[int, _Bucket] = {}
 
     def observe(self, batch: int, gamma: int, forward_s: float, gap_s: float | None, now: float,
-                kind: str = "", ready: float | None = None) -> None:
+                kind: str = "") -> None:
         """A forward of ``batch`` rows of ``gamma + 1`` tokens took ``forward_s``
         and started ``gap_s`` after the previous forward ended (None: not
         measurable, e.g. the engine was idle in between), the proposals coming
         from proposers of ``kind`` (a draft model and a lookup differ in what
-        the batch waits for); ``ready``: the fraction of the speculating rows
-        that had their proposals in (None: not known)."""
+        the batch waits for)."""
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         b.forward.setdefault(gamma + 1, Ewma()).add(forward_s)
         if gap_s is not None:
             b.gap.setdefault(kind if gamma else "", {}).setdefault(gamma, Ewma()).add(max(0.0, gap_s))
         if gamma > 0:
             b.speculated_at = now
-            if ready is not None:
-                b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
 
-    def readiness(self, batch: int, gamma_max: int, kind: str = "") -> list[float]:
-        """For gamma 0..gamma_max, the fraction of speculating rows expected to
-        have their proposals in at a step of that gamma: the measurement at
-        the nearest gamma measured (the smaller on a tie), 1.0 where this
-        batch size's bucket has none."""
+    def observe_readiness(self, batch: int, gamma: int, kind: str, ready: float, sat_out: float) -> None:
+        """At a step for which gamma ``gamma`` was chosen with ``batch``
+        sequences running, a fraction ``ready`` of the speculating ones (their
+        proposals from proposers of ``kind``) was verified and ``sat_out`` sat
+        the step out waiting for their drafts. Fractions are clamped to [0, 1]."""
+        b = self._buckets.setdefault(bucket(batch), _Bucket())
+        b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
+        b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
+
+    def readiness(self, batch: int, gamma_max: int, kind: str = "") -> tuple[list[float], list[float]]:
+        """For gamma 0..gamma_max, the fractions of the speculating sequences
+        expected to be verified and to sit out at a step of that gamma
+        (:func:`goodput`'s ``ready`` and ``sat_out``): the measurement at the
+        nearest gamma measured for ``kind`` in this batch size's bucket (the
+        smaller gamma on a tie); 1.0 and 0.0 where there is none for ``kind``."""
         b = self._buckets.get(bucket(batch))
-        cells = b.ready.get(kind, {}) if b is not None else {}
-        if not cells:
-            return [1.0] * (gamma_max + 1)
-        return [1.0] + [cells[min(cells, key=lambda m: (abs(m - g), m))].value for g in range(1, gamma_max + 1)]
+        ready = b.ready.get(kind, {}) if b is not None else {}
+        out = b.sat_out.get(kind, {}) if b is not None else {}
+        if not ready:
+            return [1.0] * (gamma_max + 1), [0.0] * (gamma_max + 1)
+        near = [min(ready, key=lambda m: (abs(m - g), m)) for g in range(1, gamma_max + 1)]
+        return [1.0] + [ready[m].value for m in near], [0.0] + [out[m].value for m in near]
 
     def period(self, batch: int, gamma: int, kind: str = "") -> float | None:
         """Expected seconds of a step of ``batch`` rows verifying ``gamma``
@@ -190,12 +212,14 @@ class StepCosts:
 
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms},
-        "ready": {"kind:gamma": fraction}}."""
+        "ready": {"kind:gamma": fraction}, "sat_out": {"kind:gamma": fraction}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
                     "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
                                for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())},
                     "ready": {f"{kind}:{g}": round(e.value, 3)
-                              for kind, cells in sorted(b.ready.items()) for g, e in sorted(cells.items())}}
+                              for kind, cells in sorted(b.ready.items()) for g, e in sorted(cells.items())},
+                    "sat_out": {f"{kind}:{g}": round(e.value, 3)
+                                for kind, cells in sorted(b.sat_out.items()) for g, e in sorted(cells.items())}}
                 for k, b in sorted(self._buckets.items())}
 
 

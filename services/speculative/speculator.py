@@ -93,6 +93,9 @@ class Speculator:
         self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
         self._now = 0.0
         self._exploring = False
+        #: The running list, its size, the gamma chosen and the proposer kind at this step's decision
+        #: (None when the step does not speculate): what after_forward measures readiness against.
+        self._decision: tuple[list[Sequence], int, int, str] | None = None
 
     @property
     def uses_cost_model(self) -> bool:
@@ -126,11 +129,15 @@ class Speculator:
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
         self._batch = len(running)
+        self._decision = None
         if self.uses_cost_model:
             if self._exploring and not any(s.spec is not None and (s.spec.waiting or s.spec.proposal)
                                            for s in running):
                 self._exploring = False
             self.gamma = self._decide(running)
+            if self.gamma > 0:
+                kind = _kind([s.spec for s in running if s.spec is not None and s.spec.active])
+                self._decision = (running, len(running), self.gamma, kind)
             if self.gamma > 0 or self._exploring:  # an exploring round is verified, to be measured
                 return
         elif demand <= self.settings.disable_by_batch_size:
@@ -151,31 +158,55 @@ class Speculator:
             self._exploring = True
             return max(spec.control.gamma for spec in specs)
         plain = len(running) - len(specs)
-        ready = self.costs.readiness(len(running), gamma_max, _kind(specs))
-        gamma = choose_gamma(acceptance, plain, periods, ready=ready)
+        ready, sat_out = self.costs.readiness(len(running), gamma_max, _kind(specs))
+        gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
         last = self.costs.speculated_at(len(running))
         if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
             # Costs measured long ago may no longer hold: one round to measure them again.
             self._exploring = True
-            return choose_gamma(acceptance, plain, periods, lowest=1, ready=ready)
+            return choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
         return gamma
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
         """Measures the step: its forward, the gap since the last one ended
-        (waiting for drafts, the engine's own work) and, when it verified
-        proposals, the fraction of the speculating rows whose proposals were
-        in. Prefill passes only move the mark (their cost is not a decode step's)."""
+        (waiting for drafts, the engine's own work) and, when the cost model
+        chose to speculate, how the speculating sequences met it
+        (:meth:`_measure_readiness`). Prefill passes only move the mark (their
+        cost is not a decode step's)."""
         self._now = now
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
             kind = _kind([r.seq.spec for r in rows if r.proposal])
-            speculating = sum(1 for r in rows if r.seq.spec is not None and (r.proposal or r.seq.spec.active))
-            ready = sum(1 for r in rows if r.proposal) / speculating if gamma and speculating else None
-            self.costs.observe(len(rows), gamma, seconds, gap, now, kind, ready)
+            # Filed under the batch the decision saw (the sequences running), as it is looked up: a step
+            # whose late sequences sat out has fewer rows, and is the cost of speculating at that batch.
+            self.costs.observe(max(len(rows), self._batch), gamma, seconds, gap, now, kind)
+            self._measure_readiness(rows)
             if gamma > 0:
                 self._exploring = False
         self._last_end = now
+
+    def _measure_readiness(self, rows: list[Row]) -> None:
+        """At a decode pass of a step the cost model speculates in: of the
+        speculating sequences, the fraction verified (a proposal in its row)
+        and the fraction that sat the pass out, still waiting for its draft
+        (the scheduler leaves it out until its proposal or its deadline);
+        the others decoded one token. Recorded under the batch size, gamma
+        and proposer kind of the decision, once per step, unless no round was
+        under way at all (the first step after the decision to speculate,
+        whose rounds are asked only after it)."""
+        if self._decision is None:
+            return
+        running, batch, gamma, kind = self._decision
+        self._decision = None
+        rowed = {id(r.seq) for r in rows}
+        verified = sum(1 for r in rows if r.proposal)
+        one = sum(1 for r in rows if not r.proposal and r.seq.spec is not None and r.seq.spec.active)
+        out = sum(1 for s in running if id(s) not in rowed and s.spec is not None and s.spec.active
+                  and s.spec.waiting)
+        total = verified + one + out
+        if verified or out:  # neither: no round was under way (the first step after turning speculation on)
+            self.costs.observe_readiness(batch, gamma, kind, verified / total, out / total)
 
     def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
         """The rejection sampler over the target's ``logits`` (``[gamma + 1,
