@@ -81,17 +81,24 @@ class Action(enum.Enum):
     STOP = "stop"            # stop speculating (decode on alone)
 
 
-def review(record: MethodRecord, plain: int, periods: Sequence[float] | None, min_acceptance: float,
-           min_rounds: int, can_fall_back: bool, fallback_periods: Sequence[float] | None = None
-           ) -> tuple[Action, str]:
+def review(record: MethodRecord, others: int, periods: Sequence[float] | None, min_acceptance: float,
+           min_rounds: int, can_fall_back: bool, fallback_periods: Sequence[float] | None = None,
+           ready: Sequence[float] | None = None, sat_out: Sequence[float] | None = None) -> tuple[Action, str]:
     """What a request does after a verified round with its current method, and why.
 
-    ``plain`` is the number of other rows in the batch (they decode one token
-    each); ``periods[g]`` the measured seconds of a step verifying ``g``
-    proposals per row with the current method, ``fallback_periods`` the same
-    for n-gram lookup (None: no cost model, e.g. a static
-    ``disable_by_batch_size``, or nothing measured at this batch size yet);
-    ``can_fall_back``: the request is still on the draft model and did not pin it.
+    ``others`` is the number of other rows in the batch. The batch shares one
+    gamma, so the request is priced as a batch of ``others + 1`` sequences of
+    its acceptance: a request is what does not pay when such a batch would
+    not speculate. (Pricing it as the one speculating row among rows that
+    decode one token each made every request of a small batch fall back: at
+    4 streams on 2 cores 8-12 of 16 requests left a draft whose rounds paid
+    for the batch.) ``periods[g]`` the measured seconds of a step verifying
+    ``g`` proposals per row with the current method, ``ready``/``sat_out``
+    what such steps found (:func:`~services.speculative.cost_model.goodput`;
+    None: all verified), ``fallback_periods`` the same for n-gram lookup
+    (None: no cost model, e.g. a static ``disable_by_batch_size``, or nothing
+    measured at this batch size yet); ``can_fall_back``: the request is still
+    on the draft model and did not pin it.
 
     The method does not pay when its acceptance moving average is below
     ``min_acceptance`` after ``min_rounds`` rounds, or when
@@ -108,7 +115,9 @@ def review(record: MethodRecord, plain: int, periods: Sequence[float] | None, mi
     if record.rounds >= min_rounds and record.ema < min_acceptance:
         reason = f"acceptance {record.ema:.2f} below {min_acceptance:g}"
         return (Action.FALL_BACK if can_fall_back else Action.STOP), reason
-    if can_fall_back and periods is not None and choose_gamma([record.alpha], plain, periods) == 0 \
-            and any(p is not None and choose_gamma([1.0], plain, p) > 0 for p in (periods, fallback_periods)):
+    batch = others + 1
+    if can_fall_back and periods is not None \
+            and choose_gamma([record.alpha] * batch, 0, periods, ready=ready, sat_out=sat_out) == 0 \
+            and any(p is not None and choose_gamma([1.0] * batch, 0, p) > 0 for p in (periods, fallback_periods)):
         return Action.FALL_BACK, f"at acceptance {record.alpha:.2f} the cost model would not speculate"
     return Action.KEEP, ""

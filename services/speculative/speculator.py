@@ -313,12 +313,13 @@ class Speculator:
         verified round, priced at the last step's batch size."""
         c, s = spec.control, self.settings
         can_fall_back = spec.fallback is not None
-        periods = fallback_periods = None
+        periods = fallback_periods = ready = sat_out = None
         if can_fall_back and c.rounds and self.uses_cost_model and self._batch:  # only a fallback reads them
             periods = self.costs.periods(self._batch, c.hi, spec.method)
             fallback_periods = self.costs.periods(self._batch, c.hi, NGRAM)
+            ready, sat_out = self.costs.readiness(self._batch, c.hi, spec.method)
         return review(MethodRecord(c.rounds, self._alpha(spec), c.ema), max(0, self._batch - 1), periods,
-                      s.min_acceptance, s.min_rounds, can_fall_back, fallback_periods)
+                      s.min_acceptance, s.min_rounds, can_fall_back, fallback_periods, ready, sat_out)
 
     def _fall_back(self, spec: SpecState, cause: Fallback, reason: str) -> None:
         """The draft model does not serve ``spec`` (``reason``): it proposes by
