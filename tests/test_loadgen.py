@@ -49,3 +49,11 @@ async def test_a_closed_loop_ends_its_steady_phase_when_the_first_worker_has_not
     assert alone.steady_until >= max(t for r in alone.results for t, _ in r.arrivals)  # one worker: no drain
     few = await closed_loop(UnequalStub(sizes), make, concurrency=8, total=2, progress=False)
     assert few.steady_until is not None and few.steady_tokens_per_s > 0  # idle workers end nothing
+
+
+def test_sweep_lengths_spread_around_the_mean_and_do_not_depend_on_the_arm():
+    from services.bench.scenarios import sweep_length
+
+    lengths = [sweep_length(i, 64) for i in range(64)]
+    assert min(lengths) == 32 and max(lengths) == 95 and sum(lengths) / 64 == 63.5
+    assert len(set(lengths)) == 64  # every length once: no two streams in lockstep by construction
