@@ -133,10 +133,18 @@ def test_the_summary_says_how_the_stream_speculated():
     last.speculation.proposed_tokens, last.speculation.accepted_tokens = 40, 9
     last.speculation.fallback_reason = "at acceptance 0.20 the cost model would not speculate"
     line = summary(32, 0.05, 0.2, last)
-    assert "speculation ngram: accepted 9/40 proposed tokens" in line
-    assert "fell back to ngram: at acceptance 0.20" in line
+    # The counts cover both methods: the line does not credit them all to ngram.
+    assert "speculation draft_model, then ngram: accepted 9/40 proposed tokens" in line
+    assert "(fell back: at acceptance 0.20" in line
+    last.speculation.fallback_reason = "no draft to propose with"  # ngram from the first round
+    assert "speculation ngram: accepted 9/40 proposed tokens (no draft to propose with)" in summary(32, 0.05, 0.2, last)
     last.speculation.method, last.speculation.fallback_reason = gen.SPECULATION_METHOD_DRAFT_MODEL, ""
     assert "speculation draft_model: accepted 9/40" in summary(32, 0.05, 0.2, last)
+    with pytest.raises(SystemExit):  # the services' bound, said before a request is sent
+        build_parser().parse_args(["generate", "hi", "--gamma", "17"])
+    from services.cli import argtypes
+    from services.common.validation import MAX_GAMMA
+    assert argtypes.MAX_GAMMA == MAX_GAMMA
     assert "speculation" not in summary(32, 0.05, 0.2, gen.GenerateChunk(finish_reason=gen.FINISH_REASON_LENGTH))
 
 

@@ -52,6 +52,10 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
 seconds = float_in(0.0, MAX_SECONDS, lo_open=True)
 #: A count that must be at least 1 and fit an int32.
 positive_int32 = int_in(1, INT32_MAX)
+#: Draft tokens per round: the services' bound (services.common.validation.MAX_GAMMA, which imports the
+#: generated stubs and so grpc; a test keeps the two equal).
+MAX_GAMMA = 16
+gamma = int_in(1, MAX_GAMMA)
 #: A non-negative int32 (0 often means "off" or "default").
 non_negative_int32 = int_in(0, INT32_MAX)
 #: A seed (uint64 on the wire).

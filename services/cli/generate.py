@@ -14,6 +14,7 @@ import time
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES
+from services.speculative.fallback import NO_DRAFT_REASON
 
 PRIORITIES = ("interactive", "normal", "batch")
 
@@ -53,9 +54,13 @@ def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
     if last is not None and (last.speculation.proposed_tokens or last.speculation.fallback_reason):
         s = last.speculation
         method = gen.SpeculationMethod.Name(s.method).removeprefix("SPECULATION_METHOD_").lower()
-        part = f"speculation {method}: accepted {s.accepted_tokens}/{s.proposed_tokens} proposed tokens"
-        if s.fallback_reason:
-            part += f" (fell back to ngram: {s.fallback_reason})"
+        counts = f"accepted {s.accepted_tokens}/{s.proposed_tokens} proposed tokens"
+        if s.fallback_reason == NO_DRAFT_REASON:
+            part = f"speculation ngram: {counts} ({s.fallback_reason})"
+        elif s.fallback_reason:  # the counts cover the draft model's rounds and then ngram's
+            part = f"speculation draft_model, then ngram: {counts} (fell back: {s.fallback_reason})"
+        else:
+            part = f"speculation {method}: {counts}"
         parts.append(part)
     if last is not None and last.cached:
         parts.append("cached")
@@ -121,7 +126,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "target's method: the draft model, falling back to n-gram lookup where it does not pay")
     p.add_argument("--speculative-method", choices=("draft_model", "ngram"), default=None,
                    help="propose with this method only, no fallback (default: the target's)")
-    p.add_argument("--gamma", type=argtypes.positive_int32, help="draft tokens per round (default: adaptive)")
+    p.add_argument("--gamma", type=argtypes.gamma, help="draft tokens per round, 1-16 (default: adaptive)")
     p.add_argument("--timeout", type=argtypes.seconds, default=300.0, help="deadline in seconds (default: %(default)s)")
     add_client_tls_arguments(p)
     p.set_defaults(func=run)

@@ -48,6 +48,9 @@ from dataclasses import dataclass
 
 from services.speculative.cost_model import choose_gamma
 
+#: The reason a request that no draft serves gives for proposing by lookup from its first round.
+NO_DRAFT_REASON = "no draft to propose with"
+
 #: The proposal methods, as ``Proposer.kind`` and the stats name them (vLLM's names).
 DRAFT_MODEL = "draft_model"
 NGRAM = "ngram"
@@ -113,11 +116,12 @@ def review(record: MethodRecord, others: int, periods: Sequence[float] | None, m
     if record.rounds < 1:
         return Action.KEEP, ""
     if record.rounds >= min_rounds and record.ema < min_acceptance:
-        reason = f"acceptance {record.ema:.2f} below {min_acceptance:g}"
+        reason = f"acceptance {record.ema:.2f} (moving average of its last rounds) below {min_acceptance:g}"
         return (Action.FALL_BACK if can_fall_back else Action.STOP), reason
     batch = others + 1
     if can_fall_back and periods is not None \
             and choose_gamma([record.alpha] * batch, 0, periods, ready=ready, sat_out=sat_out) == 0 \
             and any(p is not None and choose_gamma([1.0] * batch, 0, p) > 0 for p in (periods, fallback_periods)):
-        return Action.FALL_BACK, f"at acceptance {record.alpha:.2f} the cost model would not speculate"
+        return Action.FALL_BACK, (f"at acceptance {record.alpha:.2f} the cost model would not speculate with "
+                                  f"{batch} sequences running (their steps and drafts as measured)")
     return Action.KEEP, ""

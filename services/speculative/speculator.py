@@ -46,7 +46,7 @@ from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
 from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma
-from services.speculative.fallback import NGRAM, Action, Fallback, MethodRecord, review
+from services.speculative.fallback import NGRAM, NO_DRAFT_REASON, Action, Fallback, MethodRecord, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
@@ -113,7 +113,7 @@ class Speculator:
         control = GammaController(request.gamma, request.gamma_min, request.gamma_max, request.fixed)
         if request.proposer is None:  # no draft for this request: n-gram lookup from the first round
             spec = SpecState(request.fallback(), control, post)
-            spec.stats.fallback, spec.stats.fallback_reason = Fallback.NO_DRAFT.value, "no draft to propose with"
+            spec.stats.fallback, spec.stats.fallback_reason = Fallback.NO_DRAFT.value, NO_DRAFT_REASON
         else:
             spec = SpecState(request.proposer, control, post, fallback=request.fallback)
         spec.stats.method = getattr(spec.proposer, "kind", "draft_model")
