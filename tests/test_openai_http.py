@@ -393,6 +393,30 @@ async def test_integers_past_the_contracts_int32_are_a_400_not_a_500(served, ext
     assert param in (reply.json()["error"]["param"] or reply.json()["error"]["message"])
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"n": 1.5}, "n"),
+    ({"stream": "true"}, "stream"),
+    ({"seed": True}, "seed"),
+    ({"stop": 7}, "stop"),
+])
+async def test_a_value_of_the_wrong_json_type_is_a_400_not_coerced(served, extra, param):
+    """The OpenAI API refuses a number sent as a string (and the like); a
+    server that coerced "5" to 5 would accept what the reference refuses."""
+    _, url, _, _ = served
+    async with httpx.AsyncClient(timeout=60) as http:
+        reply = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", **extra})
+        chat = await http.post(f"{url}/v1/chat/completions",
+                               json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], **extra})
+        ok = await http.post(f"{url}/v1/completions",  # an integer where a float is asked is a number: fine
+                             json={"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 1, "top_p": 1})
+    for r in (reply, chat):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+    assert ok.status_code == 200, ok.text
+
+
 async def test_unknown_paths_and_methods_answer_in_the_apis_error_shape(served):
     _, url, _, _ = served
     async with httpx.AsyncClient(timeout=30) as http:

@@ -1,6 +1,9 @@
 """The OpenAI API's request bodies, typed (pydantic): ``/v1/completions`` and
 ``/v1/chat/completions``. Unknown fields are ignored, as the reference server
 ignores them; a wrong type or a value out of range is a 400 naming the field.
+Types are strict, as the reference's are: ``"max_tokens": "5"`` is refused,
+not coerced (pydantic's strict mode; a JSON integer still counts as a number
+where a float is asked).
 llmesh's extensions: ``top_k``, ``ignore_eos`` and ``priority`` (a priority
 class: batch, normal, interactive)."""
 
@@ -19,14 +22,14 @@ TokenId = Annotated[int, Field(ge=0, lt=2 ** 31)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class SamplingBody(BaseModel):
     """The fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -56,13 +59,13 @@ class CompletionRequest(SamplingBody):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
