@@ -391,6 +391,9 @@ async def test_integers_past_the_contracts_int32_are_a_400_not_a_500(served, ext
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error" and "internal" not in error["message"]
     assert param in (reply.json()["error"]["param"] or reply.json()["error"]["message"])
+    # The chat request sent its bound as max_completion_tokens: the error names what it sent.
+    assert chat.json()["error"]["param"] == "max_completion_tokens"
+    assert chat.json()["error"]["message"].startswith("max_completion_tokens")
 
 
 @pytest.mark.parametrize("extra, param", [

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 GENERATE_METHOD = "/llmesh.v1.Router/Generate"
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    http, body, headers = translate.error_body(exc)
+def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONResponse:
+    http, body, headers = translate.error_body(exc, max_tokens)
     return JSONResponse(body, status_code=http, headers=headers)
 
 
@@ -285,7 +285,7 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
         try:
             return await door.respond(request, body, chat=chat)
         except Exception as exc:  # noqa: BLE001 - answered in the API's shape
-            return error_response(exc)
+            return error_response(exc, translate.max_tokens_name(body))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
