@@ -53,13 +53,13 @@ def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
         parts.append(f"instance {last.instance_id}")
     if last is not None and (last.speculation.proposed_tokens or last.speculation.fallback_reason):
         s = last.speculation
-        method = gen.SpeculationMethod.Name(s.method).removeprefix("SPECULATION_METHOD_").lower()
         counts = f"accepted {s.accepted_tokens}/{s.proposed_tokens} proposed tokens"
         if s.fallback_reason == NO_DRAFT_REASON:
             part = f"speculation ngram: {counts} ({s.fallback_reason})"
         elif s.fallback_reason:  # the counts cover the draft model's rounds and then ngram's
             part = f"speculation draft_model, then ngram: {counts} (fell back: {s.fallback_reason})"
         else:
+            method = gen.SpeculationMethod.Name(s.method).removeprefix("SPECULATION_METHOD_").lower()
             part = f"speculation {method}: {counts}"
         parts.append(part)
     if last is not None and last.cached:

@@ -118,10 +118,12 @@ def review(record: MethodRecord, others: int, periods: Sequence[float] | None, m
     if record.rounds >= min_rounds and record.ema < min_acceptance:
         reason = f"acceptance {record.ema:.2f} (moving average of its last rounds) below {min_acceptance:g}"
         return (Action.FALL_BACK if can_fall_back else Action.STOP), reason
+    # A batch of ``others + 1`` sequences of one acceptance: every term of its goodput scales with the
+    # batch, so the best gamma is one sequence's (the batch size is in the periods, measured at it).
     batch = others + 1
     if can_fall_back and periods is not None \
-            and choose_gamma([record.alpha] * batch, 0, periods, ready=ready, sat_out=sat_out) == 0 \
-            and any(p is not None and choose_gamma([1.0] * batch, 0, p) > 0 for p in (periods, fallback_periods)):
+            and choose_gamma([record.alpha], 0, periods, ready=ready, sat_out=sat_out) == 0 \
+            and any(p is not None and choose_gamma([1.0], 0, p) > 0 for p in (periods, fallback_periods)):
         return Action.FALL_BACK, (f"at acceptance {record.alpha:.2f} the cost model would not speculate with "
                                   f"{batch} sequences running (their steps and drafts as measured)")
     return Action.KEEP, ""

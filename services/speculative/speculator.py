@@ -93,9 +93,9 @@ class Speculator:
         self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
         self._now = 0.0
         self._exploring = False
-        #: The running list, its size, the gamma chosen and the proposer kind at this step's decision
-        #: (None when the step does not speculate): what after_forward measures readiness against.
-        self._decision: tuple[list[Sequence], int, int, str] | None = None
+        #: The running list and the proposer kind of this step's decision to speculate (None: it does
+        #: not; its batch size is ``_batch``, its gamma ``gamma``): what after_forward measures readiness against.
+        self._decision: tuple[list[Sequence], str] | None = None
 
     @property
     def uses_cost_model(self) -> bool:
@@ -135,9 +135,6 @@ class Speculator:
                                            for s in running):
                 self._exploring = False
             self.gamma = self._decide(running)
-            if self.gamma > 0:
-                kind = _kind([s.spec for s in running if s.spec is not None and s.spec.active])
-                self._decision = (running, len(running), self.gamma, kind)
             if self.gamma > 0 or self._exploring:  # an exploring round is verified, to be measured
                 return
         elif demand <= self.settings.disable_by_batch_size:
@@ -147,24 +144,29 @@ class Speculator:
                 seq.spec.drop_round()
 
     def _decide(self, running: list[Sequence]) -> int:
-        """The cost model's gamma for a batch of ``running`` (0: none)."""
+        """The cost model's gamma for a batch of ``running`` (0: none); when it
+        is not 0, the decision is kept for :meth:`_measure_readiness`."""
         specs = [s.spec for s in running if s.spec is not None and s.spec.active]
         if not specs:
             return 0
+        kind = _kind(specs)
         gamma_max = max(spec.control.hi for spec in specs)
         acceptance = [self._alpha(spec) for spec in specs]
-        periods = self.costs.periods(len(running), gamma_max, _kind(specs))
+        periods = self.costs.periods(len(running), gamma_max, kind)
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
-            return max(spec.control.gamma for spec in specs)
-        plain = len(running) - len(specs)
-        ready, sat_out = self.costs.readiness(len(running), gamma_max, _kind(specs))
-        gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
-        last = self.costs.speculated_at(len(running))
-        if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
-            # Costs measured long ago may no longer hold: one round to measure them again.
-            self._exploring = True
-            return choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
+            gamma = max(spec.control.gamma for spec in specs)
+        else:
+            plain = len(running) - len(specs)
+            ready, sat_out = self.costs.readiness(len(running), gamma_max, kind)
+            gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
+            last = self.costs.speculated_at(len(running))
+            if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
+                # Costs measured long ago may no longer hold: one round to measure them again.
+                self._exploring = True
+                gamma = choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
+        if gamma > 0:
+            self._decision = (running, kind)
         return gamma
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
@@ -197,7 +199,7 @@ class Speculator:
         whose rounds are asked only after it)."""
         if self._decision is None:
             return
-        running, batch, gamma, kind = self._decision
+        running, kind = self._decision
         self._decision = None
         rowed = {id(r.seq) for r in rows}
         verified = sum(1 for r in rows if r.proposal)
@@ -206,7 +208,7 @@ class Speculator:
                   and s.spec.waiting)
         total = verified + one + out
         if verified or out:  # neither: no round was under way (the first step after turning speculation on)
-            self.costs.observe_readiness(batch, gamma, kind, verified / total, out / total)
+            self.costs.observe_readiness(self._batch, self.gamma, kind, verified / total, out / total)
 
     def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
         """The rejection sampler over the target's ``logits`` (``[gamma + 1,
