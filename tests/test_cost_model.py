@@ -4,6 +4,7 @@ the Speculator acting on them (no model, no clock: steps are fed by hand)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.engine.scheduler import Row
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
@@ -161,6 +162,11 @@ def test_a_bucket_that_stopped_speculating_tries_again_after_explore_s():
     feed(speculator, seqs, 0, 0.010, 0.001, now=8.0)  # 7 s since it last verified proposals here
     speculator.before_schedule(seqs, 16)
     assert speculator.gamma > 0
+    feed(speculator, seqs, 4, 0.040, 0.010, now=8.1, accepted=1)  # the round: it still does not pay
+    for now, explores in ((9.0, False), (14.0, False), (18.2, True)):  # so the next waits twice as long
+        feed(speculator, seqs, 0, 0.010, 0.001, now=now)
+        speculator.before_schedule(seqs, 16)
+        assert (speculator.gamma > 0) is explores, now
 
 
 def test_a_static_disable_by_batch_size_overrides_the_cost_model():
@@ -244,3 +250,55 @@ def test_the_speculator_counts_the_sequences_that_sat_a_step_out_waiting_for_the
     # Had every sequence been verified, the same costs and acceptance would have paid.
     periods = costs.periods(32, 8, "draft_model")
     assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0
+
+
+def verified_step(speculator, seqs, forward_s, now, accepted, gamma=4):
+    """A decode step in which every one of ``seqs`` verifies its proposal of ``gamma``, keeping ``accepted``."""
+    rows = [Row(s, 0, 1, [1] * gamma) for s in seqs]
+    for s in seqs:
+        s.spec.sync.next_round(s.tokens, gamma)
+    speculator.after_forward(rows, forward_s, now)
+    for s, row in zip(seqs, rows):
+        logits = torch.zeros(gamma + 1, 8)
+        logits[:, 1] = 1.0  # the target agrees with the proposals...
+        logits[accepted, 1], logits[accepted, 2] = 0.0, 1.0  # ...up to `accepted`
+        speculator.after_verify(s, row, logits)
+
+
+def test_speculation_that_delivered_less_than_the_model_expected_stands_down():
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs = speculating(speculator, 32)
+    for t in range(10):  # a plain step of 32 rows: 0.1 s
+        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
+    now = 1.09  # where the plain steps ended: no gap
+    for step in range(8):
+        speculator.before_schedule(seqs, 32)
+        assert speculator.gamma > 0 or step >= 4
+        now += 0.12
+        # A verify of 5 tokens a row costs 1.2x a decode step and every proposal is kept, so the model
+        # expects 5 tokens a row; but only 6 of the 32 sequences get a row (a cost the model does not see:
+        # the others neither verified nor waited for a draft), so the step delivers 30 tokens in 0.12 s.
+        verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
+    efficiency = speculator.costs.efficiency(32, "draft_model")
+    assert efficiency < 0.3  # 30 tokens where the model expected over 100
+    assert speculator.costs.table()[32]["efficiency"] == {"draft_model": pytest.approx(efficiency, abs=0.001)}
+    assert speculator.costs.efficiency(32, "ngram") is None  # kept per proposer kind
+    speculator.before_schedule(seqs, 32)
+    assert speculator.gamma == 0
+    periods = speculator.costs.periods(32, 8, "draft_model")
+    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0  # the model alone would go on
+
+
+def test_speculation_that_delivered_what_the_model_expected_goes_on():
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs = speculating(speculator, 32)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
+    now = 1.09
+    for _ in range(8):  # every sequence verified, every proposal kept
+        speculator.before_schedule(seqs, 32)
+        now += 0.12
+        verified_step(speculator, seqs, 0.120, now, accepted=speculator.gamma, gamma=speculator.gamma)
+    speculator.before_schedule(seqs, 32)
+    assert speculator.costs.efficiency(32, "draft_model") > 0.8
+    assert speculator.gamma > 0

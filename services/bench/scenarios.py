@@ -154,13 +154,20 @@ def sweep_length(i: int, mean: int) -> int:
     return mean // 2 + (i * 37) % mean
 
 
+def sweep_requests(c: int) -> int:
+    """Requests in one run of the on/off sweep at concurrency ``c``: two per
+    stream, and at least 8, so that at 1 and 2 streams the steady phase (every
+    stream busy) is more than a request or two long."""
+    return max(8, 2 * c)
+
+
 def speculation_batch_sweep(opts: BenchOptions, make, router: str,
                             concurrencies=SWEEP_CONCURRENCIES) -> dict:
     """Speculation off and on (the cost model, on the suite at ``router``) at
     each concurrency, then each static override of :data:`STATIC_ARMS` on a
     suite of its own (on only; its ratio is against the same run's off).
 
-    Each run is a closed loop of ``max(4, 2c)`` requests at concurrency ``c``
+    Each run is a closed loop of :func:`sweep_requests` requests at concurrency ``c``
     (the speculative scenario gives them spread output lengths, :func:`sweep_length`).
     ``*_tps`` and ``*ratio`` are tokens/s in the run's steady phase, while all
     ``c`` streams run (:attr:`RunResult.steady_tokens_per_s`): the concurrency
@@ -170,7 +177,7 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
     streams finish together, does not have."""
     points = {}
     for c in concurrencies:
-        runs = asyncio.run(_measure(router, {"off": make(False), "on": make(True)}, c, max(4, 2 * c), opts.repeats,
+        runs = asyncio.run(_measure(router, {"off": make(False), "on": make(True)}, c, sweep_requests(c), opts.repeats,
                                     f"sweep c={c}", opts.progress))
         off, on = _steady_tps(runs["off"]), _steady_tps(runs["on"])
         off_all, on_all = _tps(runs["off"]), _tps(runs["on"])
@@ -180,7 +187,7 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
     for arm, limit in STATIC_ARMS.items():
         with _spec_suite(opts, speculative_disable_by_batch_size=limit) as addrs:
             for c in concurrencies:
-                runs = asyncio.run(_measure(addrs["router"], {arm: make(True)}, c, max(4, 2 * c), opts.repeats,
+                runs = asyncio.run(_measure(addrs["router"], {arm: make(True)}, c, sweep_requests(c), opts.repeats,
                                             f"sweep {arm} c={c}", opts.progress))
                 point = points[str(c)]
                 tps, tps_all = _steady_tps(runs[arm]), _tps(runs[arm])

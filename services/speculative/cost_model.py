@@ -27,7 +27,10 @@ Nothing machine-specific is a default: an unmeasured cost is taken to be
 the cheapest one measured (a forward bound by reading the weights costs
 about the same for 1 and 9 tokens per row), and an unmeasured ``r`` is 1
 (``s`` 0), so speculation is tried where it has not been measured and kept
-only where it pays. ``r`` and ``s`` matter where the draft is the
+only where it pays, which :meth:`StepCosts.efficiency` checks: the
+goodput speculating steps delivered, tokens as counted, over the goodput
+the model expected of them (at most 1 is applied: what the model missed
+can only make it stand down). ``r`` and ``s`` matter where the draft is the
 bottleneck (many streams on few cores): a sequence that sits a step out
 gains nothing in it. :func:`choose_gamma` is
 the pure decision; :class:`StepCosts` keeps the measurements.
@@ -51,19 +54,26 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
-            sat_out: float = 0.0) -> float:
-    """Expected tokens per second of a step of ``period_s`` seconds in which,
-    of the sequences with acceptance ``acceptance``, a fraction ``ready``
-    verify ``gamma`` proposals each, a fraction ``sat_out`` wait for their
-    drafts outside the step (no token) and the rest decode one token; and
-    ``plain`` rows decode one token. With gamma 0 every row decodes one token."""
+def step_tokens(acceptance: Sequence[float], plain: int, gamma: int, ready: float = 1.0,
+                sat_out: float = 0.0) -> float:
+    """Expected tokens a step emits in which, of the sequences with acceptance
+    ``acceptance``, a fraction ``ready`` verify ``gamma`` proposals each, a
+    fraction ``sat_out`` wait for their drafts outside the step (no token)
+    and the rest decode one token; and ``plain`` rows decode one token. With
+    gamma 0 every row decodes one token."""
     if gamma:
         ready = min(max(ready, 0.0), 1.0)
         one = max(0.0, 1.0 - ready - max(sat_out, 0.0))
     else:
         ready, one = 1.0, 0.0
-    tokens = sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
+    return sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
+
+
+def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
+            sat_out: float = 0.0) -> float:
+    """Expected tokens per second of a step of ``period_s`` seconds
+    (:func:`step_tokens` of the same arguments over ``period_s``)."""
+    tokens = step_tokens(acceptance, plain, gamma, ready, sat_out)
     return tokens / period_s if period_s > 0 else 0.0
 
 
@@ -90,6 +100,11 @@ def choose_gamma(acceptance: Sequence[float], plain: int, period_s: Sequence[flo
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = g, rate
     return best
+
+
+#: Speculating steps a bucket measures for a proposer kind before what they delivered can overrule the
+#: model (see :meth:`StepCosts.efficiency`).
+REALIZED_MIN_STEPS = 3
 
 
 def bucket(batch: int) -> int:
@@ -129,6 +144,23 @@ def _line(points: dict[int, Ewma], x: int) -> float | None:
 
 
 @dataclass
+class _Realized:
+    """Speculating steps' tokens and seconds (gap and forward), as counted
+    and as the model expected them (moving averages)."""
+
+    tokens: Ewma = field(default_factory=Ewma)
+    seconds: Ewma = field(default_factory=Ewma)
+    expected_tokens: Ewma = field(default_factory=Ewma)
+    expected_s: Ewma = field(default_factory=Ewma)
+
+    def efficiency(self) -> float:
+        """Delivered goodput over expected goodput (ratios of the averages)."""
+        got = self.tokens.value / self.seconds.value
+        expected = self.expected_tokens.value / self.expected_s.value
+        return got / expected
+
+
+@dataclass
 class _Bucket:
     #: tokens per row (gamma + 1) -> forward seconds
     forward: dict[int, Ewma] = field(default_factory=dict)
@@ -138,6 +170,8 @@ class _Bucket:
     #: proposer kind -> gamma -> fractions of the speculating sequences verified / sitting out at a step of gamma
     ready: dict[str, dict[int, Ewma]] = field(default_factory=dict)
     sat_out: dict[str, dict[int, Ewma]] = field(default_factory=dict)
+    #: proposer kind -> steps in which the cost model speculated, as they turned out and as it expected them
+    realized: dict[str, "_Realized"] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
 
@@ -172,6 +206,38 @@ class StepCosts:
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
         b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
+
+    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float, expected_tokens: float,
+                         expected_s: float) -> None:
+        """A step in which the cost model speculated, with ``batch`` sequences
+        running and proposals from proposers of ``kind``, emitted ``tokens``
+        (verified ones and the target's own, one per row without a proposal,
+        none for a sequence that sat the step out) in ``seconds`` (the gap
+        before its forward and the forward), where the model expected
+        ``expected_tokens`` in ``expected_s`` (:func:`step_tokens` and the
+        period of the gamma it chose). Steps with a non-positive time or
+        expectation are ignored."""
+        if seconds <= 0 or expected_s <= 0 or expected_tokens <= 0:
+            return
+        b = self._buckets.setdefault(bucket(batch), _Bucket())
+        r = b.realized.setdefault(kind, _Realized())
+        r.tokens.add(tokens)
+        r.seconds.add(seconds)
+        r.expected_tokens.add(expected_tokens)
+        r.expected_s.add(expected_s)
+
+    def efficiency(self, batch: int, kind: str, min_steps: int = REALIZED_MIN_STEPS) -> float | None:
+        """The goodput that steps speculating at this batch size's bucket with
+        proposers of ``kind`` delivered over the goodput the model expected of
+        them (recent steps weigh most), None before ``min_steps`` were
+        measured. Below 1: the model missed a cost (the draft's compute
+        taking the target's cores, a catch-up round, acceptance that is not
+        geometric); above 1: it missed a gain."""
+        b = self._buckets.get(bucket(batch))
+        r = b.realized.get(kind) if b is not None else None
+        if r is None or r.seconds.samples < min_steps:
+            return None
+        return r.efficiency()
 
     def readiness(self, batch: int, gamma_max: int, kind: str = "") -> tuple[list[float], list[float]]:
         """For gamma 0..gamma_max, the fractions of the speculating sequences
@@ -212,14 +278,16 @@ class StepCosts:
 
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms},
-        "ready": {"kind:gamma": fraction}, "sat_out": {"kind:gamma": fraction}}."""
+        "ready": {"kind:gamma": fraction}, "sat_out": {"kind:gamma": fraction},
+        "efficiency": {kind: delivered over expected goodput}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
                     "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
                                for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())},
                     "ready": {f"{kind}:{g}": round(e.value, 3)
                               for kind, cells in sorted(b.ready.items()) for g, e in sorted(cells.items())},
                     "sat_out": {f"{kind}:{g}": round(e.value, 3)
-                                for kind, cells in sorted(b.sat_out.items()) for g, e in sorted(cells.items())}}
+                                for kind, cells in sorted(b.sat_out.items()) for g, e in sorted(cells.items())},
+                    "efficiency": {kind: round(r.efficiency(), 3) for kind, r in sorted(b.realized.items())}}
                 for k, b in sorted(self._buckets.items())}
 
 

@@ -31,7 +31,9 @@ class SpeculationSettings:
     disable_by_batch_size: int = 0
     #: With the cost model: a batch-size bucket where it chose not to speculate
     #: tries one round again after this many seconds, so that its measured
-    #: costs follow the machine (a neighbour's load, a warmer cache).
+    #: costs follow the machine (a neighbour's load, a warmer cache); each
+    #: round that finds it still does not pay there doubles the wait, up to
+    #: ``speculator.MAX_EXPLORE_BACKOFF`` times this.
     explore_s: float = 10.0
     #: A sequence whose acceptance (moving average) falls below this after
     #: ``min_rounds`` rounds falls back to n-gram lookup, or stops speculating

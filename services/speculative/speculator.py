@@ -16,7 +16,11 @@ the Speculator decides at every step from a cost model it measures as the
 engine runs (:mod:`services.speculative.cost_model`, after SmartSpec and
 vLLM's dynamic speculation): the batch's gamma, 0 for none, maximises the
 expected emitted tokens per second given each sequence's acceptance and the
-measured step costs at this batch size. With a static
+measured step costs at this batch size; the goodput it expects of
+speculating is scaled by what such steps delivered against what it
+expected of them (at most 1: a cost the model misses, such as the draft's
+compute taking the target's cores, makes it stand down; a gain it misses
+changes nothing). With a static
 ``disable_by_batch_size`` (an override), past that many sequences running or
 waiting no round starts (vLLM's ``disable_by_batch_size``). Either way, when
 the batch stops speculating, rounds under way are dropped. A sequence whose
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -45,7 +50,7 @@ from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
-from services.speculative.cost_model import Acceptance, StepCosts, choose_gamma
+from services.speculative.cost_model import Acceptance, StepCosts, bucket, choose_gamma, goodput, step_tokens
 from services.speculative.fallback import NGRAM, NO_DRAFT_REASON, Action, Fallback, MethodRecord, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
@@ -58,6 +63,11 @@ log = logging.getLogger(__name__)
 #: and two in a row mean the draft has stopped answering rather than slowed
 #: down (a slow round past its deadline is followed by an answered one).
 MAX_CONSECUTIVE_TIMEOUTS = 2
+
+
+#: The longest wait between exploring rounds of a batch size where speculation does not pay, as a multiple
+#: of ``explore_s``: each round that finds it still does not pay doubles the wait, up to this.
+MAX_EXPLORE_BACKOFF = 6
 
 
 @runtime_checkable
@@ -77,6 +87,27 @@ def _kind(specs: list[SpecState]) -> str:
     return "ngram" if kinds == {"ngram"} else "draft_model"
 
 
+@dataclass
+class _Decision:
+    """The cost model's decision to speculate at a step: the sequences
+    running, the proposer kind the batch waits for, and what the model
+    expects of the step (tokens and seconds; 0 when it had nothing measured)."""
+
+    running: list[Sequence]
+    kind: str
+    expected_tokens: float = 0.0
+    expected_s: float = 0.0
+
+
+@dataclass
+class _Account:
+    """What a speculating decode step delivered, counted as it runs."""
+
+    decision: _Decision
+    seconds: float
+    tokens: int
+
+
 class Speculator:
     """Speculative decoding with per-sequence proposers, for one engine."""
 
@@ -93,9 +124,16 @@ class Speculator:
         self._last_end: float | None = None  # engine clock at the end of the last forward, None after idling
         self._now = 0.0
         self._exploring = False
-        #: The running list and the proposer kind of this step's decision to speculate (None: it does
-        #: not; its batch size is ``_batch``, its gamma ``gamma``): what after_forward measures readiness against.
-        self._decision: tuple[list[Sequence], str] | None = None
+        #: This step's decision to speculate (None: it does not; its batch size is ``_batch``, its gamma
+        #: ``gamma``): what after_forward measures readiness and what the step delivers against.
+        self._decision: _Decision | None = None
+        #: Batch-size bucket -> exploring rounds in a row after which speculation still did not pay there
+        #: (each doubles the wait for the next, see MAX_EXPLORE_BACKOFF).
+        self._explored: dict[int, int] = {}
+        #: Decode steps in a row in which the cost model speculated.
+        self._speculating_steps = 0
+        #: The decode step being counted for StepCosts.observe_realized (tokens come in after_verify).
+        self._account: _Account | None = None
 
     @property
     def uses_cost_model(self) -> bool:
@@ -126,6 +164,10 @@ class Speculator:
         verified are not scored, so that none sits out a step or widens every
         row of a big batch to gamma + 1 tokens. The draft discards them at the
         next round."""
+        if (a := self._account) is not None:  # the last step's tokens are all in (after_verify)
+            self.costs.observe_realized(len(a.decision.running), a.decision.kind, a.tokens, a.seconds,
+                                        a.decision.expected_tokens, a.decision.expected_s)
+            self._account = None
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
         self._batch = len(running)
@@ -156,17 +198,36 @@ class Speculator:
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
             gamma = max(spec.control.gamma for spec in specs)
+            decision = _Decision(running, kind)
         else:
             plain = len(running) - len(specs)
             ready, sat_out = self.costs.readiness(len(running), gamma_max, kind)
             gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
+            # Only a draft model's steps: what a lookup costs is all in the step, where the model sees it; a
+            # draft's compute takes the cores the target runs on, and its catch-up rounds come in bursts.
+            efficiency = self.costs.efficiency(len(running), kind) if kind != NGRAM else None
+            if gamma > 0 and efficiency is not None and efficiency < 1.0:
+                # Speculating steps here delivered less than the model expected of them: what it missed
+                # scales every gamma's goodput alike, so only the choice against not speculating changes.
+                best = goodput(acceptance, plain, gamma, periods[gamma], ready[gamma], sat_out[gamma])
+                if best * efficiency <= goodput(acceptance, plain, 0, periods[0]):
+                    gamma = 0
             last = self.costs.speculated_at(len(running))
-            if gamma == 0 and (last is None or self._now - last >= self.settings.explore_s):
-                # Costs measured long ago may no longer hold: one round to measure them again.
+            where = bucket(len(running))
+            wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
+            if gamma == 0 and (last is None or self._now - last >= wait):
+                # Costs measured long ago may no longer hold: one round to measure them again. Each round
+                # that finds speculation still does not pay here doubles the wait for the next one.
                 self._exploring = True
                 gamma = choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
+                if last is not None:
+                    self._explored[where] = self._explored.get(where, 0) + 1
+            elif gamma > 0 and not self._exploring:
+                self._explored.pop(where, None)
+            decision = _Decision(running, kind, step_tokens(acceptance, plain, gamma, ready[gamma], sat_out[gamma]),
+                                 periods[gamma])
         if gamma > 0:
-            self._decision = (running, kind)
+            self._decision = decision
         return gamma
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
@@ -179,6 +240,7 @@ class Speculator:
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
+            self._count_realized(rows, seconds, gap)
             kind = _kind([r.seq.spec for r in rows if r.proposal])
             # Filed under the batch the decision saw (the sequences running), as it is looked up: a step
             # whose late sequences sat out has fewer rows, and is the cost of speculating at that batch.
@@ -187,6 +249,20 @@ class Speculator:
             if gamma > 0:
                 self._exploring = False
         self._last_end = now
+
+    def _count_realized(self, rows: list[Row], seconds: float, gap: float | None) -> None:
+        """Starts counting what a decode step in which the cost model
+        speculates delivers: the rows without a proposal emit one token each
+        here, verified ones theirs in :meth:`after_verify`; the account goes to
+        :meth:`StepCosts.observe_realized` at the next decision. The first
+        step after turning speculation on (whose rounds are asked only after
+        it) and a step after idling (no gap) are not counted."""
+        if self._decision is None:
+            self._speculating_steps = 0
+            return
+        self._speculating_steps += 1
+        if self._speculating_steps >= 2 and gap is not None and self._decision.expected_s > 0:
+            self._account = _Account(self._decision, seconds + gap, sum(1 for r in rows if not r.proposal))
 
     def _measure_readiness(self, rows: list[Row]) -> None:
         """At a decode pass of a step the cost model speculates in: of the
@@ -199,7 +275,7 @@ class Speculator:
         whose rounds are asked only after it)."""
         if self._decision is None:
             return
-        running, kind = self._decision
+        running, kind = self._decision.running, self._decision.kind
         self._decision = None
         rowed = {id(r.seq) for r in rows}
         verified = sum(1 for r in rows if r.proposal)
@@ -223,6 +299,8 @@ class Speculator:
             n, token = accept_gumbel(sampler.warp_scores(logits, opts), row.proposal, seq.base_seed,
                                      len(seq.tokens))
         spec.sync.accepted(n)
+        if self._account is not None:
+            self._account.tokens += n + 1
         spec.stats.verify_ms += row.forward_s * 1000.0
         spec.control.update(n, gamma)
         self.pools[spec.method].update(n, gamma)
