@@ -385,7 +385,8 @@ async def test_integers_past_the_contracts_int32_are_a_400_not_a_500(served, ext
         reply = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", **extra})
         chat = await http.post(f"{url}/v1/chat/completions",
                                json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                     "max_completion_tokens": extra.get("max_tokens", 2 ** 40)})
+                                     "max_completion_tokens": extra.get("max_tokens", 2 ** 40),
+                                     "stream": extra.get("stream", False)})
     for r in (reply, chat):
         assert r.status_code == 400, r.text
         error = r.json()["error"]

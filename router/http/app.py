@@ -121,9 +121,10 @@ class FrontDoor:
                 return Response(status_code=499)
             if isinstance(first[1], BaseException):
                 self._cancel(tasks)
-                return error_response(first[1])
+                return error_response(first[1], translate.max_tokens_name(body))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._events(first, queue, tasks, choices, head, chat, logprobs, include_usage, body.n)
+            events = self._events(first, queue, tasks, choices, head, chat, logprobs, include_usage, body.n,
+                                  translate.max_tokens_name(body))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -177,10 +178,11 @@ class FrontDoor:
         return get.result()
 
     async def _events(self, first, queue: asyncio.Queue, tasks, choices, head, chat: bool, logprobs: bool,
-                      include_usage: bool, n: int) -> AsyncIterator[bytes]:
+                      include_usage: bool, n: int, max_tokens: str = "max_tokens") -> AsyncIterator[bytes]:
         """The stream's Server-Sent Events; cancelling it (the client went away)
         cancels the generations. An error after the first chunk is one
-        ``data: {"error": ...}`` event, then the stream ends (no [DONE])."""
+        ``data: {"error": ...}`` event, then the stream ends (no [DONE]); it
+        names the output bound ``max_tokens`` as the client did."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         left = len(tasks)
         item = first
@@ -197,7 +199,7 @@ class FrontDoor:
                     if not left:
                         break
                 elif isinstance(chunk, BaseException):
-                    yield translate.sse(translate.error_body(chunk)[1])
+                    yield translate.sse(translate.error_body(chunk, max_tokens)[1])
                     return
                 else:
                     c = choices[index]
