@@ -216,10 +216,13 @@ async def test_a_huge_prompt_is_refused_before_tokenizing_by_target_and_router(s
 
 async def test_text_is_tokenized_off_the_event_loop(suite, monkeypatch):
     """The tokenizer is held inside encode() until a health check has been
-    answered: on the event loop, that answer could never come."""
+    answered: on the event loop, that answer could never come. (Texts up to
+    ``inline_chars`` are tokenized on the loop: cheaper than the hand-off;
+    here every text is longer.)"""
     (target, _, _), stubs, channels = suite
     entered, release = threading.Event(), threading.Event()
     real = target.prompts._tokenizer
+    monkeypatch.setattr(target.prompts, "inline_chars", 0)
 
     class Gated:
         def encode(self, text, **kw):
@@ -253,6 +256,26 @@ def test_the_byte_bound_is_sound_for_the_tokenizer(tiny_models):
         assert len(text.encode("utf-8")) <= len(ids) * per_token
         if len(ids) <= 64:
             encoder.check_size(text)  # fits: never refused
+
+
+async def test_short_prompts_are_tokenized_on_the_loop_and_long_ones_on_a_worker_thread(tiny_models):
+    import threading
+
+    from services.serving.prompts import INLINE_CHARS, PromptEncoder, max_token_bytes
+
+    tok, threads = tiny_models.tokenizer, []
+
+    class Recording:
+        def encode(self, text, **kw):
+            threads.append(threading.get_ident())
+            return tok.encode(text, **kw)
+
+    encoder = PromptEncoder(Recording(), 1 << 20, max_token_bytes(tok))
+    assert encoder.inline_chars == INLINE_CHARS
+    short, long = "hello world", "word " * (INLINE_CHARS // 5 + 1)
+    assert await encoder.encode(short) == tok.encode(short, add_special_tokens=False)
+    assert await encoder.encode(long) == tok.encode(long, add_special_tokens=False)
+    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()
 
 
 class _Counting:
