@@ -265,40 +265,49 @@ def verified_step(speculator, seqs, forward_s, now, accepted, gamma=4):
         speculator.after_verify(s, row, logits)
 
 
-def test_speculation_that_delivered_less_than_the_model_expected_stands_down():
+def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_the_model_expects():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
     seqs = speculating(speculator, 32)
-    for t in range(10):  # a plain step of 32 rows: 0.1 s
+    for t in range(10):  # a plain step of 32 rows: 0.1 s, 10 tokens a second per sequence
         feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
     now = 1.09  # where the plain steps ended: no gap
     for step in range(8):
         speculator.before_schedule(seqs, 32)
         assert speculator.gamma > 0 or step >= 4
         now += 0.12
-        # A verify of 5 tokens a row costs 1.2x a decode step and every proposal is kept, so the model
-        # expects 5 tokens a row; but only 6 of the 32 sequences get a row (a cost the model does not see:
-        # the others neither verified nor waited for a draft), so the step delivers 30 tokens in 0.12 s.
+        # A verify of 5 tokens a row costs 1.2x a decode step and every proposal is kept: the model expects
+        # 5 tokens a row. But only 6 of the 32 sequences get a row (a cost the model does not see: the
+        # others neither verified nor waited for a draft): 30 tokens in 0.12 s, 7.8 a second per sequence.
         verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
-    efficiency = speculator.costs.efficiency(32, "draft_model")
-    assert efficiency < 0.3  # 30 tokens where the model expected over 100
-    assert speculator.costs.table()[32]["efficiency"] == {"draft_model": pytest.approx(efficiency, abs=0.001)}
-    assert speculator.costs.efficiency(32, "ngram") is None  # kept per proposer kind
+    assert speculator.costs.realized(32, "draft_model") == pytest.approx(30 / 32 / 0.12)
+    assert speculator.costs.table()[32]["realized_tokens_per_s"] == {"draft_model": pytest.approx(7.812, abs=0.001)}
+    assert speculator.costs.realized(32, "ngram") is None  # kept per proposer kind
     speculator.before_schedule(seqs, 32)
     assert speculator.gamma == 0
     periods = speculator.costs.periods(32, 8, "draft_model")
     assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0  # the model alone would go on
 
 
-def test_speculation_that_delivered_what_the_model_expected_goes_on():
+def test_speculation_that_delivered_more_than_plain_steps_goes_on():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
     seqs = speculating(speculator, 32)
     for t in range(10):
         feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
     now = 1.09
-    for _ in range(8):  # every sequence verified, every proposal kept
+    for _ in range(8):  # every sequence verified, 2 of 4 proposals kept: 3 tokens a row in 0.2 s, 15 a second
         speculator.before_schedule(seqs, 32)
-        now += 0.12
-        verified_step(speculator, seqs, 0.120, now, accepted=speculator.gamma, gamma=speculator.gamma)
+        now += 0.2
+        verified_step(speculator, seqs, 0.200, now, accepted=2)
     speculator.before_schedule(seqs, 32)
-    assert speculator.costs.efficiency(32, "draft_model") > 0.8
+    assert speculator.costs.realized(32, "draft_model") == pytest.approx(15.0)
     assert speculator.gamma > 0
+
+
+def test_periods_follow_every_new_measurement():
+    costs = StepCosts()
+    costs.observe(8, 0, 0.010, 0.001, now=1.0)
+    first = costs.periods(8, 2)
+    assert costs.periods(8, 2) == first == [pytest.approx(0.011)] * 3
+    costs.observe(8, 2, 0.016, 0.001, now=2.0)  # a verify of 3 tokens a row: 16 ms
+    assert costs.periods(8, 2)[2] == pytest.approx(0.017)
+    assert costs.periods(8, 2)[0] == pytest.approx(0.011)

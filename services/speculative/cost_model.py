@@ -27,10 +27,9 @@ Nothing machine-specific is a default: an unmeasured cost is taken to be
 the cheapest one measured (a forward bound by reading the weights costs
 about the same for 1 and 9 tokens per row), and an unmeasured ``r`` is 1
 (``s`` 0), so speculation is tried where it has not been measured and kept
-only where it pays, which :meth:`StepCosts.efficiency` checks: the
-goodput speculating steps delivered, tokens as counted, over the goodput
-the model expected of them (at most 1 is applied: what the model missed
-can only make it stand down). ``r`` and ``s`` matter where the draft is the
+only where it pays, which :meth:`StepCosts.realized` checks: the goodput
+speculating steps delivered, tokens as counted, against a plain step's one
+token per sequence per period. ``r`` and ``s`` matter where the draft is the
 bottleneck (many streams on few cores): a sequence that sits a step out
 gains nothing in it. :func:`choose_gamma` is
 the pure decision; :class:`StepCosts` keeps the measurements.
@@ -54,26 +53,19 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def step_tokens(acceptance: Sequence[float], plain: int, gamma: int, ready: float = 1.0,
-                sat_out: float = 0.0) -> float:
-    """Expected tokens a step emits in which, of the sequences with acceptance
-    ``acceptance``, a fraction ``ready`` verify ``gamma`` proposals each, a
-    fraction ``sat_out`` wait for their drafts outside the step (no token)
-    and the rest decode one token; and ``plain`` rows decode one token. With
-    gamma 0 every row decodes one token."""
+def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
+            sat_out: float = 0.0) -> float:
+    """Expected tokens per second of a step of ``period_s`` seconds in which,
+    of the sequences with acceptance ``acceptance``, a fraction ``ready``
+    verify ``gamma`` proposals each, a fraction ``sat_out`` wait for their
+    drafts outside the step (no token) and the rest decode one token; and
+    ``plain`` rows decode one token. With gamma 0 every row decodes one token."""
     if gamma:
         ready = min(max(ready, 0.0), 1.0)
         one = max(0.0, 1.0 - ready - max(sat_out, 0.0))
     else:
         ready, one = 1.0, 0.0
-    return sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
-
-
-def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
-            sat_out: float = 0.0) -> float:
-    """Expected tokens per second of a step of ``period_s`` seconds
-    (:func:`step_tokens` of the same arguments over ``period_s``)."""
-    tokens = step_tokens(acceptance, plain, gamma, ready, sat_out)
+    tokens = sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
     return tokens / period_s if period_s > 0 else 0.0
 
 
@@ -103,7 +95,7 @@ def choose_gamma(acceptance: Sequence[float], plain: int, period_s: Sequence[flo
 
 
 #: Speculating steps a bucket measures for a proposer kind before what they delivered can overrule the
-#: model (see :meth:`StepCosts.efficiency`).
+#: model (see :meth:`StepCosts.realized`).
 REALIZED_MIN_STEPS = 3
 
 
@@ -145,19 +137,15 @@ def _line(points: dict[int, Ewma], x: int) -> float | None:
 
 @dataclass
 class _Realized:
-    """Speculating steps' tokens and seconds (gap and forward), as counted
-    and as the model expected them (moving averages)."""
+    """Speculating steps as they turned out: tokens emitted per running
+    sequence, and seconds (gap and forward); moving averages."""
 
     tokens: Ewma = field(default_factory=Ewma)
     seconds: Ewma = field(default_factory=Ewma)
-    expected_tokens: Ewma = field(default_factory=Ewma)
-    expected_s: Ewma = field(default_factory=Ewma)
 
-    def efficiency(self) -> float:
-        """Delivered goodput over expected goodput (ratios of the averages)."""
-        got = self.tokens.value / self.seconds.value
-        expected = self.expected_tokens.value / self.expected_s.value
-        return got / expected
+    def rate(self) -> float:
+        """Tokens per second per running sequence (a ratio of the averages)."""
+        return self.tokens.value / self.seconds.value
 
 
 @dataclass
@@ -183,6 +171,8 @@ class StepCosts:
 
     def __init__(self) -> None:
         self._buckets: dict[int, _Bucket] = {}
+        #: (bucket, gamma_max, kind) -> periods(), until the next observation (a step's reviews ask alike)
+        self._periods: dict[tuple[int, int, str], list[float] | None] = {}
 
     def observe(self, batch: int, gamma: int, forward_s: float, gap_s: float | None, now: float,
                 kind: str = "") -> None:
@@ -191,6 +181,7 @@ class StepCosts:
         measurable, e.g. the engine was idle in between), the proposals coming
         from proposers of ``kind`` (a draft model and a lookup differ in what
         the batch waits for)."""
+        self._periods.clear()
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         b.forward.setdefault(gamma + 1, Ewma()).add(forward_s)
         if gap_s is not None:
@@ -207,37 +198,33 @@ class StepCosts:
         b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
         b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
 
-    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float, expected_tokens: float,
-                         expected_s: float) -> None:
+    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float) -> None:
         """A step in which the cost model speculated, with ``batch`` sequences
         running and proposals from proposers of ``kind``, emitted ``tokens``
         (verified ones and the target's own, one per row without a proposal,
         none for a sequence that sat the step out) in ``seconds`` (the gap
-        before its forward and the forward), where the model expected
-        ``expected_tokens`` in ``expected_s`` (:func:`step_tokens` and the
-        period of the gamma it chose). Steps with a non-positive time or
-        expectation are ignored."""
-        if seconds <= 0 or expected_s <= 0 or expected_tokens <= 0:
+        before its forward and the forward). Ignored unless both are positive
+        numbers of sequences and seconds."""
+        if batch <= 0 or seconds <= 0:
             return
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         r = b.realized.setdefault(kind, _Realized())
-        r.tokens.add(tokens)
+        r.tokens.add(tokens / batch)
         r.seconds.add(seconds)
-        r.expected_tokens.add(expected_tokens)
-        r.expected_s.add(expected_s)
 
-    def efficiency(self, batch: int, kind: str, min_steps: int = REALIZED_MIN_STEPS) -> float | None:
-        """The goodput that steps speculating at this batch size's bucket with
-        proposers of ``kind`` delivered over the goodput the model expected of
-        them (recent steps weigh most), None before ``min_steps`` were
-        measured. Below 1: the model missed a cost (the draft's compute
-        taking the target's cores, a catch-up round, acceptance that is not
-        geometric); above 1: it missed a gain."""
+    def realized(self, batch: int, kind: str, min_steps: int = REALIZED_MIN_STEPS) -> float | None:
+        """Tokens per second per running sequence that steps speculating at
+        this batch size's bucket with proposers of ``kind`` delivered (recent
+        steps weigh most), None before ``min_steps`` were measured. Below a
+        plain step's ``1 / period(batch, 0)``, speculating there lost,
+        whatever the model expected: it missed a cost (the draft's compute
+        taking the target's cores, catch-up rounds, acceptance that is not
+        geometric)."""
         b = self._buckets.get(bucket(batch))
         r = b.realized.get(kind) if b is not None else None
-        if r is None or r.seconds.samples < min_steps:
+        if r is None or r.seconds.samples < min_steps or r.seconds.value <= 0:
             return None
-        return r.efficiency()
+        return r.rate()
 
     def readiness(self, batch: int, gamma_max: int, kind: str = "") -> tuple[list[float], list[float]]:
         """For gamma 0..gamma_max, the fractions of the speculating sequences
@@ -267,9 +254,13 @@ class StepCosts:
         return forward + (_line(gaps, gamma) or 0.0)
 
     def periods(self, batch: int, gamma_max: int, kind: str = "") -> list[float] | None:
-        """:meth:`period` for gamma 0..gamma_max, None when unmeasured."""
-        out = [self.period(batch, g, kind) for g in range(gamma_max + 1)]
-        return None if any(p is None for p in out) else out
+        """:meth:`period` for gamma 0..gamma_max, None when unmeasured. The
+        same list until the next :meth:`observe` (read it, do not change it)."""
+        key = (bucket(batch), gamma_max, kind)
+        if key not in self._periods:
+            out = [self.period(batch, g, kind) for g in range(gamma_max + 1)]
+            self._periods[key] = None if any(p is None for p in out) else out
+        return self._periods[key]
 
     def speculated_at(self, batch: int) -> float | None:
         """When a step of this batch size's bucket last verified proposals."""
@@ -279,7 +270,7 @@ class StepCosts:
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms},
         "ready": {"kind:gamma": fraction}, "sat_out": {"kind:gamma": fraction},
-        "efficiency": {kind: delivered over expected goodput}}."""
+        "realized_tokens_per_s": {kind: per running sequence}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
                     "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
                                for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())},
@@ -287,7 +278,8 @@ class StepCosts:
                               for kind, cells in sorted(b.ready.items()) for g, e in sorted(cells.items())},
                     "sat_out": {f"{kind}:{g}": round(e.value, 3)
                                 for kind, cells in sorted(b.sat_out.items()) for g, e in sorted(cells.items())},
-                    "efficiency": {kind: round(r.efficiency(), 3) for kind, r in sorted(b.realized.items())}}
+                    "realized_tokens_per_s": {kind: round(r.rate(), 3) for kind, r in sorted(b.realized.items())
+                                              if r.seconds.value > 0}}
                 for k, b in sorted(self._buckets.items())}
 
 
