@@ -279,9 +279,9 @@ def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_t
         # 5 tokens a row. But only 6 of the 32 sequences get a row (a cost the model does not see: the
         # others neither verified nor waited for a draft): 30 tokens in 0.12 s, 7.8 a second per sequence.
         verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
-    assert speculator.costs.realized(32, "draft_model") == pytest.approx(30 / 32 / 0.12)
+    assert speculator.costs.realized(32, "draft_model", now, 60.0) == pytest.approx(30 / 32 / 0.12)
     assert speculator.costs.table()[32]["realized_tokens_per_s"] == {"draft_model": pytest.approx(7.812, abs=0.001)}
-    assert speculator.costs.realized(32, "ngram") is None  # kept per proposer kind
+    assert speculator.costs.realized(32, "ngram", now, 60.0) is None  # kept per proposer kind
     speculator.before_schedule(seqs, 32)
     assert speculator.gamma == 0
     periods = speculator.costs.periods(32, 8, "draft_model")
@@ -299,7 +299,7 @@ def test_speculation_that_delivered_more_than_plain_steps_goes_on():
         now += 0.2
         verified_step(speculator, seqs, 0.200, now, accepted=2)
     speculator.before_schedule(seqs, 32)
-    assert speculator.costs.realized(32, "draft_model") == pytest.approx(15.0)
+    assert speculator.costs.realized(32, "draft_model", now, 60.0) == pytest.approx(15.0)
     assert speculator.gamma > 0
 
 
@@ -311,3 +311,83 @@ def test_periods_follow_every_new_measurement():
     costs.observe(8, 2, 0.016, 0.001, now=2.0)  # a verify of 3 tokens a row: 16 ms
     assert costs.periods(8, 2)[2] == pytest.approx(0.017)
     assert costs.periods(8, 2)[0] == pytest.approx(0.011)
+
+
+class Lookup(InstantProposer):
+    kind = "ngram"
+
+
+def test_lookups_that_found_nothing_are_not_counted_and_ones_that_lost_stand_down():
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs = speculating(speculator, 32)
+    for s in seqs:
+        s.spec.proposer = Lookup()
+        s.spec.stats.method = "ngram"
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
+    now = 1.09
+    for _ in range(6):  # the lookups find nothing: plain rows, nothing to count
+        speculator.before_schedule(seqs, 32)
+        assert speculator.gamma > 0
+        now += 0.1
+        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.1, now)
+    speculator.before_schedule(seqs, 32)
+    assert speculator.costs.realized(32, "ngram", now, 60.0) is None and speculator.gamma > 0
+    for _ in range(6):  # 6 of them find proposals, all kept; the others get no row (what the model misses)
+        speculator.before_schedule(seqs, 32)
+        now += 0.12
+        verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
+    assert speculator.costs.realized(32, "ngram", now, 60.0) == pytest.approx(30 / 32 / 0.12)
+    speculator.before_schedule(seqs, 32)
+    assert speculator.gamma == 0
+    periods = speculator.costs.periods(32, 8, "ngram")
+    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0  # the model alone would go on
+
+
+def test_a_loss_is_measured_again_after_explore_s_and_each_one_confirmed_doubles_the_wait():
+    speculator = Speculator(SpeculationSettings(explore_s=5.0))
+    seqs = speculating(speculator, 32)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
+    now = 1.09
+
+    def losing_steps(n):
+        nonlocal now
+        for _ in range(n):
+            speculator.before_schedule(seqs, 32)
+            if not speculator.gamma:
+                return
+            now += 0.12
+            verified_step(speculator, seqs[:6], 0.120, now, accepted=4)  # 7.8 tokens/s a sequence against 10
+
+    def plain_until(t):
+        nonlocal now
+        while now < t:
+            now += 0.1
+            feed(speculator, seqs, 0, 0.100, 0.0, now=now)
+            speculator.before_schedule(seqs, 32)
+            if speculator.gamma:
+                return now
+        return None
+
+    losing_steps(8)
+    assert speculator.gamma == 0
+    started = now
+    resumed = plain_until(started + 20)
+    assert resumed is not None and 5.0 <= resumed - started < 5.5  # measured again after explore_s
+    losing_steps(8)
+    assert speculator.gamma == 0
+    started = now
+    resumed = plain_until(started + 20)
+    assert resumed is not None and 10.0 <= resumed - started < 10.5  # a second loss: twice as long
+
+
+def test_a_warming_up_average_weighs_its_first_samples_alike():
+    from services.speculative.cost_model import Ewma
+
+    plain, warm = Ewma(), Ewma(warm_up=True)
+    for x in (10.0, 1.0, 1.0):
+        plain.add(x)
+        warm.add(x)
+    assert warm.value == pytest.approx(4.0)  # the mean of the three
+    assert plain.value == pytest.approx(10 * 0.64 + 0.16 + 0.2)  # the first sample still weighs most

@@ -107,15 +107,19 @@ def bucket(batch: int) -> int:
 
 @dataclass
 class Ewma:
-    """An exponentially weighted moving average (the first sample sets it)."""
+    """An exponentially weighted moving average (the first sample sets it).
+    With ``warm_up``, the first ``1 / weight`` samples are averaged alike
+    (each weighs ``1 / n``), so that the first does not outweigh the next few."""
 
     value: float = 0.0
     samples: int = 0
     weight: float = 0.2
+    warm_up: bool = False
 
     def add(self, x: float) -> None:
-        self.value = x if self.samples == 0 else (1 - self.weight) * self.value + self.weight * x
         self.samples += 1
+        w = max(self.weight, 1.0 / self.samples) if self.warm_up else (1.0 if self.samples == 1 else self.weight)
+        self.value = (1 - w) * self.value + w * x
 
 
 def _line(points: dict[int, Ewma], x: int) -> float | None:
@@ -140,8 +144,10 @@ class _Realized:
     """Speculating steps as they turned out: tokens emitted per running
     sequence, and seconds (gap and forward); moving averages."""
 
-    tokens: Ewma = field(default_factory=Ewma)
-    seconds: Ewma = field(default_factory=Ewma)
+    tokens: Ewma = field(default_factory=lambda: Ewma(warm_up=True))
+    seconds: Ewma = field(default_factory=lambda: Ewma(warm_up=True))
+    #: Engine-clock time of the last step counted.
+    at: float = 0.0
 
     def rate(self) -> float:
         """Tokens per second per running sequence (a ratio of the averages)."""
@@ -198,31 +204,40 @@ class StepCosts:
         b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
         b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
 
-    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float) -> None:
+    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float, now: float) -> None:
         """A step in which the cost model speculated, with ``batch`` sequences
         running and proposals from proposers of ``kind``, emitted ``tokens``
         (verified ones and the target's own, one per row without a proposal,
         none for a sequence that sat the step out) in ``seconds`` (the gap
-        before its forward and the forward). Ignored unless both are positive
-        numbers of sequences and seconds."""
+        before its forward and the forward), counted at ``now``. Ignored
+        unless both are positive numbers of sequences and seconds."""
         if batch <= 0 or seconds <= 0:
             return
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         r = b.realized.setdefault(kind, _Realized())
         r.tokens.add(tokens / batch)
         r.seconds.add(seconds)
+        r.at = now
 
-    def realized(self, batch: int, kind: str, min_steps: int = REALIZED_MIN_STEPS) -> float | None:
+    def realized(self, batch: int, kind: str, now: float, max_age_s: float,
+                 min_steps: int = REALIZED_MIN_STEPS) -> float | None:
         """Tokens per second per running sequence that steps speculating at
         this batch size's bucket with proposers of ``kind`` delivered (recent
-        steps weigh most), None before ``min_steps`` were measured. Below a
-        plain step's ``1 / period(batch, 0)``, speculating there lost,
-        whatever the model expected: it missed a cost (the draft's compute
-        taking the target's cores, catch-up rounds, acceptance that is not
-        geometric)."""
+        steps weigh most), None before ``min_steps`` were counted. A record
+        whose last step is more than ``max_age_s`` before ``now`` is dropped
+        (None): the machine may have changed, and its steps are counted
+        afresh. Below a plain step's ``1 / period(batch, 0)``, speculating
+        there lost, whatever the model expected: it missed a cost (the
+        draft's compute taking the target's cores, catch-up rounds,
+        acceptance that is not geometric)."""
         b = self._buckets.get(bucket(batch))
         r = b.realized.get(kind) if b is not None else None
-        if r is None or r.seconds.samples < min_steps or r.seconds.value <= 0:
+        if r is None:
+            return None
+        if now - r.at > max_age_s:
+            del b.realized[kind]
+            return None
+        if r.seconds.samples < min_steps or r.seconds.value <= 0:
             return None
         return r.rate()
 

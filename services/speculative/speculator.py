@@ -16,11 +16,12 @@ the Speculator decides at every step from a cost model it measures as the
 engine runs (:mod:`services.speculative.cost_model`, after SmartSpec and
 vLLM's dynamic speculation): the batch's gamma, 0 for none, maximises the
 expected emitted tokens per second given each sequence's acceptance and the
-measured step costs at this batch size; and where steps that speculated
-with a draft model at this batch size delivered fewer tokens per second
-than plain steps do, as counted, it stands down whatever the model expects
-(a cost the model does not see, such as the draft's compute taking the
-target's cores). With a static
+measured step costs at this batch size; and where the steps that
+speculated at this batch size with a proposer kind delivered fewer tokens
+per second than plain steps do, as counted, it stands down whatever the
+model expects (a cost the model does not see, such as the draft's compute
+taking the target's cores, or acceptance that is not geometric), measuring
+again after ``explore_s``, twice as long after each loss measured. With a static
 ``disable_by_batch_size`` (an override), past that many sequences running or
 waiting no round starts (vLLM's ``disable_by_batch_size``). Either way, when
 the batch stops speculating, rounds under way are dropped. A sequence whose
@@ -128,6 +129,9 @@ class Speculator:
         #: Batch-size bucket -> exploring rounds in a row after which speculation still did not pay there
         #: (each doubles the wait for the next, see MAX_EXPLORE_BACKOFF).
         self._explored: dict[int, int] = {}
+        #: Buckets where what speculating steps delivered made the model stand down, until it measures a
+        #: gain -> whether that loss is being measured again.
+        self._stood_down: dict[int, bool] = {}
         #: Decode steps in a row in which the cost model speculated.
         self._speculating_steps = 0
         #: The decode step being counted for StepCosts.observe_realized (tokens come in after_verify).
@@ -163,7 +167,7 @@ class Speculator:
         row of a big batch to gamma + 1 tokens. The draft discards them at the
         next round."""
         if (a := self._account) is not None:  # the last step's tokens are all in (after_verify)
-            self.costs.observe_realized(a.decision.batch, a.decision.kind, a.tokens, a.seconds)
+            self.costs.observe_realized(a.decision.batch, a.decision.kind, a.tokens, a.seconds, self._now)
             self._account = None
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
@@ -199,14 +203,22 @@ class Speculator:
             plain = len(running) - len(specs)
             ready, sat_out = self.costs.readiness(len(running), gamma_max, kind)
             gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
-            # Only a draft model's steps: what a lookup costs is all in the step, where the model sees it; a
-            # draft's compute takes the cores the target runs on, and its catch-up rounds come in bursts.
-            realized = self.costs.realized(len(running), kind) if kind != NGRAM else None
-            if gamma > 0 and realized is not None and realized * periods[0] < 1.0:
-                gamma = 0  # speculating here delivered less than a plain step's token per sequence per period
-            last = self.costs.speculated_at(len(running))
             where = bucket(len(running))
             wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
+            # What speculating steps delivered here, as counted; older than the wait, it is measured afresh.
+            realized = self.costs.realized(len(running), kind, self._now, max_age_s=wait)
+            if gamma > 0 and realized is not None:
+                if realized * periods[0] < 1.0:  # less than a plain step's token per sequence per period
+                    gamma = 0
+                    if self._stood_down.get(where):  # measured again, and it still loses: wait twice as long
+                        self._explored[where] = self._explored.get(where, 0) + 1
+                    self._stood_down[where] = False
+                else:  # measured to pay: back to the shortest wait
+                    self._stood_down.pop(where, None)
+                    self._explored.pop(where, None)
+            elif where in self._stood_down:
+                self._stood_down[where] = True  # the loss is being measured again
+            last = self.costs.speculated_at(len(running))
             if gamma == 0 and (last is None or self._now - last >= wait):
                 # Costs measured long ago may no longer hold: one round to measure them again. Each round
                 # that finds speculation still does not pay here doubles the wait for the next one.
@@ -214,8 +226,6 @@ class Speculator:
                 gamma = choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
                 if last is not None:
                     self._explored[where] = self._explored.get(where, 0) + 1
-            elif gamma > 0 and not self._exploring:
-                self._explored.pop(where, None)
         if gamma > 0:
             self._decision = _Decision(running, len(running), kind)
         return gamma
@@ -246,11 +256,15 @@ class Speculator:
         here, verified ones theirs in :meth:`after_verify`; the account goes to
         :meth:`StepCosts.observe_realized` at the next decision. The first
         step after turning speculation on (whose rounds are asked only after
-        it) and a step after idling (no gap) are not counted."""
+        it), a step after idling (no gap) and a step of n-gram lookups that
+        all found nothing (its rows are plain ones, no wider, and nothing
+        waited for a draft) are not counted."""
         if self._decision is None:
             self._speculating_steps = 0
             return
         self._speculating_steps += 1
+        if self._decision.kind == NGRAM and not any(r.proposal for r in rows):
+            return  # lookups that found nothing: plain rows, no step of speculation to count
         if self._speculating_steps >= 2 and gap is not None:
             self._account = _Account(self._decision, seconds + gap, sum(1 for r in rows if not r.proposal))
 
