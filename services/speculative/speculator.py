@@ -126,8 +126,8 @@ class Speculator:
         #: This step's decision to speculate (None: it does not; its batch size is ``_batch``, its gamma
         #: ``gamma``): what after_forward measures readiness and what the step delivers against.
         self._decision: _Decision | None = None
-        #: Batch-size bucket -> exploring rounds in a row after which speculation still did not pay there
-        #: (each doubles the wait for the next, see MAX_EXPLORE_BACKOFF).
+        #: Batch-size bucket -> exploring rounds, and losses measured again, after which speculation still
+        #: did not pay there (each doubles the wait for the next, see MAX_EXPLORE_BACKOFF).
         self._explored: dict[int, int] = {}
         #: Buckets where what speculating steps delivered made the model stand down, until it measures a
         #: gain -> whether that loss is being measured again.
