@@ -146,6 +146,13 @@ def test_the_summary_says_how_the_stream_speculated():
     from services.common.validation import MAX_GAMMA
     assert argtypes.MAX_GAMMA == MAX_GAMMA
     assert "speculation" not in summary(32, 0.05, 0.2, gen.GenerateChunk(finish_reason=gen.FINISH_REASON_LENGTH))
+    # Asked for and never proposed: the line says so, and why, instead of saying nothing.
+    none = gen.GenerateChunk(finish_reason=gen.FINISH_REASON_LENGTH)
+    none.speculation.method = gen.SPECULATION_METHOD_DRAFT_MODEL
+    assert "speculation draft_model: no tokens proposed (the target judged speculation would not pay" in \
+        summary(32, 0.05, 0.2, none)
+    none.speculation.draft_timeouts = 2
+    assert "no tokens proposed (2 rounds passed their deadline)" in summary(32, 0.05, 0.2, none)
 
 
 def test_up_flags_become_options(tmp_path):

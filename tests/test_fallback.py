@@ -33,9 +33,10 @@ def test_below_the_acceptance_floor_it_falls_back_or_stops_when_it_cannot():
 
 
 def test_it_falls_back_where_the_cost_model_would_not_speculate_at_its_acceptance():
-    # One round, nearly nothing accepted: at these costs gamma 0 beats any gamma at alpha 0.01.
+    # One round, nearly nothing accepted: at these costs gamma 0 beats any gamma at alpha 0.01. (Not
+    # min_rounds: a batch that stops speculating for this request's acceptance would give it no more rounds.)
     action, reason = review(MethodRecord(1, 0.01, 0.7), 0, CHEAP, 0.25, 4, True)
-    assert action is Action.FALL_BACK and "cost model" in reason
+    assert action is Action.FALL_BACK and "cost model" in reason and "with 1 sequence running" in reason
     # The same costs pay at a good acceptance: keep the draft.
     assert review(MethodRecord(1, 0.8, 0.9), 0, CHEAP, 0.25, 4, True)[0] is Action.KEEP
     # When even full acceptance would not pay with either method (a big batch, a dear verify) the

@@ -268,6 +268,8 @@ async def test_short_prompts_are_tokenized_on_the_loop_and_long_ones_on_a_worker
     class Recording:
         def encode(self, text, **kw):
             threads.append(threading.get_ident())
+            # Not warned about the model's length: the size was checked, and a refused prompt is the client's.
+            assert kw.pop("verbose") is False
             return tok.encode(text, **kw)
 
     encoder = PromptEncoder(Recording(), 1 << 20, max_token_bytes(tok))

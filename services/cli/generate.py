@@ -40,6 +40,17 @@ def build_request(args: argparse.Namespace):
                                speculation=speculation)
 
 
+def _why_none(s) -> str:
+    """Why a request that asked for speculation had no token proposed (its final ``SpeculationStats``)."""
+    if s.disabled_reason:
+        return s.disabled_reason
+    if s.draft_timeouts:
+        return f"{s.draft_timeouts} rounds passed their deadline"
+    if s.rounds_dropped_by_batch_size:
+        return f"{s.rounds_dropped_by_batch_size} rounds dropped when the batch stopped speculating"
+    return "the target judged speculation would not pay at its load: its cost model, or --speculative-disable-by-batch-size"
+
+
 def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
     """One line about a finished stream; tokens/s is over the whole request."""
     from services.common.stubs import generation_pb2 as gen
@@ -51,10 +62,13 @@ def summary(tokens: int, ttft_s: float | None, elapsed_s: float, last) -> str:
                           if last is not None else "none")]
     if last is not None and last.instance_id:
         parts.append(f"instance {last.instance_id}")
-    if last is not None and (last.speculation.proposed_tokens or last.speculation.fallback_reason):
+    if last is not None and last.HasField("speculation"):
         s = last.speculation
         counts = f"accepted {s.accepted_tokens}/{s.proposed_tokens} proposed tokens"
-        if s.fallback_reason == NO_DRAFT_REASON:
+        if not s.proposed_tokens and not s.fallback_reason:  # asked for, never proposed: say why
+            method = gen.SpeculationMethod.Name(s.method).removeprefix("SPECULATION_METHOD_").lower()
+            part = f"speculation {method}: no tokens proposed ({_why_none(s)})"
+        elif s.fallback_reason == NO_DRAFT_REASON:
             part = f"speculation ngram: {counts} ({s.fallback_reason})"
         elif s.fallback_reason:  # the counts cover the draft model's rounds and then ngram's
             part = f"speculation draft_model, then ngram: {counts} (fell back: {s.fallback_reason})"

@@ -61,8 +61,8 @@ class PromptEncoder:
         tokenizing, when it cannot fit."""
         self.check_size(text)
         if len(text) <= self.inline_chars:
-            return self._tokenizer.encode(text, add_special_tokens=False)
-        return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False)
+            return self._tokenizer.encode(text, add_special_tokens=False, verbose=False)
+        return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False, verbose=False)
 
 
 def chat_text(tokenizer, model_name: str, chat) -> str:

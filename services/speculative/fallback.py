@@ -125,5 +125,6 @@ def review(record: MethodRecord, others: int, periods: Sequence[float] | None, m
             and choose_gamma([record.alpha], 0, periods, ready=ready, sat_out=sat_out) == 0 \
             and any(p is not None and choose_gamma([1.0], 0, p) > 0 for p in (periods, fallback_periods)):
         return Action.FALL_BACK, (f"at acceptance {record.alpha:.2f} the cost model would not speculate with "
-                                  f"{batch} sequences running (their steps and drafts as measured)")
+                                  f"{batch} sequence{'s' if batch != 1 else ''} running (their steps and drafts "
+                                  "as measured)")
     return Action.KEEP, ""
