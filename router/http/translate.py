@@ -15,7 +15,7 @@ import math
 
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
 from services.common import status
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, OutOfRange
 from services.common.stubs import generation_pb2 as gen
 
 #: max_tokens when a request gives none: OpenAI's for completions; chat has no
@@ -26,9 +26,10 @@ FINISH_REASONS = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_EOS: "st
                   gen.FINISH_REASON_STOP: "stop", gen.FINISH_REASON_CANCELLED: "abort",
                   gen.FINISH_REASON_ERROR: "error"}
 PRIORITIES = {"batch": gen.PRIORITY_BATCH, "normal": gen.PRIORITY_NORMAL, "interactive": gen.PRIORITY_INTERACTIVE}
-#: The largest value of the contract's int32 fields: larger counts (max_tokens,
-#: top_k) are clamped to it, and the target answers for what is still too many
-#: (max_tokens past the model's context) with its own message.
+#: The largest value of the contract's int32 fields: a larger top_k is clamped to
+#: it (no restriction either way), a larger max_tokens refused with the number
+#: sent; the target answers for what is still too many (max_tokens past the
+#: model's context) with its own message.
 INT32_MAX = 2 ** 31 - 1
 #: Chat roles the contract has (the API's "developer" is a system turn).
 CHAT_ROLES = {"developer": "system"}
@@ -69,6 +70,9 @@ def chat_prompt(body: ChatCompletionRequest) -> gen.Prompt:
 
 
 def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.SamplingParams:
+    if max_tokens is not None and max_tokens > INT32_MAX:  # said with the number sent, not a clamped one
+        raise OutOfRange("sampling.max_new_tokens", f"{max_tokens} is more than any model's context "
+                                                    f"(the contract's bound is {INT32_MAX} tokens)")
     s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                            max_new_tokens=min(max_tokens or DEFAULT_MAX_TOKENS[kind], INT32_MAX),
                            ignore_eos=body.ignore_eos)
