@@ -265,12 +265,18 @@ def verified_step(speculator, seqs, forward_s, now, accepted, gamma=4):
         speculator.after_verify(s, row, logits)
 
 
+def plain_measured(speculator, n=32):
+    """``n`` speculating sequences after ten plain steps of 0.1 s (10 tokens a second per sequence), and
+    the time the last one ended (a step that starts then has no gap)."""
+    seqs = speculating(speculator, n)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
+    return seqs, 1.09
+
+
 def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_the_model_expects():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
-    seqs = speculating(speculator, 32)
-    for t in range(10):  # a plain step of 32 rows: 0.1 s, 10 tokens a second per sequence
-        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
-    now = 1.09  # where the plain steps ended: no gap
+    seqs, now = plain_measured(speculator)
     for step in range(8):
         speculator.before_schedule(seqs, 32)
         assert speculator.gamma > 0 or step >= 4
@@ -290,10 +296,7 @@ def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_t
 
 def test_speculation_that_delivered_more_than_plain_steps_goes_on():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
-    seqs = speculating(speculator, 32)
-    for t in range(10):
-        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
-    now = 1.09
+    seqs, now = plain_measured(speculator)
     for _ in range(8):  # every sequence verified, 2 of 4 proposals kept: 3 tokens a row in 0.2 s, 15 a second
         speculator.before_schedule(seqs, 32)
         now += 0.2
@@ -319,13 +322,10 @@ class Lookup(InstantProposer):
 
 def test_lookups_that_found_nothing_are_not_counted_and_ones_that_lost_stand_down():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
-    seqs = speculating(speculator, 32)
+    seqs, now = plain_measured(speculator)
     for s in seqs:
         s.spec.proposer = Lookup()
         s.spec.stats.method = "ngram"
-    for t in range(10):
-        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
-    now = 1.09
     for _ in range(6):  # the lookups find nothing: plain rows, nothing to count
         speculator.before_schedule(seqs, 32)
         assert speculator.gamma > 0
@@ -346,10 +346,7 @@ def test_lookups_that_found_nothing_are_not_counted_and_ones_that_lost_stand_dow
 
 def test_a_loss_is_measured_again_after_explore_s_and_each_one_confirmed_doubles_the_wait():
     speculator = Speculator(SpeculationSettings(explore_s=5.0))
-    seqs = speculating(speculator, 32)
-    for t in range(10):
-        feed(speculator, seqs, 0, 0.100, 0.0, now=1.0 + t * 0.01)
-    now = 1.09
+    seqs, now = plain_measured(speculator)
 
     def losing_steps(n):
         nonlocal now
