@@ -274,6 +274,14 @@ def plain_measured(speculator, n=32):
     return seqs, 1.09
 
 
+def assert_stands_down_where_the_model_would_go_on(speculator, seqs, kind):
+    """The next decision does not speculate, though the model alone, at the same costs and acceptance, would."""
+    speculator.before_schedule(seqs, 32)
+    assert speculator.gamma == 0
+    periods = speculator.costs.periods(32, 8, kind)
+    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0
+
+
 def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_the_model_expects():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
     seqs, now = plain_measured(speculator)
@@ -288,10 +296,7 @@ def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_t
     assert speculator.costs.realized(32, "draft_model", now, 60.0) == pytest.approx(30 / 32 / 0.12)
     assert speculator.costs.table()[32]["realized_tokens_per_s"] == {"draft_model": pytest.approx(7.812, abs=0.001)}
     assert speculator.costs.realized(32, "ngram", now, 60.0) is None  # kept per proposer kind
-    speculator.before_schedule(seqs, 32)
-    assert speculator.gamma == 0
-    periods = speculator.costs.periods(32, 8, "draft_model")
-    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0  # the model alone would go on
+    assert_stands_down_where_the_model_would_go_on(speculator, seqs, "draft_model")
 
 
 def test_speculation_that_delivered_more_than_plain_steps_goes_on():
@@ -338,10 +343,7 @@ def test_lookups_that_found_nothing_are_not_counted_and_ones_that_lost_stand_dow
         now += 0.12
         verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
     assert speculator.costs.realized(32, "ngram", now, 60.0) == pytest.approx(30 / 32 / 0.12)
-    speculator.before_schedule(seqs, 32)
-    assert speculator.gamma == 0
-    periods = speculator.costs.periods(32, 8, "ngram")
-    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0  # the model alone would go on
+    assert_stands_down_where_the_model_would_go_on(speculator, seqs, "ngram")
 
 
 def test_a_loss_is_measured_again_after_explore_s_and_each_one_confirmed_doubles_the_wait():
