@@ -95,13 +95,55 @@ def test_lean_logits_equal_transformers_bit_for_bit(prepack):
     dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    # head_dim 32 and 64: cos/sin come from the lean forward's table (see test_rope_table_...).
+    dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+    dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64),
     # 30 x 4-byte rows: k's rows would start off a 64-byte boundary, so q/k/v stay apart; gate/up fuse.
     dict(hidden_size=30, num_attention_heads=3, num_key_value_heads=3, intermediate_size=48),
-], ids=["tied", "bias", "mha-head-dim", "rope-linear", "rope-llama3", "rope-dynamic", "unaligned"])
+], ids=["tied", "bias", "mha-head-dim", "rope-linear", "rope-llama3", "rope-dynamic", "gqa-head-dim-32",
+        "rope-llama3-head-dim-32", "head-dim-64", "unaligned"])
 def test_lean_logits_equal_transformers_for_config_variants(overrides):
     runner = _assert_same_logits(_config(**overrides))
     per_layer = 1 if overrides.get("hidden_size") == 30 else 2
     assert runner.lean.fused == per_layer * runner.model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+], ids=["default", "linear", "dynamic"])
+def test_rope_table_gives_transformers_values_at_far_positions(rope):
+    """A static RoPE's cos/sin are read from a table grown past 256 and 512 positions
+    (built in chunks, read for rows at unrelated positions in one batch): the logits stay
+    transformers' own. A dynamic RoPE, whose frequencies change with the length, has no table."""
+    config = _config(num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                     rope_parameters=rope)
+    model = _model(config)
+    twin = _clone(model)
+
+    def runner(m, lean):
+        return ModelRunner(m, num_blocks=300, block_size=4, max_len=1024, prepack=False, lean=lean)
+
+    want_runner, got_runner = runner(model, False), runner(twin, True)
+    assert got_runner.lean is not None
+    table, other = list(range(1, 257)), list(range(299, 256, -1))  # 1024 positions, and 172 in other blocks
+    tokens = [(7 * i) % 300 for i in range(1024)]
+    steps = [[ForwardRow(table, 0, tokens[:300], keep=5)],
+             [ForwardRow(table, 300, tokens[300:303], keep=3), ForwardRow(other, 0, tokens[:7])],
+             [ForwardRow(table, 303, tokens[303:1020]), ForwardRow(other, 7, tokens[7:9], keep=2)],
+             [ForwardRow(table, 1020, tokens[1020:1022], keep=2)]]
+    for rows in steps:
+        for g, w in zip(got_runner.forward(rows), want_runner.forward(rows)):
+            assert torch.equal(g, w)
+    lean = got_runner.lean
+    if rope["rope_type"] == "dynamic":
+        assert lean._table is None
+    else:
+        assert lean._table is not None and lean._table[0].shape[0] == 1024
 
 
 def test_lean_on_tiny_test_models_bf16(tiny_models):
@@ -147,7 +189,7 @@ def test_a_fused_product_that_disagrees_falls_back_to_separate_products(monkeypa
 
     def off_by_one_ulp(modules):
         product = fused(modules)
-        return None if product is None else (lambda x: tuple(torch.nextafter(t, t + 1) for t in product(x)))
+        return None if product is None else (lambda x: torch.nextafter(product(x), product(x) + 1))
 
     monkeypatch.setattr(lean_llama, "_fused", off_by_one_ulp)
     with caplog.at_level(logging.INFO, logger="services.engine.model_runner"):

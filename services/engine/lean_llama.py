@@ -52,9 +52,10 @@ def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 _ALIGN = 64
 
 
-def _fused(modules: list[nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+def _fused(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One product for plain linear layers that read the same input (q/k/v,
-    gate/up): their weights concatenated by rows, the output split back, as
+    gate/up): their weights concatenated by rows, one product ``[N, sum of
+    their widths]`` whose column blocks are their outputs in order, as
     vLLM's ``QKVParallelLinear`` and ``MergedColumnParallelLinear`` do. Each
     output column is the same dot product over the same row, so the values are
     the ones the separate products give (the runner's probe checks it; the
@@ -86,12 +87,7 @@ def _fused(modules: list[nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Ten
         m.weight.data = weight[start:start + rows]
         if bias is not None:
             m.bias.data = bias[start:start + rows]
-    sizes = tuple(w.shape[0] for w in weights)
-    return lambda x: F.linear(x, weight, bias).split(sizes, dim=-1)
-
-
-def _separate(*products: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple]:
-    return lambda x: tuple(p(x) for p in products)
+    return lambda x: F.linear(x, weight, bias)
 
 
 def _act(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,18 +139,32 @@ class _Layer:
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        #: Query heads (the key heads follow them in the fused q/k/v product).
+        self.heads = attn.q_proj.out_features // attn.head_dim
+        #: Width of the q and k blocks of the fused q/k/v product.
+        self.qk_width = attn.q_proj.out_features + attn.k_proj.out_features
         self.in_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-        fused_qkv = _fused(list(qkv)) if fuse else None
-        fused_gate_up = _fused(list(gate_up)) if fuse else None
-        #: x -> (q, k, v) and x -> (gate, up): one product each where they fuse.
-        self.qkv = fused_qkv or _separate(*map(_linear, qkv))
-        self.gate_up = fused_gate_up or _separate(*map(_linear, gate_up))
+        #: x -> [N, q | k | v] and x -> [N, gate | up], one product each, where they fuse.
+        self.qkv = _fused(list(qkv)) if fuse else None
+        self.gate_up = _fused(list(gate_up)) if fuse else None
+        self.gate_width = mlp.gate_proj.out_features
         #: How many of the two groups were fused.
-        self.fused = (fused_qkv is not None) + (fused_gate_up is not None)
+        self.fused = (self.qkv is not None) + (self.gate_up is not None)
+        self.q, self.k, self.v = map(_linear, qkv)
+        self.gate, self.up = map(_linear, gate_up)
         self.o, self.down = _linear(attn.o_proj), _linear(mlp.down_proj)
         self.act = _act(mlp.act_fn)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    """``apply_rotary_pos_emb`` on ``x`` ``[n, width, heads, head_dim]`` with
+    ``cos`` and the sign-flipped ``sin`` ``[n, width, 1, head_dim]``:
+    ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) * sin`` =
+    ``cat(-x2, x1) * sin`` = ``roll(x) * cat(-sin1, sin2)`` (a sign flip is exact,
+    so each product is the same float)."""
+    return (x * cos) + (torch.roll(x, half, -1) * sin)
 
 
 class LeanLlama:
@@ -169,6 +179,10 @@ class LeanLlama:
     kernels, each waking the second thread once). ``fused`` counts the
     fused groups."""
 
+    #: Positions of cos/sin computed per call of the rotary module while the table is built: below
+    #: torch's parallel grain (32768 elements), so no call is split between threads (see :meth:`_rope`).
+    _TABLE_CHUNK = 256
+
     def __init__(self, model, fuse: bool = True) -> None:
         decoder = model.get_decoder()
         self._rotary = decoder.rotary_emb
@@ -179,6 +193,13 @@ class LeanLlama:
         embed = decoder.embed_tokens
         self._embed_weight = embed.weight if type(embed) is nn.Embedding and embed.max_norm is None else None
         self._embed = embed
+        head_dim = self._layers[0].head_dim if self._layers else 0
+        rope_type = getattr(self._rotary, "rope_type", "dynamic")
+        #: cos and sign-flipped sin ``[positions, head_dim]`` by position, for a RoPE whose
+        #: frequencies do not change with the sequence's length; None: transformers' module each forward.
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tabled = (isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
+                        and head_dim % 32 == 0)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``ids`` ``[n, width]``: ``[n, width, hidden]``."""
@@ -186,38 +207,81 @@ class LeanLlama:
             return self._embed(ids)
         return F.embedding(ids, self._embed_weight)
 
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and the sign-flipped sin (``cat(-sin1, sin2)``) at ``positions``
+        ``[n, width]``: ``[n, width, 1, head_dim]`` in ``hidden``'s dtype.
+
+        For a static RoPE (default, linear, llama3, yarn: the module's
+        frequencies never change) they are read from a table the rotary module
+        itself filled, position by position, grown to the next power of two
+        past the largest position asked: two index reads instead of the
+        module's dozen ops a forward. The module computes each element alone
+        (a product, cos/sin, a scaling), so a table row holds the values it
+        returns for that position in any batch, provided every element takes
+        the vectorised loop: ``head_dim`` a multiple of 32 (two AVX-512
+        vectors of float32; a call's elements then never fall in a scalar
+        tail) and no call split between threads (:attr:`_TABLE_CHUNK`). Other
+        RoPE types (dynamic, longrope) and head sizes call the module each
+        forward, as transformers does."""
+        half = self._layers[0].head_dim // 2
+        if not self._tabled:
+            cos, sin = self._rotary(hidden, position_ids=positions)
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            return cos.unsqueeze(2), sin.unsqueeze(2)
+        need = int(positions.max()) + 1
+        if self._table is None or self._table[0].shape[0] < need or self._table[0].dtype != hidden.dtype:
+            size = max(self._TABLE_CHUNK, 1 << (need - 1).bit_length())
+            parts = [self._rotary(hidden, position_ids=torch.arange(p, min(p + self._TABLE_CHUNK, size),
+                                                                     device=hidden.device)[None])
+                     for p in range(0, size, self._TABLE_CHUNK)]
+            cos = torch.cat([c[0] for c, _ in parts])
+            sin = torch.cat([s[0] for _, s in parts])
+            self._table = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+        cos, sin = self._table
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, n: int, width: int, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v of ``x`` ``[n * width, hidden]``, each ``[n, width, heads, head_dim]``.
+        With a fused product, q and k are rotated as one tensor (the same ops on every element)."""
+        d, half = layer.head_dim, layer.head_dim // 2
+        if layer.qkv is None:
+            q, k, v = (p(x).view(n, width, -1, d) for p in (layer.q, layer.k, layer.v))
+            return _rotate(q, cos, sin, half), _rotate(k, cos, sin, half), v
+        out = layer.qkv(x)
+        qk = _rotate(out[:, :layer.qk_width].view(n, width, -1, d), cos, sin, half)
+        return qk[:, :, :layer.heads], qk[:, :, layer.heads:], out[:, layer.qk_width:].view(n, width, -1, d)
+
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         """Every decoder layer over ``hidden`` ``[n, width, hidden]`` at
         ``positions`` ``[n, width]``; attention by ``attention`` (the runner's
         paged attention, which reads and writes the KV cache).
 
-        Two rewrites keep every value: the row-wise ops (norms, products) run
+        The rewrites keep every value: the row-wise ops (norms, products) run
         on the ``[n * width, hidden]`` view, which is the matrix product
-        ``F.linear`` computes for a contiguous 3-D input anyway; and
-        ``rotate_half(x) * sin``, i.e. ``cat(-x2, x1) * sin``, is computed as
-        ``roll(x) * cat(-sin1, sin2)`` (a sign flip is exact, so each product
-        is the same float)."""
+        ``F.linear`` computes for a contiguous 3-D input anyway; RoPE runs on
+        the ``[n, width, heads, head_dim]`` layout before the heads move to
+        dimension 1 (elementwise ops, so the same floats); its cos/sin come
+        from :meth:`_rope`."""
         n, width, _ = hidden.shape
-        cos, sin = self._rotary(hidden, position_ids=positions)  # transformers' own, once per forward
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # apply_rotary_pos_emb's unsqueeze_dim=1
+        cos, sin = self._rope(hidden, positions)
         hidden = hidden.reshape(n * width, -1)
         for layer in self._layers:
             residual = hidden
             x = _rms_norm(hidden, *layer.in_norm)
-            shape = (n, width, -1, layer.head_dim)
-            q, k, v = (t.reshape(shape).transpose(1, 2) for t in layer.qkv(x))
-            q = (q * cos) + (torch.roll(q, half, -1) * sin)
-            k = (k * cos) + (torch.roll(k, half, -1) * sin)
-            out = attention(layer.index, q, k, v, layer.scaling)
+            q, k, v = self._qkv(layer, x, n, width, cos, sin)
+            out = attention(layer.index, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer.scaling)
             hidden = residual + layer.o(out.view(n * width, -1))
             residual = hidden
             x = _rms_norm(hidden, *layer.post_norm)
-            gate, up = layer.gate_up(x)
-            # A column slice of the fused product is strided; the activation's vectorised and scalar
-            # loops round differently, so it gets the contiguous layout the separate product had.
-            hidden = residual + layer.down(layer.act(gate.contiguous()) * up)
+            if layer.gate_up is None:
+                gate, up = layer.gate(x), layer.up(x)
+            else:
+                # A column slice of the fused product is strided; the activation's vectorised and scalar
+                # loops round differently, so it gets the contiguous layout the separate product had.
+                gate_up = layer.gate_up(x)
+                gate, up = gate_up[:, :layer.gate_width].contiguous(), gate_up[:, layer.gate_width:]
+            hidden = residual + layer.down(layer.act(gate) * up)
         return hidden.view(n, width, -1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
