@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.bench import report
+import asyncio
+
+from services.bench import report, scenarios
 from services.bench.loadgen import RequestResult, RunResult
 from services.bench.scenarios import _arms_report, break_even
 
@@ -16,6 +18,22 @@ def test_break_even_is_the_last_batch_before_speculation_first_loses():
     assert break_even({"16": point(0.6), "1": point(0.9)}) == 0  # order of the keys does not matter
     assert break_even({"1": point(1.2), "2": point(1.0)}) == 2
     assert break_even({"1": {"static_always_ratio": 1.5}, "2": {"static_always_ratio": 0.9}}, "static_always_ratio") == 1
+
+
+def test_arms_are_measured_in_counterbalanced_order(monkeypatch):
+    """ABBA: a machine that slows down through the run slows every arm alike, not the arm run second."""
+    order = []
+
+    async def fake_closed_loop(stub, make, concurrency, total, label, progress):
+        order.append(label)
+        return RunResult([RequestResult(True, [1])], 1.0)
+
+    monkeypatch.setattr(scenarios, "closed_loop", fake_closed_loop)
+    arms = {"off": None, "on": None, "ngram": None}
+    runs = asyncio.run(scenarios._measure("127.0.0.1:9", arms, 2, 4, 4, "c2", False))
+    measured = [label.split(", ")[0].split()[-1] for label in order if "warm-up" not in label]
+    assert measured == ["off", "on", "ngram", "ngram", "on", "off"] * 2
+    assert {name: len(r) for name, r in runs.items()} == {"off": 4, "on": 4, "ngram": 4}
 
 
 def test_prompt_set_arms_report_speedups_fallbacks_and_whether_outputs_agree():

@@ -55,8 +55,12 @@ def _prompts(n: int) -> list[str]:
 async def _measure(address: str, arms: dict, concurrency: int, total: int, repeats: int, label: str,
                    progress: bool) -> dict[str, list[RunResult]]:
     """Each arm (name -> request maker) ``repeats`` times on the same suite, after a
-    warm-up. With several arms the runs are interleaved (off, on, off, on...), so
-    that drift over the run (warm caches, a neighbour's load) falls on all alike."""
+    warm-up. With several arms the runs are interleaved and counterbalanced
+    (ABBA: off, on, on, off, off, on...), so that drift over the run (warm
+    caches, a neighbour's load, a VM slowing down) falls on all arms alike:
+    a drift linear in time cancels out of every pair of repeats, where plain
+    alternation (off, on, off, on) always gives the later arm the later
+    machine."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for make in arms.values():
@@ -64,7 +68,7 @@ async def _measure(address: str, arms: dict, concurrency: int, total: int, repea
                               progress=False)
         runs: dict[str, list[RunResult]] = {name: [] for name in arms}
         for r in range(repeats):
-            for name, make in arms.items():
+            for name, make in (list(arms.items()) if r % 2 == 0 else list(arms.items())[::-1]):
                 runs[name].append(await closed_loop(stub, make, concurrency, total,
                                                     label=f"{label} {name}, run {r + 1}".strip(), progress=progress))
         return runs
