@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 GEN    := build/gen
 PROTOS := $(wildcard protos/llmesh/v1/*.proto)
 
-.PHONY: install protos up test bench models clean docker-deps docker-wheels docker-image
+.PHONY: install protos up down test bench models clean docker-deps docker-wheels docker-image
 
 # The venv, torch first (a local CPU wheel: an unpinned torch pulls CUDA), then
 # the project with its dev extras. The stamp makes a second run a no-op.
@@ -35,6 +35,10 @@ models: install
 up: install
 	$(LLMESH) models build
 	$(LLMESH) up $(UP_ARGS)
+
+# Stops what `make up` / `llmesh up` started, from another shell (DOWN_ARGS: e.g. --base-port 56051).
+down:
+	$(LLMESH) down $(DOWN_ARGS)
 
 # curl: the front door's SSE framing is checked with it (installed with apt when root).
 test: install docker-deps

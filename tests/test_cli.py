@@ -514,3 +514,106 @@ def test_up_insecure_passes_a_flag_each_service_accepts():
                "scaler": ScalerConfig}
     for spec in plan(UpOptions(home=Path("/h"), host="0.0.0.0", insecure=True), cpus=2):
         assert configs[spec.name].from_args(list(spec.args), env={}).insecure is True
+
+
+# -- `llmesh down`, against records and throwaway launchers ---------------------------
+
+#: A stand-in for `llmesh up` (its command line names services.cli, as the real one's does):
+#: on SIGTERM it removes its record after a moment, as up does once its services have exited.
+FAKE_UP = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    record, mode = Path(sys.argv[1]), sys.argv[2]
+    def stop(*_):
+        time.sleep(0.3)  # sleep-ok: stands for the services' grace period
+        record.unlink()
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else stop)
+    print("up", flush=True)
+    while True:
+        time.sleep(0.05)  # sleep-ok: idles until signalled
+""")
+
+
+def fake_up(tmp_path, home, base_port: int, mode: str = "calm") -> subprocess.Popen:
+    from services.common import runfile
+
+    script = tmp_path / "services.cli.fake_up.py"
+    script.write_text(FAKE_UP)
+    record = runfile.path_for(home, base_port)
+    proc = subprocess.Popen([sys.executable, str(script), str(record), mode], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=base_port,
+                                         services={"router": 1, "target": 2}))
+    return proc
+
+
+def test_down_with_nothing_running_says_so_and_succeeds(tmp_path, capsys):
+    assert main(["down", "--home", str(tmp_path)]) == 0
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_down_stops_the_suite_and_waits_for_its_record_to_go(tmp_path, capsys):
+    home = tmp_path / "home"
+    proc = fake_up(tmp_path, home, 50051)
+    try:
+        assert main(["down", "--home", str(home)]) == 0
+        assert proc.wait(10) == 0
+        out = capsys.readouterr().out
+        assert "stopping the suite at 127.0.0.1:50051" in out and "stopped the suite at 127.0.0.1:50051" in out
+        assert not (home / "run" / "up-50051.json").exists()
+    finally:
+        proc.kill()
+
+
+def test_down_with_a_base_port_stops_only_that_suite(tmp_path):
+    home = tmp_path / "home"
+    first, second = fake_up(tmp_path, home, 50051), fake_up(tmp_path, home, 56051)
+    try:
+        assert main(["down", "--home", str(home), "--base-port", "56051"]) == 0
+        assert second.wait(10) == 0 and first.poll() is None
+        assert (home / "run" / "up-50051.json").exists()
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_down_removes_the_record_of_a_launcher_that_is_gone(tmp_path, capsys):
+    from services.common import runfile
+
+    home = tmp_path / "home"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    runfile.write(home, runfile.UpRecord(pid=int(gone.stdout), host="127.0.0.1", base_port=50051))
+    assert main(["down", "--home", str(home)]) == 0
+    assert "is gone; removed its stale record" in capsys.readouterr().out
+    assert not runfile.read_all(home)
+
+
+def test_down_says_which_suite_did_not_stop_in_time(tmp_path, capsys):
+    home = tmp_path / "home"
+    proc = fake_up(tmp_path, home, 50051, mode="stubborn")
+    try:
+        assert main(["down", "--home", str(home), "--timeout", "0.5"]) == 1
+        err = capsys.readouterr().err
+        assert "127.0.0.1:50051" in err and "still stopping after 0.5 s" in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, capsys):
+    """A record written before its pid's current process started is not that process's: it is stale."""
+    from services.common import runfile
+
+    home = tmp_path / "home"
+    proc = fake_up(tmp_path, home, 50051)
+    try:
+        runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=50051,
+                                             started=time.time() - 3600))
+        assert main(["down", "--home", str(home)]) == 0
+        assert "stale record" in capsys.readouterr().out
+        time.sleep(0.5)  # sleep-ok: long enough for a SIGTERM, had one been sent, to end it
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

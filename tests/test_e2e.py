@@ -2,7 +2,7 @@
 tiny random models; the tests talk to them over real sockets.
 
 One suite serves reflection, exactness through the router and a clean
-SIGTERM stop; a second one, started with --keep-going, loses its target so
+stop by `llmesh down` (SIGTERM to the launcher); a second one, started with --keep-going, loses its target so
 that the router's answer can be timed while the rest keeps running.
 """
 
@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -213,9 +214,19 @@ def test_the_openai_http_api_serves_what_router_complete_does(suite):
     assert out.usage.completion_tokens == 12 and out.choices[0].text == reply.text
 
 
-def test_sigterm_stops_all_five_cleanly(suite):
-    assert suite.terminate() == 0
+def test_llmesh_down_stops_all_five_cleanly(suite, home):
+    """`llmesh down` from another shell finds the running `llmesh up` through its record
+    and stops it as SIGTERM (Ctrl-C) would: every service exits, the record goes."""
+    record = json.loads((home / "run" / f"up-{suite.addresses['router'].rsplit(':', 1)[1]}.json").read_text())
+    assert record["pid"] == suite.proc.pid and record["services"] == suite.pids
+    down = subprocess.run([sys.executable, "-m", "services.cli.main", "down", "--home", str(home)],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=90)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped the suite at" in down.stdout
+    assert suite.proc.wait(30) == 0
+    suite.wait_for("llmesh up: stopped", 5)
     assert [name for name, pid in suite.pids.items() if alive(pid)] == []
+    assert not list((home / "run").glob("up-*.json"))
 
 
 def test_the_router_answers_unavailable_within_a_second_of_losing_its_only_target(home):

@@ -6,7 +6,9 @@ starts every service (`python -m MODULE ...`, its own session, its output in
 ``HOME/logs/NAME.log``), waits until each answers SERVING on
 ``grpc.health.v1``, prints one line per service (name, address, pid), then
 supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
-them (SIGKILL after a grace period). If a service dies, its log tail is
+them (SIGKILL after a grace period); `llmesh down` sends that SIGTERM from
+another shell, found through ``HOME/run/up-PORT.json``
+(:mod:`services.common.runfile`), which lives as long as the services do. If a service dies, its log tail is
 printed and the rest are stopped (or, with ``--keep-going``, left running).
 
 With ``--tls`` every hop is TLS, mutual between services: the certificates
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from services.cli import argtypes
 from services.common.paths import default_home
+from services.common import runfile
 from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
                                       wait_routable)
 from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, model_paths, plan, ports
@@ -115,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     healthy = False
     try:
         group.start()
+        runfile.write(options.home, runfile.UpRecord(  # what `llmesh down` reads
+            pid=os.getpid(), host=options.host, base_port=options.base_port,
+            services={c.name: c.proc.pid for c in group.children}))
         ready = group.wait_ready(args.timeout, lambda address: is_serving(address, tls), stop=stop,
                                  on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                    f"{options.tls_dir})" if tls else "plaintext")
             http = _flag(router.args, "--http-port")
             web = f", OpenAI HTTP API at {'https' if tls else 'http'}://{router.host}:{http}/v1" if http not in (None, "0") else ""
-            _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C stops every service)")
+            _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C or `llmesh down` stops every service)")
             healthy = supervise(group, stop, args.keep_going)
         else:
             healthy = True  # stopped on request before the suite was ready
@@ -135,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _say("stopping every service")
         codes = group.stop(args.grace_period)
+        runfile.remove(options.home, options.base_port, os.getpid())
     unclean = {name: rc for name, rc in codes.items() if rc != 0}
     if healthy and unclean:
         _say(f"did not stop cleanly (exit codes): {unclean}", error=True)

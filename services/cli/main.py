@@ -21,6 +21,7 @@ from collections.abc import Sequence
 #: Subcommand modules, in the order `llmesh --help` lists them.
 COMMANDS = (
     "services.cli.launcher",   # up
+    "services.cli.down",
     "services.cli.generate",
     "services.cli.status",
     "services.cli.certs",
