@@ -146,6 +146,23 @@ def test_rope_table_gives_transformers_values_at_far_positions(rope):
         assert lean._table is not None and lean._table[0].shape[0] == 1024
 
 
+def test_rope_table_covers_padding_past_the_context():
+    """A short row in a batch with a wider one is padded to positions past any token's
+    (up to start + width - 1): the table grows to cover them (here past its first 256)."""
+    config = _config(num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024)
+    model = _model(config)
+    want_runner = ModelRunner(model, num_blocks=300, block_size=4, max_len=1024, prepack=False, lean=False)
+    got_runner = ModelRunner(_clone(model), num_blocks=300, block_size=4, max_len=1024, prepack=False, lean=True)
+    table, other = list(range(1, 257)), list(range(299, 256, -1))
+    tokens = [(5 * i) % 300 for i in range(300)]
+    steps = [[ForwardRow(table, 0, tokens[:250])],
+             [ForwardRow(table, 250, tokens[250:251]), ForwardRow(other, 0, tokens[:10], keep=10)]]
+    for rows in steps:
+        for g, w in zip(got_runner.forward(rows), want_runner.forward(rows)):
+            assert torch.equal(g, w)
+    assert got_runner.lean._table[0].shape[0] == 512
+
+
 def test_lean_on_tiny_test_models_bf16(tiny_models):
     """The session's tiny target, loaded by from_pretrained in bfloat16 (the norm's dtype casts matter)."""
     model = LlamaForCausalLM.from_pretrained(tiny_models.target, dtype=torch.bfloat16).eval()

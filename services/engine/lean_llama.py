@@ -207,9 +207,12 @@ class LeanLlama:
             return self._embed(ids)
         return F.embedding(ids, self._embed_weight)
 
-    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor,
+              max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and the sign-flipped sin (``cat(-sin1, sin2)``) at ``positions``
         ``[n, width]``: ``[n, width, 1, head_dim]`` in ``hidden``'s dtype.
+        ``max_position``: the largest of ``positions``, known to the caller
+        (read from the tensor when None, which waits for a GPU).
 
         For a static RoPE (default, linear, llama3, yarn: the module's
         frequencies never change) they are read from a table the rotary module
@@ -222,13 +225,21 @@ class LeanLlama:
         vectors of float32; a call's elements then never fall in a scalar
         tail) and no call split between threads (:attr:`_TABLE_CHUNK`). Other
         RoPE types (dynamic, longrope) and head sizes call the module each
-        forward, as transformers does."""
+        forward, as transformers does.
+
+        One difference from transformers' path remains, and it is in the
+        table's favour: a single forward of more than 1024 tokens gives torch's
+        ``cos``/``sin`` more than its parallel grain, and torch splits it
+        between threads where it may leave a scalar tail mid-tensor, so
+        transformers' own values for a position can then differ in the last
+        bit from the ones it computes in a smaller batch. The table's do not
+        depend on the batch."""
         half = self._layers[0].head_dim // 2
         if not self._tabled:
             cos, sin = self._rotary(hidden, position_ids=positions)
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
             return cos.unsqueeze(2), sin.unsqueeze(2)
-        need = int(positions.max()) + 1
+        need = (int(positions.max()) if max_position is None else max_position) + 1
         if self._table is None or self._table[0].shape[0] < need or self._table[0].dtype != hidden.dtype:
             size = max(self._TABLE_CHUNK, 1 << (need - 1).bit_length())
             parts = [self._rotary(hidden, position_ids=torch.arange(p, min(p + self._TABLE_CHUNK, size),
@@ -252,10 +263,12 @@ class LeanLlama:
         qk = _rotate(out[:, :layer.qk_width].view(n, width, -1, d), cos, sin, half)
         return qk[:, :, :layer.heads], qk[:, :, layer.heads:], out[:, layer.qk_width:].view(n, width, -1, d)
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: Attention,
+                   max_position: int | None = None) -> torch.Tensor:
         """Every decoder layer over ``hidden`` ``[n, width, hidden]`` at
-        ``positions`` ``[n, width]``; attention by ``attention`` (the runner's
-        paged attention, which reads and writes the KV cache).
+        ``positions`` ``[n, width]`` (the largest ``max_position`` when the
+        caller knows it); attention by ``attention`` (the runner's paged
+        attention, which reads and writes the KV cache).
 
         The rewrites keep every value: the row-wise ops (norms, products) run
         on the ``[n * width, hidden]`` view, which is the matrix product
@@ -264,7 +277,7 @@ class LeanLlama:
         dimension 1 (elementwise ops, so the same floats); its cos/sin come
         from :meth:`_rope`."""
         n, width, _ = hidden.shape
-        cos, sin = self._rope(hidden, positions)
+        cos, sin = self._rope(hidden, positions, max_position)
         hidden = hidden.reshape(n * width, -1)
         for layer in self._layers:
             residual = hidden

@@ -69,6 +69,8 @@ class _StepContext:
     kv_len: int
     #: First flat slot of the slice when ``read_slots`` is None.
     read_start: int = 0
+    #: The largest of ``positions`` (padding included), known without reading the tensor.
+    max_position: int = 0
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -278,7 +280,7 @@ class ModelRunner:
             cache=self.cache, ids=ids.to(dev), positions=positions.to(dev), mask=mask[:, None].to(dev),
             keep_index=keep_index, keeps=[r.keep for r in rows], write_rows=write_rows,
             write_slot=torch.tensor(write_slot, device=dev), read_slots=read_slots, kv_len=kv_len,
-            read_start=first * bs,
+            read_start=first * bs, max_position=min(max(r.start for r in rows) + width - 1, last),
         )
 
     @torch.inference_mode()
@@ -294,7 +296,7 @@ class ModelRunner:
         self._ctx = ctx
         if self.lean is not None:
             try:
-                return self.lean.run_layers(hidden, ctx.positions, self._paged_attention)
+                return self.lean.run_layers(hidden, ctx.positions, self._paged_attention, ctx.max_position)
             finally:
                 self._ctx = None
         position_embeddings = self._decoder.rotary_emb(hidden, position_ids=ctx.positions)
