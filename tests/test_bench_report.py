@@ -55,7 +55,7 @@ def test_the_speculative_plot_shows_arms_and_sweep(tmp_path):
     result = {"scenario": "speculative", "model": "m", "draft": "d", "target_only_tps": 30.0, "spec_tps": 60.0,
               "hf_assisted_tps": 29.0, "hf_assisted_packed_tps": 55.0, "c16_off_tps": 300.0, "c16_on_tps": 299.0,
               "acceptance_rate": 0.6, "break_even_batch": 1, "min_ratio_on_off": 1.0,
-              "batch_sweep": {"1": {**point(2.0), "static_4_tps": 200.0, "static_4_ratio": 2.0},
+              "batch_sweep": {"1": {**point(2.0), "static_4_tps": 200.0, "static_4_off_tps": 100.0, "static_4_ratio": 2.0},
                               "8": {**point(1.0), "static_4_tps": 80.0, "static_4_ratio": 0.8}}}
     report.plot(result, tmp_path / "spec.png")
     assert (tmp_path / "spec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

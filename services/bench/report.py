@@ -140,7 +140,8 @@ def _plot_speculative(r: dict, path: Path) -> None:
             ax2.annotate(f"{sweep[str(c)]['ratio']}x", (c, sweep[str(c)]["on_tps"]), textcoords="offset points",
                          xytext=(0, 6), ha="center", fontsize=8)
         statics = sorted({k[:-4] for p in sweep.values() for k in p
-                          if k.startswith("static_") and k.endswith("_tps") and "makespan" not in k})
+                          if k.startswith("static_") and k.endswith("_tps") and "makespan" not in k
+                          and not k.endswith("_off_tps")})
         for i, arm in enumerate(statics):
             ax2.plot(cs, [sweep[str(c)].get(f"{arm}_tps") for c in cs], "x--", color=f"C{i + 1}",
                      label=f"speculation on ({arm.replace('_', ' ')})")
