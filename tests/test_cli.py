@@ -617,3 +617,40 @@ def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys):
+    """Killed with SIGKILL, `llmesh up` leaves its services to stop by themselves (their lifeline):
+    `down` removes the stale record and waits until they have, instead of saying so while they run."""
+    from services.common import runfile
+
+    home = tmp_path / "home"
+    script = tmp_path / "services.target.main.py"  # its command line names the service's module
+    script.write_text("import time\nprint('up', flush=True)\ntime.sleep(1.0)  # sleep-ok: stands for the lifeline\n")
+    service = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert service.stdout.readline() == "up\n"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    runfile.write(home, runfile.UpRecord(pid=int(gone.stdout), host="127.0.0.1", base_port=50051,
+                                         services={"target": service.pid}))
+    try:
+        assert main(["down", "--home", str(home)]) == 0
+        out = capsys.readouterr().out
+        assert "removed its stale record; waiting for its 1 services" in out and "stopped the suite at" in out
+        assert service.poll() is not None  # down returned only once the service had exited
+        assert not runfile.read_all(home)
+    finally:
+        service.kill()
+        service.wait()
+
+
+def test_down_with_a_port_that_matches_no_suite_names_the_ones_running(tmp_path, capsys):
+    home = tmp_path / "home"
+    proc = fake_up(tmp_path, home, 50051)
+    try:
+        assert main(["down", "--home", str(home), "--base-port", "50052"]) == 0
+        out = capsys.readouterr().out
+        assert "no suite on port 50052" in out and "recorded: 127.0.0.1:50051" in out
+        assert proc.poll() is None  # the other suite was left alone
+    finally:
+        proc.kill()
+        proc.wait()

@@ -5,7 +5,8 @@ sends each launcher SIGTERM (what Ctrl-C does: every service gets SIGTERM,
 then SIGKILL after `up`'s grace period) and waits until the launcher has
 removed its record, that is until its services have exited. With
 ``--base-port`` only that suite is stopped; without it, every suite recorded
-in HOME. A record whose launcher is gone is stale: it is removed and said.
+in HOME. A record whose launcher is gone is stale: it is removed and said,
+and its services (which stop when their launcher dies) are waited for.
 
 Exit status: 0 when every suite asked stopped (or none was running); 1 when
 one was still running after ``--timeout``; 2 for a usage error.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from services.cli import argtypes
 from services.common.paths import default_home
-from services.common.runfile import launcher_alive, read_all, run_dir
+from services.common.runfile import UpRecord, launcher_alive, read_all, run_dir, service_alive
 
 #: Seconds between looks at a stopping suite.
 POLL_S = 0.2
@@ -34,22 +35,31 @@ def _say(text: str, error: bool = False) -> None:
 
 def run(args: argparse.Namespace) -> int:
     home = Path(args.home) if args.home else default_home()
-    records = [(p, r) for p, r in read_all(home) if args.base_port is None or r.base_port == args.base_port]
+    everything = read_all(home)
+    records = [(p, r) for p, r in everything if args.base_port is None or r.base_port == args.base_port]
     if not records:
-        which = f" on port {args.base_port}" if args.base_port is not None else ""
-        _say(f"no suite started by `llmesh up`{which} is recorded in {run_dir(home)}; nothing to stop")
+        if everything:
+            running = ", ".join(r.router for _, r in everything)
+            _say(f"no suite on port {args.base_port} is recorded in {run_dir(home)}; recorded: {running} "
+                 f"(pass its --base-port, or none to stop every one)")
+        else:
+            _say(f"no suite started by `llmesh up` is recorded in {run_dir(home)}; nothing to stop")
         return 0
-    stopping = []
+    # (path, record, pids of services left to wait for when the launcher is gone, None while it runs)
+    pending: list[tuple[Path, UpRecord, list[int] | None]] = []
     for path, record in records:
         if not launcher_alive(record.pid, record.started):
             path.unlink(missing_ok=True)
-            _say(f"suite at {record.router}: its `llmesh up` (pid {record.pid}) is gone; removed its stale record "
-                 f"(its services stop with it)")
+            left = [pid for pid in record.services.values() if service_alive(pid, record.started)]
+            _say(f"suite at {record.router}: its `llmesh up` (pid {record.pid}) is gone; removed its stale record"
+                 + (f"; waiting for its {len(left)} services, which stop with it" if left else ""))
+            if left:
+                pending.append((path, record, left))
             continue
         try:
             os.kill(record.pid, signal.SIGTERM)
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
+            pending.append((path, record, None))  # it exited on its own: the wait below says so
             continue
         except PermissionError:
             _say(f"suite at {record.router}: not allowed to signal its `llmesh up` (pid {record.pid}); "
@@ -57,19 +67,27 @@ def run(args: argparse.Namespace) -> int:
             return 1
         _say(f"stopping the suite at {record.router} (`llmesh up` pid {record.pid}, "
              f"{len(record.services)} services)")
-        stopping.append((path, record))
+        pending.append((path, record, None))
     deadline = time.monotonic() + args.timeout
-    pending = list(stopping)
-    while pending and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        for path, record in list(pending):
-            if not path.exists() or not launcher_alive(record.pid, record.started):
-                pending.remove((path, record))
+    while pending:
+        for entry in list(pending):
+            path, record, left = entry
+            if left is None:
+                done = not path.exists() or not launcher_alive(record.pid, record.started)
+            else:
+                left[:] = [pid for pid in left if service_alive(pid, record.started)]
+                done = not left
+            if done:
+                pending.remove(entry)
                 path.unlink(missing_ok=True)
                 _say(f"stopped the suite at {record.router}")
-    for _, record in pending:
-        _say(f"the suite at {record.router} (`llmesh up` pid {record.pid}) was still stopping after "
-             f"{args.timeout:g} s; its logs are in {home / 'logs'}", error=True)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    for _, record, left in pending:
+        what = f"`llmesh up` pid {record.pid}" if left is None else "services pid " + ", ".join(map(str, left))
+        _say(f"the suite at {record.router} ({what}) was still stopping after {args.timeout:g} s; "
+             f"its logs are in {record.logs or home / 'logs'}", error=True)
     return 1 if pending else 0
 
 

@@ -3,7 +3,7 @@
 Executes the plan of :mod:`services.common.suite` with
 :mod:`services.common.processes`: checks the models and ports,
 starts every service (`python -m MODULE ...`, its own session, its output in
-``HOME/logs/NAME.log``), waits until each answers SERVING on
+``HOME/logs/NAME.log``, or ``HOME/logs/PORT/NAME.log`` with another ``--base-port``), waits until each answers SERVING on
 ``grpc.health.v1``, prints one line per service (name, address, pid), then
 supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
 them (SIGKILL after a grace period); `llmesh down` sends that SIGTERM from
@@ -36,7 +36,7 @@ from services.common.paths import default_home
 from services.common import runfile
 from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
                                       wait_routable)
-from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, model_paths, plan, ports
+from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, log_dir, model_paths, plan, ports
 from services.common.tls import TlsFiles, is_loopback
 
 
@@ -113,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    group = ProcessGroup(specs, options.home / "logs")
+    group = ProcessGroup(specs, log_dir(options.home, options.base_port))
     _say(f"starting {len(specs)} services; logs in {group.log_dir}")
     healthy = False
     try:
         group.start()
         runfile.write(options.home, runfile.UpRecord(  # what `llmesh down` reads
             pid=os.getpid(), host=options.host, base_port=options.base_port,
-            services={c.name: c.proc.pid for c in group.children}))
+            services={c.name: c.proc.pid for c in group.children}, logs=str(group.log_dir)))
         ready = group.wait_ready(args.timeout, lambda address: is_serving(address, tls), stop=stop,
                                  on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
         _say("stopping every service")
         codes = group.stop(args.grace_period)
         runfile.remove(options.home, options.base_port, os.getpid())
-    unclean = {name: rc for name, rc in codes.items() if rc != 0}
+    # A service that the stop's SIGTERM ended before it had set up its own handler (one still starting) stopped
+    # as asked; only a service that failed, or had to be killed, did not stop cleanly.
+    unclean = {name: rc for name, rc in codes.items() if rc not in (0, -signal.SIGTERM)}
     if healthy and unclean:
         _say(f"did not stop cleanly (exit codes): {unclean}", error=True)
     _say("stopped")
@@ -157,7 +159,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--home", help="llmesh home holding models/ and logs/ (default: $LLMESH_HOME or ~/.cache/llmesh)")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
     p.add_argument("--base-port", type=argtypes.port, default=DEFAULT_BASE_PORT,
-                   help="router port; target +10, draft +20, monitor +30, scaler +40 (default: %(default)s)")
+                   help="router port; target +10, draft +20, monitor +30, scaler +40; with a base other than the "
+                        "default, the OpenAI HTTP API is at +32 (else 8000) and logs go to HOME/logs/PORT "
+                        "(default: %(default)s)")
     p.add_argument("--prometheus-port", type=argtypes.port,
                    help="monitor's Prometheus port (default: 9464, or base + 31 with another base)")
     p.add_argument("--target-model", help="target model directory (default: HOME/models/target)")

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from services.common.suite import MODULES
+
 #: What every launcher's command line holds (`llmesh up` runs ``services.cli.main``, or the ``llmesh`` script).
 _LAUNCHER_MARKS = ("llmesh", "services.cli")
 
@@ -36,6 +38,8 @@ class UpRecord:
     services: dict[str, int] = field(default_factory=dict)
     #: ``time.time()`` when it was written (wall clock, seconds).
     started: float = 0.0
+    #: The services' log directory.
+    logs: str = ""
 
     @property
     def router(self) -> str:
@@ -83,7 +87,7 @@ def _read(path: Path) -> UpRecord | None:
         data = json.loads(path.read_text())
         return UpRecord(pid=int(data["pid"]), host=str(data["host"]), base_port=int(data["base_port"]),
                         services={str(k): int(v) for k, v in dict(data.get("services", {})).items()},
-                        started=float(data.get("started", 0.0)))
+                        started=float(data.get("started", 0.0)), logs=str(data.get("logs", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -104,6 +108,15 @@ def launcher_alive(pid: int, written: float | None = None) -> bool:
     launcher and, given when its record was ``written`` (``time.time()``),
     started before that: a pid reused by a later process is not the launcher.
     Where ``/proc`` is missing (not Linux), any live pid counts."""
+    return _alive(pid, written, _LAUNCHER_MARKS)
+
+
+def service_alive(pid: int, written: float | None = None) -> bool:
+    """:func:`launcher_alive` for one of the services a launcher started (``python -m MODULE``)."""
+    return _alive(pid, written, tuple(MODULES.values()))
+
+
+def _alive(pid: int, written: float | None, marks: tuple[str, ...]) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -119,10 +132,10 @@ def launcher_alive(pid: int, written: float | None = None) -> bool:
         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False  # it exited while we looked
-    if state == "Z" or not any(mark in cmdline for mark in _LAUNCHER_MARKS):
+    if state == "Z" or not any(mark in cmdline for mark in marks):
         return False
     started = _started_at(proc) if written else None
     return started is None or started <= written + 1.0  # btime and ticks are whole: a second of slack
 
 
-__all__ = ["UpRecord", "launcher_alive", "path_for", "read_all", "remove", "run_dir", "write"]
+__all__ = ["UpRecord", "launcher_alive", "path_for", "read_all", "remove", "run_dir", "service_alive", "write"]

@@ -88,6 +88,13 @@ class ServiceSpec:
         return [python, "-m", self.module, *self.args]
 
 
+def log_dir(home: Path, base_port: int = DEFAULT_BASE_PORT) -> Path:
+    """Where `llmesh up` puts its services' logs: ``HOME/logs`` with the default
+    ports, ``HOME/logs/PORT`` for a suite on another ``--base-port``, so that two
+    suites sharing a HOME never write (or rotate away) each other's files."""
+    return home / "logs" if base_port == DEFAULT_BASE_PORT else home / "logs" / str(base_port)
+
+
 def ports(base_port: int = DEFAULT_BASE_PORT, prometheus_port: int | None = None) -> dict[str, int]:
     """Every service's port, plus ``"prometheus"`` and ``"http"`` (the router's HTTP front door).
 

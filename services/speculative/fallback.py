@@ -124,7 +124,8 @@ def review(record: MethodRecord, others: int, periods: Sequence[float] | None, m
     if can_fall_back and periods is not None \
             and choose_gamma([record.alpha], 0, periods, ready=ready, sat_out=sat_out) == 0 \
             and any(p is not None and choose_gamma([1.0], 0, p) > 0 for p in (periods, fallback_periods)):
-        return Action.FALL_BACK, (f"at acceptance {record.alpha:.2f} the cost model would not speculate with "
+        return Action.FALL_BACK, (f"at an estimated acceptance of {record.alpha:.2f} (its rounds so far, "
+                                  "shrunk towards the engine-wide rate) the cost model would not speculate with "
                                   f"{batch} sequence{'s' if batch != 1 else ''} running (their steps and drafts "
                                   "as measured)")
     return Action.KEEP, ""
