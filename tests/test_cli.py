@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.cli import launcher, status
-from services.common import healthcheck, processes
+from services.common import healthcheck, processes, runfile
 from services.cli.generate import build_request
 from services.cli.main import build_parser, main
 from services.common.suite import MODULES, SERVICES, ServiceSpec, UpOptions, plan, ports, thread_counts
@@ -536,8 +536,6 @@ FAKE_UP = textwrap.dedent("""
 
 
 def fake_up(tmp_path, home, base_port: int, mode: str = "calm") -> subprocess.Popen:
-    from services.common import runfile
-
     script = tmp_path / "services.cli.fake_up.py"
     script.write_text(FAKE_UP)
     record = runfile.path_for(home, base_port)
@@ -546,6 +544,12 @@ def fake_up(tmp_path, home, base_port: int, mode: str = "calm") -> subprocess.Po
     runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=base_port,
                                          services={"router": 1, "target": 2}))
     return proc
+
+
+def gone_pid() -> int:
+    """The pid of a process that has exited (a launcher killed before `down` runs)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
 
 
 def test_down_with_nothing_running_says_so_and_succeeds(tmp_path, capsys):
@@ -579,11 +583,8 @@ def test_down_with_a_base_port_stops_only_that_suite(tmp_path):
 
 
 def test_down_removes_the_record_of_a_launcher_that_is_gone(tmp_path, capsys):
-    from services.common import runfile
-
     home = tmp_path / "home"
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    runfile.write(home, runfile.UpRecord(pid=int(gone.stdout), host="127.0.0.1", base_port=50051))
+    runfile.write(home, runfile.UpRecord(pid=gone_pid(), host="127.0.0.1", base_port=50051))
     assert main(["down", "--home", str(home)]) == 0
     assert "is gone; removed its stale record" in capsys.readouterr().out
     assert not runfile.read_all(home)
@@ -603,8 +604,6 @@ def test_down_says_which_suite_did_not_stop_in_time(tmp_path, capsys):
 
 def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, capsys):
     """A record written before its pid's current process started is not that process's: it is stale."""
-    from services.common import runfile
-
     home = tmp_path / "home"
     proc = fake_up(tmp_path, home, 50051)
     try:
@@ -622,15 +621,12 @@ def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, 
 def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys):
     """Killed with SIGKILL, `llmesh up` leaves its services to stop by themselves (their lifeline):
     `down` removes the stale record and waits until they have, instead of saying so while they run."""
-    from services.common import runfile
-
     home = tmp_path / "home"
     script = tmp_path / "services.target.main.py"  # its command line names the service's module
     script.write_text("import time\nprint('up', flush=True)\ntime.sleep(1.0)  # sleep-ok: stands for the lifeline\n")
     service = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert service.stdout.readline() == "up\n"
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    runfile.write(home, runfile.UpRecord(pid=int(gone.stdout), host="127.0.0.1", base_port=50051,
+    runfile.write(home, runfile.UpRecord(pid=gone_pid(), host="127.0.0.1", base_port=50051,
                                          services={"target": service.pid}))
     try:
         assert main(["down", "--home", str(home)]) == 0
