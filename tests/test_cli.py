@@ -535,15 +535,27 @@ FAKE_UP = textwrap.dedent("""
 """)
 
 
-def fake_up(tmp_path, home, base_port: int, mode: str = "calm") -> subprocess.Popen:
+@pytest.fixture
+def fake_up(tmp_path):
+    """``fake_up(home, base_port, mode="calm")``: a stand-in launcher running with its record
+    written; whatever is still running is killed after the test."""
     script = tmp_path / "services.cli.fake_up.py"
     script.write_text(FAKE_UP)
-    record = runfile.path_for(home, base_port)
-    proc = subprocess.Popen([sys.executable, str(script), str(record), mode], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "up\n"
-    runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=base_port,
-                                         services={"router": 1, "target": 2}))
-    return proc
+    started: list[subprocess.Popen] = []
+
+    def start(home, base_port: int, mode: str = "calm") -> subprocess.Popen:
+        record = runfile.path_for(home, base_port)
+        proc = subprocess.Popen([sys.executable, str(script), str(record), mode], stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline() == "up\n"
+        runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=base_port,
+                                             services={"router": 1, "target": 2}))
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 def gone_pid() -> int:
@@ -557,29 +569,22 @@ def test_down_with_nothing_running_says_so_and_succeeds(tmp_path, capsys):
     assert "nothing to stop" in capsys.readouterr().out
 
 
-def test_down_stops_the_suite_and_waits_for_its_record_to_go(tmp_path, capsys):
+def test_down_stops_the_suite_and_waits_for_its_record_to_go(tmp_path, capsys, fake_up):
     home = tmp_path / "home"
-    proc = fake_up(tmp_path, home, 50051)
-    try:
-        assert main(["down", "--home", str(home)]) == 0
-        assert proc.wait(10) == 0
-        out = capsys.readouterr().out
-        assert "stopping the suite at 127.0.0.1:50051" in out and "stopped the suite at 127.0.0.1:50051" in out
-        assert not (home / "run" / "up-50051.json").exists()
-    finally:
-        proc.kill()
+    proc = fake_up(home, 50051)
+    assert main(["down", "--home", str(home)]) == 0
+    assert proc.wait(10) == 0
+    out = capsys.readouterr().out
+    assert "stopping the suite at 127.0.0.1:50051" in out and "stopped the suite at 127.0.0.1:50051" in out
+    assert not (home / "run" / "up-50051.json").exists()
 
 
-def test_down_with_a_base_port_stops_only_that_suite(tmp_path):
+def test_down_with_a_base_port_stops_only_that_suite(tmp_path, fake_up):
     home = tmp_path / "home"
-    first, second = fake_up(tmp_path, home, 50051), fake_up(tmp_path, home, 56051)
-    try:
-        assert main(["down", "--home", str(home), "--base-port", "56051"]) == 0
-        assert second.wait(10) == 0 and first.poll() is None
-        assert (home / "run" / "up-50051.json").exists()
-    finally:
-        first.kill()
-        second.kill()
+    first, second = fake_up(home, 50051), fake_up(home, 56051)
+    assert main(["down", "--home", str(home), "--base-port", "56051"]) == 0
+    assert second.wait(10) == 0 and first.poll() is None
+    assert (home / "run" / "up-50051.json").exists()
 
 
 def test_down_removes_the_record_of_a_launcher_that_is_gone(tmp_path, capsys):
@@ -590,32 +595,24 @@ def test_down_removes_the_record_of_a_launcher_that_is_gone(tmp_path, capsys):
     assert not runfile.read_all(home)
 
 
-def test_down_says_which_suite_did_not_stop_in_time(tmp_path, capsys):
+def test_down_says_which_suite_did_not_stop_in_time(tmp_path, capsys, fake_up):
     home = tmp_path / "home"
-    proc = fake_up(tmp_path, home, 50051, mode="stubborn")
-    try:
-        assert main(["down", "--home", str(home), "--timeout", "0.5"]) == 1
-        err = capsys.readouterr().err
-        assert "127.0.0.1:50051" in err and "still stopping after 0.5 s" in err
-    finally:
-        proc.kill()
-        proc.wait()
+    fake_up(home, 50051, mode="stubborn")
+    assert main(["down", "--home", str(home), "--timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:50051" in err and "still stopping after 0.5 s" in err
 
 
-def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, capsys):
+def test_down_does_not_signal_a_process_that_took_a_stale_records_pid(tmp_path, capsys, fake_up):
     """A record written before its pid's current process started is not that process's: it is stale."""
     home = tmp_path / "home"
-    proc = fake_up(tmp_path, home, 50051)
-    try:
-        runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=50051,
-                                             started=time.time() - 3600))
-        assert main(["down", "--home", str(home)]) == 0
-        assert "stale record" in capsys.readouterr().out
-        time.sleep(0.5)  # sleep-ok: long enough for a SIGTERM, had one been sent, to end it
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
+    proc = fake_up(home, 50051)
+    runfile.write(home, runfile.UpRecord(pid=proc.pid, host="127.0.0.1", base_port=50051,
+                                         started=time.time() - 3600))
+    assert main(["down", "--home", str(home)]) == 0
+    assert "stale record" in capsys.readouterr().out
+    time.sleep(0.5)  # sleep-ok: long enough for a SIGTERM, had one been sent, to end it
+    assert proc.poll() is None
 
 
 def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys):
@@ -639,14 +636,10 @@ def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys
         service.wait()
 
 
-def test_down_with_a_port_that_matches_no_suite_names_the_ones_running(tmp_path, capsys):
+def test_down_with_a_port_that_matches_no_suite_names_the_ones_running(tmp_path, capsys, fake_up):
     home = tmp_path / "home"
-    proc = fake_up(tmp_path, home, 50051)
-    try:
-        assert main(["down", "--home", str(home), "--base-port", "50052"]) == 0
-        out = capsys.readouterr().out
-        assert "no suite on port 50052" in out and "recorded: 127.0.0.1:50051" in out
-        assert proc.poll() is None  # the other suite was left alone
-    finally:
-        proc.kill()
-        proc.wait()
+    proc = fake_up(home, 50051)
+    assert main(["down", "--home", str(home), "--base-port", "50052"]) == 0
+    out = capsys.readouterr().out
+    assert "no suite on port 50052" in out and "recorded: 127.0.0.1:50051" in out
+    assert proc.poll() is None  # the other suite was left alone

@@ -12,6 +12,7 @@ remove it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -92,14 +93,23 @@ def _read(path: Path) -> UpRecord | None:
         return None
 
 
+@functools.cache
+def _boot_time() -> float | None:
+    """When the machine booted (``time.time()`` clock, whole seconds), read once; None off Linux."""
+    try:
+        return next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _started_at(proc: Path) -> float | None:
     """When the process of ``/proc/PID`` started (``time.time()`` clock, seconds), or None."""
+    boot = _boot_time()
     try:
         fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime, in ticks
-    except (OSError, ValueError, IndexError, StopIteration):
+        return None if boot is None else boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: ticks
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -152,8 +152,9 @@ class _Layer:
         self.gate_width = mlp.gate_proj.out_features
         #: How many of the two groups were fused.
         self.fused = (self.qkv is not None) + (self.gate_up is not None)
-        self.q, self.k, self.v = map(_linear, qkv)
-        self.gate, self.up = map(_linear, gate_up)
+        #: The separate products, where a group did not fuse (None where it did).
+        self.q, self.k, self.v = map(_linear, qkv) if self.qkv is None else (None, None, None)
+        self.gate, self.up = map(_linear, gate_up) if self.gate_up is None else (None, None)
         self.o, self.down = _linear(attn.o_proj), _linear(mlp.down_proj)
         self.act = _act(mlp.act_fn)
 
