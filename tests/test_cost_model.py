@@ -8,10 +8,16 @@ import torch
 
 from services.engine.scheduler import Row
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
-from services.speculative.cost_model import Acceptance, StepCosts, bucket, choose_gamma, expected_tokens, goodput
+from services.speculative.cost_model import (Acceptance, Speculating, StepCosts, bucket, choose_gamma, expected_tokens,
+                                             goodput)
 from services.speculative.gamma import SpeculationSettings
 from services.speculative.speculator import Speculator
 from services.speculative.state import Proposal, SpeculationRequest
+
+
+def one(alphas, ready=None, sat_out=None):
+    """Speculating sequences of one proposal method, with acceptances ``alphas``."""
+    return [Speculating(list(alphas), ready, sat_out)]
 
 
 def test_expected_tokens_is_leviathans_formula():
@@ -25,37 +31,37 @@ def test_expected_tokens_is_leviathans_formula():
 def test_cheap_verification_and_good_drafts_pick_a_long_gamma():
     # Weight-bound forward: a step of 9 tokens per row costs little more than 1.
     periods = [10.0 + 0.2 * g for g in range(9)]
-    assert choose_gamma([0.9], 0, periods) == 8
-    assert choose_gamma([0.9, 0.8], 0, periods) == 8
+    assert choose_gamma(one([0.9]), 0, periods) == 8
+    assert choose_gamma(one([0.9, 0.8]), 0, periods) == 8
 
 
 def test_verification_that_costs_more_than_it_saves_turns_speculation_off():
     # Compute-bound forward (a big batch): every proposed token costs almost a step.
     periods = [10.0 + 9.0 * g for g in range(9)]
-    assert choose_gamma([0.6] * 16, 0, periods) == 0
+    assert choose_gamma(one([0.6] * 16), 0, periods) == 0
     # ... and a draft that is never right never pays, however cheap verifying is.
-    assert choose_gamma([0.0], 0, [10.0 + 0.01 * g for g in range(9)]) == 0
+    assert choose_gamma(one([0.0]), 0, [10.0 + 0.01 * g for g in range(9)]) == 0
 
 
 def test_the_optimum_is_in_between_when_costs_grow_and_acceptance_is_middling():
     periods = [10.0 + 4.0 * g for g in range(9)]
-    gamma = choose_gamma([0.7], 0, periods)
+    gamma = choose_gamma(one([0.7]), 0, periods)
     assert 0 < gamma < 8
-    rates = [goodput([0.7], 0, g, periods[g]) for g in range(9)]
+    rates = [goodput(one([0.7]), 0, g, periods[g]) for g in range(9)]
     assert rates[gamma] == max(rates)
 
 
 def test_plain_rows_count_but_do_not_gain():
     # One good speculating row among many plain ones: widening every row is not worth it.
     periods = [10.0 + 2.0 * g for g in range(5)]
-    assert choose_gamma([0.9], 0, periods) > 0
-    assert choose_gamma([0.9], 15, periods) == 0
+    assert choose_gamma(one([0.9]), 0, periods) > 0
+    assert choose_gamma(one([0.9]), 15, periods) == 0
 
 
 def test_nothing_to_speculate_or_no_gamma_means_zero_and_lowest_forces_a_round():
-    assert choose_gamma([], 4, [1.0, 1.0]) == 0
-    assert choose_gamma([0.9], 0, [1.0]) == 0
-    assert choose_gamma([0.0], 0, [1.0, 5.0, 9.0], lowest=1) == 1
+    assert choose_gamma(one([]), 4, [1.0, 1.0]) == 0
+    assert choose_gamma(one([0.9]), 0, [1.0]) == 0
+    assert choose_gamma(one([0.0]), 0, [1.0, 5.0, 9.0], lowest=1) == 1
 
 
 def test_buckets_are_powers_of_two():
@@ -194,15 +200,44 @@ def test_sequences_whose_proposals_come_late_gain_nothing_and_can_turn_speculati
     # 32 rows, acceptance 0.74, each proposed token adds 40 ms to a 91 ms decode step.
     periods = [0.091 + 0.040 * g for g in range(9)]
     alphas = [0.74] * 32
-    assert choose_gamma(alphas, 0, periods) > 0  # every row verified: speculation looks like a win
+    assert choose_gamma(one(alphas), 0, periods) > 0  # every row verified: speculation looks like a win
     half = [1.0] + [0.5] * 8
     # Half verified, the other half decoding one token without a proposal: it does not pay.
-    assert choose_gamma(alphas, 0, periods, ready=half) == 0
+    assert choose_gamma(one(alphas, ready=half), 0, periods) == 0
     # Half verified, half sitting the step out (no token at all): it pays even less.
-    assert goodput(alphas, 0, 2, periods[2], 0.5, 0.5) < goodput(alphas, 0, 2, periods[2], 0.5, 0.0)
-    assert goodput(alphas, 0, 4, 0.18, ready=0.0) == pytest.approx(32 / 0.18)  # none in: one token a row
-    assert goodput(alphas, 0, 4, 0.18, ready=0.0, sat_out=1.0) == 0.0  # all out: nothing
-    assert goodput(alphas, 0, 0, 0.09, ready=0.0, sat_out=1.0) == goodput(alphas, 0, 0, 0.09)  # gamma 0 waits for none
+    none = [0.0] * 9
+    assert goodput(one(alphas, half, half), 0, 2, periods[2]) < goodput(one(alphas, half, none), 0, 2, periods[2])
+    assert goodput(one(alphas, none), 0, 4, 0.18) == pytest.approx(32 / 0.18)  # none in: one token a row
+    assert goodput(one(alphas, none, [1.0] * 9), 0, 4, 0.18) == 0.0  # all out: nothing
+    assert goodput(one(alphas, none, [1.0] * 9), 0, 0, 0.09) == goodput(one(alphas), 0, 0, 0.09)  # gamma 0 waits for none
+
+
+def test_a_lookups_misses_are_not_charged_to_the_draft_models_sequences():
+    # Two sequences on a draft model (accepted at 0.75, always verified) beside two fallen back to n-gram
+    # lookup (0.3, and found something in 20 % of the steps); each proposed token per row adds 33 % to a step.
+    periods = [10.0 + 3.3 * g for g in range(9)]
+    draft = Speculating([0.75, 0.75], [1.0] * 9, [0.0] * 9)
+    lookup = Speculating([0.3, 0.3], [1.0] + [0.2] * 8, [0.0] * 9)
+    assert choose_gamma([draft, lookup], 0, periods) == 1
+    # One fraction for the batch (0.6 verified) would have charged the lookup's misses to the draft's
+    # sequences too, and turned speculation off for all four.
+    pooled = [1.0] + [0.6] * 8
+    assert choose_gamma([Speculating([0.75, 0.75, 0.3, 0.3], pooled, [0.0] * 9)], 0, periods) == 0
+
+
+def test_the_speculator_measures_readiness_per_proposal_method():
+    speculator = Speculator()
+    seqs = speculating(speculator, 4)
+    for s in seqs[2:]:
+        s.spec.stats.method = "ngram"  # fallen back to lookups (that will find nothing)
+    speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, 0.5)
+    speculator.before_schedule(seqs, 4)
+    assert speculator.gamma > 0  # nothing measured at 4 yet: it tries
+    speculator.after_forward([Row(s, 0, 1, [1] * 4 if s in seqs[:2] else []) for s in seqs], 0.02, 0.6)
+    ready, out = speculator.costs.readiness(4, 4, "draft_model")
+    assert ready[4] == 1.0 and out[4] == 0.0
+    ready, out = speculator.costs.readiness(4, 4, "ngram")
+    assert ready[4] == 0.0 and out[4] == 0.0
 
 
 def test_step_costs_keep_the_measured_readiness_per_gamma():
@@ -249,7 +284,7 @@ def test_the_speculator_counts_the_sequences_that_sat_a_step_out_waiting_for_the
     assert speculator.gamma == 0
     # Had every sequence been verified, the same costs and acceptance would have paid.
     periods = costs.periods(32, 8, "draft_model")
-    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0
+    assert choose_gamma(one([speculator._alpha(s.spec) for s in seqs]), 0, periods) > 0
 
 
 def verified_step(speculator, seqs, forward_s, now, accepted, gamma=4):
@@ -279,7 +314,7 @@ def assert_stands_down_where_the_model_would_go_on(speculator, seqs, kind):
     speculator.before_schedule(seqs, 32)
     assert speculator.gamma == 0
     periods = speculator.costs.periods(32, 8, kind)
-    assert choose_gamma([speculator._alpha(s.spec) for s in seqs], 0, periods) > 0
+    assert choose_gamma(one([speculator._alpha(s.spec) for s in seqs]), 0, periods) > 0
 
 
 def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_the_model_expects():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
-from services.speculative.cost_model import choose_gamma
-from services.speculative.fallback import Action, Fallback, MethodRecord, review
+from services.speculative.cost_model import Speculating, choose_gamma
+from services.speculative.fallback import Action, Fallback, MethodRecord, Prospect, review
 from services.speculative.gamma import SpeculationSettings
 from services.speculative.ngram import LocalNgramProposer, NgramLookup
 from services.speculative.speculator import Speculator
@@ -20,32 +20,56 @@ DEAR = [0.010, 0.060, 0.060, 0.060, 0.060]
 
 
 def test_nothing_is_decided_before_a_round_is_verified():
-    assert review(MethodRecord(0, 0.0, 0.0), 0, CHEAP, 0.25, 4, True) == (Action.KEEP, "")
+    assert review(MethodRecord(0, 0.0, 0.0), 0, 0.25, 4, True, Prospect(0.0, CHEAP), Prospect(0.9, CHEAP)) \
+        == (Action.KEEP, "")
 
 
 def test_below_the_acceptance_floor_it_falls_back_or_stops_when_it_cannot():
     record = MethodRecord(rounds=4, alpha=0.1, ema=0.2)
-    action, reason = review(record, 0, None, 0.25, 4, can_fall_back=True)
+    action, reason = review(record, 0, 0.25, 4, can_fall_back=True)
     assert action is Action.FALL_BACK and reason == "acceptance 0.20 (moving average of its last rounds) below 0.25"
-    assert review(record, 0, None, 0.25, 4, can_fall_back=False)[0] is Action.STOP
+    assert review(record, 0, 0.25, 4, can_fall_back=False)[0] is Action.STOP
     # Not before min_rounds rounds.
-    assert review(MethodRecord(3, 0.1, 0.2), 0, None, 0.25, 4, True)[0] is Action.KEEP
+    assert review(MethodRecord(3, 0.1, 0.2), 0, 0.25, 4, True)[0] is Action.KEEP
 
 
-def test_it_falls_back_where_the_cost_model_would_not_speculate_at_its_acceptance():
-    # One round, nearly nothing accepted: at these costs gamma 0 beats any gamma at alpha 0.01. (Not
-    # min_rounds: a batch that stops speculating for this request's acceptance would give it no more rounds.)
-    action, reason = review(MethodRecord(1, 0.01, 0.7), 0, CHEAP, 0.25, 4, True)
+def test_it_falls_back_where_the_cost_model_would_not_speculate_at_its_acceptance_and_would_with_the_lookup():
+    # One round, nearly nothing accepted: at these costs gamma 0 beats any gamma at alpha 0.01, and a lookup
+    # accepted at 0.5 would pay. (Not min_rounds: a batch that stops speculating for this request's acceptance
+    # would give it no more rounds.)
+    action, reason = review(MethodRecord(1, 0.01, 0.7), 0, 0.25, 4, True, Prospect(0.01, CHEAP), Prospect(0.5, CHEAP))
     assert action is Action.FALL_BACK and "cost model" in reason and "with 1 sequence running" in reason
+    assert "n-gram lookup (estimated acceptance 0.50)" in reason
     # The same costs pay at a good acceptance: keep the draft.
-    assert review(MethodRecord(1, 0.8, 0.9), 0, CHEAP, 0.25, 4, True)[0] is Action.KEEP
+    assert review(MethodRecord(1, 0.8, 0.9), 0, 0.25, 4, True, Prospect(0.8, CHEAP), Prospect(0.5, CHEAP))[0] \
+        is Action.KEEP
     # When even full acceptance would not pay with either method (a big batch, a dear verify) the
     # acceptance is not to blame: the batch's gamma leaves speculation out, the method stays.
-    assert review(MethodRecord(1, 0.01, 0.7), 15, DEAR, 0.25, 4, True, DEAR)[0] is Action.KEEP
+    assert review(MethodRecord(1, 0.01, 0.7), 15, 0.25, 4, True, Prospect(0.01, DEAR), Prospect(1.0, DEAR))[0] \
+        is Action.KEEP
     # A draft that costs too much even at full acceptance, where a lookup (no draft wait) would pay: try it.
-    assert review(MethodRecord(1, 0.01, 0.7), 0, DEAR, 0.25, 4, True, CHEAP)[0] is Action.FALL_BACK
+    assert review(MethodRecord(1, 0.9, 0.9), 0, 0.25, 4, True, Prospect(0.9, DEAR), Prospect(0.5, CHEAP))[0] \
+        is Action.FALL_BACK
     # After the fallback (or when the request pinned its method) a cost-model "no" is the batch's business.
-    assert review(MethodRecord(1, 0.01, 0.7), 0, CHEAP, 0.25, 4, False)[0] is Action.KEEP
+    assert review(MethodRecord(1, 0.01, 0.7), 0, 0.25, 4, False, Prospect(0.01, CHEAP), Prospect(0.5, CHEAP))[0] \
+        is Action.KEEP
+    # No cost model (a static disable_by_batch_size) or nothing measured here: only the floor decides.
+    assert review(MethodRecord(1, 0.01, 0.7), 0, 0.25, 4, True)[0] is Action.KEEP
+
+
+def test_a_lookup_measured_not_to_pay_here_is_not_where_a_draft_that_does_not_pay_goes():
+    # Measured at 4 streams on 2 cores (2026-12-01): a verify of 1 proposal costs 1.54x a plain step.
+    periods = [0.025, 0.0385, 0.0438, 0.0491, 0.0713, 0.0589, 0.0649, 0.0702, 0.0675]
+    lookup_periods = [0.025, 0.0331, 0.0366, 0.0402, 0.0537, 0.0460, 0.0508, 0.0543, 0.0536]
+    record = MethodRecord(3, 0.45, 0.5)
+    draft = Prospect(0.45, periods)
+    assert not draft.pays()
+    # A lookup accepted at 0.2 that found something in 40 % of its rounds pays no better: keep the draft.
+    seldom = [1.0] + [0.4] * 8
+    assert not Prospect(0.2, lookup_periods, seldom).pays()
+    assert review(record, 3, 0.25, 4, True, draft, Prospect(0.2, lookup_periods, seldom))[0] is Action.KEEP
+    # The same lookup on text it finds and gets right (a copy-heavy workload) is worth the switch.
+    assert review(record, 3, 0.25, 4, True, draft, Prospect(0.8, lookup_periods))[0] is Action.FALL_BACK
 
 
 class ScriptedProposer:
@@ -161,12 +185,13 @@ def test_a_request_is_priced_as_a_batch_of_its_like_not_as_the_one_row_that_spec
     # Measured at 4 streams on 2 cores: each proposed token per row adds 9 ms to a 41 ms step.
     periods = [0.041 + 0.009 * g for g in range(9)]
     record = MethodRecord(5, 0.6, 0.5)
+    lookup = Prospect(0.9, periods)
     # Four sequences at 0.6 make speculation pay, so this one keeps its draft (the batch speculates with it)...
-    assert review(record, 3, periods, 0.25, 4, True, periods)[0] is Action.KEEP
+    assert review(record, 3, 0.25, 4, True, Prospect(0.6, periods), lookup)[0] is Action.KEEP
     # ... where pricing it as one speculating row beside three plain ones would have sent it to ngram.
-    assert choose_gamma([0.6], 3, periods) == 0
+    assert choose_gamma([Speculating([0.6])], 3, periods) == 0
     # A draft that is rarely right is still left: a batch of its like would not speculate.
-    assert review(MethodRecord(5, 0.1, 0.3), 3, periods, 0.25, 4, True, periods)[0] is Action.FALL_BACK
+    assert review(MethodRecord(5, 0.1, 0.3), 3, 0.25, 4, True, Prospect(0.1, periods), lookup)[0] is Action.FALL_BACK
     # And what the steps found counts: with half the sequences sitting every step out, 0.6 no longer pays.
     half = [1.0] + [0.5] * 8
-    assert review(record, 3, periods, 0.25, 4, True, periods, ready=half, sat_out=half)[0] is Action.FALL_BACK
+    assert review(record, 3, 0.25, 4, True, Prospect(0.6, periods, half, half), lookup)[0] is Action.FALL_BACK

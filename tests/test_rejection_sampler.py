@@ -98,7 +98,7 @@ def test_gamma_adapts_within_bounds_and_switches_off_on_low_acceptance():
     for _ in range(10):
         c.update(0, c.gamma)
     assert c.gamma == 2
-    action, reason = review(MethodRecord(c.rounds, 0.0, c.ema), 0, None, min_acceptance=0.25, min_rounds=4,
+    action, reason = review(MethodRecord(c.rounds, 0.0, c.ema), 0, min_acceptance=0.25, min_rounds=4,
                             can_fall_back=False)
     assert action is Action.STOP and reason.startswith("acceptance 0.")
     fixed = GammaController(gamma=3, lo=3, hi=3, fixed=True)

@@ -6,14 +6,16 @@ decoding: at each step pick the proposal length gamma (0 = no speculation)
 that maximises the batch's expected *goodput*, emitted tokens per second::
 
     goodput(0)     = b / period(b, 0)
-    goodput(gamma) = (sum_i [r E(alpha_i, gamma) + (1 - r - s)] + plain) / period(b, gamma)
+    goodput(gamma) = (sum_i [r_m E(alpha_i, gamma) + (1 - r_m - s_m)] + plain) / period(b, gamma)
 
 with ``E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)`` the expected
 tokens a round of gamma emits when each proposal is accepted with
 probability alpha (Leviathan et al. 2023, eq. 1), ``alpha_i`` each
-speculating sequence's measured acceptance; ``r`` and ``s`` what steps of
+speculating sequence's measured acceptance; ``r_m`` and ``s_m`` what steps of
 gamma at this batch size were measured to find among the speculating
-sequences: ``r`` the fraction whose proposals were in (verified), ``s`` the
+sequences of sequence i's proposal method m (a draft model's are nearly
+always in, an n-gram lookup's only where it found something):
+``r_m`` the fraction whose proposals were in (verified), ``s_m`` the
 fraction that sat the step out, their drafts still working (the batch waits
 at most ``draft_hold_ms`` for them; then they wait alone, up to
 ``draft_timeout_ms``, and emit nothing in that step), the rest decoding one
@@ -25,13 +27,13 @@ pass of ``gamma + 1`` tokens per row plus the gap before it (the wait for the
 drafts, the engine's own Python), both measured on this machine as it runs.
 Nothing machine-specific is a default: an unmeasured cost is taken to be
 the cheapest one measured (a forward bound by reading the weights costs
-about the same for 1 and 9 tokens per row), and an unmeasured ``r`` is 1
-(``s`` 0), so speculation is tried where it has not been measured and kept
+about the same for 1 and 9 tokens per row), and an unmeasured ``r_m`` is 1
+(``s_m`` 0), so speculation is tried where it has not been measured and kept
 only where it pays, which :meth:`StepCosts.realized` checks: the goodput
 speculating steps delivered, tokens as counted, against a plain step's one
-token per sequence per period. ``r`` and ``s`` matter where the draft is the
+token per sequence per period. ``s_m`` matters where the draft is the
 bottleneck (many streams on few cores): a sequence that sits a step out
-gains nothing in it. :func:`choose_gamma` is
+gains nothing in it; ``r_m`` of a lookup, where the text seldom repeats. :func:`choose_gamma` is
 the pure decision; :class:`StepCosts` keeps the measurements.
 
 Pure Python; engine thread only; times in seconds of the engine's clock.
@@ -53,42 +55,55 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def goodput(acceptance: Sequence[float], plain: int, gamma: int, period_s: float, ready: float = 1.0,
-            sat_out: float = 0.0) -> float:
-    """Expected tokens per second of a step of ``period_s`` seconds in which,
-    of the sequences with acceptance ``acceptance``, a fraction ``ready``
-    verify ``gamma`` proposals each, a fraction ``sat_out`` wait for their
-    drafts outside the step (no token) and the rest decode one token; and
-    ``plain`` rows decode one token. With gamma 0 every row decodes one token."""
-    if gamma:
-        ready = min(max(ready, 0.0), 1.0)
-        one = max(0.0, 1.0 - ready - max(sat_out, 0.0))
-    else:
-        ready, one = 1.0, 0.0
-    tokens = sum(ready * expected_tokens(a, gamma) + one for a in acceptance) + plain
+@dataclass(frozen=True)
+class Speculating:
+    """The speculating sequences of one proposal method in a step: each one's
+    acceptance probability (in [0, 1]), and what steps of each gamma were
+    measured to find among sequences of this method, as lists indexed by
+    gamma: ``ready[g]`` the fraction verified, ``sat_out[g]`` the fraction
+    that sat the step out (None: all verified, none out). Methods differ
+    there: a draft model's sequences are nearly always verified, an n-gram
+    lookup's only where the lookup found something, so one batch-wide
+    fraction would charge one method's misses to the other's sequences."""
+
+    acceptance: Sequence[float]
+    ready: Sequence[float] | None = None
+    sat_out: Sequence[float] | None = None
+
+    def tokens(self, gamma: int) -> float:
+        """Expected tokens these sequences emit in a step of ``gamma``: a
+        verified one a round's (:func:`expected_tokens`), one that sat out
+        none, any other one; one each at gamma 0."""
+        if not gamma:
+            return float(len(self.acceptance))
+        ready = min(max(self.ready[gamma], 0.0), 1.0) if self.ready is not None else 1.0
+        one = max(0.0, 1.0 - ready - max(self.sat_out[gamma], 0.0)) if self.sat_out is not None else 1.0 - ready
+        return sum(ready * expected_tokens(a, gamma) + one for a in self.acceptance)
+
+
+def goodput(speculating: Sequence[Speculating], plain: int, gamma: int, period_s: float) -> float:
+    """Expected tokens per second of a step of ``period_s`` seconds verifying
+    ``gamma`` proposals per row, of the ``speculating`` sequences
+    (:meth:`Speculating.tokens`) and ``plain`` rows that decode one token each."""
+    tokens = sum(group.tokens(gamma) for group in speculating) + plain
     return tokens / period_s if period_s > 0 else 0.0
 
 
-def choose_gamma(acceptance: Sequence[float], plain: int, period_s: Sequence[float], lowest: int = 0,
-                 ready: Sequence[float] | None = None, sat_out: Sequence[float] | None = None) -> int:
+def choose_gamma(speculating: Sequence[Speculating], plain: int, period_s: Sequence[float], lowest: int = 0) -> int:
     """The gamma in ``[lowest, len(period_s) - 1]`` that maximises :func:`goodput`.
 
-    ``acceptance`` holds each speculating row's acceptance probability (in
-    [0, 1]), ``plain`` the rows that never speculate, ``period_s[g]`` the
+    ``speculating`` holds the sequences that may speculate, grouped by
+    proposal method, ``plain`` the rows that never do, ``period_s[g]`` the
     expected seconds of a step verifying ``g`` proposals per row (``g = 0``:
-    a plain decode step), ``ready[g]`` and ``sat_out[g]`` the fractions of
-    the speculating sequences verified in such a step and sitting it out
-    (:func:`goodput`; None: all verified, none out; each as long as
-    ``period_s``). Ties go to the smaller gamma (0 when nothing speculates
+    a plain decode step); every ``ready``/``sat_out`` list is as long as
+    ``period_s``. Ties go to the smaller gamma (0 when nothing speculates
     and ``lowest`` is 0). Pure."""
-    if not acceptance or len(period_s) < 2:
+    if not any(group.acceptance for group in speculating) or len(period_s) < 2:
         return 0
     lowest = min(max(lowest, 0), len(period_s) - 1)
-    r = ready if ready is not None else [1.0] * len(period_s)
-    out = sat_out if sat_out is not None else [0.0] * len(period_s)
-    best, best_rate = lowest, goodput(acceptance, plain, lowest, period_s[lowest], r[lowest], out[lowest])
+    best, best_rate = lowest, goodput(speculating, plain, lowest, period_s[lowest])
     for g in range(lowest + 1, len(period_s)):
-        rate = goodput(acceptance, plain, g, period_s[g], r[g], out[g])
+        rate = goodput(speculating, plain, g, period_s[g])
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = g, rate
     return best
@@ -197,9 +212,9 @@ class StepCosts:
 
     def observe_readiness(self, batch: int, gamma: int, kind: str, ready: float, sat_out: float) -> None:
         """At a step for which gamma ``gamma`` was chosen with ``batch``
-        sequences running, a fraction ``ready`` of the speculating ones (their
-        proposals from proposers of ``kind``) was verified and ``sat_out`` sat
-        the step out waiting for their drafts. Fractions are clamped to [0, 1]."""
+        sequences running, a fraction ``ready`` of the speculating ones that
+        propose with ``kind`` was verified and ``sat_out`` sat the step out
+        waiting for their drafts. Fractions are clamped to [0, 1]."""
         b = self._buckets.setdefault(bucket(batch), _Bucket())
         b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
         b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
@@ -243,8 +258,8 @@ class StepCosts:
 
     def readiness(self, batch: int, gamma_max: int, kind: str = "") -> tuple[list[float], list[float]]:
         """For gamma 0..gamma_max, the fractions of the speculating sequences
-        expected to be verified and to sit out at a step of that gamma
-        (:func:`goodput`'s ``ready`` and ``sat_out``): the measurement at the
+        that propose with ``kind`` expected to be verified and to sit out at a
+        step of that gamma (:class:`Speculating`'s ``ready`` and ``sat_out``): the measurement at the
         nearest gamma measured for ``kind`` in this batch size's bucket (the
         smaller gamma on a tie); 1.0 and 0.0 where there is none for ``kind``."""
         b = self._buckets.get(bucket(batch))

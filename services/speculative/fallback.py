@@ -16,8 +16,8 @@ the draft model cannot serve it or does not pay for it:
   (TensorRT-LLM's ``acceptance_rate_threshold``, which there turns
   speculation off for good), or the cost model
   (:mod:`services.speculative.cost_model`) would turn speculation off for
-  this request at its acceptance although it would speculate at full
-  acceptance (so the acceptance, not the batch size, is what does not pay).
+  this request at its acceptance, and would speculate with the lookup at the
+  acceptance and hit rate the lookup has been measured to have.
 
 The switch goes one way, at most once: the draft's acceptance was measured
 not to pay, and going back would cost the draft a prefill of the whole
@@ -46,7 +46,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.speculative.cost_model import choose_gamma
+from services.speculative.cost_model import Speculating, choose_gamma
 
 #: The reason a request that no draft serves gives for proposing by lookup from its first round.
 NO_DRAFT_REASON = "no draft to propose with"
@@ -84,9 +84,28 @@ class Action(enum.Enum):
     STOP = "stop"            # stop speculating (decode on alone)
 
 
-def review(record: MethodRecord, others: int, periods: Sequence[float] | None, min_acceptance: float,
-           min_rounds: int, can_fall_back: bool, fallback_periods: Sequence[float] | None = None,
-           ready: Sequence[float] | None = None, sat_out: Sequence[float] | None = None) -> tuple[Action, str]:
+@dataclass(frozen=True)
+class Prospect:
+    """What the cost model expects of one request proposing with one method
+    at this batch size: its acceptance estimate with it, the measured step
+    seconds per gamma with it (``periods[0]`` a plain step) and what such
+    steps found among the sequences of this method (``ready``/``sat_out`` per
+    gamma, :class:`~services.speculative.cost_model.Speculating`)."""
+
+    alpha: float
+    periods: Sequence[float]
+    ready: Sequence[float] | None = None
+    sat_out: Sequence[float] | None = None
+
+    def pays(self) -> bool:
+        """Whether a batch of sequences like this one would speculate (the
+        batch size is in the periods, measured at it; every term of the
+        goodput scales with the batch, so the best gamma is one sequence's)."""
+        return choose_gamma([Speculating([self.alpha], self.ready, self.sat_out)], 0, self.periods) > 0
+
+
+def review(record: MethodRecord, others: int, min_acceptance: float, min_rounds: int, can_fall_back: bool,
+           current: Prospect | None = None, fallback: Prospect | None = None) -> tuple[Action, str]:
     """What a request does after a verified round with its current method, and why.
 
     ``others`` is the number of other rows in the batch. The batch shares one
@@ -95,37 +114,34 @@ def review(record: MethodRecord, others: int, periods: Sequence[float] | None, m
     not speculate. (Pricing it as the one speculating row among rows that
     decode one token each made every request of a small batch fall back: at
     4 streams on 2 cores 8-12 of 16 requests left a draft whose rounds paid
-    for the batch.) ``periods[g]`` the measured seconds of a step verifying
-    ``g`` proposals per row with the current method, ``ready``/``sat_out``
-    what such steps found (:func:`~services.speculative.cost_model.goodput`;
-    None: all verified), ``fallback_periods`` the same for n-gram lookup
-    (None: no cost model, e.g. a static ``disable_by_batch_size``, or nothing
-    measured at this batch size yet); ``can_fall_back``: the request is still
-    on the draft model and did not pin it.
+    for the batch.) ``current`` is the request's prospect with its method,
+    ``fallback`` a request's with n-gram lookup at the lookup's engine-wide
+    acceptance estimate and hit rate (both None: no cost model, e.g. a static
+    ``disable_by_batch_size``, or nothing measured at this batch size yet);
+    ``can_fall_back``: the request is still on the draft model and did not pin it.
 
     The method does not pay when its acceptance moving average is below
-    ``min_acceptance`` after ``min_rounds`` rounds, or when
-    :func:`~services.speculative.cost_model.choose_gamma` gives gamma 0 at
-    its acceptance while some method would speculate here at full acceptance
-    (so it is not the batch size that rules speculation out: a big batch
-    whose verify step costs more than any proposal could save keeps its
-    method, and the batch's gamma leaves it out until the costs change).
-    Then the request falls back when it can; else it stops below
-    ``min_acceptance`` and keeps its method on a cost-model "no". The reason
-    is "" for KEEP."""
+    ``min_acceptance`` after ``min_rounds`` rounds (then the request falls
+    back when it can, else stops), or when a batch of its like would not
+    speculate. On the latter the request falls back only where the lookup is
+    expected to pay instead, as measured here: the lookup's acceptance and
+    hit rate on the text this engine serves decide, not a perfect
+    proposer's. (Falling back wherever a perfect lookup would pay sent 7-10
+    of 16 requests at 4 streams from a draft accepted at 0.4-0.5 to a lookup
+    accepted at 0.2 that seldom found anything, and their low estimates held
+    the batch's one gamma at 0 where always speculating gave 1.5x,
+    2026-12-01.) Otherwise the request keeps its method and the batch's gamma
+    leaves it out while the costs stand. The reason is "" for KEEP."""
     if record.rounds < 1:
         return Action.KEEP, ""
     if record.rounds >= min_rounds and record.ema < min_acceptance:
         reason = f"acceptance {record.ema:.2f} (moving average of its last rounds) below {min_acceptance:g}"
         return (Action.FALL_BACK if can_fall_back else Action.STOP), reason
-    # A batch of ``others + 1`` sequences of one acceptance: every term of its goodput scales with the
-    # batch, so the best gamma is one sequence's (the batch size is in the periods, measured at it).
     batch = others + 1
-    if can_fall_back and periods is not None \
-            and choose_gamma([record.alpha], 0, periods, ready=ready, sat_out=sat_out) == 0 \
-            and any(p is not None and choose_gamma([1.0], 0, p) > 0 for p in (periods, fallback_periods)):
+    if can_fall_back and current is not None and fallback is not None and not current.pays() and fallback.pays():
         return Action.FALL_BACK, (f"at an estimated acceptance of {record.alpha:.2f} (its rounds so far, "
                                   "shrunk towards the engine-wide rate) the cost model would not speculate with "
                                   f"{batch} sequence{'s' if batch != 1 else ''} running (their steps and drafts "
-                                  "as measured)")
+                                  f"as measured), and would with n-gram lookup (estimated acceptance "
+                                  f"{fallback.alpha:.2f})")
     return Action.KEEP, ""

@@ -51,8 +51,8 @@ from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
-from services.speculative.cost_model import Acceptance, StepCosts, bucket, choose_gamma
-from services.speculative.fallback import NGRAM, NO_DRAFT_REASON, Action, Fallback, MethodRecord, review
+from services.speculative.cost_model import Acceptance, Speculating, StepCosts, bucket, choose_gamma
+from services.speculative.fallback import NGRAM, NO_DRAFT_REASON, Action, Fallback, MethodRecord, Prospect, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
 from services.speculative.state import Proposal, SpecState, SpeculationRequest
@@ -194,15 +194,14 @@ class Speculator:
             return 0
         kind = _kind(specs)
         gamma_max = max(spec.control.hi for spec in specs)
-        acceptance = [self._alpha(spec) for spec in specs]
         periods = self.costs.periods(len(running), gamma_max, kind)
         if periods is None:  # nothing measured at this batch size yet: try it
             self._exploring = True
             gamma = max(spec.control.gamma for spec in specs)
         else:
             plain = len(running) - len(specs)
-            ready, sat_out = self.costs.readiness(len(running), gamma_max, kind)
-            gamma = choose_gamma(acceptance, plain, periods, ready=ready, sat_out=sat_out)
+            speculating = self._speculating(specs, len(running), gamma_max)
+            gamma = choose_gamma(speculating, plain, periods)
             where = bucket(len(running))
             wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
             # What speculating steps delivered here, as counted; older than the wait, it is measured afresh.
@@ -223,12 +222,22 @@ class Speculator:
                 # Costs measured long ago may no longer hold: one round to measure them again. Each round
                 # that finds speculation still does not pay here doubles the wait for the next one.
                 self._exploring = True
-                gamma = choose_gamma(acceptance, plain, periods, lowest=1, ready=ready, sat_out=sat_out)
+                gamma = choose_gamma(speculating, plain, periods, lowest=1)
                 if last is not None:
                     self._explored[where] = self._explored.get(where, 0) + 1
         if gamma > 0:
             self._decision = _Decision(running, len(running), kind)
         return gamma
+
+    def _speculating(self, specs: list[SpecState], batch: int, gamma_max: int) -> list[Speculating]:
+        """``specs`` grouped by proposal method for :func:`choose_gamma`: each
+        sequence's acceptance estimate, and what steps at this batch size
+        found among sequences of its method."""
+        by_method: defaultdict[str, list[float]] = defaultdict(list)
+        for spec in specs:
+            by_method[spec.method].append(self._alpha(spec))
+        return [Speculating(alphas, *self.costs.readiness(batch, gamma_max, method))
+                for method, alphas in by_method.items()]
 
     def after_forward(self, rows: list[Row], seconds: float, now: float) -> None:
         """Measures the step: its forward, the gap since the last one ended
@@ -273,22 +282,30 @@ class Speculator:
         speculating sequences, the fraction verified (a proposal in its row)
         and the fraction that sat the pass out, still waiting for its draft
         (the scheduler leaves it out until its proposal or its deadline);
-        the others decoded one token. Recorded under the batch size, gamma
-        and proposer kind of the decision, once per step, unless no round was
+        the others decoded one token. Recorded per proposal method (a lookup
+        that found nothing is a miss of the lookup's, not of the draft's),
+        under the batch size and gamma of the decision, once per step, unless no round was
         under way at all (the first step after the decision to speculate,
         whose rounds are asked only after it)."""
         if self._decision is None:
             return
-        running, kind = self._decision.running, self._decision.kind
+        running = self._decision.running
         self._decision = None
         rowed = {id(r.seq) for r in rows}
-        verified = sum(1 for r in rows if r.proposal)
-        one = sum(1 for r in rows if not r.proposal and r.seq.spec is not None and r.seq.spec.active)
-        out = sum(1 for s in running if id(s) not in rowed and s.spec is not None and s.spec.active
-                  and s.spec.waiting)
-        total = verified + one + out
-        if verified or out:  # neither: no round was under way (the first step after turning speculation on)
-            self.costs.observe_readiness(self._batch, self.gamma, kind, verified / total, out / total)
+        counts: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # method -> verified, one, out
+        for r in rows:
+            if r.proposal:
+                counts[r.seq.spec.method][0] += 1
+            elif r.seq.spec is not None and r.seq.spec.active:
+                counts[r.seq.spec.method][1] += 1
+        for s in running:
+            if id(s) not in rowed and s.spec is not None and s.spec.active and s.spec.waiting:
+                counts[s.spec.method][2] += 1
+        if not any(verified or out for verified, _, out in counts.values()):
+            return  # no round was under way (the first step after turning speculation on)
+        for method, (verified, one, out) in counts.items():
+            total = verified + one + out
+            self.costs.observe_readiness(self._batch, self.gamma, method, verified / total, out / total)
 
     def after_verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
         """The rejection sampler over the target's ``logits`` (``[gamma + 1,
@@ -405,15 +422,22 @@ class Speculator:
         if spec.reviewed == key:
             return Action.KEEP, ""
         can_fall_back = spec.fallback is not None
-        periods = fallback_periods = ready = sat_out = None
+        current = fallback = None
         if can_fall_back and c.rounds and self.uses_cost_model and self._batch:  # only a fallback reads them
-            periods = self.costs.periods(self._batch, c.hi, spec.method)
-            fallback_periods = self.costs.periods(self._batch, c.hi, NGRAM)
-            ready, sat_out = self.costs.readiness(self._batch, c.hi, spec.method)
-        action, reason = review(MethodRecord(c.rounds, self._alpha(spec), c.ema), max(0, self._batch - 1), periods,
-                                s.min_acceptance, s.min_rounds, can_fall_back, fallback_periods, ready, sat_out)
+            current = self._prospect(self._alpha(spec), spec.method, c.hi)
+            fallback = self._prospect(self.pools[NGRAM].alpha(0.5), NGRAM, c.hi)
+        action, reason = review(MethodRecord(c.rounds, self._alpha(spec), c.ema), max(0, self._batch - 1),
+                                s.min_acceptance, s.min_rounds, can_fall_back, current, fallback)
         spec.reviewed = key if action is Action.KEEP else None
         return action, reason
+
+    def _prospect(self, alpha: float, method: str, gamma_max: int) -> Prospect | None:
+        """A sequence's prospect at ``alpha`` with ``method`` at the last step's
+        batch size (None: no step measured there yet)."""
+        periods = self.costs.periods(self._batch, gamma_max, method)
+        if periods is None:
+            return None
+        return Prospect(alpha, periods, *self.costs.readiness(self._batch, gamma_max, method))
 
     def _fall_back(self, spec: SpecState, cause: Fallback, reason: str) -> None:
         """The draft model does not serve ``spec`` (``reason``): it proposes by
