@@ -52,10 +52,10 @@ def _kernel_swapped(model):
     return model
 
 
-def _assert_same_logits(config_or_model, prepack: bool = False) -> ModelRunner:
+def _assert_same_logits(config_or_model, prepack: bool = False, **kw) -> ModelRunner:
     twin = config_or_model if isinstance(config_or_model, LlamaConfig) else _clone(config_or_model)
-    hf_runner = _runner(config_or_model, lean=False, prepack=prepack)
-    lean_runner = _runner(twin, lean=True, prepack=prepack)
+    hf_runner = _runner(config_or_model, lean=False, prepack=prepack, **kw)
+    lean_runner = _runner(twin, lean=True, prepack=prepack, **kw)
     assert hf_runner.lean is None
     assert lean_runner.lean is not None, "the lean forward should apply to this model"
     for rows in _steps():
@@ -70,21 +70,26 @@ def _clone(model):
     return copy.deepcopy(model)  # weights, buffers and config: before any runner names its attention in it
 
 
-@pytest.mark.parametrize("prepack", [False, True])
+@pytest.mark.parametrize("prepack", [False, True, "both layouts"])
 def test_lean_logits_equal_transformers_bit_for_bit(prepack):
     if prepack and not cpu_linear.supported():
         pytest.skip("oneDNN packed linears are not available in this torch build")
-    runner = _assert_same_logits(_config(), prepack=prepack)
-    assert (runner.prepacked > 0) == prepack
-    # q/k/v and gate/up run as one product each (packed layers stay apart), with no weight copied.
+    # Both layouts, packed from 4 rows: the steps' decode (3 rows) and lone decode take F.linear, the
+    # prefill and the verify step (7 rows) the packed weights.
+    dual = {"prepack_dual_from": 4} if prepack == "both layouts" else {}
+    runner = _assert_same_logits(_config(), prepack=bool(prepack), **dual)
+    assert (runner.prepacked > 0) == bool(prepack)
+    # q/k/v and gate/up run as one product each (packed-only layers stay apart), with no weight copied.
     layers = runner.model.model.layers
-    assert runner.lean.fused == (0 if prepack else 2 * len(layers))
-    if not prepack:
+    assert runner.lean.fused == (0 if prepack is True else 2 * len(layers))
+    if prepack is not True:
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             shared = {p.weight.untyped_storage().data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)}
             assert len(shared) == 1 and m.gate_proj.weight.untyped_storage().data_ptr() == \
                 m.up_proj.weight.untyped_storage().data_ptr()
+    if dual:
+        assert type(layers[0].self_attn.q_proj) is cpu_linear.DualLinear
 
 
 @pytest.mark.parametrize("overrides", [

@@ -19,13 +19,13 @@ def stock_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("prepack", [False, True])
+@pytest.mark.parametrize("prepack", [False, True, "both layouts"])
 def test_mixed_prefill_decode_and_verify_rows_match_stock_transformers(tiny_models, prepack):
     reference = LlamaForCausalLM.from_pretrained(tiny_models.target).eval()
     runner = ModelRunner(LlamaForCausalLM.from_pretrained(tiny_models.target).eval(), num_blocks=12, block_size=4,
-                         max_len=64, prepack=prepack, prepack_min_elements=0,  # tiny layers: pack them all anyway
-                         prepack_measure=False)
-    assert (runner.prepacked > 0) == (prepack and cpu_linear.supported())
+                         max_len=64, prepack=bool(prepack), prepack_min_elements=0,  # tiny layers: pack them all anyway
+                         prepack_measure=False, prepack_dual_from=4 if prepack == "both layouts" else None)
+    assert (runner.prepacked > 0) == (bool(prepack) and cpu_linear.supported())
     # Block tables in no order, interleaved between rows, and partly past what a row reads.
     tables = [[9, 2], [5, 3], [7, 1, 11]]
     # Prefill all three prompts but the last token in one step.
@@ -78,19 +78,45 @@ def test_packing_is_skipped_where_it_is_slower_on_this_cpu(monkeypatch):
     if not cpu_linear.supported():
         pytest.skip("oneDNN packed linears are not available in this torch build")
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
-    monkeypatch.setattr(cpu_linear, "packing_pays", lambda layer: (False, {1: 1.6, 5: 1.2}))
+    monkeypatch.setattr(cpu_linear, "packing_ratios", lambda layer: {1: 1.6, 4: 1.3, 8: 1.2})
     assert cpu_linear.prepack_linears(model, min_elements=0) == 0
     assert all(type(m) is nn.Linear for m in model)
-    monkeypatch.setattr(cpu_linear, "packing_pays", lambda layer: (True, {1: 0.9, 5: 0.5}))
+    monkeypatch.setattr(cpu_linear, "packing_ratios", lambda layer: {1: 0.9, 4: 0.6, 8: 0.5})
     assert cpu_linear.prepack_linears(model, min_elements=0) == 2
+    assert all(type(m) is cpu_linear.PackedLinear for m in model)
 
 
-def test_packing_pays_compares_both_arms_at_every_probe_row_count():
+def test_both_layouts_are_kept_where_packing_pays_only_from_some_row_count(monkeypatch):
+    """The AVX512/AMX build machine (2026-12-01): packed 1.21x plain on one row, 0.6x from four rows on."""
     if not cpu_linear.supported():
         pytest.skip("oneDNN packed linears are not available in this torch build")
-    pays, ratios = cpu_linear.packing_pays(nn.Linear(64, 48), reps=3)
+    ratios = {1: 1.21, 2: 1.2, 3: 1.0, 4: 0.61, 5: 0.6, 6: 0.6, 8: 0.5}
+    assert cpu_linear.packed_from(ratios) == 4
+    assert cpu_linear.packed_from({**ratios, 5: 0.97}) == 6  # from where it pays at every count after
+    assert cpu_linear.packed_from({**ratios, 8: 1.0}) is None
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
+    monkeypatch.setattr(cpu_linear, "packing_ratios", lambda layer: ratios)
+    assert cpu_linear.prepack_linears(model, min_elements=0) == 2
+    layer = model[1]
+    assert type(layer) is cpu_linear.DualLinear and layer.packed_from == 4
+    # Fewer rows take F.linear's product exactly; from four rows on, the packed one (same values, within rounding).
+    for shape in [(3, 64), (1, 3, 64), (4, 64), (2, 5, 64)]:
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            got, plain, packed = layer(x), F.linear(x, layer.weight, layer.bias), layer.packed_forward(x)
+        assert torch.equal(got, packed if x.numel() // 64 >= 4 else plain), shape
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    # Where the second copy would not fit in the memory available, one layout is kept as before: plain.
+    model = nn.Sequential(nn.Linear(64, 64))
+    monkeypatch.setattr(cpu_linear, "_available_bytes", lambda: 64 * 64 * 4 * 3)
+    assert cpu_linear.prepack_linears(model, min_elements=0) == 0 and type(model[0]) is nn.Linear
+
+
+def test_packing_ratios_compare_both_arms_at_every_probe_row_count():
+    if not cpu_linear.supported():
+        pytest.skip("oneDNN packed linears are not available in this torch build")
+    ratios = cpu_linear.packing_ratios(nn.Linear(64, 48), reps=3)
     assert set(ratios) == set(cpu_linear.PROBE_ROWS) and all(r > 0 for r in ratios.values())
-    assert pays == (ratios[5] < cpu_linear.PAYS_BELOW and ratios[1] <= cpu_linear.ONE_ROW_AT_MOST)
 
 
 @pytest.mark.parametrize("lean", [False, True])

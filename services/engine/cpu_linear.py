@@ -20,6 +20,17 @@ the CPU (oneDNN's kernels for AVX512 and AMX are not those for AVX2), the
 packed and plain products of the model's largest layer are timed at start-up
 (:func:`packing_pays`) and the weights are packed only where packing is
 faster on this machine.
+
+Where packing is faster for several rows but slower for one, as on the
+AVX512/AMX build machine (2026-12-01: a 1024x3072 layer took 227 us plain
+and 286 packed for one row, but 455 plain and 276 packed for four: MKL's
+sgemm repacks from four rows on, so a verify of gamma + 1 = 4 tokens cost
+twice a decode step), each large layer keeps both layouts
+(:class:`DualLinear`) and a product takes the packed one from the row count
+where it was measured to be faster on: decode steps keep plain speed and
+verify and batch steps lose the cliff, at the memory of a second copy of
+those weights (taken only while it is under :data:`DUAL_MEMORY_SHARE` of
+the memory available).
 """
 
 from __future__ import annotations
@@ -67,6 +78,39 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+class DualLinear(nn.Module):
+    """``nn.Linear`` for inference with its weight in both layouts: ``F.linear``
+    (the module's own ``weight``) for products of fewer than ``packed_from``
+    rows, oneDNN's packed copy from there on. A product's rows are every
+    leading dimension of its input (``x.numel() // in_features``)."""
+
+    def __init__(self, linear: nn.Linear, packed_from: int, batch_hint: int = BATCH_HINT) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.packed_from = packed_from
+        #: Input elements from which a product takes the packed weight.
+        self.packed_from_elements = packed_from * linear.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features]`` -> ``[..., out_features]``, as ``F.linear``."""
+        if x.numel() >= self.packed_from_elements:
+            return self.packed_forward(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product with the packed weight, whatever the row count."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        """What ``repr(model)`` shows of this layer."""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"packed=oneDNN from {self.packed_from} rows")
+
+
 def supported(dtype: torch.dtype = torch.float32) -> bool:
     """Whether packed linears work here and agree with ``F.linear`` on a probe."""
     if dtype not in _DTYPES or not torch.backends.mkldnn.is_available():
@@ -84,12 +128,15 @@ def supported(dtype: torch.dtype = torch.float32) -> bool:
     return got.shape == want.shape and bool(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol))
 
 
-#: Row counts the start-up timing compares at: a decode row and a verify of γ + 1 = 5.
-PROBE_ROWS = (1, 5)
-#: Packing must beat F.linear by this much on several rows...
+#: Row counts the start-up timing compares at: a decode row, small batches and verifies (gamma + 1).
+PROBE_ROWS = (1, 2, 3, 4, 5, 6, 8)
+#: Packing must beat F.linear by this much on a row count to be taken there...
 PAYS_BELOW = 0.95
-#: ...and cost at most this much more on one row.
+#: ...and, to replace F.linear outright, cost at most this much more on one row.
 ONE_ROW_AT_MOST = 1.10
+#: The largest share of the memory available (``MemAvailable``) a second copy of the large weights may take
+#: for :class:`DualLinear`; past it, one layout is kept as before.
+DUAL_MEMORY_SHARE = 0.25
 
 
 def _median_s(fn, x: torch.Tensor, reps: int) -> float:
@@ -101,38 +148,75 @@ def _median_s(fn, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times)
 
 
-def packing_pays(layer: nn.Linear, reps: int = 7) -> tuple[bool, dict[int, float]]:
-    """Times ``layer`` plain (``F.linear``) and packed on :data:`PROBE_ROWS`
-    rows (median of ``reps`` each, after a warm-up call each) on the calling
-    thread. Returns whether packing pays: clearly faster on several rows
-    (ratio below :data:`PAYS_BELOW`: a verify or a batch) and not clearly
-    slower on one (ratio at most :data:`ONE_ROW_AT_MOST`: a lone decode, where
-    both read the same weights and timing noise decides), and packed / plain
-    time per row count (the ratios, for the log)."""
+def packing_ratios(layer: nn.Linear, reps: int = 7, rows: tuple[int, ...] = PROBE_ROWS) -> dict[int, float]:
+    """Times ``layer`` plain (``F.linear``) and packed on each count of
+    ``rows`` (median of ``reps`` each, after a warm-up call each) on the
+    calling thread. Returns packed / plain time per row count."""
     packed = PackedLinear(layer)
     plain = lambda x: F.linear(x, layer.weight, layer.bias)  # noqa: E731
     ratios = {}
     with torch.inference_mode():
-        for rows in PROBE_ROWS:
-            x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
+        for n in rows:
+            x = torch.randn(n, layer.in_features, dtype=layer.weight.dtype)
             plain(x), packed(x)  # warm-up: first calls allocate
             t_plain = _median_s(plain, x, reps)
             t_packed = _median_s(packed, x, reps)
-            ratios[rows] = t_packed / t_plain if t_plain > 0 else 1.0
-    return ratios[max(PROBE_ROWS)] < PAYS_BELOW and ratios[min(PROBE_ROWS)] <= ONE_ROW_AT_MOST, ratios
+            ratios[n] = t_packed / t_plain if t_plain > 0 else 1.0
+    return ratios
+
+
+def packed_from(ratios: dict[int, float]) -> int | None:
+    """The fewest rows from which packing was faster (ratio below
+    :data:`PAYS_BELOW`) at every row count measured, None where it was not
+    faster at the most rows measured. Pure."""
+    start = None
+    for n in sorted(ratios, reverse=True):
+        if ratios[n] >= PAYS_BELOW:
+            break
+        start = n
+    return start
+
+
+def packing_pays(layer: nn.Linear, reps: int = 7) -> tuple[bool, dict[int, float]]:
+    """Whether packing ``layer`` outright pays: clearly faster on several rows
+    (a verify or a batch) and not clearly slower on one (ratio at most
+    :data:`ONE_ROW_AT_MOST`: a lone decode, where both read the same weights
+    and timing noise decides), and the ratios (:func:`packing_ratios`)."""
+    ratios = packing_ratios(layer, reps)
+    return packed_from(ratios) is not None and ratios[min(ratios)] <= ONE_ROW_AT_MOST, ratios
+
+
+def _available_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def prepack_linears(model: nn.Module, batch_hint: int = BATCH_HINT, min_elements: int = MIN_ELEMENTS,
-                    measure: bool = True) -> int:
+                    measure: bool = True, dual_from: int | None = None) -> int:
     """Replaces every CPU ``nn.Linear`` of ``model`` with a weight of at least
-    ``min_elements`` elements by a :class:`PackedLinear`.
+    ``min_elements`` elements by a :class:`PackedLinear`, or by a
+    :class:`DualLinear` where packing pays only from some row count on.
+
+    With ``measure``, the largest such layer is timed plain and packed
+    (:func:`packing_ratios`; well under a second at start-up): packed
+    outright where packing is faster from several rows on and not clearly
+    slower on one; both layouts where it is faster from some row count on
+    but slower on one row and the second copy fits in
+    :data:`DUAL_MEMORY_SHARE` of the memory available; left as they are
+    otherwise. Without ``measure``: packed outright, or with ``dual_from``
+    both layouts, the packed one from that many rows (for tests).
 
     Returns how many were replaced (0 when the model is not on the CPU, its
-    dtype is not float32/bfloat16, the op is unsupported here, or, with
-    ``measure``, packing the largest such layer is slower here: see
-    :func:`packing_pays`; a few milliseconds at start-up). Tied
-    weights stay tied where they are read as weights (the embedding); the
-    output projection gets its own packed copy.
+    dtype is not float32/bfloat16, the op is unsupported here, or packing
+    does not pay). Tied weights stay tied where they are read as weights
+    (the embedding); the output projection gets its own packed copy.
     """
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or not supported(params[0].dtype):
@@ -145,15 +229,30 @@ def prepack_linears(model: nn.Module, batch_hint: int = BATCH_HINT, min_elements
         return 0
     if measure:
         largest = max((child for _, _, child in eligible), key=lambda c: c.weight.numel())
-        pays, ratios = packing_pays(largest)
+        ratios = packing_ratios(largest)
         shown = ", ".join(f"{rows} rows {r:.2f}x" for rows, r in ratios.items())
-        if not pays:
+        start = packed_from(ratios)
+        dual_from = None
+        if start is None:
             log.info("oneDNN packed linears are slower here (packed/plain time: %s); using F.linear", shown)
             return 0
-        log.info("oneDNN packed linears pay here (packed/plain time: %s)", shown)
+        if ratios[min(ratios)] > ONE_ROW_AT_MOST:
+            extra = sum(child.weight.numel() * child.weight.element_size() for _, _, child in eligible)
+            available = _available_bytes()
+            if available is None or extra > DUAL_MEMORY_SHARE * available:
+                log.info("oneDNN packed linears pay only from %d rows here (packed/plain time: %s), and a second "
+                         "copy of %.0f MiB of weights is over %.0f%% of the memory available; using F.linear",
+                         start, shown, extra / 2**20, DUAL_MEMORY_SHARE * 100)
+                return 0
+            dual_from = start
+            log.info("oneDNN packed linears pay from %d rows here (packed/plain time: %s): both layouts kept "
+                     "(%.0f MiB more)", start, shown, extra / 2**20)
+        else:
+            log.info("oneDNN packed linears pay here (packed/plain time: %s)", shown)
     for module, name, child in eligible:
-        setattr(module, name, PackedLinear(child, batch_hint))
+        setattr(module, name, PackedLinear(child, batch_hint) if dual_from is None
+                else DualLinear(child, dual_from, batch_hint))
     return len(eligible)
 
 
-__all__ = ["PackedLinear", "packing_pays", "prepack_linears", "supported"]
+__all__ = ["DualLinear", "PackedLinear", "packed_from", "packing_pays", "packing_ratios", "prepack_linears", "supported"]

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama as hf
 
-from services.engine.cpu_linear import PackedLinear
+from services.engine.cpu_linear import DualLinear, PackedLinear
 
 #: paged_attention(layer_index, query, key, value, scaling) -> [n, width, heads, head_dim]
 #: (query/key/value as transformers' attention functions get them: ``[n, heads, width, head_dim]``).
@@ -40,7 +40,7 @@ Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], tor
 
 def _linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The module's own product, without ``nn.Module.__call__``."""
-    if type(module) is PackedLinear:
+    if type(module) in (PackedLinear, DualLinear):
         return module.forward
     weight, bias = module.weight, module.bias
     return lambda x: F.linear(x, weight, bias)
@@ -63,10 +63,19 @@ def _fused(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] |
     rounds differently from its strided one, such as the activation). The
     layers' own weights (and biases) become row slices of the fused tensor:
     no memory is added, and transformers' modules read the same storage.
-    None, changing nothing, where the layers cannot be fused exactly: one is
-    not a plain ``nn.Linear`` (a packed one), dtypes, devices or input widths
-    differ, only some have a bias, or a slice would start unaligned."""
-    if any(type(m) is not nn.Linear for m in modules):
+    Layers that keep both layouts (:class:`~services.engine.cpu_linear.DualLinear`,
+    all from the same row count) fuse their plain weights alike; from that
+    row count on the product is theirs, packed, one after the other (a
+    packed product's fixed cost is small beside the weights it reads, and
+    transformers' path computes the same). None, changing nothing, where the
+    layers cannot be fused exactly: one is packed only or not a linear layer,
+    dtypes, devices or input widths differ, only some have a bias, or a slice
+    would start unaligned."""
+    kinds = {type(m) for m in modules}
+    if kinds == {DualLinear}:
+        if len({m.packed_from for m in modules}) != 1:
+            return None
+    elif kinds != {nn.Linear}:
         return None
     weights = [m.weight for m in modules]
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
@@ -87,6 +96,15 @@ def _fused(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] |
         m.weight.data = weight[start:start + rows]
         if bias is not None:
             m.bias.data = bias[start:start + rows]
+    if kinds == {DualLinear}:
+        packed = [m.packed_forward for m in modules]
+        from_elements = modules[0].packed_from_elements
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            if x.numel() >= from_elements:
+                return torch.cat([p(x) for p in packed], dim=-1)
+            return F.linear(x, weight, bias)
+        return product
     return lambda x: F.linear(x, weight, bias)
 
 
@@ -116,7 +134,7 @@ def unsupported(model, layers: range) -> str | None:
     if layers != range(model.config.num_hidden_layers) or len(decoder.layers) != len(layers):
         return "the runner holds a pipeline stage, not the whole model"
     expected = {hf.LlamaDecoderLayer, hf.LlamaAttention, hf.LlamaMLP, hf.LlamaRMSNorm, hf.LlamaRotaryEmbedding,
-                nn.Linear, PackedLinear, SiLUActivation, nn.SiLU, nn.Embedding}
+                nn.Linear, PackedLinear, DualLinear, SiLUActivation, nn.SiLU, nn.Embedding}
     parts = {"embed_tokens": decoder.embed_tokens, "norm": decoder.norm, "rotary_emb": decoder.rotary_emb,
              "lm_head": model.get_output_embeddings(),
              **{f"layers.{i}.{name}".rstrip("."): m for i, layer in enumerate(decoder.layers)
@@ -126,7 +144,7 @@ def unsupported(model, layers: range) -> str | None:
             return f"module {name} is a {type(module).__name__}"
         if "forward" in vars(module):
             return f"module {name} has its forward replaced (a hub kernel?)"
-    if type(model.get_output_embeddings()) not in (nn.Linear, PackedLinear):
+    if type(model.get_output_embeddings()) not in (nn.Linear, PackedLinear, DualLinear):
         return "the LM head is not a linear layer"
     return None
 

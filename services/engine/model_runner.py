@@ -91,11 +91,14 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, max_len: int | None = None,
                  prepack: bool = True, prepack_min_elements: int = MIN_ELEMENTS,
-                 prepack_measure: bool = True, layers: range | None = None, lean: bool = True) -> None:
+                 prepack_measure: bool = True, layers: range | None = None, lean: bool = True,
+                 prepack_dual_from: int | None = None) -> None:
         """``layers``: the decoder layers this runner holds (global indices; a
         pipeline stage's, see services.parallel); default all. The KV cache
         holds those layers and ``config.num_key_value_heads`` heads (a tensor-
         parallel shard's own, once services.parallel.shard has set them).
+        ``prepack_dual_from`` (without ``prepack_measure``, for tests): keep
+        both layouts, packed from that many rows (:class:`~services.engine.cpu_linear.DualLinear`).
         ``lean``: run a Llama-family model's layers through
         :mod:`services.engine.lean_llama` (the same logits, less Python per
         step) where it supports the model and reproduces transformers' logits
@@ -119,9 +122,10 @@ class ModelRunner:
         #: Parameters of the whole model (a shard's runner: set by services.parallel).
         self.num_parameters = sum(p.numel() for p in model.parameters())
         #: Linear layers whose weights were packed for oneDNN (0: stock F.linear).
-        #: With ``prepack_measure``, only where packing is faster on this CPU (timed at start-up).
-        self.prepacked = (prepack_linears(model, min_elements=prepack_min_elements, measure=prepack_measure)
-                          if prepack else 0)
+        #: With ``prepack_measure``, only where packing is faster on this CPU (timed at start-up), and
+        #: both layouts where it is faster only from some row count on.
+        self.prepacked = (prepack_linears(model, min_elements=prepack_min_elements, measure=prepack_measure,
+                                          dual_from=prepack_dual_from) if prepack else 0)
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         #: The lean forward of the model's layers, or None: transformers' modules.
