@@ -317,21 +317,53 @@ def assert_stands_down_where_the_model_would_go_on(speculator, seqs, kind):
     assert choose_gamma(one([speculator._alpha(s.spec) for s in seqs]), 0, periods) > 0
 
 
+def losing_until_it_stands_down(speculator, seqs, now, rows=6, limit=40):
+    """Steps in which only ``rows`` of the 32 sequences get a row, every proposal kept: 7.8 tokens a second
+    per sequence against a plain step's 10. Returns the gammas chosen, in order, until the first 0, and the
+    time then."""
+    chosen = []
+    for _ in range(limit):
+        speculator.before_schedule(seqs, 32)
+        if not speculator.gamma:
+            return chosen, now
+        chosen.append(speculator.gamma)
+        now += 0.12
+        verified_step(speculator, seqs[:rows], 0.120, now, accepted=4)
+    raise AssertionError(f"still speculating after {limit} losing steps: {chosen}")
+
+
 def test_speculation_that_delivered_less_than_plain_steps_stands_down_whatever_the_model_expects():
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
     seqs, now = plain_measured(speculator)
-    for step in range(8):
-        speculator.before_schedule(seqs, 32)
-        assert speculator.gamma > 0 or step >= 4
-        now += 0.12
-        # A verify of 5 tokens a row costs 1.2x a decode step and every proposal is kept: the model expects
-        # 5 tokens a row. But only 6 of the 32 sequences get a row (a cost the model does not see: the
-        # others neither verified nor waited for a draft): 30 tokens in 0.12 s, 7.8 a second per sequence.
-        verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
-    assert speculator.costs.realized(32, "draft_model", now, 60.0) == pytest.approx(30 / 32 / 0.12)
-    assert speculator.costs.table()[32]["realized_tokens_per_s"] == {"draft_model": pytest.approx(7.812, abs=0.001)}
-    assert speculator.costs.realized(32, "ngram", now, 60.0) is None  # kept per proposer kind
+    # A verify of 5 tokens a row costs 1.2x a decode step and every proposal is kept: the model expects
+    # 5 tokens a row. But only 6 of the 32 sequences get a row (a cost the model does not see: the
+    # others neither verified nor waited for a draft): 30 tokens in 0.12 s, 7.8 a second per sequence.
+    chosen, now = losing_until_it_stands_down(speculator, seqs, now)
+    # Each gamma measured to lose (3 steps counted, after the first) caps the next at half of it.
+    tried = list(dict.fromkeys(chosen))
+    assert tried[0] == 8 and all(b <= a // 2 for a, b in zip(tried, tried[1:])) and tried[-1] == 1, chosen
+    assert len(chosen) <= 4 * len(tried)
+    assert speculator.costs.realized(32, "draft_model", 8, now, 60.0) == pytest.approx(30 / 32 / 0.12)
+    assert speculator.costs.table()[32]["realized_tokens_per_s"]["draft_model:8"] == pytest.approx(7.812, abs=0.001)
+    assert speculator.costs.realized(32, "ngram", 8, now, 60.0) is None  # kept per proposer kind
     assert_stands_down_where_the_model_would_go_on(speculator, seqs, "draft_model")
+
+
+def test_a_long_gamma_that_lost_gives_way_to_a_shorter_one_that_pays():
+    # Acceptance that is not geometric: the first 2 proposals of a round are kept, never a third. The
+    # estimate (2 successes, 1 failure a round) expects long rounds to pay; rounds of 8 emit 3 tokens in
+    # a step of 0.2 s (15 a second, more than a plain step's 10); rounds of 2 emit 3 in 0.11 s (27 a second).
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs, now = plain_measured(speculator)
+    step_s = {g: 0.1 + 0.0125 * g for g in range(9)}
+    chosen = []
+    for _ in range(30):
+        speculator.before_schedule(seqs, 32)
+        gamma = speculator.gamma
+        chosen.append(gamma)
+        now += step_s[gamma] * (2.5 if gamma > 4 else 1.0)  # what the model does not see: long rounds cost more
+        verified_step(speculator, seqs, step_s[gamma], now, accepted=min(2, gamma), gamma=gamma)
+    assert chosen[0] == 8 and chosen[-1] in (1, 2, 3, 4) and 0 not in chosen, chosen
 
 
 def test_speculation_that_delivered_more_than_plain_steps_goes_on():
@@ -339,10 +371,11 @@ def test_speculation_that_delivered_more_than_plain_steps_goes_on():
     seqs, now = plain_measured(speculator)
     for _ in range(8):  # every sequence verified, 2 of 4 proposals kept: 3 tokens a row in 0.2 s, 15 a second
         speculator.before_schedule(seqs, 32)
+        gamma = speculator.gamma
         now += 0.2
         verified_step(speculator, seqs, 0.200, now, accepted=2)
     speculator.before_schedule(seqs, 32)
-    assert speculator.costs.realized(32, "draft_model", now, 60.0) == pytest.approx(15.0)
+    assert speculator.costs.realized(32, "draft_model", gamma, now, 60.0) == pytest.approx(15.0)
     assert speculator.gamma > 0
 
 
@@ -372,12 +405,12 @@ def test_lookups_that_found_nothing_are_not_counted_and_ones_that_lost_stand_dow
         now += 0.1
         speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.1, now)
     speculator.before_schedule(seqs, 32)
-    assert speculator.costs.realized(32, "ngram", now, 60.0) is None and speculator.gamma > 0
-    for _ in range(6):  # 6 of them find proposals, all kept; the others get no row (what the model misses)
-        speculator.before_schedule(seqs, 32)
-        now += 0.12
-        verified_step(speculator, seqs[:6], 0.120, now, accepted=4)
-    assert speculator.costs.realized(32, "ngram", now, 60.0) == pytest.approx(30 / 32 / 0.12)
+    gamma = speculator.gamma
+    assert gamma > 0 and speculator.costs.realized(32, "ngram", gamma, now, 60.0) is None
+    # 6 of them find proposals, all kept; the others get no row (what the model misses)
+    chosen, now = losing_until_it_stands_down(speculator, seqs, now)
+    assert chosen[0] == gamma
+    assert speculator.costs.realized(32, "ngram", gamma, now, 60.0) == pytest.approx(30 / 32 / 0.12)
     assert_stands_down_where_the_model_would_go_on(speculator, seqs, "ngram")
 
 
@@ -385,14 +418,9 @@ def test_a_loss_is_measured_again_after_explore_s_and_each_one_confirmed_doubles
     speculator = Speculator(SpeculationSettings(explore_s=5.0))
     seqs, now = plain_measured(speculator)
 
-    def losing_steps(n):
+    def losing_steps():
         nonlocal now
-        for _ in range(n):
-            speculator.before_schedule(seqs, 32)
-            if not speculator.gamma:
-                return
-            now += 0.12
-            verified_step(speculator, seqs[:6], 0.120, now, accepted=4)  # 7.8 tokens/s a sequence against 10
+        _, now = losing_until_it_stands_down(speculator, seqs, now)
 
     def plain_until(t):
         nonlocal now
@@ -404,12 +432,12 @@ def test_a_loss_is_measured_again_after_explore_s_and_each_one_confirmed_doubles
                 return now
         return None
 
-    losing_steps(8)
+    losing_steps()
     assert speculator.gamma == 0
     started = now
     resumed = plain_until(started + 20)
     assert resumed is not None and 5.0 <= resumed - started < 5.5  # measured again after explore_s
-    losing_steps(8)
+    losing_steps()
     assert speculator.gamma == 0
     started = now
     resumed = plain_until(started + 20)

@@ -179,8 +179,8 @@ class _Bucket:
     #: proposer kind -> gamma -> fractions of the speculating sequences verified / sitting out at a step of gamma
     ready: dict[str, dict[int, Ewma]] = field(default_factory=dict)
     sat_out: dict[str, dict[int, Ewma]] = field(default_factory=dict)
-    #: proposer kind -> steps in which the cost model speculated, as they turned out and as it expected them
-    realized: dict[str, "_Realized"] = field(default_factory=dict)
+    #: (proposer kind, gamma) -> steps in which the cost model speculated with that gamma, as they turned out
+    realized: dict[tuple[str, int], "_Realized"] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
 
@@ -219,38 +219,38 @@ class StepCosts:
         b.ready.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(ready, 0.0), 1.0))
         b.sat_out.setdefault(kind, {}).setdefault(gamma, Ewma()).add(min(max(sat_out, 0.0), 1.0))
 
-    def observe_realized(self, batch: int, kind: str, tokens: int, seconds: float, now: float) -> None:
-        """A step in which the cost model speculated, with ``batch`` sequences
-        running and proposals from proposers of ``kind``, emitted ``tokens``
-        (verified ones and the target's own, one per row without a proposal,
-        none for a sequence that sat the step out) in ``seconds`` (the gap
-        before its forward and the forward), counted at ``now``. Ignored
-        unless both are positive numbers of sequences and seconds."""
+    def observe_realized(self, batch: int, kind: str, gamma: int, tokens: int, seconds: float, now: float) -> None:
+        """A step in which the cost model speculated with ``gamma``, with
+        ``batch`` sequences running and proposals from proposers of ``kind``,
+        emitted ``tokens`` (verified ones and the target's own, one per row
+        without a proposal, none for a sequence that sat the step out) in
+        ``seconds`` (the gap before its forward and the forward), counted at
+        ``now``. Ignored unless both are positive numbers of sequences and seconds."""
         if batch <= 0 or seconds <= 0:
             return
         b = self._buckets.setdefault(bucket(batch), _Bucket())
-        r = b.realized.setdefault(kind, _Realized())
+        r = b.realized.setdefault((kind, gamma), _Realized())
         r.tokens.add(tokens / batch)
         r.seconds.add(seconds)
         r.at = now
 
-    def realized(self, batch: int, kind: str, now: float, max_age_s: float,
+    def realized(self, batch: int, kind: str, gamma: int, now: float, max_age_s: float,
                  min_steps: int = REALIZED_MIN_STEPS) -> float | None:
-        """Tokens per second per running sequence that steps speculating at
-        this batch size's bucket with proposers of ``kind`` delivered (recent
-        steps weigh most), None before ``min_steps`` were counted. A record
-        whose last step is more than ``max_age_s`` before ``now`` is dropped
-        (None): the machine may have changed, and its steps are counted
-        afresh. Below a plain step's ``1 / period(batch, 0)``, speculating
-        there lost, whatever the model expected: it missed a cost (the
-        draft's compute taking the target's cores, catch-up rounds,
-        acceptance that is not geometric)."""
+        """Tokens per second per running sequence that steps speculating with
+        ``gamma`` at this batch size's bucket with proposers of ``kind``
+        delivered (recent steps weigh most), None before ``min_steps`` were
+        counted. A record whose last step is more than ``max_age_s`` before
+        ``now`` is dropped (None): the machine may have changed, and its steps
+        are counted afresh. Below a plain step's ``1 / period(batch, 0)``,
+        speculating so lost, whatever the model expected: it missed a cost
+        (the draft's compute taking the target's cores, catch-up rounds,
+        acceptance that is not geometric, which a long gamma pays most)."""
         b = self._buckets.get(bucket(batch))
-        r = b.realized.get(kind) if b is not None else None
+        r = b.realized.get((kind, gamma)) if b is not None else None
         if r is None:
             return None
         if now - r.at > max_age_s:
-            del b.realized[kind]
+            del b.realized[(kind, gamma)]
             return None
         if r.seconds.samples < min_steps or r.seconds.value <= 0:
             return None
@@ -300,7 +300,7 @@ class StepCosts:
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms},
         "ready": {"kind:gamma": fraction}, "sat_out": {"kind:gamma": fraction},
-        "realized_tokens_per_s": {kind: per running sequence}}."""
+        "realized_tokens_per_s": {"kind:gamma": per running sequence}}."""
         return {k: {"forward_ms": {w: round(e.value * 1000, 3) for w, e in sorted(b.forward.items())},
                     "gap_ms": {f"{kind}:{g}" if kind else g: round(e.value * 1000, 3)
                                for kind, cells in sorted(b.gap.items()) for g, e in sorted(cells.items())},
@@ -308,7 +308,8 @@ class StepCosts:
                               for kind, cells in sorted(b.ready.items()) for g, e in sorted(cells.items())},
                     "sat_out": {f"{kind}:{g}": round(e.value, 3)
                                 for kind, cells in sorted(b.sat_out.items()) for g, e in sorted(cells.items())},
-                    "realized_tokens_per_s": {kind: round(r.rate(), 3) for kind, r in sorted(b.realized.items())
+                    "realized_tokens_per_s": {f"{kind}:{g}": round(r.rate(), 3)
+                                              for (kind, g), r in sorted(b.realized.items())
                                               if r.seconds.value > 0}}
                 for k, b in sorted(self._buckets.items())}
 

@@ -91,11 +91,13 @@ def _kind(specs: list[SpecState]) -> str:
 @dataclass
 class _Decision:
     """The cost model's decision to speculate at a step: the sequences
-    running (and how many there were) and the proposer kind the batch waits for."""
+    running (and how many there were), the proposer kind the batch waits for
+    and the gamma chosen."""
 
     running: list[Sequence]
     batch: int
     kind: str
+    gamma: int
 
 
 @dataclass
@@ -167,7 +169,8 @@ class Speculator:
         row of a big batch to gamma + 1 tokens. The draft discards them at the
         next round."""
         if (a := self._account) is not None:  # the last step's tokens are all in (after_verify)
-            self.costs.observe_realized(a.decision.batch, a.decision.kind, a.tokens, a.seconds, self._now)
+            self.costs.observe_realized(a.decision.batch, a.decision.kind, a.decision.gamma, a.tokens, a.seconds,
+                                        self._now)
             self._account = None
         if not running:
             self._last_end = None  # idle: the next gap is not a step's cost
@@ -204,19 +207,26 @@ class Speculator:
             gamma = choose_gamma(speculating, plain, periods)
             where = bucket(len(running))
             wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
-            # What speculating steps delivered here, as counted; older than the wait, it is measured afresh.
-            realized = self.costs.realized(len(running), kind, self._now, max_age_s=wait)
-            if gamma > 0 and realized is not None:
-                if realized * periods[0] < 1.0:  # less than a plain step's token per sequence per period
-                    gamma = 0
+            if gamma > 0:
+                # What speculating steps delivered here, per gamma, as counted (older than the wait, it is
+                # measured afresh): a gamma that lost caps the next at half of it, down to none.
+                losing = [g for g in range(1, len(periods))
+                          if (r := self.costs.realized(len(running), kind, g, self._now, max_age_s=wait)) is not None
+                          and r * periods[0] < 1.0]  # less than a plain step's token per sequence per period
+                if losing:
+                    cap = min(losing) // 2
+                    gamma = choose_gamma(speculating, plain, periods[:cap + 1]) if cap else 0
+                if gamma == 0:
                     if self._stood_down.get(where):  # measured again, and it still loses: wait twice as long
                         self._explored[where] = self._explored.get(where, 0) + 1
                     self._stood_down[where] = False
-                else:  # measured to pay: back to the shortest wait
-                    self._stood_down.pop(where, None)
+                elif self.costs.realized(len(running), kind, gamma, self._now, max_age_s=wait) is not None:
+                    self._stood_down.pop(where, None)  # measured to pay: back to the shortest wait
                     self._explored.pop(where, None)
+                elif where in self._stood_down:
+                    self._stood_down[where] = True  # the loss is being measured again
             elif where in self._stood_down:
-                self._stood_down[where] = True  # the loss is being measured again
+                self._stood_down[where] = True
             last = self.costs.speculated_at(len(running))
             if gamma == 0 and (last is None or self._now - last >= wait):
                 # Costs measured long ago may no longer hold: one round to measure them again. Each round
@@ -226,7 +236,7 @@ class Speculator:
                 if last is not None:
                     self._explored[where] = self._explored.get(where, 0) + 1
         if gamma > 0:
-            self._decision = _Decision(running, len(running), kind)
+            self._decision = _Decision(running, len(running), kind, gamma)
         return gamma
 
     def _speculating(self, specs: list[SpecState], batch: int, gamma_max: int) -> list[Speculating]:
