@@ -18,7 +18,7 @@ weights change layout. Where the op is missing or does not reproduce
 ``F.linear`` on a probe, nothing is changed; and since what pays depends on
 the CPU (oneDNN's kernels for AVX512 and AMX are not those for AVX2), the
 packed and plain products of the model's largest layer are timed at start-up
-(:func:`packing_pays`) and the weights are packed only where packing is
+(:func:`packing_ratios`) and the weights are packed only where packing is
 faster on this machine.
 
 Where packing is faster for several rows but slower for one, as on the
@@ -177,15 +177,6 @@ def packed_from(ratios: dict[int, float]) -> int | None:
     return start
 
 
-def packing_pays(layer: nn.Linear, reps: int = 7) -> tuple[bool, dict[int, float]]:
-    """Whether packing ``layer`` outright pays: clearly faster on several rows
-    (a verify or a batch) and not clearly slower on one (ratio at most
-    :data:`ONE_ROW_AT_MOST`: a lone decode, where both read the same weights
-    and timing noise decides), and the ratios (:func:`packing_ratios`)."""
-    ratios = packing_ratios(layer, reps)
-    return packed_from(ratios) is not None and ratios[min(ratios)] <= ONE_ROW_AT_MOST, ratios
-
-
 def _available_bytes() -> int | None:
     """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
     try:
@@ -255,4 +246,4 @@ def prepack_linears(model: nn.Module, batch_hint: int = BATCH_HINT, min_elements
     return len(eligible)
 
 
-__all__ = ["DualLinear", "PackedLinear", "packed_from", "packing_pays", "packing_ratios", "prepack_linears", "supported"]
+__all__ = ["DualLinear", "PackedLinear", "packed_from", "packing_ratios", "prepack_linears", "supported"]

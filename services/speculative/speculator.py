@@ -432,11 +432,12 @@ class Speculator:
         if spec.reviewed == key:
             return Action.KEEP, ""
         can_fall_back = spec.fallback is not None
+        alpha = self._alpha(spec)
         current = fallback = None
         if can_fall_back and c.rounds and self.uses_cost_model and self._batch:  # only a fallback reads them
-            current = self._prospect(self._alpha(spec), spec.method, c.hi)
+            current = self._prospect(alpha, spec.method, c.hi)
             fallback = self._prospect(self.pools[NGRAM].alpha(0.5), NGRAM, c.hi)
-        action, reason = review(MethodRecord(c.rounds, self._alpha(spec), c.ema), max(0, self._batch - 1),
+        action, reason = review(MethodRecord(c.rounds, alpha, c.ema), max(0, self._batch - 1),
                                 s.min_acceptance, s.min_rounds, can_fall_back, current, fallback)
         spec.reviewed = key if action is Action.KEEP else None
         return action, reason
