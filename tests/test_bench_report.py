@@ -97,3 +97,24 @@ def test_mbu_counts_the_weights_a_decode_step_reads_and_the_kv_cache(tmp_path):
     assert bytes_per_token(tmp_path, 10) == (weights + 2 * 2 * 1 * 4 * 10) * 4  # keys and values, 10 positions
     assert mbu(100.0, tmp_path, 0, weights * 4 * 200 / 1e9) == 0.5  # half the batch-1 bound
     assert mbu(0.0, tmp_path, 0, 1.0) is None
+
+
+async def test_the_report_says_the_weight_layout_the_served_target_chose(tiny_models):
+    """``packed_weights`` and ``weight_layout`` come from the targets behind the
+    router (GetInfo), not from a constant: here a tiny model whose layers are
+    too small to pack."""
+    from tests.router_helpers import register, running_router, start_target, wait_routable
+
+    target = await start_target(tiny_models)
+    try:
+        async with running_router() as (app, stub, _):
+            await register(stub, "t1", target.address)
+            await wait_routable(stub, ["t1"])
+            layouts = await scenarios.target_layouts(app.address)
+    finally:
+        await target.stop(0)
+    assert layouts == [target.loaded.engine.runner.weight_layout] == ["plain"]
+    assert scenarios.weight_facts(layouts) == {"packed_weights": False, "weight_layout": "plain"}
+    assert scenarios.weight_facts(["both, packed from 4 rows", "plain", ""]) == {
+        "packed_weights": True, "weight_layout": "both, packed from 4 rows; plain"}
+    assert scenarios.weight_facts([""]) == {"packed_weights": None, "weight_layout": ""}

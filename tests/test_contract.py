@@ -6,6 +6,7 @@ docstring names the fields it covers."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 import pytest
@@ -111,7 +112,8 @@ async def test_a_speculative_stream_reports_where_the_rounds_time_went(target):
 async def test_get_info_describes_the_loaded_model(target, draft, tiny_models):
     """ModelInfo.model_name (the directory's name), model_path, vocab_size,
     max_context, eos_token_ids, num_parameters, dtype, device, role,
-    tokenizer_hash (equal for a draft and target with the same tokenizer), on
+    tokenizer_hash (equal for a draft and target with the same tokenizer),
+    weight_layout ("plain", "packed" or "both, packed from N rows"), on
     both TargetModel.GetInfo and DraftModel.GetInfo."""
     _, tstub, _ = target
     _, dstub = draft
@@ -126,6 +128,7 @@ async def test_get_info_describes_the_loaded_model(target, draft, tiny_models):
         assert list(info.eos_token_ids) == [tiny_models.tokenizer.eos_token_id]
         assert info.dtype == "float32" and info.device == "cpu"
         assert info.num_parameters > 0
+        assert re.fullmatch(r"plain|packed|both, packed from [1-9][0-9]* rows", info.weight_layout), info.weight_layout
     t = await tstub.GetInfo(model_pb2.GetInfoRequest())
     d = await dstub.GetInfo(model_pb2.GetInfoRequest())
     assert t.num_parameters > d.num_parameters

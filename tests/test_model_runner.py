@@ -53,8 +53,10 @@ def test_packing_replaces_every_linear_and_keeps_its_output():
     with torch.inference_mode():
         want = model(x)
         weight = model[0].weight.detach().clone()
+        assert cpu_linear.weight_layout(model) == "plain"
         assert cpu_linear.prepack_linears(model, min_elements=0, measure=False) == 2
         assert not any(type(m) is nn.Linear for m in model.modules())
+        assert cpu_linear.weight_layout(model) == "packed"
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
         for rows in (1, 3, 17):  # any number of rows, not only the packing hint
             y = torch.randn(rows, 96)
@@ -99,6 +101,7 @@ def test_both_layouts_are_kept_where_packing_pays_only_from_some_row_count(monke
     assert cpu_linear.prepack_linears(model, min_elements=0) == 2
     layer = model[1]
     assert type(layer) is cpu_linear.DualLinear and layer.packed_from == 4
+    assert cpu_linear.weight_layout(model) == "both, packed from 4 rows"  # what GetInfo and the bench report
     # Fewer rows take F.linear's product exactly; from four rows on, the packed one (same values, within rounding).
     for shape in [(3, 64), (1, 3, 64), (4, 64), (2, 5, 64)]:
         x = torch.randn(*shape)

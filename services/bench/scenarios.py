@@ -16,7 +16,7 @@ from services.bench.loadgen import RunResult, closed_loop, greedy_request
 from services.bench.machine import machine_info, mbu
 from services.bench.prompt_sets import copy_heavy, open_ended
 from services.common.stubs import generation_pb2 as gen
-from services.common.stubs import router_pb2_grpc
+from services.common.stubs import model_pb2, model_pb2_grpc, router_pb2, router_pb2_grpc, stats_pb2
 from services.models.corpus import heldout_prompts
 
 
@@ -46,6 +46,35 @@ def _suite(opts: BenchOptions, specs_fn):
         return nullcontext({"router": opts.router})
     log_dir = Path(tempfile.mkdtemp(prefix="llmesh-bench-"))
     return local_suite.running(specs_fn(), log_dir)
+
+
+async def target_layouts(router: str) -> list[str]:
+    """Each target's weight layout behind ``router`` (``ModelInfo.weight_layout``
+    by GetInfo on the addresses the router lists), "" for one that does not
+    answer in 5 s or does not say."""
+    async with grpc.aio.insecure_channel(router) as channel:
+        listed = await router_pb2_grpc.RouterStub(channel).ListInstances(
+            router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_TARGET), timeout=5.0)
+    layouts = []
+    for instance in listed.instances:
+        try:
+            async with grpc.aio.insecure_channel(instance.spec.address) as channel:
+                info = await model_pb2_grpc.TargetModelStub(channel).GetInfo(model_pb2.GetInfoRequest(), timeout=5.0)
+            layouts.append(info.weight_layout)
+        except grpc.aio.AioRpcError:
+            layouts.append("")
+    return layouts
+
+
+def weight_facts(layouts: list[str]) -> dict:
+    """What the served targets' weights are (``layouts`` from
+    :func:`target_layouts`), as the report says it: ``weight_layout`` (one
+    target's :func:`services.engine.cpu_linear.weight_layout`, or every
+    distinct one joined by "; ") and ``packed_weights`` (whether any target
+    holds a packed copy; None when none says). Pure."""
+    layouts = sorted({layout for layout in layouts if layout})
+    return {"packed_weights": any(layout != "plain" for layout in layouts) if layouts else None,
+            "weight_layout": "; ".join(layouts)}
 
 
 def _prompts(n: int) -> list[str]:
@@ -90,6 +119,7 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     make = lambda i: greedy_request(prompts[i % len(prompts)], new_tokens, speculate=False)  # noqa: E731
     points = {}
     with _suite(opts, specs) as addrs:
+        layout = weight_facts(asyncio.run(target_layouts(addrs["router"])))
         for c in concurrencies:
             runs = asyncio.run(_measure(addrs["router"], {"": make}, c, max(4, 2 * c), opts.repeats, f"c={c}",
                                         opts.progress))[""]
@@ -101,7 +131,7 @@ def batching(opts: BenchOptions, concurrencies=(1, 4, 16, 32), new_tokens: int =
     context = _prompt_tokens(model_dir, prompts[:8]) + new_tokens / 2
     return {
         "scenario": "batching", "model": opts.model, "new_tokens": new_tokens, "repeats": opts.repeats,
-        **machine, "packed_weights": True,
+        **machine, **layout,
         f"mbu_c{cmin}": mbu(served[cmin], model_dir, context, machine["memory_bandwidth_gbs"]),
         "served_tps": {str(c): round(v, 1) for c, v in served.items()},
         "offline_hf_tps_b32": round(off, 1),
@@ -297,6 +327,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
 
     with (nullcontext({"router": opts.router}) if opts.router else _spec_suite(opts)) as addrs:
         router = addrs["router"]
+        layout = weight_facts(asyncio.run(target_layouts(router)))
         c1 = asyncio.run(_measure(router, {"off": make(False, prompts_n), "on": make(True, prompts_n)}, 1,
                                   prompts_n, opts.repeats, "c1 speculation", opts.progress))
         c16 = asyncio.run(_measure(router, {"off": make(False, 32), "on": make(True, 32)}, 16, 32, opts.repeats,
@@ -318,7 +349,7 @@ def speculative(opts: BenchOptions, new_tokens: int = 128, prompts_n: int = 6, g
     return {
         "scenario": "speculative", "model": opts.model, "draft": opts.draft, "new_tokens": new_tokens,
         "prompts": prompts_n, "repeats": opts.repeats, "gamma": gamma or "cost model",
-        **machine, "packed_weights": True,
+        **machine, **layout,
         "target_only_tps": round(target_only, 1), "spec_tps": round(spec, 1), "hf_assisted_tps": round(hf, 1),
         "speedup_vs_target_only": _ratio(spec, target_only),
         "ratio_vs_hf_assisted": _ratio(spec, hf),

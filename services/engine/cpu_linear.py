@@ -246,4 +246,19 @@ def prepack_linears(model: nn.Module, batch_hint: int = BATCH_HINT, min_elements
     return len(eligible)
 
 
-__all__ = ["DualLinear", "PackedLinear", "packed_from", "packing_ratios", "prepack_linears", "supported"]
+def weight_layout(model: nn.Module) -> str:
+    """How ``model``'s linear layers hold their weights, as reports say it:
+    "plain" (``F.linear``'s layout everywhere), "packed" (oneDNN's packed
+    layout in every replaced layer, see :class:`PackedLinear`), or
+    "both, packed from N rows" (:class:`DualLinear`, the smallest ``N`` of its
+    layers). Pure: reads the modules, times nothing."""
+    dual = [m.packed_from for m in model.modules() if isinstance(m, DualLinear)]
+    if dual:
+        return f"both, packed from {min(dual)} rows"
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        return "packed"
+    return "plain"
+
+
+__all__ = ["DualLinear", "PackedLinear", "packed_from", "packing_ratios", "prepack_linears", "supported",
+           "weight_layout"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from services.common.errors import InvalidArgument, OutOfRange
-from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears
+from services.engine.cpu_linear import MIN_ELEMENTS, prepack_linears, weight_layout
 from services.engine.kv_cache import PagedKVCache
 from services.engine.lean_llama import LeanLlama, unsupported
 
@@ -126,6 +126,9 @@ class ModelRunner:
         #: both layouts where it is faster only from some row count on.
         self.prepacked = (prepack_linears(model, min_elements=prepack_min_elements, measure=prepack_measure,
                                           dual_from=prepack_dual_from) if prepack else 0)
+        #: :func:`services.engine.cpu_linear.weight_layout` of the model after packing ("plain", "packed",
+        #: "both, packed from N rows"), as GetInfo reports it.
+        self.weight_layout = weight_layout(model)
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         #: The lean forward of the model's layers, or None: transformers' modules.

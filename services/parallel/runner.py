@@ -54,6 +54,8 @@ class ParallelRunner:
         self.dtype = local.dtype
         self.num_parameters = local.num_parameters
         self.prepacked = local.prepacked
+        #: This rank's layout (each rank times packing for its own shard at load).
+        self.weight_layout = local.weight_layout
         self.micro_batches = micro_batches
         self.heartbeat_s = heartbeat_s
         self._lock = threading.Lock()

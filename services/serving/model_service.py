@@ -107,7 +107,8 @@ def model_info(loaded: LoadedModel, instance_id: str, role: int, settings: model
         instance_id=instance_id, role=role, model_name=loaded.model_name, model_path=loaded.model_path,
         vocab_size=engine.vocab_size, max_context=engine.max_context, eos_token_ids=loaded.eos_token_ids,
         num_parameters=engine.runner.num_parameters, dtype=loaded.dtype, device=loaded.device,
-        settings=settings, tokenizer_hash=loaded.tokenizer_hash)
+        settings=settings, tokenizer_hash=loaded.tokenizer_hash,
+        weight_layout=getattr(engine.runner, "weight_layout", ""))
 
 
 #: The ConfigureRequest fields that are engine knobs (the rest are the target's speculation knobs).
