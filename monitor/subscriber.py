@@ -78,20 +78,27 @@ class StatsSubscriber:
         channel = self._channel_factory(self.router_address)
         stub = router_pb2_grpc.RouterStub(channel)
         failing = False
+        answered = False  # a router that never answered yet is starting (the suite starts together), not failing
         try:
             while True:
                 try:
                     reply = await stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self.rpc_timeout_s)
                 except grpc.aio.AioRpcError as exc:
-                    (log.debug if failing else log.warning)(
-                        "router %s: ListInstances failed (%s: %s); retrying", self.router_address,
-                        exc.code().name, exc.details())
+                    if failing:
+                        log.debug("router %s: ListInstances failed (%s: %s); retrying", self.router_address,
+                                  exc.code().name, exc.details())
+                    elif answered:
+                        log.warning("router %s: ListInstances failed (%s: %s); retrying", self.router_address,
+                                    exc.code().name, exc.details())
+                    else:
+                        log.info("router %s not answering yet (%s); waiting for it", self.router_address,
+                                 exc.code().name)
                     failing = True
                     await asyncio.sleep(backoff.next())
                     continue
                 if failing:
-                    log.info("router %s: listing instances again", self.router_address)
-                failing = False
+                    log.info("router %s: listing instances%s", self.router_address, " again" if answered else "")
+                failing, answered = False, True
                 backoff.reset()
                 self.sync([codec.instance_of(s) for s in reply.instances])
                 await asyncio.sleep(self.list_interval_s)

@@ -29,6 +29,8 @@ class RouterClient:
         self._timeout_s = timeout_s
         self._clock = clock
         self._labels = labels or {}
+        #: Whether the router answered ListInstances once (before: it is starting, and a failure is not news).
+        self._answered = False
 
     async def refresh(self) -> bool:
         """True when the router answered."""
@@ -37,10 +39,14 @@ class RouterClient:
                                                    metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if not self._state.listing_error:
-                log.warning("router: ListInstances failed (%s: %s)", exc.code().name, exc.details())
+                if self._answered:
+                    log.warning("router: ListInstances failed (%s: %s)", exc.code().name, exc.details())
+                else:  # never answered yet: starting with the suite, not failing
+                    log.info("router not answering yet (%s); waiting for it", exc.code().name)
             self._state.listing_failed(exc.code().name)
             return False
         self._state.set_listing([codec.instance_of(s) for s in reply.instances if s.spec.address], self._clock())
+        self._answered = True
         return True
 
     async def instance(self, instance_id: str, pool: str) -> PoolMember | None:

@@ -122,6 +122,9 @@ def test_generate_flags_become_a_request_and_unset_ones_stay_unset():
     pinned = build_request(build_parser().parse_args(["generate", "hi", "--speculate",
                                                       "--speculative-method", "ngram"]))
     assert pinned.speculation.enabled and pinned.speculation.method == gen.SPECULATION_METHOD_NGRAM
+    # The method alone: no "enabled" sent, and the target speculates for a request that names one.
+    named = build_request(build_parser().parse_args(["generate", "hi", "--speculative-method", "ngram"]))
+    assert not named.speculation.HasField("enabled") and named.speculation.method == gen.SPECULATION_METHOD_NGRAM
 
 
 def test_the_summary_says_how_the_stream_speculated():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
 
 import grpc
@@ -120,7 +121,8 @@ async def test_an_instance_that_leaves_the_router_is_dropped(fake_router, instan
     assert "a" not in (await mon.throughput()).per_instance
 
 
-async def test_serves_before_the_router_is_up_and_follows_it_when_it_comes(instances, monitor):
+async def test_serves_before_the_router_is_up_and_follows_it_when_it_comes(instances, monitor, caplog):
+    caplog.set_level(logging.INFO, logger="monitor.subscriber")
     port = free_port()
     mon = await monitor(f"127.0.0.1:{port}")
     health = await health_pb2_grpc.HealthStub(mon.channel).Check(health_pb2.HealthCheckRequest())
@@ -135,6 +137,16 @@ async def test_serves_before_the_router_is_up_and_follows_it_when_it_comes(insta
         await eventually(lambda: _has_tokens(mon))
     finally:
         await router.stop()
+    # A router not up yet is a suite starting together, said at INFO; one that answered and then
+    # stops is news (2026-12-01: every `llmesh up` logged a WARNING for the former).
+    waiting = [r for r in caplog.records if "not answering yet" in r.getMessage()]
+    assert waiting and all(r.levelno == logging.INFO for r in waiting)
+    assert not [r for r in caplog.records if r.name == "monitor.subscriber" and r.levelno >= logging.WARNING]
+    await eventually(lambda: _warned(caplog), what="a warning once the router that answered stops")
+
+
+async def _warned(caplog) -> bool:
+    return any(r.levelno == logging.WARNING and "ListInstances failed" in r.getMessage() for r in caplog.records)
 
 
 async def _reporting(mon: Running, key: str) -> bool:

@@ -359,3 +359,33 @@ async def test_serves_its_own_stats(fake_router, scaler):
     report = await call.read()
     call.cancel()
     assert report.role == stats_pb2.ROLE_SCALER
+
+
+async def test_a_router_not_up_yet_is_waited_for_quietly_and_one_that_stops_is_warned_of(caplog):
+    """The suite starts together: a router that never answered is starting (INFO); one that answered
+    and then does not is news (WARNING), once until it answers again."""
+    import logging
+
+    from scaler.policy import Policy
+    from scaler.router_client import RouterClient
+    from scaler.state import ScalerState
+
+    caplog.set_level(logging.INFO, logger="scaler.router_client")
+    port = free_port()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    state = ScalerState(Policy(), "local")
+    client = RouterClient(channel, state, 0.5, time.monotonic)
+    try:
+        assert not await client.refresh()
+        router = await FakeRouter().start(port)
+        try:
+            await eventually(lambda: client.refresh(), what="the router to answer")  # past the channel's backoff
+        finally:
+            await router.stop()
+        assert not await client.refresh()
+        assert not await client.refresh()
+    finally:
+        await channel.close()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "scaler.router_client"]
+    assert [level for level, _ in said] == [logging.INFO, logging.WARNING], said
+    assert "not answering yet" in said[0][1] and "ListInstances failed" in said[1][1]

@@ -96,3 +96,31 @@ async def test_a_target_without_a_draft_speculates_by_lookup(tiny_models, refere
     finally:
         await channel.close()
         await target.stop(0)
+
+
+async def test_a_request_that_says_how_to_speculate_speculates(tiny_models, reference_model):
+    """``llmesh generate --speculative-method ngram`` (or ``--gamma 3``) alone, on
+    a target whose default is not to speculate: the request named a method or a
+    gamma, so it speculates; ``enabled = false`` still wins (2026-12-01: a new
+    user's ``--speculative-method ngram`` printed no speculation at all)."""
+    target, channel, stub = await start_target(tiny_models, speculation_default=False)
+    try:
+        want = hf_greedy(reference_model, COPY_HEAVY, 24)
+        by_method = spec_request(COPY_HEAVY, 24, method=gen.SPECULATION_METHOD_NGRAM)
+        by_method.speculation.ClearField("enabled")
+        by_gamma = spec_request(COPY_HEAVY, 24, gamma=3)
+        by_gamma.speculation.ClearField("enabled")
+        for req in (by_method, by_gamma):
+            tokens, last = await run_stream(stub, req)
+            assert tokens == want
+            s = last.speculation
+            assert s.method == gen.SPECULATION_METHOD_NGRAM and s.rounds > 0 and s.proposed_tokens > 0, s
+        plain = spec_request(COPY_HEAVY, 24)
+        plain.speculation.ClearField("enabled")  # says nothing: the target's default, off
+        off = spec_request(COPY_HEAVY, 24, spec=False, method=gen.SPECULATION_METHOD_NGRAM)
+        for req in (plain, off):
+            tokens, last = await run_stream(stub, req)
+            assert tokens == want and not last.HasField("speculation")
+    finally:
+        await channel.close()
+        await target.stop(0)

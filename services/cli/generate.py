@@ -139,8 +139,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="speculative decoding (default: the target's setting); with no --speculative-method, the "
                         "target's method: the draft model, falling back to n-gram lookup where it does not pay")
     p.add_argument("--speculative-method", choices=("draft_model", "ngram"), default=None,
-                   help="propose with this method only, no fallback (default: the target's)")
-    p.add_argument("--gamma", type=argtypes.gamma, help="draft tokens per round, 1-16 (default: adaptive)")
+                   help="speculate, proposing with this method only, no fallback (default: the target's); "
+                        "implies --speculate unless --no-speculate")
+    p.add_argument("--gamma", type=argtypes.gamma,
+                   help="speculate with this many draft tokens per round, 1-16 (default: adaptive); implies "
+                        "--speculate unless --no-speculate")
     p.add_argument("--timeout", type=argtypes.seconds, default=300.0, help="deadline in seconds (default: %(default)s)")
     add_client_tls_arguments(p)
     p.set_defaults(func=run)

@@ -75,8 +75,9 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
             yield chunk
 
     def _speculation(self, request, req, request_id: str, vocab_size: int) -> SpeculationRequest | None:
-        """The request's proposer when it speculates (its own setting, else the
-        default). A request that does not name its method proposes as
+        """The request's proposer when it speculates: its own setting, else
+        yes when it names a method or a gamma (it asked how to speculate),
+        else the default. A request that does not name its method proposes as
         ``--speculative-method`` says; with the draft model, it falls back to
         n-gram lookup in this process when no draft serves it or its acceptance
         does not pay (:mod:`services.speculative.fallback`). A request that
@@ -85,7 +86,11 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         An unseeded request gets its random seed here, so that the draft draws
         with the same noise as the target."""
         s = request.speculation
-        enabled = s.enabled if s.HasField("enabled") else self.config.speculation_default
+        if s.HasField("enabled"):
+            enabled = s.enabled
+        else:
+            enabled = (s.method != gen.SPECULATION_METHOD_UNSPECIFIED or s.HasField("gamma")
+                       or self.config.speculation_default)
         if not enabled:
             return None
         c = self.config
