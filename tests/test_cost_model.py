@@ -262,10 +262,12 @@ class SilentProposer(InstantProposer):
 def test_the_speculator_counts_the_sequences_that_sat_a_step_out_waiting_for_their_drafts():
     speculator = Speculator(SpeculationSettings(explore_s=0.0))  # measuring: a round at every decision
     seqs = speculating(speculator, 32)
+    for t in range(3):  # plain steps of 91 ms, no speculation decided
+        feed(speculator, seqs, 0, 0.091, 0.0, now=0.1 + t * 0.1)
     for t in range(10):
         speculator.after_forward([Row(seqs[0], 0, 3)], 0.0, 0.5 + t)
         speculator.before_schedule(seqs, 32)
-        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.091, 0.6 + t)  # no round under way yet
+        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.2, 0.6 + t)  # no round under way yet
         # The scheduler leaves out the half whose drafts are still working: they emit nothing this step.
         for s in seqs[1::2]:
             s.spec.waiting = True
@@ -278,7 +280,9 @@ def test_the_speculator_counts_the_sequences_that_sat_a_step_out_waiting_for_the
     costs = speculator.costs
     ready, out = costs.readiness(32, 4, "draft_model")
     assert ready[4] == pytest.approx(0.5) and out[4] == pytest.approx(0.5)  # the plain steps left no mark
-    assert costs.table()[32]["forward_ms"] == {1: 91.0, 5: 180.0}  # the 16-row step is the cost of 32 running
+    # The 16-row step is the cost of 32 running; the steps decided to speculate in which no proposal was in
+    # yet (91 ms here, 200 below) are not plain steps, and do not move the plain cost.
+    assert costs.table()[32]["forward_ms"] == {1: 91.0, 5: 180.0}
     speculator.settings.explore_s = 60.0
     speculator.before_schedule(seqs, 32)
     assert speculator.gamma == 0
@@ -453,3 +457,60 @@ def test_a_warming_up_average_weighs_its_first_samples_alike():
         warm.add(x)
     assert warm.value == pytest.approx(4.0)  # the mean of the three
     assert plain.value == pytest.approx(10 * 0.64 + 0.16 + 0.2)  # the first sample still weighs most
+
+
+def test_one_slow_step_moves_a_step_cost_by_at_most_its_clip():
+    from services.speculative.cost_model import STEP_COST_CLIP, Ewma
+
+    cost = Ewma(clip=STEP_COST_CLIP)
+    for x in (0.070, 0.070, 0.400):  # a step that waited for drafts, or a collection pause
+        cost.add(x)
+    assert cost.value == pytest.approx(0.070 * (1 + cost.weight * (STEP_COST_CLIP - 1)))
+    for _ in range(10):  # a lasting change is followed all the same
+        cost.add(0.140)
+    assert cost.value == pytest.approx(0.140, rel=0.1)
+
+
+def test_steps_that_waited_for_drafts_or_ran_beside_them_are_not_plain_steps():
+    """2026-12-01, 32 streams: a step decided to speculate whose proposals were not in (it waited up to
+    draft_hold_ms), and the first plain step after standing down (the draft still computing the rounds asked
+    before it), were filed as plain steps; they lifted the plain period from 70 to 96 ms, so speculation
+    was judged to pay where it lost 14 %."""
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs, now = plain_measured(speculator)  # plain steps of 0.1 s
+    speculator.before_schedule(seqs, 32)
+    assert speculator.gamma > 0
+    now += 0.15
+    speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.1, now)  # no proposal was in: a 50 ms wait
+    speculator.before_schedule(seqs, 32)
+    now += 0.2
+    verified_step(speculator, seqs, 0.2, now, accepted=4, gamma=speculator.gamma)
+    speculator._decision = None  # the batch stands down, as a decision not to speculate leaves it
+    speculator._batch = 32
+    now += 0.16
+    speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.13, now)  # beside the draft's last rounds
+    assert speculator.costs.period(32, 0) == pytest.approx(0.100)
+    now += 0.09
+    speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.09, now)  # a plain step again: measured
+    assert speculator.costs.period(32, 0) == pytest.approx(0.098)
+
+
+def test_plain_steps_are_measured_again_after_speculating_for_the_wait():
+    """Speculation is judged against plain steps; after speculating for ``explore_s``, the batch takes plain
+    steps until one is measured (the first after standing down is not), then speculates again."""
+    speculator = Speculator(SpeculationSettings(explore_s=5.0))
+    seqs, now = plain_measured(speculator)
+    chosen = []
+    while now < 8.0:
+        speculator.before_schedule(seqs, 32)
+        chosen.append(speculator.gamma)
+        if speculator.gamma:
+            now += 0.2
+            verified_step(speculator, seqs, 0.2, now, accepted=speculator.gamma, gamma=speculator.gamma)
+        else:
+            now += 0.1
+            speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.1, now)
+    plain = [i for i, g in enumerate(chosen) if g == 0]
+    assert plain and plain == list(range(plain[0], plain[0] + 2)), chosen  # two plain steps, once
+    assert chosen[plain[-1] + 1] > 0
+    assert speculator.costs.plain_at(32) > 5.0

@@ -113,6 +113,15 @@ def choose_gamma(speculating: Sequence[Speculating], plain: int, period_s: Seque
 #: model (see :meth:`StepCosts.realized`).
 REALIZED_MIN_STEPS = 3
 
+#: A step's forward or gap counts as at most this many times the bucket's average (:class:`Ewma`'s
+#: ``clip``). 2026-12-01, 32 streams: one plain step that waited 50 ms for drafts had lifted the plain
+#: period from 70 to 96 ms, and speculation was then judged against a plain step a third slower than it was.
+STEP_COST_CLIP = 3.0
+
+
+def _step_cost() -> "Ewma":
+    return Ewma(clip=STEP_COST_CLIP)
+
 
 def bucket(batch: int) -> int:
     """The batch-size bucket costs are kept under: 1, 2, 4, 8, ... (the
@@ -124,14 +133,22 @@ def bucket(batch: int) -> int:
 class Ewma:
     """An exponentially weighted moving average (the first sample sets it).
     With ``warm_up``, the first ``1 / weight`` samples are averaged alike
-    (each weighs ``1 / n``), so that the first does not outweigh the next few."""
+    (each weighs ``1 / n``), so that the first does not outweigh the next few.
+    With ``clip``, a sample above ``clip`` times the average counts as that
+    much (after the first): one step slowed by something else (a collection
+    pause, a neighbour, the draft's compute) moves a step cost by at most
+    ``weight * (clip - 1)`` of itself, while a lasting change still moves it
+    that far at every step, as a robust (Huber-like) filter does."""
 
     value: float = 0.0
     samples: int = 0
     weight: float = 0.2
     warm_up: bool = False
+    clip: float | None = None
 
     def add(self, x: float) -> None:
+        if self.clip is not None and self.samples and self.value > 0:
+            x = min(x, self.clip * self.value)
         self.samples += 1
         w = max(self.weight, 1.0 / self.samples) if self.warm_up else (1.0 if self.samples == 1 else self.weight)
         self.value = (1 - w) * self.value + w * x
@@ -183,6 +200,8 @@ class _Bucket:
     realized: dict[tuple[str, int], "_Realized"] = field(default_factory=dict)
     #: Engine-clock time of the last step that verified proposals in this bucket.
     speculated_at: float | None = None
+    #: Engine-clock time of the last plain decode step measured in this bucket.
+    plain_at: float | None = None
 
 
 class StepCosts:
@@ -204,11 +223,13 @@ class StepCosts:
         the batch waits for)."""
         self._periods.clear()
         b = self._buckets.setdefault(bucket(batch), _Bucket())
-        b.forward.setdefault(gamma + 1, Ewma()).add(forward_s)
+        b.forward.setdefault(gamma + 1, _step_cost()).add(forward_s)
         if gap_s is not None:
-            b.gap.setdefault(kind if gamma else "", {}).setdefault(gamma, Ewma()).add(max(0.0, gap_s))
+            b.gap.setdefault(kind if gamma else "", {}).setdefault(gamma, _step_cost()).add(max(0.0, gap_s))
         if gamma > 0:
             b.speculated_at = now
+        else:
+            b.plain_at = now
 
     def observe_readiness(self, batch: int, gamma: int, kind: str, ready: float, sat_out: float) -> None:
         """At a step for which gamma ``gamma`` was chosen with ``batch``
@@ -296,6 +317,11 @@ class StepCosts:
         """When a step of this batch size's bucket last verified proposals."""
         b = self._buckets.get(bucket(batch))
         return b.speculated_at if b is not None else None
+
+    def plain_at(self, batch: int) -> float | None:
+        """When a plain decode step of this batch size's bucket was last measured."""
+        b = self._buckets.get(bucket(batch))
+        return b.plain_at if b is not None else None
 
     def table(self) -> dict[int, dict[str, dict[int, float]]]:
         """The measurements, for reports: bucket -> {"forward_ms": {width: ms}, "gap_ms": {"kind:gamma": ms},
