@@ -138,6 +138,12 @@ class Speculator:
         self._speculating_steps = 0
         #: The decode step being counted for StepCosts.observe_realized (tokens come in after_verify).
         self._account: _Account | None = None
+        #: Rounds asked of proposers and not answered yet (dropped ones included: the draft still computes
+        #: them), and when the last was asked: while a draft computes, a step is not a plain one.
+        self._rounds_in_flight = 0
+        self._last_asked: float | None = None
+        #: Whether a draft was still computing when this step started (its cost is not a plain step's).
+        self._drafts_busy = False
 
     @property
     def uses_cost_model(self) -> bool:
@@ -176,6 +182,8 @@ class Speculator:
             self._last_end = None  # idle: the next gap is not a step's cost
         self._batch = len(running)
         self._decision = None
+        self._drafts_busy = (self._rounds_in_flight > 0 and self._last_asked is not None
+                             and self._now - self._last_asked < self.settings.draft_timeout_ms / 1000.0)
         if self.uses_cost_model:
             if self._exploring and not any(s.spec is not None and (s.spec.waiting or s.spec.proposal)
                                            for s in running):
@@ -229,8 +237,8 @@ class Speculator:
                 self._stood_down[where] = True
             plain_at = self.costs.plain_at(len(running))
             if gamma > 0 and plain_at is not None and self._now - plain_at >= wait:
-                # Speculation is judged against plain steps: after speculating for as long as the wait,
-                # plain steps (the first after standing down is not measured, the next is) measure them again.
+                # Speculation is judged against plain steps: after speculating for as long as the wait, plain
+                # steps measure them again (from the first that no draft computes beside).
                 gamma = 0
             last = self.costs.speculated_at(len(running))
             if gamma == 0 and (last is None or self._now - last >= wait):
@@ -262,24 +270,27 @@ class Speculator:
         cost is not a decode step's).
 
         A step is filed as a plain one (gamma 0, what speculation is judged
-        against) only where the batch did not speculate in it or in the step
-        before: a step the cost model chose to speculate in whose proposals
-        were not in waited for the drafts (up to ``draft_hold_ms``), and the
-        first step after standing down runs beside the draft still computing
-        the rounds asked before it; 2026-12-01, 32 streams: such steps took
-        20 ms more gap and 7 ms more forward than plain ones, and had made
-        speculation look as if it paid where it lost 14 %. What such steps
-        deliver is counted in :meth:`_count_realized` all the same."""
+        against) only where the batch did not speculate in it and no draft
+        was computing when it started: a step the cost model chose to
+        speculate in whose proposals were not in waited for the drafts (up to
+        ``draft_hold_ms``), and the steps after standing down run beside the
+        draft still computing the rounds asked before (on the same cores, on
+        one machine); 2026-12-01, 32 streams: the first such step took 20 ms
+        more gap and 7 ms more forward than plain ones, and such steps had
+        made speculation look as if it paid where it lost 14 %. What they
+        deliver is counted in :meth:`_count_realized` all the same. A round
+        unanswered for ``draft_timeout_ms`` no longer counts as computing (a
+        silent draft does not take the cores)."""
         self._now = now
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
-            plain = self._decision is None and self._speculating_steps == 0  # read before counting resets it
+            plain = self._decision is None and not self._drafts_busy
             self._count_realized(rows, seconds, gap)
             kind = _kind([r.seq.spec for r in rows if r.proposal])
             # Filed under the batch the decision saw (the sequences running), as it is looked up: a step
             # whose late sequences sat out has fewer rows, and is the cost of speculating at that batch.
-            if gamma > 0 or plain or not self.uses_cost_model:
+            if gamma > 0 or plain:
                 self.costs.observe(max(len(rows), self._batch), gamma, seconds, gap, now, kind)
             self._measure_readiness(rows)
             if gamma > 0:
@@ -407,12 +418,15 @@ class Speculator:
         spec.deadline = now + s.draft_timeout_ms / 1000.0
         spec.hold_until = min(spec.deadline, now + s.draft_hold_ms / 1000.0)
         round_id, post = spec.round_id, spec.post
+        self._rounds_in_flight += 1
+        self._last_asked = now
         spec.proposer.propose(round_, lambda proposal, error: post(
             lambda at: self.on_proposal(seq, round_id, proposal, error, at)))
 
     def on_proposal(self, seq: Sequence, round_id: int, proposal: Proposal | None,
                     error: BaseException | None, now: float) -> None:
         """A proposal (or the proposer's failure) arrived, on the engine thread."""
+        self._rounds_in_flight = max(0, self._rounds_in_flight - 1)
         spec: SpecState = seq.spec
         if round_id != spec.round_id or seq.status is not Status.RUNNING or not spec.waiting:
             return  # finished, or a late answer to a round that timed out or was dropped
