@@ -534,3 +534,23 @@ def test_plain_steps_are_measured_again_after_speculating_for_the_wait():
     assert plain == [plain[0]], chosen  # one plain step (no draft was computing beside it), once
     assert chosen[plain[-1] + 1] > 0
     assert speculator.costs.plain_at(32) > 5.0
+
+
+def test_a_sequence_is_priced_once_a_round_while_the_batch_stays_in_its_bucket(monkeypatch):
+    """Streams end and begin at most steps of a served load (31, 32, 31 running...); the review's price
+    is the bucket's, so it is not computed again for every sequence at every such step (1.25 ms a step
+    at 32 sequences, ``benchmarks/speculator_step.py``)."""
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs, now = plain_measured(speculator)
+    for s in seqs:
+        s.spec.fallback = InstantProposer  # a request that may fall back: its review is priced
+    verified_step(speculator, seqs, 0.4, now + 0.4, accepted=2)  # a round each: something to review
+    priced = []
+    real = speculator._prospect
+    monkeypatch.setattr(speculator, "_prospect", lambda *a: priced.append(a) or real(*a))
+    for i in range(6):
+        running = seqs if i % 2 else seqs[:31]
+        speculator.before_schedule(running, len(running))
+        for s in running:
+            speculator.after_tokens(s, now, len(running), room=10)
+    assert 0 < len(priced) <= 2 * len(seqs)  # each sequence once (its method and the fallback's)
