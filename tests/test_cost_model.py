@@ -554,3 +554,31 @@ def test_a_sequence_is_priced_once_a_round_while_the_batch_stays_in_its_bucket(m
         for s in running:
             speculator.after_tokens(s, now, len(running), room=10)
     assert 0 < len(priced) <= 2 * len(seqs)  # each sequence once (its method and the fallback's)
+
+
+def test_a_loss_measured_at_one_gamma_does_not_overrule_a_gain_measured_at_another():
+    """2026-12-01, 2 streams: gamma 7 was measured to deliver 1.75x a plain step; unlucky steps at 5, 3,
+    2 and 1 then walked the batch down to no speculation for the rest of the run (0.93 of plain there,
+    against 1.38 on the runs that kept speculating)."""
+    from services.speculative.cost_model import gate
+
+    speculating, periods = one([0.6, 0.6]), [0.0209] + [0.025 + 0.003 * g for g in range(1, 9)]
+    plain_rate = 1 / periods[0]
+    model = choose_gamma(speculating, 0, periods)
+    assert model > 0
+    assert gate(model, speculating, 0, periods, {}) == model  # nothing measured: the model decides
+    lost = {1: 0.7 * plain_rate, 2: 0.8 * plain_rate, 3: 0.9 * plain_rate, 5: 0.7 * plain_rate}
+    assert gate(model, speculating, 0, periods, lost) == 0  # the shortest lost: none left to try
+    assert gate(model, speculating, 0, periods, {**lost, 7: 1.75 * plain_rate}) == 7  # measured to pay
+    # A loss at 4 leaves 1-2 to the model; a gain measured at 8 that beats the model's expectation wins.
+    expected = {g: goodput(speculating, 0, g, periods[g]) / 2 for g in (1, 2)}
+    assert gate(model, speculating, 0, periods, {4: 0.9 * plain_rate}) in (1, 2)
+    assert gate(model, speculating, 0, periods, {4: 0.9 * plain_rate, 8: 1.01 * max(expected.values())}) == 8
+    assert gate(model, speculating, 0, periods, {4: 0.9 * plain_rate, 8: 0.99 * min(expected.values())}) in (1, 2)
+
+
+def test_a_gamma_is_judged_on_enough_sequence_steps():
+    from services.speculative.cost_model import REALIZED_MIN_STEPS, realized_min_steps
+
+    assert realized_min_steps(32) == realized_min_steps(6) == REALIZED_MIN_STEPS
+    assert realized_min_steps(2) == 8 and realized_min_steps(1) == 16

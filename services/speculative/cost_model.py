@@ -112,6 +112,48 @@ def choose_gamma(speculating: Sequence[Speculating], plain: int, period_s: Seque
 #: Speculating steps a bucket measures for a proposer kind before what they delivered can overrule the
 #: model (see :meth:`StepCosts.realized`).
 REALIZED_MIN_STEPS = 3
+#: ... and sequence-steps (running sequences times steps): a step of 2 sequences emits 2-10 tokens at
+#: gamma 5, so 3 such steps judged a gamma on 6 rounds (2026-12-01: a 2-stream batch walked down from
+#: gamma 7, measured to pay 1.75x, to none on three unlucky steps each of 5, 3, 2 and 1).
+REALIZED_MIN_ROWS = 16
+
+
+def realized_min_steps(batch: int) -> int:
+    """Steps of ``batch`` running sequences counted before what a gamma delivered is read:
+    :data:`REALIZED_MIN_STEPS`, or enough for :data:`REALIZED_MIN_ROWS` sequence-steps."""
+    return max(REALIZED_MIN_STEPS, -(-REALIZED_MIN_ROWS // max(1, batch)))
+
+
+def gate(gamma: int, speculating: Sequence[Speculating], plain: int, period_s: Sequence[float],
+         realized: dict[int, float]) -> int:
+    """The model's ``gamma`` (:func:`choose_gamma`) checked against what steps
+    of each gamma delivered, as counted: ``realized[g]`` tokens per second per
+    running sequence (:meth:`StepCosts.realized`), against a plain step's
+    ``1 / period_s[0]``. Where no measured gamma lost, the model's choice
+    stands. Where one did (a cost the model does not see: the draft's compute
+    taking the target's cores, acceptance that is not geometric, which a long
+    gamma pays most), the model chooses again among gammas up to half the
+    shortest that lost (none when that is 1), and a gamma measured to deliver
+    more than that choice, as measured or as the model expects it, is taken
+    instead: a loss measured at one gamma does not overrule a gain measured at
+    another. Pure."""
+    if gamma == 0:
+        return 0
+    plain_rate = 1.0 / period_s[0]
+    losing = [g for g, r in realized.items() if r < plain_rate]
+    if not losing:
+        return gamma
+    cap = min(losing) // 2
+    gamma = choose_gamma(speculating, plain, period_s[:cap + 1]) if cap else 0
+    batch = plain + sum(len(group.acceptance) for group in speculating)
+    rate = (plain_rate if gamma == 0 else
+            realized.get(gamma, goodput(speculating, plain, gamma, period_s[gamma]) / max(1, batch)))
+    won = {g: r for g, r in realized.items() if g > cap and r >= plain_rate}
+    if won:
+        best = max(won, key=won.__getitem__)
+        if won[best] > rate:
+            return best
+    return gamma
 
 #: A step's forward or gap counts as at most this many times the bucket's average (:class:`Ewma`'s
 #: ``clip``). 2026-12-01, 32 streams: one plain step that waited 50 ms for drafts had lifted the plain

@@ -51,7 +51,8 @@ from services.engine import sampler
 from services.engine.scheduler import Row
 from services.engine.sequence import Sequence, Status
 from services.engine.speculation import Post, RoundCounts
-from services.speculative.cost_model import Acceptance, Speculating, StepCosts, bucket, choose_gamma
+from services.speculative.cost_model import (Acceptance, Speculating, StepCosts, bucket, choose_gamma, gate,
+                                             realized_min_steps)
 from services.speculative.fallback import NGRAM, NO_DRAFT_REASON, Action, Fallback, MethodRecord, Prospect, review
 from services.speculative.gamma import GammaController, SpeculationSettings
 from services.speculative.rejection_sampler import accept_gumbel, accept_greedy
@@ -217,18 +218,18 @@ class Speculator:
             wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
             if gamma > 0:
                 # What speculating steps delivered here, per gamma, as counted (older than the wait, it is
-                # measured afresh): a gamma that lost caps the next at half of it, down to none.
-                losing = [g for g in range(1, len(periods))
-                          if (r := self.costs.realized(len(running), kind, g, self._now, max_age_s=wait)) is not None
-                          and r * periods[0] < 1.0]  # less than a plain step's token per sequence per period
-                if losing:
-                    cap = min(losing) // 2
-                    gamma = choose_gamma(speculating, plain, periods[:cap + 1]) if cap else 0
+                # measured afresh): a gamma that lost caps the next at half of it, unless another was measured
+                # to deliver more (cost_model.gate).
+                steps = realized_min_steps(len(running))
+                realized = {g: r for g in range(1, len(periods))
+                            if (r := self.costs.realized(len(running), kind, g, self._now, max_age_s=wait,
+                                                         min_steps=steps)) is not None}
+                gamma = gate(gamma, speculating, plain, periods, realized)
                 if gamma == 0:
                     if self._stood_down.get(where):  # measured again, and it still loses: wait twice as long
                         self._explored[where] = self._explored.get(where, 0) + 1
                     self._stood_down[where] = False
-                elif self.costs.realized(len(running), kind, gamma, self._now, max_age_s=wait) is not None:
+                elif gamma in realized:
                     self._stood_down.pop(where, None)  # measured to pay: back to the shortest wait
                     self._explored.pop(where, None)
                 elif where in self._stood_down:
