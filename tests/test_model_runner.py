@@ -102,6 +102,15 @@ def test_both_layouts_are_kept_where_packing_pays_only_from_some_row_count(monke
     layer = model[1]
     assert type(layer) is cpu_linear.DualLinear and layer.packed_from == 4
     assert cpu_linear.weight_layout(model) == "both, packed from 4 rows"  # what GetInfo and the bench report
+    # A little slower on one row (1.06x) is still slower: both layouts, not packed outright.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
+    monkeypatch.setattr(cpu_linear, "packing_ratios", lambda layer: {**ratios, 1: 1.06})
+    assert cpu_linear.prepack_linears(model, min_elements=0) == 2
+    assert cpu_linear.weight_layout(model) == "both, packed from 4 rows"
+    monkeypatch.setattr(cpu_linear, "packing_ratios", lambda layer: ratios)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 128))
+    cpu_linear.prepack_linears(model, min_elements=0)
+    layer = model[1]
     # Fewer rows take F.linear's product exactly; from four rows on, the packed one (same values, within rounding).
     for shape in [(3, 64), (1, 3, 64), (4, 64), (2, 5, 64)]:
         x = torch.randn(*shape)
