@@ -118,3 +118,10 @@ async def test_the_report_says_the_weight_layout_the_served_target_chose(tiny_mo
     assert scenarios.weight_facts(["both, packed from 4 rows", "plain", ""]) == {
         "packed_weights": True, "weight_layout": "both, packed from 4 rows; plain"}
     assert scenarios.weight_facts([""]) == {"packed_weights": None, "weight_layout": ""}
+
+
+async def test_a_router_that_does_not_answer_leaves_the_layout_unknown_not_the_run_failed():
+    from tests.conftest import free_port
+
+    assert await scenarios.target_layouts(f"127.0.0.1:{free_port()}") == []
+    assert scenarios.weight_facts([]) == {"packed_weights": None, "weight_layout": ""}

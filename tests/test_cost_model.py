@@ -582,3 +582,25 @@ def test_a_gamma_is_judged_on_enough_sequence_steps():
 
     assert realized_min_steps(32) == realized_min_steps(6) == REALIZED_MIN_STEPS
     assert realized_min_steps(2) == 8 and realized_min_steps(1) == 16
+
+
+def test_a_bucket_that_began_by_exploring_measures_a_plain_step_before_the_model_decides():
+    """A batch size met first while speculating explores (its costs unmeasured), and no step it speculated
+    in is a plain one; without a plain step measured, period(0) would be the verify widths' forward with
+    no gap, and speculation would be judged against a step nobody timed."""
+    speculator = Speculator(SpeculationSettings(explore_s=60.0))
+    seqs = speculating(speculator, 4)
+    now, chosen = 1.0, []
+    for _ in range(4):
+        speculator.before_schedule(seqs, 4)
+        chosen.append(speculator.gamma)
+        if speculator.gamma:
+            now += 0.03
+            verified_step(speculator, seqs, 0.03, now, accepted=speculator.gamma, gamma=speculator.gamma)
+        else:
+            now += 0.02
+            speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.02, now)
+    assert chosen[0] > 0 and 0 in chosen[1:], chosen  # explored, then a plain step
+    assert speculator.costs.plain_at(4) is not None
+    assert speculator.costs.period(4, 0) == pytest.approx(0.02)
+    assert chosen[-1] > 0  # measured: every proposal kept at 1.5x a plain step's cost pays

@@ -148,6 +148,36 @@ async def test_marking_a_draft_fails_the_rounds_waiting_on_it_and_refuses_new_on
     await client.close()
 
 
+async def test_every_round_asked_of_a_cut_stream_is_answered(tiny_models):
+    """The engine counts the rounds a draft still computes (a step beside them is not a plain one): a
+    round queued behind the one the stream waits for, and one asked after the stream ended, are
+    answered with Unavailable, not left without an answer."""
+    from services.speculative.remote import ProposerClient
+    from services.speculative.sync import Round
+
+    client = ProposerClient()
+    loop = asyncio.get_running_loop()
+
+    def ask(proposer) -> asyncio.Future:
+        done = loop.create_future()
+        proposer.propose(Round(discard=0, append=[1, 2, 3], gamma=2),
+                         lambda proposal, error: loop.call_soon_threadsafe(done.set_result, (proposal, error)))
+        return done
+
+    async with stuck_draft("") as (draft, address):
+        proposer = client.proposer(address, "r1", gen_sampling(), 384)
+        first, queued = ask(proposer), ask(proposer)
+        await eventually(lambda: draft.streams == ["r1"], what="the first round to reach the draft")
+        client.link(address).mark("2 rounds in a row passed their deadline")
+        for waiting in (first, queued):
+            proposal, error = await asyncio.wait_for(waiting, 5)
+            assert proposal is None and f"draft {address} is unresponsive" in str(error)
+        proposal, error = await asyncio.wait_for(ask(proposer), 5)  # the stream is over: answered at once
+        assert proposal is None and "unresponsive" in str(error)
+        draft.release.set()
+    await client.close()
+
+
 def gen_sampling():
     from services.common.stubs import generation_pb2
 

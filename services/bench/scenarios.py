@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import tempfile
 from contextlib import nullcontext
@@ -18,6 +19,8 @@ from services.bench.prompt_sets import copy_heavy, open_ended
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, router_pb2, router_pb2_grpc, stats_pb2
 from services.models.corpus import heldout_prompts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,10 +54,15 @@ def _suite(opts: BenchOptions, specs_fn):
 async def target_layouts(router: str) -> list[str]:
     """Each target's weight layout behind ``router`` (``ModelInfo.weight_layout``
     by GetInfo on the addresses the router lists), "" for one that does not
-    answer in 5 s or does not say."""
-    async with grpc.aio.insecure_channel(router) as channel:
-        listed = await router_pb2_grpc.RouterStub(channel).ListInstances(
-            router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_TARGET), timeout=5.0)
+    answer in 5 s or does not say; none when the router does not list them
+    (the report then says the layout is unknown rather than failing a run)."""
+    try:
+        async with grpc.aio.insecure_channel(router) as channel:
+            listed = await router_pb2_grpc.RouterStub(channel).ListInstances(
+                router_pb2.ListInstancesRequest(role=stats_pb2.ROLE_TARGET), timeout=5.0)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("the router at %s did not list its targets (%s): weight layout unknown", router, exc.code().name)
+        return []
     layouts = []
     for instance in listed.instances:
         try:

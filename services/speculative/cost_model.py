@@ -112,7 +112,7 @@ def choose_gamma(speculating: Sequence[Speculating], plain: int, period_s: Seque
 #: Speculating steps a bucket measures for a proposer kind before what they delivered can overrule the
 #: model (see :meth:`StepCosts.realized`).
 REALIZED_MIN_STEPS = 3
-#: ... and sequence-steps (running sequences times steps): a step of 2 sequences emits 2-10 tokens at
+#: ... and sequence-steps (running sequences times steps): a step of 2 sequences emits 2-12 tokens at
 #: gamma 5, so 3 such steps judged a gamma on 6 rounds (2026-12-01: a 2-stream batch walked down from
 #: gamma 7, measured to pay 1.75x, to none on three unlucky steps each of 5, 3, 2 and 1).
 REALIZED_MIN_ROWS = 16
@@ -148,7 +148,7 @@ def gate(gamma: int, speculating: Sequence[Speculating], plain: int, period_s: S
     batch = plain + sum(len(group.acceptance) for group in speculating)
     rate = (plain_rate if gamma == 0 else
             realized.get(gamma, goodput(speculating, plain, gamma, period_s[gamma]) / max(1, batch)))
-    won = {g: r for g, r in realized.items() if g > cap and r >= plain_rate}
+    won = {g: r for g, r in realized.items() if r >= plain_rate}
     if won:
         best = max(won, key=won.__getitem__)
         if won[best] > rate:

@@ -255,7 +255,8 @@ class RemoteProposer:
             self._task.cancel()
 
     def _enqueue(self, item) -> None:
-        if self._closed:
+        if self._closed:  # every round asked is answered: the engine counts the rounds a draft computes
+            item[1](None, Unavailable(self._aborted or "the draft stream is closed"))
             return
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -275,6 +276,7 @@ class RemoteProposer:
         call = self._stub.Propose()
         first = True
         pending = None
+        reason = "the draft stream ended"
         link = self._link
         if link is not None:
             link.proposers.add(self)
@@ -306,14 +308,16 @@ class RemoteProposer:
                 pending = None
                 on_result(Proposal(list(reply.tokens), reply.compute_ms), None)
         except asyncio.CancelledError:
-            if self._aborted and pending is not None:
-                pending[1](None, Unavailable(self._aborted))
+            reason = self._aborted or "the draft stream was cancelled"
         except Exception as exc:  # noqa: BLE001 - reported to the engine, which decodes on without the draft
-            log.warning("draft stream for %s failed: %s", self._request_id, _describe(exc))
-            if pending is not None:
-                pending[1](None, Unavailable(_describe(exc)))
+            reason = _describe(exc)
+            log.warning("draft stream for %s failed: %s", self._request_id, reason)
         finally:
             self._closed = True
+            # The round under way and the ones queued behind it fail alike: every round asked is answered.
+            while pending is not None:
+                pending[1](None, Unavailable(reason))
+                pending = self._queue.get_nowait() if not self._queue.empty() else None
             if link is not None:
                 link.proposers.discard(self)
             call.cancel()

@@ -17,11 +17,14 @@ engine runs (:mod:`services.speculative.cost_model`, after SmartSpec and
 vLLM's dynamic speculation): the batch's gamma, 0 for none, maximises the
 expected emitted tokens per second given each sequence's acceptance and the
 measured step costs at this batch size; and where the steps that
-speculated at this batch size with a proposer kind delivered fewer tokens
-per second than plain steps do, as counted, it stands down whatever the
-model expects (a cost the model does not see, such as the draft's compute
-taking the target's cores, or acceptance that is not geometric), measuring
-again after ``explore_s``, twice as long after each loss measured. With a static
+speculated at this batch size with a proposer kind and a gamma delivered
+fewer tokens per second than plain steps do, as counted, gammas from half
+that one up are not tried there, whatever the model expects (a cost the
+model does not see, such as the draft's compute taking the target's cores,
+or acceptance that is not geometric), unless another gamma was measured to
+deliver more (:func:`~services.speculative.cost_model.gate`); with none
+left it stands down, measuring again after ``explore_s``, twice as long
+after each loss measured. With a static
 ``disable_by_batch_size`` (an override), past that many sequences running or
 waiting no round starts (vLLM's ``disable_by_batch_size``). Either way, when
 the batch stops speculating, rounds under way are dropped. A sequence whose
@@ -237,9 +240,10 @@ class Speculator:
             elif where in self._stood_down:
                 self._stood_down[where] = True
             plain_at = self.costs.plain_at(len(running))
-            if gamma > 0 and plain_at is not None and self._now - plain_at >= wait:
-                # Speculation is judged against plain steps: after speculating for as long as the wait, plain
-                # steps measure them again (from the first that no draft computes beside).
+            if gamma > 0 and (plain_at is None or self._now - plain_at >= wait):
+                # Speculation is judged against plain steps: where none was measured yet (a bucket that began
+                # by exploring) or after speculating for as long as the wait, plain steps measure them (from
+                # the first that no draft computes beside); until then period(0) is the verify widths' line.
                 gamma = 0
             last = self.costs.speculated_at(len(running))
             if gamma == 0 and (last is None or self._now - last >= wait):
@@ -279,9 +283,10 @@ class Speculator:
         one machine); 2026-12-01, 32 streams: the first such step took 20 ms
         more gap and 7 ms more forward than plain ones, and such steps had
         made speculation look as if it paid where it lost 14 %. What they
-        deliver is counted in :meth:`_count_realized` all the same. A round
-        unanswered for ``draft_timeout_ms`` no longer counts as computing (a
-        silent draft does not take the cores)."""
+        deliver is counted in :meth:`_count_realized` all the same. Rounds
+        stop counting as computing ``draft_timeout_ms`` after the last one was
+        asked (a silent draft does not take the cores), as of the previous
+        step's end (``_now`` when :meth:`before_schedule` looks)."""
         self._now = now
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)

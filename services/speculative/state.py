@@ -125,8 +125,9 @@ class SpecState:
     stats: SpecStats = field(default_factory=SpecStats)
     #: Makes the proposer this sequence falls back to (None: it cannot, or did).
     fallback: Callable[[], Proposer] | None = None
-    #: (verified rounds, batch size, method) at the last review that kept the method: the review would
-    #: say the same again until one of them changes (the Speculator's, engine thread only).
+    #: (verified rounds, batch-size bucket, method) at the last review that kept the method: the review
+    #: would say the same again until one of them changes (costs are kept per bucket; the Speculator's,
+    #: engine thread only).
     reviewed: tuple[int, int, str] | None = None
 
     @property
