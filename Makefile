@@ -86,3 +86,5 @@ docker-image: docker-wheels
 	docker/base-image.sh $(BASE_IMAGE) $(or $(DEBIAN_MIRROR),http://deb.debian.org/debian)
 	docker build -q -f docker/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	    --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels .
+	@# The llmesh image this build replaced, untagged now (only llmesh's: the label): rebuilds do not pile up.
+	docker image prune -f --filter label=org.opencontainers.image.title=llmesh > /dev/null

@@ -79,8 +79,28 @@ class Engine:
                 self.proc.wait(10)
 
 
+#: Free space under the engine's data root below which the build first removes untagged images and
+#: the build cache: an engine kept between runs (CI's) holds every earlier run's leftovers, and a build
+#: copies ~1.5 GB of venv into its first image (2026-12-01: CI failed with "no space left on device").
+BUILD_MIN_FREE_BYTES = 10 * 2**30
+
+
+def make_room() -> str:
+    """Removes untagged images and the build cache when the engine's disk is short of
+    :data:`BUILD_MIN_FREE_BYTES`; what it did, for the log ("" when there was room)."""
+    root = sh("docker", "info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    if not root or not Path(root).exists() or shutil.disk_usage(root).free >= BUILD_MIN_FREE_BYTES:
+        return ""
+    before = shutil.disk_usage(root).free
+    sh("docker", "image", "prune", "-f", timeout=600, check=False)
+    sh("docker", "builder", "prune", "-f", timeout=600, check=False)
+    return f"{root}: {before / 2**30:.1f} GiB free, {shutil.disk_usage(root).free / 2**30:.1f} GiB after pruning"
+
+
 def build_image(tag: str) -> float:
     """``make docker-image IMAGE=tag`` (base image from debootstrap, host wheelhouse, offline build); seconds."""
+    if said := make_room():
+        print(f"docker: {said}")
     began = time.monotonic()
     sh("make", "-s", "docker-image", f"IMAGE={tag}", f"VENV={sys.prefix}", timeout=1800, cwd=REPO)
     return time.monotonic() - began

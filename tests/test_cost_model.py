@@ -515,6 +515,18 @@ class HeldProposer(InstantProposer):
         self.held.append(on_result)
 
 
+def decided_step(speculator, seqs, now, chosen, verify_s, plain_s):
+    """One step as the speculator decides it (its gamma appended to ``chosen``): every proposal kept in
+    ``verify_s`` seconds, or a plain step of ``plain_s``; the time it ended."""
+    speculator.before_schedule(seqs, len(seqs))
+    chosen.append(speculator.gamma)
+    if speculator.gamma:
+        verified_step(speculator, seqs, verify_s, now + verify_s, accepted=speculator.gamma, gamma=speculator.gamma)
+        return now + verify_s
+    speculator.after_forward([Row(s, 0, 1) for s in seqs], plain_s, now + plain_s)
+    return now + plain_s
+
+
 def test_plain_steps_are_measured_again_after_speculating_for_the_wait():
     """Speculation is judged against plain steps; after speculating for ``explore_s``, the batch takes plain
     steps until one is measured (none while a draft still computes), then speculates again."""
@@ -522,14 +534,7 @@ def test_plain_steps_are_measured_again_after_speculating_for_the_wait():
     seqs, now = plain_measured(speculator)
     chosen = []
     while now < 8.0:
-        speculator.before_schedule(seqs, 32)
-        chosen.append(speculator.gamma)
-        if speculator.gamma:
-            now += 0.2
-            verified_step(speculator, seqs, 0.2, now, accepted=speculator.gamma, gamma=speculator.gamma)
-        else:
-            now += 0.1
-            speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.1, now)
+        now = decided_step(speculator, seqs, now, chosen, verify_s=0.2, plain_s=0.1)
     plain = [i for i, g in enumerate(chosen) if g == 0]
     assert plain == [plain[0]], chosen  # one plain step (no draft was computing beside it), once
     assert chosen[plain[-1] + 1] > 0
@@ -592,14 +597,7 @@ def test_a_bucket_that_began_by_exploring_measures_a_plain_step_before_the_model
     seqs = speculating(speculator, 4)
     now, chosen = 1.0, []
     for _ in range(4):
-        speculator.before_schedule(seqs, 4)
-        chosen.append(speculator.gamma)
-        if speculator.gamma:
-            now += 0.03
-            verified_step(speculator, seqs, 0.03, now, accepted=speculator.gamma, gamma=speculator.gamma)
-        else:
-            now += 0.02
-            speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.02, now)
+        now = decided_step(speculator, seqs, now, chosen, verify_s=0.03, plain_s=0.02)
     assert chosen[0] > 0 and 0 in chosen[1:], chosen  # explored, then a plain step
     assert speculator.costs.plain_at(4) is not None
     assert speculator.costs.period(4, 0) == pytest.approx(0.02)
