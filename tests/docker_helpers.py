@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 import json
+import logging
 from collections import defaultdict
 from concurrent import futures
 from pathlib import Path
@@ -23,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 REPO = Path(__file__).resolve().parents[1]
 SOCKET = Path("/var/run/docker.sock")
+log = logging.getLogger(__name__)
 
 
 def sh(*argv: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -100,7 +102,7 @@ def make_room() -> str:
 def build_image(tag: str) -> float:
     """``make docker-image IMAGE=tag`` (base image from debootstrap, host wheelhouse, offline build); seconds."""
     if said := make_room():
-        print(f"docker: {said}")
+        log.warning("docker: %s", said)
     began = time.monotonic()
     sh("make", "-s", "docker-image", f"IMAGE={tag}", f"VENV={sys.prefix}", timeout=1800, cwd=REPO)
     return time.monotonic() - began

@@ -36,6 +36,24 @@ def test_arms_are_measured_in_counterbalanced_order(monkeypatch):
     assert {name: len(r) for name, r in runs.items()} == {"off": 4, "on": 4, "ngram": 4}
 
 
+def test_every_arm_warms_up_at_the_concurrency_it_is_measured_at(monkeypatch):
+    """A batch size's first meeting (new shapes, the cost model's first steps there) is not timed."""
+    calls = []
+
+    async def fake_closed_loop(stub, make, concurrency, total, label, progress):
+        calls.append((label, concurrency, total))
+        return RunResult([RequestResult(True, [1])], 1.0)
+
+    monkeypatch.setattr(scenarios, "closed_loop", fake_closed_loop)
+    asyncio.run(scenarios._measure("127.0.0.1:9", {"off": None, "on": None}, 16, 32, 2, "c16", False))
+    warm = [(c, n) for label, c, n in calls if "warm-up" in label]
+    assert warm == [(16, 16), (16, 16)]
+    assert [(c, n) for label, c, n in calls if "warm-up" not in label] == [(16, 32)] * 4
+    calls.clear()
+    asyncio.run(scenarios._measure("127.0.0.1:9", {"off": None}, 1, 6, 1, "c1", False))
+    assert [(c, n) for label, c, n in calls if "warm-up" in label] == [(1, 4)]
+
+
 def test_prompt_set_arms_report_speedups_fallbacks_and_whether_outputs_agree():
     def run(wall_s, outputs, fallbacks=0, proposed=4, accepted=2):
         return RunResult([RequestResult(True, list(o), proposed=proposed, accepted=accepted, rounds=2,

@@ -97,11 +97,18 @@ async def _measure(address: str, arms: dict, concurrency: int, total: int, repea
     caches, a neighbour's load, a VM slowing down) falls on all arms alike:
     a drift linear in time cancels out of every pair of repeats, where plain
     alternation (off, on, off, on) always gives the later arm the later
-    machine."""
+    machine.
+
+    The warm-up runs each arm at ``concurrency`` streams, one request each
+    (at least ``min(total, 4)``): the first time a suite meets a batch size
+    costs what no later run pays (kernels and buffers for the new shapes, the
+    cost model's first steps there), and ABBA does not cancel a step change
+    at the first run. 2026-12-02, a fresh suite at 16 streams after a warm-up
+    at 4: the first off run gave 236 tokens/s, the next seven 249-363."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for make in arms.values():
-            await closed_loop(stub, make, min(concurrency, 4), min(total, 4), label=f"{label} warm-up",
+            await closed_loop(stub, make, concurrency, max(concurrency, min(total, 4)), label=f"{label} warm-up",
                               progress=False)
         runs: dict[str, list[RunResult]] = {name: [] for name in arms}
         for r in range(repeats):
