@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from opentelemetry import trace
 from opentelemetry.propagate import inject
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 
 from router import codec
 from router.admission import Admission

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 
 from router import codec
 from router.config import RouterConfig, split_target

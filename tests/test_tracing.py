@@ -87,3 +87,34 @@ async def test_one_trace_from_router_to_draft(tiny_models):
         assert span.parent.span_id == target_server.context.span_id
         assert span.end_time >= span.start_time
     assert phases["llmesh.decode"].attributes["llmesh.spec.rounds"] > 0
+
+
+async def test_a_router_that_exports_nothing_passes_the_clients_trace_on(tiny_models):
+    """With no exporter configured a service makes no spans (nothing would read them; recording them cost
+    the router's hop about a millisecond), yet the client's trace reaches the target that does export."""
+    silent = telemetry.make_tracer_provider("router", env={})
+    assert not silent.get_tracer("t").start_span("s").is_recording()
+    target_tp, target_spans = provider_for("target")
+    target = create_target(TargetConfig.from_namespace({"model": str(tiny_models.target), "port": 0}, env={}),
+                           target_tp)
+    await target.start()
+    router = create_router(RouterConfig.from_namespace({"port": 0, "http_port": 0, "targets": [target.address]},
+                                                       env={}), silent)
+    await router.start()
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await wait_routable(stub)
+            req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=[5, 6, 7])),
+                                      sampling=gen.SamplingParams(max_new_tokens=4, ignore_eos=True))
+            chunks = [c async for c in stub.Generate(req, metadata=(("traceparent", f"00-{trace_id}-{span_id}-01"),))]
+            assert chunks[-1].finish_reason
+    finally:
+        await router.stop(0)
+        await target.stop(0)
+    server = [s for s in target_spans.get_finished_spans() if s.name.endswith("TargetModel/Generate")
+              and s.kind.name == "SERVER"]
+    assert len(server) == 1
+    assert format(server[0].context.trace_id, "032x") == trace_id
+    assert format(server[0].parent.span_id, "016x") == span_id

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import grpc
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 
 from services.common.accelerator import nvml_for
 from services.common.errors import Unavailable

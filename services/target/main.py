@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 
 from services.common import telemetry
 from services.parallel.build import build_parallel_engine, group_rank, with_rendezvous
