@@ -247,10 +247,12 @@ def invalid(exc: ValidationError) -> JSONResponse:
 
 def create_app(door: FrontDoor, provider: TracerProvider | None = None):
     """The ASGI application of ``door``: FastAPI routes, errors in the API's
-    shape, inside OpenTelemetry's ASGI middleware (with ``provider``): a server
-    span per request (not per SSE event, not for ``/health``), continuing the
-    client's W3C ``traceparent``; the router's upstream spans are its children
-    and the request's ``user`` is its ``enduser.id``."""
+    shape, inside OpenTelemetry's ASGI middleware (with ``provider``): where
+    the provider exports, a server span per request (not per SSE event, not
+    for ``/health``), continuing the client's W3C ``traceparent``, the router's
+    upstream spans its children and the request's ``user`` its
+    ``enduser.id``; where it does not (the no-op provider), the client's
+    ``traceparent`` goes on to the upstream call unchanged."""
     app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Exception)

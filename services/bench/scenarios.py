@@ -104,7 +104,7 @@ async def _measure(address: str, arms: dict, concurrency: int, total: int, repea
     costs what no later run pays (kernels and buffers for the new shapes, the
     cost model's first steps there), and ABBA does not cancel a step change
     at the first run. 2026-12-02, a fresh suite at 16 streams after a warm-up
-    at 4: the first off run gave 236 tokens/s, the next seven 249-363."""
+    at 4: the first off run gave 236 tokens/s, the next seven 248-353."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         for make in arms.values():
