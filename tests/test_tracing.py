@@ -33,6 +33,18 @@ async def wait_routable(stub) -> None:
     raise AssertionError("the router never saw its instances healthy")
 
 
+async def generate_through(router: str, max_new_tokens: int, speculate: bool = False, metadata=()) -> list:
+    """The chunks of one greedy generation of a token prompt through the router at ``router``, once it routes."""
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        await wait_routable(stub)
+        req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=[5, 6, 7])),
+                                  sampling=gen.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+        if speculate:
+            req.speculation.enabled = True
+        return [c async for c in stub.Generate(req, metadata=metadata)]
+
+
 def provider_for(name):
     exporter = InMemorySpanExporter()
     return telemetry.make_tracer_provider(name, exporter=exporter), exporter
@@ -52,14 +64,8 @@ async def test_one_trace_from_router_to_draft(tiny_models):
                                                         "drafts": [draft.address]}, env={}), router_tp)
     await router.start()
     try:
-        async with grpc.aio.insecure_channel(router.address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            await wait_routable(stub)
-            req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=[5, 6, 7])),
-                                      sampling=gen.SamplingParams(max_new_tokens=8, ignore_eos=True))
-            req.speculation.enabled = True
-            chunks = [c async for c in stub.Generate(req)]
-            assert chunks[-1].speculation.rounds > 0
+        chunks = await generate_through(router.address, 8, speculate=True)
+        assert chunks[-1].speculation.rounds > 0
         await eventually(lambda: any(s.name.endswith("DraftModel/Propose") for s in draft_spans.get_finished_spans()),
                          what="the draft's server span")
     finally:
@@ -103,13 +109,8 @@ async def test_a_router_that_exports_nothing_passes_the_clients_trace_on(tiny_mo
     await router.start()
     trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
-        async with grpc.aio.insecure_channel(router.address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            await wait_routable(stub)
-            req = gen.GenerateRequest(prompt=gen.Prompt(tokens=gen.TokenIds(ids=[5, 6, 7])),
-                                      sampling=gen.SamplingParams(max_new_tokens=4, ignore_eos=True))
-            chunks = [c async for c in stub.Generate(req, metadata=(("traceparent", f"00-{trace_id}-{span_id}-01"),))]
-            assert chunks[-1].finish_reason
+        chunks = await generate_through(router.address, 4, metadata=(("traceparent", f"00-{trace_id}-{span_id}-01"),))
+        assert chunks[-1].finish_reason
     finally:
         await router.stop(0)
         await target.stop(0)
