@@ -175,6 +175,33 @@ def test_a_bucket_that_stopped_speculating_tries_again_after_explore_s():
         assert (speculator.gamma > 0) is explores, now
 
 
+def test_an_exploring_round_doubles_the_wait_once_however_often_its_step_is_planned():
+    """While the drafts compute an exploring round, the engine plans the step again (nothing to run yet) and
+    asks for the decision each time (2026-12-02, served at two streams: two or three plans a step). The round
+    is counted once: the wait after it doubles, and the round asked is kept, not dropped, meanwhile."""
+    speculator = Speculator(SpeculationSettings(explore_s=5.0))
+    seqs = speculating(speculator, 16)
+    for t in range(10):
+        feed(speculator, seqs, 0, 0.010, 0.001, now=1.0 + t * 0.1)
+        feed(speculator, seqs, 4, 0.040, 0.010, now=1.05 + t * 0.1, accepted=1)
+    feed(speculator, seqs, 0, 0.010, 0.001, now=8.0)  # 7 s since it last verified proposals here
+    speculator.before_schedule(seqs, 16)
+    assert speculator.gamma > 0
+    for seq in seqs:
+        speculator.after_tokens(seq, 8.0, 16, room=10)  # the exploring round is asked
+    assert all(seq.spec.waiting or seq.spec.proposal for seq in seqs)
+    for _ in range(3):  # planned again while it is under way
+        speculator.before_schedule(seqs, 16)
+        assert all(seq.spec.waiting or seq.spec.proposal for seq in seqs)
+    feed(speculator, seqs, 4, 0.040, 0.010, now=8.1, accepted=1)  # the round: it still does not pay
+    for seq in seqs:
+        seq.spec.drop_round()
+    for now, explores in ((9.0, False), (14.0, False), (18.2, True)):  # the next waits twice as long, not more
+        feed(speculator, seqs, 0, 0.010, 0.001, now=now)
+        speculator.before_schedule(seqs, 16)
+        assert (speculator.gamma > 0) is explores, now
+
+
 def test_a_static_disable_by_batch_size_overrides_the_cost_model():
     speculator = Speculator(SpeculationSettings(disable_by_batch_size=64))
     assert not speculator.uses_cost_model
