@@ -87,22 +87,22 @@ class Engine:
 BUILD_MIN_FREE_BYTES = 10 * 2**30
 
 
-def make_room() -> str:
+def make_room() -> None:
     """Removes untagged images and the build cache when the engine's disk is short of
-    :data:`BUILD_MIN_FREE_BYTES`; what it did, for the log ("" when there was room)."""
+    :data:`BUILD_MIN_FREE_BYTES`, and logs how much was free before and after."""
     root = sh("docker", "info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
     if not root or not Path(root).exists() or shutil.disk_usage(root).free >= BUILD_MIN_FREE_BYTES:
-        return ""
+        return
     before = shutil.disk_usage(root).free
     sh("docker", "image", "prune", "-f", timeout=600, check=False)
     sh("docker", "builder", "prune", "-f", timeout=600, check=False)
-    return f"{root}: {before / 2**30:.1f} GiB free, {shutil.disk_usage(root).free / 2**30:.1f} GiB after pruning"
+    log.warning("docker: %s: %.1f GiB free, %.1f GiB after pruning", root, before / 2**30,
+                shutil.disk_usage(root).free / 2**30)
 
 
 def build_image(tag: str) -> float:
     """``make docker-image IMAGE=tag`` (base image from debootstrap, host wheelhouse, offline build); seconds."""
-    if said := make_room():
-        log.warning("docker: %s", said)
+    make_room()
     began = time.monotonic()
     sh("make", "-s", "docker-image", f"IMAGE={tag}", f"VENV={sys.prefix}", timeout=1800, cwd=REPO)
     return time.monotonic() - began

@@ -54,8 +54,8 @@ def make_tracer_provider(service_name: str, instance_id: str = "",
     0.18-0.32 ms.
     """
     env = os.environ if env is None else env
-    exporting = exporter is not None or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if not exporting:
+    otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if exporter is None and not otlp:
         return trace.NoOpTracerProvider()
     resource = Resource.create({"service.name": service_name, "service.instance.id": instance_id or service_name})
     provider = SdkTracerProvider(resource=resource)
@@ -65,7 +65,7 @@ def make_tracer_provider(service_name: str, instance_id: str = "",
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        log.info("exporting traces over OTLP to %s", env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        log.info("exporting traces over OTLP to %s", otlp)
     return provider
 
 
