@@ -245,12 +245,14 @@ async def test_drain_timeout_stops_the_instance_anyway(fake_router, scaler):
 
 
 async def test_load_drives_scale_up_by_panic_and_scale_down_after_its_window(fake_router, scaler):
+    # The fake world: clients ask for load["tps"]; each instance serves at most 100 tok/s, so a
+    # saturated pool reports 100 per instance however many instances share the demand.
     load = {"tps": 50.0, "concurrent": 4}
 
     def answer(window_s, pool):
         ids = [i.spec.id for i in fake_router.instances if i.state == router_pb2.INSTANCE_STATE_ACTIVE]
-        per = load["tps"] / max(1, len(ids))
-        return throughput(load["tps"], {i: per for i in ids}, in_flight=load["concurrent"], running=4,
+        per = min(load["tps"] / max(1, len(ids)), 100.0)
+        return throughput(per * len(ids), {i: per for i in ids}, in_flight=load["concurrent"], running=4,
                           saturation=1.0 if load["concurrent"] > 4 else 0.0, window_s=window_s)
 
     monitor = await FakeMonitor(answer).start()
@@ -264,7 +266,7 @@ async def test_load_drives_scale_up_by_panic_and_scale_down_after_its_window(fak
         assert pool.desired == 1 and "configured estimate" in pool.reason and not pool.capacity_measured
 
         # 16 in flight on 4 running slots: demand 4 × 100 tok/s, twice the capacity of 1 → panic.
-        load.update(tps=100.0, concurrent=16)
+        load.update(tps=400.0, concurrent=16)
         await eventually(lambda: len(fake_router.instances) == 3)
         history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
         panic = next(e for e in history.events if e.kind == "decision" and e.to_instances == 3)
