@@ -57,3 +57,15 @@ def test_sweep_lengths_spread_around_the_mean_and_do_not_depend_on_the_arm():
     lengths = [sweep_length(i, 64) for i in range(64)]
     assert min(lengths) == 32 and max(lengths) == 95 and sum(lengths) / 64 == 63.5
     assert len(set(lengths)) == 64  # every length once: no two streams in lockstep by construction
+
+
+def test_a_sweep_point_says_whether_speculation_ran_not_only_whether_it_paid():
+    from services.bench.scenarios import _proposals
+
+    spoke = RequestResult(ok=True, tokens=list(range(10)), proposed=8, accepted=6, rounds=2)
+    silent = RequestResult(ok=True, tokens=list(range(10)))
+    failed = RequestResult(ok=False, tokens=[1], proposed=50, accepted=0, rounds=10)
+    runs = [RunResult([spoke, failed], 1.0), RunResult([silent], 1.0)]
+    assert _proposals("on", runs) == {"on_proposed_per_token": 0.4, "on_acceptance": 0.75}
+    # A cost model that judged every step a loss proposed nothing: 0, and no acceptance to speak of.
+    assert _proposals("on", [RunResult([silent], 1.0)]) == {"on_proposed_per_token": 0.0, "on_acceptance": None}

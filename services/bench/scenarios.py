@@ -227,7 +227,9 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
     the point stands for. ``*_makespan_tps`` and ``*makespan_ratio`` count the
     whole run, the drain at its end included, where speculation's unequal
     request times leave a tail of small batches that plain decoding, whose
-    streams finish together, does not have."""
+    streams finish together, does not have. ``*_proposed_per_token`` and
+    ``*_acceptance`` (:func:`_proposals`) say how much each speculating arm
+    speculated at the point."""
     points = {}
     for c in concurrencies:
         runs = asyncio.run(_measure(router, {"off": make(False), "on": make(True)}, c, sweep_requests(c), opts.repeats,
@@ -236,7 +238,7 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
         off_all, on_all = _tps(runs["off"]), _tps(runs["on"])
         points[str(c)] = {"off_tps": round(off, 1), "on_tps": round(on, 1), "ratio": _ratio(on, off),
                           "off_makespan_tps": round(off_all, 1), "on_makespan_tps": round(on_all, 1),
-                          "makespan_ratio": _ratio(on_all, off_all)}
+                          "makespan_ratio": _ratio(on_all, off_all), **_proposals("on", runs["on"])}
     for arm, limit in STATIC_ARMS.items():
         with _spec_suite(opts, speculative_disable_by_batch_size=limit) as addrs:
             for c in concurrencies:
@@ -251,7 +253,21 @@ def speculation_batch_sweep(opts: BenchOptions, make, router: str,
                 point[f"{arm}_makespan_tps"] = round(tps_all, 1)
                 point[f"{arm}_off_makespan_tps"] = round(off_all, 1)
                 point[f"{arm}_makespan_ratio"] = _ratio(tps_all, off_all)
+                point.update(_proposals(arm, runs[arm]))
     return points
+
+
+def _proposals(arm: str, runs: list[RunResult]) -> dict:
+    """How much an arm speculated, over every request of its runs: draft tokens
+    proposed per token emitted (``{arm}_proposed_per_token``; 0: it never
+    speculated, e.g. the cost model judged every step a loss) and the share of
+    them the target accepted (``{arm}_acceptance``; None when none was proposed).
+    A sweep point whose ratio falls below 1 then tells whether speculation ran
+    and lost or did not run."""
+    ok = [r for run in runs for r in run.results if r.ok]
+    tokens, proposed = sum(len(r.tokens) for r in ok), sum(r.proposed for r in ok)
+    return {f"{arm}_proposed_per_token": round(proposed / tokens, 3) if tokens else None,
+            f"{arm}_acceptance": round(sum(r.accepted for r in ok) / proposed, 3) if proposed else None}
 
 
 def break_even(sweep: dict, key: str = "ratio") -> int:
