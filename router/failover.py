@@ -33,6 +33,12 @@ class Fault(enum.Enum):
     REQUEST = "request"
     #: The instance is full: another may take the request; not held against the instance.
     BUSY = "busy"
+    #: The call was cut off on the instance's side with no word on why (a CANCELLED
+    #: the router did not ask for: the server stopped with the call in flight, or
+    #: grpc core dropped calls of a burst before the service saw them). Another
+    #: instance may take or resume the request; not held against the instance,
+    #: whose health watcher says whether it still serves.
+    CUT_OFF = "cut_off"
     #: The instance failed the request: another may succeed; counts toward its ejection.
     INSTANCE = "instance"
     #: As INSTANCE, and the connection failed: NOT_SERVING until its health watcher says otherwise.
@@ -62,7 +68,7 @@ FAULTS: dict[str, Fault] = {
     "UNKNOWN": Fault.INSTANCE,
     "DATA_LOSS": Fault.INSTANCE,
     "UNAVAILABLE": Fault.UNREACHABLE,
-    "CANCELLED": Fault.UNREACHABLE,
+    "CANCELLED": Fault.CUT_OFF,
     "UNIMPLEMENTED": Fault.WRONG_KIND,
 }
 
@@ -99,13 +105,14 @@ def decide(code: str, streamed: int, attempts: int, max_attempts: int, resume: b
     sent to the client for this request; ``attempts``: instances tried so far.
     Before the first token everything but the request's own fault is worth
     another instance (a full queue may not be full elsewhere); after it,
-    only the instance's faults are worth resuming.
+    only the instance's faults, and a call cut off, are worth resuming.
     """
     if attempts >= max_attempts or fault_of(code) is Fault.REQUEST:
         return Outcome.FAIL
     if streamed == 0:
         return Outcome.RETRY
-    return Outcome.RESUME if resume and is_instance_fault(code) else Outcome.FAIL
+    worth_resuming = is_instance_fault(code) or fault_of(code) is Fault.CUT_OFF
+    return Outcome.RESUME if resume and worth_resuming else Outcome.FAIL
 
 
 #: Rounds of one request that missed the target's deadline after which the

@@ -290,7 +290,7 @@ class Forwarder:
     def _record_failure(self, inst: Instance, error: UpstreamError) -> None:
         """Counts an instance's fault against it (see router.failover.FAULTS)."""
         fault = fault_of(error.code)
-        if fault in (Fault.REQUEST, Fault.BUSY):
+        if fault in (Fault.REQUEST, Fault.BUSY, Fault.CUT_OFF):
             return
         unreachable = short_reason(error.details) if fault is Fault.UNREACHABLE else None
         self.upstreams.registry.record_failure(inst.id, self.clock(), unreachable)

@@ -85,6 +85,9 @@ class Instance:
     consecutive_failures: int = 0
     #: EJECTED until this time (monotonic).
     ejected_until: float = 0.0
+    #: Consecutive failures that ejected it (a request that started before and
+    #: succeeds during the ejection resets ``consecutive_failures``, not this).
+    ejected_after: int = 0
     identity: Identity = Identity.UNCHECKED
     #: What it answered to GetInfo (None before it did, or when it could not).
     info: ModelIdentity | None = None
@@ -134,7 +137,7 @@ class Instance:
         if self.state is State.EJECTED:
             if self.stalled:
                 return f"{self.id} ejected: {self.stalled}"
-            return f"{self.id} ejected after {self.consecutive_failures} failures"
+            return f"{self.id} ejected after {self.ejected_after} consecutive failures"
         if self.health is Health.NOT_SERVING:
             return f"{self.id} {self.problem or 'NOT_SERVING'}"
         if self.health is Health.UNKNOWN:
@@ -340,6 +343,7 @@ class Registry:
                 and inst.state is State.ACTIVE):
             inst.state = State.EJECTED
             inst.ejected_until = now + self.eject_for_s
+            inst.ejected_after = inst.consecutive_failures
 
     def record_stall(self, instance_id: str, now: float, reason: str) -> None:
         """The instance stopped answering while its health says SERVING (a draft

@@ -172,7 +172,7 @@ async def test_each_upstream_status_is_passed_on_or_tried_elsewhere_as_classifie
                 else:
                     assert outcomes == ["served", "served"], code
                 counted = registry.get("1-failing").consecutive_failures - failures
-                assert counted == (0 if fault in (Fault.REQUEST, Fault.BUSY) else 1), code
+                assert counted == (0 if fault in (Fault.REQUEST, Fault.BUSY, Fault.CUT_OFF) else 1), code
                 registry.record_success("1-failing")
     finally:
         await target.stop(0)

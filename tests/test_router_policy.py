@@ -346,8 +346,9 @@ def test_failures_mark_unreachable_and_eject_until_readmitted():
     assert reg.readmit(now=6.0) == [inst] and inst.state is State.ACTIVE
     reg.record_failure("a", now=6.5)  # half-open: one more failure ejects again
     assert inst.state is State.EJECTED
-    reg.record_success("a")
+    reg.record_success("a")  # a request begun before the ejection succeeds during it
     assert inst.consecutive_failures == 0
+    assert inst.describe(7.0, STALE) == "a ejected after 3 consecutive failures"  # what ejected it, not 0
 
 
 def test_in_flight_never_negative():
@@ -378,6 +379,7 @@ def test_describe_says_why_an_instance_is_out():
     ("DEADLINE_EXCEEDED", 0, 1, Outcome.FAIL),
     ("UNAVAILABLE", 0, 3, Outcome.FAIL),
     ("UNAVAILABLE", 4, 1, Outcome.RESUME),
+    ("CANCELLED", 0, 1, Outcome.RETRY),  # cut off on the instance's side: worth another instance
     ("CANCELLED", 4, 2, Outcome.RESUME),
     ("RESOURCE_EXHAUSTED", 4, 1, Outcome.FAIL),
     ("UNAVAILABLE", 4, 3, Outcome.FAIL),

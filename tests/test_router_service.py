@@ -5,6 +5,7 @@ fail in chosen ways)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 
@@ -206,6 +207,30 @@ async def test_resource_exhausted_passes_through_with_retry_after_or_goes_elsewh
                 assert len(tokens) == 3 and chunks[-1].instance_id == "2-real"
     finally:
         await full.stop(0)
+
+
+async def test_a_burst_past_grpcs_pending_call_limit_gets_admission_not_a_cut_off(tiny_models):
+    """1500 calls at once, more than grpc core holds for a server by default
+    (1000): each one reaches the router and the target, and is served or
+    refused by their admission (RESOURCE_EXHAUSTED), never cut off with
+    CANCELLED; and the target is still routable afterwards."""
+    target = await start_target(tiny_models, max_queue=32)
+    try:
+        async with running_router([target.address]) as (_, stub, _):
+            await wait_routable(stub, [target.address])
+
+            async def one(i: int) -> str:
+                try:
+                    await collect(stub, request([1, 2, i % 50 + 3], max_new_tokens=1))
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            codes = collections.Counter(await asyncio.gather(*(one(i) for i in range(1500))))
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
+            assert await routable(stub, [target.address])
+    finally:
+        await target.stop(0)
 
 
 async def collect_call(call):

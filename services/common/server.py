@@ -38,12 +38,21 @@ log = logging.getLogger(__name__)
 #: limit, or a draft stream's first message at a 1 M-token context; grpc
 #: answers RESOURCE_EXHAUSTED to more, before anything is parsed.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
+#: Calls grpc core holds for a server before the application takes them. Past its
+#: default (1000, hard 3000) a burst of calls is cut off with CANCELLED before
+#: any handler sees it (1600 one-token calls at once: 48 cut off), so neither
+#: the service's own admission (RESOURCE_EXHAUSTED with a retry-after) nor the
+#: router's failover can act on them. A pending call costs a few KiB; the
+#: service's admission bounds what it then holds.
+MAX_PENDING_CALLS = 1 << 16
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would
     # bind beside the first and the kernel would split connections between them.
     ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 ]
 
 
