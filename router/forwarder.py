@@ -34,7 +34,8 @@ from router.config import RouterConfig
 from router.failover import DraftVerdict, Fault, Outcome, decide, draft_verdict, fault_of, relayed_as_is, short_reason
 from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
-from services.common.errors import DeadlineExceeded, LlmeshError, Relayed, ResourceExhausted, Unavailable
+from services.common.errors import (DeadlineExceeded, InvalidArgument, LlmeshError, Relayed, ResourceExhausted,
+                                    Unavailable)
 from services.common.stubs import generation_pb2 as gen
 from services.common.metrics import WindowedMetrics, ttft_tpot
 
@@ -98,6 +99,7 @@ class Forwarder:
         the client's remaining deadline in seconds (None: no deadline). Raises
         domain errors and :class:`UpstreamError`."""
         codec.validate_request(request)
+        self._check_router_fields(request)
         pools = self.upstreams.pools_for(codec.PRIORITY_CLASS[request.priority])
         key = codec.cache_key(request, pools[0]) if self.cache is not None else None
         started = self.clock()
@@ -142,6 +144,21 @@ class Forwarder:
             kept = tally.kept
             if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:
                 self.cache.put(key, tuple(kept), now)
+
+    def _check_router_fields(self, request: gen.GenerateRequest) -> None:
+        """The fields the router sets for a target, as a client may send them:
+        ``draft_address`` only naming a draft registered with this router (else
+        a caller of the public port could make a target connect anywhere), and
+        no ``resume_tokens`` (the router's own, for a stream it resumes; a
+        client continues a generation by putting the tokens in its prompt).
+        Raises InvalidArgument naming the field."""
+        if request.resume_tokens:
+            raise InvalidArgument("resume_tokens", "is set by the router when it resumes a broken stream; "
+                                                   "to continue a generation, put its tokens in the prompt")
+        address = request.draft_address
+        if address and not any(i.spec.role is Role.DRAFT and i.address == address for i in self.upstreams.registry):
+            raise InvalidArgument("draft_address", f"{address} is not a draft registered with this router; "
+                                                   "leave it empty and the router chooses one")
 
     async def _replay(self, chunks: tuple[gen.GenerateChunk, ...], request: gen.GenerateRequest,
                       started: float, emit: Emit) -> None:

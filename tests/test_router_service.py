@@ -411,9 +411,19 @@ async def test_a_healthy_draft_is_sent_with_the_request(targets):
         no_spec.speculation.enabled = False
         await collect(stub, no_spec)
         chosen = request([1, 2], max_new_tokens=2)
-        chosen.draft_address = "127.0.0.1:9"
+        chosen.draft_address = draft  # a client may pin one of the router's drafts
         await collect(stub, chosen)
-    assert [r.draft_address for r in proxy.requests] == [draft, "", "127.0.0.1:9"]
+        # Not an address of its own choosing: a caller of the public port must not
+        # make a target connect anywhere. Nor the router's resume_tokens.
+        chosen.draft_address = "127.0.0.1:9"
+        resumed = request([1, 2], max_new_tokens=4)
+        resumed.resume_tokens.extend([5, 6])
+        for bad, field in ((chosen, "draft_address"), (resumed, "resume_tokens")):
+            for rpc in (lambda: collect(stub, bad), lambda: stub.Complete(bad)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await rpc()
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    assert [r.draft_address for r in proxy.requests] == [draft, "", draft]
 
 
 # -- policies, pools, admission, cache, cancellation, authentication ----------
