@@ -139,6 +139,10 @@ def test_the_speculator_stops_where_its_measured_verify_cost_outweighs_the_gain(
     speculator.before_schedule(seqs, 16)
     assert speculator.gamma == 0
     assert not seqs[0].spec.waiting and seqs[0].spec.stats.dropped_by_batch_size == 1
+    # Every request of the batch can tell its client why it saw no round (SpeculationStats).
+    assert all(s.spec.stats.steps_not_speculated == 1 for s in seqs)
+    assert seqs[1].spec.stats.not_speculated_reason == (
+        "the cost model judged that speculating would not pay with 16 sequences running")
     before = len(seqs[1].spec.proposer.rounds)
     speculator.after_tokens(seqs[1], 11.0, 16, room=10)
     assert len(seqs[1].spec.proposer.rounds) == before  # no round while it does not pay

@@ -263,6 +263,7 @@ def test_rounds_under_way_are_dropped_when_the_batch_grows_past_disable_by_batch
     engine.submit(greedy([8, 9], 10), other)  # now two want the engine: past disable_by_batch_size 1
     engine.run_once()
     assert not seq.spec.waiting and seq.spec.stats.dropped_by_batch_size == 1
+    assert seq.spec.stats.not_speculated_reason == "2 sequences running, past --speculative-disable-by-batch-size 1"
     gamma, on_result = proposer.pending.pop()
     on_result(Proposal([1] * gamma), None)  # the late answer is ignored
     drain(engine)

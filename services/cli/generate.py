@@ -46,6 +46,8 @@ def _why_none(s) -> str:
         return s.disabled_reason
     if s.draft_timeouts:
         return f"{s.draft_timeouts} rounds passed their deadline"
+    if s.not_speculated_reason:
+        return f"{s.steps_not_speculated} steps did not speculate: {s.not_speculated_reason}"
     if s.rounds_dropped_by_batch_size:
         return f"{s.rounds_dropped_by_batch_size} rounds dropped when the batch stopped speculating"
     return "the target judged speculation would not pay at its load: its cost model, or --speculative-disable-by-batch-size"

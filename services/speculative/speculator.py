@@ -195,11 +195,15 @@ class Speculator:
             self.gamma = self._decide(running)
             if self.gamma > 0 or self._exploring:  # an exploring round is verified, to be measured
                 return
+            why = f"the cost model judged that speculating would not pay with {len(running)} sequences running"
         elif demand <= self.settings.disable_by_batch_size:
             return
+        else:
+            why = (f"{demand} sequences running, past --speculative-disable-by-batch-size "
+                   f"{self.settings.disable_by_batch_size}")
         for seq in running:
             if seq.spec is not None:
-                seq.spec.drop_round()
+                seq.spec.drop_round(why)
 
     def _decide(self, running: list[Sequence]) -> int:
         """The cost model's gamma for a batch of ``running`` (0: none); when it

@@ -72,6 +72,11 @@ class SpecStats:
     #: they were under way (the cost model chose gamma 0, or the batch grew
     #: past a static ``disable_by_batch_size``).
     dropped_by_batch_size: int = 0
+    #: Decode steps in which its batch did not speculate while it could (the cost
+    #: model chose gamma 0, or the batch was past a static ``disable_by_batch_size``),
+    #: and why, in words, as of the last such step.
+    steps_not_speculated: int = 0
+    not_speculated_reason: str = ""
     #: The method the request proposed with last: "draft_model" or "ngram".
     method: str = "draft_model"
     #: Why it switched from the draft model to n-gram lookup ("" if it did not):
@@ -164,10 +169,15 @@ class SpecState:
         return tokens
 
     # -- transitions ----------------------------------------------------------------
-    def drop_round(self) -> bool:
-        """Abandons the round under way (waiting, or holding a proposal not yet
-        verified); the draft discards its tokens at the next round, since
-        ``sync.kept`` stays 0. Returns whether there was one."""
+    def drop_round(self, reason: str = "") -> bool:
+        """The batch does not speculate in this step (``reason``, in words, is
+        kept in the stats for an active sequence): abandons the round under way
+        (waiting, or holding a proposal not yet verified); the draft discards
+        its tokens at the next round, since ``sync.kept`` stays 0. Returns
+        whether there was one."""
+        if self.active and reason:
+            self.stats.steps_not_speculated += 1
+            self.stats.not_speculated_reason = reason
         if not (self.waiting or self.proposal):
             return False
         self.waiting = False

@@ -125,7 +125,9 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                                     draft_compute_ms=stats.draft_compute_ms, verify_ms=stats.verify_ms,
                                     draft_timeouts=stats.draft_timeouts,
                                     rounds_dropped_by_batch_size=stats.dropped_by_batch_size,
-                                    method=METHODS[stats.method], fallback_reason=stats.fallback_reason)
+                                    method=METHODS[stats.method], fallback_reason=stats.fallback_reason,
+                                    steps_not_speculated=stats.steps_not_speculated,
+                                    not_speculated_reason=stats.not_speculated_reason)
 
     @staticmethod
     def _timing(t) -> gen.Timing:
