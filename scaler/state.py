@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 
 from scaler import policy as policies
 from scaler.policy import Decision, Memory, Policy
+from services.common.errors import NotFound
 from services.common.load import Role
+
+#: The pool of an instance registered without one (the router's ``DEFAULT_POOL``).
+DEFAULT_POOL = "default"
 
 
 class ManagedState(enum.Enum):
@@ -243,7 +247,14 @@ class ScalerState:
         return after
 
     def scale_to(self, pool: str, instances: int, now: float) -> PoolView:
-        """Sets (or with 0 clears) a pool's manual count; InvalidArgument outside the bounds."""
+        """Sets (or with 0 clears) a pool's manual count; InvalidArgument outside
+        the bounds, NotFound for a pool the scaler does not govern (no target, no
+        policy, not "default"): a misspelt pool would otherwise start model
+        processes in a pool of its own. SetPolicy is what makes a new pool."""
+        if pool != DEFAULT_POOL and pool not in self.governed_pools():
+            known = ", ".join(sorted({DEFAULT_POOL, *self.governed_pools()}))
+            raise NotFound(f"pool {pool!r} has no targets and no policy (pools: {known}); "
+                           "give a new pool a policy with SetPolicy first")
         p = self.policy(pool)
         policies.check_manual(instances, p)
         before = self.pool(pool, now)

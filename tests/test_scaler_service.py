@@ -391,3 +391,19 @@ async def test_a_router_not_up_yet_is_waited_for_quietly_and_one_that_stops_is_w
     said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "scaler.router_client"]
     assert [level for level, _ in said] == [logging.INFO, logging.WARNING], said
     assert "not answering yet" in said[0][1] and "ListInstances failed" in said[1][1]
+
+
+async def test_scale_to_a_pool_the_scaler_does_not_govern_is_not_found(fake_router, scaler):
+    """A misspelt pool must not start model processes in a pool of its own."""
+    fake_router.add("t1", "10.0.0.1:50061")
+    running = await scaler(fake_router.address)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="defualt", instances=2))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'defualt'" in err.value.details() and "SetPolicy" in err.value.details()
+    assert running.backend.targets == {} and len(fake_router.instances) == 1
+    # SetPolicy is how a new pool is made; ScaleTo then sizes it.
+    await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="batch", policy=scaler_pb2.ScalingPolicy(
+        min_instances=0, max_instances=2)))
+    reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="batch", instances=1))
+    assert reply.pool.pool == "batch" and reply.pool.policy.manual_instances == 1
