@@ -10,6 +10,7 @@ monitor with ``honor_labels: true``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -70,12 +71,15 @@ class PrometheusCollector(Collector):
                 family.add_metric(labels(key), float(get(m)))
             yield family
         for name, doc in _LATENCIES:
-            family = GaugeMetricFamily(f"llmesh_{name}_seconds", f"{doc}, as the instance's percentiles.",
+            family = GaugeMetricFamily(f"llmesh_{name}_seconds", f"{doc}, as the instance's percentiles over "
+                                       "the window (NaN: no request finished in it).",
                                        labels=[*LABELS, "quantile"])
             for key, m in sorted(result.per_instance.items()):
                 s = getattr(m, name)
                 for q, value in (("0.5", s.p50_ms), ("0.95", s.p95_ms), ("0.99", s.p99_ms)):
-                    family.add_metric([*labels(key), q], value / 1000.0)
+                    # No request in the window: no percentile (NaN, as a Prometheus summary
+                    # says it), not 0 s, which reads as instant and drags averages down.
+                    family.add_metric([*labels(key), q], value / 1000.0 if s.count else math.nan)
             yield family
         for counter in COUNTERS:
             family = CounterMetricFamily(f"llmesh_{counter}", f"Cumulative {counter.removesuffix('_total')} "

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import MonitorConfig
 from monitor.main import create_server
@@ -211,8 +213,11 @@ async def test_analyze_recommends_scaling_out_below_the_configured_target(fake_r
 
 
 async def test_prometheus_exposition(fake_router, instances, monitor):
-    a = await instances("target-a", tokens_per_s=120)
+    a = await instances("target-a", tokens_per_s=120,
+                        ttft=stats_pb2.LatencySummary(p50_ms=40, p95_ms=90, p99_ms=120, mean_ms=50, count=8))
+    idle = await instances("target-idle")  # no request finished in the window
     fake_router.add("a", a.address, pool="fast")
+    fake_router.add("idle", idle.address, pool="fast")
     port = free_port()
     mon = await monitor(fake_router.address, prometheus_port=port)
     await eventually(lambda: _has_tokens(mon))
@@ -226,6 +231,11 @@ async def test_prometheus_exposition(fake_router, instances, monitor):
     assert 'llmesh_up{instance="a",pool="fast",role="target"} 1.0' in text
     assert 'llmesh_tokens_generated_total{instance="a",pool="fast",role="target"}' in text
     assert "python_gc" not in text  # its own registry, not the process-global one
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ttft = {(x.labels["instance"], x.labels["quantile"]): x.value for x in families["llmesh_ttft_seconds"].samples}
+    assert ttft[("a", "0.95")] == pytest.approx(0.09)
+    # An instance with no finished request has no percentile: NaN, not a 0 s that reads as instant.
+    assert all(math.isnan(ttft[("idle", q)]) for q in ("0.5", "0.95", "0.99"))
 
 
 async def test_serves_its_own_stats(fake_router, monitor):
