@@ -5,6 +5,7 @@ in-process health server, and `status` against nothing."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import shlex
+
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -60,6 +63,20 @@ def test_default_plan_starts_five_services_on_the_documented_ports():
     assert arg(specs["monitor"], "--prometheus-port") == "9464"
     assert arg(specs["scaler"], "--router") == "127.0.0.1:50051"
     assert arg(specs["scaler"], "--monitor") == "127.0.0.1:50081"
+
+
+def test_the_targets_the_scaler_starts_are_configured_like_the_suites_own():
+    """Its model, threads, draft and log level, a /metrics of their own, and
+    logs beside the suite's (not in one folder every suite on the machine shares)."""
+    specs = {s.name: s for s in plan(UpOptions(home=Path("/h"), base_port=56051, log_level="debug"), cpus=2)}
+    scaler, target = specs["scaler"], specs["target"]
+    assert arg(scaler, "--target-model") == arg(target, "--model") == "/h/models/target"
+    assert arg(scaler, "--log-dir") == "/h/logs/56051/scaled"
+    scaled = shlex.split(arg(scaler, "--target-args"))
+    assert scaled[scaled.index("--threads") + 1] == arg(target, "--threads")
+    assert scaled[scaled.index("--draft-address") + 1] == arg(target, "--draft-address") == "127.0.0.1:56071"
+    assert scaled[scaled.index("--metrics-port") + 1] == "0"  # a free port each: the suite's is the target's
+    assert scaled[scaled.index("--log-level") + 1] == "debug"
 
 
 def test_plan_shares_two_cores_between_the_model_processes():

@@ -8,6 +8,7 @@ launcher only executes it.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,17 +171,24 @@ def plan(options: UpOptions, cpus: int | None = None) -> list[ServiceSpec]:
     def addr(name: str) -> str:
         return f"[{reach}]:{port[name]}" if ":" in reach else f"{reach}:{port[name]}"
 
+    parallel = (("--tensor-parallel-size", str(options.tp), "--pipeline-parallel-size", str(options.pp))
+                if ranks > 1 else ())
     extra = {
         "draft": ("--model", str(models["draft"]), "--threads", str(threads["draft"]),
                   "--metrics-port", str(port["draft-metrics"])),
         "target": ("--model", str(models["target"]), "--threads", str(threads["target"]),
-                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"]),
-                   *(("--tensor-parallel-size", str(options.tp), "--pipeline-parallel-size", str(options.pp))
-                     if ranks > 1 else ())),
+                   "--draft-address", addr("draft"), "--metrics-port", str(port["target-metrics"]), *parallel),
         "router": ("--targets", addr("target"), "--drafts", addr("draft"), "--http-port", str(port["http"])),
         "monitor": ("--router", addr("router"), "--prometheus-port", str(port["prometheus"])),
         "scaler": ("--router", addr("router"), "--monitor", addr("monitor"),
-                   "--metrics-port", str(port["scaler-metrics"])),
+                   "--metrics-port", str(port["scaler-metrics"]),
+                   # The targets it starts are the suite's target's like: its model, threads and
+                   # draft, a /metrics of their own (a free port, in their log), logs beside the suite's.
+                   "--target-model", str(models["target"]),
+                   "--target-args", shlex.join(("--threads", str(threads["target"]), "--draft-address",
+                                                addr("draft"), "--metrics-port", "0",
+                                                "--log-level", options.log_level, *parallel)),
+                   "--log-dir", str(log_dir(options.home, options.base_port) / "scaled")),
     }
     def env(name: str) -> dict[str, str]:
         out = _env(options.home, threads[name])
