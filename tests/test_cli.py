@@ -344,6 +344,45 @@ def test_keep_going_leaves_the_others_running_until_stopped(tmp_path):
     assert fleet.stop(5)["calm0"] == 0
 
 
+def test_the_restart_backoff_doubles_and_gives_up_past_the_start_limit():
+    policy = processes.RestartPolicy(max_restarts=3, window_s=60, backoff_s=1, max_backoff_s=3)
+    assert [policy.delay([0.0] * n, 10.0) for n in (1, 2, 3, 4)] == [1, 2, 3, None]  # capped, then given up
+    assert policy.delay([0.0, 0.0, 0.0, 100.0], 100.0) == 1  # deaths older than the window are forgotten
+
+
+def test_a_dead_service_is_started_again_and_the_others_keep_running(tmp_path, capsys):
+    fleet = fleet_of(tmp_path, "calm", "calm")
+    fleet.start()
+    wait_for_log(fleet, "started")
+    first, other = fleet.children[1].proc.pid, fleet.children[0].proc.pid
+    os.kill(first, signal.SIGKILL)
+    stop, restarted = threading.Event(), []
+
+    def on_restart(child):
+        restarted.append(child)
+        wait_for_log(fleet, "started")
+        stop.set()
+
+    policy = processes.RestartPolicy(backoff_s=0.1)
+    assert processes.supervise(fleet, stop, restart=policy, on_restart=on_restart) is False  # it did die
+    assert [c.name for c in restarted] == ["calm1"] and restarted[0] is fleet.children[1]
+    assert fleet.children[1].proc.pid != first and fleet.children[1].proc.poll() is None
+    assert fleet.children[0].proc.pid == other and fleet.children[0].proc.poll() is None
+    assert "child calm started" in (tmp_path / "logs" / "calm1.log.1").read_text()  # the death's log is kept
+    assert "calm1 started again" in capsys.readouterr().err
+    assert fleet.stop(5) == {"calm0": 0, "calm1": 0}
+
+
+def test_a_service_that_keeps_dying_is_given_up_on(tmp_path, capsys):
+    fleet = fleet_of(tmp_path, "calm", "crash")
+    fleet.start()
+    policy = processes.RestartPolicy(max_restarts=2, backoff_s=0.05)
+    assert processes.supervise(fleet, threading.Event(), restart=policy) is False  # returns: no endless loop
+    err = capsys.readouterr().err
+    assert err.count("crash1 started again") == 2 and "it died 3 times within 600 s; stopping the others" in err
+    assert fleet.stop(5)["calm0"] == 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_services_do_not_outlive_a_killed_launcher(tmp_path):
     # A real service (the router: no model to load), so the test covers the

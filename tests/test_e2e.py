@@ -3,7 +3,8 @@ tiny random models; the tests talk to them over real sockets.
 
 One suite serves reflection, exactness through the router and a clean
 stop by `llmesh down` (SIGTERM to the launcher); a second one, started with --keep-going, loses its target so
-that the router's answer can be timed while the rest keeps running.
+that the router's answer can be timed while the rest keeps running, and serves again once `llmesh up` has
+started the target again.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def test_llmesh_down_stops_all_five_cleanly(suite, home):
     assert not list((home / "run").glob("up-*.json"))
 
 
-def test_the_router_answers_unavailable_within_a_second_of_losing_its_only_target(home):
+def test_the_router_answers_unavailable_within_a_second_of_losing_its_only_target_which_comes_back(home):
     suite = Suite.start(home, "--keep-going")
     try:
         with grpc.insecure_channel(suite.addresses["router"]) as channel:
@@ -251,6 +252,17 @@ def test_the_router_answers_unavailable_within_a_second_of_losing_its_only_targe
         assert waited < 1.0
         suite.wait_for(f"target (pid {suite.pids['target']}) was killed by signal 9", 10)
         assert all(alive(pid) for name, pid in suite.pids.items() if name != "target")
+        # llmesh up starts it again, and the router routes to it once it serves.
+        suite.wait_for("target started again", 10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with grpc.insecure_channel(suite.addresses["router"]) as channel:
+                    assert len(tokens_of(router_pb2_grpc.RouterStub(channel), greedy(4), timeout=5.0)) == 4
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                time.sleep(0.2)  # sleep-ok: bounded poll while the restarted target loads
         assert suite.terminate() == 1  # a service died: not a clean run
         assert [name for name, pid in suite.pids.items() if alive(pid)] == []
     finally:

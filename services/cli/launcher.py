@@ -9,7 +9,9 @@ supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
 them (SIGKILL after a grace period); `llmesh down` sends that SIGTERM from
 another shell, found through ``HOME/run/up-PORT.json``
 (:mod:`services.common.runfile`), which lives as long as the services do. If a service dies, its log tail is
-printed and the rest are stopped (or, with ``--keep-going``, left running).
+printed and it is started again after a backoff (1 s, doubling to 30 s), up to 5 times in 10 minutes
+(:class:`~services.common.processes.RestartPolicy`); past that, or with ``--no-restart`` at once, the rest
+are stopped (or, with ``--keep-going``, left running).
 
 With ``--tls`` every hop is TLS, mutual between services: the certificates
 of `llmesh certs` (made first when absent, in HOME/certs or ``--certs``)
@@ -34,8 +36,8 @@ from pathlib import Path
 from services.cli import argtypes
 from services.common.paths import default_home
 from services.common import runfile
-from services.common.processes import (LaunchError, ProcessGroup, busy_ports, connect_address, is_serving, supervise,
-                                      wait_routable)
+from services.common.processes import (LaunchError, ProcessGroup, RestartPolicy, busy_ports, connect_address,
+                                      is_serving, supervise, wait_routable)
 from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, log_dir, model_paths, plan, ports
 from services.common.tls import TlsFiles, is_loopback
 
@@ -116,11 +118,16 @@ def run(args: argparse.Namespace) -> int:
     group = ProcessGroup(specs, log_dir(options.home, options.base_port))
     _say(f"starting {len(specs)} services; logs in {group.log_dir}")
     healthy = False
-    try:
-        group.start()
-        runfile.write(options.home, runfile.UpRecord(  # what `llmesh down` reads
+
+    def record(_restarted=None) -> None:
+        """What `llmesh down` reads; written again when a service is started again (its pid)."""
+        runfile.write(options.home, runfile.UpRecord(
             pid=os.getpid(), host=options.host, base_port=options.base_port,
             services={c.name: c.proc.pid for c in group.children}, logs=str(group.log_dir)))
+
+    try:
+        group.start()
+        record()
         ready = group.wait_ready(args.timeout, lambda address: is_serving(address, tls), stop=stop,
                                  on_ready=lambda c, waited: print(
             f"  {c.name:<8} {c.spec.address:<22} pid {c.proc.pid:<8} serving after {waited:.1f} s", flush=True))
@@ -133,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             http = _flag(router.args, "--http-port")
             web = f", OpenAI HTTP API at {'https' if tls else 'http'}://{router.host}:{http}/v1" if http not in (None, "0") else ""
             _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C or `llmesh down` stops every service)")
-            healthy = supervise(group, stop, args.keep_going)
+            healthy = supervise(group, stop, args.keep_going,
+                                restart=None if args.no_restart else RestartPolicy(), on_restart=record)
         else:
             healthy = True  # stopped on request before the suite was ready
     except (LaunchError, TimeoutError) as exc:
@@ -184,7 +192,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback --host (refused otherwise)")
     p.add_argument("--keep-going", action="store_true",
-                   help="when a service dies, report it but keep the others running")
+                   help="when a service dies for good (given up on, or with --no-restart), report it but keep "
+                        "the others running")
+    p.add_argument("--no-restart", action="store_true",
+                   help="do not start a service that died again (by default: after 1 s, doubling to 30 s, up to "
+                        "5 times in 10 minutes); its death stops the suite (see --keep-going)")
     p.set_defaults(func=run)
     return p
 

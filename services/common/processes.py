@@ -103,14 +103,25 @@ class ProcessGroup:
         restart does not erase the evidence of a crash."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for spec in self.specs:
-            log_path = self.log_dir / f"{spec.name}.log"
-            if log_path.exists() and log_path.stat().st_size:
-                log_path.replace(log_path.with_name(log_path.name + ".1"))
-            with open(log_path, "wb") as log:
-                env = {**self.base_env, **spec.env, **lifeline.launcher_env()}
-                proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            self.children.append(Child(spec, proc, log_path))
+            self.children.append(self._spawn(spec))
+
+    def restart(self, name: str) -> Child:
+        """Starts the exited child ``name`` again, as :meth:`start` did (its
+        last log kept as ``NAME.log.1``); returns the new child. OSError if
+        it cannot be spawned."""
+        index = next(i for i, c in enumerate(self.children) if c.name == name)
+        self.children[index] = self._spawn(self.children[index].spec)
+        return self.children[index]
+
+    def _spawn(self, spec: ServiceSpec) -> Child:
+        log_path = self.log_dir / f"{spec.name}.log"
+        if log_path.exists() and log_path.stat().st_size:
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
+        with open(log_path, "wb") as log:
+            env = {**self.base_env, **spec.env, **lifeline.launcher_env()}
+            proc = subprocess.Popen(spec.command(self.python), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return Child(spec, proc, log_path)
 
     def wait_ready(self, timeout_s: float, is_serving: Callable[[str], bool],
                    on_ready: Callable[[Child, float], None] = lambda child, waited: None,
@@ -161,20 +172,73 @@ class ProcessGroup:
         return {c.name: c.proc.returncode for c in self.children}
 
 
-def supervise(fleet: "ProcessGroup", stop: threading.Event, keep_going: bool = False) -> bool:
-    """Blocks until ``stop`` is set or a child dies (with ``keep_going``:
-    until ``stop`` or every child is gone). Reports each death on stderr.
-    Returns True when no child died."""
-    reported: set[str] = set()
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a supervised child that died is started again (systemd's
+    ``Restart=on-failure`` with a start limit): after ``backoff_s``, doubled
+    for each earlier death within ``window_s`` (at most ``max_backoff_s``);
+    never after its ``max_restarts + 1``-th death within ``window_s`` (given
+    up: a service that cannot stay up is reported, not looped). Seconds of
+    ``time.monotonic()``."""
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def delay(self, deaths: Sequence[float], now: float) -> float | None:
+        """Seconds to wait before the restart after the last of ``deaths`` (the
+        times a child died, this death included); None: give up."""
+        recent = sum(t > now - self.window_s for t in deaths)
+        if recent > self.max_restarts:
+            return None
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (recent - 1))
+
+
+def supervise(fleet: "ProcessGroup", stop: threading.Event, keep_going: bool = False,
+              restart: RestartPolicy | None = None, on_restart: Callable[[Child], None] = lambda child: None
+              ) -> bool:
+    """Blocks until ``stop`` is set or a child dies and is not restarted:
+    without ``restart``, at its first death; with it, a dead child is started
+    again after the policy's backoff (``on_restart`` is told), until the
+    policy gives up on it. With ``keep_going``, a child given up on leaves the
+    others running: it blocks until ``stop`` or until every child is given up
+    on. Reports each death on stderr. Returns True when no child died."""
+    seen: set[int] = set()  # the pids whose death was handled
+    deaths: dict[str, list[float]] = {}
+    due: dict[str, float] = {}  # name -> when it is started again
+    given_up: set[str] = set()
     while not stop.wait(POLL_S):
+        now = time.monotonic()
         for child in fleet.exited():
-            if child.name not in reported:
-                reported.add(child.name)
-                then = "the others keep running" if keep_going else "stopping the others"
-                print(f"llmesh up: {child.describe_exit()}\nllmesh up: {then}", file=sys.stderr, flush=True)
-        if reported and (not keep_going or len(reported) == len(fleet.children)):
+            if child.proc.pid in seen:
+                continue
+            seen.add(child.proc.pid)
+            deaths.setdefault(child.name, []).append(now)
+            delay = None if restart is None else restart.delay(deaths[child.name], now)
+            if delay is not None:
+                due[child.name] = now + delay
+                then = f"starting it again in {delay:g} s"
+            else:
+                given_up.add(child.name)
+                limit = ("" if restart is None else
+                         f"it died {len(deaths[child.name])} times within {restart.window_s:g} s; ")
+                then = limit + ("the others keep running" if keep_going else "stopping the others")
+            print(f"llmesh up: {child.describe_exit()}\nllmesh up: {then}", file=sys.stderr, flush=True)
+        for name, at in list(due.items()):
+            if now >= at:
+                del due[name]
+                try:
+                    child = fleet.restart(name)
+                except OSError as exc:
+                    given_up.add(name)
+                    print(f"llmesh up: could not start {name} again: {exc}", file=sys.stderr, flush=True)
+                    continue
+                print(f"llmesh up: {name} started again (pid {child.proc.pid})", file=sys.stderr, flush=True)
+                on_restart(child)
+        if given_up and (not keep_going or len(given_up) == len(fleet.children)):
             break
-    return not reported
+    return not deaths
 
 
 def wait_routable(router: str, timeout_s: float = 60.0, tls: TlsFiles | None = None,
