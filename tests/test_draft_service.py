@@ -143,3 +143,11 @@ async def test_the_ngram_method_refuses_distributions_and_bad_ids(draft, tiny_mo
         await conv.round(append_tokens=[1, tiny_models.vocab_size], gamma=2, method=gen.SPECULATION_METHOD_NGRAM)
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
     await conv.close()
+
+
+async def test_an_unknown_method_is_refused_not_taken_for_the_draft_model(draft):
+    conv = Conversation(draft)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await conv.round(append_tokens=[1, 2, 3], gamma=2, method=7)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown method 7" in err.value.details()
+    await conv.close()

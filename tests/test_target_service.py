@@ -96,6 +96,10 @@ async def test_concurrent_requests_match_solo_runs(target, reference_model):
     (request([1, 2], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (request([1, 999_999]), grpc.StatusCode.OUT_OF_RANGE, "tokens"),
     (request([1] * 300), grpc.StatusCode.OUT_OF_RANGE, "prompt"),
+    # Too long for the context through the chat template: named as the field the client sent.
+    (gen.GenerateRequest(prompt=gen.Prompt(chat=gen.ChatMessages(messages=[
+        gen.ChatMessage(role="user", content="x" * 100_000)])), sampling=gen.SamplingParams(max_new_tokens=2)),
+     grpc.StatusCode.OUT_OF_RANGE, "prompt.chat: makes a text"),
     (gen.GenerateRequest(prompt=gen.Prompt(text="hi"), sampling=gen.SamplingParams(max_new_tokens=2), priority=42),
      grpc.StatusCode.INVALID_ARGUMENT, "priority"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from services.common.errors import InvalidArgument
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2
 from services.common.validation import distribution_params
@@ -20,7 +21,10 @@ def round_of(msg: model_pb2.ProposeRequest) -> Round:
 
 def start_of(msg: model_pb2.ProposeRequest) -> StreamStart:
     """The first message's request id and sampling; stop sequences and EOS are
-    the target's business. Raises InvalidArgument naming a bad sampling field."""
+    the target's business. Raises InvalidArgument naming a bad sampling field
+    or an unknown method."""
+    if msg.method not in gen.SpeculationMethod.values():
+        raise InvalidArgument("method", f"unknown method {msg.method}; use DRAFT_MODEL or NGRAM")
     sampling = SamplingOptions(**distribution_params(msg.sampling), max_new_tokens=1, ignore_eos=True)
     return StreamStart(msg.request_id, sampling, msg.want_probs,
                        ngram=msg.method == gen.SPECULATION_METHOD_NGRAM)

@@ -86,7 +86,8 @@ class ModelApp:
         if kind == "text":
             return await self.prompts.encode(prompt.text)
         if kind == "chat":
-            return await self.prompts.encode(chat_text(loaded.engine.tokenizer, loaded.model_name, prompt.chat))
+            return await self.prompts.encode(chat_text(loaded.engine.tokenizer, loaded.model_name, prompt.chat),
+                                             "prompt.chat")
         return list(prompt.tokens.ids)
 
     def report(self) -> stats_pb2.LoadReport:

@@ -48,18 +48,20 @@ class PromptEncoder:
         #: Longest text, in bytes of UTF-8, that could fit the context.
         self.max_bytes = max_context * bytes_per_token
 
-    def check_size(self, text: str) -> None:
-        """OutOfRange when ``text`` cannot fit the context, whatever its tokens."""
+    def check_size(self, text: str, field: str = "prompt.text") -> None:
+        """OutOfRange, naming ``field`` (the request field the text came from),
+        when ``text`` cannot fit the context, whatever its tokens."""
         size = len(text) if len(text) > self.max_bytes else len(text.encode("utf-8"))
         if size > self.max_bytes:
-            raise OutOfRange("prompt.text", f"is {size} bytes of UTF-8, more than the {self.max_bytes} bytes that "
-                                            f"can fit this model's context of {self.max_context} tokens")
+            what = "is" if field == "prompt.text" else "makes a text (through the chat template) of"
+            raise OutOfRange(field, f"{what} {size} bytes of UTF-8, more than the {self.max_bytes} bytes that "
+                                    f"can fit this model's context of {self.max_context} tokens")
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, field: str = "prompt.text") -> list[int]:
         """Token ids of ``text`` (no special tokens added), tokenized on a worker
-        thread unless it is short (``inline_chars``); OutOfRange, before
-        tokenizing, when it cannot fit."""
-        self.check_size(text)
+        thread unless it is short (``inline_chars``); OutOfRange naming
+        ``field``, before tokenizing, when it cannot fit."""
+        self.check_size(text, field)
         if len(text) <= self.inline_chars:
             return self._tokenizer.encode(text, add_special_tokens=False, verbose=False)
         return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=False, verbose=False)
