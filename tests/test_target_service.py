@@ -232,3 +232,25 @@ def test_a_target_process_whose_engine_dies_exits_nonzero(tiny_models):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "the engine stopped" in done.stderr
+
+
+class _DeadlineOnly:
+    """A servicer context whose deadline the server sees, with no client-side
+    timer racing it (a real client's own timer usually ends the call first)."""
+
+    def __init__(self, remaining_s: float) -> None:
+        self.remaining_s = remaining_s
+
+    def time_remaining(self) -> float:
+        return self.remaining_s
+
+
+async def test_a_request_the_engine_drops_at_its_deadline_ends_with_deadline_exceeded(target):
+    """Not with an OK stream whose last chunk says CANCELLED: the client learns its deadline passed."""
+    from services.common.errors import DeadlineExceeded
+
+    app, _, _ = target
+    req = request([5, 6, 7], max_new_tokens=250, ignore_eos=True)
+    with pytest.raises(DeadlineExceeded, match="deadline passed after"):
+        async for _ in app.servicer.Generate(req, _DeadlineOnly(0.01)):
+            pass

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import replace
 
 from services.serving import generation_codec as codec
-from services.common.errors import InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.telemetry import record_phases
 from services.common.validation import check_address, check_gamma_range
 from services.serving.model_service import SPECULATION_FIELDS, configure_changes, model_info, settings_pb
@@ -15,6 +15,7 @@ from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
 from services.engine.sampler import random_seed
+from services.engine.sequence import FinishReason
 from services.speculative.ngram import LocalNgramProposer
 from services.speculative.remote import ProposerClient
 from services.speculative.state import SpecStats, SpeculationRequest
@@ -67,6 +68,12 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
             if event.finish_reason is not None:
                 if event.error is not None:
                     raise event.error
+                if (event.finish_reason is FinishReason.CANCELLED and deadline is not None
+                        and time.monotonic() >= deadline):
+                    # The engine dropped it at its deadline: the client's deadline status, not an OK
+                    # stream that merely stops (which the client's own timer may not have fired for yet).
+                    raise DeadlineExceeded(f"the request's deadline passed after {usage.completion_tokens} "
+                                           "generated tokens")
                 chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
                 if event.spec is not None:
                     chunk.speculation.CopyFrom(self._spec_pb(event.spec))
