@@ -431,3 +431,29 @@ async def test_unknown_paths_and_methods_answer_in_the_apis_error_shape(served):
         missing, wrong = await http.post(f"{url}/v1/embeddings", json={}), await http.get(f"{url}/v1/completions")
     assert missing.status_code == 404 and "no such endpoint: POST /v1/embeddings" in missing.json()["error"]["message"]
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- the user trial's faults -------------------------------------------------
+async def post(url: str, path: str, body, **kw) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as http:
+        if not isinstance(body, dict):  # bytes, or an async iterator: sent chunked
+            return await http.post(f"{url}{path}", content=body, **kw)
+        return await http.post(f"{url}{path}", json=body, **kw)
+
+
+def chat_body(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+
+
+def completion_body(**extra) -> dict:
+    return {"model": MODEL, "prompt": "x", "max_tokens": 2, **extra}
+
+
+async def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(served):
+    _, url, _, _ = served
+    kw = completion_body(prompt="class A:", max_tokens=6, temperature=0, ignore_eos=True)
+    plain = (await post(url, "/v1/completions", kw)).json()["choices"][0]
+    for stop in ("", [""], ["", ""]):
+        reply = await post(url, "/v1/completions", {**kw, "stop": stop})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == plain["text"]

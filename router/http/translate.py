@@ -80,8 +80,8 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
         s.top_p = body.top_p
     if body.top_k is not None and body.top_k > 0:
         s.top_k = min(body.top_k, INT32_MAX)
-    if body.stop:
-        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.stop:  # an empty stop string is ignored, alone or in a list (as the contract ignores it)
+        s.stop.extend(t for t in ([body.stop] if isinstance(body.stop, str) else body.stop) if t)
     if body.seed is not None:
         s.seed = body.seed
     return s
