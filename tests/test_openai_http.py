@@ -449,6 +449,108 @@ def completion_body(**extra) -> dict:
     return {"model": MODEL, "prompt": "x", "max_tokens": 2, **extra}
 
 
+@pytest.mark.parametrize("path, body, param, says", [
+    ("/v1/completions", completion_body(best_of=3), "best_of", "best_of > n"),
+    ("/v1/completions", completion_body(presence_penalty=0.5), "presence_penalty", "penalty"),
+    ("/v1/chat/completions", chat_body(frequency_penalty=-1), "frequency_penalty", "penalty"),
+    ("/v1/completions", completion_body(logit_bias={"50": 100}), "logit_bias", "logit_bias"),
+    ("/v1/completions", completion_body(suffix="end"), "suffix", "suffix"),
+    ("/v1/chat/completions", chat_body(response_format={"type": "json_object"}), "response_format", "json_object"),
+    ("/v1/chat/completions", chat_body(tool_choice="required"), "tool_choice", "tool calling"),
+    ("/v1/chat/completions", chat_body(tool_choice={"type": "function", "function": {"name": "f"}}),
+     "tool_choice", "tool calling"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools",
+     "tool calling"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}],
+                                       tool_choice="auto"), "tools", "tool calling"),
+])
+async def test_a_parameter_llmesh_does_not_implement_is_a_400_naming_it(served, path, body, param, says):
+    """Ignoring it would answer 200 with a result the client did not ask for."""
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(param) and "not supported by llmesh" in error["message"]
+    assert says in error["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", completion_body(best_of=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                                        suffix="")),
+    ("/v1/completions", completion_body(n=2, best_of=2, suffix=None)),
+    ("/v1/chat/completions", chat_body(response_format={"type": "text"}, tool_choice="none",
+                                       tools=[{"type": "function", "function": {"name": "f"}}])),
+    ("/v1/chat/completions", chat_body(tool_choice="auto", tools=[], logit_bias=None)),
+])
+async def test_the_neutral_value_of_an_unimplemented_parameter_is_served(served, path, body):
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 200, reply.text
+
+
+async def test_stream_options_need_a_stream(served):
+    _, url, _, _ = served
+    reply = await post(url, "/v1/completions", completion_body(stream_options={"include_usage": True}))
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options", reply.text
+    assert (await post(url, "/v1/completions", completion_body(stream_options=None))).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", completion_body(prompt=[-1]), "prompt",
+     "prompt[0]: token id -1 is out of range: ids are >= 0"),
+    ("/v1/completions", completion_body(prompt=[[3, 2 ** 31]]), "prompt", "prompt[0][1]: token id 2147483648 is out"),
+    ("/v1/completions", completion_body(stop=5), "stop", "stop: must be a string or a list of strings, got a number"),
+    ("/v1/completions", completion_body(prompt=["a", 1]), "prompt",
+     "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids, "
+     "got an array of numbers and strings"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
+     "messages", "messages[0].content[1].type: a 'image_url' content part is not supported by llmesh: only text"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": 5}]), "messages",
+     "messages[0].content: must be a string or a list of text parts"),
+    ("/v1/chat/completions", chat_body(tool_choice="sometimes"), "tool_choice", "tool_choice: must be \"none\""),
+    ("/v1/completions", b'{"model": "target", "prompt": "x", "temperature": NaN}', "temperature",
+     "temperature: must be a finite number, got nan"),
+    ("/v1/completions", b'{"model": "target", "prompt": "x", "top_p": Infinity}', "top_p",
+     "top_p: must be a finite number"),
+    ("/v1/completions", b'{"model": "target", "prompt": "x\\ud800 y"}', None,
+     "body: a JSON string holds a lone surrogate (\\ud800 without its pair), which is not valid Unicode"),
+    ("/v1/completions", b'{"model": "target", "prompt": "\\udc00"}', None, "body: a JSON string holds a lone surrogate"),
+    ("/v1/completions", b'[1, 2]', None, "body: must be a JSON object, got an array"),
+    ("/v1/completions", completion_body(n=0), "n", "n: Input should be greater than or equal to 1"),
+])
+async def test_a_refused_value_is_said_as_the_client_wrote_it(served, path, body, param, message):
+    """No pydantic union tags (``prompt.str``, ``.list[int]``), no bound quoted for NaN."""
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    assert "list[" not in error["message"] and ".str" not in error["message"]
+
+
+def test_every_union_field_says_its_shapes():
+    """A union field without an entry in SHAPES would be refused with a vague message."""
+    from typing import Literal
+
+    from router.http import schemas
+    from router.http.invalid import _models_in
+
+    def unions(model, seen=()):
+        for name, f in model.model_fields.items():
+            args = [a for a in getattr(f.annotation, "__args__", ()) if a is not type(None)]
+            if len(args) > 1 and getattr(f.annotation, "__origin__", None) not in (dict, Literal):
+                yield name
+            for sub in _models_in(f.annotation):
+                if sub not in seen:
+                    yield from unions(sub, (*seen, sub))
+
+    found = set(unions(schemas.CompletionRequest)) | set(unions(schemas.ChatCompletionRequest))
+    assert found >= {"prompt", "stop", "content", "tool_choice"}
+    assert found <= set(schemas.SHAPES), found - set(schemas.SHAPES)
+
+
 async def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(served):
     _, url, _, _ = served
     kw = completion_body(prompt="class A:", max_tokens=6, temperature=0, ignore_eos=True)
@@ -457,3 +559,16 @@ async def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(served):
         reply = await post(url, "/v1/completions", {**kw, "stop": stop})
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"] == plain["text"]
+
+
+async def test_null_means_the_default(served):
+    _, url, _, _ = served
+    reply = await post(url, "/v1/completions", completion_body(n=None, stream=None, echo=None, stop=None,
+                                                               logprobs=None, ignore_eos=None, seed=None))
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 1
+    chat = await post(url, "/v1/chat/completions", chat_body(n=None, stream=None, logprobs=None,
+                                                             stream_options=None, tools=None))
+    assert chat.status_code == 200, chat.text
+    missing = await post(url, "/v1/completions", completion_body(model=None))
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"

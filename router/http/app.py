@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.forwarder import Forwarder
 from router.http import translate
+from router.http.invalid import explain
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
 from router.registry import Role
 from router.upstreams import Upstreams
@@ -236,13 +237,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def invalid(exc: ValidationError) -> JSONResponse:
-    """A 400 naming the first field the body got wrong."""
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument",
-                                                loc[0] if loc else None), status_code=400)
+def invalid(exc: ValidationError, body: bytes = b"") -> JSONResponse:
+    """A 400 naming the first field the body got wrong, as the client wrote it."""
+    param, message = explain(exc, body)
+    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument", param),
+                        status_code=400)
 
 
 def create_app(door: FrontDoor, provider: TracerProvider | None = None):
@@ -281,9 +280,10 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
 
     async def answer(request: Request, schema, chat: bool) -> Response:
         try:
-            body = schema.model_validate_json(await request.body())
+            raw = await request.body()
+            body = schema.model_validate_json(raw)
         except ValidationError as exc:
-            return invalid(exc)
+            return invalid(exc, raw)
         if body.user:
             trace.get_current_span().set_attribute("enduser.id", body.user)
         try:
