@@ -572,3 +572,40 @@ async def test_null_means_the_default(served):
     assert chat.status_code == 200, chat.text
     missing = await post(url, "/v1/completions", completion_body(model=None))
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+async def test_a_body_past_the_limit_is_a_413_without_being_read(served):
+    _, _, _, target = served
+    async with front_door([target.address], http_max_body_bytes=4096) as (_, url, _):
+        big = json.dumps(completion_body(prompt="x" * 5000)).encode()
+        declared = await post(url, "/v1/completions", big)
+        assert declared.status_code == 413, declared.text
+        assert declared.json()["error"]["code"] == "request_too_large"
+        assert "4096 bytes" in declared.json()["error"]["message"]
+
+        async def chunked():  # no Content-Length: refused as it arrives
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        streamed = await post(url, "/v1/completions", chunked())
+        assert streamed.status_code == 413, streamed.text
+        fits = await post(url, "/v1/completions", json.dumps(completion_body(prompt="x" * 100)).encode())
+        assert fits.status_code == 200
+
+
+async def test_a_chunked_body_is_read_only_up_to_the_limit():
+    from router.http.app import BodyTooLarge, read_body
+
+    sent = []
+
+    class Chunked:  # the part of starlette's Request read_body uses
+        headers = {}
+
+        async def stream(self):
+            for i in range(1000):
+                sent.append(i)
+                yield b"x" * 1024
+
+    with pytest.raises(BodyTooLarge):
+        await read_body(Chunked(), 10 * 1024)
+    assert len(sent) == 11

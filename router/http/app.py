@@ -39,6 +39,31 @@ log = logging.getLogger(__name__)
 
 #: The gRPC method whose access rules the HTTP routes follow.
 GENERATE_METHOD = "/llmesh.v1.Router/Generate"
+#: Largest request body read, in bytes (the router's --http-max-body-bytes
+#: default): a prompt is at most 2 MiB of text, which JSON escaping can grow
+#: six-fold at worst (\uXXXX per byte) and token ids take a few bytes each.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A request body past the front door's limit (HTTP 413)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, at most ``limit`` bytes: BodyTooLarge from its
+    Content-Length before anything is read, or, for a chunked body, as soon
+    as what has arrived passes the limit (never held in full)."""
+    too_large = f"the request body is larger than the {limit} bytes this server reads (--http-max-body-bytes)"
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(too_large)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(too_large)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONResponse:
@@ -48,13 +73,16 @@ def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONRe
 
 class FrontDoor:
     """The routes' state: the router's forwarder and upstreams, its access
-    rules and the HTTP deadline (``timeout_s``, 0: none). Event-loop thread."""
+    rules, the HTTP deadline (``timeout_s``, 0: none) and the largest request
+    body read (``max_body_bytes``). Event-loop thread."""
 
-    def __init__(self, forwarder: Forwarder, upstreams: Upstreams, access: Access, timeout_s: float = 0.0) -> None:
+    def __init__(self, forwarder: Forwarder, upstreams: Upstreams, access: Access, timeout_s: float = 0.0,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.forwarder = forwarder
         self.upstreams = upstreams
         self.access = access
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
 
     # -- checks -------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -280,7 +308,11 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
 
     async def answer(request: Request, schema, chat: bool) -> Response:
         try:
-            raw = await request.body()
+            raw = await read_body(request, door.max_body_bytes)
+        except BodyTooLarge as exc:
+            return JSONResponse(translate.error_payload(str(exc), "invalid_request_error", "request_too_large"),
+                                status_code=413, headers={"Connection": "close"})
+        try:
             body = schema.model_validate_json(raw)
         except ValidationError as exc:
             return invalid(exc, raw)
