@@ -574,6 +574,31 @@ async def test_null_means_the_default(served):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
 
 
+async def test_a_served_model_is_retrieved_and_a_trailing_slash_is_served(served):
+    _, url, _, _ = served
+    c = client(url)
+    assert (await c.models.retrieve(MODEL)).id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        await c.models.retrieve("gpt-nope")
+    assert info.value.body["type"] == "not_found_error"
+    async with httpx.AsyncClient(timeout=60) as http:
+        slash = await http.post(f"{url}/v1/completions/", json=completion_body())
+        models = await http.get(f"{url}/v1/models/")
+    assert slash.status_code == 200 and slash.json()["object"] == "text_completion", slash.text
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
+
+
+async def test_streamed_chunks_carry_null_usage_before_the_last(served):
+    _, url, _, _ = served
+    for path, body in (("/v1/completions", completion_body(max_tokens=3)), ("/v1/chat/completions", chat_body())):
+        reply = await post(url, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = [json.loads(e.removeprefix("data: ")) for e in reply.text.split("\n\n")[:-2]]
+        assert all("usage" in e and e["usage"] is None for e in events[:-1]), events
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+        plain = await post(url, path, {**body, "stream": True})
+        assert all("usage" not in json.loads(e.removeprefix("data: ")) for e in plain.text.split("\n\n")[:-2])
+
+
 async def test_a_body_past_the_limit_is_a_413_without_being_read(served):
     _, _, _, target = served
     async with front_door([target.address], http_max_body_bytes=4096) as (_, url, _):

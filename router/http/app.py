@@ -211,8 +211,12 @@ class FrontDoor:
         """The stream's Server-Sent Events; cancelling it (the client went away)
         cancels the generations. An error after the first chunk is one
         ``data: {"error": ...}`` event, then the stream ends (no [DONE]); it
-        names the output bound ``max_tokens`` as the client did."""
+        names the output bound ``max_tokens`` as the client did. With
+        ``include_usage``, every chunk has ``"usage": null`` but the last, which
+        has no choices and the usage (as the API streams it)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if include_usage:
+            head["usage"] = None
         left = len(tasks)
         item = first
         try:
@@ -280,7 +284,7 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
     upstream spans its children and the request's ``user`` its
     ``enduser.id``; where it does not (the no-op provider), the client's
     ``traceparent`` goes on to the upstream call unchanged."""
-    app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
@@ -329,8 +333,16 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
             door.authorize(request)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"} for name in door.model_names()]})
+        return JSONResponse({"object": "list", "data": [model_object(name) for name in door.model_names()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> Response:
+        try:
+            door.authorize(request)
+            door.check_model(model)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+        return JSONResponse(model_object(model))
 
     @app.get("/health")
     async def health() -> Response:
@@ -339,7 +351,26 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
         return JSONResponse(translate.error_payload("no target instance can serve now", "service_unavailable_error",
                                                     "unavailable"), status_code=503)
 
+    served = without_trailing_slash(app)
     if provider is None:
-        return app
-    return OpenTelemetryMiddleware(app, excluded_urls="/health", tracer_provider=provider,
+        return served
+    return OpenTelemetryMiddleware(served, excluded_urls="/health", tracer_provider=provider,
                                    exclude_spans=["receive", "send"])
+
+
+def model_object(name: str) -> dict:
+    """The API's model object of a served model name."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"}
+
+
+def without_trailing_slash(app):
+    """``app`` serving ``/v1/completions/`` as ``/v1/completions``: a redirect
+    (Starlette's default) is not followed by curl, nor for a POST by most
+    clients."""
+    async def serve(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await app(scope, receive, send)
+
+    return serve
