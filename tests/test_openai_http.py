@@ -634,3 +634,27 @@ async def test_a_chunked_body_is_read_only_up_to_the_limit():
     with pytest.raises(BodyTooLarge):
         await read_body(Chunked(), 10 * 1024)
     assert len(sent) == 11
+
+
+async def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(served, tiny_models):
+    """As vLLM: the default bound (16 for completions, 256 for chat) is lowered
+    to the room the context (256 tokens here) leaves; a bound sent must fit."""
+    _, url, _, _ = served
+    prompt = tiny_models.tokenizer.encode("The meaning of life " * 80)[:250]
+    reply = await post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "temperature": 0,
+                                                "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"] == {"prompt_tokens": 250, "completion_tokens": 6, "total_tokens": 256}
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    short = await post(url, "/v1/completions", {"model": MODEL, "prompt": prompt[:20], "ignore_eos": True})
+    assert short.json()["usage"]["completion_tokens"] == 16
+    words = tiny_models.tokenizer.decode(prompt[:230])
+    chat = await post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": words}],
+                                                    "ignore_eos": True, "max_tokens": None})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] + 16 > 256 >= chat.json()["usage"]["total_tokens"]
+    for sent in ({"max_tokens": 16}, {"max_completion_tokens": 100}):
+        refused = await post(url, "/v1/chat/completions",
+                             {"model": MODEL, "messages": [{"role": "user", "content": words}], **sent})
+        assert refused.status_code == 400 and "context" in refused.json()["error"]["message"], refused.text
+        assert refused.json()["error"]["param"] == next(iter(sent))

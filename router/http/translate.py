@@ -19,7 +19,8 @@ from services.common.errors import InvalidArgument, OutOfRange
 from services.common.stubs import generation_pb2 as gen
 
 #: max_tokens when a request gives none: OpenAI's for completions; chat has no
-#: documented default (the context's end), so a bounded one.
+#: documented default (the context's end), so a bounded one. Either is lowered
+#: to what the model's context leaves after the prompt (SamplingParams.fit_context).
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 #: The API's finish reasons (an end-of-sequence token is a "stop", as in the API).
 FINISH_REASONS = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_EOS: "stop",
@@ -73,9 +74,10 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
     if max_tokens is not None and max_tokens > INT32_MAX:  # said with the number sent, not a clamped one
         raise OutOfRange("sampling.max_new_tokens", f"{max_tokens} is more than any model's context "
                                                     f"(the contract's bound is {INT32_MAX} tokens)")
+    # No bound sent: the default, or what the context leaves when that is less (as vLLM); one sent must fit.
     s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                            max_new_tokens=min(max_tokens or DEFAULT_MAX_TOKENS[kind], INT32_MAX),
-                           ignore_eos=body.ignore_eos)
+                           ignore_eos=body.ignore_eos, fit_context=max_tokens is None)
     if body.top_p is not None:
         s.top_p = body.top_p
     if body.top_k is not None and body.top_k > 0:

@@ -23,7 +23,7 @@ FINISH_REASON_OF_PB = {v: k for k, v in FINISH_REASONS.items()}
 def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
     """The engine's SamplingOptions of a SamplingParams already checked."""
     return SamplingOptions(**distribution_params(s), max_new_tokens=s.max_new_tokens, stop=tuple(s.stop),
-                           ignore_eos=s.ignore_eos)
+                           ignore_eos=s.ignore_eos, fit_context=s.fit_context)
 
 
 #: Checks everything about a GenerateRequest that needs no model; raises
