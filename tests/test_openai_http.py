@@ -658,3 +658,42 @@ async def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(ser
                              {"model": MODEL, "messages": [{"role": "user", "content": words}], **sent})
         assert refused.status_code == 400 and "context" in refused.json()["error"]["message"], refused.text
         assert refused.json()["error"]["param"] == next(iter(sent))
+
+
+async def test_tokens_of_part_of_a_character_are_bytes_and_offsets_stay_in_the_text(served, tiny_models):
+    """As vLLM and OpenAI: a token that is not UTF-8 on its own is "bytes:\\xNN...";
+    text_offset counts characters (a token inside a character is at that
+    character), non-decreasing and never past the text."""
+    _, url, _, _ = served
+    prompt = "日本語 🎉 é"
+    ids = tiny_models.tokenizer.encode(prompt)
+    for stream in (False, True):
+        reply = await post(url, "/v1/completions", completion_body(prompt=prompt, max_tokens=4, echo=True, logprobs=1, ignore_eos=True,
+                                                                   temperature=0, stream=stream))
+        assert reply.status_code == 200, reply.text
+        if stream:
+            events = [json.loads(e.removeprefix("data: ")) for e in reply.text.split("\n\n")[:-2]]
+            text = "".join(e["choices"][0]["text"] for e in events)
+            lp = {k: [v for e in events for v in e["choices"][0]["logprobs"][k]] for k in ("tokens", "text_offset")}
+        else:
+            text, lp = reply.json()["choices"][0]["text"], reply.json()["choices"][0]["logprobs"]
+        tokens, offsets = lp["tokens"], lp["text_offset"]
+        assert len(tokens) == len(ids) + 4 and "\ufffd" not in "".join(tokens[:len(ids)])
+        raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                       for t in tokens[:len(ids)])
+        assert raw.decode() == prompt
+        assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+        assert offsets[0] == 0 and offsets[len(ids) - 1] == len(prompt) - 1  # "é" is the last prompt character
+        assert {offsets[i] for i, t in enumerate(tokens[:len(ids)]) if not t.startswith("bytes:")} <= \
+            {i for i in range(len(prompt))}
+        assert any(t.startswith("bytes:\\x") for t in tokens)
+
+
+def test_token_bytes_of_a_byte_level_bpe(tiny_models):
+    from services.serving.token_bytes import token_bytes
+
+    tok = tiny_models.tokenizer
+    ids = tok.encode("日本 x")
+    texts = tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    assert any("\ufffd" in t for t in texts)
+    assert b"".join(token_bytes(tok, ids, texts)) == "日本 x".encode()
