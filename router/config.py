@@ -35,6 +35,8 @@ class RouterConfig(BaseConfig):
     http_port: int = field(8000, "port of the OpenAI-compatible HTTP front door (/v1/completions, "
                                  "/v1/chat/completions, /v1/models, /health) on --host (0: none)")
     http_timeout_s: float = field(0.0, "seconds an HTTP request may take before it ends with 504 (0: no bound)")
+    http_max_body_bytes: int = field(16 * 1024 * 1024, "largest HTTP request body read, in bytes (larger: 413, "
+                                                       "refused from its Content-Length or as it arrives)")
     targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
                                    "pool@host:port")
     drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")
@@ -122,6 +124,7 @@ class RouterConfig(BaseConfig):
         self.require(self.affinity_table_size >= 1, "affinity_table_size", "must be >= 1")
         self.require(0 <= self.http_port <= 65535, "http_port", "must be in [0, 65535] (0: no HTTP front door)")
         self.require(self.http_timeout_s >= 0, "http_timeout_s", "must be >= 0 (0: no bound)")
+        self.require(self.http_max_body_bytes >= 1024, "http_max_body_bytes", "must be >= 1024")
         self.require(self.kv_queue_weight >= 0, "kv_queue_weight", "must be >= 0 (a weight of prompt tokens)")
         self.require(self.kv_load_weight >= 0, "kv_load_weight", "must be >= 0 (prompt tokens per request in flight)")
         self.require(0.01 <= self.kv_events_interval_s <= 60, "kv_events_interval_s", "must be in [0.01, 60] seconds")

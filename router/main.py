@@ -40,7 +40,8 @@ class RouterApp(ServiceApp):
         self.http: HttpServer | None = None
         if config.http_port:
             door = FrontDoor(self.forwarder, self.upstreams,
-                             access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s)
+                             access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s,
+                             config.http_max_body_bytes)
             tls = config.tls()
             self.http = HttpServer(create_app(door, provider), config.host, config.http_port,
                                    ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None,

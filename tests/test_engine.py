@@ -345,3 +345,19 @@ def test_an_empty_stop_sequence_is_refused_in_process_too(tiny_models):
     with pytest.raises(InvalidArgument, match="stop sequence must not be empty"):
         engine.submit(GenerationRequest(prompt_ids=[1, 2], sampling=SamplingOptions(max_new_tokens=2, stop=("",))),
                       lambda ev: None)
+
+
+def test_fit_context_lowers_only_a_bound_that_may_be_lowered():
+    from services.engine.sequence import GenerationRequest, SamplingOptions
+    from services.engine.validation import fit_context
+
+    def fitted(prompt_len: int, max_new: int, fit: bool) -> int:
+        req = GenerationRequest(prompt_ids=[1] * prompt_len,
+                                sampling=SamplingOptions(max_new_tokens=max_new, fit_context=fit))
+        fit_context(req, 256)
+        return req.sampling.max_new_tokens
+
+    assert fitted(250, 16, True) == 6  # what the context leaves
+    assert fitted(10, 16, True) == 16  # fits: unchanged
+    assert fitted(250, 16, False) == 16  # a bound the caller chose: validate refuses it
+    assert fitted(256, 16, True) == 16  # no room at all: validate refuses the prompt

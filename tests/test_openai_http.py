@@ -431,3 +431,269 @@ async def test_unknown_paths_and_methods_answer_in_the_apis_error_shape(served):
         missing, wrong = await http.post(f"{url}/v1/embeddings", json={}), await http.get(f"{url}/v1/completions")
     assert missing.status_code == 404 and "no such endpoint: POST /v1/embeddings" in missing.json()["error"]["message"]
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- the user trial's faults -------------------------------------------------
+async def post(url: str, path: str, body, **kw) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as http:
+        if not isinstance(body, dict):  # bytes, or an async iterator: sent chunked
+            return await http.post(f"{url}{path}", content=body, **kw)
+        return await http.post(f"{url}{path}", json=body, **kw)
+
+
+def chat_body(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+
+
+def completion_body(**extra) -> dict:
+    return {"model": MODEL, "prompt": "x", "max_tokens": 2, **extra}
+
+
+@pytest.mark.parametrize("path, body, param, says", [
+    ("/v1/completions", completion_body(best_of=3), "best_of", "best_of > n"),
+    ("/v1/completions", completion_body(presence_penalty=0.5), "presence_penalty", "penalty"),
+    ("/v1/chat/completions", chat_body(frequency_penalty=-1), "frequency_penalty", "penalty"),
+    ("/v1/completions", completion_body(logit_bias={"50": 100}), "logit_bias", "logit_bias"),
+    ("/v1/completions", completion_body(suffix="end"), "suffix", "suffix"),
+    ("/v1/chat/completions", chat_body(response_format={"type": "json_object"}), "response_format", "json_object"),
+    ("/v1/chat/completions", chat_body(tool_choice="required"), "tool_choice", "tool calling"),
+    ("/v1/chat/completions", chat_body(tool_choice={"type": "function", "function": {"name": "f"}}),
+     "tool_choice", "tool calling"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools",
+     "tool calling"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}],
+                                       tool_choice="auto"), "tools", "tool calling"),
+])
+async def test_a_parameter_llmesh_does_not_implement_is_a_400_naming_it(served, path, body, param, says):
+    """Ignoring it would answer 200 with a result the client did not ask for."""
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(param) and "not supported by llmesh" in error["message"]
+    assert says in error["message"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", completion_body(best_of=1, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                                        suffix="")),
+    ("/v1/completions", completion_body(n=2, best_of=2, suffix=None)),
+    ("/v1/chat/completions", chat_body(response_format={"type": "text"}, tool_choice="none",
+                                       tools=[{"type": "function", "function": {"name": "f"}}])),
+    ("/v1/chat/completions", chat_body(tool_choice="auto", tools=[], logit_bias=None)),
+])
+async def test_the_neutral_value_of_an_unimplemented_parameter_is_served(served, path, body):
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 200, reply.text
+
+
+async def test_stream_options_need_a_stream(served):
+    _, url, _, _ = served
+    reply = await post(url, "/v1/completions", completion_body(stream_options={"include_usage": True}))
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options", reply.text
+    assert (await post(url, "/v1/completions", completion_body(stream_options=None))).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", completion_body(prompt=[-1]), "prompt",
+     "prompt[0]: token id -1 is out of range: ids are >= 0"),
+    ("/v1/completions", completion_body(prompt=[[3, 2 ** 31]]), "prompt", "prompt[0][1]: token id 2147483648 is out"),
+    ("/v1/completions", completion_body(stop=5), "stop", "stop: must be a string or a list of strings, got a number"),
+    ("/v1/completions", completion_body(prompt=["a", 1]), "prompt",
+     "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids, "
+     "got an array of numbers and strings"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
+     "messages", "messages[0].content[1].type: a 'image_url' content part is not supported by llmesh: only text"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": 5}]), "messages",
+     "messages[0].content: must be a string or a list of text parts"),
+    ("/v1/chat/completions", chat_body(tool_choice="sometimes"), "tool_choice", "tool_choice: must be \"none\""),
+    ("/v1/completions", b'{"model": "target", "prompt": "x", "temperature": NaN}', "temperature",
+     "temperature: must be a finite number, got nan"),
+    ("/v1/completions", b'{"model": "target", "prompt": "x", "top_p": Infinity}', "top_p",
+     "top_p: must be a finite number"),
+    ("/v1/completions", b'{"model": "target", "prompt": "x\\ud800 y"}', None,
+     "body: a JSON string holds a lone surrogate (\\ud800 without its pair), which is not valid Unicode"),
+    ("/v1/completions", b'{"model": "target", "prompt": "\\udc00"}', None, "body: a JSON string holds a lone surrogate"),
+    ("/v1/completions", b'[1, 2]', None, "body: must be a JSON object, got an array"),
+    ("/v1/completions", completion_body(n=0), "n", "n: Input should be greater than or equal to 1"),
+])
+async def test_a_refused_value_is_said_as_the_client_wrote_it(served, path, body, param, message):
+    """No pydantic union tags (``prompt.str``, ``.list[int]``), no bound quoted for NaN."""
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    assert "list[" not in error["message"] and ".str" not in error["message"]
+
+
+def test_every_union_field_says_its_shapes():
+    """A union field without an entry in SHAPES would be refused with a vague message."""
+    from typing import Literal
+
+    from router.http import schemas
+    from router.http.invalid import _models_in
+
+    def unions(model, seen=()):
+        for name, f in model.model_fields.items():
+            args = [a for a in getattr(f.annotation, "__args__", ()) if a is not type(None)]
+            if len(args) > 1 and getattr(f.annotation, "__origin__", None) not in (dict, Literal):
+                yield name
+            for sub in _models_in(f.annotation):
+                if sub not in seen:
+                    yield from unions(sub, (*seen, sub))
+
+    found = set(unions(schemas.CompletionRequest)) | set(unions(schemas.ChatCompletionRequest))
+    assert found >= {"prompt", "stop", "content", "tool_choice"}
+    assert found <= set(schemas.SHAPES), found - set(schemas.SHAPES)
+
+
+async def test_an_empty_stop_string_is_ignored_alone_or_in_a_list(served):
+    _, url, _, _ = served
+    kw = completion_body(prompt="class A:", max_tokens=6, temperature=0, ignore_eos=True)
+    plain = (await post(url, "/v1/completions", kw)).json()["choices"][0]
+    for stop in ("", [""], ["", ""]):
+        reply = await post(url, "/v1/completions", {**kw, "stop": stop})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == plain["text"]
+
+
+async def test_null_means_the_default(served):
+    _, url, _, _ = served
+    reply = await post(url, "/v1/completions", completion_body(n=None, stream=None, echo=None, stop=None,
+                                                               logprobs=None, ignore_eos=None, seed=None))
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 1
+    chat = await post(url, "/v1/chat/completions", chat_body(n=None, stream=None, logprobs=None,
+                                                             stream_options=None, tools=None))
+    assert chat.status_code == 200, chat.text
+    missing = await post(url, "/v1/completions", completion_body(model=None))
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+async def test_a_served_model_is_retrieved_and_a_trailing_slash_is_served(served):
+    _, url, _, _ = served
+    c = client(url)
+    assert (await c.models.retrieve(MODEL)).id == MODEL
+    with pytest.raises(openai.NotFoundError) as info:
+        await c.models.retrieve("gpt-nope")
+    assert info.value.body["type"] == "not_found_error"
+    async with httpx.AsyncClient(timeout=60) as http:
+        slash = await http.post(f"{url}/v1/completions/", json=completion_body())
+        models = await http.get(f"{url}/v1/models/")
+    assert slash.status_code == 200 and slash.json()["object"] == "text_completion", slash.text
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
+
+
+async def test_streamed_chunks_carry_null_usage_before_the_last(served):
+    _, url, _, _ = served
+    for path, body in (("/v1/completions", completion_body(max_tokens=3)), ("/v1/chat/completions", chat_body())):
+        reply = await post(url, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = [json.loads(e.removeprefix("data: ")) for e in reply.text.split("\n\n")[:-2]]
+        assert all("usage" in e and e["usage"] is None for e in events[:-1]), events
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+        plain = await post(url, path, {**body, "stream": True})
+        assert all("usage" not in json.loads(e.removeprefix("data: ")) for e in plain.text.split("\n\n")[:-2])
+
+
+async def test_a_body_past_the_limit_is_a_413_without_being_read(served):
+    _, _, _, target = served
+    async with front_door([target.address], http_max_body_bytes=4096) as (_, url, _):
+        big = json.dumps(completion_body(prompt="x" * 5000)).encode()
+        declared = await post(url, "/v1/completions", big)
+        assert declared.status_code == 413, declared.text
+        assert declared.json()["error"]["code"] == "request_too_large"
+        assert "4096 bytes" in declared.json()["error"]["message"]
+
+        async def chunked():  # no Content-Length: refused as it arrives
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        streamed = await post(url, "/v1/completions", chunked())
+        assert streamed.status_code == 413, streamed.text
+        fits = await post(url, "/v1/completions", json.dumps(completion_body(prompt="x" * 100)).encode())
+        assert fits.status_code == 200
+
+
+async def test_a_chunked_body_is_read_only_up_to_the_limit():
+    from router.http.app import BodyTooLarge, read_body
+
+    sent = []
+
+    class Chunked:  # the part of starlette's Request read_body uses
+        headers = {}
+
+        async def stream(self):
+            for i in range(1000):
+                sent.append(i)
+                yield b"x" * 1024
+
+    with pytest.raises(BodyTooLarge):
+        await read_body(Chunked(), 10 * 1024)
+    assert len(sent) == 11
+
+
+async def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(served, tiny_models):
+    """As vLLM: the default bound (16 for completions, 256 for chat) is lowered
+    to the room the context (256 tokens here) leaves; a bound sent must fit."""
+    _, url, _, _ = served
+    prompt = tiny_models.tokenizer.encode("The meaning of life " * 80)[:250]
+    reply = await post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "temperature": 0,
+                                                "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"] == {"prompt_tokens": 250, "completion_tokens": 6, "total_tokens": 256}
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    short = await post(url, "/v1/completions", {"model": MODEL, "prompt": prompt[:20], "ignore_eos": True})
+    assert short.json()["usage"]["completion_tokens"] == 16
+    words = tiny_models.tokenizer.decode(prompt[:230])
+    chat = await post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": words}],
+                                                    "ignore_eos": True, "max_tokens": None})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] + 16 > 256 >= chat.json()["usage"]["total_tokens"]
+    for sent in ({"max_tokens": 16}, {"max_completion_tokens": 100}):
+        refused = await post(url, "/v1/chat/completions",
+                             {"model": MODEL, "messages": [{"role": "user", "content": words}], **sent})
+        assert refused.status_code == 400 and "context" in refused.json()["error"]["message"], refused.text
+        assert refused.json()["error"]["param"] == next(iter(sent))
+
+
+async def test_tokens_of_part_of_a_character_are_bytes_and_offsets_stay_in_the_text(served, tiny_models):
+    """As vLLM and OpenAI: a token that is not UTF-8 on its own is "bytes:\\xNN...";
+    text_offset counts characters (a token inside a character is at that
+    character), non-decreasing and never past the text."""
+    _, url, _, _ = served
+    prompt = "日本語 🎉 é"
+    ids = tiny_models.tokenizer.encode(prompt)
+    for stream in (False, True):
+        reply = await post(url, "/v1/completions", completion_body(prompt=prompt, max_tokens=4, echo=True, logprobs=1, ignore_eos=True,
+                                                                   temperature=0, stream=stream))
+        assert reply.status_code == 200, reply.text
+        if stream:
+            events = [json.loads(e.removeprefix("data: ")) for e in reply.text.split("\n\n")[:-2]]
+            text = "".join(e["choices"][0]["text"] for e in events)
+            lp = {k: [v for e in events for v in e["choices"][0]["logprobs"][k]] for k in ("tokens", "text_offset")}
+        else:
+            text, lp = reply.json()["choices"][0]["text"], reply.json()["choices"][0]["logprobs"]
+        tokens, offsets = lp["tokens"], lp["text_offset"]
+        assert len(tokens) == len(ids) + 4 and "\ufffd" not in "".join(tokens[:len(ids)])
+        raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                       for t in tokens[:len(ids)])
+        assert raw.decode() == prompt
+        assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+        assert offsets[0] == 0 and offsets[len(ids) - 1] == len(prompt) - 1  # "é" is the last prompt character
+        assert {offsets[i] for i, t in enumerate(tokens[:len(ids)]) if not t.startswith("bytes:")} <= \
+            {i for i in range(len(prompt))}
+        assert any(t.startswith("bytes:\\x") for t in tokens)
+
+
+def test_token_bytes_of_a_byte_level_bpe(tiny_models):
+    from services.serving.token_bytes import token_bytes
+
+    tok = tiny_models.tokenizer
+    ids = tok.encode("日本 x")
+    texts = tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    assert any("\ufffd" in t for t in texts)
+    assert b"".join(token_bytes(tok, ids, texts)) == "日本 x".encode()

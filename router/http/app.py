@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.forwarder import Forwarder
 from router.http import translate
+from router.http.invalid import explain
 from router.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingBody
 from router.registry import Role
 from router.upstreams import Upstreams
@@ -38,6 +39,31 @@ log = logging.getLogger(__name__)
 
 #: The gRPC method whose access rules the HTTP routes follow.
 GENERATE_METHOD = "/llmesh.v1.Router/Generate"
+#: Largest request body read, in bytes (the router's --http-max-body-bytes
+#: default): a prompt is at most 2 MiB of text, which JSON escaping can grow
+#: six-fold at worst (\uXXXX per byte) and token ids take a few bytes each.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A request body past the front door's limit (HTTP 413)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, at most ``limit`` bytes: BodyTooLarge from its
+    Content-Length before anything is read, or, for a chunked body, as soon
+    as what has arrived passes the limit (never held in full)."""
+    too_large = f"the request body is larger than the {limit} bytes this server reads (--http-max-body-bytes)"
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(too_large)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(too_large)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONResponse:
@@ -47,13 +73,16 @@ def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONRe
 
 class FrontDoor:
     """The routes' state: the router's forwarder and upstreams, its access
-    rules and the HTTP deadline (``timeout_s``, 0: none). Event-loop thread."""
+    rules, the HTTP deadline (``timeout_s``, 0: none) and the largest request
+    body read (``max_body_bytes``). Event-loop thread."""
 
-    def __init__(self, forwarder: Forwarder, upstreams: Upstreams, access: Access, timeout_s: float = 0.0) -> None:
+    def __init__(self, forwarder: Forwarder, upstreams: Upstreams, access: Access, timeout_s: float = 0.0,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.forwarder = forwarder
         self.upstreams = upstreams
         self.access = access
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
 
     # -- checks -------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -182,8 +211,12 @@ class FrontDoor:
         """The stream's Server-Sent Events; cancelling it (the client went away)
         cancels the generations. An error after the first chunk is one
         ``data: {"error": ...}`` event, then the stream ends (no [DONE]); it
-        names the output bound ``max_tokens`` as the client did."""
+        names the output bound ``max_tokens`` as the client did. With
+        ``include_usage``, every chunk has ``"usage": null`` but the last, which
+        has no choices and the usage (as the API streams it)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if include_usage:
+            head["usage"] = None
         left = len(tasks)
         item = first
         try:
@@ -236,13 +269,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def invalid(exc: ValidationError) -> JSONResponse:
-    """A 400 naming the first field the body got wrong."""
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument",
-                                                loc[0] if loc else None), status_code=400)
+def invalid(exc: ValidationError, body: bytes = b"") -> JSONResponse:
+    """A 400 naming the first field the body got wrong, as the client wrote it."""
+    param, message = explain(exc, body)
+    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument", param),
+                        status_code=400)
 
 
 def create_app(door: FrontDoor, provider: TracerProvider | None = None):
@@ -253,7 +284,7 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
     upstream spans its children and the request's ``user`` its
     ``enduser.id``; where it does not (the no-op provider), the client's
     ``traceparent`` goes on to the upstream call unchanged."""
-    app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception) -> JSONResponse:
@@ -281,9 +312,14 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
 
     async def answer(request: Request, schema, chat: bool) -> Response:
         try:
-            body = schema.model_validate_json(await request.body())
+            raw = await read_body(request, door.max_body_bytes)
+        except BodyTooLarge as exc:
+            return JSONResponse(translate.error_payload(str(exc), "invalid_request_error", "request_too_large"),
+                                status_code=413, headers={"Connection": "close"})
+        try:
+            body = schema.model_validate_json(raw)
         except ValidationError as exc:
-            return invalid(exc)
+            return invalid(exc, raw)
         if body.user:
             trace.get_current_span().set_attribute("enduser.id", body.user)
         try:
@@ -297,8 +333,16 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
             door.authorize(request)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"} for name in door.model_names()]})
+        return JSONResponse({"object": "list", "data": [model_object(name) for name in door.model_names()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> Response:
+        try:
+            door.authorize(request)
+            door.check_model(model)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+        return JSONResponse(model_object(model))
 
     @app.get("/health")
     async def health() -> Response:
@@ -307,7 +351,26 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
         return JSONResponse(translate.error_payload("no target instance can serve now", "service_unavailable_error",
                                                     "unavailable"), status_code=503)
 
+    served = without_trailing_slash(app)
     if provider is None:
-        return app
-    return OpenTelemetryMiddleware(app, excluded_urls="/health", tracer_provider=provider,
+        return served
+    return OpenTelemetryMiddleware(served, excluded_urls="/health", tracer_provider=provider,
                                    exclude_spans=["receive", "send"])
+
+
+def model_object(name: str) -> dict:
+    """The API's model object of a served model name."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"}
+
+
+def without_trailing_slash(app):
+    """``app`` serving ``/v1/completions/`` as ``/v1/completions``: a redirect
+    (Starlette's default) is not followed by curl, nor for a POST by most
+    clients."""
+    async def serve(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await app(scope, receive, send)
+
+    return serve

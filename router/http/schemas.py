@@ -1,35 +1,81 @@
 """The OpenAI API's request bodies, typed (pydantic): ``/v1/completions`` and
 ``/v1/chat/completions``. Unknown fields are ignored, as the reference server
-ignores them; a wrong type or a value out of range is a 400 naming the field.
-Types are strict, as the reference's are: ``"max_tokens": "5"`` is refused,
-not coerced (pydantic's strict mode; a JSON integer still counts as a number
-where a float is asked).
+ignores them; a wrong type or a value out of range is a 400 naming the field
+(:mod:`router.http.invalid` writes the message). ``null`` for an optional
+field means its default, as the API takes it. Types are strict, as the
+reference's are: ``"max_tokens": "5"`` is refused, not coerced (pydantic's
+strict mode; a JSON integer still counts as a number where a float is asked);
+numbers must be finite.
+
+Parameters the API has that would change the answer and llmesh does not
+implement (penalties, ``logit_bias``, ``best_of`` > ``n``, ``suffix``,
+``response_format`` other than text, tools) are refused with a 400 naming
+them, unless their value is the neutral default; llmesh never ignores one
+silently.
+
 llmesh's extensions: ``top_k``, ``ignore_eos`` and ``priority`` (a priority
 class: batch, normal, interactive)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 #: Most independent choices one request may ask for.
 MAX_N = 16
 #: Most alternatives per token (OpenAI's bound).
 MAX_TOP_LOGPROBS = 20
-#: The contract carries token ids as int32: a larger id is out of every vocabulary.
-TokenId = Annotated[int, Field(ge=0, lt=2 ** 31)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+def _token_id(value: int) -> int:
+    # The contract carries token ids as int32: a larger id is out of every vocabulary.
+    if not 0 <= value < 2 ** 31:
+        raise PydanticCustomError("token_id", "token id {id} is out of range: ids are >= 0 and below the "
+                                              "model's vocabulary size", {"id": value})
+    return value
+
+
+TokenId = Annotated[int, AfterValidator(_token_id)]
+
+#: What each union field takes, as a client reads it (the message when a value
+#: fits none of its types). Every union field of these bodies has an entry
+#: (a test walks the models).
+SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+    "tool_choice": "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+}
+
+
+def unsupported(what: str, hint: str = "") -> PydanticCustomError:
+    """The error of a parameter value llmesh does not implement ("<what> is not supported by llmesh<hint>")."""
+    return PydanticCustomError("unsupported", "{what} is not supported by llmesh{hint}", {"what": what, "hint": hint})
+
+
+class Body(BaseModel):
+    """Strict, finite, unknown fields ignored; ``null`` for a field with a
+    default means that default (clients send nulls for unset values)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required()}
+        return data
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingBody(BaseModel):
+class SamplingBody(Body):
     """The fields both endpoints share."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -47,6 +93,31 @@ class SamplingBody(BaseModel):
     ignore_eos: bool = False
     #: Extension: llmesh's priority class (the router's pool and the target's queue order).
     priority: Literal["batch", "normal", "interactive"] | None = None
+    # Not implemented: refused unless neutral (0, empty).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError("stream_options", "is only allowed when stream is true")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise unsupported("a non-zero penalty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise unsupported("logit_bias (a non-empty map)")
+        return value
 
 
 class CompletionRequest(SamplingBody):
@@ -56,16 +127,42 @@ class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Not implemented: refused unless neutral (best_of == n, empty suffix).
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise PydanticCustomError("best_of", "must be >= n ({n}), got {best_of}", {"n": n, "best_of": value})
+        if value is not None and value > n:
+            raise unsupported(f"best_of > n (ranking {value} candidates to return {n})",
+                              f": ask for n={value} choices and pick among them")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise unsupported("suffix (insertion)")
+        return value
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
+class TextPart(Body):
+    type: str
     text: str
 
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise unsupported(f"a {value[:40]!r} content part", ": only text parts are (no images, audio or files)")
+        return value
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -75,6 +172,17 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormat(Body):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise unsupported(f"{value[:40]!r}", " (only \"text\" is)")
+        return value
+
+
 class ChatCompletionRequest(SamplingBody):
     """``POST /v1/chat/completions``."""
 
@@ -82,3 +190,21 @@ class ChatCompletionRequest(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    # Tool calling is not implemented: refused, tools included, unless tool_choice is "none".
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_calls(cls, value):
+        if value == "required" or isinstance(value, dict):
+            raise unsupported("tool calling (tool_choice \"required\" or a named function)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_unused(cls, value: list | None, info: ValidationInfo) -> list | None:
+        if value and info.data.get("tool_choice") != "none":
+            raise unsupported("tool calling (tools are accepted only with tool_choice \"none\")")
+        return value

@@ -10,6 +10,7 @@ deltas. Errors become the API's error body and HTTP status in
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 
@@ -19,7 +20,8 @@ from services.common.errors import InvalidArgument, OutOfRange
 from services.common.stubs import generation_pb2 as gen
 
 #: max_tokens when a request gives none: OpenAI's for completions; chat has no
-#: documented default (the context's end), so a bounded one.
+#: documented default (the context's end), so a bounded one. Either is lowered
+#: to what the model's context leaves after the prompt (SamplingParams.fit_context).
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 #: The API's finish reasons (an end-of-sequence token is a "stop", as in the API).
 FINISH_REASONS = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_EOS: "stop",
@@ -73,15 +75,16 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
     if max_tokens is not None and max_tokens > INT32_MAX:  # said with the number sent, not a clamped one
         raise OutOfRange("sampling.max_new_tokens", f"{max_tokens} is more than any model's context "
                                                     f"(the contract's bound is {INT32_MAX} tokens)")
+    # No bound sent: the default, or what the context leaves when that is less (as vLLM); one sent must fit.
     s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                            max_new_tokens=min(max_tokens or DEFAULT_MAX_TOKENS[kind], INT32_MAX),
-                           ignore_eos=body.ignore_eos)
+                           ignore_eos=body.ignore_eos, fit_context=max_tokens is None)
     if body.top_p is not None:
         s.top_p = body.top_p
     if body.top_k is not None and body.top_k > 0:
         s.top_k = min(body.top_k, INT32_MAX)
-    if body.stop:
-        s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.stop:  # an empty stop string is ignored, alone or in a list (as the contract ignores it)
+        s.stop.extend(t for t in ([body.stop] if isinstance(body.stop, str) else body.stop) if t)
     if body.seed is not None:
         s.seed = body.seed
     return s
@@ -120,7 +123,8 @@ def generate_requests(body: SamplingBody, request_id: str) -> list[gen.GenerateR
 class Choice:
     """One choice's chunks, folded: text, finish reason, usage and logprobs."""
 
-    __slots__ = ("index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "offset")
+    __slots__ = ("index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "offset",
+                 "decoder")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -129,8 +133,10 @@ class Choice:
         self.prompt_tokens = self.completion_tokens = 0
         #: Prompt then generated TokenLogprobs (whole responses).
         self.logprobs: list[gen.TokenLogprob] = []
-        #: Characters of text before the next token (completions' text_offset).
+        #: Characters of text before the next token (completions' text_offset), and the
+        #: decoder of the tokens' bytes that counts them (it holds a partial character back).
         self.offset = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, chunk: gen.GenerateChunk) -> None:
         self.text.append(chunk.text)
@@ -143,18 +149,22 @@ class Choice:
     def completion_logprobs(self, entries) -> dict:
         """The legacy completions ``logprobs`` object of ``entries``; the
         ``top_logprobs`` dict holds the chosen token and the alternatives
-        (as vLLM's), None for the first prompt token."""
+        (as vLLM's), None for the first prompt token. ``text_offset``: each
+        token's offset in characters into the choice's text, where a token
+        holding part of a character is at that character (non-decreasing,
+        never past the text)."""
         tokens, lps, tops, offsets = [], [], [], []
+        end = sum(len(t) for t in self.text)  # the text so far: no offset past it
         for e in entries:
-            tokens.append(e.token)
+            tokens.append(token_of(e))
             has = e.HasField("logprob")
             lps.append(e.logprob if has else None)
-            top = {t.token: t.logprob for t in e.top}
+            top = {token_of(t): t.logprob for t in e.top}
             if has:
-                top.setdefault(e.token, e.logprob)
+                top.setdefault(token_of(e), e.logprob)
             tops.append(top if has else None)
-            offsets.append(self.offset)
-            self.offset += len(e.token)
+            offsets.append(min(self.offset, end))
+            self.offset += len(self.decoder.decode(bytes_of(e)))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def completion(self, logprobs: bool) -> dict:
@@ -166,7 +176,7 @@ class Choice:
     @staticmethod
     def chat_logprobs(entries) -> dict:
         def one(e: gen.TokenLogprob) -> dict:
-            return {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode())}
+            return {"token": token_of(e), "logprob": e.logprob, "bytes": list(bytes_of(e))}
 
         return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
 
@@ -174,6 +184,21 @@ class Choice:
         return {"index": self.index, "message": {"role": "assistant", "content": "".join(self.text)},
                 "logprobs": self.chat_logprobs(self.logprobs) if logprobs else None,
                 "finish_reason": self.finish_reason}
+
+
+def bytes_of(e: gen.TokenLogprob) -> bytes:
+    """The bytes a token stands for (its text's UTF-8 from a target that does not send them)."""
+    return e.token_bytes or e.token.encode("utf-8")
+
+
+def token_of(e: gen.TokenLogprob) -> str:
+    """The API's string of a token: its text, or, when its bytes are not UTF-8
+    on their own (part of a character), ``bytes:`` and the bytes escaped
+    (``bytes:\\xe6\\x97``), as OpenAI and vLLM write it."""
+    try:
+        return bytes_of(e).decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in bytes_of(e))
 
 
 def usage_of(choices: list[Choice], n: int) -> dict:

@@ -40,7 +40,7 @@ from services.engine.sequence import (FinishReason, GenerationRequest, Sequence,
                                       TokenLogprob)
 from services.engine.settings import EngineSettings
 from services.engine.speculation import RoundCounts, Speculation
-from services.engine.validation import validate
+from services.engine.validation import fit_context, validate
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,14 @@ class Engine:
     # -- API for other threads (any thread) -------------------------------------------
     def submit(self, request: GenerationRequest, sink: Callable[[SequenceEvent], None]) -> Sequence:
         """Queues a request; ``sink`` receives its events, in order, on the engine thread.
+        A request whose sampling has ``fit_context`` gets at most what the
+        context leaves after its prompt (its sampling is replaced).
 
         Raises InvalidArgument/OutOfRange for a request the model cannot serve,
         ResourceExhausted when ``max_queue`` requests are already waiting and
         Unavailable once the engine has stopped on a fault.
         """
+        fit_context(request, self.max_context)
         validate(request, self.vocab_size, self.max_context)
         seq = Sequence(request=request, sink=sink, arrival=self.clock())
         if not request.persistent:

@@ -41,6 +41,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    #: max_new_tokens is a ceiling: lowered to what the context leaves after the prompt.
+    fit_context: bool = False
 
     @property
     def greedy(self) -> bool:

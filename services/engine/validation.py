@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from services.common.errors import InvalidArgument, OutOfRange
 from services.common.validation import check_sampling_values, check_stop_sequences
 from services.engine.sequence import GenerationRequest
+
+
+def fit_context(request: GenerationRequest, max_context: int) -> None:
+    """With ``sampling.fit_context``, lowers ``max_new_tokens`` to the tokens
+    the context of ``max_context`` leaves after the prompt; unchanged when it
+    fits, or when the prompt leaves none (:func:`validate` refuses that)."""
+    s = request.sampling
+    room = max_context - len(request.prompt_ids)
+    if s.fit_context and 0 < room < s.max_new_tokens:
+        request.sampling = replace(s, max_new_tokens=room)
 
 
 def validate(request: GenerationRequest, vocab_size: int, max_context: int) -> None:

@@ -23,7 +23,7 @@ FINISH_REASON_OF_PB = {v: k for k, v in FINISH_REASONS.items()}
 def sampling_of(s: gen.SamplingParams) -> SamplingOptions:
     """The engine's SamplingOptions of a SamplingParams already checked."""
     return SamplingOptions(**distribution_params(s), max_new_tokens=s.max_new_tokens, stop=tuple(s.stop),
-                           ignore_eos=s.ignore_eos)
+                           ignore_eos=s.ignore_eos, fit_context=s.fit_context)
 
 
 #: Checks everything about a GenerateRequest that needs no model; raises
@@ -45,13 +45,15 @@ def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float 
 
 def logprobs_pb(entries, token_text) -> list[gen.TokenLogprob]:
     """TokenLogprob messages of engine TokenLogprobs; ``token_text(ids)`` gives
-    each id's text (one batched decode for all the ids of the entries)."""
+    each id's (text, bytes) (one batched decode for all the ids of the entries)."""
     ids = [e.token_id for e in entries] + [i for e in entries for i, _ in e.top]
     text = dict(zip(ids, token_text(ids))) if ids else {}
     out = []
     for e in entries:
-        pb = gen.TokenLogprob(token_id=e.token_id, token=text[e.token_id],
-                              top=[gen.TokenLogprob(token_id=i, token=text[i], logprob=v) for i, v in e.top])
+        (token, raw) = text[e.token_id]
+        pb = gen.TokenLogprob(token_id=e.token_id, token=token, token_bytes=raw,
+                              top=[gen.TokenLogprob(token_id=i, token=text[i][0], token_bytes=text[i][1], logprob=v)
+                                   for i, v in e.top])
         if e.logprob is not None:
             pb.logprob = e.logprob
         out.append(pb)

@@ -11,6 +11,7 @@ from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.telemetry import record_phases
 from services.common.validation import check_address, check_gamma_range
 from services.serving.model_service import SPECULATION_FIELDS, configure_changes, model_info, settings_pb
+from services.serving.token_bytes import token_bytes
 from services.common.stubs import generation_pb2 as gen
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2
 from services.engine.async_engine import AsyncEngine
@@ -53,9 +54,10 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         echo = loaded.engine.tokenizer.decode(req.prompt_ids) if request.echo_prompt else ""
         tokenizer = loaded.engine.tokenizer
 
-        def token_text(ids: list[int]) -> list[str]:
-            return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                          clean_up_tokenization_spaces=False)
+        def token_text(ids: list[int]) -> list[tuple[str, bytes]]:
+            texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                           clean_up_tokenization_spaces=False)
+            return list(zip(texts, token_bytes(tokenizer, ids, texts)))
 
         async for event in engine.generate(req):
             usage.completion_tokens += len(event.token_ids)
