@@ -4,6 +4,7 @@ in-process health server, and `status` against nothing."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -463,6 +464,27 @@ def test_numeric_flags_out_of_range_are_usage_errors_not_tracebacks(argv, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {next(a for a in argv if a.startswith('--'))}:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "hi", "--router", "127.0.0.1:99999"], ["generate", "hi", "--router", "127.0.0.1:0"],
+    ["status", "--router", "127.0.0.1:65536"], ["status", "--monitor", "127.0.0.1:-1"],
+    ["status", "--scaler", "127.0.0.1:70000"], ["bench", "--router", "127.0.0.1:99999"],
+])
+def test_a_port_out_of_range_is_a_usage_error_naming_the_flag_and_the_range(argv, capsys):
+    """gRPC would take port 99999 and connect to 99999 - 65536."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {argv[-2]}:" in err and "[1, 65535]" in err
+
+
+@pytest.mark.parametrize("text", ["nonsense", ":50051", "::1:50051", "127.0.0.1:", "127.0.0.1:x"])
+def test_an_address_that_is_not_host_port_is_refused(text):
+    from services.cli import argtypes
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        argtypes.address(text)
 
 
 def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):

@@ -1,4 +1,4 @@
-"""argparse types for the CLI's numeric flags: a bad value is a usage error
+"""argparse types for the CLI's numeric and address flags: a bad value is a usage error
 (exit 2, the flag named), never a traceback from protobuf or gRPC later.
 
 Ranges are those of the wire (int32, uint64) or of what the flag means.
@@ -62,3 +62,16 @@ non_negative_int32 = int_in(0, INT32_MAX)
 seed = int_in(0, UINT64_MAX)
 #: A TCP port.
 port = int_in(1, 65535)
+
+
+def address(text: str) -> str:
+    """A gRPC ``HOST:PORT`` (an IPv6 host in brackets), the port in
+    ``[1, 65535]``: gRPC itself would take 99999 and connect to 99999 - 65536."""
+    host, sep, digits = text.strip().rpartition(":")
+    if not (sep and host):
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"an IPv6 host goes in brackets, as in [::1]:50051: {text!r}")
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be an integer in [1, 65535], got {digits!r} in {text!r}")
+    return f"{host}:{int(digits)}"

@@ -126,7 +126,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Streams a generation through the router: text to stdout, a "
                                           "summary (tokens, TTFT, tokens/s, finish reason) to stderr.")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
+    p.add_argument("--router", type=argtypes.address, metavar="HOST:PORT", default=DEFAULT_ADDRESSES["router"],
+                   help="router address (default: %(default)s)")
     p.add_argument("--max-tokens", type=argtypes.positive_int32, default=64, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=argtypes.float_in(0.0, 1e30), default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=argtypes.float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass, in (0, 1]")

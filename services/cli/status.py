@@ -268,11 +268,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "the router knows with its load, every pool's current and desired "
                                           "instances, the fleet's throughput and the monitor's top "
                                           "recommendation.")
-    p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
-    p.add_argument("--monitor", default=None,
+    p.add_argument("--router", type=argtypes.address, metavar="HOST:PORT", default=DEFAULT_ADDRESSES["router"],
+                   help="router address (default: %(default)s)")
+    p.add_argument("--monitor", type=argtypes.address, metavar="HOST:PORT", default=None,
                    help=f"monitor address (default: the router's host, its port + {PORT_OFFSETS['monitor']}, "
                         f"as `llmesh up` places it: {DEFAULT_ADDRESSES['monitor']} with the default router)")
-    p.add_argument("--scaler", default=None,
+    p.add_argument("--scaler", type=argtypes.address, metavar="HOST:PORT", default=None,
                    help=f"scaler address (default: the router's host, its port + {PORT_OFFSETS['scaler']}: "
                         f"{DEFAULT_ADDRESSES['scaler']} with the default router)")
     p.add_argument("--timeout", type=argtypes.seconds, default=2.0, help="seconds to wait for each answer (default: %(default)s)")
