@@ -528,6 +528,21 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
             server.stop(0)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["status", "--router", "nonsense"], "argument --router"),
+    (["status", "--router", "127.0.0.1:65530"], "give --monitor"),
+    (["status", "--router", "127.0.0.1:65520", "--monitor", "127.0.0.1:1"], "give --scaler"),
+])
+def test_status_never_asks_the_default_suite_for_another_routers_monitor_or_scaler(argv, flag, capsys):
+    """Where the monitor and scaler cannot be derived from --router, status says so; asking the
+    default addresses instead would mix in another suite's figures."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err
+    assert "50081" not in err and "50091" not in err
+
+
 def test_up_insecure_passes_a_flag_each_service_accepts():
     from monitor.config import MonitorConfig
     from router.config import RouterConfig

@@ -10,7 +10,10 @@ all answer SERVING, 1 otherwise.
 
 Given only ``--router``, the monitor and scaler are looked for where the
 suite's plan puts them (:mod:`services.common.suite`): on the router's host,
-at their fixed offsets from the router's port (`llmesh up --base-port`).
+at their fixed offsets from the router's port (`llmesh up --base-port`);
+never at another suite's (the default) addresses. A router port whose
+offsets leave the port range is a usage error unless --monitor and
+--scaler are given.
 """
 
 from __future__ import annotations
@@ -25,19 +28,22 @@ from services.cli.certs import add_client_tls_arguments, client_tls
 from services.common.suite import DEFAULT_ADDRESSES, PORT_OFFSETS
 
 
+def suite_address(router: str, name: str) -> str:
+    """Where a suite planned around ``router`` (HOST:PORT, as ``argtypes.address``
+    checks it) runs service ``name``: the router's host, the port at its
+    offset from the router's. ValueError when that port is past 65535: no
+    suite can be there, and another suite's defaults would be the wrong one."""
+    host, _, port = router.rpartition(":")
+    at = int(port) - PORT_OFFSETS["router"] + PORT_OFFSETS[name]
+    if not 0 < at <= 65535:
+        raise ValueError(f"--router {router}: a suite's {name} would be at port {at} (router port "
+                         f"+ {PORT_OFFSETS[name]}), past 65535; give --{name}")
+    return f"{host}:{at}"
+
+
 def suite_addresses(router: str) -> dict[str, str]:
-    """Where a suite planned around ``router`` ("host:port") runs each service:
-    same host, each port at its offset from the router's. The default
-    addresses when ``router`` has no numeric port or an offset leaves the
-    port range."""
-    host, sep, port = router.rpartition(":")
-    if not (sep and host and port.isascii() and port.isdigit()):
-        return dict(DEFAULT_ADDRESSES)
-    base = int(port) - PORT_OFFSETS["router"]
-    out = {name: f"{host}:{base + offset}" for name, offset in PORT_OFFSETS.items()}
-    if not all(0 < base + offset <= 65535 for offset in PORT_OFFSETS.values()):
-        return dict(DEFAULT_ADDRESSES)
-    return out
+    """:func:`suite_address` of every service."""
+    return {name: suite_address(router, name) for name in PORT_OFFSETS}
 
 
 def _error(exc) -> str:
@@ -255,9 +261,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llmesh status: {exc}")
         return 2
-    suite = suite_addresses(args.router)
-    snapshot = collect(args.router, args.monitor or suite["monitor"], args.scaler or suite["scaler"],
-                       args.timeout, args.auth_token, tls)
+    try:
+        monitor = args.monitor or suite_address(args.router, "monitor")
+        scaler = args.scaler or suite_address(args.router, "scaler")
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    snapshot = collect(args.router, monitor, scaler, args.timeout, args.auth_token, tls)
     print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return 0 if all(s["health"] == "SERVING" for s in snapshot["services"]) else 1
 
@@ -281,5 +290,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_client_tls_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
     return p
