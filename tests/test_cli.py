@@ -176,6 +176,24 @@ def test_unknown_flags_are_an_error_except_for_pass_through_commands(capsys):
     assert exc.value.code == 0 and "--draft-address" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["generate hi", "status", "down", "certs", "up"])
+def test_an_unknown_flag_shows_the_commands_own_usage(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command.split(), "--bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"usage: llmesh {command.split()[0]} ")
+    assert f"llmesh {command.split()[0]}: error: unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("command, listed", [("models", "build"), ("serve", "draft,monitor,router,scaler,target")])
+def test_help_of_a_command_with_subcommands_lists_them_and_succeeds(command, listed, capsys):
+    assert main([command, "--help"]) == 0
+    assert listed in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # no subcommand: a usage error that names them
+        main([command])
+    assert exc.value.code == 2 and f"llmesh {command}: error: give a " in capsys.readouterr().err
+
+
 def test_models_build_and_serve_hand_their_arguments_on(monkeypatch):
     seen = {}
 

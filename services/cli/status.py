@@ -290,5 +290,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the router's bearer token, if it requires one (default: $LLMESH_ROUTER_AUTH_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_client_tls_arguments(p)
-    p.set_defaults(func=run, parser=p)
+    p.set_defaults(func=run)
     return p
