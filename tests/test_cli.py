@@ -694,10 +694,14 @@ def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys
         service.wait()
 
 
-def test_down_with_a_port_that_matches_no_suite_names_the_ones_running(tmp_path, capsys, fake_up):
+def test_down_with_a_port_that_matches_no_suite_names_the_ones_running_and_fails(tmp_path, capsys, fake_up):
+    """Asked to stop one suite that is not there, `down` fails: a script that goes on as if it had
+    stopped would find its ports still taken, or the wrong suite gone."""
     home = tmp_path / "home"
     proc = fake_up(home, 50051)
-    assert main(["down", "--home", str(home), "--base-port", "50052"]) == 0
-    out = capsys.readouterr().out
-    assert "no suite on port 50052" in out and "recorded: 127.0.0.1:50051" in out
+    assert main(["down", "--home", str(home), "--base-port", "50052"]) == 1
+    err = capsys.readouterr().err
+    assert "no suite on port 50052" in err and "recorded: 127.0.0.1:50051" in err
     assert proc.poll() is None  # the other suite was left alone
+    assert main(["down", "--home", str(tmp_path / "empty"), "--base-port", "50052"]) == 1
+    assert "no suite on port 50052 is recorded" in capsys.readouterr().err
