@@ -221,6 +221,32 @@ def test_models_build_and_serve_hand_their_arguments_on(monkeypatch):
     assert seen == {"build": {"seed": 3, "force": True}, "serve": ["--port", "7", "--router", "r:1"]}
 
 
+@pytest.mark.parametrize("error, line", [
+    (FileNotFoundError(2, "No such file or directory", "/proc/nope"),
+     "llmesh models: cannot use /proc/nope: no such file or directory"),
+    (NotADirectoryError(20, "Not a directory", "/tmp/f/models"), "llmesh models: cannot use /tmp/f/models: not a directory"),
+    (OSError(28, "No space left on device"), "llmesh models: no space left on device"),
+])
+def test_an_os_error_from_a_command_is_one_line_and_exit_1(error, line, monkeypatch, capsys):
+    def run_build(args):
+        raise error
+
+    build = types.ModuleType("services.models.build")
+    build.add_arguments, build.run = lambda parser: None, run_build
+    monkeypatch.setitem(sys.modules, "services.models.build", build)
+    assert main(["models", "build"]) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_models_build_into_a_home_that_is_a_file_says_so_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("")
+    result = subprocess.run([sys.executable, "-m", "services.cli.main", "models", "build", "--home", str(home),
+                             "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"llmesh models: cannot use {home}/models: not a directory\n"
+
+
 def test_llmesh_help_lists_the_commands_without_loading_torch_or_grpc():
     code = ("import sys, contextlib, io\n"
             "from services.cli.main import main\n"
