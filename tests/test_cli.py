@@ -238,6 +238,24 @@ def test_an_os_error_from_a_command_is_one_line_and_exit_1(error, line, monkeypa
     assert capsys.readouterr().err == line + "\n"
 
 
+@pytest.mark.parametrize("command", [["generate", "hi"], ["status"]])
+def test_tls_files_that_cannot_be_read_are_one_line_naming_the_flag(command, tmp_path, monkeypatch, capsys):
+    """Checked before a channel is opened: gRPC reads the files then, with a traceback."""
+    monkeypatch.setenv("LLMESH_HOME", str(tmp_path / "home"))  # no certificates made there
+    (tmp_path / "plain.txt").write_text("not a certificate\n")
+    nowhere = f"127.0.0.1:{free_port()}"
+    for flags, line in (
+        (["--tls"], f"--tls: cannot read {tmp_path}/home/certs/cli.crt: No such file or directory "
+                    "(make them with `llmesh certs`"),
+        (["--tls-ca", "/nonexistent.pem"], "--tls-ca: cannot read /nonexistent.pem: No such file or directory"),
+        (["--tls-ca", str(tmp_path)], f"--tls-ca: cannot read {tmp_path}: Is a directory"),
+        (["--tls-ca", str(tmp_path / "plain.txt")], f"--tls-ca: {tmp_path}/plain.txt is not a PEM file"),
+    ):
+        assert main([*command, "--router", nowhere, *flags]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"llmesh {command[0]}: {line}") and err.count("\n") == 1 and not out
+
+
 def test_models_build_into_a_home_that_is_a_file_says_so_in_one_line(tmp_path):
     home = tmp_path / "home"
     home.write_text("")

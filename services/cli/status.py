@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from services.cli import argtypes
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tls = client_tls(args)
     except ValueError as exc:
-        print(f"llmesh status: {exc}")
+        print(f"llmesh status: {exc}", file=sys.stderr)
         return 2
     try:
         monitor = args.monitor or suite_address(args.router, "monitor")
