@@ -605,6 +605,34 @@ def test_status_never_asks_the_default_suite_for_another_routers_monitor_or_scal
     assert "50081" not in err and "50091" not in err
 
 
+@pytest.mark.parametrize("service", sorted(MODULES))
+@pytest.mark.parametrize("level", ["chatty", "5"])
+def test_a_log_level_logging_does_not_know_is_a_usage_error_of_every_service(service, level, capsys):
+    """Before, the service started, crashed in logging.basicConfig with a traceback, and `up` stopped the suite."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", service, "--port", "0", "--log-level", level])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --log-level: '{level}' is not one of: debug, info, warning" in err
+    assert "Traceback" not in err
+
+
+def test_up_checks_the_log_level_before_starting_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["up", "--home", str(tmp_path), "--log-level", "chatty"])
+    assert exit_.value.code == 2 and "argument --log-level: invalid choice: 'chatty'" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+    assert build_parser().parse_args(["up", "--log-level", "DEBUG"]).log_level == "debug"
+
+
+def test_a_log_level_from_the_environment_is_checked_too():
+    from monitor.config import MonitorConfig
+    from services.common.config import ConfigError, LogLevel
+
+    with pytest.raises(ConfigError, match="LLMESH_LOG_LEVEL: 'chatty' is not one of"):
+        MonitorConfig.from_args([], env={"LLMESH_LOG_LEVEL": "chatty"})
+    assert MonitorConfig.from_args([], env={"LLMESH_LOG_LEVEL": "WARNING"}).log_level is LogLevel.WARNING
+
+
 def test_up_insecure_passes_a_flag_each_service_accepts():
     from monitor.config import MonitorConfig
     from router.config import RouterConfig
