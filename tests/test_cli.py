@@ -474,14 +474,53 @@ def test_healthcheck_module_runs_as_a_container_command(health_server):
 
 def test_status_shows_unreachable_services_without_a_traceback(health_server, capsys):
     servicer, address = health_server
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("llmesh.v1.Monitor", health_pb2.HealthCheckResponse.SERVING)
     nowhere = f"127.0.0.1:{free_port()}"
     assert main(["status", "--router", nowhere, "--monitor", address, "--scaler", nowhere, "--timeout", "1"]) == 1
     out = capsys.readouterr().out
     assert f"router   {nowhere}  UNREACHABLE" in out and f"monitor  {address}  SERVING" in out
     assert "model instances: unknown (router: UNAVAILABLE" in out
-    assert "fleet throughput: unknown (monitor: UNIMPLEMENTED" in out
     assert "Traceback" not in out
+
+
+@pytest.fixture
+def fake_target():
+    """A small real server that says it is a target: health and reflection name llmesh.v1.TargetModel
+    (its methods are not there; the CLI's calls fail with UNIMPLEMENTED, as a real target's would)."""
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    for name in ("", "llmesh.v1.TargetModel"):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(["llmesh.v1.TargetModel", "llmesh.v1.Stats", "grpc.health.v1.Health",
+                                         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_generate_at_a_service_that_is_not_a_router_says_what_it_is(fake_target, capsys):
+    assert main(["generate", "hi", "--router", fake_target, "--timeout", "5"]) == 1
+    assert capsys.readouterr().err == (f"llmesh generate: {fake_target} is not a llmesh router (it does not serve "
+                                       f"llmesh.v1.Router; it serves llmesh.v1.TargetModel)\n")
+
+
+def test_status_at_services_that_are_not_router_monitor_scaler_says_what_they_are(fake_target, health_server,
+                                                                                   capsys):
+    _, plain = health_server  # health only, no reflection: nothing more to say than what it is not
+    assert main(["status", "--router", fake_target, "--monitor", fake_target, "--scaler", plain,
+                 "--timeout", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"router   {fake_target}  SERVICE_UNKNOWN" in out and f"monitor  {fake_target}  SERVICE_UNKNOWN" in out
+    serves = "; it serves llmesh.v1.TargetModel)"
+    assert (f"model instances: unknown (router: {fake_target} is not a llmesh router (it does not serve "
+            f"llmesh.v1.Router{serves})") in out
+    assert f"fleet throughput: unknown (monitor: {fake_target} is not a llmesh monitor" in out
+    assert f"top recommendation: unknown (monitor: {fake_target} is not a llmesh monitor" in out
+    assert f"pools: unknown (scaler: {plain} is not a llmesh scaler (it does not serve llmesh.v1.Scaler))" in out
 
 
 def test_status_renders_instances_and_throughput():
@@ -560,7 +599,7 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
         for name in ("monitor", "scaler"):
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
             servicer = health.HealthServicer()
-            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            servicer.set(f"llmesh.v1.{name.capitalize()}", health_pb2.HealthCheckResponse.SERVING)
             health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
             try:
                 bound = server.add_insecure_port(f"127.0.0.1:{base + PORT_OFFSETS[name]}")

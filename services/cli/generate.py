@@ -2,7 +2,8 @@
 
 Text goes to stdout as it arrives (flushed per chunk); a one-line summary
 (tokens, time to first token, tokens/s, finish reason) goes to stderr. A
-failed call prints its gRPC status code and details and exits 1.
+failed call prints its gRPC status code and details and exits 1; a --router
+that is another service says so (and what it serves) instead of UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
+from services.cli.peer import wrong_service
 from services.common.suite import DEFAULT_ADDRESSES
 from services.speculative.fallback import NO_DRAFT_REASON
 
@@ -112,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
             hint = ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE and tls is None and tokens == 0:
                 hint = " (if the suite serves TLS, as `llmesh up --tls` does, pass --tls or --tls-ca)"
-            print(f"llmesh generate: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
+            wrong = (wrong_service(channel, args.router, "router")
+                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED and tokens == 0 else None)
+            print(f"llmesh generate: {wrong or f'{exc.code().name}: {exc.details()}{hint}'}", file=sys.stderr)
             return 1
     if not ends_with_newline:
         print(flush=True)

@@ -5,8 +5,9 @@ state, pool and load; router, monitor and scaler are asked for their own
 health; the scaler's GetStatus adds each pool's current and desired
 instances and why; the monitor's GetThroughput adds fleet figures and its
 Analyze the top recommendation. An unreachable service is shown as
-UNREACHABLE, never as a traceback. Exits 0 when router, monitor and scaler
-all answer SERVING, 1 otherwise.
+UNREACHABLE, never as a traceback; another service at an address (a target
+given as ``--router``) is SERVICE_UNKNOWN, and its line says what it is.
+Exits 0 when router, monitor and scaler all answer SERVING, 1 otherwise.
 
 Given only ``--router``, the monitor and scaler are looked for where the
 suite's plan puts them (:mod:`services.common.suite`): on the router's host,
@@ -26,6 +27,7 @@ from typing import Any
 
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
+from services.cli.peer import wrong_service
 from services.common.suite import DEFAULT_ADDRESSES, PORT_OFFSETS
 
 
@@ -47,8 +49,14 @@ def suite_addresses(router: str) -> dict[str, str]:
     return {name: suite_address(router, name) for name in PORT_OFFSETS}
 
 
-def _error(exc) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+def _error(exc, channel, address: str, role: str, timeout: float) -> str:
+    """A failed call to ``role`` at ``address`` in one line; a server that is another
+    service (UNIMPLEMENTED) says so and what it serves."""
+    import grpc
+
+    wrong = (wrong_service(channel, address, role, timeout)
+             if exc.code() == grpc.StatusCode.UNIMPLEMENTED else None)
+    return wrong or f"{exc.code().name}: {exc.details()}"
 
 
 def _enum(name: str, prefix: str) -> str:
@@ -122,11 +130,13 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
     from services.common.tls import Channels
 
     from services.common.healthcheck import check
-    from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
-                                       scaler_pb2_grpc)
+    from services.common.stubs import (SERVICE_NAMES, monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc,
+                                       scaler_pb2, scaler_pb2_grpc)
 
     snapshot: dict[str, Any] = {
-        "services": [{"name": name, "address": addr, "health": check(addr, timeout=timeout, tls=tls)}
+        # Asked about the service by name: another llmesh service there is SERVICE_UNKNOWN, not SERVING.
+        "services": [{"name": name, "address": addr,
+                      "health": check(addr, SERVICE_NAMES[name], timeout=timeout, tls=tls)}
                      for name, addr in (("router", router), ("monitor", monitor), ("scaler", scaler))],
         "instances": [], "throughput": None,
     }
@@ -140,7 +150,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["policy"] = reply.policy
             snapshot["router_stats"] = router_stats(reply.router)
         except grpc.RpcError as exc:
-            snapshot["instances_error"] = _error(exc)
+            snapshot["instances_error"] = _error(exc, channel, router, "router", timeout)
     with channels.open_sync(monitor) as channel:
         try:
             reply = monitor_pb2_grpc.MonitorStub(channel).GetThroughput(
@@ -148,7 +158,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["throughput"] = json_format.MessageToDict(reply.metrics, preserving_proto_field_name=True,
                                                                always_print_fields_with_no_presence=True)
         except grpc.RpcError as exc:
-            snapshot["throughput_error"] = _error(exc)
+            snapshot["throughput_error"] = _error(exc, channel, monitor, "monitor", timeout)
         try:
             reply = monitor_pb2_grpc.MonitorStub(channel).Analyze(monitor_pb2.AnalyzeRequest(window_s=10.0),
                                                                   timeout=timeout)
@@ -156,14 +166,14 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["recommendation"] = recommendation_row(recs[0]) if recs else None
             snapshot["recommendations"] = len(recs)
         except grpc.RpcError as exc:
-            snapshot["recommendation_error"] = _error(exc)
+            snapshot["recommendation_error"] = _error(exc, channel, monitor, "monitor", timeout)
     with channels.open_sync(scaler) as channel:
         try:
             reply = scaler_pb2_grpc.ScalerStub(channel).GetStatus(scaler_pb2.GetStatusRequest(), timeout=timeout)
             snapshot["pools"] = [pool_row(p) for p in reply.pools]
             snapshot["backend"] = reply.backend
         except grpc.RpcError as exc:
-            snapshot["pools_error"] = _error(exc)
+            snapshot["pools_error"] = _error(exc, channel, scaler, "scaler", timeout)
     return snapshot
 
 
