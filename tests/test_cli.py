@@ -4,6 +4,7 @@ in-process health server, and `status` against nothing."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
@@ -192,6 +193,24 @@ def test_unknown_flags_are_an_error_except_for_pass_through_commands(capsys):
     assert exc.value.code == 0 and "--draft-address" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["generate hi", "status", "down", "certs", "up"])
+def test_an_unknown_flag_shows_the_commands_own_usage(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command.split(), "--bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"usage: llmesh {command.split()[0]} ")
+    assert f"llmesh {command.split()[0]}: error: unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("command, listed", [("models", "build"), ("serve", "draft,monitor,router,scaler,target")])
+def test_help_of_a_command_with_subcommands_lists_them_and_succeeds(command, listed, capsys):
+    assert main([command, "--help"]) == 0
+    assert listed in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # no subcommand: a usage error that names them
+        main([command])
+    assert exc.value.code == 2 and f"llmesh {command}: error: give a " in capsys.readouterr().err
+
+
 def test_models_build_and_serve_hand_their_arguments_on(monkeypatch):
     seen = {}
 
@@ -217,6 +236,50 @@ def test_models_build_and_serve_hand_their_arguments_on(monkeypatch):
     assert main(["models", "build", "--seed", "3", "--force"]) == 0
     assert main(["serve", "scaler", "--port", "7", "--router", "r:1"]) == 0
     assert seen == {"build": {"seed": 3, "force": True}, "serve": ["--port", "7", "--router", "r:1"]}
+
+
+@pytest.mark.parametrize("error, line", [
+    (FileNotFoundError(2, "No such file or directory", "/proc/nope"),
+     "llmesh models: cannot use /proc/nope: no such file or directory"),
+    (NotADirectoryError(20, "Not a directory", "/tmp/f/models"), "llmesh models: cannot use /tmp/f/models: not a directory"),
+    (OSError(28, "No space left on device"), "llmesh models: no space left on device"),
+])
+def test_an_os_error_from_a_command_is_one_line_and_exit_1(error, line, monkeypatch, capsys):
+    def run_build(args):
+        raise error
+
+    build = types.ModuleType("services.models.build")
+    build.add_arguments, build.run = lambda parser: None, run_build
+    monkeypatch.setitem(sys.modules, "services.models.build", build)
+    assert main(["models", "build"]) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["status"]])
+def test_tls_files_that_cannot_be_read_are_one_line_naming_the_flag(command, tmp_path, monkeypatch, capsys):
+    """Checked before a channel is opened: gRPC reads the files then, with a traceback."""
+    monkeypatch.setenv("LLMESH_HOME", str(tmp_path / "home"))  # no certificates made there
+    (tmp_path / "plain.txt").write_text("not a certificate\n")
+    nowhere = f"127.0.0.1:{free_port()}"
+    for flags, line in (
+        (["--tls"], f"--tls: cannot read {tmp_path}/home/certs/cli.crt: No such file or directory "
+                    "(make them with `llmesh certs`"),
+        (["--tls-ca", "/nonexistent.pem"], "--tls-ca: cannot read /nonexistent.pem: No such file or directory"),
+        (["--tls-ca", str(tmp_path)], f"--tls-ca: cannot read {tmp_path}: Is a directory"),
+        (["--tls-ca", str(tmp_path / "plain.txt")], f"--tls-ca: {tmp_path}/plain.txt is not a PEM file"),
+    ):
+        assert main([*command, "--router", nowhere, *flags]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"llmesh {command[0]}: {line}") and err.count("\n") == 1 and not out
+
+
+def test_models_build_into_a_home_that_is_a_file_says_so_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("")
+    result = subprocess.run([sys.executable, "-m", "services.cli.main", "models", "build", "--home", str(home),
+                             "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"llmesh models: cannot use {home}/models: not a directory\n"
 
 
 def test_llmesh_help_lists_the_commands_without_loading_torch_or_grpc():
@@ -467,14 +530,53 @@ def test_healthcheck_module_runs_as_a_container_command(health_server):
 
 def test_status_shows_unreachable_services_without_a_traceback(health_server, capsys):
     servicer, address = health_server
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("llmesh.v1.Monitor", health_pb2.HealthCheckResponse.SERVING)
     nowhere = f"127.0.0.1:{free_port()}"
     assert main(["status", "--router", nowhere, "--monitor", address, "--scaler", nowhere, "--timeout", "1"]) == 1
     out = capsys.readouterr().out
     assert f"router   {nowhere}  UNREACHABLE" in out and f"monitor  {address}  SERVING" in out
     assert "model instances: unknown (router: UNAVAILABLE" in out
-    assert "fleet throughput: unknown (monitor: UNIMPLEMENTED" in out
     assert "Traceback" not in out
+
+
+@pytest.fixture
+def fake_target():
+    """A small real server that says it is a target: health and reflection name llmesh.v1.TargetModel
+    (its methods are not there; the CLI's calls fail with UNIMPLEMENTED, as a real target's would)."""
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    for name in ("", "llmesh.v1.TargetModel"):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(["llmesh.v1.TargetModel", "llmesh.v1.Stats", "grpc.health.v1.Health",
+                                         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_generate_at_a_service_that_is_not_a_router_says_what_it_is(fake_target, capsys):
+    assert main(["generate", "hi", "--router", fake_target, "--timeout", "5"]) == 1
+    assert capsys.readouterr().err == (f"llmesh generate: {fake_target} is not a llmesh router (it does not serve "
+                                       f"llmesh.v1.Router; it serves llmesh.v1.TargetModel)\n")
+
+
+def test_status_at_services_that_are_not_router_monitor_scaler_says_what_they_are(fake_target, health_server,
+                                                                                   capsys):
+    _, plain = health_server  # health only, no reflection: nothing more to say than what it is not
+    assert main(["status", "--router", fake_target, "--monitor", fake_target, "--scaler", plain,
+                 "--timeout", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"router   {fake_target}  SERVICE_UNKNOWN" in out and f"monitor  {fake_target}  SERVICE_UNKNOWN" in out
+    serves = "; it serves llmesh.v1.TargetModel)"
+    assert (f"model instances: unknown (router: {fake_target} is not a llmesh router (it does not serve "
+            f"llmesh.v1.Router{serves})") in out
+    assert f"fleet throughput: unknown (monitor: {fake_target} is not a llmesh monitor" in out
+    assert f"top recommendation: unknown (monitor: {fake_target} is not a llmesh monitor" in out
+    assert f"pools: unknown (scaler: {plain} is not a llmesh scaler (it does not serve llmesh.v1.Scaler))" in out
 
 
 def test_status_renders_instances_and_throughput():
@@ -521,6 +623,34 @@ def test_numeric_flags_out_of_range_are_usage_errors_not_tracebacks(argv, capsys
     assert f"argument {next(a for a in argv if a.startswith('--'))}:" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["generate", "hi", "--router", "127.0.0.1:99999"], ["generate", "hi", "--router", "127.0.0.1:0"],
+    ["status", "--router", "127.0.0.1:65536"], ["status", "--monitor", "127.0.0.1:-1"],
+    ["status", "--scaler", "127.0.0.1:70000"], ["bench", "--router", "127.0.0.1:99999"],
+])
+def test_a_port_out_of_range_is_a_usage_error_naming_the_flag_and_the_range(argv, capsys):
+    """gRPC would take port 99999 and connect to 99999 - 65536."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {argv[-2]}:" in err and "[1, 65535]" in err
+
+
+@pytest.mark.parametrize("text", ["nonsense", ":50051", "::1:50051", "127.0.0.1:", "127.0.0.1:x", "a b:1",
+                                  "127.0.0.1:000050051", "127.0.0.1:+5", "[::1]:50051", "router:50051",
+                                  "10.0.0.5:1", "localhost:65535"])
+def test_the_cli_takes_the_addresses_the_services_take(text):
+    """argtypes cannot import services.common.validation (grpc, for `llmesh --help`): same rule, kept here."""
+    from services.cli import argtypes
+    from services.common.validation import valid_address
+
+    try:
+        taken = argtypes.address(text) == text
+    except argparse.ArgumentTypeError:
+        taken = False
+    assert taken == valid_address(text)
+
+
 def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
     """Given only --router, status asks the monitor and scaler where `llmesh up`
     puts them: the router's host, at their offsets from its port."""
@@ -532,7 +662,7 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
         for name in ("monitor", "scaler"):
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
             servicer = health.HealthServicer()
-            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            servicer.set(f"llmesh.v1.{name.capitalize()}", health_pb2.HealthCheckResponse.SERVING)
             health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
             try:
                 bound = server.add_insecure_port(f"127.0.0.1:{base + PORT_OFFSETS[name]}")
@@ -560,6 +690,49 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
     finally:
         for server in servers:
             server.stop(0)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["status", "--router", "nonsense"], "argument --router"),
+    (["status", "--router", "127.0.0.1:65530"], "give --monitor"),
+    (["status", "--router", "127.0.0.1:65520", "--monitor", "127.0.0.1:1"], "give --scaler"),
+])
+def test_status_never_asks_the_default_suite_for_another_routers_monitor_or_scaler(argv, flag, capsys):
+    """Where the monitor and scaler cannot be derived from --router, status says so; asking the
+    default addresses instead would mix in another suite's figures."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and flag in err
+    assert "50081" not in err and "50091" not in err
+
+
+@pytest.mark.parametrize("service", sorted(MODULES))
+@pytest.mark.parametrize("level", ["chatty", "5"])
+def test_a_log_level_logging_does_not_know_is_a_usage_error_of_every_service(service, level, capsys):
+    """Before, the service started, crashed in logging.basicConfig with a traceback, and `up` stopped the suite."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", service, "--port", "0", "--log-level", level])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --log-level: '{level}' is not one of: debug, info, warning" in err
+    assert "Traceback" not in err
+
+
+def test_up_checks_the_log_level_before_starting_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["up", "--home", str(tmp_path), "--log-level", "chatty"])
+    assert exit_.value.code == 2 and "argument --log-level: invalid choice: 'chatty'" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+    assert build_parser().parse_args(["up", "--log-level", "DEBUG"]).log_level == "debug"
+
+
+def test_a_log_level_from_the_environment_is_checked_too():
+    from monitor.config import MonitorConfig
+    from services.common.config import ConfigError, LogLevel
+
+    with pytest.raises(ConfigError, match="LLMESH_LOG_LEVEL: 'chatty' is not one of"):
+        MonitorConfig.from_args([], env={"LLMESH_LOG_LEVEL": "chatty"})
+    assert MonitorConfig.from_args([], env={"LLMESH_LOG_LEVEL": "WARNING"}).log_level is LogLevel.WARNING
 
 
 def test_up_insecure_passes_a_flag_each_service_accepts():
@@ -695,10 +868,14 @@ def test_down_waits_for_the_services_of_a_launcher_that_is_gone(tmp_path, capsys
         service.wait()
 
 
-def test_down_with_a_port_that_matches_no_suite_names_the_ones_running(tmp_path, capsys, fake_up):
+def test_down_with_a_port_that_matches_no_suite_names_the_ones_running_and_fails(tmp_path, capsys, fake_up):
+    """Asked to stop one suite that is not there, `down` fails: a script that goes on as if it had
+    stopped would find its ports still taken, or the wrong suite gone."""
     home = tmp_path / "home"
     proc = fake_up(home, 50051)
-    assert main(["down", "--home", str(home), "--base-port", "50052"]) == 0
-    out = capsys.readouterr().out
-    assert "no suite on port 50052" in out and "recorded: 127.0.0.1:50051" in out
+    assert main(["down", "--home", str(home), "--base-port", "50052"]) == 1
+    err = capsys.readouterr().err
+    assert "no suite on port 50052" in err and "recorded: 127.0.0.1:50051" in err
     assert proc.poll() is None  # the other suite was left alone
+    assert main(["down", "--home", str(tmp_path / "empty"), "--base-port", "50052"]) == 1
+    assert "no suite on port 50052 is recorded" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""argparse types for the CLI's numeric flags: a bad value is a usage error
+"""argparse types for the CLI's numeric and address flags: a bad value is a usage error
 (exit 2, the flag named), never a traceback from protobuf or gRPC later.
 
 Ranges are those of the wire (int32, uint64) or of what the flag means.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
@@ -62,3 +63,21 @@ non_negative_int32 = int_in(0, INT32_MAX)
 seed = int_in(0, UINT64_MAX)
 #: A TCP port.
 port = int_in(1, 65535)
+
+
+#: A host: a name or IPv4 address, or an IPv6 address in brackets; the services' rule
+#: (services.common.validation's, which imports grpc; a test keeps the two in agreement).
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9]+)?\]")
+
+
+def address(text: str) -> str:
+    """A gRPC ``HOST:PORT``, the port in ``[1, 65535]``: gRPC itself would take
+    99999 and connect to 99999 - 65536."""
+    host, sep, digits = text.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        raise argparse.ArgumentTypeError(f"an IPv6 host goes in brackets, as in [::1]:50051, got {text!r}")
+    if not (sep and _HOST.fullmatch(host)):
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 5) or not 1 <= int(digits) <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be an integer in [1, 65535], got {digits!r} in {text!r}")
+    return text

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="target-large", help="target model name under HOME/models")
     p.add_argument("--draft", default="draft", help="draft model name under HOME/models")
     p.add_argument("--home", type=Path, default=None, help="llmesh home (default $LLMESH_HOME or ~/.cache/llmesh)")
-    p.add_argument("--router", default="", help="use a running suite at this address instead of starting one")
+    p.add_argument("--router", type=argtypes.address, metavar="HOST:PORT", default=None,
+                   help="use a running suite at this address (HOST:PORT) instead of starting one")
     p.add_argument("--repeats", type=argtypes.positive_int32, default=3, help="runs per point; the median is reported")
     p.add_argument("--threads", type=argtypes.positive_int32, default=2, help="torch threads of the target process")
     p.add_argument("--concurrency", default="1,4,16,32", help="batching: concurrencies to measure")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmesh bench: models {', '.join(sorted(missing))} are missing under {home}/models; "
               f"run `llmesh models build`", file=sys.stderr)
         return 2
-    opts = BenchOptions(home=home, model=args.model, draft=args.draft, router=args.router, repeats=args.repeats,
+    opts = BenchOptions(home=home, model=args.model, draft=args.draft, router=args.router or "", repeats=args.repeats,
                         threads=args.threads, progress=not args.no_progress, harnesses=not args.no_harnesses)
     concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     if not args.all:

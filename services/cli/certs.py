@@ -194,11 +194,23 @@ def add_client_tls_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def client_tls(args: argparse.Namespace) -> TlsFiles | None:
-    """The TLS files the client flags name (None: plaintext). ValueError when only some are given."""
+    """The TLS files the client flags name (None: plaintext). ValueError, naming
+    the flag, when only some are given or one cannot be read as PEM: checked
+    here, since gRPC reads them only when a channel opens."""
     given = TlsFiles.of(args.tls_cert, args.tls_key, args.tls_ca, client_only=True)
     if given is not None:
+        problem = given.problem(("--tls-cert", "--tls-key", "--tls-ca"))
+        if problem:
+            raise ValueError(problem)
         return given
-    return files(default_dir(), "cli") if args.tls else None
+    if not args.tls:
+        return None
+    made = files(default_dir(), "cli")
+    problem = made.problem(("--tls", "--tls", "--tls"))
+    if problem:
+        raise ValueError(f"{problem} (make them with `llmesh certs`, or give --tls-ca, with --tls-cert and "
+                         f"--tls-key where the server asks for a client certificate)")
+    return made
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ removed its record, that is until its services have exited. With
 in HOME. A record whose launcher is gone is stale: it is removed and said,
 and its services (which stop when their launcher dies) are waited for.
 
-Exit status: 0 when every suite asked stopped (or none was running); 1 when
+Exit status: 0 when every suite asked stopped, or, without ``--base-port``,
+when none was recorded; 1 when the ``--base-port`` suite is not recorded, or
 one was still running after ``--timeout``; 2 for a usage error.
 """
 
@@ -37,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     home = Path(args.home) if args.home else default_home()
     everything = read_all(home)
     records = [(p, r) for p, r in everything if args.base_port is None or r.base_port == args.base_port]
+    if not records and args.base_port is not None:  # the suite asked for is not there: say so, and fail
+        running = ", ".join(r.router for _, r in everything) or "none"
+        _say(f"no suite on port {args.base_port} is recorded in {run_dir(home)}; recorded: {running}"
+             + (" (pass its --base-port, or none to stop every one)" if everything else ""), error=True)
+        return 1
     if not records:
-        if everything:
-            running = ", ".join(r.router for _, r in everything)
-            _say(f"no suite on port {args.base_port} is recorded in {run_dir(home)}; recorded: {running} "
-                 f"(pass its --base-port, or none to stop every one)")
-        else:
-            _say(f"no suite started by `llmesh up` is recorded in {run_dir(home)}; nothing to stop")
+        _say(f"no suite started by `llmesh up` is recorded in {run_dir(home)}; nothing to stop")
         return 0
     # (path, record, pids of services left to wait for when the launcher is gone, None while it runs)
     pending: list[tuple[Path, UpRecord, list[int] | None]] = []
@@ -95,7 +96,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "down", help="stop a suite started by `llmesh up` (from another shell)",
         description="Stops what `llmesh up` started, as Ctrl-C on it would: every service gets SIGTERM, then "
-                    "SIGKILL after up's grace period. Waits until they have exited.")
+                    "SIGKILL after up's grace period. Waits until they have exited. Exit status: 0 when every "
+                    "suite asked stopped, or, without --base-port, when none is recorded; 1 when the --base-port "
+                    "suite is not recorded or a suite was still stopping after --timeout.")
     p.add_argument("--home", help="llmesh home the suite runs from (default: $LLMESH_HOME or ~/.cache/llmesh)")
     p.add_argument("--base-port", type=argtypes.port,
                    help="stop only the suite whose router listens on this port (default: every suite in HOME)")

@@ -2,7 +2,8 @@
 
 Text goes to stdout as it arrives (flushed per chunk); a one-line summary
 (tokens, time to first token, tokens/s, finish reason) goes to stderr. A
-failed call prints its gRPC status code and details and exits 1.
+failed call prints its gRPC status code and details and exits 1; a --router
+that is another service says so (and what it serves) instead of UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
+from services.cli.peer import wrong_service
 from services.common.suite import DEFAULT_ADDRESSES
 from services.speculative.fallback import NO_DRAFT_REASON
 
@@ -114,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
             hint = ""
             if exc.code() == grpc.StatusCode.UNAVAILABLE and tls is None and tokens == 0:
                 hint = " (if the suite serves TLS, as `llmesh up --tls` does, pass --tls or --tls-ca)"
-            print(f"llmesh generate: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
+            wrong = (wrong_service(channel, args.router, "router")
+                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED and tokens == 0 else None)
+            print(f"llmesh generate: {wrong or f'{exc.code().name}: {exc.details()}{hint}'}", file=sys.stderr)
             return 1
     if not ends_with_newline:
         print(flush=True)
@@ -128,7 +132,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Streams a generation through the router: text to stdout, a "
                                           "summary (tokens, TTFT, tokens/s, finish reason) to stderr.")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
+    p.add_argument("--router", type=argtypes.address, metavar="HOST:PORT", default=DEFAULT_ADDRESSES["router"],
+                   help="router address (default: %(default)s)")
     p.add_argument("--max-tokens", type=argtypes.positive_int32, default=64, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=argtypes.float_in(0.0, 1e30), default=0.0, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=argtypes.float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass, in (0, 1]")

@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 
 from services.cli import argtypes
+from services.common.config import LogLevel
 from services.common.paths import default_home
 from services.common import runfile
 from services.common.processes import (LaunchError, ProcessGroup, RestartPolicy, busy_ports, connect_address,
@@ -180,7 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the target's tensor-parallel ranks (default: %(default)s)")
     p.add_argument("--pipeline-parallel-size", "--pp", dest="pp", type=argtypes.positive_int32, default=1,
                    help="the target's pipeline stages; it runs tp x pp ranks (default: %(default)s)")
-    p.add_argument("--log-level", default="info", help="every service's logging level (default: %(default)s)")
+    p.add_argument("--log-level", type=str.lower, choices=[level.value for level in LogLevel], default="info",
+                   help="every service's logging level (default: %(default)s)")
     p.add_argument("--timeout", type=argtypes.seconds, default=300.0,
                    help="seconds the suite gets to report SERVING (default: %(default)s)")
     p.add_argument("--grace-period", type=argtypes.seconds, default=20.0,

@@ -4,7 +4,11 @@ Each subcommand lives in its own module with ``add_parser(subparsers)``,
 which registers its parser and sets ``func`` (``func(args) -> int``). A
 module may also set ``passthrough=True``: the arguments the parser does not
 know are handed on as ``args.rest`` (``serve``, ``models build``) instead of
-being an error. Modules import their heavy dependencies inside ``func`` so
+being an error. ``args.parser`` is the subcommand's own parser, for usage
+errors found after parsing (``args.parser.error(...)``: its usage, exit 2).
+An OSError a command lets out (a path it was given that it cannot use) is
+one line on stderr and exit status 1, never a traceback.
+Modules import their heavy dependencies inside ``func`` so
 ``llmesh --help`` stays fast. To add a subcommand, add its module to
 :data:`COMMANDS`; a listed module that does not exist yet is skipped.
 """
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).add_parser(subparsers)
+            command = importlib.import_module(name).add_parser(subparsers)
+            command.set_defaults(parser=command)  # usage errors found after parsing show the command's usage
     return parser
 
 
@@ -51,12 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file or directory the command needed (--home, a TLS file): one line, no traceback
+        print(f"{args.parser.prog}: {describe_os_error(exc)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``cannot use PATH: reason`` (the reason alone when the error names no path)."""
+    reason = exc.strerror or str(exc)
+    reason = reason[:1].lower() + reason[1:]
+    paths = " or ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"cannot use {paths}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

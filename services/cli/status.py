@@ -5,12 +5,16 @@ state, pool and load; router, monitor and scaler are asked for their own
 health; the scaler's GetStatus adds each pool's current and desired
 instances and why; the monitor's GetThroughput adds fleet figures and its
 Analyze the top recommendation. An unreachable service is shown as
-UNREACHABLE, never as a traceback. Exits 0 when router, monitor and scaler
-all answer SERVING, 1 otherwise.
+UNREACHABLE, never as a traceback; another service at an address (a target
+given as ``--router``) is SERVICE_UNKNOWN, and its line says what it is.
+Exits 0 when router, monitor and scaler all answer SERVING, 1 otherwise.
 
 Given only ``--router``, the monitor and scaler are looked for where the
 suite's plan puts them (:mod:`services.common.suite`): on the router's host,
-at their fixed offsets from the router's port (`llmesh up --base-port`).
+at their fixed offsets from the router's port (`llmesh up --base-port`);
+never at another suite's (the default) addresses. A router port whose
+offsets leave the port range is a usage error unless --monitor and
+--scaler are given.
 """
 
 from __future__ import annotations
@@ -18,30 +22,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from services.cli import argtypes
 from services.cli.certs import add_client_tls_arguments, client_tls
+from services.cli.peer import wrong_service
 from services.common.suite import DEFAULT_ADDRESSES, PORT_OFFSETS
 
 
+def suite_address(router: str, name: str) -> str:
+    """Where a suite planned around ``router`` (HOST:PORT, as ``argtypes.address``
+    checks it) runs service ``name``: the router's host, the port at its
+    offset from the router's. ValueError when that port is past 65535: no
+    suite can be there, and another suite's defaults would be the wrong one."""
+    host, _, port = router.rpartition(":")
+    at = int(port) - PORT_OFFSETS["router"] + PORT_OFFSETS[name]
+    if not 0 < at <= 65535:
+        raise ValueError(f"--router {router}: a suite's {name} would be at port {at} (router port "
+                         f"+ {PORT_OFFSETS[name]}), past 65535; give --{name}")
+    return f"{host}:{at}"
+
+
 def suite_addresses(router: str) -> dict[str, str]:
-    """Where a suite planned around ``router`` ("host:port") runs each service:
-    same host, each port at its offset from the router's. The default
-    addresses when ``router`` has no numeric port or an offset leaves the
-    port range."""
-    host, sep, port = router.rpartition(":")
-    if not (sep and host and port.isascii() and port.isdigit()):
-        return dict(DEFAULT_ADDRESSES)
-    base = int(port) - PORT_OFFSETS["router"]
-    out = {name: f"{host}:{base + offset}" for name, offset in PORT_OFFSETS.items()}
-    if not all(0 < base + offset <= 65535 for offset in PORT_OFFSETS.values()):
-        return dict(DEFAULT_ADDRESSES)
-    return out
+    """:func:`suite_address` of every service."""
+    return {name: suite_address(router, name) for name in PORT_OFFSETS}
 
 
-def _error(exc) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+def _error(exc, channel, address: str, role: str, timeout: float) -> str:
+    """A failed call to ``role`` at ``address`` in one line; a server that is another
+    service (UNIMPLEMENTED) says so and what it serves."""
+    import grpc
+
+    wrong = (wrong_service(channel, address, role, timeout)
+             if exc.code() == grpc.StatusCode.UNIMPLEMENTED else None)
+    return wrong or f"{exc.code().name}: {exc.details()}"
 
 
 def _enum(name: str, prefix: str) -> str:
@@ -115,11 +130,13 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
     from services.common.tls import Channels
 
     from services.common.healthcheck import check
-    from services.common.stubs import (monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2,
-                                       scaler_pb2_grpc)
+    from services.common.stubs import (SERVICE_NAMES, monitor_pb2, monitor_pb2_grpc, router_pb2, router_pb2_grpc,
+                                       scaler_pb2, scaler_pb2_grpc)
 
     snapshot: dict[str, Any] = {
-        "services": [{"name": name, "address": addr, "health": check(addr, timeout=timeout, tls=tls)}
+        # Asked about the service by name: another llmesh service there is SERVICE_UNKNOWN, not SERVING.
+        "services": [{"name": name, "address": addr,
+                      "health": check(addr, SERVICE_NAMES[name], timeout=timeout, tls=tls)}
                      for name, addr in (("router", router), ("monitor", monitor), ("scaler", scaler))],
         "instances": [], "throughput": None,
     }
@@ -133,7 +150,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["policy"] = reply.policy
             snapshot["router_stats"] = router_stats(reply.router)
         except grpc.RpcError as exc:
-            snapshot["instances_error"] = _error(exc)
+            snapshot["instances_error"] = _error(exc, channel, router, "router", timeout)
     with channels.open_sync(monitor) as channel:
         try:
             reply = monitor_pb2_grpc.MonitorStub(channel).GetThroughput(
@@ -141,7 +158,7 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["throughput"] = json_format.MessageToDict(reply.metrics, preserving_proto_field_name=True,
                                                                always_print_fields_with_no_presence=True)
         except grpc.RpcError as exc:
-            snapshot["throughput_error"] = _error(exc)
+            snapshot["throughput_error"] = _error(exc, channel, monitor, "monitor", timeout)
         try:
             reply = monitor_pb2_grpc.MonitorStub(channel).Analyze(monitor_pb2.AnalyzeRequest(window_s=10.0),
                                                                   timeout=timeout)
@@ -149,14 +166,14 @@ def collect(router: str, monitor: str, scaler: str, timeout: float = 2.0, token:
             snapshot["recommendation"] = recommendation_row(recs[0]) if recs else None
             snapshot["recommendations"] = len(recs)
         except grpc.RpcError as exc:
-            snapshot["recommendation_error"] = _error(exc)
+            snapshot["recommendation_error"] = _error(exc, channel, monitor, "monitor", timeout)
     with channels.open_sync(scaler) as channel:
         try:
             reply = scaler_pb2_grpc.ScalerStub(channel).GetStatus(scaler_pb2.GetStatusRequest(), timeout=timeout)
             snapshot["pools"] = [pool_row(p) for p in reply.pools]
             snapshot["backend"] = reply.backend
         except grpc.RpcError as exc:
-            snapshot["pools_error"] = _error(exc)
+            snapshot["pools_error"] = _error(exc, channel, scaler, "scaler", timeout)
     return snapshot
 
 
@@ -253,11 +270,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         tls = client_tls(args)
     except ValueError as exc:
-        print(f"llmesh status: {exc}")
+        print(f"llmesh status: {exc}", file=sys.stderr)
         return 2
-    suite = suite_addresses(args.router)
-    snapshot = collect(args.router, args.monitor or suite["monitor"], args.scaler or suite["scaler"],
-                       args.timeout, args.auth_token, tls)
+    try:
+        monitor = args.monitor or suite_address(args.router, "monitor")
+        scaler = args.scaler or suite_address(args.router, "scaler")
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    snapshot = collect(args.router, monitor, scaler, args.timeout, args.auth_token, tls)
     print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
     return 0 if all(s["health"] == "SERVING" for s in snapshot["services"]) else 1
 
@@ -268,11 +288,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "the router knows with its load, every pool's current and desired "
                                           "instances, the fleet's throughput and the monitor's top "
                                           "recommendation.")
-    p.add_argument("--router", default=DEFAULT_ADDRESSES["router"], help="router address (default: %(default)s)")
-    p.add_argument("--monitor", default=None,
+    p.add_argument("--router", type=argtypes.address, metavar="HOST:PORT", default=DEFAULT_ADDRESSES["router"],
+                   help="router address (default: %(default)s)")
+    p.add_argument("--monitor", type=argtypes.address, metavar="HOST:PORT", default=None,
                    help=f"monitor address (default: the router's host, its port + {PORT_OFFSETS['monitor']}, "
                         f"as `llmesh up` places it: {DEFAULT_ADDRESSES['monitor']} with the default router)")
-    p.add_argument("--scaler", default=None,
+    p.add_argument("--scaler", type=argtypes.address, metavar="HOST:PORT", default=None,
                    help=f"scaler address (default: the router's host, its port + {PORT_OFFSETS['scaler']}: "
                         f"{DEFAULT_ADDRESSES['scaler']} with the default router)")
     p.add_argument("--timeout", type=argtypes.seconds, default=2.0, help="seconds to wait for each answer (default: %(default)s)")

@@ -40,6 +40,16 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+class LogLevel(str, enum.Enum):
+    """A service's logging level: the names :mod:`logging` knows (any case on input)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
 def field(default: Any, help: str, deprecated: tuple[str, ...] = (), aliases: tuple[str, ...] = (),  # noqa: A002
           **kw: Any) -> Any:
     """A config field with its help text and the old names it still answers
@@ -93,6 +103,21 @@ def _converter(tp: Any):
     return tp
 
 
+def _flag_type(tp: Any):
+    """:func:`_converter` for argparse: a closed choice's message (which names the
+    choices) becomes the usage error, instead of ``invalid to_enum value``."""
+    conv = _converter(tp)
+    if not (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return conv
+
+    def parse(text: str):
+        try:
+            return conv(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """Fields every service has."""
@@ -105,7 +130,7 @@ class BaseConfig:
     instance_id: str = field("", "instance id in load reports (default: service@host:port)")
     grace_period_s: float = field(10.0, "on SIGTERM, seconds running calls get to finish")
     stats_interval_s: float = field(1.0, "default seconds between Stats.Watch reports")
-    log_level: str = field("info", "logging level")
+    log_level: LogLevel = field(LogLevel.INFO, "logging level: " + ", ".join(level.value for level in LogLevel))
     # -- transport security (services.common.tls) and the admin boundary (services.common.access) --
     tls_cert: str = field("", "this service's certificate (PEM); with --tls-key and --tls-ca the service serves "
                               "TLS and its calls to other services present it (`llmesh certs` makes a set)")
@@ -143,9 +168,9 @@ class BaseConfig:
             # A bare boolean flag (--no-prefix-cache) means true; --flag false still works.
             bare = {"nargs": "?", "const": True} if tp is bool else {}
             parser.add_argument(_flag(f.name), *map(_flag, f.metadata.get("aliases", ())), dest=f.name,
-                                type=_converter(tp), default=None, help=help_text, **bare)
+                                type=_flag_type(tp), default=None, help=help_text, **bare)
             for old in f.metadata.get("deprecated", ()):
-                parser.add_argument(_flag(old), dest=old, type=_converter(tp), default=None,
+                parser.add_argument(_flag(old), dest=old, type=_flag_type(tp), default=None,
                                     help=f"deprecated alias of {_flag(f.name)}")
 
     @classmethod

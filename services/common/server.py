@@ -229,5 +229,6 @@ def run_service(label: str, serve: Callable[[], Awaitable[int | None]]) -> int:
 
 
 def setup_logging(level: str) -> None:
+    """``level``: a :class:`~services.common.config.LogLevel` (checked when the flags are parsed)."""
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -78,9 +78,10 @@ class TlsFiles:
         """From ``LLMESH_TLS_CERT``/``_KEY``/``_CA`` (None when unset)."""
         return cls.of(env.get(ENV_CERT, ""), env.get(ENV_KEY, ""), env.get(ENV_CA, ""), client_only)
 
-    def problem(self) -> str | None:
-        """Why these files cannot be used (one missing or unreadable), or None."""
-        for name, path in (("tls_cert", self.cert), ("tls_key", self.key), ("tls_ca", self.ca)):
+    def problem(self, names: Sequence[str] = ("tls_cert", "tls_key", "tls_ca")) -> str | None:
+        """Why these files cannot be used (one missing, unreadable or not PEM), or
+        None; ``names``: what to call cert, key and CA (a config's fields, a tool's flags)."""
+        for name, path in zip(names, (self.cert, self.key, self.ca)):
             if path is None:
                 continue
             try:
