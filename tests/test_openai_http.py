@@ -186,7 +186,10 @@ async def test_a_bearer_token_is_required_as_on_grpc(tiny_models, served):
         assert out.choices[0].finish_reason
         async with httpx.AsyncClient() as http:
             reply = await http.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"})
+            # Asked before the body is read: a stranger's broken or oversized body gets the 401, not a 400/413.
+            junk = await http.post(f"{url}/v1/completions", content=b"{not json" + b" " * (17 << 20))
         assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+        assert junk.status_code == 401, junk.text
 
 
 async def test_full_router_is_429_with_retry_after_and_a_gone_client_cancels(served):
@@ -506,7 +509,7 @@ async def test_stream_options_need_a_stream(served):
      "got an array of numbers and strings"),
     ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
         {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
-     "messages", "messages[0].content[1].type: a 'image_url' content part is not supported by llmesh: only text"),
+     "messages", "messages[0].content[1].type: a content part of type 'image_url' is not supported by llmesh: only text"),
     ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": 5}]), "messages",
      "messages[0].content: must be a string or a list of text parts"),
     ("/v1/chat/completions", chat_body(tool_choice="sometimes"), "tool_choice", "tool_choice: must be \"none\""),
@@ -517,7 +520,16 @@ async def test_stream_options_need_a_stream(served):
     ("/v1/completions", b'{"model": "target", "prompt": "x\\ud800 y"}', None,
      "body: a JSON string holds a lone surrogate (\\ud800 without its pair), which is not valid Unicode"),
     ("/v1/completions", b'{"model": "target", "prompt": "\\udc00"}', None, "body: a JSON string holds a lone surrogate"),
+    # A well-formed pair (an emoji) before the lone one: the lone one is named.
+    ("/v1/completions", b'{"model": "target", "prompt": "\\ud83c\\udf89 party \\ud800"}', None,
+     "body: a JSON string holds a lone surrogate (\\ud800 without its pair)"),
+    ("/v1/completions", completion_body(prompt=[[1, "a"]]), "prompt",
+     "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids, "
+     "got an array of arrays of numbers and strings"),
     ("/v1/completions", b'[1, 2]', None, "body: must be a JSON object, got an array"),
+    # One request fanning out to more generations than the front door starts for one request.
+    ("/v1/completions", completion_body(prompt=[f"p{i}" for i in range(100)], n=16), "prompt",
+     "prompt: 100 prompts x n 16 would make 1600 generations; one request makes at most 1024"),
     ("/v1/completions", completion_body(n=0), "n", "n: Input should be greater than or equal to 1"),
 ])
 async def test_a_refused_value_is_said_as_the_client_wrote_it(served, path, body, param, message):

@@ -133,7 +133,7 @@ class FrontDoor:
         return [asyncio.create_task(run(i, r)) for i, r in enumerate(requests)]
 
     async def respond(self, request: Request, body: SamplingBody, chat: bool) -> Response:
-        self.authorize(request)
+        """The answer to an authorized request's validated ``body``."""
         self.check_model(body.model)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         requests = translate.generate_requests(body, request_id)
@@ -311,6 +311,10 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
         return await answer(request, ChatCompletionRequest, chat=True)
 
     async def answer(request: Request, schema, chat: bool) -> Response:
+        try:
+            door.authorize(request)  # before the body is read: a stranger's 16 MiB costs nothing
+        except Exception as exc:  # noqa: BLE001 - answered in the API's shape
+            return error_response(exc)
         try:
             raw = await read_body(request, door.max_body_bytes)
         except BodyTooLarge as exc:

@@ -21,7 +21,7 @@ from router.http import schemas
 SHAPE_ERRORS = {"literal_error", "model_type", "model_attributes_type", "dataclass_type", "is_instance_of"}
 #: An escaped UTF-16 surrogate that is not one half of a pair.
 LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                            rb"|(?<![0-9a-fA-F]{2}\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+                            rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def _field_names(model: type[BaseModel], seen: set) -> set[str]:
@@ -62,7 +62,7 @@ def json_type(value) -> str:
     """How a client would name ``value``'s JSON type ("a number", "an array of strings and numbers")."""
     if isinstance(value, list) and value:
         kinds = sorted({json_type(v).removeprefix("a ").removeprefix("an ") for v in value})
-        return "an array of " + " and ".join(k + "s" for k in kinds)
+        return "an array of " + " and ".join("arrays" + k[5:] if k.startswith("array") else k + "s" for k in kinds)
     if value is None:
         return "null"
     if isinstance(value, bool):

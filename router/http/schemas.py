@@ -116,7 +116,7 @@ class SamplingBody(Body):
     @classmethod
     def _no_bias(cls, value: dict | None) -> dict | None:
         if value:
-            raise unsupported("logit_bias (a non-empty map)")
+            raise unsupported("a non-empty map")
         return value
 
 
@@ -146,7 +146,7 @@ class CompletionRequest(SamplingBody):
     @classmethod
     def _no_suffix(cls, value: str | None) -> str | None:
         if value:
-            raise unsupported("suffix (insertion)")
+            raise unsupported("a suffix (insertion after the completion)")
         return value
 
 
@@ -158,7 +158,7 @@ class TextPart(Body):
     @classmethod
     def _text_only(cls, value: str) -> str:
         if value != "text":
-            raise unsupported(f"a {value[:40]!r} content part", ": only text parts are (no images, audio or files)")
+            raise unsupported(f"a content part of type {value[:40]!r}", ": only text parts are (no images, audio or files)")
         return value
 
 

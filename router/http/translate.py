@@ -52,6 +52,11 @@ PARAMS = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sam
 
 
 # -- requests ---------------------------------------------------------------
+#: Generations one request may make (prompts x n): each is a task and an upstream call from the
+#: moment the request is read, before any admission bound is consulted.
+MAX_CHOICES = 1024
+
+
 def prompts_of(body: CompletionRequest) -> list[gen.Prompt]:
     """The prompts of a completion request (one per string or token-id list)."""
     p = body.prompt
@@ -83,7 +88,7 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
         s.top_p = body.top_p
     if body.top_k is not None and body.top_k > 0:
         s.top_k = min(body.top_k, INT32_MAX)
-    if body.stop:  # an empty stop string is ignored, alone or in a list (as the contract ignores it)
+    if body.stop:  # an empty stop string is no stop, alone or in a list (the gRPC contract refuses one)
         s.stop.extend(t for t in ([body.stop] if isinstance(body.stop, str) else body.stop) if t)
     if body.seed is not None:
         s.seed = body.seed
@@ -104,6 +109,9 @@ def generate_requests(body: SamplingBody, request_id: str) -> list[gen.GenerateR
     else:
         prompts = prompts_of(body)
         max_tokens, top, echo = body.max_tokens, body.logprobs, body.echo
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise InvalidArgument("prompt", f"{len(prompts)} prompts x n {body.n} would make {len(prompts) * body.n} "
+                                            f"generations; one request makes at most {MAX_CHOICES}: split it")
     sampling = sampling_of(body, max_tokens, "chat" if chat else "completion")
     priority = PRIORITIES[body.priority] if body.priority else gen.PRIORITY_UNSPECIFIED
     out = []
