@@ -72,7 +72,7 @@ class PrometheusCollector(Collector):
             yield family
         for name, doc in _LATENCIES:
             family = GaugeMetricFamily(f"llmesh_{name}_seconds", f"{doc}, as the instance's percentiles over "
-                                       "the window (NaN: no request finished in it).",
+                                       "the window (NaN when no request finished in it; keep `x == x` before avg or sum).",
                                        labels=[*LABELS, "quantile"])
             for key, m in sorted(result.per_instance.items()):
                 s = getattr(m, name)

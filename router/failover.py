@@ -37,7 +37,7 @@ class Fault(enum.Enum):
     #: the router did not ask for: the server stopped with the call in flight, or
     #: grpc core dropped calls of a burst before the service saw them). Another
     #: instance may take or resume the request; not held against the instance,
-    #: whose health watcher says whether it still serves.
+    #: whose health watcher is asked to look again (it says whether it still serves).
     CUT_OFF = "cut_off"
     #: The instance failed the request: another may succeed; counts toward its ejection.
     INSTANCE = "instance"

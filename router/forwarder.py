@@ -156,9 +156,10 @@ class Forwarder:
             raise InvalidArgument("resume_tokens", "is set by the router when it resumes a broken stream; "
                                                    "to continue a generation, put its tokens in the prompt")
         address = request.draft_address
-        if address and not any(i.spec.role is Role.DRAFT and i.address == address for i in self.upstreams.registry):
-            raise InvalidArgument("draft_address", f"{address} is not a draft registered with this router; "
-                                                   "leave it empty and the router chooses one")
+        if address and all(i.address != address for i in self.upstreams.registry.select(Role.DRAFT)):
+            raise InvalidArgument("draft_address", f"{address} is not the address of a draft registered with this "
+                                                   "router (as ListInstances shows it); leave it empty and the "
+                                                   "router chooses one")
 
     async def _replay(self, chunks: tuple[gen.GenerateChunk, ...], request: gen.GenerateRequest,
                       started: float, emit: Emit) -> None:
@@ -189,7 +190,7 @@ class Forwarder:
         tried: list[str] = []
         last: UpstreamError | None = None
         while True:
-            if len(req.resume_tokens) + len(streamed) >= req.sampling.max_new_tokens:
+            if len(streamed) >= req.sampling.max_new_tokens:
                 # The stream broke after its last token but before its last chunk.
                 await emit(gen.GenerateChunk(request_id=req.request_id, finish_reason=gen.FINISH_REASON_LENGTH,
                                              instance_id=tried[-1]))
@@ -305,9 +306,14 @@ class Forwarder:
             self.upstreams.registry.record_success(draft.id)
 
     def _record_failure(self, inst: Instance, error: UpstreamError) -> None:
-        """Counts an instance's fault against it (see router.failover.FAULTS)."""
+        """Counts an instance's fault against it (see router.failover.FAULTS); a
+        call cut off is not counted, but has its health looked at again (a
+        server that stops cuts its calls off)."""
         fault = fault_of(error.code)
-        if fault in (Fault.REQUEST, Fault.BUSY, Fault.CUT_OFF):
+        if fault is Fault.CUT_OFF:
+            self.upstreams.suspect(inst.id)
+            return
+        if fault in (Fault.REQUEST, Fault.BUSY):
             return
         unreachable = short_reason(error.details) if fault is Fault.UNREACHABLE else None
         self.upstreams.registry.record_failure(inst.id, self.clock(), unreachable)

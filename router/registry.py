@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.load import LoadReport, Role
-
-DEFAULT_POOL = "default"
+from services.common.load import DEFAULT_POOL, LoadReport, Role
 
 
 class State(enum.Enum):

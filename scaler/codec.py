@@ -6,6 +6,7 @@ import math
 
 from scaler.policy import InstanceLoad, Policy, WindowLoad
 from scaler.state import Event, ManagedState, PoolMember, PoolView
+from services.common.load import DEFAULT_POOL
 from services.common.load_codec import ROLE_PB, role_of
 from services.common.errors import InvalidArgument
 from services.common.stubs import monitor_pb2, router_pb2, scaler_pb2
@@ -21,7 +22,7 @@ def instance_of(pb: router_pb2.InstanceStatus) -> PoolMember:
     """A registered instance as the router lists it (the state records whether the scaler started it)."""
     spec = pb.spec
     return PoolMember(id=spec.id or spec.address, address=spec.address,
-                    role=role_of(spec.role), pool=spec.pool or "default",
+                    role=role_of(spec.role), pool=spec.pool or DEFAULT_POOL,
                     state=ManagedState.EXTERNAL, active=pb.state == router_pb2.INSTANCE_STATE_ACTIVE,
                     draining=pb.state == router_pb2.INSTANCE_STATE_DRAINING, in_flight=pb.in_flight,
                     load_in_flight=pb.load.in_flight if pb.HasField("load") else 0)

@@ -18,10 +18,7 @@ from dataclasses import dataclass, field
 from scaler import policy as policies
 from scaler.policy import Decision, Memory, Policy
 from services.common.errors import NotFound
-from services.common.load import Role
-
-#: The pool of an instance registered without one (the router's ``DEFAULT_POOL``).
-DEFAULT_POOL = "default"
+from services.common.load import DEFAULT_POOL, Role
 
 
 class ManagedState(enum.Enum):

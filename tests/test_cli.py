@@ -436,6 +436,16 @@ def test_a_dead_service_is_started_again_and_the_others_keep_running(tmp_path, c
     assert fleet.stop(5) == {"calm0": 0, "calm1": 0}
 
 
+def test_a_service_stopped_by_sigterm_is_not_started_again(tmp_path, capsys):
+    fleet = fleet_of(tmp_path, "calm", "calm")
+    fleet.start()
+    wait_for_log(fleet, "started")
+    fleet.children[1].proc.send_signal(signal.SIGTERM)  # someone stopped it: not a failure
+    assert processes.supervise(fleet, threading.Event(), restart=processes.RestartPolicy(backoff_s=0.05)) is False
+    assert "it was stopped, not started again; stopping the others" in capsys.readouterr().err
+    assert fleet.stop(5) == {"calm0": 0, "calm1": 0}
+
+
 def test_a_service_that_keeps_dying_is_given_up_on(tmp_path, capsys):
     fleet = fleet_of(tmp_path, "calm", "crash")
     fleet.start()
@@ -684,7 +694,7 @@ def test_status_finds_monitor_and_scaler_next_to_the_router(capsys):
         out = capsys.readouterr().out
         assert f"monitor  127.0.0.1:{base + PORT_OFFSETS['monitor']}  SERVING" in out
         assert f"scaler   127.0.0.1:{base + PORT_OFFSETS['scaler']}  SERVING" in out
-        assert status.suite_addresses("10.0.0.5:60051") == {
+        assert {name: status.suite_address("10.0.0.5:60051", name) for name in PORT_OFFSETS} == {
             "router": "10.0.0.5:60051", "target": "10.0.0.5:60061", "draft": "10.0.0.5:60071",
             "monitor": "10.0.0.5:60081", "scaler": "10.0.0.5:60091"}
     finally:

@@ -136,11 +136,13 @@ def test_the_speculator_stops_where_its_measured_verify_cost_outweighs_the_gain(
         feed(speculator, seqs, 4, 0.040, 0.010, now=1.5 + t, accepted=2)
     speculator.after_tokens(seqs[0], 11.0, 16, room=10)
     seqs[0].spec.waiting = True  # a round under way
+    for s in seqs[:-1]:
+        s.first_token_at = 11.0  # decoding; the last one is still prefilling
     speculator.before_schedule(seqs, 16)
     assert speculator.gamma == 0
     assert not seqs[0].spec.waiting and seqs[0].spec.stats.dropped_by_batch_size == 1
-    # Every request of the batch can tell its client why it saw no round (SpeculationStats).
-    assert all(s.spec.stats.steps_not_speculated == 1 for s in seqs)
+    # Every decoding request of the batch can tell its client why it saw no round (SpeculationStats).
+    assert [s.spec.stats.steps_not_speculated for s in seqs] == [1] * 15 + [0]
     assert seqs[1].spec.stats.not_speculated_reason == (
         "the cost model judged that speculating would not pay with 16 sequences running")
     before = len(seqs[1].spec.proposer.rounds)

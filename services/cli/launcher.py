@@ -9,9 +9,9 @@ supervises. SIGTERM or Ctrl-C sends SIGTERM to every service and waits for
 them (SIGKILL after a grace period); `llmesh down` sends that SIGTERM from
 another shell, found through ``HOME/run/up-PORT.json``
 (:mod:`services.common.runfile`), which lives as long as the services do. If a service dies, its log tail is
-printed and it is started again after a backoff (1 s, doubling to 30 s), up to 5 times in 10 minutes
-(:class:`~services.common.processes.RestartPolicy`); past that, or with ``--no-restart`` at once, the rest
-are stopped (or, with ``--keep-going``, left running).
+printed and, unless it exited with 0 or by SIGTERM (stopped, not failed), it is started again after a
+backoff (1, 2, 4, 8, 16 s), up to 5 times in 10 minutes (:class:`~services.common.processes.RestartPolicy`);
+past that, or with ``--no-restart`` at once, the rest are stopped (or, with ``--keep-going``, left running).
 
 With ``--tls`` every hop is TLS, mutual between services: the certificates
 of `llmesh certs` (made first when absent, in HOME/certs or ``--certs``)
@@ -20,7 +20,7 @@ the environment wins over the file's). Plaintext is for loopback: a
 non-loopback ``--host`` needs ``--tls`` or ``--insecure``.
 
 Exit status: 0 when stopped on request and every service exited with 0;
-1 when a service failed to start, died, or did not stop cleanly; 2 for a
+1 when a service failed to start, died (even one started again), or did not stop cleanly; 2 for a
 usage error (models or ports missing).
 """
 
@@ -197,8 +197,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="when a service dies for good (given up on, or with --no-restart), report it but keep "
                         "the others running")
     p.add_argument("--no-restart", action="store_true",
-                   help="do not start a service that died again (by default: after 1 s, doubling to 30 s, up to "
-                        "5 times in 10 minutes); its death stops the suite (see --keep-going)")
+                   help="do not start a service that failed again (by default: after 1, 2, 4, 8, 16 s, up to "
+                        "5 times in 10 minutes); its death stops the suite (see --keep-going). Either way the "
+                        "exit status is 1 when a service died")
     p.set_defaults(func=run)
     return p
 

@@ -44,11 +44,6 @@ def suite_address(router: str, name: str) -> str:
     return f"{host}:{at}"
 
 
-def suite_addresses(router: str) -> dict[str, str]:
-    """:func:`suite_address` of every service."""
-    return {name: suite_address(router, name) for name in PORT_OFFSETS}
-
-
 def _error(exc, channel, address: str, role: str, timeout: float) -> str:
     """A failed call to ``role`` at ``address`` in one line; a server that is another
     service (UNIMPLEMENTED) says so and what it serves."""

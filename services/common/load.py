@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 from services.common.metrics import Latency, MetricsSnapshot
 
-__all__ = ["Latency", "LoadReport", "Role", "UtilizationSource", "windowed"]
+__all__ = ["DEFAULT_POOL", "Latency", "LoadReport", "Role", "UtilizationSource", "windowed"]
+
+#: The pool of an instance registered without one (router and scaler).
+DEFAULT_POOL = "default"
 
 
 class Role(enum.Enum):

@@ -72,6 +72,8 @@ class Child:
     spec: ServiceSpec
     proc: subprocess.Popen
     log_path: Path
+    #: Its exit has been dealt with by :func:`supervise` (reported; restarted or given up on).
+    handled: bool = False
 
     @property
     def name(self) -> str:
@@ -174,12 +176,13 @@ class ProcessGroup:
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """When a supervised child that died is started again (systemd's
-    ``Restart=on-failure`` with a start limit): after ``backoff_s``, doubled
-    for each earlier death within ``window_s`` (at most ``max_backoff_s``);
-    never after its ``max_restarts + 1``-th death within ``window_s`` (given
-    up: a service that cannot stay up is reported, not looped). Seconds of
-    ``time.monotonic()``."""
+    """When a supervised child that failed is started again (systemd's
+    ``Restart=on-failure`` with a start limit; a child that exited with 0 or
+    by SIGTERM was stopped, and is not): after ``backoff_s``, doubled for each
+    earlier death within ``window_s`` (at most ``max_backoff_s``; with the
+    defaults 1, 2, 4, 8 and 16 s); never after its ``max_restarts + 1``-th
+    death within ``window_s`` (given up: a service that cannot stay up is
+    reported, not looped). Seconds of ``time.monotonic()``."""
 
     max_restarts: int = 5
     window_s: float = 600.0
@@ -199,29 +202,31 @@ def supervise(fleet: "ProcessGroup", stop: threading.Event, keep_going: bool = F
               restart: RestartPolicy | None = None, on_restart: Callable[[Child], None] = lambda child: None
               ) -> bool:
     """Blocks until ``stop`` is set or a child dies and is not restarted:
-    without ``restart``, at its first death; with it, a dead child is started
-    again after the policy's backoff (``on_restart`` is told), until the
-    policy gives up on it. With ``keep_going``, a child given up on leaves the
-    others running: it blocks until ``stop`` or until every child is given up
-    on. Reports each death on stderr. Returns True when no child died."""
-    seen: set[int] = set()  # the pids whose death was handled
+    without ``restart``, at its first death; with it, a child that failed is
+    started again after the policy's backoff (``on_restart`` is told), until
+    the policy gives up on it (one that exited with 0 or by SIGTERM is not
+    restarted). With ``keep_going``, a child given up on leaves the others
+    running: it blocks until ``stop`` or until every child is given up on.
+    Reports each death on stderr. Returns True when no child died (one started
+    again counts as a death)."""
     deaths: dict[str, list[float]] = {}
     due: dict[str, float] = {}  # name -> when it is started again
     given_up: set[str] = set()
     while not stop.wait(POLL_S):
         now = time.monotonic()
         for child in fleet.exited():
-            if child.proc.pid in seen:
+            if child.handled:
                 continue
-            seen.add(child.proc.pid)
+            child.handled = True
             deaths.setdefault(child.name, []).append(now)
-            delay = None if restart is None else restart.delay(deaths[child.name], now)
+            failed = child.proc.returncode not in (0, -signal.SIGTERM)
+            delay = None if restart is None or not failed else restart.delay(deaths[child.name], now)
             if delay is not None:
                 due[child.name] = now + delay
                 then = f"starting it again in {delay:g} s"
             else:
                 given_up.add(child.name)
-                limit = ("" if restart is None else
+                limit = ("" if restart is None else "it was stopped, not started again; " if not failed else
                          f"it died {len(deaths[child.name])} times within {restart.window_s:g} s; ")
                 then = limit + ("the others keep running" if keep_going else "stopping the others")
             print(f"llmesh up: {child.describe_exit()}\nllmesh up: {then}", file=sys.stderr, flush=True)

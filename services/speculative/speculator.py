@@ -202,8 +202,8 @@ class Speculator:
             why = (f"{demand} sequences running, past --speculative-disable-by-batch-size "
                    f"{self.settings.disable_by_batch_size}")
         for seq in running:
-            if seq.spec is not None:
-                seq.spec.drop_round(why)
+            if seq.spec is not None:  # a step of a sequence still prefilling is no decode step it missed
+                seq.spec.drop_round(why if seq.first_token_at is not None else "")
 
     def _decide(self, running: list[Sequence]) -> int:
         """The cost model's gamma for a batch of ``running`` (0: none); when it
