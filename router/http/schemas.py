@@ -150,6 +150,14 @@ class CompletionRequest(SamplingBody):
         return value
 
 
+def text_only(value: str, what: str, hint: str) -> str:
+    """``value`` when it is "text", else the unsupported error of ``what`` (a format
+    string for the value, cut to 40 characters) with ``hint``."""
+    if value != "text":
+        raise unsupported(what.format(value[:40]), hint)
+    return value
+
+
 class TextPart(Body):
     type: str
     text: str
@@ -157,9 +165,7 @@ class TextPart(Body):
     @field_validator("type")
     @classmethod
     def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise unsupported(f"a content part of type {value[:40]!r}", ": only text parts are (no images, audio or files)")
-        return value
+        return text_only(value, "a content part of type {!r}", ": only text parts are (no images, audio or files)")
 
 
 class ChatMessage(Body):
@@ -178,9 +184,7 @@ class ResponseFormat(Body):
     @field_validator("type")
     @classmethod
     def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise unsupported(f"{value[:40]!r}", " (only \"text\" is)")
-        return value
+        return text_only(value, "{!r}", " (only \"text\" is)")
 
 
 class ChatCompletionRequest(SamplingBody):
