@@ -709,3 +709,21 @@ def test_token_bytes_of_a_byte_level_bpe(tiny_models):
     texts = tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
     assert any("\ufffd" in t for t in texts)
     assert b"".join(token_bytes(tok, ids, texts)) == "日本 x".encode()
+
+
+async def test_a_request_of_more_choices_than_a_targets_queue_is_served_a_turn_at_a_time(tiny_models, monkeypatch):
+    """Its choices generate at most MAX_CONCURRENT_CHOICES at once, so a request the
+    target's queue could never hold whole is answered (it was a 429 however long the
+    client waited, and its queued choices crowded out other clients)."""
+    from router.http import app as http_app
+
+    monkeypatch.setattr(http_app, "MAX_CONCURRENT_CHOICES", 8)
+    target = await start_target(tiny_models, max_queue=4)  # 8 running + 4 waiting
+    try:
+        async with front_door([target.address]) as (_, url, _):
+            out = await client(url).completions.create(model=MODEL, prompt=[f"p{i}" for i in range(10)], n=8,
+                                                       max_tokens=2, temperature=0)
+            assert len(out.choices) == 80 and all(c.finish_reason for c in out.choices)
+            assert sorted(c.index for c in out.choices) == list(range(80))
+    finally:
+        await target.stop(0)

@@ -43,6 +43,10 @@ GENERATE_METHOD = "/llmesh.v1.Router/Generate"
 #: default): a prompt is at most 2 MiB of text, which JSON escaping can grow
 #: six-fold at worst (\uXXXX per byte) and token ids take a few bytes each.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Generations of one request in flight at once; its other choices wait their turn inside
+#: the request. A request of more choices than a target's queue holds (256 by default) would
+#: otherwise be refused (429) however long its client waited, and fill the queue for everyone.
+MAX_CONCURRENT_CHOICES = 64
 
 
 class BodyTooLarge(Exception):
@@ -113,16 +117,19 @@ class FrontDoor:
 
     # -- generation ---------------------------------------------------------
     def start(self, requests, queue: asyncio.Queue) -> list[asyncio.Task]:
-        """One task per choice through the forwarder; each puts (index, chunk)
-        items on ``queue``, then (index, None) or (index, exception)."""
+        """One task per choice through the forwarder, at most
+        :data:`MAX_CONCURRENT_CHOICES` generating at once; each puts (index,
+        chunk) items on ``queue``, then (index, None) or (index, exception)."""
         remaining = self.time_remaining()
+        turns = asyncio.Semaphore(MAX_CONCURRENT_CHOICES)
 
         async def run(index: int, req) -> None:
             async def emit(chunk) -> None:
                 queue.put_nowait((index, chunk))
 
             try:
-                await self.forwarder.generate(req, remaining, emit)
+                async with turns:
+                    await self.forwarder.generate(req, remaining, emit)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the consumer answers it in the API's shape
