@@ -717,8 +717,11 @@ async def test_a_request_of_more_choices_than_a_targets_queue_is_served_a_turn_a
     client waited, and its queued choices crowded out other clients)."""
     from router.http import app as http_app
 
-    monkeypatch.setattr(http_app, "MAX_CONCURRENT_CHOICES", 8)
-    target = await start_target(tiny_models, max_queue=4)  # 8 running + 4 waiting
+    monkeypatch.setattr(http_app, "MAX_CONCURRENT_CHOICES", 4)
+    # A queue of 12: room (with a margin) for a turn's 4 (they wait for the engine's next step) and the 4 of the
+    # turn before, whose last chunk may reach the client before the engine frees their slots;
+    # 80 at once (8 running, 12 waiting) would be a 429.
+    target = await start_target(tiny_models, max_queue=12)
     try:
         async with front_door([target.address]) as (_, url, _):
             out = await client(url).completions.create(model=MODEL, prompt=[f"p{i}" for i in range(10)], n=8,
