@@ -78,8 +78,9 @@ async def test_scale_to_two_then_one_warms_up_registers_and_drains_without_failu
         steps = [(e.kind, e.instance_id) for e in history if e.instance_id]
         assert steps == [("started", added.spec.id), ("serving", added.spec.id)]
         assert "warmed up with 2 token(s)" in history[-1].reason and history[-1].to_instances == 2
-        # The warm-up went straight to the instance, before the router knew it.
-        assert added.load.tokens_per_second > 0
+        # The warm-up went straight to the instance, before the router knew it (its count since start:
+        # a rate over the load window can have forgotten it by now on a slow machine).
+        assert added.load.tokens_generated_total >= 2
         status = next(p for p in (await scaler_stub.GetStatus(scaler_pb2.GetStatusRequest())).pools
                       if p.pool == "default")
         assert (status.current, status.desired) == (2, 2)
