@@ -47,7 +47,7 @@ class MonitorApp(ServiceApp):
                                                                lambda: list(self.alerts.firing)))
         monitor_pb2_grpc.add_MonitorServicer_to_server(
             MonitorServicer(self.store, self.alerts, config.default_window_s, clock, thresholds,
-                            tuple(config.windows_s)), self.server)
+                            tuple(config.windows_s), ending=self.health.ending), self.server)
 
     def report(self) -> stats_pb2.LoadReport:
         return stats_pb2.LoadReport(instance_id=self.instance_id, role=stats_pb2.ROLE_MONITOR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from monitor import codec
@@ -9,13 +10,16 @@ from monitor.alerts import AlertHub
 from monitor.analysis import Thresholds, analyze
 from monitor.metrics import STANDARD_WINDOWS_S, resolve_window, standard_windows, throughput
 from monitor.store import ReportStore
+from services.common.streams import until
 from services.common.stubs import monitor_pb2, monitor_pb2_grpc
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     def __init__(self, store: ReportStore, alerts: AlertHub, default_window_s: float,
                  clock: Callable[[], float], thresholds: Thresholds = Thresholds(),
-                 windows_s: tuple[float, ...] = STANDARD_WINDOWS_S) -> None:
+                 windows_s: tuple[float, ...] = STANDARD_WINDOWS_S, ending: asyncio.Event | None = None) -> None:
+        """``ending``: set when the service shuts down; WatchAlerts streams end then."""
+        self.ending = ending or asyncio.Event()
         self.store = store
         self.windows_s = windows_s
         self.alerts = alerts
@@ -39,5 +43,5 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
                                                             for r in analysis.recommendations])
 
     async def WatchAlerts(self, request, context):
-        async for alert in self.alerts.watch(codec.severity_of(request.min_severity)):
+        async for alert in until(self.ending, self.alerts.watch(codec.severity_of(request.min_severity))):
             yield codec.alert_pb(alert)

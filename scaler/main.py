@@ -80,7 +80,7 @@ class ScalerApp(ServiceApp):
             warmup_tokens=config.warmup_tokens, stop_grace_s=config.stop_grace_s,
             retry_after_s=config.retry_after_s, clock=clock, channels=channels)
         scaler_pb2_grpc.add_ScalerServicer_to_server(
-            ScalerServicer(self.state, self.router, self.controller, clock), self.server)
+            ScalerServicer(self.state, self.router, self.controller, clock, ending=self.health.ending), self.server)
         self.metrics = ScalerMetrics()
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry) if config.metrics_port >= 0 else None
         self._publisher: asyncio.Task | None = None

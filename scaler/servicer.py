@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from scaler import codec
@@ -10,12 +11,15 @@ from scaler.router_client import RouterClient
 from scaler.policy import checked
 from scaler.state import ScalerState
 from services.common.errors import InvalidArgument
+from services.common.streams import until
 from services.common.stubs import scaler_pb2, scaler_pb2_grpc
 
 
 class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
     def __init__(self, state: ScalerState, router: RouterClient, controller: Controller,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], ending: asyncio.Event | None = None) -> None:
+        """``ending``: set when the service shuts down; WatchEvents streams end then."""
+        self.ending = ending or asyncio.Event()
         self.state = state
         self.router = router
         self.controller = controller
@@ -48,5 +52,5 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
             events=[codec.event_pb(e) for e in self.state.history(request.pool, codec.since_of(request.since))])
 
     async def WatchEvents(self, request, context):
-        async for event in self.state.watch(request.pool):
+        async for event in until(self.ending, self.state.watch(request.pool)):
             yield codec.event_pb(event)

@@ -244,3 +244,34 @@ async def test_serves_its_own_stats(fake_router, monitor):
     report = await call.read()
     call.cancel()
     assert report.role == stats_pb2.ROLE_MONITOR and report.instance_id.startswith("monitor@")
+
+
+async def test_watch_streams_end_when_the_service_stops(fake_router):
+    """Health, Stats and alert watches end (OK; health says NOT_SERVING last) as the
+    service shuts down, rather than hold its graceful stop for the whole grace period
+    and be cancelled at its end (which grpc logs as an ERROR)."""
+    app = create_server(monitor_config(fake_router.address))
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        stats = stats_pb2_grpc.StatsStub(channel).Watch(stats_pb2.WatchStatsRequest(interval_s=60))
+        alerts = monitor_pb2_grpc.MonitorStub(channel).WatchAlerts(monitor_pb2.WatchAlertsRequest())
+        async def rest(call) -> list:
+            out = []
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                out.append(reply)
+            return out
+
+        await health.read()
+        await stats.read()
+        stopping = asyncio.create_task(app.stop(30))
+        statuses = [reply.status for reply in await rest(health)]
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await rest(stats) == []  # its next report was a minute away: it ended at once
+        await rest(alerts)
+        for call in (health, stats, alerts):
+            assert await call.code() == grpc.StatusCode.OK
+        await stopping
+    finally:
+        await channel.close()

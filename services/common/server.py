@@ -56,11 +56,66 @@ SERVER_OPTIONS = [
 ]
 
 
+class _Writes:
+    """A servicer context that passes a health watch's writes on and says when
+    NOT_SERVING has gone out (after the write completed: no write is then in
+    flight on the call)."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+        self.not_serving = asyncio.Event()
+
+    async def write(self, reply: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(reply)
+        if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            self.not_serving.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end (OK) once ``ending`` is
+    set at shutdown and the watcher has been told NOT_SERVING. A server's
+    graceful stop waits for every call, and a watch never ends by itself: one
+    watcher (the router's) held a lone service's stop for its whole grace
+    period, and its cancellation then was logged as an ERROR. A watch of a
+    name this server does not know (SERVICE_UNKNOWN, never NOT_SERVING) ends
+    ``UNKNOWN_NAME_S`` seconds after ``ending``."""
+
+    UNKNOWN_NAME_S = 1.0
+
+    def __init__(self, ending: asyncio.Event) -> None:
+        super().__init__()
+        self._ending = ending
+
+    async def Watch(self, request, context) -> None:  # noqa: N802 - the gRPC method's name
+        writes = _Writes(context)
+        watch = asyncio.ensure_future(super().Watch(request, writes))
+        ended = asyncio.ensure_future(self._told(writes))
+        try:
+            await asyncio.wait({watch, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            watch.cancel()  # parked on the status condition, not in a write (see _Writes)
+            await asyncio.gather(watch, ended, return_exceptions=True)
+
+    async def _told(self, writes: _Writes) -> None:
+        await self._ending.wait()
+        try:
+            await asyncio.wait_for(writes.not_serving.wait(), self.UNKNOWN_NAME_S)
+        except TimeoutError:
+            pass
+
+
 class Health:
-    """The service's standard health servicer and the names it reports on."""
+    """The service's standard health servicer and the names it reports on.
+    ``ending`` is set once it shuts down: long-lived streams (health and
+    Stats watches) end then, so that they do not hold the server's stop."""
 
     def __init__(self, service_names: Iterable[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.ending = asyncio.Event()
+        self.servicer = _HealthServicer(self.ending)
         self.names = ["", *service_names]
 
     async def set(self, serving: bool) -> None:
@@ -70,8 +125,10 @@ class Health:
             await self.servicer.set(name, status)
 
     async def shutdown(self) -> None:
-        """Marks every name NOT_SERVING for good (later set() calls are ignored)."""
+        """Marks every name NOT_SERVING for good (later set() calls are ignored)
+        and ends the watch streams."""
         await self.servicer.enter_graceful_shutdown()
+        self.ending.set()
 
 
 def access_of(config: BaseConfig, service_names: Iterable[str] = (), client_token: str = "") -> Access:
@@ -179,7 +236,8 @@ class ServiceApp:
         self.server, self.port, self.health = new_server(
             config, [SERVICE_NAMES[service], SERVICE_NAMES["stats"]], provider, client_token)
         self.instance_id = config.instance_id or f"{service}@{config.host}:{self.port}"
-        stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(self.report, config.stats_interval_s), self.server)
+        stats_pb2_grpc.add_StatsServicer_to_server(
+            StatsServicer(self.report, config.stats_interval_s, ending=self.health.ending), self.server)
 
     def report(self) -> stats_pb2.LoadReport:
         """The load report Stats/Watch streams (called on the event loop at each interval)."""

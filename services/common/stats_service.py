@@ -25,12 +25,25 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
     [MIN_INTERVAL_S, MAX_INTERVAL_S] (0: the default) is InvalidArgument."""
 
     def __init__(self, report: Callable[[], stats_pb2.LoadReport], default_interval_s: float,
-                 kv_events: Any = None) -> None:
+                 kv_events: Any = None, ending: asyncio.Event | None = None) -> None:
         """``kv_events``: a ``services.engine.kv_events.KVEventLog`` (duck-typed:
-        ``read(cursor)`` and ``block_size``), or None: WatchKvEvents is UNIMPLEMENTED."""
+        ``read(cursor)`` and ``block_size``), or None: WatchKvEvents is UNIMPLEMENTED.
+        ``ending``: set when the service shuts down; every stream then ends (OK),
+        so that none holds the server's graceful stop for its whole grace period."""
         self._report = report
         self._default_interval_s = default_interval_s
         self._kv_events = kv_events
+        self._ending = ending or asyncio.Event()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Waits ``seconds``; False when the service began to shut down meanwhile (or had)."""
+        if self._ending.is_set():
+            return False
+        try:
+            await asyncio.wait_for(self._ending.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
 
     async def Watch(self, request, context):
         interval = request.interval_s or self._default_interval_s
@@ -39,7 +52,8 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
                                                 f"(or 0 for the default), got {interval}")
         while True:
             yield self._report()
-            await asyncio.sleep(interval)
+            if not await self._pause(interval):
+                return
 
     async def WatchKvEvents(self, request, context):
         if self._kv_events is None:
@@ -55,4 +69,5 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
             if not batch.empty:
                 yield stats_pb2.KvEvents(snapshot=batch.snapshot, stored=batch.stored, removed=batch.removed,
                                          block_size=self._kv_events.block_size)
-            await asyncio.sleep(interval)
+            if not await self._pause(interval):
+                return

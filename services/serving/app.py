@@ -66,7 +66,8 @@ class ModelApp:
         self.servicer = servicer_factory(self)
         add_servicer(self.servicer, self.server)
         stats_pb2_grpc.add_StatsServicer_to_server(
-            StatsServicer(self.report, config.stats_interval_s, kv_events=_EngineKVEvents(self)), self.server)
+            StatsServicer(self.report, config.stats_interval_s, kv_events=_EngineKVEvents(self),
+                          ending=self.health.ending), self.server)
 
     @property
     def address(self) -> str:
