@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from services.common.streams import until
 from services.common.stubs import stats_pb2, stats_pb2_grpc
 
 #: Bounds of a Watch's interval, in seconds.
@@ -35,25 +36,18 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
         self._kv_events = kv_events
         self._ending = ending or asyncio.Event()
 
-    async def _pause(self, seconds: float) -> bool:
-        """Waits ``seconds``; False when the service began to shut down meanwhile (or had)."""
-        if self._ending.is_set():
-            return False
-        try:
-            await asyncio.wait_for(self._ending.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
-
     async def Watch(self, request, context):
         interval = request.interval_s or self._default_interval_s
         if not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:  # also rejects NaN and infinity
             raise InvalidArgument("interval_s", f"must be in [{MIN_INTERVAL_S}, {MAX_INTERVAL_S:g}] seconds "
                                                 f"(or 0 for the default), got {interval}")
+        async for report in until(self._ending, self._reports(interval)):
+            yield report
+
+    async def _reports(self, interval: float):
         while True:
             yield self._report()
-            if not await self._pause(interval):
-                return
+            await asyncio.sleep(interval)
 
     async def WatchKvEvents(self, request, context):
         if self._kv_events is None:
@@ -62,6 +56,10 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
         if not KV_MIN_INTERVAL_S <= interval <= KV_MAX_INTERVAL_S:
             raise InvalidArgument("interval_s", f"must be in [{KV_MIN_INTERVAL_S}, {KV_MAX_INTERVAL_S:g}] seconds "
                                                 f"(or 0 for {KV_DEFAULT_INTERVAL_S} s), got {interval}")
+        async for events in until(self._ending, self._kv_batches(interval)):
+            yield events
+
+    async def _kv_batches(self, interval: float):
         cursor = None
         while True:
             batch = self._kv_events.read(cursor)
@@ -69,5 +67,4 @@ class StatsServicer(stats_pb2_grpc.StatsServicer):
             if not batch.empty:
                 yield stats_pb2.KvEvents(snapshot=batch.snapshot, stored=batch.stored, removed=batch.removed,
                                          block_size=self._kv_events.block_size)
-            if not await self._pause(interval):
-                return
+            await asyncio.sleep(interval)
