@@ -13,16 +13,11 @@ BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 @lru_cache(1)
 def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet reversed (``bytes_to_unicode``): printable
-    bytes stand for themselves, the others for characters from U+0100 on."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, shifted = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + shifted)
-            shifted += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """GPT-2's byte-level alphabet reversed (transformers' ``bytes_to_unicode``):
+    printable bytes stand for themselves, the others for characters from U+0100 on."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer, ids: list[int], texts: list[str]) -> list[bytes]:
