@@ -10,6 +10,12 @@ from services.common.config import BaseConfig, ConfigError, field
 from services.common.validation import valid_address
 
 
+#: Largest HTTP request body read, in bytes (--http-max-body-bytes's default): a
+#: prompt is at most 2 MiB of text, which JSON escaping can grow six-fold at
+#: worst (\uXXXX per byte), and token ids take a few bytes each.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
 class PolicyName(enum.Enum):
     """How the router picks an instance among the healthy ones."""
 
@@ -35,8 +41,8 @@ class RouterConfig(BaseConfig):
     http_port: int = field(8000, "port of the OpenAI-compatible HTTP front door (/v1/completions, "
                                  "/v1/chat/completions, /v1/models, /health) on --host (0: none)")
     http_timeout_s: float = field(0.0, "seconds an HTTP request may take before it ends with 504 (0: no bound)")
-    http_max_body_bytes: int = field(16 * 1024 * 1024, "largest HTTP request body read, in bytes (larger: 413, "
-                                                       "refused from its Content-Length or as it arrives)")
+    http_max_body_bytes: int = field(MAX_BODY_BYTES, "largest HTTP request body read, in bytes (larger: 413, "
+                                                     "refused from its Content-Length or as it arrives)")
     targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
                                    "pool@host:port")
     drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")

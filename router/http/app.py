@@ -26,6 +26,7 @@ from opentelemetry.trace import TracerProvider
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from router.config import MAX_BODY_BYTES
 from router.forwarder import Forwarder
 from router.http import translate
 from router.http.invalid import explain
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 #: The gRPC method whose access rules the HTTP routes follow.
 GENERATE_METHOD = "/llmesh.v1.Router/Generate"
-#: Largest request body read, in bytes (the router's --http-max-body-bytes
-#: default): a prompt is at most 2 MiB of text, which JSON escaping can grow
-#: six-fold at worst (\uXXXX per byte) and token ids take a few bytes each.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Generations of one request in flight at once; its other choices wait their turn inside
 #: the request. A request of more choices than a target's queue holds (256 by default) would
 #: otherwise be refused (429) however long its client waited, and fill the queue for everyone.
