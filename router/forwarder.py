@@ -190,7 +190,7 @@ class Forwarder:
         tried: list[str] = []
         last: UpstreamError | None = None
         while True:
-            if len(streamed) >= req.sampling.max_new_tokens:
+            if streamed and len(streamed) >= req.sampling.max_new_tokens:
                 # The stream broke after its last token but before its last chunk.
                 await emit(gen.GenerateChunk(request_id=req.request_id, finish_reason=gen.FINISH_REASON_LENGTH,
                                              instance_id=tried[-1]))

@@ -304,6 +304,25 @@ async def test_echo_prompt_leads_the_first_chunk(suite, tiny_models):
             assert [t for c in echoed for t in c.token_ids] == [t for c in plain for t in c.token_ids]
 
 
+async def test_max_new_tokens_0_scores_the_prompt(suite, tiny_models):
+    """max_new_tokens 0 with echo_prompt / prompt_logprobs: one chunk with the prompt, no token; alone, refused."""
+    apps, stubs, channels = suite
+    ids = [40, 41, 42, 43]
+    for stub in (stubs[0], stubs[2]):
+        req = request(ids=ids, n=1)
+        req.sampling.max_new_tokens = 0
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await generate(stub, req)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "echo_prompt" in bad.value.details()
+        req.echo_prompt, req.prompt_logprobs = True, True
+        chunks = await generate(stub, req)
+        assert [c.text for c in chunks] == [tiny_models.tokenizer.decode(ids)]
+        assert not chunks[0].token_ids and not chunks[0].logprobs
+        assert [e.token_id for e in chunks[0].prompt_logprobs] == ids
+        assert chunks[0].finish_reason == gen.FINISH_REASON_LENGTH
+        assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (len(ids), 0)
+
+
 async def test_limits_on_request_sizes(suite):
     apps, stubs, channels = suite
     for stub in (stubs[0], stubs[2]):

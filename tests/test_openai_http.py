@@ -116,6 +116,34 @@ async def test_completion_logprobs_and_echo_are_the_models_log_softmax(served, r
     assert out.choices[0].text.startswith(tiny_models.tokenizer.decode(prompt))
 
 
+async def test_echo_with_max_tokens_0_scores_the_prompt_and_generates_nothing(served, reference_model, tiny_models):
+    """lm-evaluation-harness's loglikelihood request (legacy API): echo, logprobs, max_tokens 0."""
+    router, url, stub, _ = served
+    c = client(url)
+    prompt = tiny_models.tokenizer.encode("def f(x): return x")
+    out = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=0, temperature=0, logprobs=1, echo=True)
+    choice = out.choices[0]
+    assert choice.text == tiny_models.tokenizer.decode(prompt) and choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(prompt)
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(prompt) and lp.token_logprobs[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(reference_model(torch.tensor([prompt])).logits[0].float(), -1)
+    assert lp.token_logprobs[1:] == pytest.approx([ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))],
+                                                  abs=1e-3)
+    # Streamed: the same text in one chunk, and no token after it.
+    stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True)
+    parts = [p async for p in stream]
+    assert "".join(p.choices[0].text for p in parts) == choice.text
+    assert parts[-1].choices[0].finish_reason == "length"
+    # Without echo there is nothing to return; chat has no prompt to score.
+    for call in (c.completions.create(model=MODEL, prompt="hi", max_tokens=0),
+                 c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=0)):
+        with pytest.raises(openai.BadRequestError) as bad:
+            await call
+        assert bad.value.body["param"] == "max_tokens" and "got 0" in bad.value.body["message"]
+
+
 async def test_chat_logprobs_have_top_alternatives(served):
     router, url, stub, _ = served
     out = await client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],

@@ -78,7 +78,8 @@ class SamplingBody(Body):
     """The fields both endpoints share."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    #: 0 (completions, with echo): score the prompt and generate nothing (legacy API; lm-evaluation-harness).
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     #: Extension (vLLM's): the k most likely tokens; 0 or -1: off.

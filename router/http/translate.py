@@ -82,7 +82,8 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
                                                     f"(the contract's bound is {INT32_MAX} tokens)")
     # No bound sent: the default, or what the context leaves when that is less (as vLLM); one sent must fit.
     s = gen.SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                           max_new_tokens=min(max_tokens or DEFAULT_MAX_TOKENS[kind], INT32_MAX),
+                           max_new_tokens=min(DEFAULT_MAX_TOKENS[kind] if max_tokens is None else max_tokens,
+                                              INT32_MAX),
                            ignore_eos=body.ignore_eos, fit_context=max_tokens is None)
     if body.top_p is not None:
         s.top_p = body.top_p
@@ -103,12 +104,17 @@ def generate_requests(body: SamplingBody, request_id: str) -> list[gen.GenerateR
     chat = isinstance(body, ChatCompletionRequest)
     if chat:
         prompts = [chat_prompt(body)]
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         echo = False
+        if max_tokens == 0:
+            raise InvalidArgument("sampling.max_new_tokens", "must be >= 1 in a chat completion, got 0")
     else:
         prompts = prompts_of(body)
         max_tokens, top, echo = body.max_tokens, body.logprobs, body.echo
+        if max_tokens == 0 and not echo:
+            raise InvalidArgument("sampling.max_new_tokens", "must be >= 1, got 0 (0 scores the prompt, and needs "
+                                                             "echo: true to return it)")
         if len(prompts) * body.n > MAX_CHOICES:
             raise InvalidArgument("prompt", f"{len(prompts)} prompts x n {body.n} would make {len(prompts) * body.n} "
                                             f"generations; one request makes at most {MAX_CHOICES}: split it")

@@ -162,6 +162,12 @@ def check_chat(chat: gen.ChatMessages) -> None:
             raise OutOfRange("prompt.chat.messages", f"hold more than {MAX_PROMPT_BYTES} bytes of UTF-8")
 
 
+def is_scoring(req: gen.GenerateRequest) -> bool:
+    """Whether ``req`` only scores its prompt (max_new_tokens 0 with echo_prompt
+    or prompt_logprobs; see generation.proto)."""
+    return req.sampling.max_new_tokens == 0 and (req.echo_prompt or req.prompt_logprobs)
+
+
 def check_generate_request(req: gen.GenerateRequest) -> None:
     """Everything about a GenerateRequest that needs no model."""
     if not req.HasField("sampling"):
@@ -170,7 +176,11 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
     priority_of(req.priority)
     s = req.sampling
     distribution_params(s)
-    check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens, len(s.stop))
+    if s.max_new_tokens == 0 and not is_scoring(req):
+        raise InvalidArgument("sampling.max_new_tokens", "must be >= 1, got 0 (0 only scores the prompt: it needs "
+                                                         "echo_prompt or prompt_logprobs)")
+    # 0 is scoring here (refused above otherwise); the target runs it as one token it does not send.
+    check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens or 1, len(s.stop))
     check_stop_sequences(s.stop)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, "
@@ -181,7 +191,7 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
         check_address("draft_address", req.draft_address)
     if req.HasField("logprobs") and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
-    if len(req.resume_tokens) >= s.max_new_tokens:
+    if req.resume_tokens and len(req.resume_tokens) >= s.max_new_tokens:
         raise InvalidArgument("resume_tokens", "must be fewer than sampling.max_new_tokens")
     if len(req.resume_tokens) > MAX_PROMPT_TOKENS:
         raise OutOfRange("resume_tokens", f"has {len(req.resume_tokens)} ids; at most {MAX_PROMPT_TOKENS}")

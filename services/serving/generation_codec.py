@@ -6,8 +6,10 @@ runs; this module only builds engine types from a checked request.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from services.common.stubs import generation_pb2 as gen
-from services.common.validation import check_generate_request, distribution_params, priority_of
+from services.common.validation import check_generate_request, distribution_params, is_scoring, priority_of
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
 
 FINISH_REASONS = {
@@ -34,9 +36,13 @@ check_request = check_generate_request
 def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float | None) -> GenerationRequest:
     """The engine's request for a checked ``req`` whose prompt is ``prompt_ids``
     (its token ids, or its text tokenized); ``deadline`` in ``time.monotonic()``
-    seconds, None for none."""
+    seconds, None for none. A scoring request (:func:`is_scoring`) runs as one
+    token, which its caller does not send (vLLM's echo with max_tokens 0)."""
+    sampling = sampling_of(req.sampling)
+    if is_scoring(req):
+        sampling = replace(sampling, max_new_tokens=1, stop=(), fit_context=False)
     return GenerationRequest(
-        prompt_ids=prompt_ids, sampling=sampling_of(req.sampling),
+        prompt_ids=prompt_ids, sampling=sampling,
         request_id=req.request_id, priority=priority_of(req.priority), deadline=deadline,
         resume_ids=list(req.resume_tokens),
         logprobs=req.logprobs if req.HasField("logprobs") else None, prompt_logprobs=req.prompt_logprobs,
