@@ -625,13 +625,32 @@ def test_a_gamma_is_judged_on_enough_sequence_steps():
 def test_a_bucket_that_began_by_exploring_measures_a_plain_step_before_the_model_decides():
     """A batch size met first while speculating explores (its costs unmeasured), and no step it speculated
     in is a plain one; without a plain step measured, period(0) would be the verify widths' forward with
-    no gap, and speculation would be judged against a step nobody timed."""
+    no gap, and speculation would be judged against a step nobody timed. (It explores until a step of a
+    shape it ran before is timed: the first of each shape is not a cost.)"""
     speculator = Speculator(SpeculationSettings(explore_s=60.0))
     seqs = speculating(speculator, 4)
     now, chosen = 1.0, []
-    for _ in range(4):
+    for _ in range(12):
         now = decided_step(speculator, seqs, now, chosen, verify_s=0.03, plain_s=0.02)
     assert chosen[0] > 0 and 0 in chosen[1:], chosen  # explored, then a plain step
     assert speculator.costs.plain_at(4) is not None
     assert speculator.costs.period(4, 0) == pytest.approx(0.02)
     assert chosen[-1] > 0  # measured: every proposal kept at 1.5x a plain step's cost pays
+
+
+def test_the_first_forward_of_a_shape_is_not_a_step_cost():
+    """oneDNN and MKL set up their kernels the first time a product of a new row count runs (2026-12-02, a
+    2-stream sweep: the first 2-row gamma-8 verify of target-large took 750 ms, the model then priced gamma 8
+    at 15 plain steps and never chose it again to see it was wrong). That step is not what the shape costs,
+    nor what speculating delivers: the next one of the same shape is."""
+    speculator = Speculator(SpeculationSettings())
+    seqs = speculating(speculator, 2)
+    feed(speculator, seqs, 8, forward_s=0.75, gap_s=0.001, now=1.0)
+    assert speculator.costs.table().get(2, {}).get("forward_ms", {}) == {}
+    feed(speculator, seqs, 8, forward_s=0.05, gap_s=0.001, now=2.0)
+    assert speculator.costs.table()[2]["forward_ms"] == {9: 50.0}
+    # A shape is a shape whatever the step: the 2-row plain step is new, the next one is timed.
+    for now in (3.0, 4.0):
+        speculator.before_schedule(seqs, 2)
+        speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.02, now)
+    assert speculator.costs.table()[2]["forward_ms"] == {1: 20.0, 9: 50.0}

@@ -148,6 +148,8 @@ class Speculator:
         self._last_asked: float | None = None
         #: Whether a draft was still computing when this step started (its cost is not a plain step's).
         self._drafts_busy = False
+        #: Forward shapes (rows x tokens per row) this process has run: the first of each is not a cost.
+        self._shapes: set[tuple[int, int]] = set()
 
     @property
     def uses_cost_model(self) -> bool:
@@ -220,7 +222,8 @@ class Speculator:
         else:
             plain = len(running) - len(specs)
             speculating = self._speculating(specs, len(running), gamma_max)
-            gamma = choose_gamma(speculating, plain, periods)
+            gamma = modelled = choose_gamma(speculating, plain, periods)
+            realized: dict[int, float] = {}
             where = bucket(len(running))
             wait = self.settings.explore_s * min(2 ** self._explored.get(where, 0), MAX_EXPLORE_BACKOFF)
             if gamma > 0:
@@ -257,6 +260,13 @@ class Speculator:
                 gamma = choose_gamma(speculating, plain, periods, lowest=1)
                 if last is not None:
                     self._explored[where] = self._explored.get(where, 0) + 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("cost model, %d running (%d %s, acceptance %s): period ms %s, modelled gamma %d, realized "
+                          "tokens/s per sequence %s (plain %.1f), chose %d%s, next exploration in %.0f s",
+                          len(running), len(specs), kind, [round(a, 2) for g in speculating for a in g.acceptance],
+                          [round(t * 1000, 1) for t in periods], modelled,
+                          {g: round(r, 1) for g, r in realized.items()}, 1 / periods[0], gamma,
+                          " (exploring)" if self._exploring else "", wait)
         if gamma > 0:
             self._decision = _Decision(running, len(running), kind, gamma)
         return gamma
@@ -292,15 +302,18 @@ class Speculator:
         asked (a silent draft does not take the cores), as of the previous
         step's end (``_now`` when :meth:`before_schedule` looks)."""
         self._now = now
+        shape = (len(rows), max((r.chunk + len(r.proposal) for r in rows), default=0))
+        first = shape not in self._shapes
+        self._shapes.add(shape)
         if rows and all(r.chunk == 1 for r in rows):
             gamma = max(len(r.proposal) for r in rows)
             gap = None if self._last_end is None else now - seconds - self._last_end
             plain = self._decision is None and not self._drafts_busy
-            self._count_realized(rows, seconds, gap)
+            self._count_realized(rows, seconds, None if first else gap)
             kind = _kind([r.seq.spec for r in rows if r.proposal])
             # Filed under the batch the decision saw (the sequences running), as it is looked up: a step
             # whose late sequences sat out has fewer rows, and is the cost of speculating at that batch.
-            if gamma > 0 or plain:
+            if (gamma > 0 or plain) and not first:
                 self.costs.observe(max(len(rows), self._batch), gamma, seconds, gap, now, kind)
             self._measure_readiness(rows)
             if gamma > 0:
