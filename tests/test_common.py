@@ -79,6 +79,12 @@ def test_domain_errors_map_to_their_status(exc, code):
         assert dict(trailers)[RETRY_AFTER_KEY] == "2500"
 
 
+def test_a_method_a_servicer_does_not_implement_is_unimplemented():
+    """grpc's generated base methods raise NotImplementedError (grpc.health.v1's List did, as INTERNAL)."""
+    code, message, _ = status_of(NotImplementedError("Method not implemented!"))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "not implement" in message
+
+
 def test_unexpected_errors_become_internal_without_a_traceback():
     code, message, _ = status_of(ZeroDivisionError("secret detail"))
     assert code == grpc.StatusCode.INTERNAL

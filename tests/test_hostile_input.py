@@ -241,6 +241,25 @@ async def test_text_is_tokenized_off_the_event_loop(suite, monkeypatch):
     assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
 
 
+async def test_health_list_and_both_reflection_versions_answer_on_every_service(suite):
+    """grpc.health.v1 List names every service a server reports on (grpcio leaves it unimplemented, which
+    reached clients as INTERNAL); reflection answers as grpc.reflection.v1 (what Node's tooling asks) as
+    well as v1alpha."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    apps, stubs, channels = suite
+    for channel, service in zip(channels, ("llmesh.v1.TargetModel", "llmesh.v1.DraftModel", "llmesh.v1.Router")):
+        listed = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+        assert listed.statuses[""].status == SERVING and listed.statuses[service].status == SERVING
+        for version in ("v1", "v1alpha"):
+            info = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            replies = [r async for r in info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            names = {s.name for s in replies[0].list_services_response.service}
+            assert {service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+
+
 def test_the_byte_bound_is_sound_for_the_tokenizer(tiny_models):
     """No text of the corpus the tokenizer knows needs fewer tokens than its
     bytes over the per-token bound, so nothing that fits is ever refused."""

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.trace import TracerProvider
 
 from services.common import lifeline, telemetry
@@ -88,6 +88,23 @@ class _HealthServicer(health.aio.HealthServicer):
     def __init__(self, ending: asyncio.Event) -> None:
         super().__init__()
         self._ending = ending
+        #: name -> status, as set (grpc's servicer keeps its own privately and has no List).
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+
+    async def set(self, service: str, status) -> None:
+        if not self._ending.is_set():  # after shutdown every name stays NOT_SERVING, as grpc's does
+            self._statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:  # noqa: N802 - the gRPC method's name
+        """Every name this server reports on, with its status (grpc.health.v1's List;
+        grpcio's servicer leaves it unimplemented)."""
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
 
     async def Watch(self, request, context) -> None:  # noqa: N802 - the gRPC method's name
         writes = _Writes(context)
@@ -144,6 +161,25 @@ def access_of(config: BaseConfig, service_names: Iterable[str] = (), client_toke
                   client_token=client_token, client_services=service_names)
 
 
+#: grpc.reflection.v1: the same messages as v1alpha under its final name (grpcio-reflection serves only
+#: v1alpha; clients written against v1, e.g. Node's @grpc/reflection, ask for this one).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Server reflection of ``service_names`` under both names of the protocol:
+    ``grpc.reflection.v1alpha`` (grpcio-reflection's servicer) and
+    ``grpc.reflection.v1``, whose messages are the same field for field, so
+    the one servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer([*service_names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
 def new_server(config: BaseConfig, service_names: Iterable[str],
                provider: TracerProvider, client_token: str = "") -> tuple[grpc.aio.Server, int, Health]:
     """A server bound to ``config.host:config.port`` with health and reflection,
@@ -166,10 +202,7 @@ def new_server(config: BaseConfig, service_names: Iterable[str],
     )
     health_handle = Health(names)
     health_pb2_grpc.add_HealthServicer_to_server(health_handle.servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    add_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     where = f"{config.host}:{config.port}"
     try:
         port = (server.add_insecure_port(where) if tls is None

@@ -46,6 +46,9 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
                 if isinstance(exc, errors.ResourceExhausted):
                     trailers = ((RETRY_AFTER_KEY, str(int(exc.retry_after_s * 1000))),)
                 return code, exc.message, trailers
+    if isinstance(exc, NotImplementedError):
+        # A generated servicer's method that the service does not implement (grpc's own stubs raise this).
+        return grpc.StatusCode.UNIMPLEMENTED, "this service does not implement the method", ()
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the service log", ()
