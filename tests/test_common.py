@@ -85,6 +85,47 @@ def test_a_method_a_servicer_does_not_implement_is_unimplemented():
     assert code == grpc.StatusCode.UNIMPLEMENTED and "not implement" in message
 
 
+class _GoneContext:
+    """A servicer context whose client went away: its writes fail as grpc's do (ExecuteBatchError)."""
+
+    def __init__(self):
+        self.aborted = None
+
+    def cancelled(self):
+        return True
+
+    def done(self):
+        return True
+
+    async def write(self, message):
+        raise RuntimeError('Failed "execute_batch": the call is over')
+
+    async def abort(self, code, details=""):
+        self.aborted = code
+
+
+async def test_a_stream_whose_client_went_away_is_no_incident(caplog):
+    """A client killed mid-stream: the next write fails. That is not the service's fault: no ERROR (with an
+    incident id and a traceback) in its log, no status attempted, through either streaming form."""
+    from services.common.status import _wrap_stream, _wrap_writer
+    from services.common.telemetry import _written
+
+    async def writer(request, context):  # the router's Generate: writes through context.write itself
+        await context.write(gen.GenerateChunk())
+
+    async def generator(request, context):  # every other stream: the interceptor writes what it yields
+        yield gen.GenerateChunk()
+
+    context = _GoneContext()
+    async for _ in _wrap_writer(writer)(None, context):  # grpc's writer form, as an async generator
+        pass
+    assert context.aborted is None
+    context = _GoneContext()
+    await _written(_wrap_stream(generator))(None, context)
+    assert context.aborted is None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_unexpected_errors_become_internal_without_a_traceback():
     code, message, _ = status_of(ZeroDivisionError("secret detail"))
     assert code == grpc.StatusCode.INTERNAL

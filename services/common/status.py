@@ -77,6 +77,17 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
 
 
+def _client_gone(context: grpc.aio.ServicerContext, exc: BaseException) -> bool:
+    """True when the call had already ended (the client cancelled, its deadline
+    passed or its connection died) when ``exc`` was raised: typically a write
+    to it failing (grpc's ExecuteBatchError). Nothing can be sent, and it is no
+    fault of the service's: it is logged at debug level, not as an incident."""
+    if not (context.cancelled() or context.done()):
+        return False
+    log.debug("the call ended before its handler did (%s: %s)", type(exc).__name__, exc)
+    return True
+
+
 def _wrap_unary(behavior):
     async def handler(request_or_iterator, context):
         try:
@@ -84,7 +95,8 @@ def _wrap_unary(behavior):
         except BaseException as exc:  # noqa: BLE001 - every error is mapped here
             if _passes_through(exc):
                 raise
-            await _abort(context, exc)
+            if not _client_gone(context, exc):
+                await _abort(context, exc)
 
     return handler
 
@@ -100,7 +112,8 @@ def _wrap_stream(behavior):
         except BaseException as exc:  # noqa: BLE001 - every error is mapped here
             if _passes_through(exc) or isinstance(exc, GeneratorExit):
                 raise
-            await _abort(context, exc)
+            if not _client_gone(context, exc):
+                await _abort(context, exc)
 
     return handler
 
@@ -115,7 +128,8 @@ def _wrap_writer(behavior):
         except BaseException as exc:  # noqa: BLE001 - every error is mapped here
             if _passes_through(exc):
                 raise
-            await _abort(context, exc)
+            if not _client_gone(context, exc):
+                await _abort(context, exc)
         return
         yield  # pragma: no cover - makes this an async generator
 

@@ -76,7 +76,13 @@ def _written(behavior):
     async def handler(request_or_iterator, context):
         async with contextlib.aclosing(behavior(request_or_iterator, context)) as responses:
             async for response in responses:
-                await context.write(response)
+                try:
+                    await context.write(response)
+                except Exception as exc:  # noqa: BLE001 - re-raised unless the client is gone
+                    if not (context.cancelled() or context.done()):
+                        raise
+                    log.debug("the call ended before its stream did (%s: %s)", type(exc).__name__, exc)
+                    return
 
     return handler
 
