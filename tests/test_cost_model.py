@@ -654,3 +654,15 @@ def test_the_first_forward_of_a_shape_is_not_a_step_cost():
         speculator.before_schedule(seqs, 2)
         speculator.after_forward([Row(s, 0, 1) for s in seqs], 0.02, now)
     assert speculator.costs.table()[2]["forward_ms"] == {1: 20.0, 9: 50.0}
+
+
+def test_a_new_widths_first_forward_counts_as_at_most_the_clip_times_the_line():
+    """A too-high first estimate is never corrected (the model stops choosing that gamma); a too-low one is
+    measured at the next step and moves up by the clip at each."""
+    costs = StepCosts()
+    costs.observe(2, 0, forward_s=0.025, gap_s=0.001, now=1.0)
+    costs.observe(2, 8, forward_s=0.750, gap_s=0.001, now=2.0, kind="draft_model")  # one stalled step
+    assert costs.table()[2]["forward_ms"] == {1: 25.0, 9: 75.0}
+    for now in (3.0, 4.0, 5.0):
+        costs.observe(2, 8, forward_s=0.600, gap_s=0.001, now=now, kind="draft_model")  # it really is slow
+    assert costs.table()[2]["forward_ms"][9] > 200.0
