@@ -65,9 +65,11 @@ class UpstreamError(Relayed):
 class _Tally:
     """What one request has streamed so far (for metrics and the cache)."""
 
-    __slots__ = ("first_at", "last_at", "tokens", "chunks", "kept")
+    __slots__ = ("started", "first_at", "last_at", "tokens", "chunks", "kept")
 
-    def __init__(self, keep: bool) -> None:
+    def __init__(self, keep: bool, started: float) -> None:
+        #: When the router took the request (its clock): TTFT counts from here.
+        self.started = started
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.tokens = 0
@@ -125,7 +127,7 @@ class Forwarder:
             pool = pools[0]
             self.admission.take(pool)
         self.in_flight += 1
-        tally = _Tally(keep=key is not None)
+        tally = _Tally(keep=key is not None, started=started)
         failed = True
         try:
             await self._forward(request, pools, time_remaining, emit, tally)
@@ -139,8 +141,8 @@ class Forwarder:
             now = self.clock()
             self.admission.release(pool, None if failed else now - started)
             first_at, tokens = tally.first_at, tally.tokens
-            ttft, tpot = ttft_tpot(started, first_at, tally.last_at, tokens)
-            self.metrics.record_request(now, ttft, tpot, now - started, 0.0, error=failed)
+            _, tpot = ttft_tpot(started, first_at, tally.last_at, tokens)
+            self.metrics.record_request(now, tpot, now - started, 0.0, error=failed)
             kept = tally.kept
             if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:
                 self.cache.put(key, tuple(kept), now)
@@ -168,11 +170,14 @@ class Forwarder:
         tokens = 0
         for chunk in codec.replay(chunks, request_id):
             if chunk.token_ids:
+                now = self.clock()
+                if not tokens:
+                    self.metrics.record_first_token(now, now - started)
                 tokens += len(chunk.token_ids)
-                self.metrics.record_tokens(self.clock(), len(chunk.token_ids))
+                self.metrics.record_tokens(now, len(chunk.token_ids))
             await emit(chunk)
         now = self.clock()
-        self.metrics.record_request(now, now - started, 0.0 if tokens > 1 else None, now - started, 0.0)
+        self.metrics.record_request(now, 0.0 if tokens > 1 else None, now - started, 0.0)
 
     async def _forward(self, request: gen.GenerateRequest, pools: tuple[str, ...],
                        time_remaining: Callable[[], float | None], emit: Emit, tally: _Tally) -> None:
@@ -248,6 +253,7 @@ class Forwarder:
                         now = clock()
                         if tally.first_at is None:
                             tally.first_at = now
+                            self.metrics.record_first_token(now, now - tally.started)
                         tally.last_at = now
                         tally.tokens += n
                         record_tokens(now, n)

@@ -34,11 +34,11 @@ def load(queue: int = 0, running: int = 0, used: int = 0, capacity: int = 100, q
 
 def test_each_finished_request_is_one_observation_in_each_histogram_with_vllms_labels():
     m = ServingMetrics("tiny", "target@1", "target", load)
-    m.finished(ttft_s=0.05, tpot_s=0.002, e2e_s=0.3, queue_s=0.0, prompt_tokens=5, generation_tokens=12,
-               reason="length")
-    m.finished(ttft_s=None, tpot_s=None, e2e_s=0.01, queue_s=0.01, prompt_tokens=7, generation_tokens=0,
-               reason="cancelled")
-    m.finished(ttft_s=0.5, tpot_s=None, e2e_s=0.6, queue_s=0.2, prompt_tokens=3, generation_tokens=1, reason="error")
+    m.first_token(0.05)  # observed at the first token, whenever the request ends
+    m.finished(tpot_s=0.002, e2e_s=0.3, queue_s=0.0, prompt_tokens=5, generation_tokens=12, reason="length")
+    m.finished(tpot_s=None, e2e_s=0.01, queue_s=0.01, prompt_tokens=7, generation_tokens=0, reason="cancelled")
+    m.first_token(0.5)
+    m.finished(tpot_s=None, e2e_s=0.6, queue_s=0.2, prompt_tokens=3, generation_tokens=1, reason="error")
     found = samples(m.registry)
     labels = {"model_name": "tiny", "instance": "target@1", "role": "target"}
     assert value(found, "llmesh:time_to_first_token_seconds_count", **labels) == 2
@@ -136,7 +136,7 @@ def test_requests_that_fell_back_to_ngram_are_counted_by_cause():
     m = ServingMetrics("tiny", "t", "target", load)
     for stats in (SpecStats(fallback="no_draft"), SpecStats(fallback="low_acceptance"),
                   SpecStats(fallback="low_acceptance"), SpecStats(), None):
-        m.finished(ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, queue_s=0.0, prompt_tokens=3, generation_tokens=4,
+        m.finished(tpot_s=0.01, e2e_s=0.2, queue_s=0.0, prompt_tokens=3, generation_tokens=4,
                    reason="length", speculation=stats)
     found = samples(m.registry)
     assert value(found, "llmesh:spec_decode_num_fallbacks_total", cause="low_acceptance") == 2

@@ -79,7 +79,10 @@ class WindowedMetrics:
         self.window_s = window_s
         self.started_at = started_at
         self._steps: deque[tuple[float, int, int, int, float]] = deque()
-        self._requests: deque[tuple[float, float | None, float | None, float, float]] = deque()
+        self._requests: deque[tuple[float, float | None, float, float]] = deque()
+        #: (when, seconds from arrival): each request's first token, recorded as it comes, so that TTFT
+        #: shows while long generations still stream (vLLM records it at the first token too).
+        self._first_tokens: deque[tuple[float, float]] = deque()
         self._tokens: deque[tuple[float, int]] = deque()
         self._spec: deque[tuple[float, int, int, int, int]] = deque()
         self.counters = {"requests_total": 0, "tokens_generated_total": 0, "errors_total": 0,
@@ -95,9 +98,14 @@ class WindowedMetrics:
             self._tokens.append((now, n))
             self.counters["tokens_generated_total"] += n
 
-    def record_request(self, now: float, ttft_s: float | None, tpot_s: float | None,
-                       e2e_s: float, queue_s: float, error: bool = False) -> None:
-        self._requests.append((now, ttft_s, tpot_s, e2e_s, queue_s))
+    def record_first_token(self, now: float, ttft_s: float) -> None:
+        """A request's first token came at ``now``, ``ttft_s`` after it arrived."""
+        self._first_tokens.append((now, ttft_s))
+
+    def record_request(self, now: float, tpot_s: float | None, e2e_s: float, queue_s: float,
+                       error: bool = False) -> None:
+        """A request ended at ``now`` (its first token was recorded by :meth:`record_first_token`)."""
+        self._requests.append((now, tpot_s, e2e_s, queue_s))
         self.counters["requests_total"] += 1
         if error:
             self.counters["errors_total"] += 1
@@ -117,7 +125,7 @@ class WindowedMetrics:
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
-        for q in (self._steps, self._requests, self._tokens, self._spec):
+        for q in (self._steps, self._requests, self._tokens, self._spec, self._first_tokens):
             while q and q[0][0] < horizon:
                 q.popleft()
 
@@ -138,10 +146,10 @@ class WindowedMetrics:
             busy_fraction=min(1.0, sum(s[4] for s in steps) / span),
             tokens_per_second=sum(n for _, n in self._tokens) / span,
             requests_per_second=len(reqs) / span,
-            ttft_ms=Latency.of(ms(r[1] for r in reqs)),
-            tpot_ms=Latency.of(ms(r[2] for r in reqs)),
-            e2e_ms=Latency.of(ms(r[3] for r in reqs)),
-            queue_ms=Latency.of(ms(r[4] for r in reqs)),
+            ttft_ms=Latency.of(ms(t for _, t in self._first_tokens)),
+            tpot_ms=Latency.of(ms(r[1] for r in reqs)),
+            e2e_ms=Latency.of(ms(r[2] for r in reqs)),
+            queue_ms=Latency.of(ms(r[3] for r in reqs)),
             acceptance_rate=accepted / proposed if proposed else 0.0,
             mean_accepted_length=sum(s[4] for s in self._spec) / rounds if rounds else 0.0,
             counters=dict(self.counters),

@@ -403,6 +403,8 @@ class Engine:
         seq.budget -= 1
         if seq.first_token_at is None:
             seq.first_token_at = now
+            self.metrics.record_first_token(now, now - seq.arrival)
+            self.observer.first_token(now - seq.arrival)
         seq.last_token_at = now
         req = seq.request
         if req.persistent:
@@ -449,10 +451,10 @@ class Engine:
             text += seq.detok.flush()
         timeline = Timeline(seq.arrival, seq.admitted_at, seq.first_token_at, now, seq.last_token_at,
                             seq.generated - len(seq.request.resume_ids))
-        ttft, tpot = timeline.ttft_tpot()
-        self.metrics.record_request(now, ttft, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
+        _, tpot = timeline.ttft_tpot()
+        self.metrics.record_request(now, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
                                     error=error is not None)
-        self.observer.finished(ttft_s=ttft, tpot_s=tpot, e2e_s=now - seq.arrival,
+        self.observer.finished(tpot_s=tpot, e2e_s=now - seq.arrival,
                                queue_s=(seq.admitted_at or now) - seq.arrival,
                                prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
                                reason=reason.value, speculation=seq.spec.stats if seq.spec is not None else None)

@@ -30,10 +30,14 @@ class EngineObserver:
         """One verified draft (a speculation round): ``proposed`` draft tokens,
         the first ``accepted`` of them kept (acceptance is a prefix)."""
 
-    def finished(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float, queue_s: float,
+    def first_token(self, ttft_s: float) -> None:
+        """A request's first token came ``ttft_s`` after it arrived (observed as
+        it comes, not when the request ends, as vLLM's histogram is)."""
+
+    def finished(self, *, tpot_s: float | None, e2e_s: float, queue_s: float,
                  prompt_tokens: int, generation_tokens: int, reason: str, speculation: Any = None) -> None:
-        """A request ended: its time to first token and mean time per output
-        token (None when it never got there), arrival to end, arrival to
+        """A request ended: its mean time per output token (None when it had
+        fewer than two; its first token went to :meth:`first_token`), arrival to end, arrival to
         admission, its prompt and generated token counts, why it ended
         (a :class:`services.engine.sequence.FinishReason` value) and its
         speculation statistics (the strategy's own type, None when it did

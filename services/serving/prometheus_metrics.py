@@ -145,7 +145,10 @@ class ServingMetrics(EngineObserver):
         for position in range(accepted):
             self._positions[position].inc()
 
-    def finished(self, *, ttft_s: float | None, tpot_s: float | None, e2e_s: float, queue_s: float,
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def finished(self, *, tpot_s: float | None, e2e_s: float, queue_s: float,
                  prompt_tokens: int, generation_tokens: int, reason: str, speculation=None) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         if cause := getattr(speculation, "fallback", ""):  # SpecStats.fallback: a Fallback value
@@ -154,8 +157,6 @@ class ServingMetrics(EngineObserver):
             self._causes[cause].inc()
         self.e2e.observe(e2e_s)
         self.queue.observe(queue_s)
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
         if reason != "error":
