@@ -159,8 +159,12 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
 
 
 def low_batch_fill(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
-    """The batch runs part-empty although requests wait."""
+    """The batch runs part-empty although requests wait. Not while it is full
+    now: the window's mean fill counts the ramp up to it, and the advice would
+    contradict low_utilization_with_queue's (raise max_batch_size)."""
     if m.queue_length < 1 or m.batch_fill >= t.min_batch_fill:
+        return None
+    if m.max_batch_size and m.running >= m.max_batch_size:
         return None
     return Recommendation(
         "low_batch_fill", Severity.WARNING,

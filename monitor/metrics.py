@@ -74,6 +74,8 @@ class Throughput:
     proposed_per_second: float = 0.0
     kv_cache_usage: float = 0.0
     running: int = 0
+    #: The newest reports' configured most running sequences (summed over a scope's instances).
+    max_batch_size: int = 0
     saturation: float = 0.0
     queue_growth_per_second: float = 0.0
 
@@ -200,7 +202,7 @@ def _instance_metrics(w: _Window, window_s: float) -> Throughput:
         ttft=r.ttft, tpot=r.tpot, e2e=r.e2e, queue_time=r.queue_time,
         acceptance_rate=acceptance, error_rate=error_rate, instances=1, queue_length=r.queue_length,
         errors_per_second=errors, rejected_per_second=rejected, proposed_per_second=proposed,
-        kv_cache_usage=r.kv_cache_usage, running=r.running,
+        kv_cache_usage=r.kv_cache_usage, running=r.running, max_batch_size=r.max_batch_size,
         saturation=_mean([1.0 if saturated(x) else 0.0 for x in w.in_window]),
         queue_growth_per_second=w.queue_growth,
     )
@@ -244,6 +246,7 @@ def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float)
         instances=len(parts), queue_length=sum(p.queue_length for p in parts),
         errors_per_second=errors, rejected_per_second=sum(p.rejected_per_second for p in parts),
         proposed_per_second=proposed, kv_cache_usage=_mean([p.kv_cache_usage for p in parts]),
-        running=sum(p.running for p in parts), saturation=_mean([p.saturation for p in parts]),
+        running=sum(p.running for p in parts), max_batch_size=sum(p.max_batch_size for p in parts),
+        saturation=_mean([p.saturation for p in parts]),
         queue_growth_per_second=sum(p.queue_growth_per_second for p in parts),
     )

@@ -62,6 +62,17 @@ def test_batch_fill_below_0_7_with_requests_waiting():
     assert rec.evidence["queue_time_p50_ms"] == 300
 
 
+def test_a_batch_full_now_is_not_told_to_shrink_whatever_its_mean_fill():
+    """A window that saw the batch ramp up to full has a low mean fill; with the batch full now and requests
+    waiting, "lower max_batch_size" would contradict low_utilization_with_queue's "raise max_batch_size"
+    (2026-12-02: both in one answer, 32 of 32 running, 68 queued)."""
+    store = store_with(target("a"))
+    now = feed(store, "a", 10, queue_length=68, accelerator_utilization=0.2, batch_fill=0.63, running=32,
+               max_batch_size=32)
+    found = {r.rule for r in rules(store, now)}
+    assert "low_batch_fill" not in found and "low_utilization_with_queue" in found
+
+
 def test_growing_queues_call_for_scaling_out():
     store = store_with(target("a", "p"), target("b", "p"))
     t = T0
