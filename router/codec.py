@@ -12,7 +12,7 @@ from services.common.load_codec import ROLE_PB, report_of, report_pb
 from services.common.metrics import MetricsSnapshot
 from router.admission import Admission
 from router.cache import ResponseCache
-from services.common.validation import check_address, check_generate_request
+from services.common.validation import check_address, check_generate_request, check_printable
 from router.policy import Snapshot, score
 from router.registry import DEFAULT_POOL, Health, Instance, InstanceSpec, ModelIdentity, State
 
@@ -128,6 +128,7 @@ def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
     for name, value in (("instance.id", pb.id), ("instance.pool", pb.pool)):
         if len(value) > MAX_NAME_CHARS or value != value.strip():
             raise InvalidArgument(name, f"must be at most {MAX_NAME_CHARS} characters without surrounding spaces")
+        check_printable(name, value)
     if len(pb.labels) > MAX_LABELS or any(len(k) > MAX_NAME_CHARS or len(v) > MAX_NAME_CHARS
                                           for k, v in pb.labels.items()):
         raise InvalidArgument("instance.labels", f"at most {MAX_LABELS} labels of at most {MAX_NAME_CHARS} "

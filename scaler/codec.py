@@ -9,6 +9,7 @@ from scaler.state import Event, ManagedState, PoolMember, PoolView
 from services.common.load import DEFAULT_POOL
 from services.common.load_codec import ROLE_PB, role_of
 from services.common.errors import InvalidArgument
+from services.common.validation import check_printable
 from services.common.stubs import monitor_pb2, router_pb2, scaler_pb2
 
 STATES_PB = {
@@ -48,7 +49,14 @@ def pool_name(value: str) -> str:
         raise InvalidArgument("pool", "must not be empty")
     if len(value) > MAX_POOL_CHARS:
         raise InvalidArgument("pool", f"must be at most {MAX_POOL_CHARS} characters, got {len(value)}")
+    check_printable("pool", value)
     return value
+
+
+def pool_filter(value: str) -> str:
+    """A pool a request filters by (GetHistory, WatchEvents): empty for every
+    pool, else a name as :func:`pool_name` takes it."""
+    return pool_name(value) if value else value
 
 
 def since_of(value: float) -> float:

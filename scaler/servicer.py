@@ -48,9 +48,9 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
         return scaler_pb2.ScaleToResponse(pool=codec.pool_pb(view))
 
     async def GetHistory(self, request, context):
-        return scaler_pb2.GetHistoryResponse(
-            events=[codec.event_pb(e) for e in self.state.history(request.pool, codec.since_of(request.since))])
+        pool, since = codec.pool_filter(request.pool), codec.since_of(request.since)
+        return scaler_pb2.GetHistoryResponse(events=[codec.event_pb(e) for e in self.state.history(pool, since)])
 
     async def WatchEvents(self, request, context):
-        async for event in until(self.ending, self.state.watch(request.pool)):
+        async for event in until(self.ending, self.state.watch(codec.pool_filter(request.pool))):
             yield codec.event_pb(event)

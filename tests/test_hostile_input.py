@@ -346,6 +346,7 @@ async def test_limits_on_request_sizes(suite):
     apps, stubs, channels = suite
     for stub in (stubs[0], stubs[2]):
         for req, field in ((request(request_id="r" * 257), "request_id"),
+                           (request(request_id="a\nb\x00c"), "request_id"),  # would forge log lines
                            (request(), "sampling.stop")):
             if field == "sampling.stop":
                 req.sampling.stop.append("s" * 1025)

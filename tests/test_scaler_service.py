@@ -136,6 +136,21 @@ async def test_set_policy_without_pool_or_policy_is_refused(fake_router, scaler)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
 
 
+async def test_a_pool_filter_is_checked_as_a_pool_name(fake_router, scaler):
+    """GetHistory and WatchEvents filter by pool (empty: every pool); a name no pool can have is refused
+    as SetPolicy refuses it, not answered with an empty history."""
+    stub = (await scaler(fake_router.address)).stub
+    for pool in ("p" * 5000, "a\nb"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetHistory(scaler_pb2.GetHistoryRequest(pool=pool))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("pool")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.WatchEvents(scaler_pb2.WatchEventsRequest(pool=pool)):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await stub.GetHistory(scaler_pb2.GetHistoryRequest())).events is not None
+
+
 async def test_policy_scale_to_history_and_events(fake_router, scaler):
     """Also ManagedInstance.started_at: wall-clock time the scaler started
     the instance (0 for an external one)."""

@@ -162,6 +162,15 @@ def check_chat(chat: gen.ChatMessages) -> None:
             raise OutOfRange("prompt.chat.messages", f"hold more than {MAX_PROMPT_BYTES} bytes of UTF-8")
 
 
+def check_printable(name: str, value: str) -> None:
+    """Refuses control characters (newline, NUL, escape, ...) in a name that is
+    logged and echoed back (a request id, a pool, an instance id): they would
+    forge log lines or corrupt what a terminal shows."""
+    bad = next((c for c in value if c < " " or "\x7f" <= c <= "\x9f"), None)
+    if bad is not None:
+        raise InvalidArgument(name, f"must not hold control characters, got {bad!r} at {value.index(bad)}")
+
+
 def is_scoring(req: gen.GenerateRequest) -> bool:
     """Whether ``req`` only scores its prompt (max_new_tokens 0 with echo_prompt
     or prompt_logprobs; see generation.proto)."""
@@ -185,6 +194,7 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, "
                                             f"got {len(req.request_id)}")
+    check_printable("request_id", req.request_id)
     if req.speculation.HasField("gamma"):
         check_gamma("speculation.gamma", req.speculation.gamma)
     if req.draft_address:
