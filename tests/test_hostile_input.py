@@ -342,6 +342,19 @@ async def test_max_new_tokens_0_scores_the_prompt(suite, tiny_models):
         assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (len(ids), 0)
 
 
+async def test_a_resumed_fit_context_stream_that_filled_the_context_ends_as_length(suite):
+    """The router resumes a broken stream with the tokens it already sent; with fit_context, a stream that broke
+    right after its last token left no room, and the resumed attempt was refused OUT_OF_RANGE, not finished."""
+    apps, stubs, channels = suite
+    max_context = (await stubs[0].GetInfo(model_pb2.GetInfoRequest())).max_context
+    req = request(ids=[40] * (max_context - 3), n=16)
+    req.sampling.fit_context = True
+    req.resume_tokens.extend([41, 42, 43])
+    chunks = await generate(stubs[0], req)
+    assert [c.finish_reason for c in chunks] == [gen.FINISH_REASON_LENGTH] and not chunks[0].token_ids
+    assert chunks[0].usage.completion_tokens == 3
+
+
 async def test_limits_on_request_sizes(suite):
     apps, stubs, channels = suite
     for stub in (stubs[0], stubs[2]):

@@ -52,6 +52,12 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         req.speculation = None if scoring else self._speculation(request, req, request_id, loaded.engine.vocab_size)
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
+        if (request.sampling.fit_context and req.resume_ids
+                and len(req.prompt_ids) + len(req.resume_ids) == loaded.engine.max_context):
+            # The stream this resumes (the router's, after a break) had filled the context: it ended there.
+            yield gen.GenerateChunk(request_id=request_id, finish_reason=gen.FINISH_REASON_LENGTH, usage=usage,
+                                    instance_id=self.instance_id)
+            return
         # echo_prompt: the prompt's text leads the first chunk's text.
         echo = loaded.engine.tokenizer.decode(req.prompt_ids) if request.echo_prompt else ""
         tokenizer = loaded.engine.tokenizer
