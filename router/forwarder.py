@@ -317,6 +317,7 @@ class Forwarder:
         server that stops cuts its calls off)."""
         fault = fault_of(error.code)
         if fault is Fault.CUT_OFF:
+            self.upstreams.registry.record_cut_off(inst.id, self.clock())
             self.upstreams.suspect(inst.id)
             return
         if fault in (Fault.REQUEST, Fault.BUSY):

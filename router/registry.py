@@ -22,6 +22,10 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.load import DEFAULT_POOL, LoadReport, Role
 
 
+#: Cut-off calls in a row that count as one failure toward ejection (Registry.record_cut_off).
+CUT_OFFS_PER_FAILURE = 2
+
+
 class State(enum.Enum):
     """Lifecycle in the registry."""
 
@@ -81,11 +85,15 @@ class Instance:
     #: Requests this router has in flight on the instance.
     in_flight: int = 0
     consecutive_failures: int = 0
+    #: Calls cut off (CANCELLED by the instance) since its last success: not failures one by one (a server
+    #: that stops cuts its calls off, a burst past grpc's pending-call limit too), but a run of them is.
+    consecutive_cut_offs: int = 0
     #: EJECTED until this time (monotonic).
     ejected_until: float = 0.0
     #: Consecutive failures that ejected it (a request that started before and
-    #: succeeds during the ejection resets ``consecutive_failures``, not this).
+    #: succeeds during the ejection resets ``consecutive_failures``, not this), and what they were.
     ejected_after: int = 0
+    ejected_by: str = "consecutive failures"
     identity: Identity = Identity.UNCHECKED
     #: What it answered to GetInfo (None before it did, or when it could not).
     info: ModelIdentity | None = None
@@ -135,7 +143,7 @@ class Instance:
         if self.state is State.EJECTED:
             if self.stalled:
                 return f"{self.id} ejected: {self.stalled}"
-            return f"{self.id} ejected after {self.ejected_after} consecutive failures"
+            return f"{self.id} ejected after {self.ejected_after} {self.ejected_by}"
         if self.health is Health.NOT_SERVING:
             return f"{self.id} {self.problem or 'NOT_SERVING'}"
         if self.health is Health.UNKNOWN:
@@ -327,6 +335,23 @@ class Registry:
         inst = self._instances.get(instance_id)
         if inst is not None:
             inst.consecutive_failures = 0
+            inst.consecutive_cut_offs = 0
+
+    def record_cut_off(self, instance_id: str, now: float) -> None:
+        """A call to the instance was cut off (CANCELLED) while its health may
+        still say SERVING. One is retried elsewhere and not counted; a run of
+        :data:`CUT_OFFS_PER_FAILURE` times ``eject_after_failures`` with no
+        success between is a failing instance, and ejects it as failures do."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return
+        inst.consecutive_cut_offs += 1
+        if (self.eject_after_failures and inst.state is State.ACTIVE
+                and inst.consecutive_cut_offs >= CUT_OFFS_PER_FAILURE * self.eject_after_failures):
+            inst.state = State.EJECTED
+            inst.ejected_until = now + self.eject_for_s
+            inst.ejected_after = inst.consecutive_cut_offs
+            inst.ejected_by = "calls cut off (CANCELLED) in a row"
 
     def record_failure(self, instance_id: str, now: float, unreachable: str | None = None) -> None:
         """A request failed on the instance. ``unreachable`` (the reason) marks
@@ -341,7 +366,7 @@ class Registry:
                 and inst.state is State.ACTIVE):
             inst.state = State.EJECTED
             inst.ejected_until = now + self.eject_for_s
-            inst.ejected_after = inst.consecutive_failures
+            inst.ejected_after, inst.ejected_by = inst.consecutive_failures, "consecutive failures"
 
     def record_stall(self, instance_id: str, now: float, reason: str) -> None:
         """The instance stopped answering while its health says SERVING (a draft

@@ -351,6 +351,26 @@ def test_failures_mark_unreachable_and_eject_until_readmitted():
     assert inst.describe(7.0, STALE) == "a ejected after 3 consecutive failures"  # what ejected it, not 0
 
 
+def test_an_instance_that_keeps_cutting_calls_off_while_serving_is_ejected():
+    """One cut-off call (CANCELLED) is retried, not counted; a run of them with no success between (twice the
+    failures that eject) ejects the instance, which said SERVING all along."""
+    reg = Registry(eject_after_failures=2, eject_for_s=5.0)
+    inst, _ = reg.upsert(InstanceSpec("a", "h:1"))
+    reg.set_health("a", Health.SERVING)
+    reg.set_identity("a", ModelIdentity(Role.TARGET))
+    reg.record_load("a", LoadReport(), now=0.0)
+    for _ in range(3):
+        reg.record_cut_off("a", now=1.0)
+    reg.record_success("a")
+    for _ in range(3):
+        reg.record_cut_off("a", now=2.0)
+    assert inst.routable(2.0, STALE)  # a success between: no run of four
+    reg.record_cut_off("a", now=2.0)
+    assert inst.state is State.EJECTED
+    assert inst.describe(2.0, STALE) == "a ejected after 4 calls cut off (CANCELLED) in a row"
+    assert reg.readmit(now=7.0) == [inst]
+
+
 def test_in_flight_never_negative():
     reg = Registry()
     inst, _ = reg.upsert(InstanceSpec("a", "h:1"))
