@@ -268,3 +268,16 @@ def test_a_preempted_row_gives_its_tokens_back_and_its_round_is_abandoned():
     s.add(seq(priority=3, arrival=3))
     plan = s.schedule(now=1.01)
     assert plan.preempted == [a] and not a.spec.waiting and a.spec.stats.draft_timeouts == 0
+
+
+def test_a_preempted_sequence_resumes_before_later_arrivals_of_its_priority():
+    s = Scheduler(settings(max_batch_size=2))
+    a, b = seq(priority=2, arrival=0), seq(priority=2, arrival=1)
+    decoding(s, a, b)
+    later, urgent = seq(priority=2, arrival=2), seq(priority=3, arrival=3)
+    s.add(later)
+    s.add(urgent)
+    assert s.schedule(now=1.0).preempted == [b]
+    s.finish(urgent)
+    plan = s.schedule(now=2.0)
+    assert plan.admitted == [b] and s.num_waiting == 1  # back in its place, ahead of the later arrival

@@ -18,8 +18,10 @@ When a running row needs a block and the pool has none, a sequence is
 preempted: the lowest priority (then the latest arrival) among the paused,
 the running ones not yet given a row this step, and the one asking. Its
 blocks go back to the pool (their registered prefix stays cached); a running
-one goes back to the waiting queue and recomputes its tokens when admitted
-again (vLLM's recompute preemption), a paused one recomputes when resumed.
+one goes back to the waiting queue, in its place by priority and arrival
+(ahead of those that came after it, as vLLM V1's priority queue orders it by
+its arrival time), and recomputes its tokens when admitted again (vLLM's recompute
+preemption); a paused one recomputes when resumed.
 A speculating sequence's round under way is abandoned (``spec.preempted()``).
 Nothing is dropped; each preemption is counted.
 
@@ -153,7 +155,7 @@ class Scheduler:
         self.settings = settings
         self.slots = SlotAllocator(settings.num_slots)
         self.kv = kv if kv is not None else BlockManager(settings.num_slots * 128 + 1, 16)
-        self._waiting: list[tuple[int, int, Sequence]] = []
+        self._waiting: list[tuple[int, float, int, Sequence]] = []
         self._order = itertools.count()
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []
@@ -165,10 +167,11 @@ class Scheduler:
         return len(self._waiting)
 
     def add(self, seq: Sequence) -> None:
-        """Queues a sequence for admission (by priority, then arrival)."""
+        """Queues a sequence for admission (by priority, then arrival: a
+        preempted one goes back to its place, ahead of those that came after it)."""
         seq.status = Status.WAITING
         seq.queued = True
-        heapq.heappush(self._waiting, (-seq.priority, next(self._order), seq))
+        heapq.heappush(self._waiting, (-seq.priority, seq.arrival, next(self._order), seq))
 
     def has_work(self) -> bool:
         """Whether a sequence waits or runs."""
@@ -181,7 +184,7 @@ class Scheduler:
 
     def in_flight(self) -> list[Sequence]:
         """Every sequence the scheduler holds: waiting, running and paused."""
-        return [e[2] for e in self._waiting] + self.running + self.paused
+        return [e[-1] for e in self._waiting] + self.running + self.paused
 
     # -- the step -----------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -265,9 +268,9 @@ class Scheduler:
         return True
 
     def _drop_dead(self, now: float, plan: StepPlan) -> None:
-        if any(s.cancelled or s.expired(now) for _, _, s in self._waiting):
-            keep = [e for e in self._waiting if not (e[2].cancelled or e[2].expired(now))]
-            plan.dropped += [e[2] for e in self._waiting if e not in keep]
+        if any(s.cancelled or s.expired(now) for *_, s in self._waiting):
+            keep = [e for e in self._waiting if not (e[-1].cancelled or e[-1].expired(now))]
+            plan.dropped += [e[-1] for e in self._waiting if e not in keep]
             self._waiting = keep
             heapq.heapify(self._waiting)
         for group in (self.running, self.paused):
@@ -285,14 +288,14 @@ class Scheduler:
             return
         room = min(self.settings.max_batch_size - len(self.running), self.slots.free)
         if room > 0 and budget > 0:
-            oldest = min(e[2].arrival for e in self._waiting)
+            oldest = min(e[-1].arrival for e in self._waiting)
             waited_enough = (now - oldest) * 1000.0 >= self.settings.max_wait_ms
             if not waited_enough and len(self._waiting) < room:
                 wake = oldest + self.settings.max_wait_ms / 1000.0
                 plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
                 return
         while self._waiting:
-            seq = self._waiting[0][2]
+            seq = self._waiting[0][-1]
             room = min(self.settings.max_batch_size - len(self.running), self.slots.free)
             if room > 0 and budget > 0 and self.kv.admit(seq, budget):
                 budget -= self._start(seq, now, plan, budget)
