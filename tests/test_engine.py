@@ -7,7 +7,7 @@ import torch
 
 from services.common.errors import ResourceExhausted
 from services.engine.build import build_engine
-from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions
+from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions, Status
 from services.engine.settings import EngineSettings
 from services.speculative.gamma import SpeculationSettings
 from services.speculative.speculator import Speculator
@@ -117,6 +117,27 @@ def test_priority_orders_admission(tiny_models):
         engine.submit(greedy([1, 2, 3], 2, priority=prio), rec(name))
     drain(engine)
     assert order == ["interactive", "normal", "normal2", "batch"]
+
+
+def test_an_interactive_request_takes_a_full_batchs_place_at_the_next_step_and_outputs_stay_exact(
+        tiny_models, reference_model):
+    engine = make_engine(tiny_models, max_batch_size=2)
+    prompts, lengths = [[3, 1, 4, 1, 5], [9, 2, 6, 5], [8, 9, 7, 9]], [12, 12, 4]
+    recs = [Recorder() for _ in prompts]
+    normals = [engine.submit(greedy(p, n, priority=2), r) for p, n, r in zip(prompts[:2], lengths, recs)]
+    for _ in range(4):
+        engine.run_once()
+    assert all(len(r.tokens) >= 3 for r in recs[:2])  # the batch is full, both mid-stream
+    urgent = engine.submit(greedy(prompts[2], lengths[2], priority=3), recs[2])
+    engine.run_once()
+    assert urgent in engine.scheduler.running and len(recs[2].tokens) == 1  # admitted and prefilled at once
+    assert [s.preemptions for s in normals] == [0, 1] and normals[1].status is Status.WAITING  # the later one
+    assert engine.load().preemptions == 1
+    drain(engine)
+    # The preempted one recomputed and went on: every stream is its solo run, nothing repeated or dropped.
+    assert [r.tokens for r in recs] == [hf_greedy(reference_model, p, n) for p, n in zip(prompts, lengths)]
+    assert all(r.finish is FinishReason.LENGTH for r in recs)
+    assert engine.load().preemptions == 1 and engine.load().queue_length == 0
 
 
 def test_queue_bound_refuses_at_once_and_keeps_accepted(tiny_models):
@@ -270,6 +291,32 @@ def test_rounds_under_way_are_dropped_when_the_batch_grows_past_disable_by_batch
     assert rec.tokens == hf_greedy(reference_model, [5, 6, 7], 10)
     assert other.tokens == hf_greedy(reference_model, [8, 9], 10)
     assert seq.spec.stats.rounds == 0
+
+
+def test_a_preempted_speculating_sequence_abandons_its_round_and_stays_exact(tiny_models, reference_model):
+    engine = build_engine(str(tiny_models.target), EngineSettings(max_batch_size=1, max_wait_ms=0.0, num_slots=4),
+                          speculation=Speculator(SpeculationSettings(
+                              disable_by_batch_size=8, min_acceptance=0.0,
+                              draft_timeout_ms=60_000, draft_hold_ms=60_000))).engine
+    proposer, rec, urgent = SilentProposer(), Recorder(), Recorder()
+    seq = engine.submit(greedy([5, 6, 7], 10, priority=2, speculation=SpeculationRequest(proposer)), rec)
+    while not proposer.pending:
+        engine.run_once()
+    assert seq.spec.waiting  # it asked its draft and waits for the answer
+    engine.submit(greedy([8, 9], 4, priority=3), urgent)
+    engine.run_once()
+    assert seq.preemptions == 1 and not seq.spec.waiting  # its round went with its cache
+    gamma, on_result = proposer.pending.pop()
+    on_result(Proposal([1] * gamma), None)  # the late answer is ignored
+    for _ in range(500):
+        while proposer.pending:  # later rounds are answered at once
+            gamma, on_result = proposer.pending.pop()
+            on_result(Proposal([1] * gamma), None)
+        if not engine.run_once() and not engine.scheduler.has_work():
+            break
+    assert rec.tokens == hf_greedy(reference_model, [5, 6, 7], 10)
+    assert urgent.tokens == hf_greedy(reference_model, [8, 9], 4)
+    assert seq.spec.stats.rounds > 0 and seq.spec.stats.draft_timeouts == 0
 
 
 def test_ttft_and_tpot_have_one_definition():

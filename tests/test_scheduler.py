@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import Scheduler, slot_victim
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
 from services.engine.settings import EngineSettings
 from services.speculative.gamma import GammaController
@@ -175,3 +175,109 @@ def test_dropping_a_round_abandons_only_a_round_under_way():
     assert spec.sync.next_round([1, 2], 2).discard == 3
     spec.waiting = True
     assert spec.drop_round() is True and not spec.waiting and spec.stats.dropped_by_batch_size == 2
+
+
+# Priority preemption of batch places (priorities as the wire's: 1 batch, 2 normal, 3 interactive).
+def test_slot_victim_is_the_lowest_then_latest_running_one_and_only_for_a_strictly_higher_priority():
+    early, late, batch = seq(priority=2, arrival=0), seq(priority=2, arrival=1), seq(priority=1, arrival=2)
+    assert slot_victim(seq(priority=3), [early, late]) is late
+    assert slot_victim(seq(priority=3), [early, batch, late]) is batch
+    assert slot_victim(seq(priority=2), [early, batch]) is batch
+    assert slot_victim(seq(priority=2), [early, late]) is None  # equal priorities
+    assert slot_victim(seq(priority=1), [early]) is None  # a lower one
+    assert slot_victim(seq(priority=3), []) is None
+
+
+def test_a_higher_priority_request_takes_the_place_of_the_lowest_then_latest_running_one():
+    s = Scheduler(settings(max_batch_size=3))
+    batch, early, late = seq(priority=1, arrival=0), seq(priority=2, arrival=1), seq(priority=2, arrival=2)
+    decoding(s, batch, early, late)
+    urgent = seq(priority=3, arrival=3)
+    s.add(urgent)
+    slot = batch.slot
+    plan = s.schedule(now=1.0)
+    assert plan.admitted == [urgent] and plan.preempted == [batch]  # the lowest priority, though the earliest
+    assert {r.seq for r in plan.rows} == {early, late, urgent} and urgent.slot == slot
+    assert batch.status is Status.WAITING and batch.slot is None and not batch.block_table and batch.num_cached == 0
+    assert batch.preemptions == 1 and s.kv.stats.preemptions == 1
+    urgent2 = seq(priority=3, arrival=4)
+    s.add(urgent2)
+    plan = s.schedule(now=2.0)
+    assert plan.admitted == [urgent2] and plan.preempted == [late]  # then the latest arrival
+    assert set(s.running) == {early, urgent, urgent2} and s.num_waiting == 2
+
+
+def test_equal_priorities_never_preempt_each_other():
+    s = Scheduler(settings(max_batch_size=2))
+    a, b = seq(priority=2, arrival=0), seq(priority=2, arrival=1)
+    decoding(s, a, b)
+    normal, urgent = seq(priority=2, arrival=2), seq(priority=3, arrival=3)
+    s.add(normal)
+    s.add(urgent)
+    plan = s.schedule(now=1.0)
+    assert plan.admitted == [urgent] and plan.preempted == [b]  # only the strictly higher one takes a place
+    for t in range(2, 6):  # b and normal wait for a place: neither takes a's (nor b urgent's)
+        plan = s.schedule(now=float(t))
+        assert not plan.preempted and not plan.admitted
+    assert s.running == [a, urgent] and s.num_waiting == 2 and s.kv.stats.preemptions == 1
+
+
+def test_a_batch_request_never_preempts_a_normal_one():
+    s = Scheduler(settings(max_batch_size=2))
+    normal, batch = seq(priority=2, arrival=0), seq(priority=1, arrival=1)
+    decoding(s, normal, batch)
+    late_batch, late_normal = seq(priority=1, arrival=2), seq(priority=2, arrival=3)
+    s.add(late_batch)
+    s.add(late_normal)
+    plan = s.schedule(now=1.0)
+    assert plan.admitted == [late_normal] and plan.preempted == [batch]  # NORMAL over BATCH
+    for t in range(2, 6):  # the BATCH ones wait: neither takes a NORMAL one's place
+        plan = s.schedule(now=float(t))
+        assert not plan.preempted and not plan.admitted
+    assert s.running == [normal, late_normal] and s.num_waiting == 2
+
+
+def test_a_persistent_sequence_never_gives_its_place_up():
+    """A draft's stream (persistent, priority 0: the default) is what a target's round waits on."""
+    s = Scheduler(settings(max_batch_size=2))
+    plain, stream = seq(priority=0, arrival=0), seq(priority=0, arrival=1)
+    stream.request.persistent = True
+    decoding(s, plain, stream)
+    s.add(seq(priority=2, arrival=2))
+    plan = s.schedule(now=1.0)
+    assert plan.preempted == [plain]  # though the stream is the later arrival
+    s.add(seq(priority=2, arrival=3))
+    plan = s.schedule(now=2.0)
+    assert not plan.preempted and stream.status is Status.RUNNING
+
+
+def test_a_preempted_row_gives_its_tokens_back_and_its_round_is_abandoned():
+    s = Scheduler(settings(max_batch_size=2))
+    a, b = seq(priority=2, arrival=0), seq(priority=2, arrival=1)
+    decoding(s, a, b)
+    s.settings = settings(max_batch_size=2, max_batch_tokens=6)
+    b.spec = SpecState(proposer=None, control=GammaController(4, 1, 8))
+    b.spec.proposal, b.spec.sync.asked = [4, 5, 6], 3
+    urgent = seq(priority=3, arrival=2)
+    s.add(urgent)
+    plan = s.schedule(now=1.0)  # b's row (1 + 3 proposed tokens) leaves the budget 1 token: it goes back
+    assert plan.preempted == [b] and [(r.seq, r.chunk) for r in plan.rows] == [(a, 1), (urgent, 4)]
+    assert b.spec.proposal is None and not b.spec.waiting
+    assert b.spec.sync.next_round(b.tokens, 2).discard == 3  # the draft discards the unverified proposal
+    awaiting_draft(a, requested_at=1.0, hold_s=0.05)  # a round under way: abandoned with the cache
+    s.add(seq(priority=3, arrival=3))
+    plan = s.schedule(now=1.01)
+    assert plan.preempted == [a] and not a.spec.waiting and a.spec.stats.draft_timeouts == 0
+
+
+def test_a_preempted_sequence_resumes_before_later_arrivals_of_its_priority():
+    s = Scheduler(settings(max_batch_size=2))
+    a, b = seq(priority=2, arrival=0), seq(priority=2, arrival=1)
+    decoding(s, a, b)
+    later, urgent = seq(priority=2, arrival=2), seq(priority=3, arrival=3)
+    s.add(later)
+    s.add(urgent)
+    assert s.schedule(now=1.0).preempted == [b]
+    s.finish(urgent)
+    plan = s.schedule(now=2.0)
+    assert plan.admitted == [b] and s.num_waiting == 1  # back in its place, ahead of the later arrival

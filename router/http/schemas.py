@@ -92,7 +92,8 @@ class SamplingBody(Body):
     user: str | None = None
     #: Extension (vLLM's): keep generating past end-of-sequence tokens.
     ignore_eos: bool = False
-    #: Extension: llmesh's priority class (the router's pool and the target's queue order).
+    #: Extension: llmesh's priority class (the router's pool, the target's queue order and
+    #: preemption of lower-priority running sequences when its batch is full).
     priority: Literal["batch", "normal", "interactive"] | None = None
     # Not implemented: refused unless neutral (0, empty).
     presence_penalty: float | None = Field(None, ge=-2, le=2)

@@ -9,14 +9,20 @@ the batch has room, slots are free, the token budget lasts and the paged
 KV cache has blocks for them (a prompt's cached prefix is shared, not
 recomputed: :class:`~services.engine.block_manager.BlockManager`). A lone
 request waits up to ``max_wait_ms`` for companions before its prefill is
-forced, unless enough are waiting to fill the batch.
+forced, unless enough are waiting to fill the batch. When the best waiting
+request cannot be admitted (no room, no budget or no blocks) and a running
+sequence has a strictly lower priority, that one gives its place up
+(:func:`slot_victim`), preempted as below.
 
 When a running row needs a block and the pool has none, a sequence is
 preempted: the lowest priority (then the latest arrival) among the paused,
 the running ones not yet given a row this step, and the one asking. Its
 blocks go back to the pool (their registered prefix stays cached); a running
-one goes back to the waiting queue and recomputes its tokens when admitted
-again (vLLM's recompute preemption), a paused one recomputes when resumed.
+one goes back to the waiting queue, in its place by priority and arrival
+(ahead of those that came after it, as vLLM V1's priority queue orders it by
+its arrival time), and recomputes its tokens when admitted again (vLLM's recompute
+preemption); a paused one recomputes when resumed.
+A speculating sequence's round under way is abandoned (``spec.preempted()``).
 Nothing is dropped; each preemption is counted.
 
 While a speculating sequence waits for its draft's proposal (up to what
@@ -37,11 +43,44 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import FinishReason, Sequence, Status
 from services.engine.settings import EngineSettings
+
+
+def preemption_order(seq: Sequence) -> tuple[int, float]:
+    """Sorts sequences by who gives way first: the lowest priority, then the latest arrival."""
+    return seq.priority, -seq.arrival
+
+
+def slot_victim(waiting: Sequence, running: Iterable[Sequence]) -> Sequence | None:
+    """The running sequence whose place ``waiting`` (the best waiting sequence,
+    which cannot be admitted otherwise: the batch is at ``max_batch_size``, no
+    slot is free, or the token budget or the KV pool refuses it) takes, or None.
+
+    The rule: the candidate is the first of ``running`` in
+    :func:`preemption_order` (the lowest priority, then the latest arrival, as
+    KV preemption chooses); it gives way only when ``waiting``'s priority is
+    strictly higher. So equal priorities never preempt each other (no
+    thrashing: the preempted one can never take its place back), and a lower
+    priority never preempts a higher one. The caller passes only the running
+    sequences that may be taken. Pure (reads priorities and arrivals); called
+    on the engine thread.
+
+    Source: vLLM's priority scheduling policy (``--scheduling-policy
+    priority``): when a higher-priority request waits and the running batch
+    cannot take it, the lowest-priority running request is preempted
+    (``Scheduler._schedule_priority_preemption``, vllm/core/scheduler.py; the
+    V1 scheduler, vllm/v1/core/sched/scheduler.py, orders its waiting queue and
+    picks KV victims by the same (priority, arrival) key). vLLM compares
+    (priority, arrival) pairs, so an earlier request also preempts a later one
+    of the same priority; here only a strictly higher priority does.
+    """
+    victim = min(running, key=preemption_order, default=None)
+    return victim if victim is not None and waiting.priority > victim.priority else None
 
 
 class SlotAllocator:
@@ -95,7 +134,8 @@ class StepPlan:
     dropped: list[Sequence] = field(default_factory=list)
     #: Sequences admitted from the waiting queue this step.
     admitted: list[Sequence] = field(default_factory=list)
-    #: Running sequences sent back to the waiting queue this step (KV blocks ran out).
+    #: Running sequences sent back to the waiting queue this step (KV blocks ran
+    #: out, or a waiting sequence of higher priority took their place).
     preempted: list[Sequence] = field(default_factory=list)
     #: When to look again if nothing runs now (a lone request's max_wait).
     wake_at: float | None = None
@@ -115,7 +155,7 @@ class Scheduler:
         self.settings = settings
         self.slots = SlotAllocator(settings.num_slots)
         self.kv = kv if kv is not None else BlockManager(settings.num_slots * 128 + 1, 16)
-        self._waiting: list[tuple[int, int, Sequence]] = []
+        self._waiting: list[tuple[int, float, int, Sequence]] = []
         self._order = itertools.count()
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []
@@ -127,10 +167,11 @@ class Scheduler:
         return len(self._waiting)
 
     def add(self, seq: Sequence) -> None:
-        """Queues a sequence for admission (by priority, then arrival)."""
+        """Queues a sequence for admission (by priority, then arrival: a
+        preempted one goes back to its place, ahead of those that came after it)."""
         seq.status = Status.WAITING
         seq.queued = True
-        heapq.heappush(self._waiting, (-seq.priority, next(self._order), seq))
+        heapq.heappush(self._waiting, (-seq.priority, seq.arrival, next(self._order), seq))
 
     def has_work(self) -> bool:
         """Whether a sequence waits or runs."""
@@ -143,7 +184,7 @@ class Scheduler:
 
     def in_flight(self) -> list[Sequence]:
         """Every sequence the scheduler holds: waiting, running and paused."""
-        return [e[2] for e in self._waiting] + self.running + self.paused
+        return [e[-1] for e in self._waiting] + self.running + self.paused
 
     # -- the step -----------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -181,7 +222,7 @@ class Scheduler:
             rowed = {id(r.seq) for r in plan.rows}
             candidates = [s for s in self.paused if s.block_table] + [
                 s for s in self.running if id(s) not in rowed and s.block_table]
-            victim = min(candidates, key=lambda s: (s.priority, -s.arrival, s is not seq), default=seq)
+            victim = min(candidates, key=lambda s: (*preemption_order(s), s is not seq), default=seq)
             self.preempt(victim, plan)
             if victim is seq:
                 return False
@@ -190,11 +231,15 @@ class Scheduler:
     def preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Takes back ``seq``'s blocks: a running sequence returns to the
         waiting queue (and its slot is freed), a paused one stays paused; both
-        recompute their tokens when they run again."""
+        recompute their tokens when they run again. A speculating sequence's
+        round under way is abandoned: its proposal would be for positions its
+        recompute moves past."""
         self.kv.free_all(seq)
         seq.num_cached = 0
         seq.preemptions += 1
         self.kv.stats.preemptions += 1
+        if seq.spec is not None:
+            seq.spec.preempted()
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
             if seq.slot is not None:
@@ -223,9 +268,9 @@ class Scheduler:
         return True
 
     def _drop_dead(self, now: float, plan: StepPlan) -> None:
-        if any(s.cancelled or s.expired(now) for _, _, s in self._waiting):
-            keep = [e for e in self._waiting if not (e[2].cancelled or e[2].expired(now))]
-            plan.dropped += [e[2] for e in self._waiting if e not in keep]
+        if any(s.cancelled or s.expired(now) for *_, s in self._waiting):
+            keep = [e for e in self._waiting if not (e[-1].cancelled or e[-1].expired(now))]
+            plan.dropped += [e[-1] for e in self._waiting if e not in keep]
             self._waiting = keep
             heapq.heapify(self._waiting)
         for group in (self.running, self.paused):
@@ -236,33 +281,55 @@ class Scheduler:
             seq.status = Status.FINISHED
 
     def _admit(self, now: float, plan: StepPlan, budget: int) -> None:
+        """Admits waiting sequences, best first, while room, budget and blocks
+        last; one that cannot be admitted takes a lower-priority running
+        sequence's place (:func:`slot_victim`), else it and those behind it wait."""
         if not self._waiting:
             return
         room = min(self.settings.max_batch_size - len(self.running), self.slots.free)
-        if room <= 0 or budget <= 0:
-            return
-        oldest = min(e[2].arrival for e in self._waiting)
-        waited_enough = (now - oldest) * 1000.0 >= self.settings.max_wait_ms
-        if not waited_enough and len(self._waiting) < room:
-            wake = oldest + self.settings.max_wait_ms / 1000.0
-            plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
-            return
-        while self._waiting and room > 0 and budget > 0:
-            seq = self._waiting[0][2]
-            if not self.kv.admit(seq, budget):
-                break  # the pool is short: it waits for blocks to come back
-            heapq.heappop(self._waiting)
-            seq.slot = self.slots.allocate()
-            seq.status = Status.RUNNING
-            seq.queued = False
-            if seq.admitted_at is None:
-                seq.admitted_at = now
-            self.running.append(seq)
-            plan.admitted.append(seq)
-            chunk = min(seq.pending, budget)
-            plan.rows.append(Row(seq, seq.num_cached, chunk))
-            budget -= chunk
-            room -= 1
+        if room > 0 and budget > 0:
+            oldest = min(e[-1].arrival for e in self._waiting)
+            waited_enough = (now - oldest) * 1000.0 >= self.settings.max_wait_ms
+            if not waited_enough and len(self._waiting) < room:
+                wake = oldest + self.settings.max_wait_ms / 1000.0
+                plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
+                return
+        while self._waiting:
+            seq = self._waiting[0][-1]
+            room = min(self.settings.max_batch_size - len(self.running), self.slots.free)
+            if room > 0 and budget > 0 and self.kv.admit(seq, budget):
+                budget -= self._start(seq, now, plan, budget)
+                continue
+            # A persistent sequence (a draft's stream) is never taken: a target's round waits on it.
+            victim = slot_victim(seq, [s for s in self.running if not s.request.persistent])
+            if victim is None:
+                break  # it waits for a place, tokens or blocks to come back
+            budget += self._unrow(victim, plan)
+            self.preempt(victim, plan)
+
+    def _start(self, seq: Sequence, now: float, plan: StepPlan, budget: int) -> int:
+        """``seq`` (admitted by the block manager) leaves the queue and runs its
+        first chunk in this step; returns the chunk's tokens."""
+        heapq.heappop(self._waiting)
+        seq.slot = self.slots.allocate()
+        seq.status = Status.RUNNING
+        seq.queued = False
+        if seq.admitted_at is None:
+            seq.admitted_at = now
+        self.running.append(seq)
+        plan.admitted.append(seq)
+        chunk = min(seq.pending, budget)
+        plan.rows.append(Row(seq, seq.num_cached, chunk))
+        return chunk
+
+    @staticmethod
+    def _unrow(seq: Sequence, plan: StepPlan) -> int:
+        """Takes ``seq``'s row (if it has one) out of the plan; returns its tokens."""
+        for i, row in enumerate(plan.rows):
+            if row.seq is seq:
+                del plan.rows[i]
+                return row.chunk + len(row.proposal)
+        return 0
 
     # -- transitions ----------------------------------------------------------
     def finish(self, seq: Sequence) -> None:
@@ -305,4 +372,4 @@ class Scheduler:
         return sum(s.num_cached for s in self.running) + sum(s.num_cached for s in self.paused)
 
 
-__all__ = ["FinishReason", "Row", "Scheduler", "SlotAllocator", "StepPlan"]
+__all__ = ["FinishReason", "Row", "Scheduler", "SlotAllocator", "StepPlan", "preemption_order", "slot_victim"]

@@ -16,9 +16,9 @@ A proposal's arrival is the strategy's own business: it comes back on some
 other thread and the strategy hands it to the engine thread through the
 ``post`` function it got in ``open``. The scheduler sees each sequence's state
 through :class:`SequenceSpeculation` (hold the step, sit out a step, take the
-proposal). This split mirrors vLLM's speculative decoding: a proposer, a
-scorer (here: the engine's batched forward over the proposed tokens) and a
-rejection sampler.
+proposal, drop the round of a preempted sequence). This split mirrors vLLM's
+speculative decoding: a proposer, a scorer (here: the engine's batched
+forward over the proposed tokens) and a rejection sampler.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ class SequenceSpeculation(Protocol):
     def take_proposal(self) -> list[int]:
         """The proposal to score in this step's row (``[]`` when there is
         none). The proposal is handed out once."""
+
+    def preempted(self) -> None:
+        """The sequence was preempted (its KV cache taken back; it recomputes
+        when it runs again): the round under way, asked or answered and not
+        verified, is abandoned, so that a late answer is ignored and no
+        proposal is scored at positions its recompute moves past."""
 
     def close(self) -> None:
         """The sequence finished: end its speculation and release its proposer."""

@@ -185,6 +185,16 @@ class SpecState:
         self.stats.dropped_by_batch_size += 1
         return True
 
+    def preempted(self) -> None:
+        """The sequence was preempted and will recompute its tokens: the round
+        under way (waiting, or holding a proposal not yet verified) is
+        abandoned, as at a timeout but not counted as one (the draft did
+        nothing wrong). A late answer is ignored (``waiting`` is off, and a
+        later round has a new id); the draft discards its tokens at the next
+        round, since ``sync.kept`` stays 0."""
+        self.waiting = False
+        self.proposal = None
+
     def switch(self, proposer: Proposer, cause: str, reason: str) -> None:
         """The sequence proposes with ``proposer`` (its fallback) from its next
         round on: the old proposer is closed (the draft frees its cache), the
