@@ -570,6 +570,15 @@ async def test_a_refused_value_is_said_as_the_client_wrote_it(served, path, body
     assert "list[" not in error["message"] and ".str" not in error["message"]
 
 
+async def test_a_token_id_outside_the_vocabulary_is_out_of_range_whichever_side_finds_it(served, tiny_models):
+    """A negative id is refused by the front door's schema, one past the vocabulary by the target: the same
+    error code for the same mistake."""
+    _, url, _, _ = served
+    for ids in ([-1], [tiny_models.vocab_size], [[3, 2 ** 31]]):
+        reply = await post(url, "/v1/completions", completion_body(prompt=ids))
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "out_of_range", (ids, reply.text)
+
+
 def test_every_union_field_says_its_shapes():
     """A union field without an entry in SHAPES would be refused with a vague message."""
     from typing import Literal

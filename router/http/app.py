@@ -276,8 +276,9 @@ async def _disconnected(request: Request) -> None:
 def invalid(exc: ValidationError, body: bytes = b"") -> JSONResponse:
     """A 400 naming the first field the body got wrong, as the client wrote it."""
     param, message = explain(exc, body)
-    return JSONResponse(translate.error_payload(message, "invalid_request_error", "invalid_argument", param),
-                        status_code=400)
+    # A token id no vocabulary holds is out of range, as the target says of one past its own vocabulary.
+    code = "out_of_range" if any(e["type"] == "token_id" for e in exc.errors()) else "invalid_argument"
+    return JSONResponse(translate.error_payload(message, "invalid_request_error", code, param), status_code=400)
 
 
 def create_app(door: FrontDoor, provider: TracerProvider | None = None):
