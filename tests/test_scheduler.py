@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.engine.scheduler import Scheduler, slot_victim
 from services.engine.sequence import GenerationRequest, SamplingOptions, Sequence, Status
 from services.engine.settings import EngineSettings
@@ -207,34 +209,24 @@ def test_a_higher_priority_request_takes_the_place_of_the_lowest_then_latest_run
     assert set(s.running) == {early, urgent, urgent2} and s.num_waiting == 2
 
 
-def test_equal_priorities_never_preempt_each_other():
+@pytest.mark.parametrize("kept_p, victim_p, same_p, higher_p", [(2, 2, 2, 3), (2, 1, 1, 2)],
+                         ids=["equal priorities never preempt each other", "a batch request never preempts a normal one"])
+def test_only_a_strictly_higher_priority_takes_a_place(kept_p, victim_p, same_p, higher_p):
+    """The waiting request of a strictly higher priority takes the lowest (then latest) running one's place;
+    after that, the waiting ones (the preempted one and one of its own priority) wait: neither takes the place
+    of a running one of an equal or higher priority."""
     s = Scheduler(settings(max_batch_size=2))
-    a, b = seq(priority=2, arrival=0), seq(priority=2, arrival=1)
-    decoding(s, a, b)
-    normal, urgent = seq(priority=2, arrival=2), seq(priority=3, arrival=3)
-    s.add(normal)
-    s.add(urgent)
+    kept, victim = seq(priority=kept_p, arrival=0), seq(priority=victim_p, arrival=1)
+    decoding(s, kept, victim)
+    same, higher = seq(priority=same_p, arrival=2), seq(priority=higher_p, arrival=3)
+    s.add(same)
+    s.add(higher)
     plan = s.schedule(now=1.0)
-    assert plan.admitted == [urgent] and plan.preempted == [b]  # only the strictly higher one takes a place
-    for t in range(2, 6):  # b and normal wait for a place: neither takes a's (nor b urgent's)
+    assert plan.admitted == [higher] and plan.preempted == [victim]
+    for t in range(2, 6):
         plan = s.schedule(now=float(t))
         assert not plan.preempted and not plan.admitted
-    assert s.running == [a, urgent] and s.num_waiting == 2 and s.kv.stats.preemptions == 1
-
-
-def test_a_batch_request_never_preempts_a_normal_one():
-    s = Scheduler(settings(max_batch_size=2))
-    normal, batch = seq(priority=2, arrival=0), seq(priority=1, arrival=1)
-    decoding(s, normal, batch)
-    late_batch, late_normal = seq(priority=1, arrival=2), seq(priority=2, arrival=3)
-    s.add(late_batch)
-    s.add(late_normal)
-    plan = s.schedule(now=1.0)
-    assert plan.admitted == [late_normal] and plan.preempted == [batch]  # NORMAL over BATCH
-    for t in range(2, 6):  # the BATCH ones wait: neither takes a NORMAL one's place
-        plan = s.schedule(now=float(t))
-        assert not plan.preempted and not plan.admitted
-    assert s.running == [normal, late_normal] and s.num_waiting == 2
+    assert s.running == [kept, higher] and s.num_waiting == 2 and s.kv.stats.preemptions == 1
 
 
 def test_a_persistent_sequence_never_gives_its_place_up():
