@@ -8,6 +8,7 @@ from monitor.store import InstanceInfo, Report
 from services.common import load_codec
 from services.common.load_codec import SOURCE_PB, latency_pb, role_of
 from services.common.errors import InvalidArgument
+from services.common.validation import check_printable
 from services.common.stubs import monitor_pb2, router_pb2, stats_pb2
 
 
@@ -40,6 +41,8 @@ def scope_of(pb: monitor_pb2.Scope) -> Scope:
     which = pb.WhichOneof("target")
     if which is not None and len(getattr(pb, which)) > MAX_NAME_CHARS:
         raise InvalidArgument(f"scope.{which}", f"must be at most {MAX_NAME_CHARS} characters")
+    if which is not None:
+        check_printable(f"scope.{which}", getattr(pb, which))
     if which == "instance_id":
         if not pb.instance_id:
             raise InvalidArgument("scope.instance_id", "must not be empty when set")

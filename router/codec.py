@@ -126,13 +126,18 @@ def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
     draft, names and labels of bounded size (InvalidArgument naming the field)."""
     check_address("instance.address", pb.address)
     for name, value in (("instance.id", pb.id), ("instance.pool", pb.pool)):
-        if len(value) > MAX_NAME_CHARS or value != value.strip():
-            raise InvalidArgument(name, f"must be at most {MAX_NAME_CHARS} characters without surrounding spaces")
+        if len(value) > MAX_NAME_CHARS:
+            raise InvalidArgument(name, f"must be at most {MAX_NAME_CHARS} characters, got {len(value)}")
+        if value != value.strip():
+            raise InvalidArgument(name, f"must not start or end with spaces, got {value[:40]!r}")
         check_printable(name, value)
     if len(pb.labels) > MAX_LABELS or any(len(k) > MAX_NAME_CHARS or len(v) > MAX_NAME_CHARS
                                           for k, v in pb.labels.items()):
         raise InvalidArgument("instance.labels", f"at most {MAX_LABELS} labels of at most {MAX_NAME_CHARS} "
                                                  "characters each")
+    for key, value in pb.labels.items():
+        check_printable("instance.labels", key)
+        check_printable(f"instance.labels[{key!r}]", value)
     if pb.role not in ROLE_OF_PB:
         given = stats_pb2.Role.Name(pb.role) if pb.role in stats_pb2.Role.values() else pb.role
         raise InvalidArgument("instance.role", f"must be ROLE_TARGET or ROLE_DRAFT, got {given}")

@@ -49,6 +49,8 @@ def pool_name(value: str) -> str:
         raise InvalidArgument("pool", "must not be empty")
     if len(value) > MAX_POOL_CHARS:
         raise InvalidArgument("pool", f"must be at most {MAX_POOL_CHARS} characters, got {len(value)}")
+    if value != value.strip():  # as the router takes pool names
+        raise InvalidArgument("pool", f"must not start or end with spaces, got {value[:40]!r}")
     check_printable("pool", value)
     return value
 

@@ -164,6 +164,7 @@ async def _has_tokens(mon: Running) -> bool:
     (monitor_pb2.GetThroughputRequest(window_s=-1), "window_s"),
     (monitor_pb2.GetThroughputRequest(window_s=301), "window_s"),
     (monitor_pb2.GetThroughputRequest(scope=monitor_pb2.Scope(pool="")), "scope.pool"),
+    (monitor_pb2.GetThroughputRequest(scope=monitor_pb2.Scope(instance_id="a\nb")), "scope.instance_id"),
 ])
 async def test_bad_requests_get_invalid_argument(fake_router, monitor, request_, field):
     mon = await monitor(fake_router.address)

@@ -163,6 +163,12 @@ async def test_register_list_drain_deregister(targets):
     (router_pb2.InstanceSpec(address="nope", role=stats_pb2.ROLE_TARGET), "address"),
     (router_pb2.InstanceSpec(address="127.0.0.1:5"), "role"),
     (router_pb2.InstanceSpec(address="127.0.0.1:5", role=stats_pb2.ROLE_ROUTER), "role"),
+    (router_pb2.InstanceSpec(id=" x ", address="127.0.0.1:5", role=stats_pb2.ROLE_TARGET), "start or end with spaces"),
+    (router_pb2.InstanceSpec(id="a\nb", address="127.0.0.1:5", role=stats_pb2.ROLE_TARGET), "control characters"),
+    (router_pb2.InstanceSpec(address="127.0.0.1:5", role=stats_pb2.ROLE_TARGET, labels={"a\nb": "c"}),
+     "instance.labels"),
+    (router_pb2.InstanceSpec(address="127.0.0.1:5", role=stats_pb2.ROLE_TARGET, labels={"a": "b\x00c"}),
+     "control characters"),
 ])
 async def test_register_refuses_bad_specs(router, spec, field):
     _, stub, _ = router

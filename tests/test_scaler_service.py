@@ -140,7 +140,7 @@ async def test_a_pool_filter_is_checked_as_a_pool_name(fake_router, scaler):
     """GetHistory and WatchEvents filter by pool (empty: every pool); a name no pool can have is refused
     as SetPolicy refuses it, not answered with an empty history."""
     stub = (await scaler(fake_router.address)).stub
-    for pool in ("p" * 5000, "a\nb"):
+    for pool in ("p" * 5000, "a\nb", "  default  "):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetHistory(scaler_pb2.GetHistoryRequest(pool=pool))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("pool")

@@ -101,7 +101,8 @@ def check_sampling_values(temperature: float, top_p: float, top_k: int, max_new_
     """Every sampling rule that needs no model."""
     check_distribution_values(temperature, top_p, top_k)
     if max_new_tokens <= 0:
-        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+        raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1 (or 0 with echo_prompt or prompt_logprobs, "
+                                                         f"to score the prompt), got {max_new_tokens}")
     if num_stop > MAX_STOP_SEQUENCES:
         raise InvalidArgument("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {num_stop}")
 
