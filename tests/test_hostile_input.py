@@ -340,6 +340,19 @@ async def test_max_new_tokens_0_scores_the_prompt(suite, tiny_models):
         assert [e.token_id for e in chunks[0].prompt_logprobs] == ids
         assert chunks[0].finish_reason == gen.FINISH_REASON_LENGTH
         assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (len(ids), 0)
+    # Nothing is generated, so nothing is counted as generated; and the prompt may fill the context.
+    metrics = apps[0].require_loaded().engine.metrics
+    generated = metrics.counters["tokens_generated_total"]
+    max_context = (await stubs[0].GetInfo(model_pb2.GetInfoRequest())).max_context
+    req = request(ids=[40] * max_context, n=1)
+    req.sampling.max_new_tokens, req.prompt_logprobs = 0, True
+    chunks = await generate(stubs[2], req)
+    assert len(chunks[0].prompt_logprobs) == max_context and not chunks[0].token_ids
+    assert metrics.counters["tokens_generated_total"] == generated
+    req.sampling.max_new_tokens = 1  # generating needs room for a token
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await generate(stubs[2], req)
+    assert bad.value.code() == grpc.StatusCode.OUT_OF_RANGE and f"at most {max_context - 1}" in bad.value.details()
 
 
 async def test_a_resumed_fit_context_stream_that_filled_the_context_ends_as_length(suite):

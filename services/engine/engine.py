@@ -341,6 +341,9 @@ class Engine:
         seq.num_cached = row.start + row.chunk
         if not row.completes:
             return 0  # a partial prefill chunk: nothing to sample yet
+        if seq.request.scoring:  # the prompt is scored (above): nothing to sample
+            self._finish(seq, FinishReason.LENGTH, [])
+            return 0
         top = seq.request.logprobs
         if row.proposal:
             tokens = self.speculation.after_verify(seq, row, lg)

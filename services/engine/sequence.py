@@ -73,6 +73,9 @@ class GenerationRequest:
     logprobs: int | None = None
     #: Return the log-probability of every prompt token (``prompt_ids``) too.
     prompt_logprobs: bool = False
+    #: Score the prompt only: its prefill runs (with ``prompt_logprobs`` when asked), nothing is sampled, and
+    #: the sequence ends LENGTH with no token (``max_new_tokens`` is not read); the prompt may fill the context.
+    scoring: bool = False
     #: Speculative decoding: the engine's Speculation strategy's request type
     #: (services.speculative.state.SpeculationRequest in the target); None: plain decoding.
     speculation: Any = None

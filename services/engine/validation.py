@@ -30,8 +30,13 @@ def validate(request: GenerationRequest, vocab_size: int, max_context: int) -> N
     check_sampling_values(s.temperature, s.top_p, s.top_k, s.max_new_tokens, len(s.stop))
     check_stop_sequences(s.stop)
     prompt_len = len(request.prompt_ids)
+    if request.scoring:  # nothing is generated: the prompt may fill the context
+        if prompt_len > max_context:
+            raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}")
+        return
     if prompt_len >= max_context:
-        raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}")
+        raise OutOfRange("prompt", f"has {prompt_len} tokens; the model's context is {max_context}, and a prompt "
+                                   f"must leave room for a token: at most {max_context - 1}")
     if prompt_len + s.max_new_tokens > max_context:
         raise OutOfRange("sampling.max_new_tokens",
                          f"prompt ({prompt_len} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "

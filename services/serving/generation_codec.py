@@ -36,13 +36,14 @@ check_request = check_generate_request
 def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float | None) -> GenerationRequest:
     """The engine's request for a checked ``req`` whose prompt is ``prompt_ids``
     (its token ids, or its text tokenized); ``deadline`` in ``time.monotonic()``
-    seconds, None for none. A scoring request (:func:`is_scoring`) runs as one
-    token, which its caller does not send (vLLM's echo with max_tokens 0)."""
+    seconds, None for none. A scoring request (:func:`is_scoring`) only
+    prefills its prompt (``GenerationRequest.scoring``)."""
     sampling = sampling_of(req.sampling)
-    if is_scoring(req):
+    scoring = is_scoring(req)
+    if scoring:
         sampling = replace(sampling, max_new_tokens=1, stop=(), fit_context=False)
     return GenerationRequest(
-        prompt_ids=prompt_ids, sampling=sampling,
+        prompt_ids=prompt_ids, sampling=sampling, scoring=scoring,
         request_id=req.request_id, priority=priority_of(req.priority), deadline=deadline,
         resume_ids=list(req.resume_tokens),
         logprobs=req.logprobs if req.HasField("logprobs") else None, prompt_logprobs=req.prompt_logprobs,

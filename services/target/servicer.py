@@ -47,7 +47,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         codec.check_request(request)
         req = codec.request_of(request, await self.app.prompt_ids(request.prompt), deadline)
         request_id = request.request_id or uuid.uuid4().hex
-        # Scoring (max_new_tokens 0): one token is generated and not sent, so nothing to speculate.
+        # Scoring (max_new_tokens 0): only the prompt's prefill runs, so nothing to speculate.
         scoring = is_scoring(request)
         req.speculation = None if scoring else self._speculation(request, req, request_id, loaded.engine.vocab_size)
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
@@ -87,10 +87,7 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
                     # stream that merely stops (which the client's own timer may not have fired for yet).
                     raise DeadlineExceeded(f"the request's deadline passed after {usage.completion_tokens} "
                                            "generated tokens")
-                finish = event.finish_reason
-                if scoring and finish in (FinishReason.EOS, FinishReason.STOP):  # of the token not sent
-                    finish = FinishReason.LENGTH
-                chunk.finish_reason = codec.FINISH_REASONS[finish]
+                chunk.finish_reason = codec.FINISH_REASONS[event.finish_reason]
                 if event.spec is not None:
                     chunk.speculation.CopyFrom(self._spec_pb(event.spec))
                 chunk.timing.CopyFrom(self._timing(event.timeline))
