@@ -178,12 +178,28 @@ def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | No
     return _Window(newest, tuple(ring[first_inside:end]), rates, growth)
 
 
+def _tiling(w: _Window) -> list[Report]:
+    """The window's reports whose own latency windows tile it, newest first:
+    the newest, then each newest one sent at least its successor's
+    ``window_s`` before it. An instance's report summarises the latencies of
+    its last ``window_s`` (10 s by default) and reports come every second, so
+    overlapping ones would count a request many times, and the newest alone
+    forgets what a longer window asked for."""
+    picked = [w.newest]
+    for r in reversed(w.in_window):
+        if picked[-1].window_s <= 0:
+            break  # a report that does not say what it covers: the newest alone, as before tiling
+        if r.timestamp <= picked[-1].timestamp - picked[-1].window_s:
+            picked.append(r)
+    return picked
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
 def _instance_metrics(w: _Window, window_s: float) -> Throughput:
-    r = w.newest
+    r, tiles = w.newest, _tiling(w)
     if w.rates is not None:
         requests, tokens = w.rates["requests_total"], w.rates["tokens_generated_total"]
         errors, rejected = w.rates["errors_total"], w.rates["rejected_total"]
@@ -199,7 +215,10 @@ def _instance_metrics(w: _Window, window_s: float) -> Throughput:
         batch_fill=_mean([x.batch_fill for x in w.in_window]),
         accelerator_utilization=_mean([x.accelerator_utilization for x in w.in_window]),
         utilization_source=r.utilization_source, in_flight=r.in_flight,
-        ttft=r.ttft, tpot=r.tpot, e2e=r.e2e, queue_time=r.queue_time,
+        # Latency over the window asked for, at the resolution of the instance's own window (a shorter one
+        # gets the newest report's).
+        ttft=merge_latency(t.ttft for t in tiles), tpot=merge_latency(t.tpot for t in tiles),
+        e2e=merge_latency(t.e2e for t in tiles), queue_time=merge_latency(t.queue_time for t in tiles),
         acceptance_rate=acceptance, error_rate=error_rate, instances=1, queue_length=r.queue_length,
         errors_per_second=errors, rejected_per_second=rejected, proposed_per_second=proposed,
         kv_cache_usage=r.kv_cache_usage, running=r.running, max_batch_size=r.max_batch_size,

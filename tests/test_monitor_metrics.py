@@ -157,6 +157,17 @@ def test_gauges_average_over_instances_and_latencies_merge_conservatively():
     assert merge_latency([]) == Latency()
 
 
+def test_latency_covers_the_window_asked_for_not_only_the_newest_report():
+    """Each report summarises its instance's last window_s (10 s); a 60 s window merges the reports whose
+    windows tile it (not every overlapping one, which would count a request many times), and keeps the
+    first tokens of streams still running 50 s later (2026-12-02: the 60 s window said ttft.count 0)."""
+    store = store_with(target("a"))
+    now = feed(store, "a", 59.5, window_s=10.0, ttft=Latency(10, 20, 30, 12, 5))
+    assert throughput(store.snapshot(), 60, Scope(), now).metrics.ttft.count == 30  # 6 windows of 10 s, 5 each
+    assert throughput(store.snapshot(), 10, Scope(), now).metrics.ttft.count == 5  # the newest covers it
+    assert throughput(store.snapshot(), 5, Scope(), now).metrics.ttft.count == 5  # finer than an instance's window
+
+
 def test_acceptance_and_error_rates_are_ratios_of_counter_increments():
     store = store_with(target("a"))
     for i in range(11):
