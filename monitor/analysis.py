@@ -42,6 +42,9 @@ class Thresholds:
     growing_queue_min: int = 4
     #: Time to first token (p95) above which a lightly used instance lacks prefill budget.
     high_ttft_ms: float = 2000.0
+    #: A pool saturated (queue or full batch) in at least this share of the window's reports, with at least
+    #: growing_queue_min requests per instance waiting now, is at capacity even if its queue holds steady.
+    saturated_share: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -223,17 +226,26 @@ def high_ttft_at_low_utilization(key: str, m: Throughput, t: Thresholds) -> Reco
 
 
 def scale_out(pool: str, m: Throughput, t: Thresholds) -> Recommendation | None:
-    """A busy pool whose queues grow, or that serves fewer requests/s than its target while work waits."""
+    """A busy pool whose queues grow, that stays saturated with work waiting
+    (a steady queue is a full pool too: 2026-12-02, 32 of 32 running and 8
+    queued for 50 s had no advice), or that serves fewer requests/s than its
+    target while work waits."""
     if m.instances == 0 or m.accelerator_utilization < t.low_utilization:
         return None  # nothing measured, or admission-bound (low_utilization_with_queue says what to change)
     growing = m.queue_growth_per_second > 0 and m.queue_length >= t.growing_queue_min
+    # A short steady queue is a busy pool using what it has; growing_queue_min or more per instance is
+    # requests waiting for capacity the pool does not have.
+    saturated = m.saturation >= t.saturated_share and m.queue_length >= t.growing_queue_min * m.instances
     below = (t.target_requests_per_second > 0 and m.requests_per_second < t.target_requests_per_second
              and (m.queue_length > 0 or m.saturation >= 0.5))
-    if not (growing or below):
+    if not (growing or saturated or below):
         return None
     why = []
     if growing:
         why.append(f"queues grow by {m.queue_growth_per_second:.2f} request(s)/s ({m.queue_length} waiting)")
+    elif saturated:
+        why.append(f"saturated in {m.saturation:.0%} of the window with {m.queue_length} request(s) waiting "
+                   f"(queue time p50 {m.queue_time.p50_ms:.0f} ms)")
     if below:
         why.append(f"{m.requests_per_second:.2f} requests/s is below the target of "
                    f"{t.target_requests_per_second:g}")
@@ -245,8 +257,8 @@ def scale_out(pool: str, m: Throughput, t: Thresholds) -> Recommendation | None:
         f"{m.accelerator_utilization:.0%} utilised: " + "; ".join(why),
         f"add {more} instance(s) to pool {pool} (Scaler.ScaleTo, or raise its max_instances)",
         "the queue drains and requests/s rises with the added capacity",
-        pool, m.requests_per_second if below else m.queue_growth_per_second,
-        t.target_requests_per_second if below else 0.0,
+        pool, m.requests_per_second if below else (m.queue_growth_per_second if growing else m.saturation),
+        t.target_requests_per_second if below else (0.0 if growing else t.saturated_share),
         {"requests_per_second": m.requests_per_second, "target_requests_per_second": t.target_requests_per_second,
          "queue_length": float(m.queue_length), "queue_growth_per_second": m.queue_growth_per_second,
          "accelerator_utilization": m.accelerator_utilization, "saturation": m.saturation,

@@ -87,6 +87,17 @@ def test_growing_queues_call_for_scaling_out():
     assert "add 1 instance(s) to pool p" in rec.action
 
 
+def test_a_pool_saturated_with_a_steady_queue_calls_for_scaling_out():
+    """A queue that holds steady behind a full batch is a full pool too (2026-12-02: 32 of 32 running and 8
+    queued for 50 s, and Analyze said nothing limits the fleet)."""
+    store = store_with(target("a", "p"))
+    now = feed(store, "a", 10, tokens_per_s=700, requests_per_s=1, queue_length=8, running=32, max_batch_size=32,
+               accelerator_utilization=0.8, batch_fill=1.0)
+    rec = only(rules(store, now), "scale_out")
+    assert rec.subject == "p" and "saturated in 100% of the window with 8 request(s) waiting" in rec.bottleneck
+    assert rec.value == pytest.approx(1.0) and rec.threshold == 0.9
+
+
 def test_requests_below_the_configured_target_with_work_waiting_call_for_scaling_out():
     store = store_with(target("a", "p"))
     now = feed(store, "a", 10, tokens_per_s=100, requests_per_s=2, queue_length=2, running=8,
