@@ -53,6 +53,9 @@ class ScalerConfig(BaseConfig):
                                  "(e.g. '--threads 2 --max-batch-size 16')")
     instance_host: str = field("127.0.0.1", "address the started instances listen on and are registered at")
     log_dir: str = field("", "where started instances write their logs (default: HOME/logs/scaler)")
+    max_local_targets: int = field(0, "the most targets on this machine at once, over every pool, whatever "
+                                      "max_instances says (0: as many as its cores allow for the threads each "
+                                      "target uses, at least 1: more would share the same cores, not add capacity)")
     # -- the docker backend (blanks: taken from the scaler's own container) ----------
     docker_image: str = field("", "image of the target containers (default: the scaler's own container's)")
     docker_network: str = field("", "network they join (default: the scaler's own container's first)")
@@ -100,6 +103,7 @@ class ScalerConfig(BaseConfig):
         self.require(self.history_limit >= 1, "history_limit", "must be >= 1")
         self.require(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in [-1, 65535] (-1: none)")
         self.require(self.warmup_tokens >= 0, "warmup_tokens", "must be >= 0")
+        self.require(self.max_local_targets >= 0, "max_local_targets", "must be >= 0 (0: from the host's cores)")
         for name in ("stop_grace_s", "retry_after_s"):
             value = getattr(self, name)
             self.require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")

@@ -22,6 +22,7 @@ not start them twice. Every step is recorded in the history.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -101,6 +102,9 @@ class Controller:
             else:
                 targets = {i.id for i in self.state.listing if i.pool == pool and i.role == Role.TARGET}
                 metrics = await self.load.pool(pool, current, targets)
+            starting = sum(m.pool == pool and m.state in (ManagedState.STARTING, ManagedState.WARMING)
+                           for m in self.state.managed.values())
+            metrics = dataclasses.replace(metrics, starting=starting, limit=self.state.limit(pool))
             now = self.clock()
             decision = decide(metrics, policy, self.state.memory.get(pool, Memory()), now)
             self.state.decided(pool, decision, now)

@@ -48,7 +48,8 @@ def make_backend(config: ScalerConfig) -> ScalingBackend:
 
     return LocalBackend(config.target_model or default_model_path("target"),
                         Path(config.log_dir) if config.log_dir else default_home() / "logs" / "scaler",
-                        host=config.instance_host, extra_args=config.target_args)
+                        host=config.instance_host, extra_args=config.target_args,
+                        max_targets=config.max_local_targets)
 
 
 class ScalerApp(ServiceApp):
@@ -63,7 +64,7 @@ class ScalerApp(ServiceApp):
                                         capacity_tokens_per_second=config.default_capacity_tokens_per_s,
                                         scale_up_window_s=config.default_scale_up_window_s,
                                         scale_down_window_s=config.default_scale_down_window_s),
-                                 backend.name, config.history_limit)
+                                 backend.name, config.history_limit, host_limit=backend.max_targets())
         for pool in config.pools:  # governed from the start, under the default policy
             self.state.policies.setdefault(pool, self.state.default_policy)
         # Client channels are not traced: a span per 2-s look at the load would bury the request traces.

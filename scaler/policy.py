@@ -21,7 +21,13 @@ and, until measured, the policy's configured estimate. Around it:
 - panic mode (Knative's KPA): when the short-window demand per instance
   exceeds ``panic_threshold`` × capacity, scale up at once, and hold every
   scale-down until a stable window has passed without that condition;
-- bounds: the result is always within [min_instances, max_instances].
+- bounds: the result is always within [min_instances, max_instances];
+- a scale-up is measured before the next one (:func:`check_scale_up`): once
+  the instances it started serve and a stable window has passed, the pool's
+  measured capacity must have grown by at least half an instance's, else no
+  scale-up until it is measured to grow or ``SCALE_UP_COOL_DOWN_S`` pass;
+- the backend's limit (:class:`HostLimit`, e.g. the local backend's cores):
+  no decision goes above it, and the reason says so.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ SATURATED = 0.9
 #: Capacity is the median saturated rate seen this recently (the last one measured is kept after that).
 CAPACITY_HORIZON_S = 600.0
 _MAX_SAMPLES = 1000
+#: A scale-up counts as having added capacity if the pool's grew by this share of one instance's.
+MEANINGFUL_GROWTH = 0.5
+#: After a scale-up that added no capacity, no scale-up for this long unless capacity is measured to grow.
+SCALE_UP_COOL_DOWN_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,21 @@ def bounded(n: int, policy: Policy) -> int:
     return max(policy.min_instances, min(policy.max_instances, n))
 
 
+@dataclass(frozen=True)
+class HostLimit:
+    """The most targets a backend can usefully run for a pool, and why (e.g. the local backend's
+    ``"the host: 2 cores, 2 threads per target"``): more would share the same cores, not add capacity."""
+
+    instances: int
+    why: str
+
+    def apply(self, desired: int, reason: str) -> tuple[int, str]:
+        """``desired`` capped at the limit, the reason saying so when it was."""
+        if desired <= self.instances:
+            return desired, reason
+        return self.instances, f"{reason}; capped at {self.instances} by {self.why}"
+
+
 # -- the snapshot ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -160,6 +185,10 @@ class PoolMetrics:
     instances: tuple[InstanceLoad, ...] = ()
     #: Why ``stable`` is missing (the monitor's error), if it is.
     error: str = ""
+    #: Of ``current``, the instances still starting or warming up (not serving yet).
+    starting: int = 0
+    #: The backend's limit for this pool; None: unbounded (beyond max_instances).
+    limit: HostLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +203,36 @@ class Memory:
     measured: float = 0.0
     #: When panic mode was last triggered; None: not in panic.
     last_panic: float | None = None
+    #: The last scale-up, until it is shown to have added capacity (or not).
+    scale_up: ScaleUp | None = None
+    #: Set when a scale-up added no capacity: further scale-ups are held.
+    stalled: Stall | None = None
+
+
+@dataclass(frozen=True)
+class ScaleUp:
+    """A scale-up whose effect on the pool's capacity is still to be measured."""
+
+    at: float
+    #: Instances before it, and what it asked for.
+    before: int
+    to: int
+    #: Capacity per instance (measured) when it was decided, and the pool's total then.
+    per_instance: float
+    total: float
+    #: When its instances were all serving (none starting); None: not yet.
+    completed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A scale-up that did not add capacity: scale-ups are held from ``since``."""
+
+    since: float
+    #: The pool's measured capacity then, and one instance's before the scale-up.
+    total: float
+    per_instance: float
+    why: str
 
 
 @dataclass(frozen=True)
@@ -239,7 +298,123 @@ def _run_start(recs: tuple[tuple[float, int], ...], pred: Callable[[int], bool])
 
 
 def decide(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> Decision:
-    """The pool's desired instances at ``now``, why, and the memory for the next decision."""
+    """The pool's desired instances at ``now``, why, and the memory for the next decision.
+
+    Named steps: recommend (the formula, tolerance, panic, windows, bounds: :func:`recommend`),
+    hold a scale-up after one that added no capacity (:func:`check_scale_up`), cap at the
+    backend's limit (:class:`HostLimit`), then remember a scale-up to check it later."""
+    d = recommend(metrics, policy, memory, now)
+    d = check_scale_up(d, metrics, policy, now)
+    return _remember_scale_up(_apply_limit(d, metrics), metrics, policy, now)
+
+
+def _automatic(metrics: PoolMetrics, policy: Policy) -> bool:
+    """The pool is sized by load (not a manual count, not lifted to min_instances)."""
+    return not policy.manual_instances and metrics.current >= policy.min_instances
+
+
+def _apply_limit(d: Decision, metrics: PoolMetrics) -> Decision:
+    limit = metrics.limit
+    if limit is None:
+        return d
+    desired, reason = limit.apply(d.desired, d.reason)
+    figures = {**d.figures, "host_max_instances": float(limit.instances), "desired": float(desired),
+               "capped": float(desired < d.desired)}
+    return dataclasses.replace(d, desired=desired, reason=reason, figures=figures)
+
+
+def _window_capacity(memory: Memory, now: float) -> float | None:
+    """The capacity per instance measured over the stable window that ends ``now``: the median rate of
+    the instances saturated in it (None: none was)."""
+    latest = [v for t, v in memory.samples if t == now]
+    return statistics.median(latest) if latest else None
+
+
+def check_scale_up(d: Decision, metrics: PoolMetrics, policy: Policy, now: float) -> Decision:
+    """Measures what a scale-up added before the next one, and holds scale-ups after one that added nothing.
+
+    The rule: after a scale-up (decided on a measured capacity), no further scale-up until its
+    instances all serve (none starting) and a stable window has passed; then the pool's measured
+    capacity (the median rate of its instances saturated over that window, × the instances) must
+    exceed its capacity when the scale-up was decided by at least ``MEANINGFUL_GROWTH`` of one
+    instance's. If it does not (instances that share cores, memory bandwidth or an accelerator
+    divide them instead of adding to them), no scale-up until capacity is measured (over a stable
+    window) to grow by that much, or for ``SCALE_UP_COOL_DOWN_S``. A pool that is not saturated at
+    the window's end kept up: its scale-up is not held against it. Manual counts and min_instances
+    are never held.
+
+    Why wait for the window: capacity per instance is measured (:func:`learn_capacity`), and on a
+    host whose cores the new instances share it falls as soon as they serve, so the formula asks
+    for more at once; Knative's panic mode follows it to max_instances within seconds. The wait is
+    AWS EC2 Auto Scaling's instance warm-up and simple-scaling cool-down (no further scaling
+    activity until the last one's instances are in service and a cool-down has passed); judging
+    whether the scale-up added capacity, and holding on when it did not, is this policy's own.
+    """
+    memory, current = d.memory, metrics.current
+    su, stall, note = memory.scale_up, memory.stalled, ""
+    if stall is not None:
+        per = _window_capacity(memory, now)
+        if now - stall.since >= SCALE_UP_COOL_DOWN_S:
+            stall, note = None, f"scale-ups allowed again: the {SCALE_UP_COOL_DOWN_S:g} s cool-down passed"
+        elif per is not None and per * current >= stall.total + MEANINGFUL_GROWTH * stall.per_instance:
+            stall, note = None, (f"scale-ups allowed again: capacity measured to grow to {per * current:.1f} tok/s "
+                                 f"({current} × {per:.1f}) from {stall.total:.1f}")
+    if su is not None and su.completed_at is None and metrics.starting == 0:
+        su = None if current <= su.before else dataclasses.replace(su, completed_at=now)  # none started: forget
+    if su is not None and su.completed_at is not None and metrics.stable is not None \
+            and now >= su.completed_at + metrics.stable.window_s:
+        per = _window_capacity(memory, now)
+        added = per * current - su.total if per is not None else 0.0
+        if per is not None and added < MEANINGFUL_GROWTH * su.per_instance:
+            why = (f"the scale-up from {su.before} to {su.to} instance(s) did not add capacity: the pool's "
+                   f"measured capacity went from {su.total:.1f} to {per * current:.1f} tok/s ({current} × "
+                   f"{per:.1f}), {added:+.1f} tok/s, less than {MEANINGFUL_GROWTH:g} of the {su.per_instance:.1f} "
+                   "tok/s one more instance was expected to add")
+            stall = Stall(now, per * current, su.per_instance, why)
+        elif per is not None:
+            note = (f"the scale-up from {su.before} to {su.to} instance(s) added {added:.1f} tok/s of capacity "
+                    f"({su.total:.1f} → {per * current:.1f})")
+        su = None
+    memory = dataclasses.replace(memory, scale_up=su, stalled=stall)
+    figures = {**d.figures, "scale_up_stalled": float(stall is not None), "scale_up_held": 0.0}
+    reason = d.reason
+    if stall is not None:
+        left = SCALE_UP_COOL_DOWN_S - (now - stall.since)
+        why = (f"{stall.why}; no scale-up until capacity is measured to grow or for {SCALE_UP_COOL_DOWN_S:g} s "
+               f"({left:.0f} s left)")
+    elif su is not None:
+        how = ("its instances are starting" if su.completed_at is None else
+               f"its instances have served for {now - su.completed_at:.0f} s of a "
+               f"{metrics.stable.window_s if metrics.stable else 0:g} s stable window")
+        why = f"measuring what the scale-up from {su.before} to {su.to} instance(s) added ({how})"
+    else:
+        why = ""
+    if why and d.desired > current and _automatic(metrics, policy):
+        figures.update(desired=float(current), scale_up_held=1.0)
+        return dataclasses.replace(d, desired=current, figures=figures, memory=memory, reason=(
+            f"scale-up to {d.desired} held at {current}: {why}. Wanted: {d.reason}"))
+    if stall is not None:
+        reason = f"{reason}; scale-ups held: {why}"
+    elif note:
+        reason = f"{reason}; {note}"
+    return dataclasses.replace(d, reason=reason, figures=figures, memory=memory)
+
+
+def _remember_scale_up(d: Decision, metrics: PoolMetrics, policy: Policy, now: float) -> Decision:
+    """Keeps a scale-up decided on a measured capacity, to check its effect (the earliest baseline
+    while one is still unchecked)."""
+    current, cap, su = metrics.current, d.capacity, d.memory.scale_up
+    if not (d.desired > current and _automatic(metrics, policy) and cap is not None and cap.measured):
+        return d
+    if su is None:
+        su = ScaleUp(now, current, d.desired, cap.tokens_per_second, cap.tokens_per_second * current)
+    else:
+        su = dataclasses.replace(su, to=d.desired, completed_at=None)
+    return dataclasses.replace(d, memory=dataclasses.replace(d.memory, scale_up=su))
+
+
+def recommend(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) -> Decision:
+    """Knative's / the HPA's recommendation with its tolerance, panic mode, windows and bounds."""
     p, current = policy, metrics.current
     memory = learn_capacity(memory, metrics.instances, now)
     cap = capacity(memory, p)

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scaler import policy as policies
-from scaler.policy import Decision, Memory, Policy
+from scaler.policy import Decision, HostLimit, Memory, Policy
 from services.common.errors import NotFound
 from services.common.load import DEFAULT_POOL, Role
 
@@ -101,9 +101,12 @@ class Event:
 
 
 class ScalerState:
-    def __init__(self, default_policy: Policy, backend: str, history_limit: int = 10_000) -> None:
+    def __init__(self, default_policy: Policy, backend: str, history_limit: int = 10_000,
+                 host_limit: HostLimit | None = None) -> None:
+        """``host_limit``: the backend's most targets over every pool (None: no limit of its own)."""
         self.default_policy = default_policy
         self.backend = backend
+        self.host_limit = host_limit
         self.policies: dict[str, Policy] = {}
         self.listing: tuple[PoolMember, ...] = ()
         self.listed_at: float | None = None
@@ -143,6 +146,18 @@ class ScalerState:
         ids |= {m.id for m in self.managed.values() if m.pool == pool and m.state in COUNTED}
         ids -= {m.id for m in self.managed.values() if m.state == ManagedState.DRAINING}
         return len(ids)
+
+    def limit(self, pool: str) -> HostLimit | None:
+        """The backend's limit as it applies to ``pool``: what the other pools' targets leave of it
+        (at least one, so that every pool can serve)."""
+        if self.host_limit is None:
+            return None
+        others = sum(self.counted(p) for p in self.governed_pools() if p != pool)
+        if not others:
+            return self.host_limit
+        return HostLimit(max(1, self.host_limit.instances - others),
+                         f"{self.host_limit.why}, at most {self.host_limit.instances} over every pool "
+                         f"and {others} in other pools")
 
     def victims(self, pool: str, n: int) -> list[Managed]:
         """Up to ``n`` serving instances this scaler started in ``pool``, least in-flight work first."""
@@ -195,6 +210,9 @@ class ScalerState:
             desired, reason = current, f"not scaled on its own: pool {pool}'s policy governs its targets"
         elif p.manual_instances:
             desired, reason = p.manual_instances, f"manual: ScaleTo {p.manual_instances}"
+            limit = self.limit(pool)
+            if limit is not None:
+                desired, reason = limit.apply(desired, reason)
         elif decision is not None:
             desired, reason = decision.desired, decision.reason
         else:
@@ -214,6 +232,9 @@ class ScalerState:
             if excess > stoppable + starting:
                 notes.append(f"{excess - stoppable - starting} more instance(s) should go but were not started "
                              "by this scaler: left running")
+            limit = self.limit(pool)
+            if limit is not None and limit.instances < p.max_instances:
+                notes.append(f"max_instances {p.max_instances} capped at {limit.instances} by {limit.why}")
         if pool not in self.policies:
             notes.append("default policy")
         if self.listing_error:
@@ -268,7 +289,11 @@ class ScalerState:
         previous = self.decisions.get(pool)
         self.decisions[pool] = decision
         self.memory[pool] = decision.memory
-        if previous is None or previous.desired != decision.desired:
+        # Also when the backend's limit starts or stops clipping it, and when scale-ups start or stop
+        # being held: the count may stay the same, the reason is news.
+        flags = ("capped", "scale_up_stalled", "scale_up_held")
+        if previous is None or previous.desired != decision.desired or any(
+                previous.figures.get(f, 0.0) != decision.figures.get(f, 0.0) for f in flags):
             self.record(Event(now, pool, int(decision.figures.get("current", 0)), decision.desired,
                               decision.reason, "decision", dict(decision.figures)))
 

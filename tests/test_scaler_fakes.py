@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from scaler.backends import Backend, BackendError, LaunchSpec, Launched
+from scaler.policy import HostLimit
 from services.common.stubs import generation_pb2, model_pb2_grpc, monitor_pb2, monitor_pb2_grpc
 
 
@@ -53,12 +54,14 @@ class FakeTarget(model_pb2_grpc.TargetModelServicer):
 
 
 class FakeBackend(Backend):
-    """Starts a :class:`FakeTarget` per instance; ``fail_with`` makes starts fail, ``die(id)`` kills one."""
+    """Starts a :class:`FakeTarget` per instance; ``fail_with`` makes starts fail, ``die(id)`` kills one;
+    ``limit`` is its :meth:`max_targets` (None: unbounded, as Docker and Kubernetes are)."""
 
     name = "fake"
 
-    def __init__(self, ready_after_s: float = 0.0) -> None:
+    def __init__(self, ready_after_s: float = 0.0, limit: HostLimit | None = None) -> None:
         self.ready_after_s = ready_after_s
+        self.limit = limit
         self.fail_with: str | None = None
         self.targets: dict[str, FakeTarget] = {}
         self.dead: dict[str, str] = {}
@@ -79,6 +82,9 @@ class FakeBackend(Backend):
 
     def problem(self, launched: Launched) -> str | None:
         return self.dead.get(launched.handle)
+
+    def max_targets(self) -> HostLimit | None:
+        return self.limit
 
     async def die(self, instance_id: str) -> None:
         self.dead[instance_id] = "exited with code 1"

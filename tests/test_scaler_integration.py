@@ -57,7 +57,8 @@ async def test_scale_to_two_then_one_warms_up_registers_and_drains_without_failu
          "prometheus_port": 0}, env={}))
     await monitor.start()
     backend = LocalBackend(tiny_models.target, tmp_path / "logs",
-                           extra_args="--threads 1 --max-batch-size 8 --warmup false --log-level warning")
+                           extra_args="--threads 1 --max-batch-size 8 --warmup false --log-level warning",
+                           max_targets=2)  # two targets, whatever the cores of the machine the test runs on
     scaler = create_scaler(ScalerConfig.from_namespace(
         {"port": 0, "router": router.address, "monitor": monitor.address, "interval_s": 0.2,
          "start_timeout_s": START_TIMEOUT_S, "warmup_tokens": 2, "stop_grace_s": 10.0}, env={}), backend=backend)

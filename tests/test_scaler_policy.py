@@ -3,13 +3,14 @@ property-style loops over seeded random inputs (bounds, no flapping, timely scal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 
-from scaler.policy import (SATURATED, InstanceLoad, Memory, Policy, PoolMetrics, WindowLoad, bounded, capacity,
-                           checked, decide, learn_capacity)
+from scaler.policy import (SATURATED, SCALE_UP_COOL_DOWN_S, HostLimit, InstanceLoad, Memory, Policy, PoolMetrics,
+                           WindowLoad, bounded, capacity, checked, decide, learn_capacity)
 from services.common.errors import InvalidArgument
 
 T0 = 1_000_000.0
@@ -143,6 +144,104 @@ def test_panic_scales_up_at_once_and_holds_scale_down():
         if later.desired < 7:
             break
     assert later.desired == 1 and t == 30  # a stable window after the overload, 10 s after the load fell
+
+
+# -- the backend's limit ---------------------------------------------------------------------
+
+LAPTOP = HostLimit(1, "the host: 2 cores, 2 threads per target")
+
+
+def test_the_hosts_limit_caps_a_decision_and_says_so():
+    """The suite's own target already takes the host's cores: panic asks for 7, the host allows 1."""
+    p = policy(scale_up_window_s=60)
+    overloaded = dataclasses.replace(metrics(1, 120, short=450), limit=LAPTOP)
+    d = decide(overloaded, p, Memory(), T0)
+    assert d.desired == 1 and d.reason.startswith("panic:") and "scale to 7" in d.reason
+    assert d.reason.endswith("; capped at 1 by the host: 2 cores, 2 threads per target")
+    assert d.figures["host_max_instances"] == 1 and d.figures["capped"] == 1 and d.figures["desired"] == 1
+    # Above the limit already (started before it was known): down to it.
+    d = decide(dataclasses.replace(metrics(3, 50), limit=LAPTOP), p, Memory(), T0)
+    assert d.desired == 1 and "capped at 1 by the host" in d.reason
+    # Within it, and without one (Docker, Kubernetes): the policy's bounds alone.
+    roomy = HostLimit(4, "the host: 8 cores, 2 threads per target")
+    assert decide(dataclasses.replace(overloaded, limit=roomy), p, Memory(), T0).desired == 4
+    d = decide(metrics(1, 120, short=450), p, Memory(), T0)
+    assert d.desired == 7 and "capped" not in d.reason and "host_max_instances" not in d.figures
+
+
+def test_property_never_above_the_hosts_limit():
+    rng = random.Random(4)
+    for _ in range(200):
+        p = random_policy(rng)
+        limit = HostLimit(rng.randint(1, 6), "the host")
+        memory, t, current = Memory(), T0, rng.randint(0, 8)
+        for _ in range(30):
+            t += rng.uniform(0.1, 20)
+            load = rng.uniform(0, 5000)
+            d = decide(PoolMetrics(current, WindowLoad(30, load, 8, 4), WindowLoad(6, load * rng.uniform(0.5, 4)),
+                                   (InstanceLoad("a", rng.uniform(1, 500), 1.0),), limit=limit), p, memory, t)
+            assert d.desired <= limit.instances, (p, limit, current, d)
+            memory, current = d.memory, d.desired
+
+
+# -- a scale-up that added no capacity ----------------------------------------------------------
+
+def shared(current: int, load: float, total: float, *, starting: int = 0) -> PoolMetrics:
+    """``current`` saturated instances that share ``total`` tok/s (one host's cores) while clients ask for
+    ``load``: 4 running, the rest queued."""
+    per = total / max(current - starting, 1)
+    serving = tuple(InstanceLoad(f"t{i}", per, 1.0) for i in range(current - starting))
+    in_flight = max(4, round(4 * load / total))
+    return PoolMetrics(current, WindowLoad(30, total, in_flight, 4), WindowLoad(6, total, in_flight, 4), serving,
+                       starting=starting)
+
+
+def test_a_scale_up_that_added_no_capacity_is_not_followed_by_another():
+    p = policy(max_instances=8, scale_up_window_s=10, capacity_tokens_per_second=0)
+    # One instance serves 100 tok/s at saturation; clients ask for 250: panic, 1 → 4.
+    d = decide(shared(1, 250, 100), p, Memory(), T0)
+    assert (d.desired, d.capacity.measured) == (4, True) and d.reason.startswith("panic:")
+    d = decide(shared(4, 250, 100, starting=3), p, d.memory, T0 + 2)  # starting: not judged yet
+    # All serving, and they share the same cores: 4 × 25 = 100 tok/s, as before. Without the check the
+    # measured capacity (25 per instance) calls for ceil(250 / 17.5) = 15 at once: panic to max_instances 8.
+    d = decide(shared(4, 250, 100), p, d.memory, T0 + 4)
+    assert d.desired == 4 and d.figures["scale_up_held"] == 1 and d.figures["scale_up_stalled"] == 0
+    assert d.reason.startswith("scale-up to 8 held at 4: measuring what the scale-up from 1 to 4 instance(s) added")
+    t, memory = T0 + 6, d.memory
+    while t <= T0 + 4 + 30 + 10:  # a stable window later it is judged: it added nothing, and stays held
+        d = decide(shared(4, 250, 100), p, memory, t)
+        memory, t = d.memory, t + 2
+        assert d.desired == 4, (t, d.reason)
+    assert d.figures["scale_up_stalled"] == 1 and d.figures["scale_up_held"] == 1
+    assert d.reason.startswith("scale-up to 8 held at 4: the scale-up from 1 to 4 instance(s) did not add capacity")
+    assert "from 100.0 to 100.0 tok/s" in d.reason and "no scale-up until capacity is measured to grow" in d.reason
+
+    # Held for the cool-down, then allowed again.
+    d = decide(shared(4, 250, 100), p, memory, t + SCALE_UP_COOL_DOWN_S - 60)
+    assert d.desired == 4
+    d = decide(shared(4, 250, 100), p, d.memory, t + SCALE_UP_COOL_DOWN_S)
+    assert d.desired == 8 and "cool-down passed" in d.reason
+
+    # ... or as soon as capacity is measured to grow (the other work on the host ended).
+    d = decide(shared(4, 250, 200), p, memory, t)
+    assert d.desired > 4 and "capacity measured to grow to 200.0 tok/s" in d.reason
+    assert d.figures["scale_up_stalled"] == 0
+
+
+def test_a_scale_up_that_added_capacity_is_followed_by_another():
+    p = policy(max_instances=8, scale_up_window_s=10, capacity_tokens_per_second=0)
+    d = decide(shared(1, 250, 100), p, Memory(), T0)
+    memory = d.memory
+    for t in range(2, 32, 2):  # each of the 4 serves 100 tok/s: capacity grew fourfold
+        d = decide(shared(4, 400, 400), p, memory, T0 + t)
+        memory = d.memory
+        assert d.desired == 4 and "added 300.0" not in d.reason
+    d = decide(shared(4, 400, 400), p, memory, T0 + 32)  # judged a stable window after they all served
+    assert "the scale-up from 1 to 4 instance(s) added 300.0 tok/s of capacity (100.0 → 400.0)" in d.reason
+    assert d.figures["scale_up_stalled"] == 0 and d.figures["scale_up_held"] == 0
+    memory = d.memory
+    d = decide(shared(4, 1200, 400), p, memory, T0 + 34)  # and the load triples: panic again
+    assert d.desired == 8 and d.reason.startswith("panic:")
 
 
 # -- properties ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from scaler.backends import BackendError, LaunchSpec
 from scaler.backends.local import LocalBackend
 from scaler.config import ScalerConfig
 from scaler.main import create_server, main
+from scaler.policy import HostLimit
 from services.common.stubs import router_pb2, scaler_pb2, scaler_pb2_grpc, stats_pb2, stats_pb2_grpc
 from tests.conftest import free_port
 from tests.test_monitor_fakes import FakeRouter, eventually
@@ -299,6 +300,66 @@ async def test_load_drives_scale_up_by_panic_and_scale_down_after_its_window(fak
         await monitor.stop()
 
 
+async def test_the_backends_limit_caps_the_pool_and_says_so(fake_router, scaler):
+    """The local backend on a 2-core laptop whose one target takes both cores: an overload asks for
+    more, the host allows none; GetStatus and the history say why."""
+    def answer(window_s, pool):  # t1 saturated at 100 tok/s, 16 in flight on 4 running slots
+        return throughput(100, {"t1": 100}, in_flight=16, running=4, window_s=window_s)
+
+    monitor = await FakeMonitor(answer).start()
+    try:
+        fake_router.add("t1", "10.0.0.1:50061")
+        backend = FakeBackend(limit=HostLimit(1, "the host: 2 cores, 2 threads per target"))
+        running = await scaler(fake_router.address, backend, monitor=monitor.address)
+        reply = await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="default", policy=scaler_pb2.ScalingPolicy(
+            min_instances=1, max_instances=8, scale_up_window_s=60)))
+        assert "max_instances 8 capped at 1 by the host: 2 cores, 2 threads per target" in reply.pool.reason
+        capped = await eventually(lambda: _event(running, "capped at 1 by the host"))
+        assert capped.kind == "decision" and capped.reason.startswith("panic:") and "scale to 6 at once" in capped.reason
+        assert (capped.from_instances, capped.to_instances) == (1, 1) and capped.figures["host_max_instances"] == 1
+        pool = await running.pool()
+        assert (pool.current, pool.desired) == (1, 1) and pool.figures["capped"] == 1
+        assert "capped at 1 by the host: 2 cores, 2 threads per target" in pool.reason
+        assert backend.targets == {}  # the decision that said 1 started nothing
+        # An operator's ScaleTo is capped the same way (a scaler's --max-local-targets lifts it).
+        reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=3))
+        assert reply.pool.desired == 1 and "manual: ScaleTo 3; capped at 1 by the host" in reply.pool.reason
+    finally:
+        await monitor.stop()
+
+
+async def test_a_scale_up_that_added_no_capacity_is_not_followed_by_another(fake_router, scaler):
+    """Targets that share one host's cores: the pool serves 100 tok/s however many there are."""
+    def answer(window_s, pool):
+        ids = [i.spec.id for i in fake_router.instances if i.state == router_pb2.INSTANCE_STATE_ACTIVE]
+        per = 100 / max(1, len(ids))  # 130 tok/s asked for: 13 in flight for 10 running slots
+        return throughput(100, {i: per for i in ids}, in_flight=13, running=10, window_s=window_s)
+
+    monitor = await FakeMonitor(answer).start()
+    try:
+        fake_router.add("t1", "10.0.0.1:50061")
+        running = await scaler(fake_router.address, monitor=monitor.address)
+        await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="default", policy=scaler_pb2.ScalingPolicy(
+            min_instances=1, max_instances=4, scale_up_window_s=2)))
+        # 130 tok/s at 100 per instance calls for 2; once the two share the cores (50 each) it would call
+        # for 4, but the scale-up to 2 is measured first, and it added nothing.
+        stalled = await eventually(lambda: _event(running, "did not add capacity"), timeout_s=30)
+        assert "the scale-up from 1 to 2 instance(s) did not add capacity" in stalled.reason
+        assert stalled.figures["scale_up_stalled"] == 1
+        held = await eventually(lambda: _event(running, "scale-up to 4 held at 2"), timeout_s=30)
+        assert held.to_instances == 2 and "did not add capacity" in held.reason
+        assert len(fake_router.instances) == 2 and len(running.backend.targets) == 1
+        history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
+        assert max(e.to_instances for e in history.events) == 2
+    finally:
+        await monitor.stop()
+
+
+async def _event(running: Running, text: str):
+    history = await running.stub.GetHistory(scaler_pb2.GetHistoryRequest(pool="default"))
+    return next((e for e in history.events if text in e.reason), None)
+
+
 async def _decided(running: Running):
     """The pool once the loop has decided under the policy set (max_instances 3)."""
     pool = await running.pool()
@@ -368,6 +429,29 @@ async def test_local_backend_refuses_a_missing_model(tmp_path):
     backend = LocalBackend(tmp_path / "nothing", tmp_path / "logs")
     with pytest.raises(BackendError, match="no model at"):
         await backend.start(LaunchSpec("x", "default"))
+
+
+@pytest.mark.parametrize("args, env, cores, expected", [
+    ("--threads 2", {}, 2, (1, "the host: 2 cores, 2 threads per target")),  # `llmesh up` on a laptop
+    ("--threads 1 --max-batch-size 8", {}, 8, (8, "the host: 8 cores, 1 thread per target")),
+    ("--threads 2 --tensor-parallel-size 2", {}, 8, (2, "the host: 8 cores, 4 threads per target")),
+    ("", {"OMP_NUM_THREADS": "2"}, 6, (3, "the host: 6 cores, 2 threads per target")),  # inherited
+    ("", {}, 4, (1, "the host: 4 cores, 4 threads per target")),  # torch's default: every core
+    ("--threads 3", {}, 2, (1, "the host: 2 cores, 3 threads per target")),  # at least 1
+])
+def test_local_backend_runs_as_many_targets_as_the_hosts_cores_allow(tmp_path, args, env, cores, expected):
+    backend = LocalBackend(tmp_path, tmp_path / "logs", extra_args=args, env=env, cores=cores)
+    limit = backend.max_targets()
+    assert (limit.instances, limit.why) == expected
+
+
+def test_max_local_targets_overrides_the_hosts_cores_and_other_backends_have_no_limit(tmp_path):
+    from scaler.main import make_backend
+
+    config = ScalerConfig.from_namespace({"max_local_targets": 3, "target_args": "--threads 64",
+                                          "target_model": str(tmp_path), "log_dir": str(tmp_path)}, env={})
+    assert make_backend(config).max_targets() == HostLimit(3, "the scaler's --max-local-targets 3")
+    assert FakeBackend().max_targets() is None  # the base class's: Docker and Kubernetes run elsewhere
 
 
 async def test_serves_its_own_stats(fake_router, scaler):

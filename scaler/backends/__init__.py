@@ -13,6 +13,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+from scaler.policy import HostLimit
+
 
 class BackendError(RuntimeError):
     """A backend could not start or stop an instance; the message says why."""
@@ -52,6 +54,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def problem(self, launched: Launched) -> str | None:
         """None while the instance runs; why it is gone once it has exited on its own."""
+
+    def max_targets(self) -> HostLimit | None:
+        """The most targets this backend can usefully run at once, over every pool, and why;
+        None: no limit of its own (the default: containers and pods run elsewhere, where the
+        Docker host's or the cluster's own limits apply)."""
+        return None
 
     async def close(self, grace_s: float) -> None:
         """Stops whatever this backend still runs (the scaler is shutting down)."""

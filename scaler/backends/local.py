@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scaler.backends import Backend, BackendError, LaunchSpec, Launched
+from scaler.policy import HostLimit
 from services.common.processes import ProcessGroup, connect_address
 from services.common.suite import MODULES, ServiceSpec
 
@@ -28,13 +29,50 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _threads(args: Sequence[str]) -> str | None:
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name`` in ``args`` (its last one), or None."""
+    value = None
     for i, arg in enumerate(args):
-        if arg == "--threads" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--threads="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _threads(args: Sequence[str]) -> str | None:
+    return _flag(args, "--threads")
+
+
+def _positive(value: str | None) -> int:
+    """``value`` as a positive int, else 0."""
+    try:
+        n = int(value or 0)
+    except ValueError:
+        return 0
+    return max(n, 0)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_target(args: Sequence[str], env: Mapping[str, str], cores: int) -> int:
+    """Torch threads one started target uses: ``--threads`` (per rank) or else the OMP_NUM_THREADS it
+    inherits, times its ranks (``--tensor-parallel-size`` × ``--pipeline-parallel-size``); with
+    neither, every core (torch's default, which its ranks share)."""
+    tp, pp = (_positive(_flag(args, f"--{name}-parallel-size")) or 1 for name in ("tensor", "pipeline"))
+    ranks = tp * pp
+    per_rank = _positive(_threads(args)) or _positive(env.get("OMP_NUM_THREADS"))
+    return per_rank * ranks if per_rank else cores
 
 
 class LocalBackend(Backend):
@@ -42,7 +80,9 @@ class LocalBackend(Backend):
 
     def __init__(self, model: str | Path, log_dir: Path, *, host: str = "127.0.0.1", extra_args: str = "",
                  python: str = sys.executable, env: Mapping[str, str] | None = None,
-                 module: str = MODULES["target"]) -> None:
+                 module: str = MODULES["target"], max_targets: int = 0, cores: int | None = None) -> None:
+        """``max_targets``: the most targets at once (0: as many as the host's ``cores``, its CPU
+        affinity by default, allow for the threads each target uses; at least 1)."""
         self.model = Path(model)
         self.log_dir = Path(log_dir)
         self.host = host
@@ -53,6 +93,18 @@ class LocalBackend(Backend):
         self.env = {**(os.environ if env is None else env), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
                     **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {})}
         self._running: dict[int, ProcessGroup] = {}
+        if max_targets > 0:
+            self._limit = HostLimit(max_targets, f"the scaler's --max-local-targets {max_targets}")
+        else:
+            cores = cores or host_cores()
+            per = threads_per_target(self.extra_args, self.env, cores)
+            self._limit = HostLimit(max(1, cores // per),
+                                    f"the host: {_count(cores, 'core')}, {_count(per, 'thread')} per target")
+
+    def max_targets(self) -> HostLimit:
+        """Processes on one host share its cores: past cores ÷ threads per target, another target
+        divides the same cores instead of adding capacity."""
+        return self._limit
 
     def command(self, spec: LaunchSpec, port: int) -> ServiceSpec:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.instance_id)
