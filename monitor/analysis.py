@@ -244,8 +244,8 @@ def scale_out(pool: str, m: Throughput, t: Thresholds) -> Recommendation | None:
     if growing:
         why.append(f"queues grow by {m.queue_growth_per_second:.2f} request(s)/s ({m.queue_length} waiting)")
     elif saturated:
-        why.append(f"saturated in {m.saturation:.0%} of the window with {m.queue_length} request(s) waiting "
-                   f"(queue time p50 {m.queue_time.p50_ms:.0f} ms)")
+        waited = f" (queue time p50 {m.queue_time.p50_ms:.0f} ms)" if m.queue_time.count else ""
+        why.append(f"saturated in {m.saturation:.0%} of the window with {m.queue_length} request(s) waiting{waited}")
     if below:
         why.append(f"{m.requests_per_second:.2f} requests/s is below the target of "
                    f"{t.target_requests_per_second:g}")
