@@ -142,7 +142,7 @@ class Forwarder:
             self.admission.release(pool, None if failed else now - started)
             first_at, tokens = tally.first_at, tally.tokens
             _, tpot = ttft_tpot(started, first_at, tally.last_at, tokens)
-            self.metrics.record_request(now, tpot, now - started, 0.0, error=failed)
+            self.metrics.record_request(now, tpot, now - started, error=failed)
             kept = tally.kept
             if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:
                 self.cache.put(key, tuple(kept), now)
@@ -177,7 +177,7 @@ class Forwarder:
                 self.metrics.record_tokens(now, len(chunk.token_ids))
             await emit(chunk)
         now = self.clock()
-        self.metrics.record_request(now, 0.0 if tokens > 1 else None, now - started, 0.0)
+        self.metrics.record_request(now, 0.0 if tokens > 1 else None, now - started)
 
     async def _forward(self, request: gen.GenerateRequest, pools: tuple[str, ...],
                        time_remaining: Callable[[], float | None], emit: Emit, tally: _Tally) -> None:

@@ -92,8 +92,9 @@ def test_windowed_takes_every_counter_and_lets_the_caller_set_the_rest():
     metrics = WindowedMetrics(window_s=10.0)
     metrics.record_step(1.0, batch_size=2, useful=2, computed=4, busy_s=0.1)
     metrics.record_tokens(1.0, 5)
+    metrics.record_admitted(0.75, queue_s=0.05)
     metrics.record_first_token(0.9, ttft_s=0.2)
-    metrics.record_request(1.0, tpot_s=0.01, e2e_s=0.3, queue_s=0.05)
+    metrics.record_request(1.0, tpot_s=0.01, e2e_s=0.3)
     metrics.record_speculation(1.0, rounds=2, proposed=8, accepted=6)
     m = metrics.snapshot(2.0)
     report = windowed(m, instance_id="t", running=2, token_efficiency=0.0)
@@ -104,7 +105,7 @@ def test_windowed_takes_every_counter_and_lets_the_caller_set_the_rest():
         windowed(m, no_such_field=1)
 
 
-def test_ttft_shows_while_requests_still_stream():
+def test_ttft_and_queue_time_show_while_requests_still_stream():
     """A request's TTFT counts from its first token, not from its end: under long generations the window
     had no TTFT sample at all while tokens streamed (2026-12-02, 100 streams of 1500 tokens: count 0)."""
     metrics = WindowedMetrics(window_s=5.0)
@@ -113,6 +114,8 @@ def test_ttft_shows_while_requests_still_stream():
     m = metrics.snapshot(4.0)
     assert m.ttft_ms.count == 3 and m.ttft_ms.p50_ms == pytest.approx(200.0) and m.e2e_ms.count == 0
     assert metrics.snapshot(20.0).ttft_ms.count == 0  # out of the window
+    metrics.record_admitted(21.0, queue_s=0.5)  # queue time likewise at admission
+    assert metrics.snapshot(22.0).queue_ms.count == 1 and metrics.snapshot(22.0).e2e_ms.count == 0
 
 
 def test_backoff_doubles_up_to_its_cap_and_resets():

@@ -79,7 +79,9 @@ class WindowedMetrics:
         self.window_s = window_s
         self.started_at = started_at
         self._steps: deque[tuple[float, int, int, int, float]] = deque()
-        self._requests: deque[tuple[float, float | None, float, float]] = deque()
+        self._requests: deque[tuple[float, float | None, float]] = deque()
+        #: (when, seconds from arrival): each request's admission to the batch, recorded as it happens.
+        self._admissions: deque[tuple[float, float]] = deque()
         #: (when, seconds from arrival): each request's first token, recorded as it comes, so that TTFT
         #: shows while long generations still stream (vLLM records it at the first token too).
         self._first_tokens: deque[tuple[float, float]] = deque()
@@ -102,10 +104,14 @@ class WindowedMetrics:
         """A request's first token came at ``now``, ``ttft_s`` after it arrived."""
         self._first_tokens.append((now, ttft_s))
 
-    def record_request(self, now: float, tpot_s: float | None, e2e_s: float, queue_s: float,
-                       error: bool = False) -> None:
-        """A request ended at ``now`` (its first token was recorded by :meth:`record_first_token`)."""
-        self._requests.append((now, tpot_s, e2e_s, queue_s))
+    def record_admitted(self, now: float, queue_s: float) -> None:
+        """A request left the queue for the batch at ``now``, ``queue_s`` after it arrived."""
+        self._admissions.append((now, queue_s))
+
+    def record_request(self, now: float, tpot_s: float | None, e2e_s: float, error: bool = False) -> None:
+        """A request ended at ``now`` (its admission and first token were recorded as they happened:
+        :meth:`record_admitted`, :meth:`record_first_token`)."""
+        self._requests.append((now, tpot_s, e2e_s))
         self.counters["requests_total"] += 1
         if error:
             self.counters["errors_total"] += 1
@@ -125,7 +131,7 @@ class WindowedMetrics:
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
-        for q in (self._steps, self._requests, self._tokens, self._spec, self._first_tokens):
+        for q in (self._steps, self._requests, self._tokens, self._spec, self._first_tokens, self._admissions):
             while q and q[0][0] < horizon:
                 q.popleft()
 
@@ -149,7 +155,7 @@ class WindowedMetrics:
             ttft_ms=Latency.of(ms(t for _, t in self._first_tokens)),
             tpot_ms=Latency.of(ms(r[1] for r in reqs)),
             e2e_ms=Latency.of(ms(r[2] for r in reqs)),
-            queue_ms=Latency.of(ms(r[3] for r in reqs)),
+            queue_ms=Latency.of(ms(q for _, q in self._admissions)),
             acceptance_rate=accepted / proposed if proposed else 0.0,
             mean_accepted_length=sum(s[4] for s in self._spec) / rounds if rounds else 0.0,
             counters=dict(self.counters),

@@ -239,8 +239,10 @@ class Engine:
 
     def _settle(self, plan: StepPlan) -> None:
         """Bookkeeping of the schedule: admitted ones leave the queue count, dropped ones finish."""
-        for _ in plan.admitted:
+        for seq in plan.admitted:
             self._dequeued()
+            if not seq.preemptions:  # its first admission (a preempted one's wait is not a queue time)
+                self.metrics.record_admitted(seq.admitted_at, seq.admitted_at - seq.arrival)
         if plan.preempted:
             with self._queued_lock:
                 self._queued += len(plan.preempted)
@@ -455,8 +457,7 @@ class Engine:
         timeline = Timeline(seq.arrival, seq.admitted_at, seq.first_token_at, now, seq.last_token_at,
                             seq.generated - len(seq.request.resume_ids))
         _, tpot = timeline.ttft_tpot()
-        self.metrics.record_request(now, tpot, now - seq.arrival, (seq.admitted_at or now) - seq.arrival,
-                                    error=error is not None)
+        self.metrics.record_request(now, tpot, now - seq.arrival, error=error is not None)
         self.observer.finished(tpot_s=tpot, e2e_s=now - seq.arrival,
                                queue_s=(seq.admitted_at or now) - seq.arrival,
                                prompt_tokens=len(seq.request.prompt_ids), generation_tokens=timeline.new_tokens,
