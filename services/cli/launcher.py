@@ -141,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
             http = _flag(router.args, "--http-port")
             web = f", OpenAI HTTP API at {'https' if tls else 'http'}://{router.host}:{http}/v1" if http not in (None, "0") else ""
             _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C or `llmesh down` stops every service)")
+            port = ports(options.base_port, options.prometheus_port)
+            _say("Prometheus /metrics: " + ", ".join(
+                f"{name} {router.host}:{port[key]}" for name, key in (
+                    ("monitor", "prometheus"), ("target", "target-metrics"), ("draft", "draft-metrics"),
+                    ("scaler", "scaler-metrics"))))
             healthy = supervise(group, stop, args.keep_going,
                                 restart=None if args.no_restart else RestartPolicy(), on_restart=record)
         else:
