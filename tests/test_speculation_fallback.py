@@ -124,3 +124,22 @@ async def test_a_request_that_says_how_to_speculate_speculates(tiny_models, refe
     finally:
         await channel.close()
         await target.stop(0)
+
+
+def test_fallbacks_are_logged_once_per_cause_every_few_seconds(caplog):
+    """A draft that goes away makes every running sequence fall back at once: one line per cause every
+    10 s with how many, not one per sequence."""
+    import logging
+
+    from services.speculative.speculator import _EveryFewSeconds
+
+    caplog.set_level(logging.INFO, logger="services.speculative.speculator")
+    every = _EveryFewSeconds("sequence(s) fell back")
+    for now in (0.0, 0.1, 0.2, 3.0):
+        every.note("draft_failed", "draft unavailable", now)
+    every.note("low_acceptance", "acceptance 0.1", 3.0)
+    every.note("draft_failed", "draft unavailable", 10.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 sequence(s) fell back (draft_failed): draft unavailable",
+        "1 sequence(s) fell back (low_acceptance): acceptance 0.1",
+        "4 sequence(s) fell back (draft_failed): draft unavailable"]

@@ -113,6 +113,24 @@ class _Account:
     tokens: int
 
 
+class _EveryFewSeconds:
+    """An INFO line per cause at most every ``every_s`` seconds (engine clock), with how many
+    happened since the last: a draft that goes away makes every sequence fall back at once."""
+
+    def __init__(self, what: str, every_s: float = 10.0) -> None:
+        self.what, self.every_s = what, every_s
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, cause: str, reason: str, now: float) -> None:
+        self._since[cause] = self._since.get(cause, 0) + 1
+        last = self._last.get(cause)
+        if last is not None and now - last < self.every_s:
+            return
+        log.info("%d %s (%s): %s", self._since.pop(cause), self.what, cause, reason)
+        self._last[cause] = now
+
+
 class Speculator:
     """Speculative decoding with per-sequence proposers, for one engine."""
 
@@ -150,6 +168,7 @@ class Speculator:
         self._drafts_busy = False
         #: Forward shapes (rows x tokens per row) this process has run: the first of each is not a cost.
         self._shapes: set[tuple[int, int]] = set()
+        self._fallback_log = _EveryFewSeconds("sequence(s) fell back from the draft model to ngram")
 
     @property
     def uses_cost_model(self) -> bool:
@@ -515,5 +534,5 @@ class Speculator:
         if spec.fallback is None:
             spec.disable(reason)
             return
-        log.info("a sequence falls back from the draft model to ngram (%s): %s", cause.value, reason)
+        self._fallback_log.note(cause.value, reason, self._now)
         spec.switch(spec.fallback(), cause.value, reason)
