@@ -189,7 +189,7 @@ def check_generate_request(req: gen.GenerateRequest) -> None:
     if s.max_new_tokens == 0 and not is_scoring(req):
         raise InvalidArgument("sampling.max_new_tokens", "must be >= 1, got 0 (0 only scores the prompt: it needs "
                                                          "echo_prompt or prompt_logprobs)")
-    # 0 is scoring here (refused above otherwise); the target runs it as one token it does not send.
+    # 0 is scoring here (refused above otherwise): the target only prefills the prompt.
     check_sampling_values(s.temperature, 1.0, 0, s.max_new_tokens or 1, len(s.stop))
     check_stop_sequences(s.stop)
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:

@@ -40,7 +40,7 @@ def request_of(req: gen.GenerateRequest, prompt_ids: list[int], deadline: float 
     prefills its prompt (``GenerationRequest.scoring``)."""
     sampling = sampling_of(req.sampling)
     scoring = is_scoring(req)
-    if scoring:
+    if scoring:  # no token is sampled; a bound of 1 keeps the engine's sampling checks as they are
         sampling = replace(sampling, max_new_tokens=1, stop=(), fit_context=False)
     return GenerationRequest(
         prompt_ids=prompt_ids, sampling=sampling, scoring=scoring,

@@ -9,7 +9,7 @@ from dataclasses import replace
 from services.serving import generation_codec as codec
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.telemetry import record_phases
-from services.common.validation import check_address, check_gamma_range, is_scoring
+from services.common.validation import check_address, check_gamma_range
 from services.serving.model_service import SPECULATION_FIELDS, configure_changes, model_info, settings_pb
 from services.serving.token_bytes import token_bytes
 from services.common.stubs import generation_pb2 as gen
@@ -48,8 +48,8 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
         req = codec.request_of(request, await self.app.prompt_ids(request.prompt), deadline)
         request_id = request.request_id or uuid.uuid4().hex
         # Scoring (max_new_tokens 0): only the prompt's prefill runs, so nothing to speculate.
-        scoring = is_scoring(request)
-        req.speculation = None if scoring else self._speculation(request, req, request_id, loaded.engine.vocab_size)
+        req.speculation = (None if req.scoring else
+                           self._speculation(request, req, request_id, loaded.engine.vocab_size))
         usage = gen.Usage(prompt_tokens=len(req.prompt_ids) + len(req.resume_ids),
                           completion_tokens=len(req.resume_ids))
         if (request.sampling.fit_context and req.resume_ids
@@ -68,15 +68,12 @@ class TargetServicer(model_pb2_grpc.TargetModelServicer):
             return list(zip(texts, token_bytes(tokenizer, ids, texts)))
 
         async for event in engine.generate(req):
-            ids, text, logprobs = ((), "", ()) if scoring else (event.token_ids, event.text, event.logprobs)
-            if scoring and not (echo or event.prompt_logprobs or event.finish_reason is not None):
-                continue
-            usage.completion_tokens += len(ids)
-            chunk = gen.GenerateChunk(request_id=request_id, token_ids=ids, text=echo + text,
+            usage.completion_tokens += len(event.token_ids)
+            chunk = gen.GenerateChunk(request_id=request_id, token_ids=event.token_ids, text=echo + event.text,
                                       usage=usage, instance_id=self.instance_id)
             echo = ""
-            if logprobs or event.prompt_logprobs:
-                chunk.logprobs.extend(codec.logprobs_pb(logprobs, token_text))
+            if event.logprobs or event.prompt_logprobs:
+                chunk.logprobs.extend(codec.logprobs_pb(event.logprobs, token_text))
                 chunk.prompt_logprobs.extend(codec.logprobs_pb(event.prompt_logprobs, token_text))
             if event.finish_reason is not None:
                 if event.error is not None:
