@@ -20,7 +20,7 @@ from pathlib import Path
 from scaler.backends import Backend, BackendError, LaunchSpec, Launched
 from scaler.policy import HostLimit
 from services.common.processes import ProcessGroup, connect_address
-from services.common.suite import MODULES, ServiceSpec
+from services.common.suite import MODULES, ServiceSpec, flag_value
 
 
 def free_port(host: str) -> int:
@@ -29,19 +29,8 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _flag(args: Sequence[str], name: str) -> str | None:
-    """The value of ``--name`` in ``args`` (its last one), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def _threads(args: Sequence[str]) -> str | None:
-    return _flag(args, "--threads")
+    return flag_value(args, "--threads")
 
 
 def _positive(value: str | None) -> int:
@@ -69,7 +58,7 @@ def threads_per_target(args: Sequence[str], env: Mapping[str, str], cores: int) 
     """Torch threads one started target uses: ``--threads`` (per rank) or else the OMP_NUM_THREADS it
     inherits, times its ranks (``--tensor-parallel-size`` × ``--pipeline-parallel-size``); with
     neither, every core (torch's default, which its ranks share)."""
-    tp, pp = (_positive(_flag(args, f"--{name}-parallel-size")) or 1 for name in ("tensor", "pipeline"))
+    tp, pp = (_positive(flag_value(args, f"--{name}-parallel-size")) or 1 for name in ("tensor", "pipeline"))
     ranks = tp * pp
     per_rank = _positive(_threads(args)) or _positive(env.get("OMP_NUM_THREADS"))
     return per_rank * ranks if per_rank else cores

@@ -39,7 +39,8 @@ from services.common.paths import default_home
 from services.common import runfile
 from services.common.processes import (LaunchError, ProcessGroup, RestartPolicy, busy_ports, connect_address,
                                       is_serving, supervise, wait_routable)
-from services.common.suite import DEFAULT_BASE_PORT, SERVICES, UpOptions, log_dir, model_paths, plan, ports
+from services.common.suite import (DEFAULT_BASE_PORT, SERVICES, UpOptions, flag_value, log_dir, model_paths, plan,
+                                  ports)
 from services.common.tls import TlsFiles, is_loopback
 
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                           (("authorization", f"Bearer {options.admin_token}"),) if options.admin_token else ())
             how = (f"TLS, mutual between services; clients: llmesh generate --tls (certificates in "
                    f"{options.tls_dir})" if tls else "plaintext")
-            http = _flag(router.args, "--http-port")
+            http = flag_value(router.args, "--http-port")
             web = f", OpenAI HTTP API at {'https' if tls else 'http'}://{router.host}:{http}/v1" if http not in (None, "0") else ""
             _say(f"ready; router at {router.address}{web}, {how} (Ctrl-C or `llmesh down` stops every service)")
             port = ports(options.base_port, options.prometheus_port)
@@ -207,9 +208,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "exit status is 1 when a service died")
     p.set_defaults(func=run)
     return p
-
-
-def _flag(args, name: str) -> str | None:
-    """The value after ``name`` in a service's arguments, or None."""
-    args = list(args)
-    return args[args.index(name) + 1] if name in args[:-1] else None

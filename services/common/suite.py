@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,19 @@ class ServiceSpec:
 
     def command(self, python: str) -> list[str]:
         return [python, "-m", self.module, *self.args]
+
+
+def flag_value(args: Sequence[str], name: str) -> str | None:
+    """The value of flag ``name`` (``--threads``) in a service's arguments, as
+    ``--threads 2`` or ``--threads=2`` (the last one given, as argparse takes
+    it), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def log_dir(home: Path, base_port: int = DEFAULT_BASE_PORT) -> Path:
