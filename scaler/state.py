@@ -148,14 +148,15 @@ class ScalerState:
         return len(ids)
 
     def limit(self, pool: str) -> HostLimit | None:
-        """The backend's limit as it applies to ``pool``: what the other pools' targets leave of it
-        (at least one, so that every pool can serve)."""
+        """The backend's limit as it applies to ``pool``: what the other pools' targets leave of it,
+        which may be none (a pool that would need one more target gets none: the host's cores are
+        taken; its reason says so)."""
         if self.host_limit is None:
             return None
         others = sum(self.counted(p) for p in self.governed_pools() if p != pool)
         if not others:
             return self.host_limit
-        return HostLimit(max(1, self.host_limit.instances - others),
+        return HostLimit(max(0, self.host_limit.instances - others),
                          f"{self.host_limit.why}, at most {self.host_limit.instances} over every pool "
                          f"and {others} in other pools")
 

@@ -324,6 +324,12 @@ async def test_the_backends_limit_caps_the_pool_and_says_so(fake_router, scaler)
         # An operator's ScaleTo is capped the same way (a scaler's --max-local-targets lifts it).
         reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=3))
         assert reply.pool.desired == 1 and "manual: ScaleTo 3; capped at 1 by the host" in reply.pool.reason
+        # The cap covers every pool: a second pool on the same host gets what the first leaves, none here.
+        await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="other", policy=scaler_pb2.ScalingPolicy(
+            min_instances=0, max_instances=2)))
+        reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="other", instances=1))
+        assert reply.pool.desired == 0 and "capped at 0 by the host" in reply.pool.reason
+        assert "1 in other pools" in reply.pool.reason and backend.targets == {}
     finally:
         await monitor.stop()
 
