@@ -255,7 +255,9 @@ def scale_out(pool: str, m: Throughput, t: Thresholds) -> Recommendation | None:
         "scale_out", Severity.WARNING,
         f"pool {pool} is at capacity with {m.instances} instance(s), "
         f"{m.accelerator_utilization:.0%} utilised: " + "; ".join(why),
-        f"add {more} instance(s) to pool {pool} (Scaler.ScaleTo, or raise its max_instances)",
+        f"add {more} instance(s) to pool {pool} (Scaler.ScaleTo, or raise its max_instances); where the scaler "
+        "holds the pool at what its host's cores allow (GetStatus says 'capped at'), the capacity must come from "
+        "another machine or fewer threads per target",
         "the queue drains and requests/s rises with the added capacity",
         pool, m.requests_per_second if below else (m.queue_growth_per_second if growing else m.saturation),
         t.target_requests_per_second if below else (0.0 if growing else t.saturated_share),
