@@ -127,7 +127,9 @@ def serving_keys(infos: Iterable[InstanceInfo]) -> list[str]:
 def throughput(snapshot: Snapshot, window_s: float, scope: Scope, now: float) -> ThroughputResult:
     """Metrics of ``scope`` over ``[now - window_s, now]`` (monitor time)."""
     keys = scope_keys(snapshot, scope)
-    windows = {k: w for k in keys if (w := _window(snapshot.reports.get(k, ()), window_s, now)) is not None}
+    windows = {k: w for k in keys
+               if (w := _window(snapshot.reports.get(k, ()), window_s, now, snapshot.observed_since,
+                                snapshot.first_seen.get(k))) is not None}
     per_instance = {k: _instance_metrics(w, window_s) for k, w in windows.items()}
     if scope.instance_id:
         counted = list(windows)
@@ -157,10 +159,22 @@ class _Window:
     rates: dict[str, float] | None
     #: Change of the queue length per second since the window start (0 with a single report).
     queue_growth: float = 0.0
+    #: The share of the window its rates cover: 1, or less for an instance that appeared (started or
+    #: restarted) inside the window while the monitor watched. Its rates are per second of its own
+    #: life (what one instance serves); a sum over instances weighs each by its share.
+    share: float = 1.0
 
 
-def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | None:
-    """None when the instance sent nothing in the window (it is stale or gone)."""
+#: An instance whose first report in the window came this long after the window (or the monitor's
+#: watch) began appeared inside it; earlier, its first report is taken as the window's start.
+APPEARED_AFTER_S = 2.0
+
+
+def _window(ring: Sequence[Report], window_s: float, now: float, observed_since: float | None = None,
+            first_seen: float | None = None) -> _Window | None:
+    """None when the instance sent nothing in the window (it is stale or gone).
+    ``observed_since``, ``first_seen``: monitor time of the store's first report and of this
+    instance's (see :attr:`_Window.share`; a restarted instance was there all along)."""
     received = [r.received_at for r in ring]
     end = bisect.bisect_right(received, now)
     start = now - window_s
@@ -171,11 +185,15 @@ def _window(ring: Sequence[Report], window_s: float, now: float) -> _Window | No
     # The report at the window start: the newest one at or before it, else the oldest kept.
     base = ring[first_inside - 1] if first_inside > 0 else ring[0]
     span = newest.timestamp - base.timestamp
-    rates, growth = None, 0.0
+    rates, growth, share = None, 0.0, 1.0
     if base is not newest and span > 0:
         rates = {c: (getattr(newest, c) - getattr(base, c)) / span for c in COUNTERS}
         growth = (newest.queue_length - base.queue_length) / span
-    return _Window(newest, tuple(ring[first_inside:end]), rates, growth)
+        watched_from = start if observed_since is None else max(start, observed_since)
+        appeared = base.received_at if first_seen is None else first_seen
+        if first_inside == 0 and appeared - watched_from > APPEARED_AFTER_S:
+            share = min(1.0, (newest.received_at - base.received_at) / max(1e-9, newest.received_at - watched_from))
+    return _Window(newest, tuple(ring[first_inside:end]), rates, growth, share)
 
 
 def _tiling(w: _Window) -> list[Report]:
@@ -243,16 +261,17 @@ def merge_latency(summaries: Iterable[Latency]) -> Latency:
 def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float) -> Throughput:
     if not parts:
         return Throughput(window_s=window_s)
-    requests = sum(p.requests_per_second for p in parts)
-    errors = sum(p.errors_per_second for p in parts)
-    proposed = sum(p.proposed_per_second for p in parts)
-    accepted = sum(w.rates["accepted_tokens_total"] for w in windows if w.rates is not None)
+    # Sums of rates weigh each instance by the share of the window it was there (_Window.share).
+    requests = sum(p.requests_per_second * w.share for p, w in zip(parts, windows))
+    errors = sum(p.errors_per_second * w.share for p, w in zip(parts, windows))
+    proposed = sum(p.proposed_per_second * w.share for p, w in zip(parts, windows))
+    accepted = sum(w.rates["accepted_tokens_total"] * w.share for w in windows if w.rates is not None)
     batched = [p.batch_fill for p, w in zip(parts, windows) if w.newest.max_batch_size > 0]
     measured = [p for p in parts if p.utilization_source != UtilizationSource.UNSPECIFIED]
     sources = {p.utilization_source for p in measured}
     return Throughput(
         window_s=window_s, requests_per_second=requests,
-        tokens_per_second=sum(p.tokens_per_second for p in parts),
+        tokens_per_second=sum(p.tokens_per_second * w.share for p, w in zip(parts, windows)),
         batch_fill=_mean(batched),
         accelerator_utilization=_mean([p.accelerator_utilization for p in measured]),
         # One source when every instance measures the same way; a mix has no single name.
@@ -263,7 +282,8 @@ def _aggregate(windows: list[_Window], parts: list[Throughput], window_s: float)
         acceptance_rate=accepted / proposed if proposed > 0 else 0.0,
         error_rate=errors / requests if requests > 0 else 0.0,
         instances=len(parts), queue_length=sum(p.queue_length for p in parts),
-        errors_per_second=errors, rejected_per_second=sum(p.rejected_per_second for p in parts),
+        errors_per_second=errors,
+        rejected_per_second=sum(p.rejected_per_second * w.share for p, w in zip(parts, windows)),
         proposed_per_second=proposed, kv_cache_usage=_mean([p.kv_cache_usage for p in parts]),
         running=sum(p.running for p in parts), max_batch_size=sum(p.max_batch_size for p in parts),
         saturation=_mean([p.saturation for p in parts]),

@@ -65,6 +65,10 @@ class Snapshot:
     reports: Mapping[str, tuple[Report, ...]] = field(default_factory=dict)
     #: Monitor time of the last successful ListInstances; None if the router was never reached.
     listed_at: float | None = None
+    #: Monitor time of the first report the store took (None: none yet): before it, nothing was seen.
+    observed_since: float | None = None
+    #: Monitor time of each instance's first report (kept across its restarts).
+    first_seen: Mapping[str, float] = field(default_factory=dict)
 
     def find(self, name: str) -> str | None:
         """The key of an instance named by its registry id or by the id in its reports."""
@@ -86,6 +90,8 @@ class ReportStore:
         self._instances: dict[str, InstanceInfo] = {}
         self._rings: dict[str, deque[Report]] = {}
         self._listed_at: float | None = None
+        self._observed_since: float | None = None
+        self._first_seen: dict[str, float] = {}
 
     def set_listed(self, infos: Iterable[InstanceInfo], now: float) -> tuple[list[str], list[str]]:
         """Replaces the router-listed instances; returns the keys (added, removed).
@@ -114,6 +120,7 @@ class ReportStore:
     def _drop(self, key: str) -> None:
         self._instances.pop(key, None)
         self._rings.pop(key, None)
+        self._first_seen.pop(key, None)
 
     def add(self, key: str, report: Report) -> bool:
         """Appends a report; False (and nothing kept) when ``key`` is not a known instance.
@@ -128,6 +135,9 @@ class ReportStore:
             if ring and any(getattr(report, c) < getattr(ring[-1], c) for c in COUNTERS):
                 ring.clear()
             ring.append(report)
+            if self._observed_since is None:
+                self._observed_since = report.received_at
+            self._first_seen.setdefault(key, report.received_at)
             horizon = report.received_at - self.retention_s
             while ring and ring[0].received_at < horizon:
                 ring.popleft()
@@ -137,4 +147,5 @@ class ReportStore:
         with self._lock:
             return Snapshot(instances=MappingProxyType(dict(self._instances)),
                             reports=MappingProxyType({k: tuple(r) for k, r in self._rings.items()}),
-                            listed_at=self._listed_at)
+                            listed_at=self._listed_at, observed_since=self._observed_since,
+                            first_seen=MappingProxyType(dict(self._first_seen)))

@@ -168,6 +168,23 @@ def test_latency_covers_the_window_asked_for_not_only_the_newest_report():
     assert throughput(store.snapshot(), 5, Scope(), now).metrics.ttft.count == 5  # finer than an instance's window
 
 
+def test_an_instance_that_appeared_inside_the_window_adds_its_share_of_the_window():
+    """A target the scaler started 5 s ago serves 100 tok/s; over a 60 s window the fleet served 100 tok/s
+    plus its 5 s of them, not 200 (2026-12-02: the fleet's 60 s figure went from 586 to 2090 tok/s within
+    5 s of a scale-up, and the scaler reads its pool's load there). Its own figure stays its rate."""
+    store = store_with(target("a"), target("b"))
+    now = feed(store, "a", 60, tokens_per_s=100)
+    t = now - 5.0
+    while t <= now + 1e-9:
+        store.add("b", report("b", t, tokens_per_s=100, skew=0.0, tokens_generated_total=int(100 * (t - now + 5))))
+        t += 0.5
+    result = throughput(store.snapshot(), 60, Scope(), now)
+    assert result.per_instance["b"].tokens_per_second == pytest.approx(100, rel=0.02)
+    assert result.metrics.tokens_per_second == pytest.approx(100 + 100 * 5 / 60, rel=0.02)
+    # Over 5 s, both were there the whole window.
+    assert throughput(store.snapshot(), 4, Scope(), now).metrics.tokens_per_second == pytest.approx(200, rel=0.05)
+
+
 def test_acceptance_and_error_rates_are_ratios_of_counter_increments():
     store = store_with(target("a"))
     for i in range(11):
