@@ -438,6 +438,22 @@ def recommend(metrics: PoolMetrics, policy: Policy, memory: Memory, now: float) 
         return hold(current, f"holding at {current}: no load figures from the monitor ({metrics.error or 'none yet'})",
                     dataclasses.replace(memory, recommendations=()))
     if cap is None:
+        stable = metrics.stable
+        idle = (stable.demand == 0 and stable.in_flight == 0
+                and (metrics.panic is None or (metrics.panic.demand == 0 and metrics.panic.in_flight == 0)))
+        if idle and current > p.min_instances:
+            # No load at all: whatever an instance's capacity, min_instances serve it; the scale-down
+            # window applies as it does to any recommendation.
+            recs = _trim(memory.recommendations + ((now, p.min_instances),), now, p.scale_down_window_s)
+            mem = dataclasses.replace(memory, recommendations=recs)
+            held = now - _run_start(recs, lambda r: r < current)
+            if held >= p.scale_down_window_s:
+                return hold(max(r for t, r in recs if t >= now - p.scale_down_window_s),
+                            f"scale down: no load over {stable.window_s:g} s (capacity unknown, and none is "
+                            f"needed); below {current} for {held:.0f} s (scale-down window "
+                            f"{p.scale_down_window_s:g} s)", mem)
+            return hold(current, f"no load over {stable.window_s:g} s calls for {p.min_instances} for {held:.0f} s "
+                                 f"of the {p.scale_down_window_s:g} s scale-down window", mem)
         return hold(current, f"holding at {current}: capacity unknown (no instance has been saturated for a whole "
                              "window yet, and the policy sets no capacity_tokens_per_second estimate)",
                     dataclasses.replace(memory, recommendations=()))

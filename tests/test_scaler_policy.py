@@ -341,3 +341,20 @@ def test_policy_and_state_import_neither_grpc_nor_stubs():
     code = ("import sys, scaler.policy, scaler.state; "
             "bad = [m for m in sys.modules if m.startswith(('grpc', 'llmesh'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_idle_pool_scales_down_to_its_minimum_though_its_capacity_is_unknown():
+    """No load at all needs no capacity figure: min_instances serve it, after the scale-down window (an idle
+    pool of min 0 held its target for ever, "capacity unknown")."""
+    p = policy(capacity_tokens_per_second=0, min_instances=0, scale_down_window_s=60)
+    idle = PoolMetrics(1, WindowLoad(30.0, 0.0), WindowLoad(6.0, 0.0))
+    memory, reasons = Memory(), []
+    for t in range(0, 62, 2):
+        d = decide(idle, p, memory, T0 + t)
+        memory = d.memory
+        reasons.append((t, d.desired))
+    assert [n for t, n in reasons if t < 60] == [1] * 30 and reasons[-1] == (60, 0)
+    assert d.reason.startswith("scale down: no load over 30 s")
+    # Any load, or work in flight, and the capacity is needed again: it holds.
+    busy = PoolMetrics(1, WindowLoad(30.0, 0.0, in_flight=1, running=1), WindowLoad(6.0, 0.0))
+    assert "capacity unknown" in decide(busy, p, Memory(), T0).reason
