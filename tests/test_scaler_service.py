@@ -149,7 +149,15 @@ async def test_a_pool_filter_is_checked_as_a_pool_name(fake_router, scaler):
             async for _ in stub.WatchEvents(scaler_pb2.WatchEventsRequest(pool=pool)):
                 pass
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (await stub.GetHistory(scaler_pb2.GetHistoryRequest())).events is not None
+    # The empty filter is every pool; a valid name, that pool's events only.
+    fake_router.add("t1", "10.0.0.1:50061")
+    await stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=2))
+
+    async def history(pool: str):
+        return (await stub.GetHistory(scaler_pb2.GetHistoryRequest(pool=pool))).events
+
+    everything = await eventually(lambda: history(""), what="a scaling event")
+    assert everything and {e.pool for e in await history("default")} == {"default"}
 
 
 async def test_policy_scale_to_history_and_events(fake_router, scaler):
