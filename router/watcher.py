@@ -32,6 +32,7 @@ from router import codec
 from router.failover import Fault, fault_of, short_reason
 from router.kv_index import KvIndex
 from router.registry import Health, Identity, Registry, Role
+from services.common.waits import wait_event
 from services.common.backoff import Backoff
 from services.common.stubs import model_pb2, model_pb2_grpc, stats_pb2, stats_pb2_grpc
 
@@ -114,10 +115,7 @@ class InstanceWatcher:
         if wake is None:
             await asyncio.sleep(seconds)
             return
-        try:
-            await asyncio.wait_for(wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(wake, seconds)
 
     def _observe(self, status: int) -> Health:
         health, problem = _HEALTH.get(status, (Health.UNKNOWN, "health UNKNOWN"))

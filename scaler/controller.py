@@ -36,6 +36,7 @@ from scaler.router_client import RouterClient
 from scaler.load import MonitorLoad
 from scaler.policy import Memory, PoolMetrics, decide
 from scaler.state import Event, Managed, ManagedState, ScalerState
+from services.common.waits import wait_event
 from services.common.load import Role
 from services.common.tls import Channels
 from services.common.stubs import generation_pb2, model_pb2_grpc
@@ -83,10 +84,7 @@ class Controller:
                 await self.tick()
             except Exception:  # noqa: BLE001 - one bad tick must not end the control loop
                 log.exception("scaling tick failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, self.interval_s)
 
     async def tick(self) -> None:
         """One look at every pool: decide, then start or drain what the decision asks for."""
@@ -313,8 +311,9 @@ class Controller:
     async def close(self) -> None:
         """Stops the loop and every instance this scaler started (deregistered first)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            while not self._task.done():  # again until it ends: a cancellation can be lost (services.common.waits)
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             self._task = None
         for task in list(self._ops):
             task.cancel()

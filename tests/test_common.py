@@ -262,3 +262,24 @@ def test_a_config_a_service_cannot_use_is_one_line_and_exit_2(argv, says):
     assert run.returncode == 2
     assert "error:" in run.stderr and says in run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+async def test_wait_event_says_set_or_timed_out_and_is_cancelled_when_its_caller_is():
+    from services.common.waits import wait_event
+
+    event = asyncio.Event()
+    assert await wait_event(event, 0.01) is False
+    event.set()
+    assert await wait_event(event, 10) is True
+
+    async def loop(ev):  # a control loop that sleeps between ticks
+        while True:
+            await wait_event(ev, 0.001)
+
+    for _ in range(50):
+        task = asyncio.create_task(loop(asyncio.Event()))
+        await asyncio.sleep(0.001)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done and task.cancelled()
+    assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Event.wait"]

@@ -31,6 +31,7 @@ from services.common.stats_service import StatsServicer
 from services.common.status import ErrorInterceptor
 from services.common.stubs import SERVICE_NAMES, stats_pb2, stats_pb2_grpc
 from services.common.tls import MAX_MESSAGE_BYTES, is_loopback
+from services.common.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class _HealthServicer(health.aio.HealthServicer):
 
     async def _told(self, writes: _Writes) -> None:
         await self._ending.wait()
-        try:
-            await asyncio.wait_for(writes.not_serving.wait(), self.UNKNOWN_NAME_S)
-        except TimeoutError:
-            pass
+        await wait_event(writes.not_serving, self.UNKNOWN_NAME_S)
 
 
 class Health:
