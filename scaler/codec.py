@@ -98,7 +98,16 @@ def pool_pb(v: PoolView) -> scaler_pb2.PoolStatus:
         draining=v.draining,
         capacity_tokens_per_second=d.capacity.tokens_per_second if d is not None and d.capacity else 0.0,
         capacity_measured=bool(d is not None and d.capacity and d.capacity.measured),
-        panic=bool(d is not None and d.panic), figures=dict(d.figures) if d is not None else {})
+        panic=bool(d is not None and d.panic), figures=_figures(v))
+
+
+def _figures(v: PoolView) -> dict[str, float]:
+    """The latest decision's figures, and ``host_max_instances`` wherever the backend limits the pool
+    (also in manual mode and before a decision)."""
+    figures = dict(v.decision.figures) if v.decision is not None else {}
+    if v.limit is not None:
+        figures["host_max_instances"] = float(v.limit.instances)
+    return figures
 
 
 def event_pb(e: Event) -> scaler_pb2.ScalingEvent:

@@ -52,5 +52,8 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
         return scaler_pb2.GetHistoryResponse(events=[codec.event_pb(e) for e in self.state.history(pool, since)])
 
     async def WatchEvents(self, request, context):
-        async for event in until(self.ending, self.state.watch(codec.pool_filter(request.pool))):
+        pool = codec.pool_filter(request.pool)
+        if pool:
+            self.state.check_known(pool, "WatchEvents watches a pool the scaler knows", recorded=True)
+        async for event in until(self.ending, self.state.watch(pool)):
             yield codec.event_pb(event)

@@ -84,6 +84,8 @@ class PoolView:
     starting: int = 0
     draining: int = 0
     decision: Decision | None = None
+    #: The backend's limit on this pool's targets (None: none), as :meth:`ScalerState.limit` gives it.
+    limit: HostLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class ScalerState:
         self.listing_error = ""
         self.managed: dict[str, Managed] = {}
         self.decisions: dict[str, Decision] = {}
+        #: Pools whose decision was dropped by a policy change, until the next one.
+        self.changed: set[str] = set()
         self.memory: dict[str, Memory] = {}
         #: Per pool: why the last start failed, and until when no new start is tried.
         self.start_failures: dict[str, tuple[str, float]] = {}
@@ -207,18 +211,22 @@ class ScalerState:
         starting = sum(i.state in (ManagedState.STARTING, ManagedState.WARMING) for i in members)
         draining = sum(i.draining for i in members)
         decision = self.decisions.get(pool) if role == Role.TARGET else None
+        limit = self.limit(pool) if role == Role.TARGET else None
         if role != Role.TARGET:
             desired, reason = current, f"not scaled on its own: pool {pool}'s policy governs its targets"
         elif p.manual_instances:
             desired, reason = p.manual_instances, f"manual: ScaleTo {p.manual_instances}"
-            limit = self.limit(pool)
             if limit is not None:
                 desired, reason = limit.apply(desired, reason)
         elif decision is not None:
             desired, reason = decision.desired, decision.reason
         else:
             desired = policies.bounded(current + starting, p)
-            reason = "no decision yet (the control loop has not looked at this pool)"
+            reason = ("no decision yet (the control loop has not looked at this pool)" if pool not in self.changed
+                      else "policy changed: the control loop decides at its next look (until then the count is "
+                           "kept within the bounds)")
+            if limit is not None:
+                desired, reason = limit.apply(desired, reason)
         notes = []
         if role == Role.TARGET:
             if starting:
@@ -233,8 +241,8 @@ class ScalerState:
             if excess > stoppable + starting:
                 notes.append(f"{excess - stoppable - starting} more instance(s) should go but were not started "
                              "by this scaler: left running")
-            limit = self.limit(pool)
-            if limit is not None and limit.instances < p.max_instances:
+            if (limit is not None and limit.instances < p.max_instances
+                    and f"capped at {limit.instances} by" not in reason):  # said once: the reason may say it
                 notes.append(f"max_instances {p.max_instances} capped at {limit.instances} by {limit.why}")
         if pool not in self.policies:
             notes.append("default policy")
@@ -244,13 +252,14 @@ class ScalerState:
             notes.append(f"router unreachable ({self.listing_error}), {listed}")
         if notes:
             reason += " (" + "; ".join(notes) + ")"
-        return PoolView(pool, role, desired, current, reason, p, tuple(members), starting, draining, decision)
+        return PoolView(pool, role, desired, current, reason, p, tuple(members), starting, draining, decision, limit)
 
     # -- changes --------------------------------------------------------------
     def set_policy(self, pool: str, policy: Policy, now: float) -> PoolView:
         """Replaces a pool's policy (manual count included) with a checked one."""
         before = self.pool(pool, now)
         self.policies[pool] = policy
+        self._policy_changed(pool)
         after = self.pool(pool, now)
         self.record(Event(now, pool, before.current, after.desired, kind="decision",
                           reason=f"policy set: instances in [{policy.min_instances}, {policy.max_instances}], "
@@ -265,19 +274,27 @@ class ScalerState:
                                    "manual_instances": float(policy.manual_instances)}))
         return after
 
+    def check_known(self, pool: str, hint: str = "", recorded: bool = False) -> None:
+        """NotFound for a pool this scaler does not govern: no target, no policy, not "default"
+        (with ``recorded``, nor any event in the history). A misspelt pool would otherwise start
+        processes in a pool of its own (ScaleTo), or be watched for events that never come (WatchEvents)."""
+        if pool == DEFAULT_POOL or pool in self.governed_pools() or (
+                recorded and any(e.pool == pool for e in self._history)):
+            return
+        known = ", ".join(sorted({DEFAULT_POOL, *self.governed_pools()}))
+        raise NotFound(f"pool {pool!r} has no targets and no policy (pools: {known})" + (f"; {hint}" if hint else ""))
+
     def scale_to(self, pool: str, instances: int, now: float) -> PoolView:
         """Sets (or with 0 clears) a pool's manual count; InvalidArgument outside
         the bounds, NotFound for a pool the scaler does not govern (no target, no
         policy, not "default"): a misspelt pool would otherwise start model
         processes in a pool of its own. SetPolicy is what makes a new pool."""
-        if pool != DEFAULT_POOL and pool not in self.governed_pools():
-            known = ", ".join(sorted({DEFAULT_POOL, *self.governed_pools()}))
-            raise NotFound(f"pool {pool!r} has no targets and no policy (pools: {known}); "
-                           "give a new pool a policy with SetPolicy first")
+        self.check_known(pool, "give a new pool a policy with SetPolicy first")
         p = self.policy(pool)
         policies.check_manual(instances, p)
         before = self.pool(pool, now)
         self.policies[pool] = dataclasses.replace(p, manual_instances=instances)
+        self._policy_changed(pool)
         self.start_failures.pop(pool, None)  # an operator's request: try again at once
         after = self.pool(pool, now)
         reason = f"manual: ScaleTo {instances}" if instances else "ScaleTo 0: back to automatic"
@@ -285,10 +302,18 @@ class ScalerState:
                           figures={"instances": float(instances), "current": float(before.current)}))
         return after
 
+    def _policy_changed(self, pool: str) -> None:
+        """The pool's latest decision was made under the policy just replaced: its count and reason
+        no longer stand (a reply to SetPolicy or ScaleTo showed them as if they did), so the pool shows
+        none until the control loop decides again."""
+        if self.decisions.pop(pool, None) is not None:
+            self.changed.add(pool)
+
     def decided(self, pool: str, decision: Decision, now: float) -> None:
         """Keeps a pool's latest decision; records it when the desired count changes."""
         previous = self.decisions.get(pool)
         self.decisions[pool] = decision
+        self.changed.discard(pool)
         self.memory[pool] = decision.memory
         # Also when the backend's limit starts or stops clipping it, and when scale-ups start or stop
         # being held: the count may stay the same, the reason is news.

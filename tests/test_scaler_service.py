@@ -158,6 +158,12 @@ async def test_a_pool_filter_is_checked_as_a_pool_name(fake_router, scaler):
 
     everything = await eventually(lambda: history(""), what="a scaling event")
     assert everything and {e.pool for e in await history("default")} == {"default"}
+    # A pool the scaler has never heard of (a typo) is NOT_FOUND, not a watch that waits for ever.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.WatchEvents(scaler_pb2.WatchEventsRequest(pool="defualt")):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'defualt'" in err.value.details()
+    assert "pools: default" in err.value.details()
 
 
 async def test_policy_scale_to_history_and_events(fake_router, scaler):
@@ -330,10 +336,13 @@ async def test_the_backends_limit_caps_the_pool_and_says_so(fake_router, scaler)
         pool = await running.pool()
         assert (pool.current, pool.desired) == (1, 1) and pool.figures["capped"] == 1
         assert "capped at 1 by the host: 2 cores, 2 threads per target" in pool.reason
+        assert pool.reason.count("capped at 1 by") == 1, pool.reason  # said once, not again in the notes
+        assert pool.figures["host_max_instances"] == 1
         assert backend.targets == {}  # the decision that said 1 started nothing
         # An operator's ScaleTo is capped the same way (a scaler's --max-local-targets lifts it).
         reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=3))
         assert reply.pool.desired == 1 and "manual: ScaleTo 3; capped at 1 by the host" in reply.pool.reason
+        assert reply.pool.reason.count("capped at 1 by") == 1 and reply.pool.figures["host_max_instances"] == 1
         # The cap covers every pool: a second pool on the same host gets what the first leaves, none here.
         await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="other", policy=scaler_pb2.ScalingPolicy(
             min_instances=0, max_instances=2)))
@@ -369,6 +378,39 @@ async def test_a_scale_up_that_added_no_capacity_is_not_followed_by_another(fake
         assert max(e.to_instances for e in history.events) == 2
     finally:
         await monitor.stop()
+
+
+async def test_a_policy_reply_does_not_carry_the_decision_made_under_the_old_policy(fake_router, scaler):
+    """SetPolicy's and ScaleTo's replies (and GetStatus until the loop looks again) show the new
+    policy's count, not the count and reason the loop decided under the policy just replaced."""
+    def answer(window_s, pool):  # t1 idle
+        return throughput(0, {"t1": 0}, in_flight=0, running=0, window_s=window_s)
+
+    monitor = await FakeMonitor(answer).start()
+    try:
+        fake_router.add("t1", "10.0.0.1:50061")
+        running = await scaler(fake_router.address, monitor=monitor.address)
+        await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(pool="default", policy=scaler_pb2.ScalingPolicy(
+            min_instances=1, max_instances=3)))
+        decided = await eventually(lambda: _decided(running), what="a decision under max_instances 3")
+        old_reason = decided.reason
+        reply = await running.stub.SetPolicy(scaler_pb2.SetPolicyRequest(
+            pool="default", policy=scaler_pb2.ScalingPolicy(min_instances=2, max_instances=4)))
+        assert reply.pool.desired == 2, reply.pool.reason  # the new minimum, not the old decision's 1
+        assert old_reason not in reply.pool.reason and "policy changed" in reply.pool.reason
+        assert "max_instances" not in reply.pool.figures  # no figure of the old decision either
+        reply = await running.stub.ScaleTo(scaler_pb2.ScaleToRequest(pool="default", instances=0))
+        assert reply.pool.desired >= 2 and "manual" not in reply.pool.reason
+        # The loop then decides under the new policy.
+        pool = await eventually(lambda: _decided_under(running, 4), what="a decision under max_instances 4")
+        assert pool.desired >= 2
+    finally:
+        await monitor.stop()
+
+
+async def _decided_under(running: Running, max_instances: int):
+    pool = await running.pool()
+    return pool if pool.figures.get("max_instances") == max_instances else None
 
 
 async def _event(running: Running, text: str):

@@ -42,3 +42,14 @@ def test_no_recommendation_and_an_unreachable_scaler_are_said_plainly():
     text = status.render(snapshot(pools_error="UNAVAILABLE: down", recommendation=None, recommendations=0))
     assert "pools: unknown (scaler: UNAVAILABLE: down)" in text
     assert text.splitlines()[-1] == "top recommendation: none (nothing limits the fleet)"
+
+
+def test_bounds_show_the_hosts_cap_where_it_is_lower():
+    """The local backend's cap (figures host_max_instances) beside the policy's bounds: an operator
+    reading "1-8" alone would wonder why a saturated pool stays at one instance."""
+    capped = {**POOL, "max_instances": 8, "host_max_instances": 1}
+    loose = {**POOL, "pool": "big", "max_instances": 3, "host_max_instances": 6}
+    text = status.render(snapshot(pools=[capped, loose], backend="local"))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("default", "big"))}
+    assert "1-8 (host: 1)" in rows["default"]
+    assert " 1-3 " in rows["big"] and "host" not in rows["big"]

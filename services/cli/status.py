@@ -98,6 +98,9 @@ def pool_row(pool) -> dict[str, Any]:
         "capacity_tokens_per_second": round(pool.capacity_tokens_per_second, 2),
         "capacity_measured": pool.capacity_measured, "panic": pool.panic,
         "min_instances": pool.policy.min_instances, "max_instances": pool.policy.max_instances,
+        # The backend's cap on the pool (the local backend's cores), None where there is none.
+        "host_max_instances": (int(pool.figures["host_max_instances"]) if "host_max_instances" in pool.figures
+                               else None),
         "managed": [{"id": i.id, "state": _enum(scaler_pb2.ManagedState.Name(i.state), "MANAGED_STATE_"),
                      "backend_ref": i.backend_ref} for i in pool.instances
                     if i.state != scaler_pb2.MANAGED_STATE_EXTERNAL],
@@ -240,6 +243,13 @@ def render(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bounds(p: dict[str, Any]) -> str:
+    """A pool's instance bounds, "1-8", with the host's cap where it is lower: "1-8 (host: 1)"."""
+    bounds = f"{p['min_instances']}-{p['max_instances']}"
+    cap = p.get("host_max_instances")
+    return bounds if cap is None or cap >= p["max_instances"] else f"{bounds} (host: {cap})"
+
+
 def _pools(pools: list[dict[str, Any]], backend: str) -> list[str]:
     if not pools:
         return [f"pools: none (scaler backend {backend})"]
@@ -248,7 +258,7 @@ def _pools(pools: list[dict[str, Any]], backend: str) -> list[str]:
         cap = p["capacity_tokens_per_second"]
         capacity = (f"{cap:.1f} tok/s ({'measured' if p['capacity_measured'] else 'estimate'})" if cap else "unknown")
         rows.append([p["pool"], p["role"], str(p["current"]), str(p["desired"]), str(p["starting"]),
-                     str(p["draining"]), f"{p['min_instances']}-{p['max_instances']}", capacity])
+                     str(p["draining"]), _bounds(p), capacity])
     lines = _table(rows)
     for p in pools:
         if p["role"] != "target":
