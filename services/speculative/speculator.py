@@ -281,11 +281,12 @@ class Speculator:
                     self._explored[where] = self._explored.get(where, 0) + 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("cost model, %d running (%d %s, acceptance %s): period ms %s, modelled gamma %d, realized "
-                          "tokens/s per sequence %s (plain %.1f), chose %d%s, next exploration in %.0f s",
+                          "tokens/s per sequence %s (plain %.1f), chose %d%s, next exploration in %.0f s; measured %s",
                           len(running), len(specs), kind, [round(a, 2) for g in speculating for a in g.acceptance],
                           [round(t * 1000, 1) for t in periods], modelled,
                           {g: round(r, 1) for g, r in realized.items()}, 1 / periods[0], gamma,
-                          " (exploring)" if self._exploring else "", wait)
+                          " (exploring)" if self._exploring else "", wait,
+                          self.costs.table().get(bucket(len(running))))
         if gamma > 0:
             self._decision = _Decision(running, len(running), kind, gamma)
         return gamma
