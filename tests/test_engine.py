@@ -7,6 +7,7 @@ import torch
 
 from services.common.errors import ResourceExhausted
 from services.engine.build import build_engine
+from services.engine.engine import retry_hint
 from services.engine.sequence import FinishReason, GenerationRequest, SamplingOptions, Status
 from services.engine.settings import EngineSettings
 from services.speculative.gamma import SpeculationSettings
@@ -150,6 +151,13 @@ def test_queue_bound_refuses_at_once_and_keeps_accepted(tiny_models):
     assert err.value.retry_after_s > 0
     drain(engine)
     assert all(r.finish is FinishReason.LENGTH and len(r.tokens) == 3 for r in accepted)
+
+
+@pytest.mark.parametrize("rate, hint", [(0.0, 1.0), (8.5, 1 / 8.5), (100.0, 0.1), (0.01, 30.0)])
+def test_a_full_queue_says_when_one_place_frees_not_when_it_drains(rate, hint):
+    """Retry-After for a full queue: one request's turn at the measured rate (8.5 requests/s: 0.12 s),
+    not max_queue of them (256 / 8.5 = 30 s, which the openai SDK waits out)."""
+    assert retry_hint(rate) == pytest.approx(hint)
 
 
 def test_eos_ends_the_sequence_unless_ignored(tiny_models, reference_model):

@@ -246,6 +246,20 @@ async def test_full_router_is_429_with_retry_after_and_a_gone_client_cancels(ser
             await held.close()
 
 
+async def test_a_choice_refused_beside_an_admitted_one_waits_its_turn(served):
+    """n=3 through a router that admits one generation at a time: the refused choices wait for the
+    admitted one rather than failing the request (and throwing its admitted work away) with a 429."""
+    _, _, _, target = served
+    async with front_door([target.address], max_in_flight=1) as (router, url, stub):
+        async with httpx.AsyncClient(timeout=60) as http:
+            reply = await http.post(f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": "x", "max_tokens": 6, "n": 3, "ignore_eos": True, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert len(choices) == 3 and len({c["text"] for c in choices}) == 1  # greedy: the same three times
+        assert reply.json()["usage"]["completion_tokens"] == 18
+
+
 async def test_no_target_is_503_and_a_past_deadline_504(served):
     async with front_door([]) as (router, url, stub):
         async with httpx.AsyncClient() as http:

@@ -45,6 +45,17 @@ from services.engine.validation import fit_context, validate
 log = logging.getLogger(__name__)
 
 
+def retry_hint(requests_per_second: float) -> float:
+    """Seconds after which a request refused by a full queue may find room: one request's turn at
+    the rate requests finished over the metrics window (each one that finishes admits one that
+    waits, which frees a place in the queue), in [0.1, 30]; 1.0 while no rate is measured. Not the
+    time to drain the whole queue (``max_queue / rate``): 2026-12-02, a burst on an idle server was
+    told 30 s, which the openai SDK obeys, for a queue that had room again within a second. Pure."""
+    if requests_per_second <= 0:
+        return 1.0
+    return max(0.1, min(30.0, 1.0 / requests_per_second))
+
+
 class Engine:
     """Continuous batching of sequences over one model runner and its paged KV cache.
 
@@ -471,8 +482,7 @@ class Engine:
             self._queued -= 1
 
     def _retry_hint(self) -> float:
-        tps = self._load.latest.metrics.requests_per_second
-        return max(0.1, min(30.0, self.settings.max_queue / tps)) if tps > 0 else 1.0
+        return retry_hint(self._load.latest.metrics.requests_per_second)
 
     def _die(self, exc: BaseException) -> None:
         """The loop failed: every sequence in flight (waiting, running, paused, or
