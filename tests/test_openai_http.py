@@ -508,6 +508,25 @@ def completion_body(**extra) -> dict:
      "tool calling"),
     ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}],
                                        tool_choice="auto"), "tools", "tool calling"),
+    # vLLM's sampling extensions a vLLM client expects honoured, OpenAI's legacy function calling and audio.
+    ("/v1/completions", completion_body(min_tokens=10), "min_tokens", "minimum number of tokens"),
+    ("/v1/completions", completion_body(stop_token_ids=[5]), "stop_token_ids", "stop token ids"),
+    ("/v1/chat/completions", chat_body(repetition_penalty=2), "repetition_penalty", "repetition penalty"),
+    ("/v1/completions", completion_body(min_p=0.1), "min_p", "min_p"),
+    ("/v1/completions", completion_body(include_stop_str_in_output=True), "include_stop_str_in_output", "stop"),
+    ("/v1/chat/completions", chat_body(guided_choice=["yes", "no"]), "guided_choice", "guided decoding"),
+    ("/v1/completions", completion_body(prompt_logprobs=1), "prompt_logprobs", "echo"),
+    ("/v1/completions", completion_body(truncate_prompt_tokens=5), "truncate_prompt_tokens", "truncation"),
+    ("/v1/chat/completions", chat_body(add_generation_prompt=False), "add_generation_prompt", "assistant"),
+    ("/v1/chat/completions", chat_body(continue_final_message=True), "continue_final_message", "final message"),
+    ("/v1/chat/completions", chat_body(functions=[{"name": "f"}]), "functions", "function calling"),
+    ("/v1/chat/completions", chat_body(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}),
+     "modalities", "other than text"),
+    ("/v1/chat/completions", chat_body(messages=[
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]), "messages", "tool calls"),
 ])
 async def test_a_parameter_llmesh_does_not_implement_is_a_400_naming_it(served, path, body, param, says):
     """Ignoring it would answer 200 with a result the client did not ask for."""
@@ -527,11 +546,25 @@ async def test_a_parameter_llmesh_does_not_implement_is_a_400_naming_it(served, 
     ("/v1/chat/completions", chat_body(response_format={"type": "text"}, tool_choice="none",
                                        tools=[{"type": "function", "function": {"name": "f"}}])),
     ("/v1/chat/completions", chat_body(tool_choice="auto", tools=[], logit_bias=None)),
+    ("/v1/completions", completion_body(min_tokens=0, stop_token_ids=[], repetition_penalty=1, min_p=0.0,
+                                        include_stop_str_in_output=False, guided_choice=None)),
+    ("/v1/chat/completions", chat_body(add_generation_prompt=True, continue_final_message=False, functions=[],
+                                       modalities=["text"], repetition_penalty=1.0, top_logprobs=0)),
 ])
 async def test_the_neutral_value_of_an_unimplemented_parameter_is_served(served, path, body):
     _, url, _, _ = served
     reply = await post(url, path, body)
     assert reply.status_code == 200, reply.text
+
+
+async def test_chat_top_logprobs_need_logprobs(served):
+    """As vLLM refuses it: top_logprobs without logprobs would answer logprobs: null."""
+    _, url, _, _ = served
+    reply = await post(url, "/v1/chat/completions", chat_body(top_logprobs=5))
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "top_logprobs", reply.text
+    assert "logprobs to be true" in reply.json()["error"]["message"]
+    reply = await post(url, "/v1/chat/completions", chat_body(top_logprobs=2, logprobs=True))
+    assert reply.status_code == 200 and len(reply.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
 
 
 async def test_stream_options_need_a_stream(served):

@@ -55,6 +55,46 @@ def unsupported(what: str, hint: str = "") -> PydanticCustomError:
     return PydanticCustomError("unsupported", "{what} is not supported by llmesh{hint}", {"what": what, "hint": hint})
 
 
+#: Parameters other servers take that change the answer and llmesh does not implement -> (their
+#: neutral values, what to say). Such a parameter is served at a neutral value (or null) and refused
+#: with a 400 naming it otherwise: a 200 that ignored it would not be what the client asked for.
+NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "min_tokens": ((0,), "a minimum number of tokens"),
+    "stop_token_ids": (([],), "stop token ids (use stop strings)"),
+    "repetition_penalty": ((1, 1.0), "a repetition penalty other than 1"),
+    "min_p": ((0, 0.0), "min_p sampling (use top_p or top_k)"),
+    "include_stop_str_in_output": ((False,), "including the stop string in the output"),
+    "use_beam_search": ((False,), "beam search"),
+    "length_penalty": ((1, 1.0), "a length penalty other than 1"),
+    "bad_words": (([],), "bad words"),
+    "allowed_token_ids": (([],), "a set of allowed token ids"),
+    "truncate_prompt_tokens": ((), "prompt truncation (the prompt is never cut: a longer one is a 400)"),
+    "prompt_logprobs": ((), "prompt_logprobs (on /v1/completions, echo with logprobs gives the prompt's)"),
+    "guided_json": ((), "guided decoding"),
+    "guided_regex": ((), "guided decoding"),
+    "guided_choice": ((), "guided decoding"),
+    "guided_grammar": ((), "guided decoding"),
+    "structured_outputs": ((), "structured outputs"),
+    "add_generation_prompt": ((True,), "a chat prompt without the assistant's turn opened"),
+    "continue_final_message": ((False,), "continuing the final message"),
+    "functions": (([],), "function calling"),
+    "function_call": (("none", "auto"), "function calling"),
+    "modalities": ((["text"],), "output other than text"),
+    "audio": ((), "audio output"),
+    "tool_calls": (([],), "a conversation with tool calls"),
+}
+
+
+def neutral_only(name: str, value: Any) -> Any:
+    """``value`` where it is null or :data:`NEUTRAL`'s neutral value for ``name``, else the
+    unsupported error naming what it asks for. Pure."""
+    neutral, what = NEUTRAL[name]
+    # 1 and 1.0 are the same number; false is not 0.
+    if value is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):
+        return value
+    raise unsupported(what)
+
+
 class Body(BaseModel):
     """Strict, finite, unknown fields ignored; ``null`` for a field with a
     default means that default (clients send nulls for unset values)."""
@@ -99,6 +139,24 @@ class SamplingBody(Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Any] | None = None
+    # vLLM's sampling extensions, not implemented: refused unless neutral (NEUTRAL), since a vLLM client
+    # that sends them expects them honoured (llmesh takes vLLM's top_k and ignore_eos).
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    repetition_penalty: Any = None
+    min_p: Any = None
+    include_stop_str_in_output: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @field_validator("stream_options")
     @classmethod
@@ -106,6 +164,15 @@ class SamplingBody(Body):
         if value is not None and not info.data.get("stream"):
             raise PydanticCustomError("stream_options", "is only allowed when stream is true")
         return value
+
+    @field_validator(*(name for name in ("min_tokens", "stop_token_ids", "repetition_penalty", "min_p",
+                                         "include_stop_str_in_output", "use_beam_search", "length_penalty",
+                                         "bad_words", "allowed_token_ids", "truncate_prompt_tokens",
+                                         "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+                                         "guided_grammar", "structured_outputs")))
+    @classmethod
+    def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return neutral_only(info.field_name, value)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -173,6 +240,14 @@ class TextPart(Body):
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    # An assistant turn's tool calls (and the legacy function call) would be part of the prompt: refused.
+    tool_calls: Any = None
+    function_call: Any = None
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        return neutral_only("tool_calls", value)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -200,6 +275,27 @@ class ChatCompletionRequest(SamplingBody):
     # Tool calling is not implemented: refused, tools included, unless tool_choice is "none".
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     tools: list[Any] | None = None
+    # vLLM's chat template switches and OpenAI's legacy function calling and audio: refused unless neutral.
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+
+    @field_validator("add_generation_prompt", "continue_final_message", "functions", "function_call",
+                     "modalities", "audio")
+    @classmethod
+    def _chat_neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return neutral_only(info.field_name, value)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "needs logprobs to be true (top_logprobs {n} without it "
+                                                      "would return no logprobs)", {"n": value})
+        return value
 
     @field_validator("tool_choice")
     @classmethod
