@@ -557,6 +557,22 @@ async def test_the_neutral_value_of_an_unimplemented_parameter_is_served(served,
     assert reply.status_code == 200, reply.text
 
 
+@pytest.mark.parametrize("path, body, says", [
+    ("/v1/completions", completion_body(prompt=["ab"] * 200_000), "prompt: has 200000 prompts; one request takes "
+                                                                   "at most 1024"),
+    ("/v1/completions", completion_body(prompt=[7] * 600_000), "prompt: has 600000 token ids; a prompt has at most"),
+    ("/v1/completions", completion_body(prompt=[[7], [7] * 600_000]), "prompt: prompt 1 has 600000 token ids"),
+    ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "x"}] * 20_000),
+     "messages: has 20000 messages; a conversation takes at most"),
+])
+async def test_a_huge_list_is_refused_by_its_length(served, path, body, says):
+    """A list past its bound is a 400 counted from its length, before each item is validated (which
+    held the event loop, every other stream with it, for seconds)."""
+    _, url, _, _ = served
+    reply = await post(url, path, body)
+    assert reply.status_code == 400 and says in reply.json()["error"]["message"], reply.text
+
+
 async def test_chat_top_logprobs_need_logprobs(served):
     """As vLLM refuses it: top_logprobs without logprobs would answer logprobs: null."""
     _, url, _, _ = served

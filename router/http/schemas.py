@@ -38,6 +38,15 @@ def _token_id(value: int) -> int:
 
 
 TokenId = Annotated[int, AfterValidator(_token_id)]
+#: Most prompts one completion request may carry (translate.MAX_CHOICES counts their choices), and most
+#: token ids in one prompt (the contract's bound, services.common.validation.MAX_PROMPT_TOKENS): checked
+#: as the body is validated, before a huge list is walked item by item (2026-12-02: 1.5 million prompt
+#: strings held the front door's event loop, every other stream with it, for 5 s before the 400).
+MAX_PROMPTS = 1024
+MAX_PROMPT_IDS = 512 * 1024
+#: Most messages in one chat request (far more than any context holds).
+MAX_MESSAGES = 16 * 1024
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
 
 #: What each union field takes, as a client reads it (the message when a value
 #: fits none of its types). Every union field of these bodies has an entry
@@ -193,12 +202,33 @@ class CompletionRequest(SamplingBody):
     """``POST /v1/completions``."""
 
     #: A string, strings, token ids, or lists of token ids (one choice set per prompt).
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)])
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Not implemented: refused unless neutral (best_of == n, empty suffix).
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_size(cls, value: Any) -> Any:
+        # Counted before the items are: a 1.5-million-item list is refused in its length's time.
+        if isinstance(value, list) and value:
+            if isinstance(value[0], int) and not isinstance(value[0], bool):
+                if len(value) > MAX_PROMPT_IDS:
+                    raise PydanticCustomError("prompt_size", "has {n} token ids; a prompt has at most {most}",
+                                              {"n": len(value), "most": MAX_PROMPT_IDS})
+            elif len(value) > MAX_PROMPTS:
+                raise PydanticCustomError("prompt_size", "has {n} prompts; one request takes at most {most}: "
+                                                         "split it", {"n": len(value), "most": MAX_PROMPTS})
+            else:
+                long = next((i for i, p in enumerate(value) if isinstance(p, list) and len(p) > MAX_PROMPT_IDS), None)
+                if long is not None:
+                    raise PydanticCustomError("prompt_size", "prompt {i} has {n} token ids; a prompt has at "
+                                                             "most {most}",
+                                              {"i": long, "n": len(value[long]), "most": MAX_PROMPT_IDS})
+        return value
 
     @field_validator("best_of")
     @classmethod
@@ -282,6 +312,15 @@ class ChatCompletionRequest(SamplingBody):
     function_call: Any = None
     modalities: Any = None
     audio: Any = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages_size(cls, value: Any) -> Any:
+        # Counted before each message is validated (see CompletionRequest._prompt_size).
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise PydanticCustomError("messages_size", "has {n} messages; a conversation takes at most {most}",
+                                      {"n": len(value), "most": MAX_MESSAGES})
+        return value
 
     @field_validator("add_generation_prompt", "continue_final_message", "functions", "function_call",
                      "modalities", "audio")
