@@ -148,7 +148,8 @@ def spec_of(pb: router_pb2.InstanceSpec) -> InstanceSpec:
 def identity_of(info: model_pb2.ModelInfo) -> ModelIdentity:
     """What an instance's GetInfo says it is (a role outside the enum: unspecified)."""
     role = next((r for r, pb in ROLE_PB.items() if pb == info.role), Role.UNSPECIFIED)
-    return ModelIdentity(role=role, model_name=info.model_name, tokenizer_hash=info.tokenizer_hash)
+    return ModelIdentity(role=role, model_name=info.model_name, tokenizer_hash=info.tokenizer_hash,
+                         max_context=info.max_context)
 
 
 def spec_pb(spec: InstanceSpec) -> router_pb2.InstanceSpec:

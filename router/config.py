@@ -43,6 +43,9 @@ class RouterConfig(BaseConfig):
     http_timeout_s: float = field(0.0, "seconds an HTTP request may take before it ends with 504 (0: no bound)")
     http_max_body_bytes: int = field(MAX_BODY_BYTES, "largest HTTP request body read, in bytes (larger: 413, "
                                                      "refused from its Content-Length or as it arrives)")
+    http_allowed_origins: list[str] = field(["*"], "origins a browser page may call the HTTP front door from "
+                                                   "(CORS), comma-separated; * for any (vLLM's default), "
+                                                   "an empty value for none")
     targets: list[str] = field([], "target-model instances registered at start, comma-separated host:port or "
                                    "pool@host:port")
     drafts: list[str] = field([], "draft-model instances registered at start (host:port or pool@host:port)")

@@ -43,7 +43,8 @@ class RouterApp(ServiceApp):
                              access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s,
                              config.http_max_body_bytes)
             tls = config.tls()
-            self.http = HttpServer(create_app(door, provider), config.host, config.http_port,
+            app = create_app(door, provider, allowed_origins=[o for o in config.http_allowed_origins if o])
+            self.http = HttpServer(app, config.host, config.http_port,
                                    ssl=(str(tls.cert), str(tls.key)) if tls is not None and tls.cert else None,
                                    client_ca=str(tls.ca) if tls is not None and config.tls_client_auth else None)
 

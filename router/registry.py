@@ -58,6 +58,8 @@ class ModelIdentity:
     model_name: str = ""
     #: SHA-256 of its tokenizer's vocabulary ("" when it does not say).
     tokenizer_hash: str = ""
+    #: Most tokens (prompt + output) a sequence may hold (0 when it does not say).
+    max_context: int = 0
 
 
 @dataclass(frozen=True)

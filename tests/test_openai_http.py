@@ -179,8 +179,35 @@ async def test_models_and_health(served):
     router, url, stub, _ = served
     models = await client(url).models.list()
     assert [m.id for m in models.data] == [MODEL]
+    # vLLM's fields: the context a client may fill, and a real creation time.
+    assert models.data[0].max_model_len == 256 and models.data[0].created > 1_700_000_000
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{url}/health")).status_code == 200
+        # HEAD on the GET routes, as Starlette's own routes answer it (load balancers probe with it).
+        for path in ("/health", "/v1/models", f"/v1/models/{MODEL}"):
+            head = await http.head(f"{url}{path}")
+            assert head.status_code == 200 and head.content == b"", path
+
+
+async def test_a_browser_page_may_call_it_from_the_allowed_origins(served):
+    """CORS, as vLLM's --allowed-origins (default any): the preflight of a chat call from a page on
+    another origin succeeds and the answer is marked for it; with a list, other origins are not."""
+    _, url, _, target = served
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        reply = await http.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == "*"
+        assert "POST" in reply.headers["access-control-allow-methods"]
+        answer = await http.post(f"{url}/v1/chat/completions", json=chat_body(), headers={"Origin": preflight["Origin"]})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+    async with front_door([target.address], http_allowed_origins=["http://ok.example"]) as (_, only, _):
+        async with httpx.AsyncClient(timeout=60) as http:
+            refused = await http.options(f"{only}/v1/chat/completions", headers=preflight)
+            allowed = await http.options(f"{only}/v1/chat/completions",
+                                         headers={**preflight, "Origin": "http://ok.example"})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ok.example"
 
 
 async def test_errors_raise_the_sdks_exceptions_in_the_apis_shape(served):

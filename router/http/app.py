@@ -26,6 +26,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import TracerProvider
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from router.config import MAX_BODY_BYTES
 from router.forwarder import Forwarder
@@ -99,6 +100,13 @@ class FrontDoor:
         """The model names the registered targets answered GetInfo with, sorted."""
         return sorted({i.info.model_name for i in self.upstreams.registry.select(Role.TARGET)
                        if i.info is not None and i.info.model_name})
+
+    def max_model_len(self, model: str) -> int | None:
+        """The smallest context the registered targets serving ``model`` said they hold (what any of
+        them can take), None where none said."""
+        sizes = [i.info.max_context for i in self.upstreams.registry.select(Role.TARGET)
+                 if i.info is not None and i.info.model_name == model and i.info.max_context > 0]
+        return min(sizes) if sizes else None
 
     def check_model(self, model: str) -> None:
         names = self.model_names()
@@ -325,14 +333,18 @@ def invalid(exc: ValidationError, body: bytes = b"") -> JSONResponse:
     return JSONResponse(translate.error_payload(message, "invalid_request_error", code, param), status_code=400)
 
 
-def create_app(door: FrontDoor, provider: TracerProvider | None = None):
+def create_app(door: FrontDoor, provider: TracerProvider | None = None, allowed_origins: list[str] = ()):
     """The ASGI application of ``door``: FastAPI routes, errors in the API's
     shape, inside OpenTelemetry's ASGI middleware (with ``provider``): where
     the provider exports, a server span per request (not per SSE event, not
     for ``/health``), continuing the client's W3C ``traceparent``, the router's
     upstream spans its children and the request's ``user`` its
     ``enduser.id``; where it does not (the no-op provider), the client's
-    ``traceparent`` goes on to the upstream call unchanged."""
+    ``traceparent`` goes on to the upstream call unchanged. Browsers on
+    ``allowed_origins`` (``*``: any) may call it: Starlette's CORS middleware
+    answers their preflight ``OPTIONS`` and marks the responses, as vLLM's
+    ``--allowed-origins`` does (no credentials: the bearer token is a header
+    the page sets). The GET routes answer ``HEAD`` too."""
     app = FastAPI(title="llmesh", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.exception_handler(Exception)
@@ -380,24 +392,25 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
         except Exception as exc:  # noqa: BLE001 - answered in the API's shape
             return error_response(exc, translate.max_tokens_name(body))
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> Response:
         try:
             door.authorize(request)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
-        return JSONResponse({"object": "list", "data": [model_object(name) for name in door.model_names()]})
+        return JSONResponse({"object": "list", "data": [model_object(name, door.max_model_len(name))
+                                                        for name in door.model_names()]})
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(request: Request, model: str) -> Response:
         try:
             door.authorize(request)
             door.check_model(model)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
-        return JSONResponse(model_object(model))
+        return JSONResponse(model_object(model, door.max_model_len(model)))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if door.serving():
             return JSONResponse({"status": "ok"})
@@ -405,15 +418,24 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None):
                                                     "unavailable"), status_code=503)
 
     served = without_trailing_slash(app)
+    if allowed_origins:
+        served = CORSMiddleware(served, allow_origins=list(allowed_origins), allow_methods=["*"],
+                                allow_headers=["*"])
     if provider is None:
         return served
     return OpenTelemetryMiddleware(served, excluded_urls="/health", tracer_provider=provider,
                                    exclude_spans=["receive", "send"])
 
 
-def model_object(name: str) -> dict:
-    """The API's model object of a served model name."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "llmesh"}
+def model_object(name: str, max_model_len: int | None = None) -> dict:
+    """The API's model object of a served model name, with vLLM's ``root``,
+    ``parent`` and ``max_model_len`` (the targets' context, where they said it).
+    ``created`` is the time of the answer, as vLLM gives it."""
+    out = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "llmesh", "root": name,
+           "parent": None}
+    if max_model_len:
+        out["max_model_len"] = max_model_len
+    return out
 
 
 def without_trailing_slash(app):
