@@ -34,6 +34,7 @@ from router.config import RouterConfig
 from router.failover import DraftVerdict, Fault, Outcome, decide, draft_verdict, fault_of, relayed_as_is, short_reason
 from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
+from router.stalls import StallWatch
 from services.common.errors import (DeadlineExceeded, InvalidArgument, LlmeshError, Relayed, ResourceExhausted,
                                     Unavailable)
 from services.common.stubs import generation_pb2 as gen
@@ -92,6 +93,8 @@ class Forwarder:
         self.admission = Admission(config.pool_max_in_flight, config.pool_bounds())
         self.cache: ResponseCache[tuple[gen.GenerateChunk, ...]] | None = (
             ResponseCache(config.cache_size, config.cache_ttl_s) if config.cache_size else None)
+        #: Streams in flight per target: the stalled ones on a target that stopped answering are cut to resume.
+        self.stalls = StallWatch(upstreams.registry, upstreams.routable, config.stale_after_s, clock)
         #: Admission needs to know which pools can serve only when a pool has a bound or a spillover.
         self._pools_matter = bool(config.pool_max_in_flight or config.pool_bounds() or config.spillover_map())
 
@@ -209,7 +212,7 @@ class Forwarder:
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
             try:
-                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally, sequence)
+                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally, sequence, pools)
             finally:
                 self.upstreams.finished(inst.id, sequence)
             if error is None:
@@ -224,10 +227,12 @@ class Forwarder:
 
     async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, draft: Instance | None,
                        timeout: float | None, streamed: list[int], emit: Emit, tally: _Tally,
-                       sequence: int) -> UpstreamError | None:
+                       sequence: int, pools: tuple[str, ...] = ()) -> UpstreamError | None:
         """One upstream call, its chunks passed on as they come; the error that
         ended it early, or None when it finished. The last chunk's speculation
-        figures are what the router learns of ``draft`` (the draft it chose)."""
+        figures are what the router learns of ``draft`` (the draft it chose).
+        A call :class:`router.stalls.StallWatch` cut (its target stopped
+        answering) ends with UNAVAILABLE, and resumes elsewhere."""
         instance_id, resumed, prefilling = inst.id, len(streamed), True
         clock, record_tokens, kept = self.clock, self.metrics.record_tokens, tally.kept
         registry = self.upstreams.registry
@@ -240,8 +245,10 @@ class Forwarder:
             registry.started(instance_id)
             call = self.upstreams.generate_method(instance_id)(attempt, timeout=timeout,
                                                          metadata=tuple(metadata.items()))
+            live = self.stalls.open(instance_id, pools, call)
             try:
                 async for chunk in call:
+                    live.last_at = clock()
                     chunk.instance_id = instance_id
                     ids = chunk.token_ids
                     if ids:
@@ -271,7 +278,14 @@ class Forwarder:
                 error = UpstreamError("UNAVAILABLE", "the stream ended before its last chunk", (), instance_id)
             except grpc.aio.AioRpcError as exc:
                 error = UpstreamError.of(exc, instance_id)
+            except asyncio.CancelledError:
+                # The stall watch's cut reads as a cancellation of the call, not of this task (whose
+                # cancellation, the client gone, is raised on).
+                if not live.lost or asyncio.current_task().cancelling():
+                    raise
+                error = UpstreamError("UNAVAILABLE", live.lost, (), instance_id)
             finally:
+                self.stalls.close(live)
                 registry.finished(instance_id)
                 call.cancel()
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[error.code].value[0])

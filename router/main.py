@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -38,6 +39,8 @@ class RouterApp(ServiceApp):
         self.forwarder = Forwarder(self.upstreams, config, self.metrics, provider=provider)
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.upstreams, self.forwarder), self.server)
         self.http: HttpServer | None = None
+        self._ending = asyncio.Event()
+        self._stall_sweeps: asyncio.Task | None = None
         if config.http_port:
             door = FrontDoor(self.forwarder, self.upstreams,
                              access_of(config, [SERVICE_NAMES["router"]], config.auth_token), config.http_timeout_s,
@@ -66,6 +69,7 @@ class RouterApp(ServiceApp):
             for entry in addresses:
                 pool, address = split_target(entry, self.config.pool)
                 self.upstreams.register(InstanceSpec(id=address, address=address, role=role, pool=pool))
+        self._stall_sweeps = asyncio.create_task(self.forwarder.stalls.run(self._ending), name="stall-watch")
         await self.health.set(True)
         log.info("%s routing on %s (%s%s%s%s)", self.instance_id, self.address, self.config.policy.value,
                  f", HTTP on port {self.http.port}" if self.http is not None else "",
@@ -74,6 +78,9 @@ class RouterApp(ServiceApp):
 
     async def close(self) -> None:
         """Cancels every watcher and closes every channel (after the server has stopped)."""
+        self._ending.set()
+        if self._stall_sweeps is not None:
+            await self._stall_sweeps
         if self.http is not None:
             await self.http.stop()
         await self.upstreams.close()

@@ -96,9 +96,14 @@ class FakeTarget(model_pb2_grpc.TargetModelServicer):
     GetInfo answers as a target (the upstream's info when there is one)."""
 
     def __init__(self, upstream: str | None = None, fail: grpc.StatusCode | None = None,
-                 break_after: int | None = None, hold_after: int | None = None, lose_finish: bool = False) -> None:
+                 break_after: int | None = None, hold_after: int | None = None, lose_finish: bool = False,
+                 freeze: bool = False) -> None:
+        """``freeze``: while a stream holds, the instance's load reports stop too (a frozen process:
+        SIGSTOP), until :attr:`released` is set, which also ends the holds."""
         self.upstream, self.fail, self.break_after, self.hold_after = upstream, fail, break_after, hold_after
         self.lose_finish = lose_finish
+        self.freeze = freeze
+        self.released = asyncio.Event()
         self.requests: list[gen.GenerateRequest] = []
         self.time_remaining: list[float | None] = []
         self.held = 0
@@ -133,12 +138,27 @@ class FakeTarget(model_pb2_grpc.TargetModelServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "fake break mid-stream")
                 if self.hold_after is not None and sent >= self.hold_after:
                     self.held += 1
-                    await asyncio.Event().wait()
+                    await self.released.wait()
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
         finally:
             call.cancel()
+
+
+class _FreezableStats(StatsServicer):
+    """Load reports that stop while a ``freeze`` FakeTarget holds a stream (and are not released)."""
+
+    def __init__(self, servicer: FakeTarget, report, interval_s: float) -> None:
+        super().__init__(report, interval_s)
+        self._servicer = servicer
+
+    async def _reports(self, interval: float):
+        fake = self._servicer
+        while True:
+            if not (fake.freeze and fake.held and not fake.released.is_set()):
+                yield self._report()
+            await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager
@@ -147,7 +167,7 @@ async def fake_target(servicer: FakeTarget, provider: TracerProvider | None = No
                                       provider or TracerProvider())
     model_pb2_grpc.add_TargetModelServicer_to_server(servicer, server)
     report = lambda: stats_pb2.LoadReport(role=stats_pb2.ROLE_TARGET, timestamp=time.time())  # noqa: E731
-    stats_pb2_grpc.add_StatsServicer_to_server(StatsServicer(report, 0.1), server)
+    stats_pb2_grpc.add_StatsServicer_to_server(_FreezableStats(servicer, report, 0.1), server)
     await server.start()
     await health.set(True)
     try:

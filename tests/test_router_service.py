@@ -323,6 +323,40 @@ async def test_streams_resume_when_their_target_is_killed(targets, reference_mod
     assert len(resumed) == n and all(chunks[-1].instance_id == "2-real" for chunks in resumed)
 
 
+async def test_streams_on_a_frozen_target_resume_elsewhere_and_wait_where_there_is_none(targets, reference_model):
+    """A frozen target (SIGSTOP) keeps its connections: its streams got no chunk and no error until
+    the client's deadline, while new requests already went elsewhere. Once neither chunks nor load
+    reports have come for stale_after_s, they resume on another target, exact; with no other
+    target they wait for it to come back."""
+    apps, _ = targets
+    frozen = FakeTarget(upstream=apps[0].address, hold_after=2, freeze=True)
+    async with fake_target(frozen) as (_, address), running_router(stale_after_s=0.5) as (app, stub, _):
+        await register(stub, "1-frozen", address)
+        await register(stub, "2-real", apps[1].address)
+        await wait_routable(stub, ["1-frozen", "2-real"])
+        prompts = [[40 + i, 41, 42] for i in range(4)]
+        calls = [stub.Generate(request(p, max_new_tokens=8), timeout=60) for p in prompts]
+        outputs = await asyncio.wait_for(asyncio.gather(*(collect_chunks(c) for c in calls)), 30)
+        for prompt, chunks in zip(prompts, outputs):
+            assert [t for c in chunks for t in c.token_ids] == hf_greedy(reference_model, prompt, 8)
+        cut = [chunks for chunks in outputs if chunks[0].instance_id == "1-frozen"]
+        assert cut and all(chunks[-1].instance_id == "2-real" for chunks in cut)
+        assert frozen.cancelled == len(cut)  # the frozen target's streams were let go
+    alone = FakeTarget(upstream=apps[0].address, hold_after=2, freeze=True)
+    async with fake_target(alone) as (_, address), running_router(stale_after_s=0.3) as (app, stub, _):
+        await register(stub, "only", address)
+        await wait_routable(stub, ["only"])
+        call = stub.Generate(request([7, 8, 9], max_new_tokens=6), timeout=60)
+        pending = asyncio.create_task(collect_chunks(call))
+        await eventually(lambda: alone.held == 1, what="the stream to hang")
+        await asyncio.sleep(1.5)  # sleep-ok: five stale periods in which the stream must not be cut
+        assert not pending.done()
+        alone.released.set()
+        chunks = await asyncio.wait_for(pending, 30)
+        assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+        assert [t for c in chunks for t in c.token_ids] == hf_greedy(reference_model, [7, 8, 9], 6)
+
+
 async def test_client_cancel_cancels_the_upstream_call(targets):
     apps, _ = targets
     holding = FakeTarget(upstream=apps[0].address, hold_after=1)
