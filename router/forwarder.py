@@ -35,6 +35,7 @@ from router.failover import DraftVerdict, Fault, Outcome, decide, draft_verdict,
 from router.upstreams import GENERATE_METHOD, Upstreams
 from router.registry import Instance, Role
 from router.stalls import StallWatch
+from services.common import status
 from services.common.errors import (DeadlineExceeded, InvalidArgument, LlmeshError, Relayed, ResourceExhausted,
                                     Unavailable)
 from services.common.stubs import generation_pb2 as gen
@@ -61,6 +62,16 @@ class UpstreamError(Relayed):
         trailers = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
                          if isinstance(v, str) and not k.startswith("grpc-"))
         return cls(exc.code().name, exc.details() or "", trailers, instance_id)
+
+
+def fault_of_error(exc: BaseException) -> Fault:
+    """Whose fault the error a request ended with is (:func:`router.failover.fault_of` of its status;
+    an exception that is no status of llmesh's is the fleet's)."""
+    if isinstance(exc, Relayed):
+        return fault_of(exc.code)
+    if isinstance(exc, LlmeshError):
+        return fault_of(status.status_of(exc)[0].name)
+    return Fault.INSTANCE
 
 
 class _Tally:
@@ -138,6 +149,15 @@ class Forwarder:
         except asyncio.CancelledError:
             failed = False  # the client went away: not an error of the fleet
             tally.kept = None
+            raise
+        except Exception as exc:
+            # The request's own fault (bad input a target found, its deadline) is not the fleet's error,
+            # wherever it was found (the router's own checks come before any count); a full fleet's
+            # refusal counts as rejected.
+            fault = fault_of_error(exc)
+            failed = fault not in (Fault.REQUEST, Fault.BUSY)
+            if fault is Fault.BUSY:
+                self.metrics.record_rejected()
             raise
         finally:
             self.in_flight -= 1

@@ -259,6 +259,28 @@ async def test_retry_before_first_token_on_another_instance(targets, reference_m
         assert app.upstreams.registry.get("1-failing").consecutive_failures == 1
 
 
+async def test_a_clients_fault_found_by_a_target_is_not_the_fleets_error(targets):
+    """errors_total (and the error rate alerts read) counts the fleet's failures, not a client's bad
+    input, whether the router or a target found it: a token id past the vocabulary, which only the
+    target knows, counted as an error of the router."""
+    apps, _ = targets
+    broken = FakeTarget(fail=grpc.StatusCode.INTERNAL)
+    async with fake_target(broken) as (_, address), running_router([apps[0].address], max_attempts=1) as (app, stub, _):
+        await wait_routable(stub, [apps[0].address])
+        counters = app.metrics.counters
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 10 ** 6]))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert (counters["requests_total"], counters["errors_total"]) == (1, 0)
+        await register(stub, "broken", address)
+        await stub.DeregisterInstance(router_pb2.DeregisterInstanceRequest(id=apps[0].address))
+        await wait_routable(stub, ["broken"])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request([1, 2]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (counters["requests_total"], counters["errors_total"]) == (2, 1)
+
+
 async def test_retries_are_bounded_by_max_attempts(targets):
     fakes = [FakeTarget(fail=grpc.StatusCode.UNAVAILABLE) for _ in range(3)]
     async with contextlib.AsyncExitStack() as stack:
