@@ -32,10 +32,11 @@ class RouterClient:
         #: Whether the router answered ListInstances once (before: it is starting, and a failure is not news).
         self._answered = False
 
-    async def refresh(self) -> bool:
-        """True when the router answered."""
+    async def refresh(self, timeout_s: float | None = None) -> bool:
+        """True when the router answered (within ``timeout_s``, default the client's timeout)."""
         try:
-            reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(), timeout=self._timeout_s,
+            reply = await self._stub.ListInstances(router_pb2.ListInstancesRequest(),
+                                                   timeout=self._timeout_s if timeout_s is None else timeout_s,
                                                    metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if not self._state.listing_error:

@@ -15,6 +15,12 @@ from services.common.streams import until
 from services.common.stubs import scaler_pb2, scaler_pb2_grpc
 
 
+#: Longest wait for the router's listing before a reply (seconds): past it the reply shows the last listing and
+#: says how old it is. A frozen router held GetStatus for the whole client timeout (2 s), which `llmesh status`
+#: then reported as the scaler's DEADLINE_EXCEEDED, though the scaler served.
+REPLY_REFRESH_S = 0.5
+
+
 class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
     def __init__(self, state: ScalerState, router: RouterClient, controller: Controller,
                  clock: Callable[[], float], ending: asyncio.Event | None = None) -> None:
@@ -26,7 +32,7 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
         self.clock = clock
 
     async def GetStatus(self, request, context):
-        await self.router.refresh()
+        await self.router.refresh(REPLY_REFRESH_S)
         return scaler_pb2.GetStatusResponse(pools=[codec.pool_pb(v) for v in self.state.pools(self.clock())],
                                             backend=self.state.backend)
 
@@ -35,14 +41,14 @@ class ScalerServicer(scaler_pb2_grpc.ScalerServicer):
         if not request.HasField("policy"):
             raise InvalidArgument("policy", "must be set")
         policy = checked(codec.policy_of(request.policy))
-        await self.router.refresh()
+        await self.router.refresh(REPLY_REFRESH_S)
         view = self.state.set_policy(pool, policy, self.clock())
         self.controller.wake()
         return scaler_pb2.SetPolicyResponse(pool=codec.pool_pb(view))
 
     async def ScaleTo(self, request, context):
         pool = codec.pool_name(request.pool)
-        await self.router.refresh()
+        await self.router.refresh(REPLY_REFRESH_S)
         view = self.state.scale_to(pool, request.instances, self.clock())
         self.controller.wake()
         return scaler_pb2.ScaleToResponse(pool=codec.pool_pb(view))

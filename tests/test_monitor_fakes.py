@@ -82,6 +82,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
     def __init__(self) -> None:
         self.instances: list[router_pb2.InstanceStatus] = []
         self.list_calls = 0
+        #: Seconds ListInstances takes (a router frozen or overloaded).
+        self.list_delay_s = 0.0
         self.stats = _Stats(lambda: stats_pb2.LoadReport(instance_id="router@fake", role=stats_pb2.ROLE_ROUTER,
                                                          timestamp=time.time()))
         self.server: grpc.aio.Server | None = None
@@ -107,6 +109,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
 
     async def ListInstances(self, request, context):
         self.list_calls += 1
+        if self.list_delay_s:
+            await asyncio.sleep(self.list_delay_s)
         listed = [i for i in self.instances if not request.pool or i.spec.pool == request.pool]
         return router_pb2.ListInstancesResponse(instances=listed, policy="fake")
 

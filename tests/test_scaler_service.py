@@ -107,6 +107,23 @@ async def test_get_status_without_a_router_says_so(scaler):
     assert running.backend.targets == {}  # nothing is started while the router cannot register it
 
 
+async def test_a_frozen_router_does_not_hold_the_scalers_replies(fake_router, scaler):
+    """GetStatus answers within a client's 2 s (llmesh status's timeout) with the last listing and its
+    age, while the router takes 10 s to list (it said DEADLINE_EXCEEDED though the scaler served)."""
+    fake_router.add("t1", "10.0.0.1:50061")
+    running = await scaler(fake_router.address, rpc_timeout_s=5.0)
+    await eventually(lambda: _listed(running), what="a first listing")
+    fake_router.list_delay_s = 10.0
+    reply = await running.stub.GetStatus(scaler_pb2.GetStatusRequest(), timeout=2.0)
+    (pool,) = reply.pools
+    assert pool.current == 1 and "router unreachable (DEADLINE_EXCEEDED), instances as listed" in pool.reason
+    fake_router.list_delay_s = 0.0
+
+
+async def _listed(running) -> bool:
+    return any(p.current == 1 for p in (await running.stub.GetStatus(scaler_pb2.GetStatusRequest())).pools)
+
+
 @pytest.mark.parametrize("policy, field", [
     (dict(min_instances=3, max_instances=2), "policy.max_instances"),
     (dict(min_instances=-1, max_instances=2), "policy.min_instances"),
