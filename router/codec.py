@@ -74,15 +74,26 @@ def cache_key(req: gen.GenerateRequest, pool: str) -> bytes | None:
 
 
 def replay(chunks: tuple[gen.GenerateChunk, ...], request_id: str) -> list[gen.GenerateChunk]:
-    """A cached answer's chunks for a new request: its id, ``cached`` set."""
+    """A cached answer's chunks for a new request: its id, ``cached`` set, and no speculation
+    figures (nothing was speculated for it; the original's said e.g. "draft unresponsive"). The
+    replay's own timing is the caller's to set (:func:`replay_timing`)."""
     out = []
     for stored in chunks:
         chunk = gen.GenerateChunk()
         chunk.CopyFrom(stored)
         chunk.request_id = request_id
         chunk.cached = True
+        chunk.ClearField("speculation")
         out.append(chunk)
     return out
+
+
+def replay_timing(first_s: float | None, elapsed_s: float, tokens: int) -> gen.Timing:
+    """The timing of a cached answer as this request got it: no queue, its first token
+    ``first_s`` and its last ``elapsed_s`` seconds after it arrived. Pure."""
+    ttft = (first_s if first_s is not None else elapsed_s) * 1000
+    tpot = (elapsed_s * 1000 - ttft) / (tokens - 1) if tokens > 1 else 0.0
+    return gen.Timing(queue_ms=0.0, ttft_ms=ttft, tpot_ms=max(0.0, tpot), elapsed_ms=elapsed_s * 1000)
 
 
 class CompletionBuilder:

@@ -190,14 +190,17 @@ class Forwarder:
                       started: float, emit: Emit) -> None:
         """A cached answer, streamed (and counted) like a live one."""
         request_id = request.request_id or uuid.uuid4().hex
-        tokens = 0
+        tokens, first = 0, None
         for chunk in codec.replay(chunks, request_id):
             if chunk.token_ids:
                 now = self.clock()
                 if not tokens:
-                    self.metrics.record_first_token(now, now - started)
+                    first = now - started
+                    self.metrics.record_first_token(now, first)
                 tokens += len(chunk.token_ids)
                 self.metrics.record_tokens(now, len(chunk.token_ids))
+            if chunk.HasField("timing"):  # the original's timing is not this request's
+                chunk.timing.CopyFrom(codec.replay_timing(first, self.clock() - started, tokens))
             await emit(chunk)
         now = self.clock()
         self.metrics.record_request(now, 0.0 if tokens > 1 else None, now - started)

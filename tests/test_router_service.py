@@ -622,6 +622,10 @@ async def test_response_cache_answers_deterministic_requests(targets):
         assert [(c.text, c.finish_reason, c.usage.completion_tokens) for c in again] == \
                [(c.text, c.finish_reason, c.usage.completion_tokens) for c in live]
         assert live[0].request_id != again[0].request_id and len({c.request_id for c in again}) == 1
+        # The replay's timing is its own (no queue, no prefill), and it speculated nothing.
+        assert again[-1].timing.queue_ms == 0 and again[-1].timing.elapsed_ms < live[-1].timing.elapsed_ms
+        assert again[-1].timing.ttft_ms <= again[-1].timing.elapsed_ms
+        assert not any(c.HasField("speculation") for c in again)
         # Another id and priority ask the same question (one pool here); Complete is answered too.
         same = with_priority(request([9, 8, 7], max_new_tokens=6), gen.PRIORITY_BATCH)
         same.request_id = "again"
