@@ -149,6 +149,11 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
     if m.queue_length < 1 or m.accelerator_utilization >= t.low_utilization:
         return None
     kv_full = m.kv_cache_usage >= 0.9
+    if not kv_full and m.max_batch_size and m.running < m.max_batch_size:
+        # The batch has room and the KV cache too: what holds the queue back is admission's timing or
+        # token budget, low_batch_fill's advice; "raise max_batch_size" would contradict its "lower"
+        # (2026-12-02: both in one answer, 8 of 32 running).
+        return None
     action = ("raise kv_cache_memory (the paged KV cache's blocks are nearly all in use) on " if kv_full
               else "raise max_batch_size and max_batch_tokens on ") + key
     return Recommendation(
@@ -209,17 +214,33 @@ def low_acceptance_rate(key: str, m: Throughput, t: Thresholds) -> Recommendatio
 
 
 def high_ttft_at_low_utilization(key: str, m: Throughput, t: Thresholds) -> Recommendation | None:
-    """Prompts wait long for their first token although the accelerator has room: the per-step
-    prefill budget spreads each prompt over many steps."""
+    """Prompts wait long for their first token although the accelerator has room. What the advice
+    is depends on what the TTFT is made of: mostly queue time behind a full batch, the batch is too
+    small (2026-12-02: "raise max_batch_tokens" for a 4-of-4 batch whose queue time was 99 % of a
+    4 s TTFT, for 6-token prompts); mostly queue time with room in the batch, admission's wait;
+    else the per-step prefill budget spreads each prompt over many steps."""
     if m.ttft.count == 0 or m.ttft.p95_ms < t.high_ttft_ms or m.accelerator_utilization >= t.low_utilization:
         return None
+    queued = m.queue_time.count > 0 and m.queue_time.p95_ms >= 0.5 * m.ttft.p95_ms
+    full = bool(m.max_batch_size) and m.running >= m.max_batch_size
+    if queued and full:
+        why = f"requests wait for a place in a full batch ({m.running} of {m.max_batch_size} running)"
+        action = (f"raise max_batch_size on {key} (the accelerator has room for more sequences per step), "
+                  "or add instances")
+        effect = "queued requests join the batch sooner: lower TTFT, using accelerator time that is idle now"
+    elif queued:
+        why = "requests wait in the queue although the batch has room"
+        action = f"lower max_wait_ms on {key} (queued requests wait for companions); raise max_batch_tokens"
+        effect = "queued requests are admitted sooner: lower TTFT"
+    else:
+        why = "the prefill budget per step is too small"
+        action = f"raise max_batch_tokens on {key} (more prompt tokens per step)"
+        effect = "prompts are prefilled in fewer steps: lower TTFT, using accelerator time that is idle now"
     return Recommendation(
         "high_ttft_at_low_utilization", Severity.WARNING,
-        f"time to first token p95 is {m.ttft.p95_ms:.0f} ms while the accelerator is "
-        f"{m.accelerator_utilization:.0%} busy: the prefill budget per step is too small",
-        f"raise max_batch_tokens on {key} (more prompt tokens per step); lower max_wait_ms if queue time "
-        "is a large part of the TTFT",
-        "prompts are prefilled in fewer steps: lower TTFT, using accelerator time that is idle now",
+        f"time to first token p95 is {m.ttft.p95_ms:.0f} ms (queue time p95 {m.queue_time.p95_ms:.0f} ms) while "
+        f"the accelerator is {m.accelerator_utilization:.0%} busy: {why}",
+        action, effect,
         key, m.ttft.p95_ms, t.high_ttft_ms,
         {"ttft_p95_ms": m.ttft.p95_ms, "ttft_p50_ms": m.ttft.p50_ms, "queue_time_p95_ms": m.queue_time.p95_ms,
          "accelerator_utilization": m.accelerator_utilization})

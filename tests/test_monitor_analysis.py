@@ -132,6 +132,28 @@ def test_high_ttft_at_low_utilisation_points_at_the_prefill_budget():
     assert "high_ttft_at_low_utilization" not in [r.rule for r in rules(busy, now)]
 
 
+def test_high_ttft_that_is_queue_time_behind_a_full_batch_points_at_the_batch_size():
+    """2026-12-02, a trial: batch 4 of 4, queue time 99 % of a 4 s TTFT, 6-token prompts; the advice
+    was "raise max_batch_tokens", which changes nothing there."""
+    store = store_with(target("a"))
+    now = feed(store, "a", 10, tokens_per_s=20, requests_per_s=1, accelerator_utilization=0.3, running=4,
+               max_batch_size=4, queue_length=8, ttft=Latency(3000, 4077, 4200, 3100, 30),
+               queue_time=Latency(2990, 4061, 4150, 3050, 30))
+    rec = only(rules(store, now), "high_ttft_at_low_utilization")
+    assert "max_batch_size" in rec.action and "max_batch_tokens" not in rec.action
+    assert "4 of 4 running" in rec.bottleneck
+
+
+def test_a_batch_with_room_is_not_told_to_grow_and_to_shrink_at_once():
+    """8 of 32 running with a request waiting and the accelerator idle: low_batch_fill's advice
+    (admission timing, "lower max_batch_size") alone, not also "raise max_batch_size"."""
+    store = store_with(target("a"))
+    now = feed(store, "a", 10, queue_length=2, accelerator_utilization=0.3, batch_fill=0.25, running=8,
+               max_batch_size=32)
+    found = [r.rule for r in rules(store, now)]
+    assert "low_batch_fill" in found and "low_utilization_with_queue" not in found
+
+
 def test_errors_and_ejections_point_at_an_unhealthy_instance():
     store = store_with(target("a", "p"), InstanceInfo("b", "b:1", Role.TARGET, "p", healthy=False, state="ejected",
                                                       serving=True, consecutive_failures=5))
