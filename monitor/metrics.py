@@ -124,6 +124,19 @@ def serving_keys(infos: Iterable[InstanceInfo]) -> list[str]:
     return []
 
 
+def reports_as_registered(snapshot: Snapshot, key: str) -> bool:
+    """Whether the instance's latest report says it is the role it was registered as (or says no
+    role). A draft or a monitor registered as a target (the router shows it NOT_SERVING: "not a
+    target") answers Stats/Watch as what it is: counted as a target it diluted the pool's saturation
+    (0.333 with one real target saturated) and its instance count, which the scaler reads."""
+    ring = snapshot.reports.get(key)
+    info = snapshot.instances.get(key)
+    if not ring or info is None:
+        return True
+    said = ring[-1].role
+    return said == Role.UNSPECIFIED or said == info.role
+
+
 def throughput(snapshot: Snapshot, window_s: float, scope: Scope, now: float) -> ThroughputResult:
     """Metrics of ``scope`` over ``[now - window_s, now]`` (monitor time)."""
     keys = scope_keys(snapshot, scope)
@@ -134,7 +147,8 @@ def throughput(snapshot: Snapshot, window_s: float, scope: Scope, now: float) ->
     if scope.instance_id:
         counted = list(windows)
     else:
-        counted = [k for k in serving_keys(snapshot.instances[k] for k in keys) if k in windows]
+        counted = [k for k in serving_keys(snapshot.instances[k] for k in keys)
+                   if k in windows and reports_as_registered(snapshot, k)]
     metrics = _aggregate([windows[k] for k in counted], [per_instance[k] for k in counted], window_s)
     return ThroughputResult(metrics, per_instance, tuple(counted))
 

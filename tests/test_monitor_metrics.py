@@ -219,6 +219,19 @@ def test_no_instance_at_all_is_critical_for_the_fleet():
     assert "not been reached" in recs[0].bottleneck
 
 
+def test_an_instance_registered_as_a_target_that_reports_as_a_draft_is_not_counted():
+    """A draft registered by mistake as a target (the router shows it NOT_SERVING, "not a target")
+    answers Stats/Watch as a draft: it is not one of the pool's targets, and does not dilute its
+    saturation or count as its capacity."""
+    store = store_with(target("real"), target("wrong"))
+    now = feed(store, "real", 10, tokens_per_s=100, accelerator_utilization=1.0, running=8)
+    feed(store, "wrong", 10, role=Role.DRAFT, tokens_per_s=0, accelerator_utilization=0.0)
+    result = throughput(store.snapshot(), 10, Scope(pool="default"), now)
+    assert result.counted == ("real",) and result.metrics.instances == 1
+    assert result.metrics.accelerator_utilization == pytest.approx(1.0)
+    assert "wrong" in result.per_instance  # still shown on its own
+
+
 def test_queued_work_with_idle_accelerator_and_part_empty_batches():
     store = store_with(target("a"), target("b"))
     now = feed(store, "a", 10, queue_length=5, accelerator_utilization=0.2, batch_fill=0.25)
