@@ -366,6 +366,19 @@ def test_error_messages_name_the_apis_parameters():
     assert translate.param_of("priority_x: y") is None and translate.param_of("queue full") is None
 
 
+async def test_a_chat_too_long_for_the_context_names_messages_and_a_tiny_top_p_is_refused_as_sent(served):
+    """A chat has no prompt field: the target's "prompt: has N tokens" is said of messages. A top_p
+    the contract's 32-bit float turns into 0 is refused here, naming the value sent, not "got 0.0"."""
+    _, url, _, _ = served
+    reply = await post(url, "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "x " * 2000}]))
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "messages" and error["message"].startswith("messages:"), error
+    reply = await post(url, "/v1/completions", completion_body(top_p=1e-300))
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "top_p" and "1e-300" in error["message"], error
+    assert (await post(url, "/v1/completions", completion_body(top_p=1e-30))).status_code == 200
+
+
 @pytest.mark.parametrize("exc, status, param", [
     (InvalidArgument("sampling.top_p", "must be in (0, 1]"), 400, "top_p"),
     (OutOfRange("prompt.tokens", "too long"), 400, "prompt"),

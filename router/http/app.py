@@ -72,8 +72,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def error_response(exc: BaseException, max_tokens: str = "max_tokens") -> JSONResponse:
-    http, body, headers = translate.error_body(exc, max_tokens)
+def error_response(exc: BaseException, max_tokens: str = "max_tokens", prompt: str = "prompt") -> JSONResponse:
+    http, body, headers = translate.error_body(exc, max_tokens, prompt)
     return JSONResponse(body, status_code=http, headers=headers)
 
 
@@ -192,10 +192,10 @@ class FrontDoor:
                 return Response(status_code=499)
             if isinstance(first[1], BaseException):
                 self._cancel(tasks)
-                return error_response(first[1], translate.max_tokens_name(body))
+                return error_response(first[1], translate.max_tokens_name(body), translate.prompt_name(body))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._events(first, queue, tasks, choices, head, chat, logprobs, include_usage, body.n,
-                                  translate.max_tokens_name(body))
+                                  translate.max_tokens_name(body), translate.prompt_name(body))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -249,7 +249,8 @@ class FrontDoor:
         return get.result()
 
     async def _events(self, first, queue: asyncio.Queue, tasks, choices, head, chat: bool, logprobs: bool,
-                      include_usage: bool, n: int, max_tokens: str = "max_tokens") -> AsyncIterator[bytes]:
+                      include_usage: bool, n: int, max_tokens: str = "max_tokens",
+                      prompt: str = "prompt") -> AsyncIterator[bytes]:
         """The stream's Server-Sent Events; cancelling it (the client went away)
         cancels the generations. An error after the first chunk is one
         ``data: {"error": ...}`` event, then the stream ends (no [DONE]); it
@@ -274,7 +275,7 @@ class FrontDoor:
                     if not left:
                         break
                 elif isinstance(chunk, BaseException):
-                    yield translate.sse(translate.error_body(chunk, max_tokens)[1])
+                    yield translate.sse(translate.error_body(chunk, max_tokens, prompt)[1])
                     return
                 else:
                     c = choices[index]
@@ -390,7 +391,7 @@ def create_app(door: FrontDoor, provider: TracerProvider | None = None, allowed_
         try:
             return await door.respond(request, body, chat=chat)
         except Exception as exc:  # noqa: BLE001 - answered in the API's shape
-            return error_response(exc, translate.max_tokens_name(body))
+            return error_response(exc, translate.max_tokens_name(body), translate.prompt_name(body))
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> Response:

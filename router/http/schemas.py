@@ -18,6 +18,7 @@ class: batch, normal, interactive)."""
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -166,6 +167,16 @@ class SamplingBody(Body):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_survives_float32(cls, value: float | None) -> float | None:
+        # The contract carries top_p as a 32-bit float: a positive value below its smallest (1e-300) would
+        # arrive as 0, and be refused downstream as "got 0.0" of a value the client never sent.
+        if value is not None and struct.unpack("f", struct.pack("f", value))[0] <= 0:
+            raise PydanticCustomError("top_p", "must be > 0 as a 32-bit float (at least 1.5e-45), got {v}",
+                                      {"v": value})
+        return value
 
     @field_validator("stream_options")
     @classmethod

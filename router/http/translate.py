@@ -231,25 +231,33 @@ DONE = b"data: [DONE]\n\n"
 
 
 # -- errors -----------------------------------------------------------------
-def _named(field: str, max_tokens: str = "max_tokens") -> tuple[str, str] | None:
+def _named(field: str, max_tokens: str = "max_tokens", prompt: str = "prompt") -> tuple[str, str] | None:
     """The API parameter a contract field path belongs to and the path's rest
     ("prompt.chat.messages[2].content" -> ("messages", "[2].content")), None
     for a field the API does not name; ``max_tokens``: the name the client
-    gave the output bound (chat's ``max_completion_tokens`` or ``max_tokens``)."""
+    gave the output bound (chat's ``max_completion_tokens`` or ``max_tokens``);
+    ``prompt``: what it sent the prompt as (a chat's ``messages``: a target
+    says "prompt: has 9008 tokens" of a conversation too long)."""
     for contract in sorted(PARAMS, key=len, reverse=True):
         if field == contract or field.startswith((contract + "[", contract + ".")):
             name = PARAMS[contract]
-            return (max_tokens if name == "max_tokens" else name), field[len(contract):]
+            name = max_tokens if name == "max_tokens" else prompt if name == "prompt" else name
+            return name, field[len(contract):]
     return None
 
 
-def param_of(message: str, max_tokens: str = "max_tokens") -> str | None:
+def param_of(message: str, max_tokens: str = "max_tokens", prompt: str = "prompt") -> str | None:
     """The API parameter an error message names ("sampling.top_p: ..." -> "top_p")."""
-    named = _named(message.partition(":")[0], max_tokens)
+    named = _named(message.partition(":")[0], max_tokens, prompt)
     return named[0] if named else None
 
 
-def api_message(message: str, max_tokens: str = "max_tokens") -> str:
+def prompt_name(body: SamplingBody) -> str:
+    """What the client sent its prompt as: a chat's ``messages``, a completion's ``prompt``."""
+    return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+
+
+def api_message(message: str, max_tokens: str = "max_tokens", prompt: str = "prompt") -> str:
     """The message with its leading contract field named as the API names it
     ("sampling.max_new_tokens: ..." -> "max_tokens: ...", "prompt.chat.messages[2].content: ..." ->
     "messages[2].content: ..."), so that an HTTP client reads the parameter it sent
@@ -258,7 +266,7 @@ def api_message(message: str, max_tokens: str = "max_tokens") -> str:
     if not sep:
         return message
     rest = rest.replace("max_new_tokens", max_tokens)  # the one contract name the text itself quotes
-    named = _named(field, max_tokens)
+    named = _named(field, max_tokens, prompt)
     return (named[0] + named[1] if named else field) + sep + rest
 
 
@@ -271,7 +279,8 @@ def error_payload(message: str, type_: str, code: str | None = None, param: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_body(exc: BaseException, max_tokens: str = "max_tokens") -> tuple[int, dict, dict[str, str]]:
+def error_body(exc: BaseException, max_tokens: str = "max_tokens",
+               prompt: str = "prompt") -> tuple[int, dict, dict[str, str]]:
     """(HTTP status, the API's error body, headers) of an exception, from the
     gRPC status the router would answer (a traceback never leaves: anything
     unexpected is an internal error with an incident id, logged)."""
@@ -282,5 +291,5 @@ def error_body(exc: BaseException, max_tokens: str = "max_tokens") -> tuple[int,
     if http == 429:
         seconds = int(retry_ms) / 1000 if retry_ms and retry_ms.isdigit() else 1.0
         headers["Retry-After"] = str(max(1, math.ceil(seconds)))
-    return (http, error_payload(api_message(message, max_tokens), type_, code.name.lower(),
-                                param_of(message, max_tokens)), headers)
+    return (http, error_payload(api_message(message, max_tokens, prompt), type_, code.name.lower(),
+                                param_of(message, max_tokens, prompt)), headers)
