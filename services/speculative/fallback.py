@@ -135,7 +135,8 @@ def review(record: MethodRecord, others: int, min_acceptance: float, min_rounds:
     if record.rounds < 1:
         return Action.KEEP, ""
     if record.rounds >= min_rounds and record.ema < min_acceptance:
-        reason = f"acceptance {record.ema:.2f} (moving average of its last rounds) below {min_acceptance:g}"
+        # Four digits: at two, 0.2496 read "acceptance 0.25 ... below 0.25".
+        reason = f"acceptance {record.ema:.4g} (moving average of its last rounds) below {min_acceptance:g}"
         return (Action.FALL_BACK if can_fall_back else Action.STOP), reason
     batch = others + 1
     if can_fall_back and current is not None and fallback is not None and not current.pays() and fallback.pays():
