@@ -149,13 +149,15 @@ def low_utilization_with_queue(key: str, m: Throughput, t: Thresholds) -> Recomm
     if m.queue_length < 1 or m.accelerator_utilization >= t.low_utilization:
         return None
     kv_full = m.kv_cache_usage >= 0.9
-    if not kv_full and m.max_batch_size and m.running < m.max_batch_size:
-        # The batch has room and the KV cache too: what holds the queue back is admission's timing or
-        # token budget, low_batch_fill's advice; "raise max_batch_size" would contradict its "lower"
-        # (2026-12-02: both in one answer, 8 of 32 running).
+    room = not kv_full and bool(m.max_batch_size) and m.running < m.max_batch_size
+    if room and m.batch_fill < t.min_batch_fill:
+        # The batch has room and runs part-empty: low_batch_fill says what holds the queue back (admission's
+        # timing or token budget); "raise max_batch_size" here contradicted its "lower" (2026-12-02: both in
+        # one answer, 8 of 32 running).
         return None
     action = ("raise kv_cache_memory (the paged KV cache's blocks are nearly all in use) on " if kv_full
-              else "raise max_batch_size and max_batch_tokens on ") + key
+              else "raise max_batch_tokens (the batch has room; the token budget per step keeps queued prefills "
+                   "out) on " if room else "raise max_batch_size and max_batch_tokens on ") + key
     return Recommendation(
         "low_utilization_with_queue", Severity.WARNING,
         "host-side bottleneck: requests queue while the accelerator is idle; the batch bounds"

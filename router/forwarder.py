@@ -64,14 +64,19 @@ class UpstreamError(Relayed):
         return cls(exc.code().name, exc.details() or "", trailers, instance_id)
 
 
-def fault_of_error(exc: BaseException) -> Fault:
-    """Whose fault the error a request ended with is (:func:`router.failover.fault_of` of its status;
-    an exception that is no status of llmesh's is the fleet's)."""
+def status_name(exc: BaseException) -> str:
+    """The gRPC status name an error a request ended with is answered as ("INTERNAL" for an
+    exception that is no status of llmesh's)."""
     if isinstance(exc, Relayed):
-        return fault_of(exc.code)
+        return exc.code
     if isinstance(exc, LlmeshError):
-        return fault_of(status.status_of(exc)[0].name)
-    return Fault.INSTANCE
+        return status.status_of(exc)[0].name
+    return "INTERNAL"
+
+
+def fault_of_error(exc: BaseException) -> Fault:
+    """Whose fault the error a request ended with is (:func:`router.failover.fault_of` of its status)."""
+    return fault_of(status_name(exc))
 
 
 class _Tally:
@@ -105,7 +110,7 @@ class Forwarder:
         self.cache: ResponseCache[tuple[gen.GenerateChunk, ...]] | None = (
             ResponseCache(config.cache_size, config.cache_ttl_s) if config.cache_size else None)
         #: Streams in flight per target: the stalled ones on a target that stopped answering are cut to resume.
-        self.stalls = StallWatch(upstreams.registry, upstreams.routable, config.stale_after_s, clock)
+        self.stalls = StallWatch(upstreams.registry, config.stale_after_s, clock)
         #: Admission needs to know which pools can serve only when a pool has a bound or a spillover.
         self._pools_matter = bool(config.pool_max_in_flight or config.pool_bounds() or config.spillover_map())
 
@@ -142,32 +147,32 @@ class Forwarder:
             self.admission.take(pool)
         self.in_flight += 1
         tally = _Tally(keep=key is not None, started=started)
-        failed = True
+        succeeded = failed = False
         try:
             await self._forward(request, pools, time_remaining, emit, tally)
-            failed = False
+            succeeded = True
         except asyncio.CancelledError:
-            failed = False  # the client went away: not an error of the fleet
-            tally.kept = None
+            tally.kept = None  # the client went away: not an error of the fleet
             raise
         except Exception as exc:
-            # The request's own fault (bad input a target found, its deadline) is not the fleet's error,
-            # wherever it was found (the router's own checks come before any count); a full fleet's
-            # refusal counts as rejected.
+            # Bad input a target found is the request's fault, not the fleet's error, as when the router
+            # finds it (its own checks come before any count); a passed deadline is the fleet's (too slow);
+            # a full fleet's refusal counts as rejected.
             fault = fault_of_error(exc)
-            failed = fault not in (Fault.REQUEST, Fault.BUSY)
+            failed = fault not in (Fault.REQUEST, Fault.BUSY) or status_name(exc) == "DEADLINE_EXCEEDED"
             if fault is Fault.BUSY:
                 self.metrics.record_rejected()
             raise
         finally:
             self.in_flight -= 1
             now = self.clock()
-            self.admission.release(pool, None if failed else now - started)
+            # Only a served request's time is a service time (Admission's retry-after divides it).
+            self.admission.release(pool, now - started if succeeded else None)
             first_at, tokens = tally.first_at, tally.tokens
             _, tpot = ttft_tpot(started, first_at, tally.last_at, tokens)
             self.metrics.record_request(now, tpot, now - started, error=failed)
             kept = tally.kept
-            if kept and not failed and kept[-1].finish_reason in codec.COMPLETE:
+            if kept and succeeded and kept[-1].finish_reason in codec.COMPLETE:
                 self.cache.put(key, tuple(kept), now)
 
     def _check_router_fields(self, request: gen.GenerateRequest) -> None:
@@ -235,7 +240,10 @@ class Forwarder:
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed")
             try:
-                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally, sequence, pools)
+                movable = lambda: (len(tried) < self.config.max_attempts  # noqa: E731
+                                   and self.upstreams.routable_besides(Role.TARGET, pools, tried))
+                error = await self._attempt(inst, attempt, draft, remaining, streamed, emit, tally, sequence,
+                                            movable)
             finally:
                 self.upstreams.finished(inst.id, sequence)
             if error is None:
@@ -250,7 +258,7 @@ class Forwarder:
 
     async def _attempt(self, inst: Instance, attempt: gen.GenerateRequest, draft: Instance | None,
                        timeout: float | None, streamed: list[int], emit: Emit, tally: _Tally,
-                       sequence: int, pools: tuple[str, ...] = ()) -> UpstreamError | None:
+                       sequence: int, movable: Callable[[], bool]) -> UpstreamError | None:
         """One upstream call, its chunks passed on as they come; the error that
         ended it early, or None when it finished. The last chunk's speculation
         figures are what the router learns of ``draft`` (the draft it chose).
@@ -268,7 +276,7 @@ class Forwarder:
             registry.started(instance_id)
             call = self.upstreams.generate_method(instance_id)(attempt, timeout=timeout,
                                                          metadata=tuple(metadata.items()))
-            live = self.stalls.open(instance_id, pools, call)
+            live = self.stalls.open(instance_id, movable, call)
             try:
                 async for chunk in call:
                     live.last_at = clock()

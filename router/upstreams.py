@@ -250,6 +250,12 @@ class Upstreams:
         if hashes and self.kv_index is not None:
             self.kv_index.settle(instance_id, hashes, self.clock())
 
+    def routable_besides(self, role: Role, pools: Sequence[str], tried: Sequence[str]) -> bool:
+        """Has one of ``pools`` an instance of the role, not in ``tried``, that may take a request now?"""
+        now = self.clock()
+        return any(i.routable(now, self.config.stale_after_s) and i.id not in tried
+                   for pool in pools for i in self.registry.select(role, pool))
+
     def routable(self, role: Role, pool: str) -> bool:
         """Has the pool an instance of the role that may take a request now?"""
         now = self.clock()

@@ -279,8 +279,8 @@ class ScalerState:
         (with ``recorded``, nor any event in the history). A misspelt pool would otherwise start
         processes in a pool of its own (ScaleTo), or be watched for events that never come (WatchEvents)."""
         if pool == DEFAULT_POOL or pool in self.governed_pools() or (
-                recorded and any(e.pool == pool for e in self._history)):
-            return
+                recorded and (self.listed_at is None or any(e.pool == pool for e in self._history))):
+            return  # (to be watched: before the router's first listing, no pool is known to be unknown)
         known = ", ".join(sorted({DEFAULT_POOL, *self.governed_pools()}))
         raise NotFound(f"pool {pool!r} has no targets and no policy (pools: {known})" + (f"; {hint}" if hint else ""))
 

@@ -154,6 +154,16 @@ def test_a_batch_with_room_is_not_told_to_grow_and_to_shrink_at_once():
     assert "low_batch_fill" in found and "low_utilization_with_queue" not in found
 
 
+def test_a_well_filled_batch_with_room_and_a_queue_on_an_idle_accelerator_is_still_advised():
+    """26 of 32 running (fill 0.8, above low_batch_fill's 0.7), 3 waiting, 30 % busy: the queue is held
+    by the token budget, not the batch size."""
+    store = store_with(target("a"))
+    now = feed(store, "a", 10, queue_length=3, accelerator_utilization=0.3, batch_fill=0.8, running=26,
+               max_batch_size=32, kv_cache_usage=0.5)
+    rec = only(rules(store, now), "low_utilization_with_queue")
+    assert "max_batch_tokens" in rec.action and "max_batch_size" not in rec.action
+
+
 def test_errors_and_ejections_point_at_an_unhealthy_instance():
     store = store_with(target("a", "p"), InstanceInfo("b", "b:1", Role.TARGET, "p", healthy=False, state="ejected",
                                                       serving=True, consecutive_failures=5))

@@ -47,8 +47,10 @@ GENERATE_METHOD = "/llmesh.v1.Router/Generate"
 #: the request. A request of more choices than a target's queue holds (256 by default) would
 #: otherwise be refused (429) however long its client waited, and fill the queue for everyone.
 MAX_CONCURRENT_CHOICES = 64
-#: Longest wait of a choice refused by a full queue before it asks again (see :meth:`FrontDoor.start`).
+#: Longest wait of a choice refused by a full queue before it asks again, and longest time its request
+#: keeps asking (see :meth:`FrontDoor.start`).
 MAX_CHOICE_RETRY_WAIT_S = 2.0
+MAX_CHOICE_RETRIES_S = 120.0
 
 
 class BodyTooLarge(Exception):
@@ -131,16 +133,20 @@ class FrontDoor:
         chunk) items on ``queue``, then (index, None) or (index, exception).
 
         A choice a full queue refuses (RESOURCE_EXHAUSTED, before any chunk)
-        while another choice of the same request is in flight waits the
-        refusal's retry-after (at most :data:`MAX_CHOICE_RETRY_WAIT_S`) and asks
-        again, as long as the request's time lasts: failing the request would
-        throw away the generations already admitted for it (2026-12-02: 16
-        requests of 64 choices each, 12 answered 429 after their other choices
-        had run). Only where every choice in flight was refused does the request
-        fail, with the 429 and its Retry-After."""
+        while another choice of the same request is in flight or has finished
+        waits the refusal's retry-after (at most :data:`MAX_CHOICE_RETRY_WAIT_S`,
+        outside its turn) and asks again, for at most
+        :data:`MAX_CHOICE_RETRIES_S` and the request's time: failing the
+        request would throw away the generations already made for it
+        (2026-12-02: 16 requests of 64 choices each, 12 answered 429 after their
+        other choices had run). Where every choice in flight was refused and
+        none has finished, the request fails at once, with the 429 and its
+        Retry-After."""
         remaining = self.time_remaining()
         turns = asyncio.Semaphore(MAX_CONCURRENT_CHOICES)
         calling = [0]  # choices of this request inside a forwarder call
+        finished = [0]  # choices of this request that finished
+        started = time.monotonic()
 
         async def run(index: int, req) -> None:
             emitted = False
@@ -151,20 +157,23 @@ class FrontDoor:
                 queue.put_nowait((index, chunk))
 
             try:
-                async with turns:
-                    while True:
+                while True:
+                    async with turns:
                         calling[0] += 1
                         try:
                             await self.forwarder.generate(req, remaining, emit)
+                            finished[0] += 1
                             break
                         except Exception as exc:  # noqa: BLE001 - a refusal waits, the rest goes on below
-                            wait = None if emitted or calling[0] <= 1 else refused_for(exc)
+                            others = calling[0] > 1 or finished[0] > 0
+                            wait = None if emitted or not others else refused_for(exc)
                             left = remaining()
-                            if wait is None or (left is not None and left <= wait):
+                            if (wait is None or (left is not None and left <= wait)
+                                    or time.monotonic() - started + wait > MAX_CHOICE_RETRIES_S):
                                 raise
                         finally:
                             calling[0] -= 1
-                        await asyncio.sleep(wait)
+                    await asyncio.sleep(wait)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the consumer answers it in the API's shape

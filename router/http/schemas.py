@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from services.common.validation import MAX_PROMPT_TOKENS
+
 #: Most independent choices one request may ask for.
 MAX_N = 16
 #: Most alternatives per token (OpenAI's bound).
@@ -44,7 +46,7 @@ TokenId = Annotated[int, AfterValidator(_token_id)]
 #: as the body is validated, before a huge list is walked item by item (2026-12-02: 1.5 million prompt
 #: strings held the front door's event loop, every other stream with it, for 5 s before the 400).
 MAX_PROMPTS = 1024
-MAX_PROMPT_IDS = 512 * 1024
+MAX_PROMPT_IDS = MAX_PROMPT_TOKENS
 #: Most messages in one chat request (far more than any context holds).
 MAX_MESSAGES = 16 * 1024
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
