@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from router.http import translate
+from router.http.app import FrontDoor
 from services.common.errors import (DeadlineExceeded, InvalidArgument, NotFound, OutOfRange, Relayed,
                                     ResourceExhausted, Unauthenticated, Unavailable)
 from tests.conftest import eventually, free_port
@@ -613,6 +614,32 @@ async def test_a_huge_list_is_refused_by_its_length(served, path, body, says):
     assert reply.status_code == 400 and says in reply.json()["error"]["message"], reply.text
 
 
+async def test_an_omitted_model_is_the_one_served_and_a_negative_seed_is_taken_as_vllm_takes_it(served):
+    """vLLM serves a request without model with its model, and takes a signed 64-bit seed; both were 400s."""
+    _, url, _, _ = served
+    reply = await post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert reply.status_code == 200 and reply.json()["model"] == MODEL, reply.text
+    sampled = dict(temperature=1.0, max_tokens=6)
+    negative = await post(url, "/v1/completions", completion_body(seed=-5, **sampled))
+    again = await post(url, "/v1/completions", completion_body(seed=-5, **sampled))
+    unsigned = await post(url, "/v1/completions", completion_body(seed=2 ** 64 - 5, **sampled))
+    assert negative.status_code == 200, negative.text
+    texts = [r.json()["choices"][0]["text"] for r in (negative, again, unsigned)]
+    assert texts[0] == texts[1] == texts[2]  # the same seed, modulo 2^64
+    assert (await post(url, "/v1/completions", completion_body(seed=-2 ** 63 - 1))).status_code == 400
+
+
+def test_an_omitted_model_where_several_are_served_is_a_400_naming_them():
+    door = FrontDoor(None, None, None)
+    door.model_names = lambda: ["a", "b"]
+    with pytest.raises(InvalidArgument, match="model: is required where several are served: a, b"):
+        door.check_model(None)
+    assert door.check_model("b") == "b"
+    door.model_names = lambda: []
+    with pytest.raises(Unavailable, match="no target serves now"):
+        door.check_model(None)
+
+
 async def test_chat_top_logprobs_need_logprobs(served):
     """As vLLM refuses it: top_logprobs without logprobs would answer logprobs: null."""
     _, url, _, _ = served
@@ -722,8 +749,9 @@ async def test_null_means_the_default(served):
     chat = await post(url, "/v1/chat/completions", chat_body(n=None, stream=None, logprobs=None,
                                                              stream_options=None, tools=None))
     assert chat.status_code == 200, chat.text
+    # A null (or omitted) model is the one served, as vLLM takes it.
     missing = await post(url, "/v1/completions", completion_body(model=None))
-    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+    assert missing.status_code == 200 and missing.json()["model"] == MODEL, missing.text
 
 
 async def test_a_served_model_is_retrieved_and_a_trailing_slash_is_served(served):

@@ -37,7 +37,7 @@ from router.registry import Role
 from router.upstreams import Upstreams
 from services.common.access import Access
 from services.common import status
-from services.common.errors import LlmeshError, NotFound, Relayed, Unavailable
+from services.common.errors import InvalidArgument, LlmeshError, NotFound, Relayed, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,21 @@ class FrontDoor:
                  if i.info is not None and i.info.model_name == model and i.info.max_context > 0]
         return min(sizes) if sizes else None
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str | None) -> str:
+        """The model a request names, or the one served where it names none (as vLLM takes an
+        omitted model); Unavailable while no target serves, NotFound for a model none serves,
+        InvalidArgument for an omitted one where several are served."""
         names = self.model_names()
         if not names:
-            raise Unavailable("no target has answered yet (none registered, or none serving): no model to serve")
+            raise Unavailable("no target serves now (none registered, none serving, or none has answered GetInfo "
+                              "since it came back): no model to serve; retry shortly")
+        if model is None:
+            if len(names) > 1:
+                raise InvalidArgument("model", f"is required where several are served: {', '.join(names)}")
+            return names[0]
         if model not in names:
             raise NotFound(f"model {model!r} does not exist; models served: {', '.join(names)}")
+        return model
 
     def serving(self) -> bool:
         return any(self.upstreams.routable(Role.TARGET, pool) for pool in self.upstreams.pools())
@@ -185,7 +194,7 @@ class FrontDoor:
 
     async def respond(self, request: Request, body: SamplingBody, chat: bool) -> Response:
         """The answer to an authorized request's validated ``body``."""
-        self.check_model(body.model)
+        body.model = self.check_model(body.model)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         requests = translate.generate_requests(body, request_id)
         logprobs = bool(body.logprobs) if chat else body.logprobs is not None

@@ -129,7 +129,8 @@ class StreamOptions(Body):
 class SamplingBody(Body):
     """The fields both endpoints share."""
 
-    model: str
+    #: Omitted: the model served, where there is one (as vLLM takes it).
+    model: str | None = None
     #: 0 (completions, with echo): score the prompt and generate nothing (legacy API; lm-evaluation-harness).
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -137,7 +138,8 @@ class SamplingBody(Body):
     #: Extension (vLLM's): the k most likely tokens; 0 or -1: off.
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2 ** 64)
+    #: vLLM's range (a signed 64-bit integer) and OpenAI's (unsigned): a negative seed is taken modulo 2^64.
+    seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 64)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -92,7 +92,7 @@ def sampling_of(body: SamplingBody, max_tokens: int | None, kind: str) -> gen.Sa
     if body.stop:  # an empty stop string is no stop, alone or in a list (the gRPC contract refuses one)
         s.stop.extend(t for t in ([body.stop] if isinstance(body.stop, str) else body.stop) if t)
     if body.seed is not None:
-        s.seed = body.seed
+        s.seed = body.seed % 2 ** 64  # a negative (vLLM's signed) seed as the contract's unsigned one
     return s
 
 
