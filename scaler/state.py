@@ -212,21 +212,24 @@ class ScalerState:
         draining = sum(i.draining for i in members)
         decision = self.decisions.get(pool) if role == Role.TARGET else None
         limit = self.limit(pool) if role == Role.TARGET else None
+        capped = False  # whether the reason already says the limit capped the count
         if role != Role.TARGET:
             desired, reason = current, f"not scaled on its own: pool {pool}'s policy governs its targets"
-        elif p.manual_instances:
-            desired, reason = p.manual_instances, f"manual: ScaleTo {p.manual_instances}"
-            if limit is not None:
-                desired, reason = limit.apply(desired, reason)
-        elif decision is not None:
+        elif decision is not None and not p.manual_instances:
             desired, reason = decision.desired, decision.reason
+            capped = bool(decision.figures.get("capped"))
         else:
-            desired = policies.bounded(current + starting, p)
-            reason = ("no decision yet (the control loop has not looked at this pool)" if pool not in self.changed
-                      else "policy changed: the control loop decides at its next look (until then the count is "
-                           "kept within the bounds)")
+            if p.manual_instances:
+                wanted, reason = p.manual_instances, f"manual: ScaleTo {p.manual_instances}"
+            else:
+                wanted = policies.bounded(current + starting, p)
+                reason = ("no decision yet (the control loop has not looked at this pool)"
+                          if pool not in self.changed else "policy changed: the control loop decides at its next "
+                                                           "look (until then the count is kept within the bounds)")
+            desired = wanted
             if limit is not None:
-                desired, reason = limit.apply(desired, reason)
+                desired, reason = limit.apply(wanted, reason)
+                capped = desired < wanted
         notes = []
         if role == Role.TARGET:
             if starting:
@@ -241,8 +244,7 @@ class ScalerState:
             if excess > stoppable + starting:
                 notes.append(f"{excess - stoppable - starting} more instance(s) should go but were not started "
                              "by this scaler: left running")
-            if (limit is not None and limit.instances < p.max_instances
-                    and f"capped at {limit.instances} by" not in reason):  # said once: the reason may say it
+            if limit is not None and limit.instances < p.max_instances and not capped:  # said once
                 notes.append(f"max_instances {p.max_instances} capped at {limit.instances} by {limit.why}")
         if pool not in self.policies:
             notes.append("default policy")

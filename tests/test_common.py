@@ -278,7 +278,7 @@ async def test_wait_event_says_set_or_timed_out_and_is_cancelled_when_its_caller
 
     for _ in range(50):
         task = asyncio.create_task(loop(asyncio.Event()))
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # sleep-ok: lets the cancellation land as the loop's 1 ms timeout fires
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=5)
         assert done and task.cancelled()

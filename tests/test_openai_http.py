@@ -17,7 +17,9 @@ import openai
 import pytest
 import torch
 
-from router.http import translate
+from pydantic import ValidationError
+
+from router.http import schemas, translate
 from router.http.app import FrontDoor
 from services.common.errors import (DeadlineExceeded, InvalidArgument, NotFound, OutOfRange, Relayed,
                                     ResourceExhausted, Unauthenticated, Unavailable)
@@ -627,6 +629,22 @@ async def test_an_omitted_model_is_the_one_served_and_a_negative_seed_is_taken_a
     texts = [r.json()["choices"][0]["text"] for r in (negative, again, unsigned)]
     assert texts[0] == texts[1] == texts[2]  # the same seed, modulo 2^64
     assert (await post(url, "/v1/completions", completion_body(seed=-2 ** 63 - 1))).status_code == 400
+
+
+@pytest.mark.parametrize("name", sorted(schemas.NEUTRAL))
+def test_every_unimplemented_parameter_in_the_table_is_checked(name):
+    """NEUTRAL is the table; a name in it that no body declares and checks would be ignored silently."""
+    body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    if name == "tool_calls":
+        body["messages"] = [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]
+        schema = schemas.ChatCompletionRequest
+    else:
+        body[name] = "not neutral"
+        schema = schemas.CompletionRequest if name in schemas.CompletionRequest.model_fields \
+            else schemas.ChatCompletionRequest
+    with pytest.raises(ValidationError) as err:
+        schema.model_validate(body)
+    assert any(e["type"] == "unsupported" for e in err.value.errors()), err.value.errors()
 
 
 def test_an_omitted_model_where_several_are_served_is_a_400_naming_them():

@@ -332,9 +332,7 @@ def refused_for(exc: BaseException) -> float | None:
     code, _, trailers = status.status_of(exc)
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
-    ms = dict(trailers).get(status.RETRY_AFTER_KEY)
-    seconds = int(ms) / 1000 if ms and ms.isdigit() else 1.0
-    return min(MAX_CHOICE_RETRY_WAIT_S, max(0.05, seconds))
+    return min(MAX_CHOICE_RETRY_WAIT_S, max(0.05, status.retry_after_s(trailers)))
 
 
 async def _disconnected(request: Request) -> None:

@@ -287,9 +287,7 @@ def error_body(exc: BaseException, max_tokens: str = "max_tokens",
     code, message, trailers = status.status_of(exc)
     http, type_ = HTTP_STATUS.get(code.name, (500, "internal_error"))
     headers = {}
-    retry_ms = dict(trailers).get(status.RETRY_AFTER_KEY)
     if http == 429:
-        seconds = int(retry_ms) / 1000 if retry_ms and retry_ms.isdigit() else 1.0
-        headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+        headers["Retry-After"] = str(max(1, math.ceil(status.retry_after_s(trailers))))
     return (http, error_payload(api_message(message, max_tokens, prompt), type_, code.name.lower(),
                                 param_of(message, max_tokens, prompt)), headers)

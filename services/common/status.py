@@ -35,6 +35,13 @@ _CODES: list[tuple[type[errors.LlmeshError], grpc.StatusCode]] = [
 ]
 
 
+def retry_after_s(trailers, default: float = 1.0) -> float:
+    """Seconds the ``retry-after-ms`` trailer among ``trailers`` ((key, value) pairs) says,
+    ``default`` where there is none or it is not a number of milliseconds."""
+    ms = dict(trailers).get(RETRY_AFTER_KEY)
+    return int(ms) / 1000 if ms and ms.isdigit() else default
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status code, client-safe message and trailing metadata for an exception."""
     if isinstance(exc, errors.Relayed):
